@@ -1,0 +1,214 @@
+"""Artifacts every stage writes: atomic files, strict JSONL, resumable record stores, fingerprints.
+
+Each stage of the method (truncation, alignment, tokenisation, evaluation) writes what it computed
+under a folder named by a fingerprint of its inputs. A crash mid-stage must resume without redoing
+or duplicating finished work, and a reader must never see half a file: completed records are
+appended one JSON line at a time (flushed and fsynced), a torn last line from a crash is dropped on
+reopening, and whole files are written to a temporary name and moved into place with `os.replace`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+class DataFormatError(ValueError):
+    """Bad input data: the message names the file, the line and the field and says how to fix it."""
+
+
+def fingerprint(*parts: Any, length: int = 16) -> str:
+    """A stable hex digest of JSON-serialisable parts (dict key order does not matter)."""
+    payload = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary sibling path; on success move it onto `target` in one `os.replace`.
+
+    Works for files and folders (a folder target is replaced whole). On error the temporary path
+    is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    inner = tmp / (target.name + suffix)
+    try:
+        yield inner
+        if target.is_dir() and not target.is_symlink():
+            # os.replace cannot replace a non-empty folder: move the old one aside first.
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(inner, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(inner, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            count += 1
+    return count
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(
+            f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+        ) from err
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Yield the objects of a JSONL file; a malformed line raises with file name and line number."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(
+                    f"{path}:{lineno}: malformed JSON line ({err.msg} at column {err.colno}); "
+                    "each line must be one complete JSON object"
+                ) from err
+            if not isinstance(obj, dict):
+                raise DataFormatError(
+                    f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"
+                )
+            yield obj
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a `.jsonl` file, or a `.json` file holding a list of objects."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".json":
+        data = read_json(path)
+        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+            raise DataFormatError(f"{path}: expected a JSON list of objects")
+        return data
+    return list(read_jsonl(path))
+
+
+def require_field(record: Mapping[str, Any], field: str, where: str) -> Any:
+    """`record[field]` (dotted paths and list indices like `code.0` allowed) or a clear error."""
+    value: Any = record
+    for part in field.split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            keys = ", ".join(sorted(record)) if isinstance(record, Mapping) else type(record).__name__
+            raise DataFormatError(
+                f"{where}: missing field '{field}' (available: {keys}); "
+                "set the field name in the teacher/benchmark config"
+            )
+    return value
+
+
+class RecordStore:
+    """An append-only JSONL store of finished records keyed by a string id, for resumable stages.
+
+    `done` holds the ids already written; `add` appends and fsyncs one record, so an interrupted
+    stage reopens the store and skips what it finished. A torn last line (a crash mid-write) is cut
+    off on opening. `seal()` marks the stage complete so later runs can trust the store as-is.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str = "id"):
+        self.path = Path(path)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            self._load()
+        self._file = None
+
+    @property
+    def complete_marker(self) -> Path:
+        return self.path.with_name(self.path.name + ".complete")
+
+    @property
+    def complete(self) -> bool:
+        return self.complete_marker.exists()
+
+    def _load(self) -> None:
+        good_bytes = 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError:
+                    break  # a torn line can only be the last one written before a crash
+                if not raw.endswith(b"\n"):
+                    break
+                self._records[str(obj[self.key])] = obj
+                good_bytes += len(raw)
+        if good_bytes < self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(good_bytes)
+
+    def __contains__(self, key: object) -> bool:
+        return str(key) in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._records.get(str(key))
+
+    def records(self) -> list[dict[str, Any]]:
+        return list(self._records.values())
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        key = str(record[self.key])
+        if key in self._records:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._records[key] = dict(record)
+
+    def seal(self, summary: Mapping[str, Any] | None = None) -> None:
+        self.close()
+        write_json_atomic(self.complete_marker, dict(summary or {}, records=len(self)))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
