@@ -1,0 +1,147 @@
+"""The LightningDataModule: teacher records -> (truncation -> alignment) -> SFT tokens.
+
+`prepare_data` (rank 0 only) loads the teacher source, holds out problems for the quick
+evaluation, runs the stages the baseline needs (the truncation module finds each trace's minimal
+sufficient prefix; the alignment module has the student continue it), builds the supervision
+targets and tokenizes them into a fingerprinted cache. `setup` (every rank) only reads that cache,
+so DDP ranks never repeat the expensive stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from palign.data.sft import SFTCollator, SupervisedExample, TokenizedSplit, build_tokenized_split
+from palign.data.supervision import build_targets
+from palign.data.teachers import Teacher, TeacherRecord
+
+log = logging.getLogger(__name__)
+
+# Stage hooks the pipeline plugs in: records -> {record id: text}.
+PrefixStage = Callable[[Sequence[TeacherRecord]], Mapping[str, str]]
+ContinuationStage = Callable[[Sequence[TeacherRecord], Mapping[str, str] | None], Mapping[str, str]]
+
+
+def split_records(
+    records: Sequence[TeacherRecord], heldout_size: int, val_size: int, seed: int
+) -> tuple[list[TeacherRecord], list[TeacherRecord], list[TeacherRecord]]:
+    """Deterministic (train, val, heldout) split by a seeded shuffle of record ids."""
+    order = sorted(records, key=lambda r: r.id)
+    random.Random(seed).shuffle(order)
+    if heldout_size + val_size >= len(order):
+        raise ValueError(
+            f"only {len(order)} teacher records: cannot hold out {heldout_size} for evaluation and "
+            f"{val_size} for validation; lower data.heldout_size / data.val_size or raise teacher.limit"
+        )
+    heldout = order[:heldout_size]
+    val = order[heldout_size : heldout_size + val_size]
+    train = order[heldout_size + val_size :]
+    return train, val, heldout
+
+
+class PrefixAlignmentDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        teacher: Teacher,
+        tokenizer,
+        prompts: Mapping[str, Any],
+        target: str,
+        cache_dir: str,
+        max_length: int,
+        micro_batch_size: int,
+        heldout_size: int = 8,
+        val_size: int = 0,
+        train_limit: int | None = None,
+        seed: int = 0,
+        markers: Mapping[str, str] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        num_workers: int = 0,
+        prefix_stage: PrefixStage | None = None,
+        continuation_stage: ContinuationStage | None = None,
+    ):
+        super().__init__()
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.prompts = dict(prompts)
+        self.target = target
+        self.cache_dir = cache_dir
+        self.max_length = max_length
+        self.micro_batch_size = micro_batch_size
+        self.heldout_size = heldout_size
+        self.val_size = val_size
+        self.train_limit = train_limit
+        self.seed = seed
+        self.markers = dict(markers or {})
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.num_workers = num_workers
+        self.prefix_stage = prefix_stage
+        self.continuation_stage = continuation_stage
+        self.splits: dict[str, TokenizedSplit] = {}
+        self.heldout: list[TeacherRecord] = []
+        self.stats: dict[str, Any] = {}
+        self._datasets: dict[str, Any] = {}
+
+    # -- stages ---------------------------------------------------------------------------------
+    def load_records(self) -> tuple[list[TeacherRecord], list[TeacherRecord], list[TeacherRecord]]:
+        data = self.teacher.load()
+        train, val, heldout = split_records(data.records, self.heldout_size, self.val_size, self.seed)
+        if self.train_limit is not None:
+            train = train[: self.train_limit]
+        self.heldout = heldout
+        self.stats["teacher_skipped"] = dict(data.skipped)
+        return train, val, heldout
+
+    def build_examples(self, records: Sequence[TeacherRecord]) -> tuple[list[SupervisedExample], Counter]:
+        prefixes = self.prefix_stage(records) if self.prefix_stage else None
+        continuations = self.continuation_stage(records, prefixes) if self.continuation_stage else None
+        return build_targets(records, self.target, prefixes, continuations, self.markers)
+
+    def prepare_data(self) -> None:
+        train, val, _ = self.load_records()
+        for split, records in (("train", train), ("val", val)):
+            if not records:
+                continue
+            examples, skipped = self.build_examples(records)
+            if split == "train" and not examples:
+                raise RuntimeError(f"no training examples left for target '{self.target}' (skipped: {dict(skipped)})")
+            tokenized = build_tokenized_split(
+                examples, self.tokenizer, self.prompts, self.max_length, self.cache_dir, split, self.chat_template_kwargs
+            )
+            self.splits[split] = tokenized
+            self.stats[f"{split}/examples"] = tokenized.kept
+            self.stats[f"{split}/dropped_too_long"] = tokenized.dropped_too_long
+            self.stats[f"{split}/skipped"] = dict(skipped)
+            self.stats[f"{split}/response_tokens"] = tokenized.response_tokens
+
+    def setup(self, stage: str | None = None) -> None:
+        import datasets
+
+        if not self.splits:  # a rank other than 0, or setup without prepare_data in this process
+            self.prepare_data()
+        for split, tokenized in self.splits.items():
+            self._datasets[split] = datasets.load_from_disk(str(tokenized.path)).with_format(
+                None, columns=["input_ids", "labels"]
+            )
+
+    # -- loaders --------------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self._datasets[split],
+            batch_size=self.micro_batch_size,
+            shuffle=shuffle,
+            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False) if "val" in self._datasets else []

