@@ -105,6 +105,7 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from palign.llm.models import load_model, load_tokenizer
+    from palign.training.checkpointing import AtomicCheckpointIO
     from palign.training.module import StudentSFTModule
 
     cfg = ctx.cfg
@@ -144,6 +145,8 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         callbacks=callbacks,
         default_root_dir=str(ctx.run_dir),
         enable_checkpointing=True,
+        plugins=[AtomicCheckpointIO()],
+        **({} if cfg.data.val_size else {"limit_val_batches": 0}),
     )
     last = ctx.checkpoint_dir / "last.ckpt"
     started = time.perf_counter()

@@ -45,7 +45,9 @@ def test_loaded_answers_are_normalised() -> None:
     assert not any(p.answer.endswith(".0") for p in amc12)
     aime25 = load_benchmark(**benchmark_config("aime25"))
     assert aime25[0] == BenchmarkProblem(
-        id="0", problem="Find the sum of all integer bases $b>9$ for which $17_b$ is a divisor of $97_b.$", answer="70"
+        id="0",
+        problem="Find the sum of all integer bases $b>9$ for which $17_b$ is a divisor of $97_b.$",
+        answer="70",
     )
     math500 = load_benchmark(**dict(benchmark_config("math500"), limit=5))
     assert len(math500) == 5 and math500[0].id.startswith("test/")
@@ -99,9 +101,10 @@ def test_repeated_ids_are_reported(tmp_path: Path) -> None:
     # amc12.jsonl restarts `id` at 0 for its 2023 half; loading by that field must not collide.
     path = write_lines(
         tmp_path / "dup.jsonl",
-        [json.dumps({"id": 0, "problem": "a", "answer": 1}), json.dumps({"id": 0, "problem": "b", "answer": 2})],
+        [json.dumps({"id": 0, "problem": p, "answer": 1}) for p in ("a", "b")],
     )
-    with pytest.raises(DataFormatError, match=r"dup\.jsonl:2: id '0' \(field 'id'\) repeats .*dup\.jsonl:1"):
+    expected = r"dup\.jsonl:2: id '0' \(field 'id'\) repeats .*dup\.jsonl:1"
+    with pytest.raises(DataFormatError, match=expected):
         load_benchmark("dup", local_path=path, id_field="id")
     assert [p.id for p in load_benchmark("dup", local_path=path)] == ["0", "1"]
 
@@ -122,7 +125,11 @@ def test_hub_fallback_uses_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     problems = load_benchmark(
-        "amc12", local_path=tmp_path / "absent.jsonl", hub_id="AI-MO/aimo-validation-amc", hub_split="train", id_field="id"
+        "amc12",
+        local_path=tmp_path / "absent.jsonl",
+        hub_id="AI-MO/aimo-validation-amc",
+        hub_split="train",
+        id_field="id",
     )
     assert calls == [("AI-MO/aimo-validation-amc", "train")]
     assert problems == [BenchmarkProblem("7", "p", "142")]

@@ -23,7 +23,15 @@ from palign.evaluation.predictions import results_table
 
 @pytest.mark.parametrize(
     ("n", "c", "k", "expected"),
-    [(3, 1, 1, 1 / 3), (3, 1, 3, 1.0), (5, 2, 2, 0.7), (3, 0, 1, 0.0), (3, 0, 3, 0.0), (3, 3, 1, 1.0), (4, 1, 2, 0.5)],
+    [
+        (3, 1, 1, 1 / 3),
+        (3, 1, 3, 1.0),
+        (5, 2, 2, 0.7),
+        (3, 0, 1, 0.0),
+        (3, 0, 3, 0.0),
+        (3, 3, 1, 1.0),
+        (4, 1, 2, 0.5),
+    ],
 )
 def test_pass_at_k_hand_computed(n: int, c: int, k: int, expected: float) -> None:
     assert pass_at_k(n, c, k) == pytest.approx(expected)
@@ -115,7 +123,9 @@ def test_results_table_layout_averages_and_missing_cells() -> None:
         "| Qwen2.5-7B-Instruct | P-ALIGN | 16.67 | 26.67 | 16.67 | 26.67 | 49.40 | 63.86 | 75.80 | 85.20"
         " | 39.64 | 50.60 |"
     )
-    assert lines[3] == "| Qwen3-8B | SFT (Long-CoT) | – | – | – | – | – | – | 80.00 | 90.00 | 80.00 | 90.00 |"
+    assert lines[3] == (
+        "| Qwen3-8B | SFT (Long-CoT) | – | – | – | – | – | – | 80.00 | 90.00 | 80.00 | 90.00 |"
+    )
 
     rows = list(csv.reader(io.StringIO(csv_text)))
     assert rows[0][:2] == ["Student", "Method"] and len(rows[0]) == 12

@@ -40,7 +40,9 @@ def numbered_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, A
             raise DataFormatError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         for index, record in enumerate(data):
             if not isinstance(record, dict):
-                raise DataFormatError(f"{path}: record {index} is a {type(record).__name__}, expected an object")
+                raise DataFormatError(
+                    f"{path}: record {index} is a {type(record).__name__}, expected an object"
+                )
             yield f"{path}: record {index}", record
         return
     # read_jsonl owns the JSON error messages but skips blank lines: recover the line numbers.
@@ -65,9 +67,13 @@ def _problem_from_record(
     except TypeError as err:
         raise DataFormatError(f"{where}: field '{answer_field}': {err}") from err
     if not answer:
-        raise DataFormatError(f"{where}: field '{answer_field}' is empty; every problem needs a gold answer")
+        raise DataFormatError(
+            f"{where}: field '{answer_field}' is empty; every problem needs a gold answer"
+        )
     if not isinstance(problem, str) or not problem.strip():
-        raise DataFormatError(f"{where}: field '{problem_field}' must be a non-empty string, got {problem!r:.80}")
+        raise DataFormatError(
+            f"{where}: field '{problem_field}' must be a non-empty string, got {problem!r:.80}"
+        )
     problem_id = str(require_field(record, id_field, where)) if id_field else str(index)
     return BenchmarkProblem(id=problem_id, problem=problem, answer=answer)
 

@@ -252,6 +252,8 @@ class GradingPool:
     def grade(self, pairs: Iterable[tuple[str, Any]], desc: str = "grading") -> list[GradeResult]:
         """Grade every `(output, gold)` pair; results come back in input order."""
         items = list(pairs)
+        if not items:
+            return []
         with tqdm(total=len(items), desc=desc, disable=not self.progress) as bar:
             if self.num_workers == 0:
                 results = []
@@ -259,10 +261,15 @@ class GradingPool:
                     results.append(_grade_safely(self.grade_fn, output, gold))
                     bar.update()
                 return results
-            return self._grade_in_workers(items, bar)
+            try:
+                return self._grade_in_workers(items, bar)
+            except BaseException:
+                # Busy workers would answer a later call with this call's items: start afresh.
+                self.close()
+                raise
 
     def _grade_in_workers(self, items: Sequence[tuple[str, Any]], bar: tqdm) -> list[GradeResult]:
-        while len(self._workers) < min(self.num_workers, max(len(items), 1)):
+        while len(self._workers) < min(self.num_workers, len(items)):
             self._workers.append(_Worker(self._ctx, self.grade_fn))
         results: list[GradeResult | None] = [None] * len(items)
         pending = deque(range(len(items)))
@@ -314,7 +321,8 @@ class GradingPool:
                     index = worker.task[0]
                     self.num_timeouts += 1
                     self._replace(slot)
-                    finish(index, GradeResult(correct=False, timed_out=True, error=f"timed out after {self.timeout_s:g} s"))
+                    error = f"timed out after {self.timeout_s:g} s"
+                    finish(index, GradeResult(correct=False, timed_out=True, error=error))
                 elif not worker.ready and now >= worker.started_at + self.startup_timeout_s:
                     self.close()
                     raise RuntimeError(
@@ -339,7 +347,8 @@ class GradingPool:
         task = worker.task
         self._replace(slot)
         if task is not None:
-            finish(task[0], GradeResult(correct=False, error=f"grading worker died (exit code {exit_code})"))
+            error = f"grading worker died (exit code {exit_code})"
+            finish(task[0], GradeResult(correct=False, error=error))
 
     def _replace(self, slot: int) -> None:
         self._workers[slot].kill()

@@ -31,7 +31,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if not 0 <= c <= n:
         raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
     if not 1 <= k <= n:
-        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}: cannot estimate pass@{k} from {n} samples")
+        raise ValueError(
+            f"need 1 <= k <= n, got n={n}, k={k}: cannot estimate pass@{k} from {n} samples"
+        )
     if n - c < k:
         return 1.0
     miss = 1.0
@@ -43,7 +45,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def _check_correct_matrix(correct: Tensor) -> Tensor:
     if correct.ndim != 2:
         raise ValueError(
-            f"expected a [num_problems, n_samples] matrix of correctness, got shape {tuple(correct.shape)}"
+            "expected a [num_problems, n_samples] matrix of correctness, "
+            f"got shape {tuple(correct.shape)}"
         )
     if correct.shape[1] == 0:
         raise ValueError("every problem needs at least one sample (got n_samples = 0)")

@@ -51,12 +51,15 @@ def grade_prediction_file(
             raise DataFormatError(f"{where}: field 'answer': {err}") from err
         outputs = require_field(record, "output", where)
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
-            raise DataFormatError(f"{where}: field 'output' must be a non-empty list of strings (the sampled completions)")
+            raise DataFormatError(
+                f"{where}: field 'output' must be a non-empty list of strings (the sampled completions)"
+            )
         if num_samples is None:
             num_samples, first_where = len(outputs), where
         elif len(outputs) != num_samples:
             raise DataFormatError(
-                f"{where}: field 'output' has {len(outputs)} samples but {first_where} has {num_samples}; "
+                f"{where}: field 'output' has {len(outputs)} samples but {first_where} has "
+                f"{num_samples}; "
                 "pass@k needs the same number of samples for every problem"
             )
         problems.append(
@@ -145,7 +148,8 @@ def results_table(
             summary = per_benchmark.get(benchmark, {})
             cells += [_two_decimals(summary[m]) if m in summary else None for m in metrics]
         for metric in metrics:
-            shown = [_two_decimals(per_benchmark[b][metric]) for b in benchmarks if metric in per_benchmark.get(b, {})]
+            present = [b for b in benchmarks if metric in per_benchmark.get(b, {})]
+            shown = [_two_decimals(per_benchmark[b][metric]) for b in present]
             cells.append(_mean_of_shown(shown) if shown else None)
         table.append(cells)
 
@@ -153,7 +157,8 @@ def results_table(
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|",
     ]
-    markdown_lines += ["| " + " | ".join(_MISSING if c is None else c for c in row) + " |" for row in table]
+    for row in table:
+        markdown_lines.append("| " + " | ".join(_MISSING if c is None else c for c in row) + " |")
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
