@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from palign.data.sampling import ResumableDataLoader, ResumableShuffleSampler
 from palign.data.sft import SFTCollator, SupervisedExample, TokenizedSplit, build_tokenized_split
 from palign.data.supervision import build_targets
 from palign.data.teachers import Teacher, TeacherRecord
@@ -141,7 +142,22 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        dataset = self._datasets["train"]
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.micro_batch_size,
+            sampler=ResumableShuffleSampler(len(dataset), seed=self.seed),
+            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+            batches_done=self._train_batches_done,
+        )
+
+    def _train_batches_done(self) -> int:
+        """Batches of the current epoch the training loop has fully processed."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False) if "val" in self._datasets else []
