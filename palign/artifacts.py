@@ -83,8 +83,8 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from err
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yield the objects of a JSONL file; a malformed line raises with file name and line number."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line number, object)` for a JSONL file; a malformed line raises naming file and line."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -101,20 +101,33 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 raise DataFormatError(
                     f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"
                 )
-            yield obj
+            yield lineno, obj
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a `.jsonl` file, or a `.json` file holding a list of objects."""
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    for _, obj in iter_jsonl(path):
+        yield obj
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield `(where, record)` from a `.jsonl` file or a `.json` list of objects.
+
+    `where` ("file:line", or "file: record i" for a JSON list) is what error messages cite.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".json":
         data = read_json(path)
-        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-            raise DataFormatError(f"{path}: expected a JSON list of objects")
-        return data
-    return list(read_jsonl(path))
+        if not isinstance(data, list):
+            raise DataFormatError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        for index, record in enumerate(data):
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}: record {index} is a {type(record).__name__}, expected an object")
+            yield f"{path}: record {index}", record
+        return
+    for lineno, record in iter_jsonl(path):
+        yield f"{path}:{lineno}", record
 
 
 def require_field(record: Mapping[str, Any], field: str, where: str) -> Any:

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import DataFormatError, fingerprint, read_records, require_field
+from palign.evaluation.grading import answer_to_text, extract_boxed_answer
+from palign.artifacts import DataFormatError, fingerprint, iter_records, require_field
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +49,10 @@ class TeacherData:
 
 
 def _answer_text(value: Any) -> str | None:
+    """Gold answers as text (142.0 -> "142"), None when absent or empty."""
     if value is None:
         return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    text = str(value).strip()
-    return text or None
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` in `text` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
+    return answer_to_text(value) or None
 
 
 class Teacher:
@@ -206,8 +189,7 @@ class JsonlTeacher(Teacher):
         return re.sub(r"\n{3,}", "\n\n", text).strip()
 
     def _iter_records(self, skipped: Counter):
-        for index, row in enumerate(read_records(self.path)):
-            where = f"{self.path}:{index + 1}"
+        for index, (where, row) in enumerate(iter_records(self.path)):
             trace = require_field(row, self.long_cot_field, where)
             if not isinstance(trace, str):
                 raise DataFormatError(f"{where}: field '{self.long_cot_field}' must be a string, got {type(trace).__name__}")
@@ -218,7 +200,7 @@ class JsonlTeacher(Teacher):
                 answer=_answer_text(require_field(row, self.answer_field, where)) if self.answer_field else None,
                 long_cot=self._clean(trace),
                 short_cot=short.strip() if isinstance(short, str) and short.strip() else None,
-                source={"dataset": str(self.path), "line": index + 1},
+                source={"dataset": str(self.path), "where": where},
             )
 
 
@@ -250,7 +232,7 @@ class S1KTeacher(Teacher):
         for index, row in enumerate(self._load_rows()):
             where = f"{self.path}[{index}]"
             solution = str(require_field(row, "solution", where) or "")
-            answer = last_boxed(solution)
+            answer = extract_boxed_answer(solution)
             if answer is None and 0 < len(solution.strip()) <= self.short_answer_chars:
                 answer = solution.strip()
             yield TeacherRecord(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import DataFormatError, read_json, read_jsonl, require_field
+from palign.artifacts import DataFormatError, iter_records, require_field
 from palign.evaluation.grading import answer_to_text
 
 
@@ -26,30 +26,6 @@ class BenchmarkProblem:
     id: str
     problem: str
     answer: str
-
-
-def numbered_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield `(where, record)` for a `.jsonl` file (`where` = "file:line") or a `.json` list.
-
-    `where` is what error messages should cite, so a bad field points at its line.
-    """
-    path = Path(path)
-    if path.suffix == ".json":
-        data = read_json(path)
-        if not isinstance(data, list):
-            raise DataFormatError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        for index, record in enumerate(data):
-            if not isinstance(record, dict):
-                raise DataFormatError(
-                    f"{path}: record {index} is a {type(record).__name__}, expected an object"
-                )
-            yield f"{path}: record {index}", record
-        return
-    # read_jsonl owns the JSON error messages but skips blank lines: recover the line numbers.
-    with open(path, encoding="utf-8") as f:
-        line_numbers = [lineno for lineno, line in enumerate(f, start=1) if line.strip()]
-    for lineno, record in zip(line_numbers, read_jsonl(path)):
-        yield f"{path}:{lineno}", record
 
 
 def _problem_from_record(
@@ -104,7 +80,7 @@ def load_benchmark(
     """
     rows: Iterator[tuple[str, Mapping[str, Any]]]
     if local_path is not None and Path(local_path).exists():
-        rows = numbered_records(local_path)
+        rows = iter_records(local_path)
     elif hub_id is not None:
         rows = _hub_rows(name, local_path, hub_id, hub_split)
     else:

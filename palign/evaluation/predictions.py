@@ -16,7 +16,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from palign.artifacts import DataFormatError, require_field
-from palign.evaluation.benchmarks import numbered_records
+from palign.artifacts import iter_records
 from palign.evaluation.grading import GradingPool, answer_to_text
 from palign.evaluation.metrics import summarize_correctness
 
@@ -44,7 +44,7 @@ def grade_prediction_file(
     problems: list[dict[str, Any]] = []
     num_samples: int | None = None
     first_where = ""
-    for index, (where, record) in enumerate(numbered_records(path)):
+    for index, (where, record) in enumerate(iter_records(path)):
         try:
             answer = answer_to_text(require_field(record, "answer", where))
         except TypeError as err:
