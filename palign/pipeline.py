@@ -25,7 +25,9 @@ from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-STAGES = ("all", "train", "eval")
+STAGES = ("all", "truncate", "train", "eval")
+TRUNCATION_KEYS = ("granularity", "search", "judge", "judge_prompt")
+ADAPTIVE_ONLY_KEYS = ("search", "judge", "judge_prompt")
 
 
 @dataclass
@@ -45,9 +47,17 @@ class RunContext:
         return self.run_dir / "checkpoints"
 
 
+def truncation_mode(cfg: DictConfig) -> str:
+    """How the baseline gets its prefixes: none, adaptive (judge + search) or fixed_ratio."""
+    return cfg.baseline.get("truncation", "none")
+
+
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The config values that change a run's results (truncation settings only when used)."""
+    mode = truncation_mode(cfg)
+    skip = set(TRUNCATION_KEYS) if mode == "none" else set(ADAPTIVE_ONLY_KEYS) if mode == "fixed_ratio" else set()
     return {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
-            for key in cfg.run_identity if key in cfg}
+            for key in cfg.run_identity if key in cfg and key not in skip}
 
 
 def make_context(cfg: DictConfig) -> RunContext:
@@ -70,6 +80,48 @@ def make_teacher(cfg: DictConfig):
     return instantiate(cfg.teacher.source)
 
 
+def make_truncation(ctx: RunContext, tokenizer):
+    """Stage 1 as configured by the baseline and the granularity/search/judge/judge_prompt groups."""
+    from palign.llm.models import ModelSpec, load_model, load_tokenizer
+    from palign.truncation.judge import JudgePrompt, SufficiencyJudge
+    from palign.truncation.stage import FIXED_RATIO, PrefixTruncation, TruncationSettings
+
+    cfg = ctx.cfg
+    mode = truncation_mode(cfg)
+    if mode == "none":
+        return None
+    if mode not in ("adaptive", FIXED_RATIO):
+        raise ValueError(f"baseline.truncation must be none, adaptive or fixed_ratio, got '{mode}'")
+    container = partial(OmegaConf.to_container, resolve=True)
+    judge_spec = ModelSpec.from_config(cfg.judge.model)
+    settings = TruncationSettings(
+        granularity=cfg.granularity.name,
+        granularity_options=container(cfg.granularity.options),
+        search=FIXED_RATIO if mode == FIXED_RATIO else cfg.search.name,
+        ratio=cfg.baseline.get("ratio"),
+        judge_identity=judge_spec.identity(),
+        judge_prompt=container(cfg.judge_prompt),
+        mode=cfg.judge.mode,
+        threshold=container(cfg.judge.threshold),
+        max_new_tokens=cfg.judge.max_new_tokens,
+        batch_size=cfg.judge.batch_size,
+        chunk_size=cfg.search.chunk_size,
+    )
+
+    def judge_factory() -> SufficiencyJudge:
+        return SufficiencyJudge(
+            load_model(judge_spec, ctx.cache_dir),
+            load_tokenizer(judge_spec, ctx.cache_dir),
+            JudgePrompt.from_config(container(cfg.judge_prompt)),
+            mode=cfg.judge.mode,
+            chat_template_kwargs=judge_spec.chat_template_kwargs,
+            max_new_tokens=cfg.judge.max_new_tokens,
+            batch_size=cfg.judge.batch_size,
+        )
+
+    return PrefixTruncation(settings, ctx.cache_dir, tokenizer, judge_factory)
+
+
 def make_datamodule(ctx: RunContext, tokenizer):
     from palign.data.datamodule import PrefixAlignmentDataModule
 
@@ -89,6 +141,7 @@ def make_datamodule(ctx: RunContext, tokenizer):
         markers=OmegaConf.to_container(cfg.baseline.markers, resolve=True) if "markers" in cfg.baseline else None,
         chat_template_kwargs=dict(cfg.student.chat_template_kwargs),
         num_workers=cfg.data.num_workers,
+        prefix_stage=make_truncation(ctx, tokenizer),
     )
 
 
@@ -154,6 +207,8 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     if trainer.interrupted:
         raise RuntimeError("training was interrupted; rerun the same command to resume from last.ckpt")
     module.export_pretrained(ctx.student_dir, tokenizer)
+    if datamodule.prefix_stage is not None:
+        report_truncation(ctx, tracker, datamodule.prefix_stage)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ctx.summary["data"] = datamodule.stats
     ctx.summary["train"] = {
@@ -166,6 +221,39 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         "loss_curve": getattr(module, "loss_curve", []),
     }
     save_summary(ctx)
+
+
+def truncate_stage(ctx: RunContext, tracker: Tracker) -> None:
+    """Stage 1 alone on the training problems: prints and logs the truncation statistics."""
+    from palign.data.datamodule import split_records
+    from palign.llm.models import load_tokenizer
+
+    cfg = ctx.cfg
+    tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
+    truncation = make_truncation(ctx, tokenizer)
+    if truncation is None:
+        raise ValueError(f"baseline '{cfg.baseline.name}' does not truncate; pick e.g. baseline=prefix_only")
+    records = make_teacher(cfg).load().records
+    train, _, _ = split_records(records, cfg.data.heldout_size, cfg.data.val_size, cfg.seed)
+    if cfg.data.train_limit is not None:
+        train = train[: cfg.data.train_limit]
+    truncation.run(train)
+    report_truncation(ctx, tracker, truncation)
+
+
+def report_truncation(ctx: RunContext, tracker: Tracker, truncation) -> None:
+    rows = list(truncation.rows_seen.values())
+    stats = dict(truncation.stats, judge_calls_this_run=truncation.judge_calls, artifact=str(truncation.folder))
+    ctx.summary["truncation"] = stats
+    save_summary(ctx)
+    tracker.log_summary({f"truncation/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    tracker.log_histogram("truncation/prefix_ratio", [row["prefix_ratio"] for row in rows])
+    tracker.log_table(
+        "truncation/examples",
+        ["id", "m", "chosen_k", "prefix_ratio", "fallback", "kept", "dropped"],
+        [[r["id"], r["m"], r["chosen_k"], round(r["prefix_ratio"], 3), r["fallback"], r["prefix"][-400:],
+          "".join(r["units"][r["chosen_k"]:])[:400]] for r in rows[:8]],
+    )
 
 
 def quick_eval_stage(ctx: RunContext, tracker: Tracker) -> None:
@@ -225,6 +313,13 @@ def print_summary(ctx: RunContext) -> str:
             + (f", loss {curve[0]:.3f} -> {curve[-1]:.3f}" if curve else "")
         )
         lines.append(f"  student: {ctx.student_dir}")
+    trunc = ctx.summary.get("truncation")
+    if trunc and trunc.get("examples"):
+        lines.append(
+            f"  prefix:  {trunc['examples']} traces, mean prefix ratio {trunc['prefix_ratio_mean']:.2f} "
+            f"(median {trunc['prefix_ratio_median']:.2f}), fallback {100 * trunc['fallback_rate']:.0f}%, "
+            f"{trunc['judge_calls_per_example']:.1f} judge calls/example, {100 * trunc['tokens_saved_fraction']:.0f}% tokens saved"
+        )
     data = ctx.summary.get("data", {})
     if data:
         lines.append(f"  data:    {data.get('train/examples')} train examples, {data.get('train/dropped_too_long')} dropped (too long)")
@@ -253,6 +348,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     failed = True
     try:
+        if cfg.stage == "truncate":
+            truncate_stage(ctx, tracker)
         if cfg.stage in ("all", "train"):
             train_stage(ctx, tracker)
         if cfg.stage in ("all", "eval"):

@@ -107,6 +107,12 @@ class Tracker:
 
             self.logger.experiment.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
+    def log_histogram(self, key: str, values: Sequence[float]) -> None:
+        if self.kind == "wandb" and values:
+            import wandb
+
+            self.logger.experiment.log({key: wandb.Histogram(list(values))})
+
     def close(self, failed: bool = False) -> None:
         if self.kind == "wandb":
             import wandb

@@ -1,0 +1,194 @@
+"""The sufficiency judge: does a prefix of the teacher trace already hold the solution's core?
+
+Method step 2 (PAPER.md §2.1): the student itself reads the question and a prefix and must reply
+`[ENOUGH]` or `[NOT_ENOUGH]` to the paper's prompt (`conf/judge_prompt/paper.yaml`, its only
+home), sent as one user turn through the chat template with thinking disabled. Two decision modes:
+
+- `generate` (faithful to the authors): greedy decoding of up to `max_new_tokens` and the authors'
+  parse, sufficient iff the reply contains `[ENOUGH]` or is exactly `ENOUGH`. The authors sampled
+  with the model's default generation config; greedy makes the verdict reproducible.
+- `logits` (deterministic, one forward pass): the log-odds of the model continuing its reply with
+  the `[ENOUGH]` rather than the `[NOT_ENOUGH]` verdict, read at the first token where the two
+  verdicts' tokenizations differ (both share the `[` before it). The score is recorded; the
+  verdict compares it with a threshold (see `ThresholdRule`).
+
+Small judges are badly calibrated (SmolLM2-135M never says `[ENOUGH]` in generate mode and prefers
+it for every prefix in raw logits), so the threshold can be set relative to the score of the full
+trace of the same example, or to a quantile of the scores measured on calibration examples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from palign.llm.chat import encode_user_turn
+from palign.llm.generation import SamplingConfig, generate
+from palign.truncation.search import Verdict
+
+log = logging.getLogger(__name__)
+
+MODES = ("generate", "logits")
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    """A judge prompt config: the template with `{question}` and `{reasoning_part}`, and the verdicts."""
+
+    name: str
+    template: str
+    enough: str = "[ENOUGH]"
+    not_enough: str = "[NOT_ENOUGH]"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> JudgePrompt:
+        if isinstance(cfg, JudgePrompt):
+            return cfg
+        data = dict(cfg)
+        for placeholder in ("{question}", "{reasoning_part}"):
+            if placeholder not in data.get("template", ""):
+                raise ValueError(f"judge prompt '{data.get('name')}': template must contain {placeholder}")
+        return cls(**data)
+
+    def render(self, question: str, reasoning_part: str) -> str:
+        # plain replacement: questions and traces are full of LaTeX braces that str.format would parse
+        return self.template.replace("{question}", question).replace("{reasoning_part}", reasoning_part)
+
+    def is_sufficient_reply(self, reply: str) -> bool:
+        """The authors' parse of a generated reply."""
+        bare = self.enough.strip("[]")
+        return self.enough in reply or reply.strip() == bare
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """When a `logits`-mode score counts as sufficient.
+
+    kind:
+      absolute:         score >= value (value 0 = the judge prefers [ENOUGH]).
+      relative_to_full: score >= score(full trace of the same example) - value; "the prefix
+                        convinces the judge (almost) as much as the whole trace does".
+      quantile:         score >= the `value` quantile of all prefix scores of the first
+                        `calibration_examples` examples (measured once, stored in the artifact).
+    """
+
+    kind: str = "absolute"
+    value: float = 0.0
+    calibration_examples: int = 8
+
+    KINDS = ("absolute", "relative_to_full", "quantile")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ThresholdRule:
+        if isinstance(cfg, ThresholdRule):
+            return cfg
+        rule = cls(**dict(cfg or {}))
+        if rule.kind not in cls.KINDS:
+            raise ValueError(f"judge.threshold.kind must be one of {cls.KINDS}, got '{rule.kind}'")
+        return rule
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    out = []
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        out.append(x)
+    return out
+
+
+class SufficiencyJudge:
+    """Judges (question, prefix) pairs in batches with one model, in `generate` or `logits` mode."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt: JudgePrompt,
+        mode: str = "logits",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"judge.mode must be one of {MODES}, got '{mode}'")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.mode = mode
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        enough = tokenizer(prompt.enough, add_special_tokens=False)["input_ids"]
+        not_enough = tokenizer(prompt.not_enough, add_special_tokens=False)["input_ids"]
+        shared = common_prefix(enough, not_enough)
+        if len(shared) == min(len(enough), len(not_enough)):
+            raise ValueError(f"verdicts {prompt.enough!r} and {prompt.not_enough!r} must differ in a token")
+        # the reply is scored after the verdicts' shared tokens (e.g. "["), at their first difference
+        self.verdict_prefix = shared
+        self.enough_token = enough[len(shared)]
+        self.not_enough_token = not_enough[len(shared)]
+        self.calls = 0
+
+    def encode(self, question: str, reasoning_part: str) -> list[int]:
+        user = self.prompt.render(question, reasoning_part)
+        return encode_user_turn(self.tokenizer, user, self.chat_template_kwargs) + self.verdict_prefix
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """log P(enough token) - log P(not-enough token) after the verdicts' shared prefix."""
+        encoded = [self.encode(q, r) for q, r in pairs]
+        return self.score_encoded(encoded)
+
+    @torch.inference_mode()
+    def score_encoded(self, encoded: Sequence[Sequence[int]]) -> list[float]:
+        self.calls += len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                width = max(len(encoded[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, width - len(encoded[i]) :] = torch.as_tensor(encoded[i])
+                    mask[row, width - len(encoded[i]) :] = 1
+                # left padding: positions must count real tokens only, or padded rows score differently
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    logits_to_keep=1,
+                ).logits[:, -1, :].float()
+                diff = logits[:, self.enough_token] - logits[:, self.not_enough_token]
+                for row, i in enumerate(batch):
+                    scores[i] = float(diff[row])
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def generate_replies(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        self.calls += len(pairs)
+        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                                  batch_size=self.batch_size)
+        outputs = generate(self.model, self.tokenizer, [self.prompt.render(q, r) for q, r in pairs], sampling,
+                           chat_template_kwargs=self.chat_template_kwargs)
+        return [samples[0].text for samples in outputs]
+
+    def judge(self, pairs: Sequence[tuple[str, str]], thresholds: Sequence[float] | None = None) -> list[Verdict]:
+        """Verdicts for (question, prefix) pairs; `thresholds` (one per pair) for `logits` mode."""
+        if self.mode == "generate":
+            return [Verdict(self.prompt.is_sufficient_reply(reply), None, reply) for reply in self.generate_replies(pairs)]
+        scores = self.score(pairs)
+        thresholds = thresholds if thresholds is not None else [0.0] * len(scores)
+        return [Verdict(score >= t, score, None) for score, t in zip(scores, thresholds)]

@@ -1,0 +1,249 @@
+"""Stage 1 over a data set: each trace's minimal sufficient prefix, cached and resumable.
+
+`PrefixTruncation` splits every teacher trace into units (`units.py`), searches the shortest
+prefix the judge accepts (`search.py`, `judge.py`), or keeps a fixed ratio of units (the
+fixed-ratio baseline), and stores one record per example: the units, every probe (k, verdict,
+score, raw reply), the chosen k, m, the prefix ratio and token counts, and the fallback flag.
+
+The store lives in `<cache>/truncation/<fingerprint>/`, keyed by everything that decides a prefix
+(judge model, prompt, granularity, search, decision mode, threshold); inside it each record is
+keyed by the example id and a hash of its question and trace. So a sweep that reuses a truncation
+never recomputes it, a superset of examples only computes the new ones, and an interrupted run
+resumes where it stopped (records are appended chunk by chunk; the judge is not even loaded when
+nothing is missing).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic
+from palign.data.teachers import TeacherRecord
+from palign.truncation.judge import JudgePrompt, SufficiencyJudge, ThresholdRule
+from palign.truncation.search import Verdict, create_search, fixed_ratio_k, run_searches
+from palign.truncation.units import Segmentation, segment
+
+log = logging.getLogger(__name__)
+
+FIXED_RATIO = "fixed_ratio"
+
+
+@dataclass
+class TruncationSettings:
+    """What decides a prefix (the artifact's identity) and how the work is batched."""
+
+    granularity: str = "sentence"
+    granularity_options: dict[str, Any] = field(default_factory=dict)
+    search: str = "binary"
+    ratio: float | None = None  # fixed_ratio only
+    judge_identity: dict[str, Any] = field(default_factory=dict)
+    judge_prompt: dict[str, Any] = field(default_factory=dict)
+    mode: str = "logits"
+    threshold: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    chunk_size: int = 32
+
+    def identity(self) -> dict[str, Any]:
+        ident: dict[str, Any] = {
+            "granularity": self.granularity,
+            "granularity_options": self.granularity_options,
+            "search": self.search,
+        }
+        if self.search == FIXED_RATIO:
+            ident["ratio"] = self.ratio
+            return ident
+        ident.update(judge=self.judge_identity, prompt=self.judge_prompt, mode=self.mode)
+        if self.mode == "logits":
+            ident["threshold"] = self.threshold
+        else:
+            ident["max_new_tokens"] = self.max_new_tokens
+        return ident
+
+
+def record_key(record: TeacherRecord) -> str:
+    return f"{record.id}:{fingerprint(record.question, record.long_cot, length=12)}"
+
+
+class PrefixTruncation:
+    """Callable stage: records -> {record id: prefix}; `run` also returns the stored records."""
+
+    def __init__(
+        self,
+        settings: TruncationSettings,
+        cache_dir: str | Path,
+        tokenizer,
+        judge_factory: Callable[[], SufficiencyJudge] | None = None,
+        progress: bool = True,
+    ):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.judge_factory = judge_factory
+        self.progress = progress
+        self.key = fingerprint(settings.identity())
+        self.folder = Path(cache_dir) / "truncation" / f"{settings.search}-{settings.granularity}-{self.key}"
+        self._judge: SufficiencyJudge | None = None
+        self.judge_calls = 0
+        self.skipped_no_units = 0
+        self.rows_seen: dict[str, dict[str, Any]] = {}  # every example this object truncated or read
+
+    # -- public -----------------------------------------------------------------------------------
+    def __call__(self, records: Sequence[TeacherRecord]) -> dict[str, str]:
+        return {row["id"]: row["prefix"] for row in self.run(records)}
+
+    def run(self, records: Sequence[TeacherRecord]) -> list[dict[str, Any]]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        settings_path = self.folder / "settings.json"
+        if not settings_path.exists():
+            write_json_atomic(settings_path, self.settings.identity())
+        with RecordStore(self.folder / "records.jsonl", key="key") as store:
+            segmentations: dict[str, Segmentation] = {}
+            todo: list[TeacherRecord] = []
+            for record in records:
+                if record_key(record) in store:
+                    continue
+                seg = segment(record.long_cot, self.settings.granularity, **self._granularity_options())
+                if seg.m == 0:
+                    continue  # no units: counted as skipped below
+                segmentations[record.id] = seg
+                todo.append(record)
+            if todo:
+                log.info("truncation: %d of %d examples to compute in %s", len(todo), len(records), self.folder)
+            for start in range(0, len(todo), self.settings.chunk_size):
+                chunk = todo[start : start + self.settings.chunk_size]
+                for row in self._truncate(chunk, [segmentations[r.id] for r in chunk]):
+                    store.add(row)
+            rows = [store.get(record_key(r)) for r in records]
+        kept = [row for row in rows if row is not None]
+        self.skipped_no_units = self.skipped_no_units + len(records) - len(kept)
+        self.rows_seen.update((row["key"], row) for row in kept)
+        return kept
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return truncation_stats(list(self.rows_seen.values()), skipped=self.skipped_no_units)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _granularity_options(self) -> dict[str, Any]:
+        options = dict(self.settings.granularity_options)
+        if self.settings.granularity == "token_chunk":
+            options["tokenizer"] = self.tokenizer
+        return options
+
+    @property
+    def judge(self) -> SufficiencyJudge:
+        if self._judge is None:
+            if self.judge_factory is None:
+                raise RuntimeError("this truncation needs a judge but none was configured")
+            self._judge = self.judge_factory()
+        return self._judge
+
+    def _thresholds(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation]) -> tuple[list[float], list[float | None]]:
+        """Per-example score thresholds for logits mode, and the full-trace scores when used."""
+        rule = ThresholdRule.from_config(self.settings.threshold)
+        if rule.kind == "absolute":
+            return [rule.value] * len(records), [None] * len(records)
+        if rule.kind == "relative_to_full":
+            full = self.judge.score([(r.question, s.prefix(s.m)) for r, s in zip(records, segs)])
+            return [score - rule.value for score in full], full
+        return [self._calibrated_quantile(rule, records, segs)] * len(records), [None] * len(records)
+
+    def _calibrated_quantile(self, rule: ThresholdRule, records, segs) -> float:
+        """The rule's quantile of every prefix score of the first calibration examples (once per store)."""
+        path = self.folder / "calibration.json"
+        if path.exists():
+            return float(read_json(path)["threshold"])
+        n = min(rule.calibration_examples, len(records))
+        pairs = [(r.question, s.prefix(k)) for r, s in zip(records[:n], segs[:n]) for k in range(1, s.m + 1)]
+        scores = sorted(self.judge.score(pairs))
+        position = min(len(scores) - 1, max(0, round(rule.value * (len(scores) - 1))))
+        threshold = scores[position]
+        write_json_atomic(path, {"threshold": threshold, "quantile": rule.value, "examples": n, "scores": scores})
+        log.info("truncation: calibrated threshold %.3f (quantile %.2f of %d prefix scores)", threshold, rule.value, len(scores))
+        return threshold
+
+    def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation]) -> list[dict[str, Any]]:
+        settings = self.settings
+        full_scores: list[float | None] = [None] * len(records)
+        thresholds: list[float | None] = [None] * len(records)
+        if settings.search == FIXED_RATIO:
+            chosen = [(fixed_ratio_k(s.m, settings.ratio), [], False, None) for s in segs]
+        else:
+            if settings.mode == "logits":
+                thresholds, full_scores = self._thresholds(records, segs)
+            states = [create_search(settings.search, s.m) for s in segs]
+
+            def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
+                pairs = [(records[i].question, segs[i].prefix(k)) for i, k in requests]
+                limits = [thresholds[i] for i, _ in requests] if settings.mode == "logits" else None
+                return self.judge.judge(pairs, limits)
+
+            results = run_searches(states, judge_batch, settings.batch_size, progress=self.progress)
+            chosen = [(r.chosen_k, r.probes, r.fallback, r.monotone) for r in results]
+            self.judge_calls += sum(len(r.probes) for r in results)
+        rows = []
+        for record, seg, (k, probes, fallback, monotone), full_score, threshold in zip(records, segs, chosen, full_scores, thresholds):
+            prefix = seg.prefix(k)
+            rows.append({
+                "key": record_key(record),
+                "id": record.id,
+                "question": record.question,
+                "answer": record.answer,
+                "granularity": seg.granularity,
+                "units": list(seg.units),
+                "m": seg.m,
+                "chosen_k": k,
+                "prefix_ratio": k / seg.m,
+                "prefix": prefix,
+                "prefix_tokens": self._count_tokens(prefix),
+                "full_tokens": self._count_tokens(seg.prefix(seg.m)),
+                "fallback": fallback,
+                "monotone": monotone,
+                "full_score": full_score,
+                "threshold": threshold,
+                "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply} for p in probes],
+                "judge_calls": len(probes) + (1 if full_score is not None else 0),
+            })
+        return rows
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0) -> dict[str, Any]:
+    """Summary of a truncation artifact: ratios, fallbacks, judge cost, tokens saved, score spread."""
+    if not rows:
+        return {"examples": 0, "skipped_no_units": skipped}
+    ratios = [row["prefix_ratio"] for row in rows]
+    scores = [p["score"] for row in rows for p in row["probes"] if p["score"] is not None]
+    prefix_tokens = sum(row["prefix_tokens"] for row in rows)
+    full_tokens = sum(row["full_tokens"] for row in rows)
+    stats: dict[str, Any] = {
+        "examples": len(rows),
+        "skipped_no_units": skipped,
+        "prefix_ratio_mean": statistics.fmean(ratios),
+        "prefix_ratio_median": statistics.median(ratios),
+        "fallback_rate": sum(bool(row["fallback"]) for row in rows) / len(rows),
+        "judge_calls_per_example": statistics.fmean(row["judge_calls"] for row in rows),
+        "units_per_example": statistics.fmean(row["m"] for row in rows),
+        "prefix_tokens_mean": prefix_tokens / len(rows),
+        "tokens_saved_fraction": 1 - prefix_tokens / full_tokens if full_tokens else 0.0,
+    }
+    monotone = [row["monotone"] for row in rows if row["monotone"] is not None]
+    if monotone:
+        stats["monotone_rate"] = sum(monotone) / len(monotone)
+    if scores:
+        ordered = sorted(scores)
+        stats.update(
+            score_min=ordered[0],
+            score_q25=ordered[len(ordered) // 4],
+            score_median=statistics.median(ordered),
+            score_q75=ordered[(3 * len(ordered)) // 4],
+            score_max=ordered[-1],
+        )
+    return stats
