@@ -33,6 +33,9 @@ from palign.truncation.search import Verdict
 log = logging.getLogger(__name__)
 
 MODES = ("generate", "logits")
+# Scores of the same prompt in different batches (other padding) agree to ~1e-5, not exactly; a
+# prefix scoring within this of a threshold taken from another batch counts as reaching it.
+SCORE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -191,4 +194,4 @@ class SufficiencyJudge:
             return [Verdict(self.prompt.is_sufficient_reply(reply), None, reply) for reply in self.generate_replies(pairs)]
         scores = self.score(pairs)
         thresholds = thresholds if thresholds is not None else [0.0] * len(scores)
-        return [Verdict(score >= t, score, None) for score, t in zip(scores, thresholds)]
+        return [Verdict(score >= t - SCORE_TOLERANCE, score, None) for score, t in zip(scores, thresholds)]

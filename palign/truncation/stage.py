@@ -114,6 +114,9 @@ class PrefixTruncation:
                 todo.append(record)
             if todo:
                 log.info("truncation: %d of %d examples to compute in %s", len(todo), len(records), self.folder)
+                rule = ThresholdRule.from_config(self.settings.threshold)
+                if self.settings.search != FIXED_RATIO and self.settings.mode == "logits" and rule.kind == "quantile":
+                    self._calibrated_quantile(rule, todo, [segmentations[r.id] for r in todo])
             for start in range(0, len(todo), self.settings.chunk_size):
                 chunk = todo[start : start + self.settings.chunk_size]
                 for row in self._truncate(chunk, [segmentations[r.id] for r in chunk]):

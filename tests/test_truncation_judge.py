@@ -1,0 +1,101 @@
+"""The sufficiency judge on real models: prompt text, batched scoring, both decision modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import PROJECT_ROOT
+from palign.truncation.judge import JudgePrompt, SufficiencyJudge
+from palign.truncation.units import segment
+
+PAPER_PROMPT = """
+You are a reasoning evaluator.
+
+You are given a partial reasoning prefix extracted from a longer chain-of-thought.
+Your task is to judge whether this prefix already contains the essential logical structure and key transformations needed to complete the solution.
+
+- Reply "[ENOUGH]" if the prefix establishes the core reasoning steps such that the remaining reasoning is straightforward or routine.
+- Reply "[NOT_ENOUGH]" if any crucial reasoning step is still missing, making it difficult to reliably complete the solution.
+
+Reply with exactly one token: [ENOUGH] or [NOT_ENOUGH].
+
+Question:
+{question}
+
+Partial reasoning:
+{reasoning_part}
+"""
+
+
+def load_prompt(name: str) -> JudgePrompt:
+    return JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "judge_prompt" / f"{name}.yaml")))
+
+
+def test_paper_prompt_is_verbatim_and_renders_latex_safely():
+    prompt = load_prompt("paper")
+    assert prompt.template == PAPER_PROMPT
+    text = prompt.render("Find $\\frac{a}{b}$ if {x}.", "We set $x^{2}$.")
+    assert "Question:\nFind $\\frac{a}{b}$ if {x}.\n\nPartial reasoning:\nWe set $x^{2}$.\n" in text
+
+
+def test_authors_reply_parse():
+    prompt = load_prompt("paper")
+    assert prompt.is_sufficient_reply("[ENOUGH]")
+    assert prompt.is_sufficient_reply("I think [ENOUGH] because ...")
+    assert prompt.is_sufficient_reply("  ENOUGH \n")
+    assert not prompt.is_sufficient_reply("[NOT_ENOUGH]")
+    assert not prompt.is_sufficient_reply("The prefix is enough.")
+
+
+def test_verdict_tokens_are_read_after_their_shared_prefix(smollm2_tokenizer, tiny_model):
+    judge = SufficiencyJudge(tiny_model, smollm2_tokenizer, load_prompt("paper"))
+    assert smollm2_tokenizer.convert_ids_to_tokens(judge.verdict_prefix) == ["["]
+    assert smollm2_tokenizer.convert_ids_to_tokens([judge.enough_token, judge.not_enough_token]) == ["EN", "NOT"]
+
+
+def test_batched_left_padded_scores_equal_one_by_one(smollm2_tokenizer, tiny_model):
+    judge = SufficiencyJudge(tiny_model, smollm2_tokenizer, load_prompt("paper"), batch_size=4)
+    trace = "First we factor. Then we expand the product. Next we compare terms. So x = 3. Done."
+    seg = segment(trace, "sentence")
+    pairs = [("Solve x^2 = 9 for positive x.", seg.prefix(k)) for k in range(1, seg.m + 1)]
+    batched = judge.score(pairs)
+    single = [judge.score([pair])[0] for pair in pairs]
+    assert batched == pytest.approx(single, abs=1e-4)
+    assert len(set(round(s, 5) for s in batched)) > 1  # different prefixes, different scores
+
+
+@pytest.mark.slow
+def test_smollm2_self_judge_both_modes_on_real_skyt1_traces(shared_data, student_specs, cache_dir):
+    """The real SmolLM2 judge in both modes on the 3 shortest Sky-T1 AMC23 traces."""
+    from palign.llm.models import load_model, load_tokenizer
+    from palign.truncation.search import create_search, run_searches
+
+    rows = [json.loads(line) for line in (shared_data / "teacher" / "skyt1_14b_amc23_longcot.jsonl").read_text().splitlines()]
+    rows = sorted(rows, key=lambda r: len(r["code"][0]))[:3]
+    tokenizer = load_tokenizer(student_specs["smollm2_135m"], cache_dir)
+    model = load_model(student_specs["smollm2_135m"], cache_dir)
+    prompt = load_prompt("paper")
+    verdicts = {}
+    for mode in ("logits", "generate"):
+        judge = SufficiencyJudge(model, tokenizer, prompt, mode=mode, max_new_tokens=24, batch_size=3)
+        segs = [segment(r["code"][0], "paper_sentence") for r in rows]
+        states = [create_search("binary", s.m) for s in segs]
+
+        def judge_batch(requests):
+            return judge.judge([(rows[i]["question"], segs[i].prefix(k)) for i, k in requests])
+
+        results = run_searches(states, judge_batch, batch_size=3)
+        for result, seg in zip(results, segs):
+            assert 1 <= result.chosen_k <= seg.m
+            assert len(result.probes) <= (seg.m + 1).bit_length()
+        if mode == "logits":
+            assert all(p.score is not None and p.reply is None for r in results for p in r.probes)
+        else:
+            assert all(p.reply is not None and p.score is None for r in results for p in r.probes)
+        verdicts[mode] = results
+    # the same first probe (mid of [1, m]) is judged by both modes: report how often they agree
+    first = [(a.probes[0].sufficient, b.probes[0].sufficient) for a, b in zip(verdicts["logits"], verdicts["generate"])]
+    print("first-probe agreement logits vs generate:", sum(x == y for x, y in first), "/", len(first))
