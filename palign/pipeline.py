@@ -25,7 +25,7 @@ from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-STAGES = ("all", "truncate", "train", "eval")
+STAGES = ("all", "truncate", "align", "train", "eval", "grade")
 TRUNCATION_KEYS = ("granularity", "search", "judge", "judge_prompt")
 ADAPTIVE_ONLY_KEYS = ("search", "judge", "judge_prompt")
 
@@ -56,6 +56,8 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The config values that change a run's results (truncation settings only when used)."""
     mode = truncation_mode(cfg)
     skip = set(TRUNCATION_KEYS) if mode == "none" else set(ADAPTIVE_ONLY_KEYS) if mode == "fixed_ratio" else set()
+    if not cfg.baseline.get("alignment", False):
+        skip.add("alignment")
     return {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
             for key in cfg.run_identity if key in cfg and key not in skip}
 
@@ -122,6 +124,29 @@ def make_truncation(ctx: RunContext, tokenizer):
     return PrefixTruncation(settings, ctx.cache_dir, tokenizer, judge_factory)
 
 
+def make_alignment(ctx: RunContext, tokenizer):
+    """Stage 2 (the student continues the prefixes), when the baseline needs it."""
+    from palign.alignment.continuation import AlignmentSettings, PrefixContinuation
+    from palign.llm.models import ModelSpec, load_model
+
+    cfg = ctx.cfg
+    if not cfg.baseline.get("alignment", False):
+        return None
+    container = partial(OmegaConf.to_container, resolve=True)
+    spec = ModelSpec.from_config(cfg.alignment.model)
+    settings = AlignmentSettings(
+        model_identity=spec.identity(),
+        prompts=container(cfg.prompts),
+        sampling=container(cfg.alignment.sampling),
+        filter=cfg.alignment.filter,
+        chunk_size=cfg.alignment.chunk_size,
+        grading_workers=cfg.alignment.grading.workers,
+        grading_timeout_s=cfg.alignment.grading.timeout_s,
+        chat_template_kwargs=dict(spec.chat_template_kwargs),
+    )
+    return PrefixContinuation(settings, ctx.cache_dir, partial(load_model, spec, ctx.cache_dir), tokenizer)
+
+
 def make_datamodule(ctx: RunContext, tokenizer):
     from palign.data.datamodule import PrefixAlignmentDataModule
 
@@ -134,14 +159,14 @@ def make_datamodule(ctx: RunContext, tokenizer):
         cache_dir=str(ctx.cache_dir),
         max_length=cfg.data.max_length,
         micro_batch_size=cfg.data.micro_batch_size,
-        heldout_size=cfg.data.heldout_size,
         val_size=cfg.data.val_size,
         train_limit=cfg.data.train_limit,
         seed=cfg.seed,
-        markers=OmegaConf.to_container(cfg.baseline.markers, resolve=True) if "markers" in cfg.baseline else None,
+        markers=OmegaConf.to_container(cfg.prompts.prefix_markers, resolve=True),
         chat_template_kwargs=dict(cfg.student.chat_template_kwargs),
         num_workers=cfg.data.num_workers,
         prefix_stage=make_truncation(ctx, tokenizer),
+        continuation_stage=make_alignment(ctx, tokenizer),
     )
 
 
@@ -209,6 +234,8 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     module.export_pretrained(ctx.student_dir, tokenizer)
     if datamodule.prefix_stage is not None:
         report_truncation(ctx, tracker, datamodule.prefix_stage)
+    if datamodule.continuation_stage is not None:
+        report_alignment(ctx, tracker, datamodule.continuation_stage)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ctx.summary["data"] = datamodule.stats
     ctx.summary["train"] = {
@@ -225,7 +252,6 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
 
 def truncate_stage(ctx: RunContext, tracker: Tracker) -> None:
     """Stage 1 alone on the training problems: prints and logs the truncation statistics."""
-    from palign.data.datamodule import split_records
     from palign.llm.models import load_tokenizer
 
     cfg = ctx.cfg
@@ -233,12 +259,43 @@ def truncate_stage(ctx: RunContext, tracker: Tracker) -> None:
     truncation = make_truncation(ctx, tokenizer)
     if truncation is None:
         raise ValueError(f"baseline '{cfg.baseline.name}' does not truncate; pick e.g. baseline=prefix_only")
-    records = make_teacher(cfg).load().records
-    train, _, _ = split_records(records, cfg.data.heldout_size, cfg.data.val_size, cfg.seed)
-    if cfg.data.train_limit is not None:
-        train = train[: cfg.data.train_limit]
-    truncation.run(train)
+    truncation.run(training_records(cfg))
     report_truncation(ctx, tracker, truncation)
+
+
+def training_records(cfg: DictConfig):
+    from palign.data.datamodule import split_records
+
+    train, _ = split_records(make_teacher(cfg).load().records, cfg.data.val_size, cfg.seed)
+    return train[: cfg.data.train_limit] if cfg.data.train_limit is not None else train
+
+
+def align_stage(ctx: RunContext, tracker: Tracker) -> None:
+    """Stages 1 and 2 alone on the training problems: prefixes, continuations, retention."""
+    from palign.llm.models import load_tokenizer
+
+    cfg = ctx.cfg
+    tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
+    alignment = make_alignment(ctx, tokenizer)
+    if alignment is None:
+        raise ValueError(f"baseline '{cfg.baseline.name}' has no alignment stage; pick e.g. baseline=palign")
+    truncation = make_truncation(ctx, tokenizer)
+    records = training_records(cfg)
+    prefixes = truncation(records) if truncation is not None else None
+    alignment(records, prefixes)
+    if truncation is not None:
+        report_truncation(ctx, tracker, truncation)
+    report_alignment(ctx, tracker, alignment)
+
+
+def report_alignment(ctx: RunContext, tracker: Tracker, alignment) -> None:
+    stats = dict(alignment.stats, artifact=str(alignment.folder))
+    ctx.summary["alignment"] = stats
+    save_summary(ctx)
+    tracker.log_summary({f"alignment/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    rows = list(alignment.rows_seen.values())[:8]
+    tracker.log_table("alignment/examples", ["id", "answer", "extracted", "correct", "continuation"],
+                      [[r["id"], r["answer"], r["extracted"], r["correct"], r["continuation"][:600]] for r in rows])
 
 
 def report_truncation(ctx: RunContext, tracker: Tracker, truncation) -> None:
@@ -256,51 +313,77 @@ def report_truncation(ctx: RunContext, tracker: Tracker, truncation) -> None:
     )
 
 
-def quick_eval_stage(ctx: RunContext, tracker: Tracker) -> None:
-    """Greedy answers for held-out teacher problems, graded with math-verify (a first look)."""
-    from palign.data.datamodule import split_records
-    from palign.evaluation.grading import is_correct
-    from palign.llm.chat import instruction_prompt
-    from palign.llm.generation import generate
-    from palign.llm.models import load_model, load_tokenizer
+def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
+    """Evaluate the run's trained student (or `evaluation.model_path`) on the configured benchmarks."""
+    from palign.evaluation.harness import average, evaluate, write_results
+    from palign.llm.models import ModelSpec, load_model, load_tokenizer
 
     cfg = ctx.cfg
-    model_path = str(ctx.student_dir) if (ctx.student_dir / "config.json").exists() else None
+    benchmarks = {name: OmegaConf.to_container(b, resolve=True) for name, b in cfg.evaluation.benchmarks.items() if b is not None}
+    if not benchmarks:
+        log.info("evaluation: no benchmarks configured; skipping")
+        return
+    model_path = cfg.evaluation.model_path or (str(ctx.student_dir) if (ctx.student_dir / "config.json").exists() else None)
     if model_path is None:
-        log.warning("no trained student in %s; evaluating the base model", ctx.run_dir)
-    records = make_teacher(cfg).load().records
-    _, _, heldout = split_records(records, cfg.data.heldout_size, cfg.data.val_size, cfg.seed)
-    heldout = [r for r in heldout if r.answer is not None][: cfg.evaluation.num_problems]
-    tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
-    model = load_model(cfg.student, ctx.cache_dir, path=model_path)
-    prompts = OmegaConf.to_container(cfg.prompts, resolve=True)
-    outputs = generate(
-        model,
-        tokenizer,
-        [instruction_prompt(prompts, r.question) for r in heldout],
+        log.warning("no trained student in %s; evaluating the base model %s", ctx.run_dir, cfg.student.name)
+    spec = ModelSpec.from_config(cfg.student)
+    identity = {"base": spec.identity(), "weights": model_path and _folder_identity(Path(model_path))}
+    results = evaluate(
+        partial(load_model, spec, ctx.cache_dir, path=model_path),
+        identity,
+        load_tokenizer(spec, ctx.cache_dir),
+        benchmarks,
         OmegaConf.to_container(cfg.evaluation.sampling, resolve=True),
-        chat_template_kwargs=cfg.student.chat_template_kwargs,
-        progress="quick eval",
+        OmegaConf.to_container(cfg.prompts, resolve=True),
+        ctx.run_dir / "eval",
+        chat_template_kwargs=spec.chat_template_kwargs,
+        grading_workers=cfg.evaluation.grading.workers,
+        grading_timeout_s=cfg.evaluation.grading.timeout_s,
+        chunk_size=cfg.evaluation.chunk_size,
     )
-    rows = []
-    for record, samples in zip(heldout, outputs):
-        text = samples[0].text
-        rows.append({"id": record.id, "answer": record.answer, "output": text, "correct": is_correct(text, record.answer),
-                     "tokens": samples[0].num_tokens, "finished": samples[0].finished})
-    from palign.artifacts import write_jsonl_atomic
-
-    write_jsonl_atomic(ctx.run_dir / "eval_quick.jsonl", rows)
-    accuracy = 100.0 * sum(r["correct"] for r in rows) / max(len(rows), 1)
-    ctx.summary["eval_quick"] = {
-        "accuracy": accuracy,
-        "num_problems": len(rows),
+    k = cfg.evaluation.pass_k
+    markdown, _ = write_results(results, cfg.student.name, cfg.baseline.name, ctx.run_dir, k)
+    summaries = {name: r.summary for name, r in results.items()}
+    ctx.summary["eval"] = {
+        "benchmarks": summaries,
+        "avg_pass@1": average(results, "pass@1"),
+        f"avg_pass@{k}": average(results, f"pass@{k}"),
         "model": model_path or "base",
-        "max_new_tokens": cfg.evaluation.sampling.max_new_tokens,
+        "table": markdown,
     }
     save_summary(ctx)
-    tracker.log_summary({"eval_quick/accuracy": accuracy, "eval_quick/num_problems": len(rows)})
-    tracker.log_table("eval_quick/predictions", ["id", "answer", "output", "correct"],
-                      [[r["id"], r["answer"], r["output"], r["correct"]] for r in rows])
+    flat = {f"eval/{name}/{key}": v for name, summary in summaries.items() for key, v in summary.items()}
+    flat.update({"eval/avg_pass@1": ctx.summary["eval"]["avg_pass@1"], f"eval/avg_pass@{k}": ctx.summary["eval"][f"avg_pass@{k}"]})
+    tracker.log_summary(flat)
+    tracker.log_metrics(flat)
+    for name, result in results.items():
+        tracker.log_table(
+            f"eval/{name}/predictions", ["problem", "sample", "extracted", "correct", "output"],
+            [[row["id"], s, row["extracted"][s], row["correct"][s], row["output"][s][-1000:]]
+             for row in result.rows for s in range(len(row["correct"]))],
+        )
+
+
+def _folder_identity(folder: Path) -> dict[str, Any]:
+    """Identify trained weights by their files' sizes and modification times (cheap, changes on retrain)."""
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(folder.glob("*.safetensors"))}
+
+
+def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
+    """Grade an existing prediction file (`predictions=PATH`) and print its metrics."""
+    from palign.evaluation.grading import GradingPool
+    from palign.evaluation.predictions import grade_prediction_file
+
+    cfg = ctx.cfg
+    if not cfg.predictions:
+        raise ValueError("stage=grade needs predictions=PATH (JSONL with `answer` and a list of sampled `output`s)")
+    path = Path(cfg.predictions)
+    with GradingPool(num_workers=cfg.evaluation.grading.workers, timeout_s=cfg.evaluation.grading.timeout_s) as pool:
+        rows, summary = grade_prediction_file(path, pool)
+    print(f"{path}: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}" for k, v in summary.items()))
+    ctx.summary.setdefault("graded", {})[str(path)] = summary
+    save_summary(ctx)
+    tracker.log_summary({f"grade/{k}": v for k, v in summary.items()})
 
 
 def print_summary(ctx: RunContext) -> str:
@@ -323,9 +406,13 @@ def print_summary(ctx: RunContext) -> str:
     data = ctx.summary.get("data", {})
     if data:
         lines.append(f"  data:    {data.get('train/examples')} train examples, {data.get('train/dropped_too_long')} dropped (too long)")
-    quick = ctx.summary.get("eval_quick")
-    if quick:
-        lines.append(f"  eval:    {quick['accuracy']:.1f}% correct on {quick['num_problems']} held-out problems (greedy, math-verify)")
+    align = ctx.summary.get("alignment")
+    if align and align.get("examples"):
+        lines.append(f"  align:   {align['correct']}/{align['examples']} continuations correct (retention {100 * align['retention']:.0f}%)")
+    evaluation = ctx.summary.get("eval")
+    if evaluation:
+        lines.append("  eval:")
+        lines.extend("    " + line for line in evaluation["table"].strip().splitlines())
     text = "\n".join(lines)
     print(text)
     return text
@@ -350,10 +437,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         if cfg.stage == "truncate":
             truncate_stage(ctx, tracker)
+        if cfg.stage == "align":
+            align_stage(ctx, tracker)
         if cfg.stage in ("all", "train"):
             train_stage(ctx, tracker)
         if cfg.stage in ("all", "eval"):
-            quick_eval_stage(ctx, tracker)
+            eval_stage(ctx, tracker)
+        if cfg.stage == "grade":
+            grade_stage(ctx, tracker)
         failed = False
     finally:
         tracker.close(failed=failed)

@@ -28,10 +28,10 @@ def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
     summary = run(cfg)
     (run_dir,) = run_dirs(tmp_path)
     assert run_dir.name.startswith("tiny_random-sft_short_cot-champ-")
-    assert summary["train"]["complete"] and summary["train"]["global_step"] == 4  # 8 examples / batch 2
-    assert len(summary["train"]["loss_curve"]) == 4
+    assert summary["train"]["complete"] and summary["train"]["global_step"] == 5  # 10 examples / batch 2
+    assert len(summary["train"]["loss_curve"]) == 5
     assert all(v == v for v in summary["train"]["loss_curve"])  # no NaN
-    assert summary["data"]["train/examples"] == 8 and summary["data"]["val/examples"] == 2
+    assert summary["data"]["train/examples"] == 10 and summary["data"]["val/examples"] == 2
     # the exported student loads with plain transformers and differs from the initial weights
     from transformers import AutoModelForCausalLM
 
@@ -40,9 +40,13 @@ def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
 
     initial = load_model(cfg.student, TEST_CACHE)
     assert not torch.equal(trained.model.embed_tokens.weight, initial.model.embed_tokens.weight)
-    rows = [json.loads(line) for line in (run_dir / "eval_quick.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(isinstance(r["correct"], bool) for r in rows)
-    assert summary["eval_quick"]["num_problems"] == 2
+    (graded,) = list((run_dir / "eval").glob("*/math500.graded.jsonl"))
+    rows = [json.loads(line) for line in graded.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["correct"]) == 2 and len(r["output"]) == 2 for r in rows)
+    math500 = summary["eval"]["benchmarks"]["math500"]
+    assert math500["num_problems"] == 2 and math500["num_samples"] == 2 and math500["max_new_tokens"] == 8
+    assert "| tiny_random | sft_short_cot |" in (run_dir / "results.md").read_text()
+    assert (run_dir / "results.csv").read_text().startswith("Student,Method,MATH500 Pass@1,MATH500 Pass@2")
     metrics = (run_dir / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/loss_epoch" in metrics and "train/tokens_per_s" in metrics
     # the same config again is the same run folder, and finished training is not repeated
@@ -92,9 +96,9 @@ def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
         assert list(offline.glob("run-*.wandb"))
         history = _wandb_history_keys(next(offline.glob("run-*.wandb")))
         assert {"train/loss", "train/tokens_per_s", "trainer/global_step", "train/perplexity",
-                "val/loss_epoch", "eval_quick/accuracy", "eval_quick/predictions/nrows"} <= history
+                "val/loss_epoch", "eval/math500/pass@1", "eval/avg_pass@2", "eval/math500/predictions/nrows"} <= history
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["train"]["complete"] and "eval_quick" in summary
+        assert summary["train"]["complete"] and "math500" in summary["eval"]["benchmarks"]
     assert proc.returncode == 0
 
 

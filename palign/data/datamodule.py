@@ -1,7 +1,6 @@
 """The LightningDataModule: teacher records -> (truncation -> alignment) -> SFT tokens.
 
-`prepare_data` (rank 0 only) loads the teacher source, holds out problems for the quick
-evaluation, runs the stages the baseline needs (the truncation module finds each trace's minimal
+`prepare_data` (rank 0 only) loads the teacher source, splits off a validation set, runs the stages the baseline needs (the truncation module finds each trace's minimal
 sufficient prefix; the alignment module has the student continue it), builds the supervision
 targets and tokenizes them into a fingerprinted cache. `setup` (every rank) only reads that cache,
 so DDP ranks never repeat the expensive stages.
@@ -30,21 +29,16 @@ PrefixStage = Callable[[Sequence[TeacherRecord]], Mapping[str, str]]
 ContinuationStage = Callable[[Sequence[TeacherRecord], Mapping[str, str] | None], Mapping[str, str]]
 
 
-def split_records(
-    records: Sequence[TeacherRecord], heldout_size: int, val_size: int, seed: int
-) -> tuple[list[TeacherRecord], list[TeacherRecord], list[TeacherRecord]]:
-    """Deterministic (train, val, heldout) split by a seeded shuffle of record ids."""
+def split_records(records: Sequence[TeacherRecord], val_size: int, seed: int) -> tuple[list[TeacherRecord], list[TeacherRecord]]:
+    """Deterministic (train, val) split by a seeded shuffle of record ids."""
     order = sorted(records, key=lambda r: r.id)
     random.Random(seed).shuffle(order)
-    if heldout_size + val_size >= len(order):
+    if val_size >= len(order):
         raise ValueError(
-            f"only {len(order)} teacher records: cannot hold out {heldout_size} for evaluation and "
-            f"{val_size} for validation; lower data.heldout_size / data.val_size or raise teacher.limit"
+            f"only {len(order)} teacher records: cannot keep {val_size} for validation; "
+            "lower data.val_size or raise teacher.source.limit"
         )
-    heldout = order[:heldout_size]
-    val = order[heldout_size : heldout_size + val_size]
-    train = order[heldout_size + val_size :]
-    return train, val, heldout
+    return order[val_size:], order[:val_size]
 
 
 class PrefixAlignmentDataModule(pl.LightningDataModule):
@@ -57,7 +51,6 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         cache_dir: str,
         max_length: int,
         micro_batch_size: int,
-        heldout_size: int = 8,
         val_size: int = 0,
         train_limit: int | None = None,
         seed: int = 0,
@@ -75,7 +68,6 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.max_length = max_length
         self.micro_batch_size = micro_batch_size
-        self.heldout_size = heldout_size
         self.val_size = val_size
         self.train_limit = train_limit
         self.seed = seed
@@ -85,19 +77,18 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         self.prefix_stage = prefix_stage
         self.continuation_stage = continuation_stage
         self.splits: dict[str, TokenizedSplit] = {}
-        self.heldout: list[TeacherRecord] = []
         self.stats: dict[str, Any] = {}
         self._datasets: dict[str, Any] = {}
 
     # -- stages ---------------------------------------------------------------------------------
-    def load_records(self) -> tuple[list[TeacherRecord], list[TeacherRecord], list[TeacherRecord]]:
+    def load_records(self) -> tuple[list[TeacherRecord], list[TeacherRecord]]:
         data = self.teacher.load()
-        train, val, heldout = split_records(data.records, self.heldout_size, self.val_size, self.seed)
+        train, val = split_records(data.records, self.val_size, self.seed)
         if self.train_limit is not None:
             train = train[: self.train_limit]
-        self.heldout = heldout
+        self.stats["teacher_records"] = len(data.records)
         self.stats["teacher_skipped"] = dict(data.skipped)
-        return train, val, heldout
+        return train, val
 
     def build_examples(self, records: Sequence[TeacherRecord]) -> tuple[list[SupervisedExample], Counter]:
         prefixes = self.prefix_stage(records) if self.prefix_stage else None
@@ -105,13 +96,17 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         return build_targets(records, self.target, prefixes, continuations, self.markers)
 
     def prepare_data(self) -> None:
-        train, val, _ = self.load_records()
+        train, val = self.load_records()
         for split, records in (("train", train), ("val", val)):
             if not records:
                 continue
             examples, skipped = self.build_examples(records)
             if split == "train" and not examples:
-                raise RuntimeError(f"no training examples left for target '{self.target}' (skipped: {dict(skipped)})")
+                raise RuntimeError(
+                    f"no training examples left for target '{self.target}' (skipped: {dict(skipped)}); "
+                    "a small student rarely continues correctly: give it more tokens "
+                    "(alignment.sampling.max_new_tokens), more problems, or keep every continuation (alignment.filter=none)"
+                )
             tokenized = build_tokenized_split(
                 examples, self.tokenizer, self.prompts, self.max_length, self.cache_dir, split, self.chat_template_kwargs
             )

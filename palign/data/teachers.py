@@ -247,3 +247,107 @@ class S1KTeacher(Teacher):
                     "final_answer_text": str(row.get("deepseek_attempt") or "") or None,
                 },
             )
+
+
+class GeneratedTeacher(Teacher):
+    """Teacher traces generated now by any model config (`teacher=generate`).
+
+    Problems come from CHAMP (`problems.kind: champ`) or a local JSON/JSONL file (`kind: file`);
+    the model answers the paper's instruction prompt with the shared batched generation code, and
+    with `only_correct` (the default) only traces whose answer math-verify grades correct are kept.
+    Generations are stored in `<cache>/teacher_generation/<fingerprint>/records.jsonl` (model,
+    sampling, prompt and problem set in the fingerprint), appended chunk by chunk: reruns reuse
+    them and an interrupted generation resumes.
+    """
+
+    name = "generate"
+
+    def __init__(
+        self,
+        model: Any,
+        problems: dict[str, Any],
+        sampling: dict[str, Any],
+        cache_dir: str,
+        prompts: dict[str, Any],
+        problem_limit: int | None = None,
+        chunk_size: int = 32,
+        grading_workers: int = 1,
+        **kw,
+    ):
+        kw.setdefault("only_correct", True)
+        super().__init__(**kw)
+        from omegaconf import DictConfig, OmegaConf
+
+        as_dict = lambda x: OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else dict(x)  # noqa: E731
+        self.model_cfg = as_dict(model)
+        self.problems_cfg = as_dict(problems)
+        self.sampling = as_dict(sampling)
+        self.prompts = as_dict(prompts)
+        self.cache_dir = Path(cache_dir)
+        self.problem_limit = problem_limit
+        self.chunk_size = chunk_size
+        self.grading_workers = grading_workers
+
+    def _problems(self) -> list[tuple[str, str, str | None]]:
+        kind = self.problems_cfg.get("kind", "champ")
+        if kind == "champ":
+            source = ChampTeacher()
+            import champ_dataset
+
+            rows = [(p.identifier, p.text, _answer_text(p.answer)) for p in champ_dataset.load(source.version).problems.values()]
+        elif kind == "file":
+            path = self.problems_cfg.get("path")
+            if not path:
+                raise ValueError("teacher=generate with problems.kind=file needs teacher.source.problems.path")
+            rows = []
+            for index, (where, row) in enumerate(iter_records(path)):
+                id_field = self.problems_cfg.get("id_field")
+                rows.append((
+                    str(require_field(row, id_field, where)) if id_field else str(index),
+                    str(require_field(row, self.problems_cfg.get("question_field", "problem"), where)),
+                    _answer_text(require_field(row, self.problems_cfg.get("answer_field", "answer"), where)),
+                ))
+        else:
+            raise ValueError(f"teacher.source.problems.kind must be champ or file, got '{kind}'")
+        return rows[: self.problem_limit] if self.problem_limit is not None else rows
+
+    def _iter_records(self, skipped: Counter):
+        from functools import partial
+
+        from palign.artifacts import RecordStore
+        from palign.evaluation.grading import GradingPool
+        from palign.llm.chat import instruction_prompt
+        from palign.llm.generation import SamplingConfig, generate_missing
+        from palign.llm.models import ModelSpec, load_model, load_tokenizer
+
+        spec = ModelSpec.from_config(self.model_cfg)
+        problems = self._problems()
+        sampling = SamplingConfig.from_config(self.sampling)
+        identity = {"model": spec.identity(), "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
+                    "instruction": self.prompts["instruction"], "problems": self.problems_cfg}
+        folder = self.cache_dir / "teacher_generation" / fingerprint(identity)
+        by_id = {pid: (question, answer) for pid, question, answer in problems}
+        tokenizer = load_tokenizer(spec, self.cache_dir)
+        with RecordStore(folder / "records.jsonl") as store, GradingPool(num_workers=self.grading_workers) as pool:
+
+            def grade_and_store(chunk) -> None:
+                grades = pool.grade([(gens[0].text, by_id[pid][1]) for pid, gens in chunk], desc="grading")
+                for (pid, generations), grade in zip(chunk, grades):
+                    question, answer = by_id[pid]
+                    store.add({"id": pid, "question": question, "answer": answer, "trace": generations[0].text,
+                               "finished": generations[0].finished, "correct": bool(answer is not None and grade.correct)})
+
+            generate_missing(
+                [(pid, instruction_prompt(self.prompts, question)) for pid, question, _ in problems],
+                store.__contains__, partial(load_model, spec, self.cache_dir), tokenizer, sampling, grade_and_store,
+                spec.chat_template_kwargs, chunk_size=self.chunk_size, progress="teacher generation",
+            )
+            rows = [store.get(pid) for pid, _, _ in problems]
+        for row in rows:
+            yield TeacherRecord(
+                id=row["id"], question=row["question"], answer=row["answer"], long_cot=row["trace"],
+                source={"dataset": "generated", "teacher": spec.name, "correct": row["correct"], "finished": row["finished"]},
+            )
+
+    def _trace_is_correct(self, record: TeacherRecord) -> bool:
+        return bool(record.source.get("correct"))  # graded once, when generated

@@ -1,0 +1,143 @@
+"""Stage 2, prefix alignment: the student continues each teacher prefix; only correct ones are kept.
+
+PAPER.md §2.2 and Eq. 9: the student gets the authors' continuation prompt ("Please continue from
+the draft ... *Question*:{question}\\n*Prefix*:{prefix}", `conf/prompts/paper.yaml`) and samples a
+continuation (T=0.6, top-p 0.9, repetition penalty 1.05); the example is kept only when the
+continuation's final answer is graded correct against the gold answer with math-verify (the paper
+keeps ~97%). Without a prefix (the `student_only` ablation) the student answers the plain
+instruction prompt and the same filter applies.
+
+Continuations are stored in `<cache>/alignment/<fingerprint>/records.jsonl`, keyed by example id
+and a hash of the question and prefix; the fingerprint covers the model, the prompt, the sampling
+settings and the filter. Reruns and sweeps reuse them, an interrupted run resumes chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from palign.artifacts import RecordStore, fingerprint, write_json_atomic
+from palign.data.teachers import TeacherRecord
+from palign.evaluation.grading import GradingPool
+from palign.llm.chat import instruction_prompt
+from palign.llm.generation import SamplingConfig, generate_missing
+
+log = logging.getLogger(__name__)
+
+FILTERS = ("correct", "none")
+
+
+def continuation_prompt(prompts: Mapping[str, Any], question: str, prefix: str) -> str:
+    return prompts["continuation"].replace("{question}", question).replace("{prefix}", prefix)
+
+
+@dataclass
+class AlignmentSettings:
+    model_identity: dict[str, Any]
+    prompts: dict[str, Any]
+    sampling: dict[str, Any]
+    filter: str = "correct"
+    chunk_size: int = 32
+    grading_workers: int = 1
+    grading_timeout_s: float = 10.0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        sampling = {k: v for k, v in self.sampling.items() if k != "batch_size"}
+        return {"model": self.model_identity, "prompts": self.prompts, "sampling": sampling}
+
+
+class PrefixContinuation:
+    """Callable stage: (records, prefixes or None) -> {record id: continuation} for kept examples."""
+
+    def __init__(
+        self,
+        settings: AlignmentSettings,
+        cache_dir: str | Path,
+        model_loader: Callable[[], Any],
+        tokenizer,
+        progress: bool = True,
+    ):
+        if settings.filter not in FILTERS:
+            raise ValueError(f"alignment.filter must be one of {FILTERS}, got '{settings.filter}'")
+        self.settings = settings
+        self.model_loader = model_loader
+        self.tokenizer = tokenizer
+        self.progress = progress
+        self.key = fingerprint(settings.identity())
+        self.folder = Path(cache_dir) / "alignment" / self.key
+        self.rows_seen: dict[str, dict[str, Any]] = {}
+        self.generated = 0
+
+    def _user_text(self, record: TeacherRecord, prefix: str | None) -> str:
+        if prefix is None:
+            return instruction_prompt(self.settings.prompts, record.question)
+        return continuation_prompt(self.settings.prompts, record.question, prefix)
+
+    def __call__(self, records: Sequence[TeacherRecord], prefixes: Mapping[str, str] | None) -> dict[str, str]:
+        rows = self.run(records, prefixes)
+        keep_all = self.settings.filter == "none"
+        return {row["id"]: row["continuation"] for row in rows if keep_all or row["correct"]}
+
+    def run(self, records: Sequence[TeacherRecord], prefixes: Mapping[str, str] | None) -> list[dict[str, Any]]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / "settings.json").exists():
+            write_json_atomic(self.folder / "settings.json", self.settings.identity())
+        usable = [r for r in records if prefixes is None or r.id in prefixes]
+        by_key: dict[str, tuple[TeacherRecord, str | None]] = {}
+        for record in usable:
+            prefix = prefixes[record.id] if prefixes is not None else None
+            by_key[f"{record.id}:{fingerprint(record.question, prefix, length=12)}"] = (record, prefix)
+        items = [(key, self._user_text(record, prefix)) for key, (record, prefix) in by_key.items()]
+        with RecordStore(self.folder / "records.jsonl", key="key") as store, GradingPool(
+            num_workers=self.settings.grading_workers, timeout_s=self.settings.grading_timeout_s
+        ) as pool:
+
+            def grade_and_store(chunk) -> None:
+                grades = pool.grade([(gens[0].text, by_key[key][0].answer) for key, gens in chunk], desc="grading")
+                for (key, generations), grade in zip(chunk, grades):
+                    record, prefix = by_key[key]
+                    sample = generations[0]
+                    store.add({
+                        "key": key, "id": record.id, "question": record.question, "answer": record.answer,
+                        "prefix": prefix, "continuation": sample.text, "tokens": sample.num_tokens,
+                        "finished": sample.finished, "correct": bool(record.answer is not None and grade.correct),
+                        "extracted": grade.extracted, "grading_timed_out": grade.timed_out,
+                    })
+
+            self.generated += generate_missing(
+                items, store.__contains__, self._model, self.tokenizer, self.settings.sampling, grade_and_store,
+                self.settings.chat_template_kwargs, chunk_size=self.settings.chunk_size,
+                progress="prefix continuation" if self.progress else None,
+            )
+            rows = [store.get(key) for key in by_key]
+        rows = [row for row in rows if row is not None]
+        self.rows_seen.update((row["key"], row) for row in rows)
+        return rows
+
+    _loaded_model = None
+
+    def _model(self):
+        if self._loaded_model is None:
+            self._loaded_model = self.model_loader()
+        return self._loaded_model
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        rows = list(self.rows_seen.values())
+        if not rows:
+            return {"examples": 0}
+        kept = sum(bool(r["correct"]) for r in rows)
+        return {
+            "examples": len(rows),
+            "correct": kept,
+            "retention": kept / len(rows),
+            "finished_rate": sum(bool(r["finished"]) for r in rows) / len(rows),
+            "continuation_tokens_mean": sum(r["tokens"] for r in rows) / len(rows),
+            "generated_this_run": self.generated,
+            "filter": self.settings.filter,
+        }

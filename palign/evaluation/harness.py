@@ -1,0 +1,128 @@
+"""Method step 5: evaluate a student on the paper's benchmarks (PAPER.md §3, §7).
+
+For each benchmark (`conf/benchmark/*.yaml`), the student answers the paper's inference prompt
+(the instruction plus the problem, through the chat template) with n samples per problem (3 in
+the paper, T=0.6, top-p 0.9); predictions are stored per benchmark in the authors' file format
+(`answer` plus a list of sampled `output`s), resumable problem by problem, then graded with
+math-verify in worker processes with a hard per-item timeout. Metrics: Pass@1 (mean over samples,
+and the first-sample variant), Pass@n, the paper's Avg over benchmarks; results as Markdown and
+CSV in the Table 1 layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from palign.artifacts import RecordStore, fingerprint, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from palign.evaluation.benchmarks import load_benchmark
+from palign.evaluation.grading import GradingPool
+from palign.evaluation.predictions import grade_prediction_file, results_table
+from palign.llm.chat import instruction_prompt
+from palign.llm.generation import SamplingConfig, generate_missing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchmarkResult:
+    name: str
+    summary: dict[str, float]
+    predictions: Path
+    graded: Path
+    rows: list[dict[str, Any]]
+
+
+def evaluate(
+    model_loader: Callable[[], Any],
+    model_identity: Mapping[str, Any],
+    tokenizer,
+    benchmarks: Mapping[str, Mapping[str, Any]],
+    sampling: Mapping[str, Any],
+    prompts: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    grading_workers: int = 2,
+    grading_timeout_s: float = 10.0,
+    chunk_size: int = 16,
+) -> dict[str, BenchmarkResult]:
+    """Generate (or reuse) predictions for every benchmark, grade them, and return the summaries.
+
+    Predictions live in `<out_dir>/<fingerprint>/<benchmark>.jsonl`; the fingerprint covers the
+    model, the sampling settings and the prompt, so changing any of them starts a new folder.
+    """
+    sampling_cfg = SamplingConfig.from_config(sampling)
+    identity = {"model": dict(model_identity), "sampling": {k: v for k, v in vars(sampling_cfg).items() if k != "batch_size"},
+                "prompts": {"instruction": prompts["instruction"], "separator": prompts["question_separator"]}}
+    folder = Path(out_dir) / fingerprint(identity)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "settings.json", identity)
+    results: dict[str, BenchmarkResult] = {}
+    loaded = {}
+
+    def model():
+        if "model" not in loaded:
+            loaded["model"] = model_loader()
+        return loaded["model"]
+
+    with GradingPool(num_workers=grading_workers, timeout_s=grading_timeout_s) as pool:
+        for name, bench_cfg in benchmarks.items():
+            problems = load_benchmark(**dict(bench_cfg))
+            by_id = {p.id: p for p in problems}
+            path = folder / f"{name}.jsonl"
+            with RecordStore(path, key="id") as store:
+
+                def save(chunk) -> None:
+                    for problem_id, generations in chunk:
+                        problem = by_id[problem_id]
+                        store.add({
+                            "id": problem.id, "problem": problem.problem, "answer": problem.answer,
+                            "output": [g.text for g in generations],
+                            "tokens": [g.num_tokens for g in generations],
+                            "finished": [g.finished for g in generations],
+                        })
+
+                generate_missing(
+                    [(p.id, instruction_prompt(prompts, p.problem)) for p in problems],
+                    store.__contains__, model, tokenizer, sampling_cfg, save, chat_template_kwargs,
+                    chunk_size=chunk_size, progress=f"eval {name}",
+                )
+                # the store may hold problems from an earlier, larger limit: grade this run's only
+                ordered = [store.get(p.id) for p in problems]
+            current = folder / f"{name}.current.jsonl"
+            write_jsonl_atomic(current, ordered)
+            rows, summary = grade_prediction_file(current, pool)
+            for row, prediction in zip(rows, ordered):
+                row["output"] = prediction["output"]
+                row["tokens"] = prediction["tokens"]
+            summary["max_new_tokens"] = sampling_cfg.max_new_tokens
+            summary["truncated_rate"] = 100.0 * sum(not f for p in ordered for f in p["finished"]) / sum(len(p["finished"]) for p in ordered)
+            graded = folder / f"{name}.graded.jsonl"
+            write_jsonl_atomic(graded, rows)
+            current.unlink()
+            results[name] = BenchmarkResult(name, summary, path, graded, rows)
+            log.info("%s: %s", name, {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()})
+    return results
+
+
+def average(results: Mapping[str, BenchmarkResult], key: str) -> float:
+    values = [r.summary[key] for r in results.values() if key in r.summary]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def write_results(
+    results: Mapping[str, BenchmarkResult], student: str, method: str, out_dir: str | os.PathLike, k: int
+) -> tuple[str, str]:
+    """Table 1 layout as Markdown and CSV for one (student, method) row, plus metrics.json."""
+    out_dir = Path(out_dir)
+    markdown, csv_text = results_table({(student, method): {n: r.summary for n, r in results.items()}}, k=k,
+                                       benchmarks=[n for n in ("aime25", "aime24", "amc12", "math500") if n in results]
+                                       + [n for n in results if n not in ("aime25", "aime24", "amc12", "math500")])
+    write_text_atomic(out_dir / "results.md", markdown)
+    write_text_atomic(out_dir / "results.csv", csv_text)
+    write_json_atomic(out_dir / "metrics.json", {n: r.summary for n, r in results.items()})
+    return markdown, csv_text
