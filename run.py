@@ -13,8 +13,9 @@ import palign.config  # noqa: F401  (registers the config resolvers before Hydra
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from palign.pipeline import run
+    from palign.sweeps import run_job_safely
 
-    run(cfg)
+    run_job_safely(run, cfg)
 
 
 if __name__ == "__main__":

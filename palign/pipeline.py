@@ -25,7 +25,9 @@ from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-STAGES = ("all", "truncate", "align", "train", "eval", "grade")
+STAGES = ("all", "truncate", "align", "train", "eval", "grade", "report", "judge_chains")
+PREFIX_TARGETS = ("prefix_continuation", "prefix_only")
+CONTINUATION_TARGETS = ("prefix_continuation", "student_only")
 TRUNCATION_KEYS = ("granularity", "search", "judge", "judge_prompt")
 ADAPTIVE_ONLY_KEYS = ("search", "judge", "judge_prompt")
 
@@ -119,6 +121,7 @@ def make_truncation(ctx: RunContext, tokenizer):
             chat_template_kwargs=judge_spec.chat_template_kwargs,
             max_new_tokens=cfg.judge.max_new_tokens,
             batch_size=cfg.judge.batch_size,
+            engine=cfg.judge.engine,
         )
 
     return PrefixTruncation(settings, ctx.cache_dir, tokenizer, judge_factory)
@@ -386,6 +389,73 @@ def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
     tracker.log_summary({f"grade/{k}": v for k, v in summary.items()})
 
 
+def report_stage(ctx: RunContext, tracker: Tracker) -> None:
+    """Table 1, the ablation tables and the report figures from every evaluated run under paths.runs."""
+    from palign.reporting.report import make_report
+
+    cfg = ctx.cfg
+    out = Path(cfg.paths.root) / "report"
+    result = make_report(cfg.paths.runs, out, pass_k=cfg.evaluation.pass_k, tracker=tracker)
+    print(result["table1"])
+    print(f"tables, figures and report.md written to {out}")
+
+
+def judge_chains_stage(ctx: RunContext, tracker: Tracker) -> None:
+    """"GLM-based evaluation" (PAPER.md §4, §8): an LLM judge compares two supervision targets of the
+    run's training problems, by default the P-ALIGN target against the full long CoT, in both orders."""
+    from palign.analysis.chain_judge import ChainJudgePrompt, ChainPair, build_backend, compare_chains
+    from palign.artifacts import write_jsonl_atomic
+    from palign.data.supervision import build_targets
+    from palign.llm.models import load_tokenizer
+
+    cfg = ctx.cfg
+    judge = cfg.chain_judge
+    compared = (judge.chain_a, judge.chain_b)
+    if set(compared) >= {"prefix_continuation", "student_only"}:
+        raise ValueError("chain_judge: prefix_continuation and student_only need different continuations; compare each with long_cot")
+    records = training_records(cfg)
+    records = records[: judge.limit] if judge.limit is not None else records
+    tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
+    prefixes = continuations = truncation = alignment = None
+    if any(t in PREFIX_TARGETS for t in compared):
+        truncation = make_truncation(ctx, tokenizer)
+        if truncation is None:
+            raise ValueError(f"chain_judge compares {compared}, but baseline '{cfg.baseline.name}' builds no prefixes; use baseline=palign")
+        prefixes = truncation(records)
+    if any(t in CONTINUATION_TARGETS for t in compared):
+        alignment = make_alignment(ctx, tokenizer)
+        if alignment is None:
+            raise ValueError(f"chain_judge compares {compared}, but baseline '{cfg.baseline.name}' has no alignment stage; use baseline=palign")
+        continuations = alignment(records, prefixes)
+    markers = OmegaConf.to_container(cfg.prompts.prefix_markers, resolve=True)
+    texts = {t: {e.id: e.target for e in build_targets(records, t, prefixes, continuations, markers)[0]} for t in compared}
+    pairs = [ChainPair(r.id, r.question, texts[judge.chain_a][r.id], texts[judge.chain_b][r.id])
+             for r in records if r.id in texts[judge.chain_a] and r.id in texts[judge.chain_b]]
+    result = compare_chains(
+        build_backend(judge, ctx.cache_dir), pairs, ChainJudgePrompt.from_config(judge),
+        OmegaConf.to_container(judge.sampling, resolve=True), cache_dir=ctx.cache_dir,
+        chunk_size=judge.chunk_size, progress="chain judge",
+    )
+    comparison = f"{judge.chain_a}_vs_{judge.chain_b}"
+    judge_label = judge.model if judge.backend == "openai" else judge.model.name
+    records_path = ctx.run_dir / "chain_judge" / f"{comparison}-{Path(result.artifact).name}.jsonl"
+    write_jsonl_atomic(records_path, result.records)
+    stats = dict(result.summary, problems=len(records), skipped=len(records) - len(pairs), records=str(records_path),
+                 artifact=result.artifact)
+    ctx.summary.setdefault("chain_judge", {}).setdefault(comparison, {})[judge_label] = stats
+    save_summary(ctx)
+    tracker.log_summary({f"chain_judge/{comparison}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    tracker.log_table(
+        f"chain_judge/{comparison}/examples", ["id", "a_first", "b_first", "outcome", "reply_a_first", "reply_b_first"],
+        [[r["id"], r["a_first"], r["b_first"], r["outcome"], r["reply_a_first"][-400:], r["reply_b_first"][-400:]]
+         for r in result.records[:8]],
+    )
+    if truncation is not None:
+        report_truncation(ctx, tracker, truncation)
+    if alignment is not None:
+        report_alignment(ctx, tracker, alignment)
+
+
 def print_summary(ctx: RunContext) -> str:
     lines = [f"run {ctx.run_id}", f"  outputs: {ctx.run_dir}"]
     train = ctx.summary.get("train", {})
@@ -409,6 +479,15 @@ def print_summary(ctx: RunContext) -> str:
     align = ctx.summary.get("alignment")
     if align and align.get("examples"):
         lines.append(f"  align:   {align['correct']}/{align['examples']} continuations correct (retention {100 * align['retention']:.0f}%)")
+    for comparison, by_judge in ctx.summary.get("chain_judge", {}).items():
+        for judge_label, s in by_judge.items():
+            if s.get("pairs"):
+                consistency = s["position_consistency"]
+                lines.append(
+                    f"  judge:   {comparison} by {judge_label}: A wins {100 * s['a_win_rate']:.0f}%, ties {100 * s['tie_rate']:.0f}%, "
+                    f"loses {100 * s['a_loss_rate']:.0f}% of {s['pairs']} pairs; {s['unparseable']}/{s['judgments']} verdicts unparseable"
+                    + (f"; position-consistent {100 * consistency:.0f}%" if consistency is not None else "")
+                )
     evaluation = ctx.summary.get("eval")
     if evaluation:
         lines.append("  eval:")
@@ -445,6 +524,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             eval_stage(ctx, tracker)
         if cfg.stage == "grade":
             grade_stage(ctx, tracker)
+        if cfg.stage == "report":
+            report_stage(ctx, tracker)
+        if cfg.stage == "judge_chains":
+            judge_chains_stage(ctx, tracker)
         failed = False
     finally:
         tracker.close(failed=failed)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
@@ -63,8 +61,22 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
 def test_default_config_is_the_embedded_demo(tmp_path):
     cfg = compose_config([], tmp_path)
     assert cfg.student.name == "smollm2_135m" and cfg.student.source == "gguf_package"
-    assert cfg.teacher.name == "champ" and cfg.baseline.name == "sft_long_cot"
+    assert cfg.teacher.name == "champ" and cfg.baseline.name == "palign"
     assert cfg.logger.kind == "wandb" and cfg.trainer.accelerator == "cpu"
+
+
+def test_paper_recipes_hold_the_papers_settings(tmp_path):
+    for student, hub_id in (("qwen2_5_7b", "Qwen/Qwen2.5-7B-Instruct"), ("qwen3_8b", "Qwen/Qwen3-8B")):
+        cfg = compose_config([f"experiment=paper/table1_{student}"], tmp_path)
+        assert cfg.student.pretrained == hub_id and cfg.teacher.name == "s1k" and cfg.baseline.name == "palign"
+        assert cfg.training.lora == {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
+        assert (cfg.training.learning_rate, cfg.training.warmup_ratio, cfg.training.epochs) == (5e-5, 0.1, 3)
+        assert cfg.training.effective_batch_size == 32 and cfg.data.max_length == 32768
+        assert cfg.granularity.name == "paper_sentence" and cfg.search.name == "binary" and cfg.judge.mode == "generate"
+        assert sorted(cfg.evaluation.benchmarks) == ["aime24", "aime25", "amc12", "math500"]
+        sampling = cfg.evaluation.sampling
+        assert (sampling.num_samples, sampling.temperature, sampling.top_p) == (3, 0.6, 0.9)
+        assert cfg.alignment.filter == "correct"
 
 
 def test_qwen3_disables_thinking_through_the_template(tmp_path):

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import PROJECT_ROOT, TEST_CACHE, compose_config, run_cli

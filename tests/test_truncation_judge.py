@@ -67,6 +67,38 @@ def test_batched_left_padded_scores_equal_one_by_one(smollm2_tokenizer, tiny_mod
     assert len(set(round(s, 5) for s in batched)) > 1  # different prefixes, different scores
 
 
+def _one_pass_vs_batched(model, tokenizer, question, trace, granularity, prompt="paper"):
+    seg = segment(trace, granularity)
+    ks = list(range(1, seg.m + 1))
+    one_pass = SufficiencyJudge(model, tokenizer, load_prompt(prompt), engine="one_pass").prefix_scores([(question, seg, ks)])[0]
+    batched = SufficiencyJudge(model, tokenizer, load_prompt(prompt), engine="batched", batch_size=4).prefix_scores([(question, seg, ks)])[0]
+    return seg, one_pass, batched
+
+
+def test_one_pass_scores_equal_scoring_each_prefix_from_scratch_tiny(tiny_model, smollm2_tokenizer):
+    trace = "We have $x^2 = 9$. So $x = 3$ or $x = -3$.\n\nSince x > 0, x = 3. Check: 3.5 is not it. Done!"
+    for granularity in ("sentence", "paper_sentence", "step"):
+        seg, one_pass, batched = _one_pass_vs_batched(tiny_model, smollm2_tokenizer, "Solve x^2 = 9, x > 0.", trace, granularity)
+        assert sorted(one_pass) == sorted(batched) == list(range(1, seg.m + 1))
+        for k in one_pass:
+            assert one_pass[k] == pytest.approx(batched[k], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_one_pass_scores_equal_scoring_from_scratch_on_smollm2(shared_data, student_specs, cache_dir):
+    from palign.llm.models import load_model, load_tokenizer
+
+    row = json.loads((shared_data / "teacher" / "skyt1_14b_amc23_longcot.jsonl").read_text().splitlines()[0])
+    tokenizer = load_tokenizer(student_specs["smollm2_135m"], cache_dir)
+    model = load_model(student_specs["smollm2_135m"], cache_dir)
+    trace = row["code"][0].split("<|end_of_thought|>")[0].replace("<|begin_of_thought|>", "").strip()
+    seg, one_pass, batched = _one_pass_vs_batched(model, tokenizer, row["question"], trace[:2500], "sentence")
+    assert seg.m > 10
+    worst = max(abs(one_pass[k] - batched[k]) for k in one_pass)
+    assert worst < 1e-3, worst
+    assert len({round(v, 3) for v in one_pass.values()}) > seg.m // 2  # real, varied scores
+
+
 @pytest.mark.slow
 def test_smollm2_self_judge_both_modes_on_real_skyt1_traces(shared_data, student_specs, cache_dir):
     """The real SmolLM2 judge in both modes on the 3 shortest Sky-T1 AMC23 traces."""

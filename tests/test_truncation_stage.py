@@ -27,10 +27,10 @@ class CountingJudge(SufficiencyJudge):
 
     crash_after: int | None = None
 
-    def judge(self, pairs, thresholds=None):
-        if self.crash_after is not None and self.calls + len(pairs) > self.crash_after:
+    def prefix_scores(self, items):
+        if self.crash_after is not None and self.calls + sum(len(ks) for _, _, ks in items) > self.crash_after:
             raise RuntimeError("simulated crash")
-        return super().judge(pairs, thresholds)
+        return super().prefix_scores(items)
 
 
 @pytest.fixture()
@@ -68,6 +68,8 @@ def test_artifact_records_every_probe_and_reruns_hit_the_cache(tmp_path, smollm2
         assert row["chosen_k"] == (min(sufficient) if sufficient else row["m"])
         assert row["fallback"] == (not sufficient)
     assert stage.judge_calls == sum(len(r["probes"]) for r in rows)
+    # the one-pass engine scored every prefix of each trace, the search consulted a few of them
+    assert all(r["prefixes_scored"] == r["m"] for r in rows)
     # the same settings again: no judge is even built, and the artifact is identical
     again = PrefixTruncation(settings(), tmp_path, smollm2_tokenizer, lambda: pytest.fail("judge built on a cache hit"), progress=False)
     assert again.run(records()) == rows and again.judge_calls == 0

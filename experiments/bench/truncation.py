@@ -274,7 +274,7 @@ def main() -> None:
     binary_verdicts = {(i, p.k): p.sufficient for i, r in enumerate(binary) for p in r.probes}
     scores = {(i, p.k): p.score for i, r in enumerate(exhaustive) for p in r.probes}
     shared = sorted(generate_verdicts.keys() & binary_verdicts.keys())
-    print(f"\nverdict agreement, generate (a) vs logits:")
+    print("\nverdict agreement, generate (a) vs logits:")
     print(f"- probes judged by both (a) and (b), rule {rule.kind} {rule.value:g}: "
           + agreement([(generate_verdicts[key], binary_verdicts[key]) for key in shared]))
     calibrated = ThresholdRule.from_config(OmegaConf.to_container(CALIBRATED_THRESHOLD))

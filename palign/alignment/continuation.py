@@ -24,7 +24,7 @@ from palign.artifacts import RecordStore, fingerprint, write_json_atomic
 from palign.data.teachers import TeacherRecord
 from palign.evaluation.grading import GradingPool
 from palign.llm.chat import instruction_prompt
-from palign.llm.generation import SamplingConfig, generate_missing
+from palign.llm.generation import generate_missing
 
 log = logging.getLogger(__name__)
 

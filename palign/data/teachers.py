@@ -272,6 +272,7 @@ class GeneratedTeacher(Teacher):
         problem_limit: int | None = None,
         chunk_size: int = 32,
         grading_workers: int = 1,
+        remote: dict[str, Any] | None = None,
         **kw,
     ):
         kw.setdefault("only_correct", True)
@@ -287,6 +288,7 @@ class GeneratedTeacher(Teacher):
         self.problem_limit = problem_limit
         self.chunk_size = chunk_size
         self.grading_workers = grading_workers
+        self.remote_cfg = as_dict(remote) if remote else None  # an OpenAI-compatible server instead of `model`
 
     def _problems(self) -> list[tuple[str, str, str | None]]:
         kind = self.problems_cfg.get("kind", "champ")
@@ -317,17 +319,24 @@ class GeneratedTeacher(Teacher):
         from palign.artifacts import RecordStore
         from palign.evaluation.grading import GradingPool
         from palign.llm.chat import instruction_prompt
-        from palign.llm.generation import SamplingConfig, generate_missing
+        from palign.llm.generation import SamplingConfig
         from palign.llm.models import ModelSpec, load_model, load_tokenizer
+        from palign.llm.openai_backend import LocalChatBackend, OpenAIChatBackend, complete_missing
 
-        spec = ModelSpec.from_config(self.model_cfg)
         problems = self._problems()
         sampling = SamplingConfig.from_config(self.sampling)
-        identity = {"model": spec.identity(), "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
+        if self.remote_cfg:
+            backend = OpenAIChatBackend.from_config(self.remote_cfg)
+            model_identity, teacher_name = backend.identity(), backend.model
+        else:
+            spec = ModelSpec.from_config(self.model_cfg)
+            backend = LocalChatBackend(partial(load_model, spec, self.cache_dir), load_tokenizer(spec, self.cache_dir),
+                                       spec.chat_template_kwargs)
+            model_identity, teacher_name = spec.identity(), spec.name
+        identity = {"model": model_identity, "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
                     "instruction": self.prompts["instruction"], "problems": self.problems_cfg}
         folder = self.cache_dir / "teacher_generation" / fingerprint(identity)
         by_id = {pid: (question, answer) for pid, question, answer in problems}
-        tokenizer = load_tokenizer(spec, self.cache_dir)
         with RecordStore(folder / "records.jsonl") as store, GradingPool(num_workers=self.grading_workers) as pool:
 
             def grade_and_store(chunk) -> None:
@@ -337,16 +346,15 @@ class GeneratedTeacher(Teacher):
                     store.add({"id": pid, "question": question, "answer": answer, "trace": generations[0].text,
                                "finished": generations[0].finished, "correct": bool(answer is not None and grade.correct)})
 
-            generate_missing(
-                [(pid, instruction_prompt(self.prompts, question)) for pid, question, _ in problems],
-                store.__contains__, partial(load_model, spec, self.cache_dir), tokenizer, sampling, grade_and_store,
-                spec.chat_template_kwargs, chunk_size=self.chunk_size, progress="teacher generation",
+            complete_missing(
+                backend, [(pid, instruction_prompt(self.prompts, question)) for pid, question, _ in problems],
+                store.__contains__, sampling, grade_and_store, chunk_size=self.chunk_size, progress="teacher generation",
             )
             rows = [store.get(pid) for pid, _, _ in problems]
         for row in rows:
             yield TeacherRecord(
                 id=row["id"], question=row["question"], answer=row["answer"], long_cot=row["trace"],
-                source={"dataset": "generated", "teacher": spec.name, "correct": row["correct"], "finished": row["finished"]},
+                source={"dataset": "generated", "teacher": teacher_name, "correct": row["correct"], "finished": row["finished"]},
             )
 
     def _trace_is_correct(self, record: TeacherRecord) -> bool:

@@ -19,6 +19,7 @@ trace of the same example, or to a quantile of the scores measured on calibratio
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,10 +30,14 @@ import torch
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import SamplingConfig, generate
 from palign.truncation.search import Verdict
+from palign.truncation.units import Segmentation
+
+_SENTINEL = "\u2063REASONING\u2063"  # an invisible separator that never occurs in prompts
 
 log = logging.getLogger(__name__)
 
 MODES = ("generate", "logits")
+ENGINES = ("one_pass", "batched")
 # Scores of the same prompt in different batches (other padding) agree to ~1e-5, not exactly; a
 # prefix scoring within this of a threshold taken from another batch counts as reaching it.
 SCORE_TOLERANCE = 1e-4
@@ -116,7 +121,11 @@ class SufficiencyJudge:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         max_new_tokens: int = 256,
         batch_size: int = 8,
+        engine: str = "one_pass",
     ):
+        if engine not in ENGINES:
+            raise ValueError(f"judge.engine must be one of {ENGINES}, got '{engine}'")
+        self.engine = engine
         if mode not in MODES:
             raise ValueError(f"judge.mode must be one of {MODES}, got '{mode}'")
         self.model = model
@@ -136,6 +145,84 @@ class SufficiencyJudge:
         self.enough_token = enough[len(shared)]
         self.not_enough_token = not_enough[len(shared)]
         self.calls = 0
+
+    # -- prefix scoring (logits mode) ----------------------------------------------------------
+    def prefix_tokens(self, question: str, seg: Segmentation) -> tuple[list[int], list[list[int]], list[int]]:
+        """(head, per-unit pieces, tail) token ids of the judge prompt around the reasoning.
+
+        The reasoning of prefix k is tokenized unit by unit (piece k = prefix(k) minus prefix(k-1)),
+        so every unit boundary is a token boundary: the tokens of prefix k are exactly the first
+        tokens of prefix m, which is what lets the one-pass engine share one forward pass.
+        """
+        user = self.prompt.template.replace("{question}", question).replace("{reasoning_part}", _SENTINEL)
+        from palign.llm.chat import render_user_turn
+
+        head_text, tail_text = render_user_turn(self.tokenizer, user, self.chat_template_kwargs).split(_SENTINEL)
+        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        pieces, previous = [], ""
+        for k in range(1, seg.m + 1):
+            current = seg.prefix(k)
+            if not current.startswith(previous):
+                raise ValueError(f"granularity '{seg.granularity}': prefix {k} does not extend prefix {k - 1}")
+            pieces.append(encode(current[len(previous):]))
+            previous = current
+        return encode(head_text), pieces, encode(tail_text) + self.verdict_prefix
+
+    def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
+        """Scores of the prefixes `ks` of each (question, segmentation), by the configured engine."""
+        encoded = [self.prefix_tokens(q, seg) for q, seg, _ in items]
+        if self.engine == "one_pass":
+            return [self._one_pass(head, pieces, tail, ks) for (head, pieces, tail), (_, _, ks) in zip(encoded, items)]
+        flat, where = [], []
+        for index, ((head, pieces, tail), (_, _, ks)) in enumerate(zip(encoded, items)):
+            for k in ks:
+                flat.append(head + [t for piece in pieces[:k] for t in piece] + tail)
+                where.append((index, k))
+        out: list[dict[int, float]] = [{} for _ in items]
+        for (index, k), score in zip(where, self.score_encoded(flat)):
+            out[index][k] = score
+        return out
+
+    @torch.inference_mode()
+    def _one_pass(self, head: list[int], pieces: list[list[int]], tail: list[int], ks: Sequence[int]) -> dict[int, float]:
+        """All requested prefixes of one trace from one forward pass over the longest of them.
+
+        The keys/values of "head + first k units" are a prefix of those of "head + first K units",
+        so the long shared part runs once; for each boundary k, in descending order, the cache is
+        cropped to k units and only the short tail (end of the user turn, assistant header, the
+        verdicts' shared first token) runs on top of it.
+        """
+        from transformers import DynamicCache
+
+        if not ks:
+            return {}
+        self.calls += len(ks)
+        device = next(self.model.parameters()).device
+        boundaries = [len(head)]
+        for piece in pieces:
+            boundaries.append(boundaries[-1] + len(piece))
+        longest = max(ks)
+        ids = head + [t for piece in pieces[:longest] for t in piece]
+        was_training = self.model.training
+        self.model.eval()
+        # transformers 5 renamed `past_key_values` to `cache`
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        try:
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            tail_ids = torch.tensor([tail], device=device)
+            scores = {}
+            for k in sorted(set(ks), reverse=True):
+                excess = cache.get_seq_length() - boundaries[k]
+                if excess > 0:
+                    cache.crop(-excess)  # a negative length removes that many tokens (all versions)
+                positions = torch.arange(boundaries[k], boundaries[k] + len(tail), device=device)[None]
+                logits = self.model(input_ids=tail_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                    **{cache_arg: cache}).logits[0, -1].float()
+                scores[k] = float(logits[self.enough_token] - logits[self.not_enough_token])
+        finally:
+            self.model.train(was_training)
+        return scores
 
     def encode(self, question: str, reasoning_part: str) -> list[int]:
         user = self.prompt.render(question, reasoning_part)

@@ -24,7 +24,7 @@ from typing import Any
 
 from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic
 from palign.data.teachers import TeacherRecord
-from palign.truncation.judge import JudgePrompt, SufficiencyJudge, ThresholdRule
+from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, ThresholdRule
 from palign.truncation.search import Verdict, create_search, fixed_ratio_k, run_searches
 from palign.truncation.units import Segmentation, segment
 
@@ -146,13 +146,13 @@ class PrefixTruncation:
             self._judge = self.judge_factory()
         return self._judge
 
-    def _thresholds(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation]) -> tuple[list[float], list[float | None]]:
+    def _thresholds(self, records, segs, scores) -> tuple[list[float], list[float | None]]:
         """Per-example score thresholds for logits mode, and the full-trace scores when used."""
         rule = ThresholdRule.from_config(self.settings.threshold)
         if rule.kind == "absolute":
             return [rule.value] * len(records), [None] * len(records)
         if rule.kind == "relative_to_full":
-            full = self.judge.score([(r.question, s.prefix(s.m)) for r, s in zip(records, segs)])
+            full = [scores(i, [s.m])[s.m] for i, s in enumerate(segs)]
             return [score - rule.value for score in full], full
         return [self._calibrated_quantile(rule, records, segs)] * len(records), [None] * len(records)
 
@@ -162,8 +162,8 @@ class PrefixTruncation:
         if path.exists():
             return float(read_json(path)["threshold"])
         n = min(rule.calibration_examples, len(records))
-        pairs = [(r.question, s.prefix(k)) for r, s in zip(records[:n], segs[:n]) for k in range(1, s.m + 1)]
-        scores = sorted(self.judge.score(pairs))
+        items = [(r.question, s, range(1, s.m + 1)) for r, s in zip(records[:n], segs[:n])]
+        scores = sorted(score for found in self.judge.prefix_scores(items) for score in found.values())
         position = min(len(scores) - 1, max(0, round(rule.value * (len(scores) - 1))))
         threshold = scores[position]
         write_json_atomic(path, {"threshold": threshold, "quantile": rule.value, "examples": n, "scores": scores})
@@ -172,25 +172,49 @@ class PrefixTruncation:
 
     def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation]) -> list[dict[str, Any]]:
         settings = self.settings
+        memo: list[dict[int, float]] = [{} for _ in records]  # logits-mode scores by prefix length
         full_scores: list[float | None] = [None] * len(records)
         thresholds: list[float | None] = [None] * len(records)
         if settings.search == FIXED_RATIO:
             chosen = [(fixed_ratio_k(s.m, settings.ratio), [], False, None) for s in segs]
         else:
+            def scores(index: int, ks: Sequence[int]) -> dict[int, float]:
+                return memoized_scores([(index, k) for k in ks])[index]
+
+            def memoized_scores(requests: Sequence[tuple[int, int]]) -> list[dict[int, float]]:
+                """Scores per example, computing each prefix once; the one-pass engine scores a
+                trace's every prefix on first touch (the cost of its longest one)."""
+                needed: dict[int, set[int]] = {}
+                for i, k in requests:
+                    if k not in memo[i]:
+                        needed.setdefault(i, set()).add(k)
+                if self.judge.engine == "one_pass":
+                    needed = {i: set(range(1, segs[i].m + 1)) - set(memo[i]) for i in needed}
+                order = sorted(needed)
+                found = self.judge.prefix_scores([(records[i].question, segs[i], sorted(needed[i])) for i in order])
+                for i, values in zip(order, found):
+                    memo[i].update(values)
+                return memo
+
             if settings.mode == "logits":
-                thresholds, full_scores = self._thresholds(records, segs)
+                thresholds, full_scores = self._thresholds(records, segs, scores)
             states = [create_search(settings.search, s.m) for s in segs]
 
             def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
-                pairs = [(records[i].question, segs[i].prefix(k)) for i, k in requests]
-                limits = [thresholds[i] for i, _ in requests] if settings.mode == "logits" else None
-                return self.judge.judge(pairs, limits)
+                if settings.mode == "generate":
+                    return self.judge.judge([(records[i].question, segs[i].prefix(k)) for i, k in requests])
+                memoized_scores(requests)
+                return [
+                    Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None) for i, k in requests
+                ]
 
             results = run_searches(states, judge_batch, settings.batch_size, progress=self.progress)
             chosen = [(r.chosen_k, r.probes, r.fallback, r.monotone) for r in results]
             self.judge_calls += sum(len(r.probes) for r in results)
         rows = []
-        for record, seg, (k, probes, fallback, monotone), full_score, threshold in zip(records, segs, chosen, full_scores, thresholds):
+        for i, (record, seg, (k, probes, fallback, monotone), full_score, threshold) in enumerate(
+            zip(records, segs, chosen, full_scores, thresholds)
+        ):
             prefix = seg.prefix(k)
             rows.append({
                 "key": record_key(record),
@@ -211,6 +235,7 @@ class PrefixTruncation:
                 "threshold": threshold,
                 "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply} for p in probes],
                 "judge_calls": len(probes) + (1 if full_score is not None else 0),
+                "prefixes_scored": len(memo[i]) if memo[i] else len(probes),
             })
         return rows
 
@@ -233,6 +258,7 @@ def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0) -> dic
         "prefix_ratio_median": statistics.median(ratios),
         "fallback_rate": sum(bool(row["fallback"]) for row in rows) / len(rows),
         "judge_calls_per_example": statistics.fmean(row["judge_calls"] for row in rows),
+        "prefixes_scored_per_example": statistics.fmean(row.get("prefixes_scored", row["judge_calls"]) for row in rows),
         "units_per_example": statistics.fmean(row["m"] for row in rows),
         "prefix_tokens_mean": prefix_tokens / len(rows),
         "tokens_saved_fraction": 1 - prefix_tokens / full_tokens if full_tokens else 0.0,
