@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--wandb-project", help="collect from this W&B project instead (online)")
     parser.add_argument("--wandb-group", help="the W&B group (the sweep's `group=`) to collect")
     parser.add_argument("--wandb-entity", help="W&B entity (user or team); default: yours")
-    parser.add_argument("--pass-k", type=int, default=3, help="the Pass@k column beside Pass@1 (3 in the paper)")
+    parser.add_argument("--pass-k", type=int, default=None,
+                        help="the Pass@k column beside Pass@1 (default: the runs' number of samples, 3 in the paper)")
     parser.add_argument("--pass1-key", default="pass@1", choices=("pass@1", "pass@1_first"),
                         help="Pass@1 as the mean over samples or the first sample (the paper does not say)")
     parser.add_argument("--log-wandb", action="store_true", help="also log the tables and figures to a W&B run")

@@ -64,9 +64,18 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
             for key in cfg.run_identity if key in cfg and key not in skip}
 
 
+# stages that read other runs' results rather than producing a run of their own
+READ_ONLY_STAGES = ("report", "grade")
+
+
 def make_context(cfg: DictConfig) -> RunContext:
-    run_id = f"{cfg.run_name}-{fingerprint(run_identity(cfg), length=8)}"
-    run_dir = Path(cfg.paths.runs) / run_id
+    if cfg.stage in READ_ONLY_STAGES:
+        source = cfg.predictions if cfg.stage == "grade" else cfg.paths.runs
+        run_id = f"{cfg.stage}-{fingerprint(str(source), length=8)}"
+        run_dir = Path(cfg.paths.root) / cfg.stage / run_id
+    else:
+        run_id = f"{cfg.run_name}-{fingerprint(run_identity(cfg), length=8)}"
+        run_dir = Path(cfg.paths.runs) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     summary_path = run_dir / "summary.json"
@@ -395,7 +404,7 @@ def report_stage(ctx: RunContext, tracker: Tracker) -> None:
 
     cfg = ctx.cfg
     out = Path(cfg.paths.root) / "report"
-    result = make_report(cfg.paths.runs, out, pass_k=cfg.evaluation.pass_k, tracker=tracker)
+    result = make_report(cfg.paths.runs, out, tracker=tracker)
     print(result["table1"])
     print(f"tables, figures and report.md written to {out}")
 

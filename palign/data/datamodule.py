@@ -110,6 +110,11 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
             tokenized = build_tokenized_split(
                 examples, self.tokenizer, self.prompts, self.max_length, self.cache_dir, split, self.chat_template_kwargs
             )
+            if split == "train" and tokenized.kept == 0:
+                raise RuntimeError(
+                    f"all {tokenized.dropped_too_long} training examples are longer than data.max_length="
+                    f"{self.max_length} tokens; raise data.max_length"
+                )
             self.splits[split] = tokenized
             self.stats[f"{split}/examples"] = tokenized.kept
             self.stats[f"{split}/dropped_too_long"] = tokenized.dropped_too_long

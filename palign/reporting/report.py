@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def make_report(
     runs_dir: str | os.PathLike | None,
     out_dir: str | os.PathLike,
-    pass_k: int = 3,
+    pass_k: int | None = None,
     tracker=None,
     wandb_project: str | None = None,
     wandb_group: str | None = None,
@@ -40,6 +40,7 @@ def make_report(
     """Write the tables and figures of every finished run under `runs_dir` (or of the W&B group
     `wandb_group` when `wandb_project` is given) to `out_dir`; log them to `tracker` if given.
 
+    `pass_k` None takes the runs' common number of samples (3 when they differ).
     Returns `{"runs", "unfinished", "tables": {name: {"markdown", "csv"}}, "plots": {name: path or
     None}, "table1": Table 1 in Markdown, "report": path of report.md}`.
     """
@@ -55,6 +56,9 @@ def make_report(
         raise ValueError(f"no evaluated run in {where}" + (f" (not evaluated yet: {', '.join(unfinished)})" if unfinished else "")
                          + "; finish one with `python run.py` (or `stage=eval`) first")
     out_dir = Path(out_dir)
+    if pass_k is None:  # the runs' own sample count when they agree, else the paper's 3
+        counts = {int(s["num_samples"]) for run in runs for s in run.benchmarks.values() if "num_samples" in s}
+        pass_k = counts.pop() if len(counts) == 1 else 3
     tables = build_tables(runs, pass_k, pass1_key)
     written = write_tables(tables, out_dir)
 

@@ -1,0 +1,335 @@
+"""The vLLM back end (GPU only, `pip install 'palign[vllm]'`): the same prompts and scores as the
+Hugging Face path, served by vLLM's continuous batching and prefix cache.
+
+It runs the three inference-heavy steps, each chosen by `backend: hf | vllm` in its config:
+- prefix continuation (PAPER.md §2.2) and evaluation (§3): `VLLMChatBackend.complete`, which keeps
+  the `ChatBackend` contract of `palign.llm.openai_backend`, so `complete_missing` drives it;
+- the sufficiency judge's logits mode (§2.1): `VLLMSufficiencyJudge`, whose scores come from
+  `VLLMChatBackend.verdict_scores`.
+
+Prompts are rendered by `palign.llm.chat` into token ids and passed as `TokensPrompt`s, so vLLM sees
+exactly the tokens the Hugging Face path sees; vLLM never applies a chat template of its own. Replies
+are decoded with the same tokenizer call as `generate`, and `num_tokens` counts the reply without
+the end-of-turn token that stopped it, as `generate` does.
+
+How the verdict score stays exact. The logits-mode score is log P(enough) - log P(not enough) for
+the next token under the full softmax. Asking for the top-K logprobs is not enough: the verdict
+tokens need not be among the top K. vLLM's V1 sampler, however, computes the returned logprobs from
+the raw logits (`logprobs_mode="raw_logprobs"`, the default) before it applies `allowed_token_ids`,
+and always returns the logprob of the token it sampled. So each prompt is sent twice, once with
+`allowed_token_ids=[enough]` and once with `[not_enough]`, greedy, `max_tokens=1`, `logprobs=0`:
+each request is forced to sample its verdict token and reports that token's full-softmax logprob.
+The second request of a pair shares the whole prompt with the first, so the prefix cache makes it
+cost little more than a decode step. Rejected: `prompt_logprobs` on "prompt + verdict" is exact too,
+but vLLM skips the prefix cache for requests that ask for prompt logprobs; `logprobs=-1` (the whole
+vocabulary) moves ~150k numbers per prompt. A processed logprobs mode (V0 engine, or
+`logprobs_mode="processed_*"`) would report log 1 = 0 for a forced token; `verdict_score` detects
+this (two probabilities summing to more than 1) and fails instead of returning wrong scores.
+
+Engines are shared: back ends with the same model and engine settings (the self-judge and the
+student's continuation, by default) use one `vllm.LLM`, since each engine reserves
+`gpu_memory_utilization` of the GPU. `release_vllm_engines()` frees them, e.g. before training.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import inspect
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from palign.llm.chat import encode_user_turn
+from palign.llm.generation import Generation, SamplingConfig
+from palign.truncation.judge import JudgePrompt, SufficiencyJudge
+from palign.truncation.units import Segmentation
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'palign[vllm]' on a CUDA machine (vLLM is GPU only; use backend=hf on CPU)"
+# In raw mode the two verdict probabilities sum to at most 1; a processed mode reports 1 for each.
+_RAW_LOGPROBS_SLACK = 1e-3
+
+# vllm.LLM instances by their engine arguments (see the module docstring).
+_ENGINES: dict[str, Any] = {}
+
+
+def vllm_available() -> tuple[bool, str]:
+    """(usable, why): vLLM is installed and a CUDA device is visible. Does not import vLLM."""
+    try:
+        installed = importlib.util.find_spec("vllm") is not None
+    except ValueError:  # a module in sys.modules without a spec: present
+        installed = True
+    if not installed:
+        return False, f"vLLM is not installed: {INSTALL_HINT}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "vLLM is installed but no CUDA device is visible: the vLLM back end is GPU only (use backend=hf)"
+    return True, f"vLLM on {torch.cuda.get_device_name(0)}"
+
+
+def require_vllm():
+    """The `vllm` module, or an ImportError that says how to install it."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"the vLLM back end could not import vllm ({err}); {INSTALL_HINT}") from err
+    return vllm
+
+
+def release_vllm_engines() -> int:
+    """Shut down every shared vLLM engine and free its GPU memory; returns how many there were.
+
+    Best effort: the V1 engine core runs in its own process, which its shutdown ends; an in-process
+    engine frees its memory when the last reference goes. Separate processes per stage
+    (`stage=align`, then `stage=train`, then `stage=eval`) are the sure way.
+    """
+    count = len(_ENGINES)
+    while _ENGINES:
+        _, llm = _ENGINES.popitem()
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(engine_core, "shutdown", None)):
+            engine_core.shutdown()
+        del llm
+    if count:
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return count
+
+
+def forced_token_request(token: int) -> dict[str, Any]:
+    """SamplingParams arguments that make vLLM emit `token` and report its raw logprob."""
+    return {"max_tokens": 1, "temperature": 0.0, "logprobs": 0, "allowed_token_ids": [token], "detokenize": False}
+
+
+def _step_logprob(step: Mapping[int, Any], token: int, name: str) -> float:
+    entry = step.get(token) if step is not None else None
+    if entry is None:
+        raise RuntimeError(
+            f"vLLM returned no logprob for the {name} token {token} (got tokens {sorted(step or {})}); the request "
+            "must force that token with allowed_token_ids and ask for logprobs"
+        )
+    return float(getattr(entry, "logprob", entry))
+
+
+def verdict_score(enough_step: Mapping[int, Any], not_enough_step: Mapping[int, Any], enough_token: int,
+                  not_enough_token: int) -> float:
+    """log P(enough) - log P(not enough) from the first-step logprobs of the two forced requests.
+
+    Each step maps token id -> logprob (a float, or vLLM's `Logprob` with a `.logprob`).
+    """
+    enough = _step_logprob(enough_step, enough_token, "enough")
+    not_enough = _step_logprob(not_enough_step, not_enough_token, "not-enough")
+    top = max(enough, not_enough)
+    if top + math.log(math.exp(enough - top) + math.exp(not_enough - top)) > _RAW_LOGPROBS_SLACK:
+        raise RuntimeError(
+            f"vLLM reported logprobs {enough:.4g} and {not_enough:.4g} for the two verdict tokens, whose "
+            "probabilities cannot sum to more than 1: the engine returns processed logprobs (after "
+            "allowed_token_ids), not the raw ones the judge needs; use the V1 engine with logprobs_mode=raw_logprobs"
+        )
+    return enough - not_enough
+
+
+def _engine_key(args: Mapping[str, Any]) -> str:
+    return json.dumps(args, sort_keys=True, default=str)
+
+
+class VLLMChatBackend:
+    """A local model served by vLLM; the engine starts on first use and is shared (see module docstring).
+
+    model_path: a folder or hub id vLLM loads (`resolve_model_path`, or a trained student folder).
+    tokenizer: the Hugging Face tokenizer whose chat template renders the prompts.
+    chat_template_kwargs: template switches, e.g. {enable_thinking: false} for Qwen3.
+    tensor_parallel_size, gpu_memory_utilization, max_model_len, enable_prefix_caching, dtype, seed:
+        `vllm.LLM` arguments; `gpu_memory_utilization` is what each distinct engine reserves.
+    engine_kwargs: any further `vllm.LLM` arguments (e.g. {enforce_eager: true}).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        dtype: str = "auto",
+        seed: int = 0,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ):
+        engine_kwargs = dict(engine_kwargs or {})
+        if str(engine_kwargs.get("logprobs_mode", "raw_logprobs")) != "raw_logprobs":
+            raise ValueError(
+                f"vllm.engine_kwargs.logprobs_mode={engine_kwargs['logprobs_mode']!r}: the judge's scores need the "
+                "raw logprobs (the default); remove the key"
+            )
+        self.model_path = str(model_path)
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.engine_args: dict[str, Any] = {
+            "model": self.model_path,
+            "tokenizer": tokenizer.name_or_path,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
+            "enable_prefix_caching": enable_prefix_caching,
+            "dtype": dtype,
+            "seed": seed,
+            **engine_kwargs,
+        }
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "vllm", "model": self.model_path, "tokenizer": self.tokenizer.name_or_path,
+                "dtype": self.engine_args["dtype"], "chat_template_kwargs": self.chat_template_kwargs}
+
+    def __repr__(self) -> str:
+        return f"VLLMChatBackend({self.model_path!r})"
+
+    def _engine(self):
+        vllm = require_vllm()
+        key = _engine_key(self.engine_args)
+        if key not in _ENGINES:
+            usable, reason = vllm_available()
+            if not usable:
+                raise RuntimeError(f"cannot start vLLM for {self.model_path}: {reason}")
+            log.info("starting vLLM for %s (%s)", self.model_path, reason)
+            _ENGINES[key] = vllm.LLM(**self.engine_args)
+        return _ENGINES[key]
+
+    # -- generation (continuation, evaluation, the judge's generate mode) --------------------------
+    def prompt_token_ids(self, user_texts: Sequence[str]) -> list[list[int]]:
+        """The tokens of each user turn, exactly as `generate` feeds them to a Hugging Face model."""
+        return [encode_user_turn(self.tokenizer, text, self.chat_template_kwargs) for text in user_texts]
+
+    @staticmethod
+    def sampling_kwargs(sampling: SamplingConfig | Mapping[str, Any]) -> dict[str, Any]:
+        """SamplingParams arguments for a `SamplingConfig` (`batch_size` has no meaning for vLLM)."""
+        sampling = SamplingConfig.from_config(sampling)
+        kwargs: dict[str, Any] = {
+            "n": sampling.num_samples,
+            "max_tokens": sampling.max_new_tokens,
+            "repetition_penalty": sampling.repetition_penalty,
+            # a per-request seed: a prompt's samples do not depend on which chunk or batch it ran in
+            "seed": sampling.seed,
+            "detokenize": False,  # decoded below with the same call as the Hugging Face path
+        }
+        if sampling.do_sample:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs["temperature"] = 0.0
+        return kwargs
+
+    def _generation(self, completion) -> Generation:
+        tokens = list(completion.token_ids)
+        finished = completion.finish_reason == "stop"
+        if finished and tokens and not isinstance(getattr(completion, "stop_reason", None), str):
+            tokens.pop()  # the end-of-turn (or stop) token vLLM keeps; `generate` does not count it
+        return Generation(text=self.tokenizer.decode(tokens, skip_special_tokens=True), num_tokens=len(tokens),
+                          finished=finished)
+
+    def complete(
+        self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any], progress: str | None = None
+    ) -> list[list[Generation]]:
+        """`sampling.num_samples` generations for each user turn, in input order."""
+        if not user_texts:
+            return []
+        vllm = require_vllm()
+        prompts = [vllm.TokensPrompt(prompt_token_ids=ids) for ids in self.prompt_token_ids(user_texts)]
+        params = vllm.SamplingParams(**self.sampling_kwargs(sampling))
+        outputs = self._engine().generate(prompts, params, use_tqdm=progress is not None)
+        return [[self._generation(completion) for completion in output.outputs] for output in outputs]
+
+    # -- the judge's logits mode ---------------------------------------------------------------------
+    def verdict_scores(self, prompts_token_ids: Sequence[Sequence[int]], enough_token: int, not_enough_token: int) -> list[float]:
+        """log P(enough_token) - log P(not_enough_token) as the next token after each prompt.
+
+        Two forced one-token requests per prompt (see the module docstring), sent side by side so
+        the second can take the prompt from the prefix cache.
+        """
+        if not prompts_token_ids:
+            return []
+        vllm = require_vllm()
+        prompts, params = [], []
+        for ids in prompts_token_ids:
+            for token in (enough_token, not_enough_token):
+                prompts.append(vllm.TokensPrompt(prompt_token_ids=list(ids)))
+                params.append(vllm.SamplingParams(**forced_token_request(token)))
+        outputs = self._engine().generate(prompts, params, use_tqdm=False)
+        return [
+            verdict_score(outputs[i].outputs[0].logprobs[0], outputs[i + 1].outputs[0].logprobs[0], enough_token, not_enough_token)
+            for i in range(0, len(outputs), 2)
+        ]
+
+
+class VLLMSufficiencyJudge(SufficiencyJudge):
+    """`SufficiencyJudge` with its model on vLLM: the same prompts and tokens, the same verdicts.
+
+    Every prefix is scored as its own sequence (what the `batched` engine does); vLLM's prefix cache
+    shares the question and the earlier units among them, which is what the `one_pass` engine does
+    by hand. `engine` still decides which prefixes the truncation stage asks for (`one_pass`: all of
+    a trace's at first touch; `batched`: only those the search probes, usually fewer).
+    """
+
+    def __init__(
+        self,
+        backend: VLLMChatBackend,
+        prompt: JudgePrompt,
+        mode: str = "logits",
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+        engine: str = "batched",
+    ):
+        super().__init__(None, backend.tokenizer, prompt, mode=mode, chat_template_kwargs=backend.chat_template_kwargs,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine)
+        self.backend = backend
+
+    def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
+        sequences, where = [], []
+        for index, (question, seg, ks) in enumerate(items):
+            head, pieces, tail = self.prefix_tokens(question, seg)
+            for k in ks:
+                sequences.append(head + [t for piece in pieces[:k] for t in piece] + tail)
+                where.append((index, k))
+        out: list[dict[int, float]] = [{} for _ in items]
+        for (index, k), score in zip(where, self.score_encoded(sequences)):
+            out[index][k] = score
+        return out
+
+    def score_encoded(self, encoded: Sequence[Sequence[int]]) -> list[float]:
+        self.calls += len(encoded)
+        return self.backend.verdict_scores(encoded, self.enough_token, self.not_enough_token)
+
+    def generate_replies(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        self.calls += len(pairs)
+        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0)
+        outputs = self.backend.complete([self.prompt.render(q, r) for q, r in pairs], sampling)
+        return [samples[0].text for samples in outputs]
+
+
+def vllm_backend(spec_cfg: Any, cache_dir: Any, engine_cfg: Any, weights: str | None = None) -> VLLMChatBackend:
+    """The back end for a `conf/student/*.yaml` model and the `vllm:` engine settings of conf/config.yaml.
+
+    weights: a folder that replaces the model's weights (a trained student); its tokenizer and
+    chat template stay the model's own. Nothing starts until the back end is first used.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    from palign.llm.models import ModelSpec, load_tokenizer, resolve_model_path
+
+    settings = OmegaConf.to_container(engine_cfg, resolve=True) if isinstance(engine_cfg, DictConfig) else dict(engine_cfg or {})
+    known = set(inspect.signature(VLLMChatBackend).parameters) - {"model_path", "tokenizer", "chat_template_kwargs"}
+    unknown = set(settings) - known
+    if unknown:
+        raise ValueError(f"vllm config: unknown keys {sorted(unknown)}; known: {sorted(known)} (other vllm.LLM "
+                         "arguments go under vllm.engine_kwargs)")
+    spec = ModelSpec.from_config(spec_cfg)
+    return VLLMChatBackend(weights or resolve_model_path(spec, cache_dir), load_tokenizer(spec, cache_dir),
+                           spec.chat_template_kwargs, **settings)

@@ -1,0 +1,69 @@
+"""Experiments: every recipe runs in fast-dev form, and a sweep over all baselines builds Table 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT, compose_config, run_cli
+from palign.pipeline import run
+
+EXPERIMENTS = sorted(str(p.relative_to(PROJECT_ROOT / "conf" / "experiment").with_suffix(""))
+                     for p in (PROJECT_ROOT / "conf" / "experiment").rglob("*.yaml"))
+# fast-dev: the tiny model on CHAMP and the CPU, whatever the recipe asks for (hub models, s1K, GPUs)
+FAST_DEV = ["debug=fast", "teacher=champ", "teacher.source.limit=6", "trainer=cpu", "logger=none", "data.val_size=0"]
+
+
+def test_recipes_exist():
+    assert {"demo", "paper/table1_qwen2_5_7b", "paper/table1_qwen3_8b"} <= set(EXPERIMENTS)
+    assert {f"ablation/{k}" for k in ("granularity", "judge_prompt", "judge_model", "search", "decision_mode",
+                                      "fixed_ratio", "supervision")} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_in_fast_dev_form(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", *FAST_DEV], tmp_path)
+    assert cfg.student.name == "tiny_random"
+    summary = run(cfg)
+    assert summary["train"]["complete"] and summary["eval"]["benchmarks"]["math500"]["num_problems"] == 2
+
+
+def test_sweep_over_all_baselines_builds_a_complete_table_and_reruns_do_no_new_work(tmp_path):
+    baselines = "palign,fixed_ratio,sft_long_cot,sft_short_cot,prefix_only,student_only"
+    args = ["-m", *FAST_DEV, f"baseline={baselines}", "group=pytest-table"]
+    first = run_cli(args, tmp_path)
+    assert "sweep finished: 6 of 6 jobs succeeded" in first.stdout
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 6
+    stamps = {p: p.stat().st_mtime_ns for run_dir in runs for p in run_dir.rglob("*")
+              if p.is_file() and (p.suffix in (".ckpt", ".safetensors") or p.name == "records.jsonl" or p.parent.name == "eval")}
+    report = run_cli(["stage=report", "logger=none"], tmp_path)
+    table = (tmp_path / "report" / "table1.md").read_text()
+    main_table = table.split("\n\n")[0]  # Table 1 itself; the samples-per-cell table follows
+    rows = [line for line in main_table.splitlines() if line.startswith("| tiny_random |")]
+    assert sorted(line.split("|")[2].strip() for line in rows) == sorted(baselines.split(","))
+    assert all("–" not in line for line in rows), table  # no empty cell
+    assert "Pass@2" in table and "| tiny_random | palign |" in report.stdout
+    # the same sweep again: every job finds its finished run and its cached stages
+    second = run_cli(args, tmp_path)
+    assert "sweep finished: 6 of 6 jobs succeeded" in second.stdout
+    assert sorted((tmp_path / "runs").iterdir()) == runs
+    for path, stamp in stamps.items():
+        assert path.stat().st_mtime_ns == stamp, f"{path} was rewritten"
+    for run_dir in runs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if "truncation" in summary:
+            assert summary["truncation"]["judge_calls_this_run"] == 0
+        if "alignment" in summary:
+            assert summary["alignment"]["generated_this_run"] == 0
+
+
+def test_a_failing_job_does_not_stop_the_sweep_and_is_reported(tmp_path):
+    proc = run_cli(["-m", *FAST_DEV, "baseline=sft_long_cot,sft_short_cot", "data.max_length=16,768"], tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "sweep finished: 2 of 4 jobs succeeded" in proc.stdout
+    assert proc.stdout.count("[failed]") == 2 and "longer than data.max_length=16 tokens" in proc.stdout
+    finished = [d for d in (tmp_path / "runs").iterdir() if (d / "student" / "config.json").exists()]
+    assert len(finished) == 2
