@@ -177,6 +177,9 @@ def make_datamodule(ctx: RunContext, tokenizer):
         markers=OmegaConf.to_container(cfg.prompts.prefix_markers, resolve=True),
         chat_template_kwargs=dict(cfg.student.chat_template_kwargs),
         num_workers=cfg.data.num_workers,
+        packing=cfg.data.packing,
+        pack_length=cfg.data.pack_length,
+        group_by_length=cfg.data.group_by_length,
         prefix_stage=make_truncation(ctx, tokenizer),
         continuation_stage=make_alignment(ctx, tokenizer),
     )

@@ -282,7 +282,7 @@ def test_vllm_judge_scores_equal_the_hf_judge(fake_vllm, smollm2_tokenizer, tiny
 def test_processed_logprobs_engine_is_refused(fake_vllm, smollm2_tokenizer, tiny_path):
     fake_vllm(ProcessedLogprobsEngine)
     judge = vb.VLLMSufficiencyJudge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), paper_prompt())
-    with pytest.raises(RuntimeError, match="raw logprobs"):
+    with pytest.raises(RuntimeError, match="processed logprobs"):
         judge.score([(QUESTION, "We have x = 3.")])
 
 

@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+import torch.utils.data
 from torch.utils.data import DataLoader
 
-from palign.data.sampling import ResumableDataLoader, ResumableShuffleSampler
-from palign.data.sft import SFTCollator, SupervisedExample, TokenizedSplit, build_tokenized_split
+from palign.data.sampling import ResumableDataLoader, ResumableShuffleSampler, pack_examples
+from palign.data.sft import PackedSFTCollator, SFTCollator, SupervisedExample, TokenizedSplit, build_tokenized_split
 from palign.data.supervision import build_targets
 from palign.data.teachers import Teacher, TeacherRecord
 
@@ -57,6 +58,9 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         markers: Mapping[str, str] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         num_workers: int = 0,
+        packing: bool = False,
+        pack_length: int | None = None,
+        group_by_length: bool = True,
         prefix_stage: PrefixStage | None = None,
         continuation_stage: ContinuationStage | None = None,
     ):
@@ -74,6 +78,9 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         self.markers = dict(markers or {})
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.num_workers = num_workers
+        self.packing = packing
+        self.pack_length = pack_length or max_length
+        self.group_by_length = group_by_length
         self.prefix_stage = prefix_stage
         self.continuation_stage = continuation_stage
         self.splits: dict[str, TokenizedSplit] = {}
@@ -142,11 +149,23 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled micro-batches: length-grouped rows of examples, or packed rows (`packing`)."""
         dataset = self._datasets["train"]
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        if self.packing:
+            rows = PackedRows(dataset, pack_examples(lengths, self.pack_length, seed=self.seed))
+            self.stats["train/packed_rows"] = len(rows)
+            sampler = ResumableShuffleSampler(len(rows), seed=self.seed)
+            return ResumableDataLoader(rows, batch_size=self.micro_batch_size, sampler=sampler,
+                                       collate_fn=PackedSFTCollator(self.tokenizer.pad_token_id),
+                                       num_workers=self.num_workers, batches_done=self._train_batches_done)
+        group = self.micro_batch_size * 16 if self.group_by_length else 0
+        sampler = ResumableShuffleSampler(len(dataset), seed=self.seed, lengths=lengths,
+                                          batch_size=self.micro_batch_size, group_size=group)
         return ResumableDataLoader(
             dataset,
             batch_size=self.micro_batch_size,
-            sampler=ResumableShuffleSampler(len(dataset), seed=self.seed),
+            sampler=sampler,
             collate_fn=SFTCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
             batches_done=self._train_batches_done,
@@ -161,3 +180,17 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False) if "val" in self._datasets else []
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """Rows of packed examples: item i is the list of examples in bin i."""
+
+    def __init__(self, dataset, bins: list[list[int]]):
+        self.dataset = dataset
+        self.bins = bins
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, index: int):
+        return [self.dataset[i] for i in self.bins[index]]

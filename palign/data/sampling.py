@@ -19,10 +19,29 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class ResumableShuffleSampler(Sampler[int]):
-    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True):
+    """One seeded permutation per epoch; with `lengths` and `group_size`, length-grouped.
+
+    Length grouping (as in Hugging Face's LengthGroupedSampler): shuffle, cut into mega-batches of
+    `group_size` examples, sort each by length, and shuffle the order of the micro-batches, so a
+    micro-batch holds examples of similar length and wastes little padding, while epochs still
+    visit the data in a random order.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+        group_size: int = 0,
+    ):
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.group_size = group_size
         self.epoch = 0
         self._skip = 0
 
@@ -37,7 +56,15 @@ class ResumableShuffleSampler(Sampler[int]):
         if not self.shuffle:
             return list(range(self.num_items))
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.num_items, generator=generator).tolist()
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        if not self.lengths or self.group_size <= 1:
+            return order
+        batches = []
+        for start in range(0, len(order), self.group_size):
+            group = sorted(order[start : start + self.group_size], key=lambda i: -self.lengths[i])
+            batches.extend(group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size))
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [i for b in shuffled for i in batches[b]]
 
     def __iter__(self) -> Iterator[int]:
         # read the skip lazily: Lightning creates the iterator before it restores loader states
@@ -63,3 +90,28 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.resume(state["epoch"], state["batches_done"] * int(self.batch_size or 1))
+
+
+def pack_examples(lengths: list[int], capacity: int, seed: int = 0) -> list[list[int]]:
+    """Greedy first-fit-decreasing bins of example indices whose lengths sum to <= capacity.
+
+    Deterministic for a given seed (ties broken by a seeded shuffle), so a resumed run packs the
+    same rows. Every example fits (over-length ones were dropped at tokenization).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order.sort(key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        if lengths[index] > capacity:
+            raise ValueError(f"example {index} has {lengths[index]} tokens, more than the packing capacity {capacity}")
+        for b, free in enumerate(room):
+            if lengths[index] <= free:
+                bins[b].append(index)
+                room[b] -= lengths[index]
+                break
+        else:
+            bins.append([index])
+            room.append(capacity - lengths[index])
+    return bins

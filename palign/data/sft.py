@@ -142,3 +142,40 @@ class SFTCollator:
             labels[i, :n] = torch.as_tensor(row["labels"])
             attention[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class PackedSFTCollator:
+    """Padding-free packing: each row concatenates several examples, positions restart per example.
+
+    Rows carry `position_ids` and no attention mask; transformers derives a block-diagonal causal
+    mask from the restarting positions (sdpa, eager and flash attention alike), so no token
+    attends across examples. The first token of every example is a prompt token (label -100), so
+    no loss crosses an example boundary either. Rows of a batch are right-padded with label -100.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
+        rows = []
+        for examples in batch:
+            ids, labels, positions = [], [], []
+            for example in examples:
+                ids.extend(example["input_ids"])
+                labels.extend(example["labels"])
+                positions.extend(range(len(example["input_ids"])))
+            rows.append((ids, labels, positions))
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        real = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, labels, positions) in enumerate(rows):
+            n = len(ids)
+            input_ids[i, :n] = torch.as_tensor(ids)
+            label_t[i, :n] = torch.as_tensor(labels)
+            position_ids[i, :n] = torch.as_tensor(positions)
+            # padding continues as one more "sequence" of its own, after every real token
+            position_ids[i, n:] = torch.arange(width - n)
+            real[i, :n] = 1
+        return {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids, "real_tokens": real}

@@ -130,8 +130,8 @@ def verdict_score(enough_step: Mapping[int, Any], not_enough_step: Mapping[int, 
     top = max(enough, not_enough)
     if top + math.log(math.exp(enough - top) + math.exp(not_enough - top)) > _RAW_LOGPROBS_SLACK:
         raise RuntimeError(
-            f"vLLM reported logprobs {enough:.4g} and {not_enough:.4g} for the two verdict tokens, whose "
-            "probabilities cannot sum to more than 1: the engine returns processed logprobs (after "
+            f"vLLM reported logprobs {enough:.4g} and {not_enough:.4g} for the two verdict tokens, probabilities "
+            "that sum to more than 1: the engine returns processed logprobs (after "
             "allowed_token_ids), not the raw ones the judge needs; use the V1 engine with logprobs_mode=raw_logprobs"
         )
     return enough - not_enough

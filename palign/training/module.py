@@ -70,7 +70,10 @@ class StudentSFTModule(pl.LightningModule):
     # -- the loss -------------------------------------------------------------------------------
     def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
         labels = batch["labels"]
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if "position_ids" in batch:  # packed rows: restarting positions give a block-diagonal mask
+            out = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        else:
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         logits = out.logits[:, :-1, :]
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
@@ -87,7 +90,9 @@ class StudentSFTModule(pl.LightningModule):
         loss, accuracy, n_tokens = self._step(batch)
         self.train_nll.update(loss.detach(), weight=n_tokens)
         self.train_accuracy.update(accuracy, weight=n_tokens)
-        self._tokens_seen += int(batch["attention_mask"].sum())
+        real = int(self._real_tokens(batch).sum())
+        self._tokens_seen += real
+        self.log("train/padding_fraction", 1.0 - real / batch["input_ids"].numel(), on_step=True, on_epoch=False)
         self._pending_losses.append(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/tokens_seen", float(self._tokens_seen), on_step=True, on_epoch=False)
@@ -114,7 +119,11 @@ class StudentSFTModule(pl.LightningModule):
         elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
         self._step_started = None
         if elapsed > 0:
-            self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed, on_step=True, on_epoch=False)
+            self.log("train/tokens_per_s", float(self._real_tokens(batch).sum()) / elapsed, on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _real_tokens(batch) -> torch.Tensor:
+        return batch["real_tokens"] if "real_tokens" in batch else batch["attention_mask"]
 
     def _log_epoch(self, split: str, nll: MeanMetric, accuracy: MeanMetric) -> None:
         if not nll.update_called:
