@@ -60,8 +60,12 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     skip = set(TRUNCATION_KEYS) if mode == "none" else set(ADAPTIVE_ONLY_KEYS) if mode == "fixed_ratio" else set()
     if not cfg.baseline.get("alignment", False):
         skip.add("alignment")
-    return {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
-            for key in cfg.run_identity if key in cfg and key not in skip}
+    identity = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+                for key in cfg.run_identity if key in cfg and key not in skip}
+    for node in ("judge", "alignment"):  # the inference engine does not change what a run means
+        if isinstance(identity.get(node), dict):
+            identity[node].pop("backend", None)
+    return identity
 
 
 # stages that read other runs' results rather than producing a run of their own
@@ -122,6 +126,17 @@ def make_truncation(ctx: RunContext, tokenizer):
     )
 
     def judge_factory() -> SufficiencyJudge:
+        if cfg.judge.get("backend", "hf") == "vllm":
+            from palign.llm.vllm_backend import VLLMSufficiencyJudge, vllm_backend
+
+            return VLLMSufficiencyJudge(
+                vllm_backend(judge_spec, ctx.cache_dir, cfg.vllm),
+                JudgePrompt.from_config(container(cfg.judge_prompt)),
+                mode=cfg.judge.mode,
+                max_new_tokens=cfg.judge.max_new_tokens,
+                batch_size=cfg.judge.batch_size,
+                engine=cfg.judge.engine,
+            )
         return SufficiencyJudge(
             load_model(judge_spec, ctx.cache_dir),
             load_tokenizer(judge_spec, ctx.cache_dir),
@@ -156,7 +171,12 @@ def make_alignment(ctx: RunContext, tokenizer):
         grading_timeout_s=cfg.alignment.grading.timeout_s,
         chat_template_kwargs=dict(spec.chat_template_kwargs),
     )
-    return PrefixContinuation(settings, ctx.cache_dir, partial(load_model, spec, ctx.cache_dir), tokenizer)
+    backend = None
+    if cfg.alignment.get("backend", "hf") == "vllm":
+        from palign.llm.vllm_backend import vllm_backend
+
+        backend = vllm_backend(spec, ctx.cache_dir, cfg.vllm)
+    return PrefixContinuation(settings, ctx.cache_dir, partial(load_model, spec, ctx.cache_dir), tokenizer, backend=backend)
 
 
 def make_datamodule(ctx: RunContext, tokenizer):
@@ -226,7 +246,11 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         every_n_train_steps=cfg.training.checkpoint_every_n_steps,
         save_on_train_epoch_end=True,
     )
-    callbacks = [checkpoint]
+    from pytorch_lightning.callbacks import LambdaCallback
+
+    from palign.llm.vllm_backend import release_vllm_engines
+
+    callbacks = [checkpoint, LambdaCallback(setup=lambda trainer, module, stage: release_vllm_engines())]
     if tracker.logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer: pl.Trainer = instantiate(
@@ -343,6 +367,11 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
         log.warning("no trained student in %s; evaluating the base model %s", ctx.run_dir, cfg.student.name)
     spec = ModelSpec.from_config(cfg.student)
     identity = {"base": spec.identity(), "weights": model_path and _folder_identity(Path(model_path))}
+    backend = None
+    if cfg.evaluation.get("backend", "hf") == "vllm":
+        from palign.llm.vllm_backend import vllm_backend
+
+        backend = vllm_backend(spec, ctx.cache_dir, cfg.vllm, weights=model_path)
     results = evaluate(
         partial(load_model, spec, ctx.cache_dir, path=model_path),
         identity,
@@ -355,6 +384,7 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
         grading_workers=cfg.evaluation.grading.workers,
         grading_timeout_s=cfg.evaluation.grading.timeout_s,
         chunk_size=cfg.evaluation.chunk_size,
+        backend=backend,
     )
     k = cfg.evaluation.pass_k
     markdown, _ = write_results(results, cfg.student.name, cfg.baseline.name, ctx.run_dir, k)

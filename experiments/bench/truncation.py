@@ -6,17 +6,23 @@ and measures in one process, on the same traces:
 
   (a) the authors' loop: one example and one prefix at a time (batch 1), `generate` mode (greedy,
       up to --max-new-tokens), binary search, without the authors' `time.sleep(0.5)`;
-  (b) batched binary search in `logits` mode: all examples advance together (`run_searches`);
-  (c) exhaustive search in `logits` mode: every prefix judged, batched;
-  (d) the floor: one forward pass per trace over the judge prompt holding the whole trace.
+  (b) `PrefixTruncation`, binary search, `logits` mode, `batched` engine (each probe its own
+      sequence, --batch-size per forward);
+  (c) `PrefixTruncation`, exhaustive search, `one_pass` engine: every prefix judged;
+  (e) `PrefixTruncation`, binary search, `one_pass` engine;
+  (d) the floor: one forward pass (batch 1) per trace over the judge prompt holding the whole trace,
+      tokenized unit by unit as the stage does (`prefix_tokens`); no method can judge the longest
+      prefix for less. Only the forward is timed.
 
-It prints wall and CPU seconds, examples/s, judge calls per example, the prompt tokens fed to the
-model (real tokens, padding excluded) and, for (a), the generated tokens, the speed-up against the
-baseline ((a), or (b) with --skip-generate), the load average, and this process's peak RSS (a
-running maximum, so a row shows the peak up to the end of that measurement). Then, per trace, the
-prefix length each search chose, and how often `logits` and `generate` verdicts agree on the same
-(trace, k): on the probes both (a) and (b) judged, and on every probe of (a) against the
-exhaustive scores of (c) under both threshold rules.
+Every `PrefixTruncation` row gets a fresh temporary cache folder, so nothing is a cache hit; its
+time includes everything the stage does (segmenting, tokenizing, the record store).
+
+It prints per row wall and CPU seconds, examples/s, prefixes scored and judge verdicts consulted per
+example, the speed-up against the baseline ((a), or (b) with --skip-generate), the time relative to
+the floor, the load average and this process's peak RSS (a running maximum, so a row shows the peak
+up to the end of that measurement). Then the issue's goals, where (c)'s time goes beyond the floor,
+the largest score difference between the two engines, the prefix length each search chose, and how
+often `logits` and `generate` verdicts agree on the same (trace, k).
 
 Run from the repository root:  python -m experiments.bench.truncation [--traces 2] [--skip-generate]
 """
@@ -27,35 +33,46 @@ import argparse
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from palign.config import CONFIG_DIR, PROJECT_ROOT
+from palign.data.teachers import TeacherRecord
 from palign.llm.models import ModelSpec, load_model, load_tokenizer
 from palign.truncation.judge import JudgePrompt, SufficiencyJudge, ThresholdRule
-from palign.truncation.search import SearchResult, create_search, run_searches
+from palign.truncation.search import SearchResult, create_search
+from palign.truncation.stage import PrefixTruncation, TruncationSettings
 from palign.truncation.units import GRANULARITIES, Segmentation, segment
 
 TEACHER_FILE = PROJECT_ROOT.parent / "shared" / "data" / "teacher" / "skyt1_14b_amc23_longcot.jsonl"
 DEFAULT_CACHE = os.environ.get("PALIGN_CACHE", str(PROJECT_ROOT / "outputs" / "cache"))
-# The judge defaults (batch size, max_new_tokens, threshold rules) live in these configs only.
+# The judge defaults (batch size, max_new_tokens, threshold rules) live in these configs only; the
+# default rule is the calibrated one (relative to the full trace), so binary search is not degenerate.
 JUDGE_DEFAULTS = OmegaConf.load(CONFIG_DIR / "judge" / "self.yaml")
 CALIBRATED_THRESHOLD = OmegaConf.load(CONFIG_DIR / "judge" / "self_calibrated.yaml").threshold
+# The issue's goals.
+GOAL_SPEEDUP = 12.0  # (c) examples/s over (a)
+GOAL_FLOOR = 1.3  # (c) time over (d)
 
 
 @dataclass
 class Example:
-    id: str
-    question: str
+    record: TeacherRecord
     units: Segmentation
 
+    @property
+    def id(self) -> str:
+        return self.record.id
+
     def pair(self, k: int) -> tuple[str, str]:
-        return self.question, self.units.prefix(k)
+        return self.record.question, self.units.prefix(k)
 
 
 @dataclass
@@ -64,11 +81,10 @@ class Measurement:
     wall_s: float
     cpu_s: float
     examples: int
-    judge_calls: int
-    prompt_tokens: int
-    new_tokens: int | None
-    load_1m: float
-    peak_rss_mib: float
+    prefixes_scored: int | None = None
+    verdicts: int | None = None
+    load_1m: float = 0.0
+    peak_rss_mib: float = 0.0
 
 
 def peak_rss_mib() -> float:
@@ -76,41 +92,36 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def granularity_options(granularity: str) -> dict[str, Any]:
+    """The options of `conf/granularity/<name>.yaml` (the stage adds the tokenizer `token_chunk` needs)."""
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "granularity" / f"{granularity}.yaml").options)
+
+
 def load_examples(path: str, count: int, granularity: str, tokenizer) -> list[Example]:
-    """The `count` shortest traces of `path`, read the way the `jsonl` teacher config reads them."""
+    """The `count` shortest traces of `path` that have units, read the way the `jsonl` teacher does."""
     source = OmegaConf.load(CONFIG_DIR / "teacher" / "jsonl.yaml").source
     source.path = path
     records = sorted(instantiate(source).load().records, key=lambda r: len(r.long_cot))
-    options = {"tokenizer": tokenizer} if granularity == "token_chunk" else {}
+    options = granularity_options(granularity)
+    if granularity == "token_chunk":
+        options["tokenizer"] = tokenizer
     examples = []
     for record in records:
         units = segment(record.long_cot, granularity, **options)
         if units.m:
-            examples.append(Example(record.id, record.question, units))
+            examples.append(Example(record, units))
         if len(examples) == count:
             break
     return examples
 
 
-def measure(label: str, judge: SufficiencyJudge, examples: Sequence[Example], work: Callable[[], object]):
-    """Run `work` once, timing it; returns (measurement without token counts, what `work` returned)."""
-    calls_before = judge.calls
+def timed(label: str, work: Callable[[], Any], examples: int) -> tuple[Measurement, Any]:
+    """Run `work` once, timing it; returns (measurement without per-example counts, its output)."""
     wall, cpu = time.perf_counter(), time.process_time()
     output = work()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    measurement = Measurement(
-        label=label,
-        wall_s=wall,
-        cpu_s=cpu,
-        examples=len(examples),
-        judge_calls=judge.calls - calls_before,
-        prompt_tokens=0,
-        new_tokens=None,
-        load_1m=os.getloadavg()[0],
-        peak_rss_mib=peak_rss_mib(),
-    )
     print(f"  {label}: {wall:.1f} s", file=sys.stderr, flush=True)
-    return measurement, output
+    return Measurement(label, wall, cpu, examples, load_1m=os.getloadavg()[0], peak_rss_mib=peak_rss_mib()), output
 
 
 def authors_loop(judge: SufficiencyJudge, examples: Sequence[Example]) -> list[SearchResult]:
@@ -124,38 +135,6 @@ def authors_loop(judge: SufficiencyJudge, examples: Sequence[Example]) -> list[S
             state.observe(k, verdict.sufficient, verdict.score, verdict.reply)
         results.append(state.result())
     return results
-
-
-def thresholds_for(judge: SufficiencyJudge, examples: Sequence[Example], rule: ThresholdRule) -> list[float]:
-    """Per-example score thresholds; `relative_to_full` costs one full-trace forward per example."""
-    if rule.kind == "absolute":
-        return [rule.value] * len(examples)
-    full = judge.score([example.pair(example.units.m) for example in examples])
-    return [score - rule.value for score in full]
-
-
-def batched_search(
-    judge: SufficiencyJudge, examples: Sequence[Example], strategy: str, rule: ThresholdRule
-) -> list[SearchResult]:
-    """Stage 1 as `PrefixTruncation` runs it: every example advances together, `logits` mode."""
-    thresholds = thresholds_for(judge, examples, rule)
-    states = [create_search(strategy, example.units.m) for example in examples]
-
-    def judge_batch(requests):
-        pairs = [examples[index].pair(k) for index, k in requests]
-        return judge.judge(pairs, [thresholds[index] for index, _ in requests])
-
-    return run_searches(states, judge_batch, judge.batch_size)
-
-
-def probe_tokens(judge: SufficiencyJudge, examples: Sequence[Example], results: Sequence[SearchResult]) -> int:
-    """Prompt tokens of every probe (`judge.encode` adds the verdicts' shared prefix, e.g. `[`)."""
-    extra = 0 if judge.mode == "logits" else -len(judge.verdict_prefix)
-    return sum(
-        len(judge.encode(*example.pair(probe.k))) + extra
-        for example, result in zip(examples, results)
-        for probe in result.probes
-    )
 
 
 def agreement(pairs: Sequence[tuple[bool, bool]]) -> str:
@@ -181,108 +160,178 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=JUDGE_DEFAULTS.max_new_tokens,
                         help="generate-mode reply budget for (a)")
     parser.add_argument("--batch-size", type=int, default=JUDGE_DEFAULTS.batch_size,
-                        help="logits-mode judge batch size for (b) and (c)")
-    parser.add_argument("--threshold-kind", default=JUDGE_DEFAULTS.threshold.kind,
-                        choices=("absolute", "relative_to_full"), help="logits-mode verdict rule of (b), (c)")
-    parser.add_argument("--threshold-value", type=float, default=JUDGE_DEFAULTS.threshold.value)
+                        help="sequences per forward of the batched engine, (b)")
+    parser.add_argument("--threshold-kind", default=CALIBRATED_THRESHOLD.kind,
+                        choices=("absolute", "relative_to_full"), help="logits-mode verdict rule of (b), (c), (e)")
+    parser.add_argument("--threshold-value", type=float, default=CALIBRATED_THRESHOLD.value)
     parser.add_argument("--skip-generate", action="store_true", help="skip (a), the slow generate-mode loop")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the converted judge model is cached")
     args = parser.parse_args()
     if not os.path.exists(args.path):
         sys.exit(f"{args.path}: teacher traces not found (needs ../shared/data next to the repo, or --path)")
-    rule = ThresholdRule.from_config({"kind": args.threshold_kind, "value": args.threshold_value})
+    threshold = {"kind": args.threshold_kind, "value": args.threshold_value}
+    ThresholdRule.from_config(threshold)  # fail here, not after loading the model
 
     start = time.perf_counter()
     spec = ModelSpec.from_config(OmegaConf.load(CONFIG_DIR / "student" / "smollm2_135m.yaml"))
     model, tokenizer = load_model(spec, args.cache_dir), load_tokenizer(spec, args.cache_dir)
-    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "judge_prompt" / "paper.yaml")))
+    prompt_config = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "judge_prompt" / "paper.yaml"))
+    prompt = JudgePrompt.from_config(prompt_config)
     load_s = time.perf_counter() - start
     examples = load_examples(args.path, args.traces, args.granularity, tokenizer)
+    records = [example.record for example in examples]
 
-    def make_judge(mode: str, batch_size: int, max_new_tokens: int = args.max_new_tokens) -> SufficiencyJudge:
+    def make_judge(mode: str, engine: str = "one_pass", batch_size: int = args.batch_size,
+                   max_new_tokens: int = args.max_new_tokens) -> SufficiencyJudge:
         return SufficiencyJudge(model, tokenizer, prompt, mode=mode, chat_template_kwargs=spec.chat_template_kwargs,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine)
 
     generate_judge = make_judge("generate", batch_size=1)
-    logits_judge = make_judge("logits", batch_size=args.batch_size)
-    full_tokens = [len(logits_judge.encode(*example.pair(example.units.m))) for example in examples]
+    batched_judge = make_judge("logits", engine="batched")
+    one_pass_judge = make_judge("logits", engine="one_pass")
+    floor_judge = make_judge("logits", engine="batched", batch_size=1)
+
+    # The floor's prompts: head + every unit's piece + tail, the tokens the stage's longest prefix has.
+    tokenize_s = time.perf_counter()
+    full_prompts = []
+    for example in examples:
+        head, pieces, tail = floor_judge.prefix_tokens(example.record.question, example.units)
+        full_prompts.append(head + [t for piece in pieces for t in piece] + tail)
+    tokenize_s = time.perf_counter() - tokenize_s
     print(f"{len(examples)} traces from {args.path}: ids {[e.id for e in examples]}, "
           f"m = {[e.units.m for e in examples]} {args.granularity} units, "
-          f"full-trace judge prompts {full_tokens} tokens")
+          f"full-trace judge prompts {[len(p) for p in full_prompts]} tokens")
     print(f"judge {spec.name} ({spec.dtype}), loaded in {load_s:.1f} s; torch threads {torch.get_num_threads()}; "
-          f"logits rule {rule.kind} {rule.value:g}; load average at start {os.getloadavg()[0]:.2f} "
-          f"on {os.cpu_count()} CPUs")
+          f"logits rule {args.threshold_kind} {args.threshold_value:g}; load average at start "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
-    # Warm up both code paths so no measurement pays for first-call allocation.
-    logits_judge.score([examples[0].pair(1)])
+    # Warm up every code path so no measurement pays for first-call allocation.
+    batched_judge.score([examples[0].pair(1)])
+    one_pass_judge.prefix_scores([(examples[0].record.question, examples[0].units, [1])])
     make_judge("generate", batch_size=1, max_new_tokens=2).generate_replies([examples[0].pair(1)])
 
-    measurements: list[Measurement] = []
+    def stage_row(label: str, search: str, judge: SufficiencyJudge) -> tuple[Measurement, list[dict[str, Any]]]:
+        """`PrefixTruncation` as the pipeline builds it, in a fresh cache folder (no cache hits)."""
+        settings = TruncationSettings(
+            granularity=args.granularity, granularity_options=granularity_options(args.granularity),
+            search=search, judge_identity=spec.identity(), judge_prompt=prompt_config, mode="logits",
+            threshold=threshold, batch_size=args.batch_size,
+        )
+        with tempfile.TemporaryDirectory(prefix="bench-truncation-") as folder:
+            stage = PrefixTruncation(settings, folder, tokenizer, lambda: judge, progress=False)
+            row, rows = timed(label, lambda: stage.run(records), len(records))
+        if [r["id"] for r in rows] != [e.id for e in examples]:
+            raise RuntimeError(f"{label}: the stage returned rows for {[r['id'] for r in rows]}")
+        row.prefixes_scored = sum(r["prefixes_scored"] for r in rows)
+        row.verdicts = sum(len(r["probes"]) for r in rows)
+        return row, rows
+
+    measurements: dict[str, Measurement] = {}
     generated: list[SearchResult] | None = None
     if not args.skip_generate:
-        row, generated = measure("(a) authors: binary, generate, batch 1", generate_judge, examples,
-                                 lambda: authors_loop(generate_judge, examples))
-        row.prompt_tokens = probe_tokens(generate_judge, examples, generated)
-        row.new_tokens = sum(len(tokenizer(p.reply or "", add_special_tokens=False)["input_ids"])
-                             for result in generated for p in result.probes)
-        measurements.append(row)
+        row, generated = timed("(a) authors: binary, generate, batch 1",
+                               lambda: authors_loop(generate_judge, examples), len(examples))
+        row.prefixes_scored = row.verdicts = sum(len(result.probes) for result in generated)
+        measurements["a"] = row
+    measurements["b"], binary = stage_row(f"(b) binary, logits, batched engine, batch {args.batch_size}", "binary",
+                                          batched_judge)
+    measurements["c"], exhaustive = stage_row("(c) exhaustive, logits, one-pass engine", "exhaustive", one_pass_judge)
+    measurements["e"], binary_one_pass = stage_row("(e) binary, logits, one-pass engine", "binary", one_pass_judge)
+    measurements["d"], full_scores = timed("(d) floor: full trace, 1 forward, batch 1",
+                                           lambda: [floor_judge.score_encoded([ids])[0] for ids in full_prompts],
+                                           len(examples))
+    measurements["d"].prefixes_scored = len(examples)
 
-    full_cost = sum(full_tokens) if rule.kind == "relative_to_full" else 0
-    row, binary = measure(f"(b) binary, logits, batch {args.batch_size}", logits_judge, examples,
-                          lambda: batched_search(logits_judge, examples, "binary", rule))
-    row.prompt_tokens = probe_tokens(logits_judge, examples, binary) + full_cost
-    measurements.append(row)
+    # Where (c)'s time goes beyond the floor: the one-pass engine alone (no stage), all prefixes and
+    # the longest only (one prefill + one tail); the difference is the m - 1 further tail passes.
+    items = [(e.record.question, e.units, range(1, e.units.m + 1)) for e in examples]
+    engine_all, _ = timed("one-pass engine, every prefix", lambda: one_pass_judge.prefix_scores(items), len(examples))
+    longest = [(q, units, [units.m]) for q, units, _ in items]
+    engine_longest, _ = timed("one-pass engine, longest prefix", lambda: one_pass_judge.prefix_scores(longest),
+                              len(examples))
 
-    row, exhaustive = measure(f"(c) exhaustive, logits, batch {args.batch_size}", logits_judge, examples,
-                              lambda: batched_search(logits_judge, examples, "exhaustive", rule))
-    row.prompt_tokens = probe_tokens(logits_judge, examples, exhaustive) + full_cost
-    measurements.append(row)
-
-    row, full_scores = measure("(d) floor: full trace, 1 forward", logits_judge, examples,
-                               lambda: [logits_judge.score([example.pair(example.units.m)])[0] for example in examples])
-    row.prompt_tokens = sum(full_tokens)
-    measurements.append(row)
-
-    baseline = measurements[0]
-    print(f"\n| measurement | wall s | CPU s | examples/s | judge calls/example | prompt tokens | new tokens "
-          f"| x {baseline.label[:3]} | load 1m | peak RSS MiB |")
+    baseline = measurements.get("a", measurements["b"])
+    floor = measurements["d"]
+    print(f"\n| measurement | wall s | CPU s | examples/s | prefixes scored/example | verdicts consulted/example "
+          f"| x {baseline.label[:3]} examples/s | x floor time | load 1m | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for m in measurements:
+    def per_example(count: int | None, m: Measurement) -> str:
+        return "-" if not count else f"{count / m.examples:.1f}"
+
+    for m in measurements.values():
         rate = m.examples / m.wall_s
-        print(f"| {m.label} | {m.wall_s:.2f} | {m.cpu_s:.2f} | {rate:.3f} | {m.judge_calls / m.examples:.1f} "
-              f"| {m.prompt_tokens} | {'~' + str(m.new_tokens) if m.new_tokens is not None else '-'} "
-              f"| {rate / (baseline.examples / baseline.wall_s):.1f} | {m.load_1m:.2f} | {m.peak_rss_mib:.0f} |")
+        print(f"| {m.label} | {m.wall_s:.2f} | {m.cpu_s:.2f} | {rate:.3f} | {per_example(m.prefixes_scored, m)} "
+              f"| {per_example(m.verdicts, m)} | {rate / (baseline.examples / baseline.wall_s):.1f} "
+              f"| {m.wall_s / floor.wall_s:.2f} | {m.load_1m:.2f} | {m.peak_rss_mib:.0f} |")
 
-    print("\n| trace | m | full score | k (a) generate | k (b) logits | k (c) exhaustive | monotone (c) "
-          "| probes (a) | probes (b) |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---|")
+    c, e = measurements["c"], measurements["e"]
+    every_prefix = all(len(r["probes"]) == r["m"] and r["prefixes_scored"] >= r["m"] for r in exhaustive)
+    print("\ngoals:")
+    if "a" in measurements:
+        speedup = (c.examples / c.wall_s) / (baseline.examples / baseline.wall_s)
+        print(f"- (c)/(a) examples/s = {speedup:.1f} (goal >= {GOAL_SPEEDUP:g}), every prefix judged: {every_prefix} "
+              f"-> {'met' if speedup >= GOAL_SPEEDUP and every_prefix else 'MISSED'}")
+    else:
+        print(f"- (c)/(a): (a) skipped; every prefix judged by (c): {every_prefix}")
+    print(f"- (c)/(d) time = {c.wall_s / floor.wall_s:.2f} (goal <= {GOAL_FLOOR:g}) "
+          f"-> {'met' if c.wall_s <= GOAL_FLOOR * floor.wall_s else 'MISSED'}")
+    print(f"- (e)/(c) time = {e.wall_s / c.wall_s:.2f} (goal <= 1, binary on one-pass no slower) "
+          f"-> {'met' if e.wall_s <= c.wall_s else 'MISSED'}")
 
-    def probes(result: SearchResult | None) -> str:
-        if result is None:
-            return "-"
-        return " ".join(f"{p.k}{'E' if p.sufficient else 'N'}" for p in result.probes)
+    tails = sum(example.units.m for example in examples)
+    extra_tails_s = engine_all.wall_s - engine_longest.wall_s
+    tail_tokens = len(floor_judge.prefix_tokens(examples[0].record.question, examples[0].units)[2])
+    print(f"\nwhere (c)'s {c.wall_s:.2f} s go (floor (d) {floor.wall_s:.2f} s, "
+          f"{sum(len(p) for p in full_prompts)} prompt tokens in all):")
+    print(f"- one-pass engine alone, longest prefix only (a prefill and 1 tail pass per trace): "
+          f"{engine_longest.wall_s:.2f} s")
+    print(f"- one-pass engine alone, every prefix: {engine_all.wall_s:.2f} s; the {tails - len(examples)} further "
+          f"tail passes ({tail_tokens} tokens each, over the cropped cache) cost {extra_tails_s:.2f} s, "
+          f"~{1000 * extra_tails_s / max(1, tails - len(examples)):.1f} ms each")
+    print(f"- the stage around the engine (segmenting, unit-wise tokenizing, thresholds, search, store): "
+          f"{c.wall_s - engine_all.wall_s:.2f} s; the unit-wise tokenization of the floor's prompts alone took "
+          f"{tokenize_s:.2f} s (not in (d))")
+
+    # Both engines must give the same scores; compare them on every prefix (b) scored (its probes and,
+    # with relative_to_full, the full trace), against (c)'s one-pass scores of every prefix.
+    one_pass_scores = {(r["id"], p["k"]): p["score"] for r in exhaustive for p in r["probes"]}
+    batched_scores = {(r["id"], p["k"]): p["score"] for r in binary for p in r["probes"]}
+    batched_scores.update({(r["id"], r["m"]): r["full_score"] for r in binary if r["full_score"] is not None})
+    differences = [abs(score - one_pass_scores[key]) for key, score in batched_scores.items()]
+    floor_differences = [abs(score - one_pass_scores[e.id, e.units.m]) for e, score in zip(examples, full_scores)]
+    print(f"\nmax |score difference|, one-pass vs batched engine, over the {len(differences)} prefixes both scored: "
+          f"{max(differences):.2e}; floor (d) vs one-pass on the full traces: {max(floor_differences):.2e}")
+
+    print("\n| trace | m | full score | k (a) generate | k (b) binary batched | k (c) exhaustive | monotone (c) "
+          "| k (e) binary one-pass | probes (a) | probes (b) |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---|---|")
+
+    def chosen(k: int, fallback: bool) -> str:
+        return f"{k}{' (fallback)' if fallback else ''}"
 
     for i, example in enumerate(examples):
-        k_a = "-" if generated is None else f"{generated[i].chosen_k}{' (fallback)' if generated[i].fallback else ''}"
-        k_b = f"{binary[i].chosen_k}{' (fallback)' if binary[i].fallback else ''}"
-        print(f"| {example.id} | {example.units.m} | {full_scores[i]:.2f} | {k_a} | {k_b} | {exhaustive[i].chosen_k} "
-              f"| {exhaustive[i].monotone} | {probes(generated[i] if generated else None)} | {probes(binary[i])} |")
+        k_a = "-" if generated is None else chosen(generated[i].chosen_k, generated[i].fallback)
+        probes_a = "-" if generated is None else " ".join(f"{p.k}{'E' if p.sufficient else 'N'}" for p in generated[i].probes)
+        probes_b = " ".join(f"{p['k']}{'E' if p['sufficient'] else 'N'}" for p in binary[i]["probes"])
+        print(f"| {example.id} | {example.units.m} | {full_scores[i]:.2f} | {k_a} "
+              f"| {chosen(binary[i]['chosen_k'], binary[i]['fallback'])} "
+              f"| {chosen(exhaustive[i]['chosen_k'], exhaustive[i]['fallback'])} | {exhaustive[i]['monotone']} "
+              f"| {chosen(binary_one_pass[i]['chosen_k'], binary_one_pass[i]['fallback'])} | {probes_a} | {probes_b} |")
 
     if generated is None:
         return
     generate_verdicts = {(i, p.k): p.sufficient for i, r in enumerate(generated) for p in r.probes}
-    binary_verdicts = {(i, p.k): p.sufficient for i, r in enumerate(binary) for p in r.probes}
-    scores = {(i, p.k): p.score for i, r in enumerate(exhaustive) for p in r.probes}
+    binary_verdicts = {(i, p["k"]): p["sufficient"] for i, r in enumerate(binary) for p in r["probes"]}
+    scores = {(i, p["k"]): p["score"] for i, r in enumerate(exhaustive) for p in r["probes"]}
     shared = sorted(generate_verdicts.keys() & binary_verdicts.keys())
     print("\nverdict agreement, generate (a) vs logits:")
-    print(f"- probes judged by both (a) and (b), rule {rule.kind} {rule.value:g}: "
+    print(f"- probes judged by both (a) and (b), rule {args.threshold_kind} {args.threshold_value:g}: "
           + agreement([(generate_verdicts[key], binary_verdicts[key]) for key in shared]))
-    calibrated = ThresholdRule.from_config(OmegaConf.to_container(CALIBRATED_THRESHOLD))
-    for label, threshold in (
+    for label, value_of in (
         (f"absolute {JUDGE_DEFAULTS.threshold.value:g}", lambda i: JUDGE_DEFAULTS.threshold.value),
-        (f"relative_to_full {calibrated.value:g}", lambda i: full_scores[i] - calibrated.value),
+        (f"relative_to_full {CALIBRATED_THRESHOLD.value:g}", lambda i: full_scores[i] - CALIBRATED_THRESHOLD.value),
     ):
-        pairs = [(verdict, scores[i, k] >= threshold(i)) for (i, k), verdict in sorted(generate_verdicts.items())]
+        pairs = [(verdict, scores[i, k] >= value_of(i)) for (i, k), verdict in sorted(generate_verdicts.items())]
         print(f"- every (a) probe vs the exhaustive scores of (c), rule {label}: {agreement(pairs)}")
     replies = [p.reply or "" for r in generated for p in r.probes]
     distinct = sorted(set(replies), key=replies.index)

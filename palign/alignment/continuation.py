@@ -25,6 +25,7 @@ from palign.data.teachers import TeacherRecord
 from palign.evaluation.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import generate_missing
+from palign.llm.openai_backend import ChatBackend, complete_missing
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class PrefixContinuation:
         model_loader: Callable[[], Any],
         tokenizer,
         progress: bool = True,
+        backend: ChatBackend | None = None,
     ):
         if settings.filter not in FILTERS:
             raise ValueError(f"alignment.filter must be one of {FILTERS}, got '{settings.filter}'")
@@ -68,6 +70,7 @@ class PrefixContinuation:
         self.model_loader = model_loader
         self.tokenizer = tokenizer
         self.progress = progress
+        self.backend = backend  # e.g. VLLMChatBackend; None: the Hugging Face model from model_loader
         self.key = fingerprint(settings.identity())
         self.folder = Path(cache_dir) / "alignment" / self.key
         self.rows_seen: dict[str, dict[str, Any]] = {}
@@ -109,11 +112,17 @@ class PrefixContinuation:
                         "extracted": grade.extracted, "grading_timed_out": grade.timed_out,
                     })
 
-            self.generated += generate_missing(
-                items, store.__contains__, self._model, self.tokenizer, self.settings.sampling, grade_and_store,
-                self.settings.chat_template_kwargs, chunk_size=self.settings.chunk_size,
-                progress="prefix continuation" if self.progress else None,
-            )
+            progress = "prefix continuation" if self.progress else None
+            if self.backend is not None:
+                self.generated += complete_missing(
+                    self.backend, items, store.__contains__, self.settings.sampling, grade_and_store,
+                    chunk_size=self.settings.chunk_size, progress=progress,
+                )
+            else:
+                self.generated += generate_missing(
+                    items, store.__contains__, self._model, self.tokenizer, self.settings.sampling, grade_and_store,
+                    self.settings.chat_template_kwargs, chunk_size=self.settings.chunk_size, progress=progress,
+                )
             rows = [store.get(key) for key in by_key]
         rows = [row for row in rows if row is not None]
         self.rows_seen.update((row["key"], row) for row in rows)

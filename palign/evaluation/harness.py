@@ -24,6 +24,7 @@ from palign.evaluation.grading import GradingPool
 from palign.evaluation.predictions import grade_prediction_file, results_table
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig, generate_missing
+from palign.llm.openai_backend import ChatBackend, complete_missing
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def evaluate(
     grading_workers: int = 2,
     grading_timeout_s: float = 10.0,
     chunk_size: int = 16,
+    backend: ChatBackend | None = None,
 ) -> dict[str, BenchmarkResult]:
     """Generate (or reuse) predictions for every benchmark, grade them, and return the summaries.
 
@@ -86,11 +88,13 @@ def evaluate(
                             "finished": [g.finished for g in generations],
                         })
 
-                generate_missing(
-                    [(p.id, instruction_prompt(prompts, p.problem)) for p in problems],
-                    store.__contains__, model, tokenizer, sampling_cfg, save, chat_template_kwargs,
-                    chunk_size=chunk_size, progress=f"eval {name}",
-                )
+                items = [(p.id, instruction_prompt(prompts, p.problem)) for p in problems]
+                if backend is not None:  # e.g. VLLMChatBackend, which brings its own tokenizer and template
+                    complete_missing(backend, items, store.__contains__, sampling_cfg, save, chunk_size=chunk_size,
+                                     progress=f"eval {name}")
+                else:
+                    generate_missing(items, store.__contains__, model, tokenizer, sampling_cfg, save, chat_template_kwargs,
+                                     chunk_size=chunk_size, progress=f"eval {name}")
                 # the store may hold problems from an earlier, larger limit: grade this run's only
                 ordered = [store.get(p.id) for p in problems]
             current = folder / f"{name}.current.jsonl"

@@ -40,6 +40,18 @@ class SamplingConfig:
         return cls(**data)
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row right-aligned, so all rows end where the next
+    token goes; padded positions have mask 0."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
+    return input_ids, attention
+
+
 @dataclass
 class Generation:
     text: str
@@ -71,13 +83,8 @@ def generate(
     try:
         for start in range(0, len(order), sampling.batch_size):
             batch = order[start : start + sampling.batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention[row, width - len(ids) :] = 1
+            input_ids, attention = left_pad([encoded[i] for i in batch], pad_id)
+            width = input_ids.shape[1]
             kwargs: dict[str, Any] = dict(
                 max_new_tokens=sampling.max_new_tokens,
                 num_return_sequences=sampling.num_samples,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from palign.llm.chat import encode_user_turn
-from palign.llm.generation import SamplingConfig, generate
+from palign.llm.generation import SamplingConfig, generate, left_pad
 from palign.truncation.search import Verdict
 from palign.truncation.units import Segmentation
 
@@ -246,12 +246,7 @@ class SufficiencyJudge:
         try:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, width - len(encoded[i]) :] = torch.as_tensor(encoded[i])
-                    mask[row, width - len(encoded[i]) :] = 1
+                ids, mask = left_pad([encoded[i] for i in batch], pad)
                 # left padding: positions must count real tokens only, or padded rows score differently
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = self.model(
