@@ -362,6 +362,9 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
     if not benchmarks:
         log.info("evaluation: no benchmarks configured; skipping")
         return
+    for bench in benchmarks.values():
+        if bench.pop("exclude_training", False):  # held-out problems of the teacher's own data set
+            bench["exclude_ids"] = sorted(r.id for r in training_records(cfg))
     model_path = cfg.evaluation.model_path or (str(ctx.student_dir) if (ctx.student_dir / "config.json").exists() else None)
     if model_path is None:
         log.warning("no trained student in %s; evaluating the base model %s", ctx.run_dir, cfg.student.name)

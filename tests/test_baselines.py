@@ -24,7 +24,7 @@ def test_baseline_end_to_end(baseline, tmp_path):
     assert summary["train"]["complete"] and data["train/examples"] >= 6
     if baseline in ("sft_long_cot", "sft_short_cot", "prefix_only"):  # no filter: every problem is used or counted
         assert data["train/examples"] + data["train/dropped_too_long"] == 8
-    assert summary["eval"]["benchmarks"]["math500"]["num_problems"] == 2
+    assert summary["eval"]["benchmarks"]["champ_heldout"]["num_problems"] == 2
     truncates = baseline in ("palign", "fixed_ratio", "prefix_only")
     assert ("truncation" in summary) == truncates
     assert ("alignment" in summary) == (baseline in ("palign", "fixed_ratio", "student_only"))

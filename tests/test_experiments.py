@@ -27,7 +27,7 @@ def test_experiment_runs_in_fast_dev_form(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}", *FAST_DEV], tmp_path)
     assert cfg.student.name == "tiny_random"
     summary = run(cfg)
-    assert summary["train"]["complete"] and summary["eval"]["benchmarks"]["math500"]["num_problems"] == 2
+    assert summary["train"]["complete"] and summary["eval"]["benchmarks"]["champ_heldout"]["num_problems"] == 2
 
 
 def test_sweep_over_all_baselines_builds_a_complete_table_and_reruns_do_no_new_work(tmp_path):

@@ -39,13 +39,17 @@ def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
 
     initial = load_model(cfg.student, TEST_CACHE)
     assert not torch.equal(trained.model.embed_tokens.weight, initial.model.embed_tokens.weight)
-    (graded,) = list((run_dir / "eval").glob("*/math500.graded.jsonl"))
+    (graded,) = list((run_dir / "eval").glob("*/champ_heldout.graded.jsonl"))
     rows = [json.loads(line) for line in graded.read_text().splitlines()]
     assert len(rows) == 2 and all(len(r["correct"]) == 2 and len(r["output"]) == 2 for r in rows)
-    math500 = summary["eval"]["benchmarks"]["math500"]
-    assert math500["num_problems"] == 2 and math500["num_samples"] == 2 and math500["max_new_tokens"] == 8
+    # held out: the evaluated CHAMP problems are none of the problems the run trained on
+    from palign.pipeline import training_records
+
+    assert not {r["id"] for r in rows} & {r.id for r in training_records(cfg)}
+    held_out = summary["eval"]["benchmarks"]["champ_heldout"]
+    assert held_out["num_problems"] == 2 and held_out["num_samples"] == 2 and held_out["max_new_tokens"] == 8
     assert "| tiny_random | sft_short_cot |" in (run_dir / "results.md").read_text()
-    assert (run_dir / "results.csv").read_text().startswith("Student,Method,MATH500 Pass@1,MATH500 Pass@2")
+    assert (run_dir / "results.csv").read_text().startswith("Student,Method,CHAMP_HELDOUT Pass@1,CHAMP_HELDOUT Pass@2")
     metrics = (run_dir / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/loss_epoch" in metrics and "train/tokens_per_s" in metrics
     # the same config again is the same run folder, and finished training is not repeated
@@ -95,9 +99,9 @@ def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
         assert list(offline.glob("run-*.wandb"))
         history = _wandb_history_keys(next(offline.glob("run-*.wandb")))
         assert {"train/loss", "train/tokens_per_s", "trainer/global_step", "train/perplexity",
-                "val/loss_epoch", "eval/math500/pass@1", "eval/avg_pass@2", "eval/math500/predictions/nrows"} <= history
+                "val/loss_epoch", "eval/champ_heldout/pass@1", "eval/avg_pass@2", "eval/champ_heldout/predictions/nrows"} <= history
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["train"]["complete"] and "math500" in summary["eval"]["benchmarks"]
+        assert summary["train"]["complete"] and "champ_heldout" in summary["eval"]["benchmarks"]
     assert proc.returncode == 0
 
 

@@ -10,7 +10,8 @@ AMC12's `142.0`), so every answer is normalised to the text math-verify will be 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,12 @@ def load_benchmark(
     answer_field: str = "answer",
     id_field: str | None = None,
     limit: int | None = None,
+    package: str | None = None,
+    exclude_ids: Sequence[str] = (),
+    numeric_answers_only: bool = False,
 ) -> list[BenchmarkProblem]:
-    """Load benchmark `name` from `local_path` if that file exists, else from the Hub.
+    """Load benchmark `name` from `local_path` if that file exists, else from the Hub, or from an
+    installed data package (`package: champ`, the offline default's held-out problems).
 
     Args:
         name: short name used in messages and result tables (e.g. "aime24").
@@ -73,13 +78,22 @@ def load_benchmark(
         problem_field, answer_field: field names of the problem text and the gold answer.
         id_field: field holding a problem id; None numbers problems by row (0, 1, ...).
         limit: keep only the first `limit` problems (for quick runs).
+        package: "champ" reads the problems of the `champ-dataset` package instead of a file.
+        exclude_ids: problem ids to leave out (e.g. the problems a run trained on).
+        numeric_answers_only: keep problems whose gold answer is a number (integer, decimal or
+            fraction), which math-verify grades reliably.
 
     Raises:
         DataFormatError: a malformed line or a missing/empty field, naming file, line and field.
         FileNotFoundError: no local file and no `hub_id`, or the Hub could not be reached.
     """
     rows: Iterator[tuple[str, Mapping[str, Any]]]
-    if local_path is not None and Path(local_path).exists():
+    if package == "champ":
+        rows = _champ_rows()
+        id_field = "id"
+    elif package is not None:
+        raise ValueError(f"benchmark '{name}': unknown package '{package}' (known: champ)")
+    elif local_path is not None and Path(local_path).exists():
         rows = iter_records(local_path)
     elif hub_id is not None:
         rows = _hub_rows(name, local_path, hub_id, hub_split)
@@ -90,10 +104,13 @@ def load_benchmark(
         )
     problems = []
     first_seen: dict[str, str] = {}  # id -> where; ids key result stores, so they must be unique
+    excluded = {str(i) for i in exclude_ids}
     for index, (where, record) in enumerate(rows):
-        if limit is not None and index >= limit:
+        if limit is not None and len(problems) >= limit:
             break
         problem = _problem_from_record(record, where, index, problem_field, answer_field, id_field)
+        if problem.id in excluded or (numeric_answers_only and not _NUMBER.fullmatch(problem.answer)):
+            continue
         if problem.id in first_seen:
             raise DataFormatError(
                 f"{where}: id '{problem.id}' (field '{id_field}') repeats {first_seen[problem.id]}; "
@@ -104,6 +121,16 @@ def load_benchmark(
     if not problems:
         raise DataFormatError(f"benchmark '{name}': no problems found")
     return problems
+
+
+_NUMBER = re.compile(r"-?\d+(\.\d+)?(/\d+)?")
+
+
+def _champ_rows() -> Iterator[tuple[str, Mapping[str, Any]]]:
+    import champ_dataset
+
+    for problem in champ_dataset.load("v0").problems.values():
+        yield f"champ-dataset:{problem.identifier}", {"id": problem.identifier, "problem": problem.text, "answer": problem.answer}
 
 
 def _hub_rows(
