@@ -75,6 +75,7 @@ class PrefixContinuation:
         self.folder = Path(cache_dir) / "alignment" / self.key
         self.rows_seen: dict[str, dict[str, Any]] = {}
         self.generated = 0
+        self._loaded_model = None
 
     def _user_text(self, record: TeacherRecord, prefix: str | None) -> str:
         if prefix is None:
@@ -127,8 +128,6 @@ class PrefixContinuation:
         rows = [row for row in rows if row is not None]
         self.rows_seen.update((row["key"], row) for row in rows)
         return rows
-
-    _loaded_model = None
 
     def _model(self):
         if self._loaded_model is None:

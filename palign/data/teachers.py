@@ -55,6 +55,13 @@ def _answer_text(value: Any) -> str | None:
     return answer_to_text(value) or None
 
 
+def champ_problems(version: str = "v0") -> list[tuple[str, str, str | None]]:
+    """(id, problem text, gold answer) of every CHAMP problem, in the package's order."""
+    import champ_dataset
+
+    return [(p.identifier, p.text, _answer_text(p.answer)) for p in champ_dataset.load(version).problems.values()]
+
+
 class Teacher:
     """Base class: `load()` returns `TeacherData`; `limit` keeps the first N usable records."""
 
@@ -293,10 +300,7 @@ class GeneratedTeacher(Teacher):
     def _problems(self) -> list[tuple[str, str, str | None]]:
         kind = self.problems_cfg.get("kind", "champ")
         if kind == "champ":
-            source = ChampTeacher()
-            import champ_dataset
-
-            rows = [(p.identifier, p.text, _answer_text(p.answer)) for p in champ_dataset.load(source.version).problems.values()]
+            rows = champ_problems(self.problems_cfg.get("version", "v0"))
         elif kind == "file":
             path = self.problems_cfg.get("path")
             if not path:

@@ -127,10 +127,10 @@ _NUMBER = re.compile(r"-?\d+(\.\d+)?(/\d+)?")
 
 
 def _champ_rows() -> Iterator[tuple[str, Mapping[str, Any]]]:
-    import champ_dataset
+    from palign.data.teachers import champ_problems
 
-    for problem in champ_dataset.load("v0").problems.values():
-        yield f"champ-dataset:{problem.identifier}", {"id": problem.identifier, "problem": problem.text, "answer": problem.answer}
+    for problem_id, text, answer in champ_problems():
+        yield f"champ-dataset:{problem_id}", {"id": problem_id, "problem": text, "answer": answer}
 
 
 def _hub_rows(
