@@ -146,6 +146,7 @@ def make_truncation(ctx: RunContext, tokenizer):
             max_new_tokens=cfg.judge.max_new_tokens,
             batch_size=cfg.judge.batch_size,
             engine=cfg.judge.engine,
+            max_tail_tokens=cfg.judge.max_tail_tokens,
         )
 
     return PrefixTruncation(settings, ctx.cache_dir, tokenizer, judge_factory)

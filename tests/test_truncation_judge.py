@@ -84,6 +84,26 @@ def test_one_pass_scores_equal_scoring_each_prefix_from_scratch_tiny(tiny_model,
             assert one_pass[k] == pytest.approx(batched[k], abs=1e-4)
 
 
+def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(student_specs, cache_dir, smollm2_tokenizer):
+    """The tails' mask must hold whatever the attention kernel and however many tails share a forward."""
+    from palign.llm.models import load_model
+
+    trace = "Let n be even. Then n = 2k. So n^2 = 4k^2. Hence 4 divides n^2. Thus the claim holds. Done."
+    seg = segment(trace, "sentence")
+    ks = [1, 3, 4, seg.m]  # a subset: the forward covers unit max(ks), tails only where asked
+    question = "Show 4 | n^2 for even n."
+    reference = SufficiencyJudge(load_model(student_specs["tiny_random"], cache_dir), smollm2_tokenizer,
+                                 load_prompt("paper"), engine="batched").prefix_scores([(question, seg, ks)])[0]
+    eager = load_model(student_specs["tiny_random"], cache_dir)
+    eager.set_attn_implementation("eager")
+    for model, max_tail_tokens in ((eager, 4096), (eager, 1), (load_model(student_specs["tiny_random"], cache_dir), 20)):
+        judge = SufficiencyJudge(model, smollm2_tokenizer, load_prompt("paper"), engine="one_pass", max_tail_tokens=max_tail_tokens)
+        scores = judge.prefix_scores([(question, seg, ks)])[0]
+        assert sorted(scores) == ks
+        for k in ks:
+            assert scores[k] == pytest.approx(reference[k], abs=1e-4), (model.config._attn_implementation, max_tail_tokens, k)
+
+
 @pytest.mark.slow
 def test_one_pass_scores_equal_scoring_from_scratch_on_smollm2(shared_data, student_specs, cache_dir):
     from palign.llm.models import load_model, load_tokenizer

@@ -243,7 +243,8 @@ def main() -> None:
     measurements["d"].prefixes_scored = len(examples)
 
     # Where (c)'s time goes beyond the floor: the one-pass engine alone (no stage), all prefixes and
-    # the longest only (one prefill + one tail); the difference is the m - 1 further tail passes.
+    # the longest only (one prefill + one tail); the difference is the m - 1 further tails, which
+    # share one masked forward per trace.
     items = [(e.record.question, e.units, range(1, e.units.m + 1)) for e in examples]
     engine_all, _ = timed("one-pass engine, every prefix", lambda: one_pass_judge.prefix_scores(items), len(examples))
     longest = [(q, units, [units.m]) for q, units, _ in items]
@@ -283,11 +284,11 @@ def main() -> None:
     tail_tokens = len(floor_judge.prefix_tokens(examples[0].record.question, examples[0].units)[2])
     print(f"\nwhere (c)'s {c.wall_s:.2f} s go (floor (d) {floor.wall_s:.2f} s, "
           f"{sum(len(p) for p in full_prompts)} prompt tokens in all):")
-    print(f"- one-pass engine alone, longest prefix only (a prefill and 1 tail pass per trace): "
+    print(f"- one-pass engine alone, longest prefix only (a prefill and a 1-tail forward per trace): "
           f"{engine_longest.wall_s:.2f} s")
     print(f"- one-pass engine alone, every prefix: {engine_all.wall_s:.2f} s; the {tails - len(examples)} further "
-          f"tail passes ({tail_tokens} tokens each, over the cropped cache) cost {extra_tails_s:.2f} s, "
-          f"~{1000 * extra_tails_s / max(1, tails - len(examples)):.1f} ms each")
+          f"tails ({tail_tokens} tokens each, all of a trace's in one masked forward over its cache) cost "
+          f"{extra_tails_s:.2f} s, ~{1000 * extra_tails_s / max(1, tails - len(examples)):.1f} ms each")
     print(f"- the stage around the engine (segmenting, unit-wise tokenizing, thresholds, search, store): "
           f"{c.wall_s - engine_all.wall_s:.2f} s; the unit-wise tokenization of the floor's prompts alone took "
           f"{tokenize_s:.2f} s (not in (d))")

@@ -122,10 +122,12 @@ class SufficiencyJudge:
         max_new_tokens: int = 256,
         batch_size: int = 8,
         engine: str = "one_pass",
+        max_tail_tokens: int = 4096,
     ):
         if engine not in ENGINES:
             raise ValueError(f"judge.engine must be one of {ENGINES}, got '{engine}'")
         self.engine = engine
+        self.max_tail_tokens = max_tail_tokens  # tail tokens scored per forward by the one-pass engine
         if mode not in MODES:
             raise ValueError(f"judge.mode must be one of {MODES}, got '{mode}'")
         self.model = model
@@ -188,9 +190,11 @@ class SufficiencyJudge:
         """All requested prefixes of one trace from one forward pass over the longest of them.
 
         The keys/values of "head + first k units" are a prefix of those of "head + first K units",
-        so the long shared part runs once; for each boundary k, in descending order, the cache is
-        cropped to k units and only the short tail (end of the user turn, assistant header, the
-        verdicts' shared first token) runs on top of it.
+        so the long shared part runs once, filling a cache. Then the short tails (end of the user
+        turn, assistant header, the verdicts' shared first token) of every boundary k run together
+        in a second forward on top of that cache: tail k sits at the positions right after unit k,
+        and an attention mask lets it see the cache up to unit k and its own earlier tokens only.
+        Each tail then computes exactly what it would at the end of prefix k from scratch.
         """
         from transformers import DynamicCache
 
@@ -207,22 +211,46 @@ class SufficiencyJudge:
         self.model.eval()
         # transformers 5 renamed `past_key_values` to `cache`
         cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        scores: dict[int, float] = {}
         try:
             cache = DynamicCache(config=self.model.config)
             self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            tail_ids = torch.tensor([tail], device=device)
-            scores = {}
-            for k in sorted(set(ks), reverse=True):
-                excess = cache.get_seq_length() - boundaries[k]
-                if excess > 0:
-                    cache.crop(-excess)  # a negative length removes that many tokens (all versions)
-                positions = torch.arange(boundaries[k], boundaries[k] + len(tail), device=device)[None]
-                logits = self.model(input_ids=tail_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                                    **{cache_arg: cache}).logits[0, -1].float()
-                scores[k] = float(logits[self.enough_token] - logits[self.not_enough_token])
+            ordered = sorted(set(ks))
+            per_forward = max(1, self.max_tail_tokens // len(tail))
+            for start in range(0, len(ordered), per_forward):
+                group = ordered[start : start + per_forward]
+                logits = self._score_tails(cache, cache_arg, len(ids), [boundaries[k] for k in group], tail, device)
+                for k, row in zip(group, logits):
+                    scores[k] = float(row[self.enough_token] - row[self.not_enough_token])
+                cache.crop(-(cache.get_seq_length() - len(ids)))  # drop the tails again
         finally:
             self.model.train(was_training)
         return scores
+
+    def _score_tails(self, cache, cache_arg: str, length: int, cuts: Sequence[int], tail: list[int], device) -> torch.Tensor:
+        """Next-token logits at the end of `tail` placed after each cut of the cached sequence."""
+        n = len(tail)
+        queries = len(cuts) * n
+        dtype = next(self.model.parameters()).dtype
+        allowed = torch.zeros(queries, length + queries, dtype=torch.bool, device=device)
+        own = torch.tril(torch.ones(n, n, dtype=torch.bool, device=device))
+        for block, cut in enumerate(cuts):
+            rows = slice(block * n, (block + 1) * n)
+            allowed[rows, :cut] = True
+            allowed[rows, length + block * n : length + (block + 1) * n] = own
+        # an additive float mask works with every attention implementation (eager adds it too)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        positions = torch.cat([torch.arange(cut, cut + n, device=device) for cut in cuts])
+        last = torch.arange(n - 1, queries, n, device=device)
+        out = self.model(
+            input_ids=torch.tensor([tail * len(cuts)], device=device),
+            attention_mask=mask[None, None],
+            position_ids=positions[None],
+            use_cache=True,
+            logits_to_keep=last,
+            **{cache_arg: cache},
+        )
+        return out.logits[0].float()
 
     def encode(self, question: str, reasoning_part: str) -> list[int]:
         user = self.prompt.render(question, reasoning_part)
