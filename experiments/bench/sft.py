@@ -1,13 +1,23 @@
 """Benchmark: SFT throughput of palign's LightningModule vs `transformers.Trainer`, and packing.
 
-Same model (SmolLM2-135M-Instruct, fp32 on CPU), same data (CHAMP GPT-4 solutions tokenized by
-palign's SFT formatting, response-only labels), same micro-batch size and optimizer steps. Each
-configuration runs in its own subprocess so that its peak RSS is its own; the table reports
-supervised-or-not real tokens per second (padding excluded), the padding fraction, and the ratio
-of tokens/s against the `transformers.Trainer` baseline measured in the same invocation.
+Same model (SmolLM2-135M-Instruct on CPU), same data: the first --examples CHAMP GPT-4 solutions
+(those longer than --max-length dropped), tokenized by palign's SFT formatting (response-only labels). Every
+configuration trains one pass over exactly these examples, one optimizer step per micro-batch:
 
-    python experiments/bench/sft.py                 # 3 optimizer steps per configuration
-    python experiments/bench/sft.py --steps 10 --examples 64 --micro-batch 4
+  hf_trainer              `transformers.Trainer`, micro-batches in a shuffled order (the baseline)
+  lightning               palign's `StudentSFTModule`, the very same micro-batches
+  lightning_grouped       length-grouped micro-batches (`data.group_by_length`, the default)
+  lightning_packed        padding-free packed rows of --max-length tokens (`data.packing=true`),
+                          --micro-batch rows per step
+  lightning_packed_bf16   the same with bf16 autocast (`precision: bf16-mixed`)
+
+Each runs in its own subprocess, so its peak RSS is its own. Throughput is real (non-padding)
+tokens per second over the steps after the first (the first step carries one-off set-up costs);
+the table gives it against the Trainer and against the unpacked, ungrouped LightningModule, with the
+padding fraction and the ceiling 1 / (1 - padding) that removing padding alone could reach.
+
+    python experiments/bench/sft.py                        # 48 examples, micro-batch 4
+    python experiments/bench/sft.py --examples 96 --micro-batch 8
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("hf_trainer", "lightning", "lightning_grouped", "lightning_packed")
+CONFIGS = ("hf_trainer", "lightning", "lightning_grouped", "lightning_packed", "lightning_packed_bf16")
 
 
 def load_data(cache_dir: Path, examples: int, max_length: int):
@@ -46,20 +56,16 @@ def load_data(cache_dir: Path, examples: int, max_length: int):
     return spec, tokenizer, data
 
 
-def run_one(name: str, args) -> dict:
-    import torch
+def make_batches(name: str, data, pad: int, args) -> list[dict]:
+    """One pass over all examples, as the configuration batches them."""
     from torch.utils.data import DataLoader
 
     from palign.data.datamodule import PackedRows
     from palign.data.sampling import ResumableShuffleSampler, pack_examples
     from palign.data.sft import PackedSFTCollator, SFTCollator
-    from palign.llm.models import load_model
 
-    torch.manual_seed(0)
-    spec, tokenizer, data = load_data(Path(args.cache_dir), args.examples, args.max_length)
     lengths = [len(x) for x in data["input_ids"]]
-    pad = tokenizer.pad_token_id
-    if name == "lightning_packed":
+    if name.startswith("lightning_packed"):
         rows = PackedRows(data, pack_examples(lengths, args.max_length, seed=0))
         loader = DataLoader(rows, batch_size=args.micro_batch, sampler=ResumableShuffleSampler(len(rows), seed=0),
                             collate_fn=PackedSFTCollator(pad))
@@ -67,14 +73,27 @@ def run_one(name: str, args) -> dict:
         group = args.micro_batch * 16 if name == "lightning_grouped" else 0
         sampler = ResumableShuffleSampler(len(data), seed=0, lengths=lengths, batch_size=args.micro_batch, group_size=group)
         loader = DataLoader(data, batch_size=args.micro_batch, sampler=sampler, collate_fn=SFTCollator(pad))
-    batches = [batch for _, batch in zip(range(args.steps), loader)]
-    real = sum(int((b["real_tokens"] if "real_tokens" in b else b["attention_mask"]).sum()) for b in batches)
-    total = sum(b["input_ids"].numel() for b in batches)
+    return list(loader)
+
+
+def real_tokens(batch) -> int:
+    return int((batch["real_tokens"] if "real_tokens" in batch else batch["attention_mask"]).sum())
+
+
+def run_one(name: str, args) -> dict:
+    import torch
+
+    from palign.llm.models import load_model
+
+    torch.manual_seed(0)
+    spec, tokenizer, data = load_data(Path(args.cache_dir), args.examples, args.max_length)
+    batches = make_batches(name, data, tokenizer.pad_token_id, args)
     model = load_model(spec, args.cache_dir)
+    step_seconds: list[float] = []  # wall time of each optimizer step, set-up excluded
 
     started = time.perf_counter()
     if name == "hf_trainer":
-        from transformers import Trainer, TrainingArguments
+        from transformers import Trainer, TrainerCallback, TrainingArguments
 
         class FixedBatches(torch.utils.data.Dataset):
             def __len__(self):
@@ -83,66 +102,99 @@ def run_one(name: str, args) -> dict:
             def __getitem__(self, i):
                 return batches[i]
 
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, *_, **__):
+                self.began = time.perf_counter()
+
+            def on_step_end(self, *_, **__):
+                step_seconds.append(time.perf_counter() - self.began)
+
         training_args = TrainingArguments(
             output_dir=str(Path(args.cache_dir) / "bench_trainer"), per_device_train_batch_size=1, max_steps=len(batches),
             learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=max(1, len(batches) // 10), weight_decay=0.0,
-            logging_steps=1000,
-            save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, dataloader_num_workers=0,
-            disable_tqdm=True,
+            max_grad_norm=1.0, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
+            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         )
         unbatch = lambda items: {k: v for k, v in items[0].items() if k != "real_tokens"}  # noqa: E731
-        Trainer(model=model, args=training_args, train_dataset=FixedBatches(), data_collator=unbatch).train()
+        Trainer(model=model, args=training_args, train_dataset=FixedBatches(), data_collator=unbatch,
+                callbacks=[StepTimer()]).train()
     else:
         import pytorch_lightning as pl
 
         from palign.training.module import StudentSFTModule
 
+        class StepTimer(pl.Callback):
+            def on_train_batch_start(self, *_):
+                self.began = time.perf_counter()
+
+            def on_train_batch_end(self, *_):
+                step_seconds.append(time.perf_counter() - self.began)
+
         module = StudentSFTModule(model_loader=lambda: model, learning_rate=5e-5, warmup_ratio=0.1)
+        precision = "bf16-mixed" if name.endswith("_bf16") else "32-true"
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    seconds = time.perf_counter() - started
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             gradient_clip_val=1.0, precision=precision, callbacks=[StepTimer()])
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    total_seconds = time.perf_counter() - started
+    if len(step_seconds) != len(batches):
+        raise RuntimeError(f"{name}: timed {len(step_seconds)} steps of {len(batches)}")
+    steady = batches[1:]
     return {
         "config": name,
         "steps": len(batches),
-        "seconds": seconds,
-        "real_tokens": real,
-        "tokens_per_s": real / seconds,
-        "padding_fraction": 1 - real / total,
+        "examples": len(data),
+        "total_seconds": total_seconds,
+        "steady_seconds": sum(step_seconds[1:]),
+        "real_tokens": sum(real_tokens(b) for b in batches),
+        "tokens_per_s": sum(real_tokens(b) for b in steady) / sum(step_seconds[1:]),
+        "padding_fraction": 1 - sum(real_tokens(b) for b in batches) / sum(b["input_ids"].numel() for b in batches),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--micro-batch", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--examples", type=int, default=48, help="first CHAMP solutions (over-length ones dropped)")
+    parser.add_argument("--micro-batch", type=int, default=4, help="examples (packed: rows) per optimizer step")
+    parser.add_argument("--max-length", type=int, default=1024, help="drop longer examples; packed row length")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--cache-dir", default=os.environ.get("PALIGN_CACHE", str(ROOT / "outputs" / "cache")))
     parser.add_argument("--only", choices=CONFIGS, help="run one configuration in this process and print JSON")
     args = parser.parse_args()
     if args.only:
         print("RESULT " + json.dumps(run_one(args.only, args)))
         return
-    results = []
-    for name in CONFIGS:
-        cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--examples", str(args.examples),
+    configs = ["hf_trainer", *(c for c in args.configs if c != "hf_trainer")]  # the baseline always runs
+    results = {}
+    for name in configs:
+        cmd = [sys.executable, __file__, "--only", name, "--examples", str(args.examples),
                "--micro-batch", str(args.micro_batch), "--max-length", str(args.max_length), "--cache-dir", args.cache_dir]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(line[len("RESULT "):]))
-        print(f"done: {name}", file=sys.stderr)
-    base = results[0]["tokens_per_s"]
-    print(f"SFT throughput, SmolLM2-135M fp32 on CPU, micro-batch {args.micro_batch}, {args.steps} optimizer steps, "
-          f"max length {args.max_length} (load 1m: {os.getloadavg()[0]:.2f})")
-    print("| configuration | steps | seconds | real tokens | tokens/s | padding | x Trainer | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['config']} | {r['steps']} | {r['seconds']:.1f} | {r['real_tokens']} | {r['tokens_per_s']:.0f} | "
-              f"{100 * r['padding_fraction']:.0f}% | {r['tokens_per_s'] / base:.2f} | {r['peak_rss_mib']:.0f} |")
+        results[name] = json.loads(line[len("RESULT "):])
+        print(f"done: {name} ({results[name]['total_seconds']:.0f} s)", file=sys.stderr)
+    trainer = results["hf_trainer"]["tokens_per_s"]
+    plain = results.get("lightning", results["hf_trainer"])["tokens_per_s"]
+    print(f"SFT throughput, SmolLM2-135M on CPU ({torch_threads()} threads), one pass over {results['hf_trainer']['examples']} CHAMP "
+          f"solutions ({results['hf_trainer']['real_tokens']} real tokens), micro-batch {args.micro_batch}, "
+          f"max length {args.max_length}; load 1m {os.getloadavg()[0]:.2f}")
+    print("| configuration | steps | steady s | tokens/s | padding | 1/(1-padding) | x Trainer | x lightning | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results.values():
+        print(f"| {r['config']} | {r['steps']} | {r['steady_seconds']:.1f} | {r['tokens_per_s']:.0f} "
+              f"| {100 * r['padding_fraction']:.0f}% | {1 / (1 - r['padding_fraction']):.2f} "
+              f"| {r['tokens_per_s'] / trainer:.2f} | {r['tokens_per_s'] / plain:.2f} | {r['peak_rss_mib']:.0f} |")
+    print("(tokens/s: real tokens of steps 2..n over their wall time; x lightning: against the unpacked, "
+          "ungrouped LightningModule, whose padding 1/(1-padding) bounds what removing padding alone gains)")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

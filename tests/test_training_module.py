@@ -1,0 +1,65 @@
+"""The LightningModule's loss: response-only NLL, with the LM head run on supervised positions only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from palign.data.sft import PackedSFTCollator, SFTCollator
+from palign.training.module import StudentSFTModule
+
+EXAMPLES = [
+    {"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, 8, 9, 10]},
+    {"input_ids": [11, 12, 13], "labels": [-100, 12, 13]},
+    {"input_ids": [21, 22, 23, 24], "labels": [-100, -100, 23, 24]},
+]
+
+
+def _loss_and_grads(module: StudentSFTModule, batch) -> tuple[float, float, dict[str, torch.Tensor]]:
+    module.zero_grad()
+    loss, accuracy, _ = module._step(batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return float(loss.detach()), float(accuracy), grads
+
+
+def _reference(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """transformers' own causal-LM loss over full logits (mean over the supervised shifted tokens)."""
+    model.zero_grad()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    loss = model(**inputs, labels=batch["labels"], use_cache=False).loss
+    loss.backward()
+    return float(loss), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_supervised_only_head_gives_transformers_loss_and_gradients(tiny_model, packed):
+    batch = PackedSFTCollator(0)([EXAMPLES[:2], EXAMPLES[2:]]) if packed else SFTCollator(0)(EXAMPLES)
+    reference_model = copy.deepcopy(tiny_model)
+    module = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model))
+    assert module._output_head() is module.model.get_output_embeddings()  # the selective path is taken
+    loss, accuracy, grads = _loss_and_grads(module, batch)
+    expected_loss, expected_grads = _reference(reference_model, batch)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert 0.0 <= accuracy <= 1.0
+    assert set(grads) == {f"model.{name}" for name in expected_grads}
+    for name, grad in expected_grads.items():
+        assert torch.allclose(grads[f"model.{name}"], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_full_logits_fallback_and_lora_agree_with_selective_head(tiny_model):
+    batch = SFTCollator(0)(EXAMPLES)
+    selective = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model))
+    fallback = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model))
+    fallback._head_checked, fallback._head = True, None  # as for a model with logit soft-capping
+    assert _loss_and_grads(selective, batch)[0] == pytest.approx(_loss_and_grads(fallback, batch)[0], rel=1e-6)
+
+    lora = {"r": 4, "alpha": 4, "dropout": 0.0}
+    with_lora = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), lora=lora)
+    assert with_lora._output_head() is not None
+    loss, _, grads = _loss_and_grads(with_lora, batch)
+    # LoRA's B starts at zero: the adapted model is the base model, so the loss is the base loss
+    assert loss == pytest.approx(_loss_and_grads(fallback, batch)[0], rel=1e-5)
+    assert grads and all("lora_" in name for name in grads)
