@@ -89,3 +89,17 @@ def test_paper_instruction_has_one_home():
     text = "Please reason step by step, and put your final answer within"
     hits = [p for p in list(PROJECT_ROOT.glob("palign/**/*.py")) + list(CONF.rglob("*.yaml")) if text in p.read_text()]
     assert [str(p.relative_to(PROJECT_ROOT)) for p in hits] == ["conf/prompts/paper.yaml"]
+
+
+def test_training_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, tmp_path):
+    import torch
+
+    from palign.config import native_bf16_precision
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert native_bf16_precision("cpu") == "32-true"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16_precision("cpu") == "bf16-mixed"
+    assert compose_config(["trainer=cpu"], tmp_path).trainer.precision == "bf16-mixed"
+    assert compose_config(["trainer=cpu", "trainer.precision=32-true"], tmp_path).trainer.precision == "32-true"

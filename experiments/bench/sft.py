@@ -9,15 +9,18 @@ configuration trains one pass over exactly these examples, one optimizer step pe
   lightning_grouped       length-grouped micro-batches (`data.group_by_length`, the default)
   lightning_packed        padding-free packed rows of --max-length tokens (`data.packing=true`),
                           --micro-batch rows per step
-  lightning_packed_bf16   the same with bf16 autocast (`precision: bf16-mixed`)
+
+each in full fp32 and, with the suffix `_bf16`, in bf16 autocast (Trainer `bf16=True`, Lightning
+`precision: bf16-mixed`, palign's default where the hardware has native bf16).
 
 Each runs in its own subprocess, so its peak RSS is its own. Throughput is real (non-padding)
 tokens per second over the steps after the first (the first step carries one-off set-up costs);
-the table gives it against the Trainer and against the unpacked, ungrouped LightningModule, with the
-padding fraction and the ceiling 1 / (1 - padding) that removing padding alone could reach.
+the table gives it against the Trainer and against the unpacked, ungrouped LightningModule at the
+same precision, and against the fp32 Trainer, with the padding fraction and the ceiling
+1 / (1 - padding) that removing padding alone could reach.
 
-    python experiments/bench/sft.py                        # 48 examples, micro-batch 4
-    python experiments/bench/sft.py --examples 96 --micro-batch 8
+    python experiments/bench/sft.py                        # 48 examples, micro-batch 4, all 8 rows
+    python experiments/bench/sft.py --configs lightning lightning_packed --examples 96 --micro-batch 8
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("hf_trainer", "lightning", "lightning_grouped", "lightning_packed", "lightning_packed_bf16")
+BASE_CONFIGS = ("hf_trainer", "lightning", "lightning_grouped", "lightning_packed")
+CONFIGS = (*BASE_CONFIGS, *(f"{name}_bf16" for name in BASE_CONFIGS))
 
 
 def load_data(cache_dir: Path, examples: int, max_length: int):
@@ -57,6 +61,7 @@ def load_data(cache_dir: Path, examples: int, max_length: int):
 
 
 def make_batches(name: str, data, pad: int, args) -> list[dict]:
+    name = name.removesuffix("_bf16")
     """One pass over all examples, as the configuration batches them."""
     from torch.utils.data import DataLoader
 
@@ -92,7 +97,8 @@ def run_one(name: str, args) -> dict:
     step_seconds: list[float] = []  # wall time of each optimizer step, set-up excluded
 
     started = time.perf_counter()
-    if name == "hf_trainer":
+    bf16 = name.endswith("_bf16")
+    if name.startswith("hf_trainer"):
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
         class FixedBatches(torch.utils.data.Dataset):
@@ -112,7 +118,7 @@ def run_one(name: str, args) -> dict:
         training_args = TrainingArguments(
             output_dir=str(Path(args.cache_dir) / "bench_trainer"), per_device_train_batch_size=1, max_steps=len(batches),
             learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=max(1, len(batches) // 10), weight_decay=0.0,
-            max_grad_norm=1.0, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
+            max_grad_norm=1.0, bf16=bf16, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
             remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         )
         unbatch = lambda items: {k: v for k, v in items[0].items() if k != "real_tokens"}  # noqa: E731
@@ -131,7 +137,7 @@ def run_one(name: str, args) -> dict:
                 step_seconds.append(time.perf_counter() - self.began)
 
         module = StudentSFTModule(model_loader=lambda: model, learning_rate=5e-5, warmup_ratio=0.1)
-        precision = "bf16-mixed" if name.endswith("_bf16") else "32-true"
+        precision = "bf16-mixed" if bf16 else "32-true"
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                              gradient_clip_val=1.0, precision=precision, callbacks=[StepTimer()])
@@ -165,7 +171,14 @@ def main() -> None:
     if args.only:
         print("RESULT " + json.dumps(run_one(args.only, args)))
         return
-    configs = ["hf_trainer", *(c for c in args.configs if c != "hf_trainer")]  # the baseline always runs
+    # the baselines always run: the fp32 Trainer, and the Trainer and plain Lightning at each precision used
+    wanted = set(args.configs) | {"hf_trainer"}
+    for name in list(wanted):
+        if name.endswith("_bf16"):
+            wanted |= {"hf_trainer_bf16", "lightning_bf16"}
+        elif name != "hf_trainer":
+            wanted.add("lightning")
+    configs = [name for name in CONFIGS if name in wanted]
     results = {}
     for name in configs:
         cmd = [sys.executable, __file__, "--only", name, "--examples", str(args.examples),
@@ -176,19 +189,24 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
         results[name] = json.loads(line[len("RESULT "):])
         print(f"done: {name} ({results[name]['total_seconds']:.0f} s)", file=sys.stderr)
-    trainer = results["hf_trainer"]["tokens_per_s"]
-    plain = results.get("lightning", results["hf_trainer"])["tokens_per_s"]
-    print(f"SFT throughput, SmolLM2-135M on CPU ({torch_threads()} threads), one pass over {results['hf_trainer']['examples']} CHAMP "
-          f"solutions ({results['hf_trainer']['real_tokens']} real tokens), micro-batch {args.micro_batch}, "
+    fp32_trainer = results["hf_trainer"]["tokens_per_s"]
+    print(f"SFT throughput, SmolLM2-135M on CPU ({torch_threads()} threads), one pass over {results['hf_trainer']['examples']} "
+          f"CHAMP solutions ({results['hf_trainer']['real_tokens']} real tokens), micro-batch {args.micro_batch}, "
           f"max length {args.max_length}; load 1m {os.getloadavg()[0]:.2f}")
-    print("| configuration | steps | steady s | tokens/s | padding | 1/(1-padding) | x Trainer | x lightning | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results.values():
-        print(f"| {r['config']} | {r['steps']} | {r['steady_seconds']:.1f} | {r['tokens_per_s']:.0f} "
+    print("| configuration | steps | steady s | tokens/s | padding | 1/(1-padding) | x Trainer | x lightning "
+          "| x fp32 Trainer | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        suffix = "_bf16" if name.endswith("_bf16") else ""
+        trainer = results[f"hf_trainer{suffix}"]["tokens_per_s"]
+        plain = results.get(f"lightning{suffix}", results[f"hf_trainer{suffix}"])["tokens_per_s"]
+        print(f"| {name} | {r['steps']} | {r['steady_seconds']:.1f} | {r['tokens_per_s']:.0f} "
               f"| {100 * r['padding_fraction']:.0f}% | {1 / (1 - r['padding_fraction']):.2f} "
-              f"| {r['tokens_per_s'] / trainer:.2f} | {r['tokens_per_s'] / plain:.2f} | {r['peak_rss_mib']:.0f} |")
-    print("(tokens/s: real tokens of steps 2..n over their wall time; x lightning: against the unpacked, "
-          "ungrouped LightningModule, whose padding 1/(1-padding) bounds what removing padding alone gains)")
+              f"| {r['tokens_per_s'] / trainer:.2f} | {r['tokens_per_s'] / plain:.2f} | {r['tokens_per_s'] / fp32_trainer:.2f} "
+              f"| {r['peak_rss_mib']:.0f} |")
+    print("(tokens/s: real tokens of steps 2..n over their wall time. x Trainer, x lightning: against the Trainer and "
+          "the unpacked, ungrouped LightningModule at the same precision; the latter's 1/(1-padding) bounds what "
+          "removing padding alone can gain)")
 
 
 def torch_threads() -> int:
