@@ -53,7 +53,8 @@ def test_full_logits_fallback_and_lora_agree_with_selective_head(tiny_model):
     batch = SFTCollator(0)(EXAMPLES)
     selective = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model))
     fallback = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model))
-    fallback._head_checked, fallback._head = True, None  # as for a model with logit soft-capping
+    fallback._selective_head = False  # as for a model with logit soft-capping
+    assert fallback._output_head() is None
     assert _loss_and_grads(selective, batch)[0] == pytest.approx(_loss_and_grads(fallback, batch)[0], rel=1e-6)
 
     lora = {"r": 4, "alpha": 4, "dropout": 0.0}
@@ -63,3 +64,5 @@ def test_full_logits_fallback_and_lora_agree_with_selective_head(tiny_model):
     # LoRA's B starts at zero: the adapted model is the base model, so the loss is the base loss
     assert loss == pytest.approx(_loss_and_grads(fallback, batch)[0], rel=1e-5)
     assert grads and all("lora_" in name for name in grads)
+    # the head is not registered a second time: checkpoints hold the model's keys only
+    assert all(key.startswith("model.") for key in with_lora.state_dict())

@@ -63,7 +63,7 @@ class StudentSFTModule(pl.LightningModule):
         self.val_nll = MeanMetric()
         self.val_accuracy = MeanMetric()
         self._tokens_seen = 0
-        self._head_checked, self._head = False, None
+        self._selective_head: bool | None = None  # LM head on supervised positions only (decided on first use)
         self._step_started: float | None = None
         self._pending_losses: list[float] = []
         self.loss_curve: list[float] = []  # mean loss of each optimizer step, kept across resumes
@@ -97,21 +97,22 @@ class StudentSFTModule(pl.LightningModule):
 
     def _output_head(self):
         """The LM head to apply to selected hidden states, or None where the model's forward does more
-        than `lm_head(hidden)` (e.g. Gemma's logit soft-capping); then full logits are computed."""
-        if self._head_checked:
-            return self._head
-        self._head_checked = True
-        config = getattr(self.model, "config", None)
-        extra = [name for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
-                 if getattr(config, name, None) not in (None, 1, 1.0)]
+        than `lm_head(hidden)` (e.g. Gemma's logit soft-capping); then full logits are computed.
+        Only the decision is cached: the head itself stays the model's (no second registration)."""
+        if self._selective_head is False:
+            return None
         try:
             decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
         except (AttributeError, NotImplementedError):
             decoder = head = None
-        if extra or decoder is None or decoder is self.model or not isinstance(head, torch.nn.Linear):
-            log.info("computing full logits for the loss (%s)", ", ".join(extra) or "no separate decoder and head")
-            head = None
-        self._head = head
+        if self._selective_head is None:
+            config = getattr(self.model, "config", None)
+            extra = [name for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+                     if getattr(config, name, None) not in (None, 1, 1.0)]
+            self._selective_head = not extra and decoder is not None and decoder is not self.model and isinstance(head, torch.nn.Linear)
+            if not self._selective_head:
+                log.info("computing full logits for the loss (%s)", ", ".join(extra) or "no separate decoder and head")
+                return None
         return head
 
     def training_step(self, batch, batch_idx):
