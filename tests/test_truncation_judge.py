@@ -84,8 +84,11 @@ def test_one_pass_scores_equal_scoring_each_prefix_from_scratch_tiny(tiny_model,
             assert one_pass[k] == pytest.approx(batched[k], abs=1e-4)
 
 
-def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(student_specs, cache_dir, smollm2_tokenizer):
-    """The tails' mask must hold whatever the attention kernel and however many tails share a forward."""
+def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(student_specs, cache_dir, smollm2_tokenizer, monkeypatch):
+    """The tails' mask must hold whatever the attention kernel and however many tails share a forward;
+    kernels without arbitrary masks take the cropping path, which must agree too."""
+    import palign.truncation.judge as judge_module
+
     from palign.llm.models import load_model
 
     trace = "Let n be even. Then n = 2k. So n^2 = 4k^2. Hence 4 divides n^2. Thus the claim holds. Done."
@@ -102,6 +105,9 @@ def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(student_sp
         assert sorted(scores) == ks
         for k in ks:
             assert scores[k] == pytest.approx(reference[k], abs=1e-4), (model.config._attn_implementation, max_tail_tokens, k)
+    monkeypatch.setattr(judge_module, "MASKABLE_ATTENTION", ())  # as for flash attention
+    cropped = SufficiencyJudge(eager, smollm2_tokenizer, load_prompt("paper"), engine="one_pass").prefix_scores([(question, seg, ks)])[0]
+    assert cropped == pytest.approx(reference, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("generate", "logits")
 ENGINES = ("one_pass", "batched")
+# attention implementations that apply an arbitrary 4D mask (the one-pass engine's batched tails)
+MASKABLE_ATTENTION = ("sdpa", "eager")
 # Scores of the same prompt in different batches (other padding) agree to ~1e-5, not exactly; a
 # prefix scoring within this of a threshold taken from another batch counts as reaching it.
 SCORE_TOLERANCE = 1e-4
@@ -194,7 +196,9 @@ class SufficiencyJudge:
         turn, assistant header, the verdicts' shared first token) of every boundary k run together
         in a second forward on top of that cache: tail k sits at the positions right after unit k,
         and an attention mask lets it see the cache up to unit k and its own earlier tokens only.
-        Each tail then computes exactly what it would at the end of prefix k from scratch.
+        Each tail then computes exactly what it would at the end of prefix k from scratch. Attention
+        kernels that ignore such masks (flash attention) crop the cache to each boundary instead,
+        in descending k, and run one tail at a time.
         """
         from transformers import DynamicCache
 
@@ -215,14 +219,25 @@ class SufficiencyJudge:
         try:
             cache = DynamicCache(config=self.model.config)
             self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            ordered = sorted(set(ks))
-            per_forward = max(1, self.max_tail_tokens // len(tail))
-            for start in range(0, len(ordered), per_forward):
-                group = ordered[start : start + per_forward]
-                logits = self._score_tails(cache, cache_arg, len(ids), [boundaries[k] for k in group], tail, device)
-                for k, row in zip(group, logits):
+            if getattr(self.model.config, "_attn_implementation", "sdpa") in MASKABLE_ATTENTION:
+                ordered = sorted(set(ks))
+                per_forward = max(1, self.max_tail_tokens // len(tail))
+                for start in range(0, len(ordered), per_forward):
+                    group = ordered[start : start + per_forward]
+                    logits = self._score_tails(cache, cache_arg, len(ids), [boundaries[k] for k in group], tail, device)
+                    for k, row in zip(group, logits):
+                        scores[k] = float(row[self.enough_token] - row[self.not_enough_token])
+                    cache.crop(-(cache.get_seq_length() - len(ids)))  # drop the tails again
+            else:  # kernels without arbitrary masks (flash attention): crop to each boundary, descending
+                tail_ids = torch.tensor([tail], device=device)
+                for k in sorted(set(ks), reverse=True):
+                    excess = cache.get_seq_length() - boundaries[k]
+                    if excess > 0:
+                        cache.crop(-excess)  # a negative length removes that many tokens (all versions)
+                    positions = torch.arange(boundaries[k], boundaries[k] + len(tail), device=device)[None]
+                    row = self.model(input_ids=tail_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                     **{cache_arg: cache}).logits[0, -1].float()
                     scores[k] = float(row[self.enough_token] - row[self.not_enough_token])
-                cache.crop(-(cache.get_seq_length() - len(ids)))  # drop the tails again
         finally:
             self.model.train(was_training)
         return scores
