@@ -62,9 +62,12 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         skip.add("alignment")
     identity = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
                 for key in cfg.run_identity if key in cfg and key not in skip}
-    for node in ("judge", "alignment"):  # the inference engine does not change what a run means
+    # how the judge and the continuation are computed does not change what a run means: the back end,
+    # and the judge's engine (both engines give the same scores, within SCORE_TOLERANCE)
+    for node, keys in (("judge", ("backend", "engine", "max_tail_tokens")), ("alignment", ("backend",))):
         if isinstance(identity.get(node), dict):
-            identity[node].pop("backend", None)
+            for key in keys:
+                identity[node].pop(key, None)
     return identity
 
 

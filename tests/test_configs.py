@@ -103,3 +103,13 @@ def test_training_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, 
     assert native_bf16_precision("cpu") == "bf16-mixed"
     assert compose_config(["trainer=cpu"], tmp_path).trainer.precision == "bf16-mixed"
     assert compose_config(["trainer=cpu", "trainer.precision=32-true"], tmp_path).trainer.precision == "32-true"
+
+
+def test_run_identity_ignores_how_the_judge_computes_but_not_what(tmp_path):
+    from palign.pipeline import run_identity
+
+    base = run_identity(compose_config([], tmp_path))
+    how = ["judge.backend=vllm", "judge.engine=batched", "judge.max_tail_tokens=64", "alignment.backend=vllm"]
+    assert run_identity(compose_config(how, tmp_path)) == base
+    assert run_identity(compose_config(["judge.mode=generate"], tmp_path)) != base
+    assert run_identity(compose_config(["judge.threshold.value=0.5"], tmp_path)) != base
