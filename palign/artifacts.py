@@ -83,6 +83,41 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from err
 
 
+DIGESTS_FILE = ".palign-digests.json"
+
+
+def file_digests(folder: str | os.PathLike, pattern: str = "*.safetensors") -> dict[str, str]:
+    """SHA-256 of each file matching `pattern` in `folder`: what the files hold, not when they were written.
+
+    Digests are kept in `<folder>/.palign-digests.json` under each file's size and mtime, so a file
+    is read once per version (a 7B student is ~15 GB: ~15 s to hash); a folder that cannot be
+    written to is simply hashed each time.
+    """
+    folder = Path(folder)
+    sidecar = folder / DIGESTS_FILE
+    try:
+        known = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    digests, updated = {}, {}
+    for path in sorted(folder.glob(pattern)):
+        stat = path.stat()
+        version = [stat.st_size, stat.st_mtime_ns]
+        entry = known.get(path.name)
+        if not (isinstance(entry, dict) and entry.get("version") == version):
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    sha.update(block)
+            entry = {"version": version, "sha256": sha.hexdigest()}
+        updated[path.name] = entry
+        digests[path.name] = entry["sha256"]
+    if updated != known:
+        with contextlib.suppress(OSError):
+            write_json_atomic(sidecar, updated)
+    return digests
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line number, object)` for a JSONL file; a malformed line raises naming file and line."""
     path = Path(path)

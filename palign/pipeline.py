@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from palign.artifacts import fingerprint, read_json, write_json_atomic, write_text_atomic
+from palign.artifacts import file_digests, fingerprint, read_json, write_json_atomic, write_text_atomic
 from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -373,7 +373,7 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
     if model_path is None:
         log.warning("no trained student in %s; evaluating the base model %s", ctx.run_dir, cfg.student.name)
     spec = ModelSpec.from_config(cfg.student)
-    identity = {"base": spec.identity(), "weights": model_path and _folder_identity(Path(model_path))}
+    identity = {"base": spec.identity(), "weights": model_path and file_digests(model_path)}
     backend = None
     if cfg.evaluation.get("backend", "hf") == "vllm":
         from palign.llm.vllm_backend import vllm_backend
@@ -414,11 +414,6 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
             [[row["id"], s, row["extracted"][s], row["correct"][s], row["output"][s][-1000:]]
              for row in result.rows for s in range(len(row["correct"]))],
         )
-
-
-def _folder_identity(folder: Path) -> dict[str, Any]:
-    """Identify trained weights by their files' sizes and modification times (cheap, changes on retrain)."""
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(folder.glob("*.safetensors"))}
 
 
 def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
