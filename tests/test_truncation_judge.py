@@ -157,3 +157,23 @@ def test_smollm2_self_judge_both_modes_on_real_skyt1_traces(shared_data, student
     # the same first probe (mid of [1, m]) is judged by both modes: report how often they agree
     first = [(a.probes[0].sufficient, b.probes[0].sufficient) for a, b in zip(verdicts["logits"], verdicts["generate"])]
     print("first-probe agreement logits vs generate:", sum(x == y for x, y in first), "/", len(first))
+
+
+@pytest.mark.parametrize("architecture", ["Qwen2", "Qwen3"])
+def test_one_pass_engine_on_the_paper_students_architectures(architecture, smollm2_tokenizer):
+    """The paper's students are Qwen2.5 and Qwen3: the masked tails must hold on their attention too."""
+    import torch
+    import transformers
+
+    config_class = getattr(transformers, f"{architecture}Config")
+    model_class = getattr(transformers, f"{architecture}ForCausalLM")
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_implementation="sdpa")
+    model = model_class(config).eval()
+    seg = segment("Let n be even. Then n = 2k. So n^2 = 4k^2. Hence 4 divides n^2. Thus the claim holds.", "sentence")
+    ks = list(range(1, seg.m + 1))
+    engines = {engine: SufficiencyJudge(model, smollm2_tokenizer, load_prompt("paper"), engine=engine)
+               .prefix_scores([("Show 4 | n^2 for even n.", seg, ks)])[0] for engine in ("one_pass", "batched")}
+    assert engines["one_pass"] == pytest.approx(engines["batched"], abs=1e-4)
+    assert len({round(v, 4) for v in engines["one_pass"].values()}) > 1
