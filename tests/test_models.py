@@ -39,7 +39,7 @@ def test_two_processes_building_the_same_model_agree(student_specs, cache_dir, t
     spec["tokenizer_from"] = dict(spec["tokenizer_from"])
     script = (
         "import sys, json; from palign.llm.models import resolve_model_path; "
-        f"print(resolve_model_path(json.loads(sys.argv[1]), sys.argv[2]))"
+        "print(resolve_model_path(json.loads(sys.argv[1]), sys.argv[2]))"
     )
     import json
     import shutil
