@@ -366,9 +366,11 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
     if not benchmarks:
         log.info("evaluation: no benchmarks configured; skipping")
         return
+    training_ids: list[str] | None = None  # loaded once, only if a benchmark holds out training problems
     for bench in benchmarks.values():
         if bench.pop("exclude_training", False):  # held-out problems of the teacher's own data set
-            bench["exclude_ids"] = sorted(r.id for r in training_records(cfg))
+            training_ids = training_ids if training_ids is not None else sorted(r.id for r in training_records(cfg))
+            bench["exclude_ids"] = training_ids
     model_path = cfg.evaluation.model_path or (str(ctx.student_dir) if (ctx.student_dir / "config.json").exists() else None)
     if model_path is None:
         log.warning("no trained student in %s; evaluating the base model %s", ctx.run_dir, cfg.student.name)

@@ -52,3 +52,15 @@ def test_length_grouped_order_is_a_permutation_with_similar_lengths_per_batch():
     assert spread < plain_spread
     sampler.resume(epoch=0, items_done=6)
     assert list(sampler) == order[6:]  # resuming skips exactly the consumed items
+
+
+def test_length_grouping_keeps_batches_aligned_when_the_count_is_not_a_multiple():
+    """A short batch shuffled into the middle would shift every later DataLoader batch boundary."""
+    lengths = [5, 900, 40, 870, 60, 910, 30, 880, 50, 890]  # 10 items, batches of 4: one short batch
+    for seed in range(20):
+        order = ResumableShuffleSampler(len(lengths), seed=seed, lengths=lengths, batch_size=4, group_size=64).order(0)
+        assert sorted(order) == list(range(10))
+        batches = [order[i : i + 4] for i in range(0, 10, 4)]
+        for batch in batches[:2]:  # the two full batches, by length, in either order
+            assert sorted(batch) in ([1, 5, 7, 9], [2, 3, 4, 8])
+        assert sorted(batches[2]) == [0, 6]  # the short batch comes last

@@ -61,24 +61,12 @@ def load_data(cache_dir: Path, examples: int, max_length: int):
 
 
 def make_batches(name: str, data, pad: int, args) -> list[dict]:
+    """One pass over all examples, batched by the training loader as the configuration sets it."""
+    from palign.data.datamodule import train_loader
+
     name = name.removesuffix("_bf16")
-    """One pass over all examples, as the configuration batches them."""
-    from torch.utils.data import DataLoader
-
-    from palign.data.datamodule import PackedRows
-    from palign.data.sampling import ResumableShuffleSampler, pack_examples
-    from palign.data.sft import PackedSFTCollator, SFTCollator
-
-    lengths = [len(x) for x in data["input_ids"]]
-    if name.startswith("lightning_packed"):
-        rows = PackedRows(data, pack_examples(lengths, args.max_length, seed=0))
-        loader = DataLoader(rows, batch_size=args.micro_batch, sampler=ResumableShuffleSampler(len(rows), seed=0),
-                            collate_fn=PackedSFTCollator(pad))
-    else:
-        group = args.micro_batch * 16 if name == "lightning_grouped" else 0
-        sampler = ResumableShuffleSampler(len(data), seed=0, lengths=lengths, batch_size=args.micro_batch, group_size=group)
-        loader = DataLoader(data, batch_size=args.micro_batch, sampler=sampler, collate_fn=SFTCollator(pad))
-    return list(loader)
+    return list(train_loader(data, pad, args.micro_batch, seed=0, packing=name == "lightning_packed",
+                             pack_length=args.max_length, group_by_length=name == "lightning_grouped"))
 
 
 def real_tokens(batch) -> int:

@@ -150,26 +150,12 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled micro-batches: length-grouped rows of examples, or packed rows (`packing`)."""
-        dataset = self._datasets["train"]
-        lengths = [len(ids) for ids in dataset["input_ids"]]
+        loader = train_loader(self._datasets["train"], self.tokenizer.pad_token_id, self.micro_batch_size, self.seed,
+                              packing=self.packing, pack_length=self.pack_length, group_by_length=self.group_by_length,
+                              num_workers=self.num_workers, batches_done=self._train_batches_done)
         if self.packing:
-            rows = PackedRows(dataset, pack_examples(lengths, self.pack_length, seed=self.seed))
-            self.stats["train/packed_rows"] = len(rows)
-            sampler = ResumableShuffleSampler(len(rows), seed=self.seed)
-            return ResumableDataLoader(rows, batch_size=self.micro_batch_size, sampler=sampler,
-                                       collate_fn=PackedSFTCollator(self.tokenizer.pad_token_id),
-                                       num_workers=self.num_workers, batches_done=self._train_batches_done)
-        group = self.micro_batch_size * 16 if self.group_by_length else 0
-        sampler = ResumableShuffleSampler(len(dataset), seed=self.seed, lengths=lengths,
-                                          batch_size=self.micro_batch_size, group_size=group)
-        return ResumableDataLoader(
-            dataset,
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
-            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
-            batches_done=self._train_batches_done,
-        )
+            self.stats["train/packed_rows"] = len(loader.dataset)
+        return loader
 
     def _train_batches_done(self) -> int:
         """Batches of the current epoch the training loop has fully processed."""
@@ -180,6 +166,25 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False) if "val" in self._datasets else []
+
+
+def train_loader(dataset, pad_token_id: int, micro_batch_size: int, seed: int, *, packing: bool = False,
+                 pack_length: int | None = None, group_by_length: bool = True, num_workers: int = 0,
+                 batches_done: Callable[[], int] | None = None) -> ResumableDataLoader:
+    """The resumable training loader over tokenized examples: shuffled micro-batches of examples
+    grouped by length (`group_by_length`), or of packed rows of up to `pack_length` tokens."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    if packing:
+        if not pack_length:
+            raise ValueError("packing needs pack_length (tokens per packed row)")
+        rows = PackedRows(dataset, pack_examples(lengths, pack_length, seed=seed))
+        return ResumableDataLoader(rows, batch_size=micro_batch_size, sampler=ResumableShuffleSampler(len(rows), seed=seed),
+                                   collate_fn=PackedSFTCollator(pad_token_id), num_workers=num_workers,
+                                   batches_done=batches_done)
+    group = micro_batch_size * 16 if group_by_length else 0
+    sampler = ResumableShuffleSampler(len(dataset), seed=seed, lengths=lengths, batch_size=micro_batch_size, group_size=group)
+    return ResumableDataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=SFTCollator(pad_token_id),
+                               num_workers=num_workers, batches_done=batches_done)
 
 
 class PackedRows(torch.utils.data.Dataset):

@@ -63,8 +63,12 @@ class ResumableShuffleSampler(Sampler[int]):
         for start in range(0, len(order), self.group_size):
             group = sorted(order[start : start + self.group_size], key=lambda i: -self.lengths[i])
             batches.extend(group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size))
-        shuffled = torch.randperm(len(batches), generator=generator).tolist()
-        return [i for b in shuffled for i in batches[b]]
+        # only full batches are shuffled: a short one in the middle would shift every later batch
+        # boundary of the DataLoader and mix lengths again
+        full = [b for b in batches if len(b) == self.batch_size]
+        partial = [b for b in batches if len(b) != self.batch_size]
+        shuffled = torch.randperm(len(full), generator=generator).tolist()
+        return [i for b in shuffled for i in full[b]] + [i for b in partial for i in b]
 
     def __iter__(self) -> Iterator[int]:
         # read the skip lazily: Lightning creates the iterator before it restores loader states

@@ -292,16 +292,7 @@ class VLLMSufficiencyJudge(SufficiencyJudge):
         self.backend = backend
 
     def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
-        sequences, where = [], []
-        for index, (question, seg, ks) in enumerate(items):
-            head, pieces, tail = self.prefix_tokens(question, seg)
-            for k in ks:
-                sequences.append(head + [t for piece in pieces[:k] for t in piece] + tail)
-                where.append((index, k))
-        out: list[dict[int, float]] = [{} for _ in items]
-        for (index, k), score in zip(where, self.score_encoded(sequences)):
-            out[index][k] = score
-        return out
+        return self._each_prefix_scores(items)  # whichever engine: the vLLM scorer below does every sequence
 
     def score_encoded(self, encoded: Sequence[Sequence[int]]) -> list[float]:
         self.calls += len(encoded)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from palign.llm.chat import encode_user_turn
+from palign.llm.chat import encode_user_turn, render_user_turn
 from palign.llm.generation import SamplingConfig, generate, left_pad
 from palign.truncation.search import Verdict
 from palign.truncation.units import Segmentation
@@ -159,8 +159,6 @@ class SufficiencyJudge:
         tokens of prefix m, which is what lets the one-pass engine share one forward pass.
         """
         user = self.prompt.template.replace("{question}", question).replace("{reasoning_part}", _SENTINEL)
-        from palign.llm.chat import render_user_turn
-
         head_text, tail_text = render_user_turn(self.tokenizer, user, self.chat_template_kwargs).split(_SENTINEL)
         encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         pieces, previous = [], ""
@@ -174,11 +172,15 @@ class SufficiencyJudge:
 
     def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
         """Scores of the prefixes `ks` of each (question, segmentation), by the configured engine."""
-        encoded = [self.prefix_tokens(q, seg) for q, seg, _ in items]
         if self.engine == "one_pass":
-            return [self._one_pass(head, pieces, tail, ks) for (head, pieces, tail), (_, _, ks) in zip(encoded, items)]
+            return [self._one_pass(*self.prefix_tokens(q, seg), ks) for q, seg, ks in items]
+        return self._each_prefix_scores(items)
+
+    def _each_prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
+        """Every requested prefix as its own sequence, all through `score_encoded` (the batched engine)."""
         flat, where = [], []
-        for index, ((head, pieces, tail), (_, _, ks)) in enumerate(zip(encoded, items)):
+        for index, (question, seg, ks) in enumerate(items):
+            head, pieces, tail = self.prefix_tokens(question, seg)
             for k in ks:
                 flat.append(head + [t for piece in pieces[:k] for t in piece] + tail)
                 where.append((index, k))

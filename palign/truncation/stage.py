@@ -152,7 +152,8 @@ class PrefixTruncation:
         if rule.kind == "absolute":
             return [rule.value] * len(records), [None] * len(records)
         if rule.kind == "relative_to_full":
-            full = [scores(i, [s.m])[s.m] for i, s in enumerate(segs)]
+            memo = scores([(i, s.m) for i, s in enumerate(segs)])  # all full traces in one judge call
+            full = [memo[i][s.m] for i, s in enumerate(segs)]
             return [score - rule.value for score in full], full
         return [self._calibrated_quantile(rule, records, segs)] * len(records), [None] * len(records)
 
@@ -178,9 +179,6 @@ class PrefixTruncation:
         if settings.search == FIXED_RATIO:
             chosen = [(fixed_ratio_k(s.m, settings.ratio), [], False, None) for s in segs]
         else:
-            def scores(index: int, ks: Sequence[int]) -> dict[int, float]:
-                return memoized_scores([(index, k) for k in ks])[index]
-
             def memoized_scores(requests: Sequence[tuple[int, int]]) -> list[dict[int, float]]:
                 """Scores per example, computing each prefix once; the one-pass engine scores a
                 trace's every prefix on first touch (the cost of its longest one)."""
@@ -197,7 +195,7 @@ class PrefixTruncation:
                 return memo
 
             if settings.mode == "logits":
-                thresholds, full_scores = self._thresholds(records, segs, scores)
+                thresholds, full_scores = self._thresholds(records, segs, memoized_scores)
             states = [create_search(settings.search, s.m) for s in segs]
 
             def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
