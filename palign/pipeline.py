@@ -62,12 +62,13 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         skip.add("alignment")
     identity = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
                 for key in cfg.run_identity if key in cfg and key not in skip}
-    # how the judge and the continuation are computed does not change what a run means: the back end,
-    # and the judge's engine (both engines give the same scores, within SCORE_TOLERANCE)
-    for node, keys in (("judge", ("backend", "engine", "max_tail_tokens")), ("alignment", ("backend",))):
-        if isinstance(identity.get(node), dict):
-            for key in keys:
-                identity[node].pop(key, None)
+    for dotted in cfg.get("run_identity_ignore", []):  # how a stage computes, not what it computes
+        *parents, leaf = dotted.split(".")
+        node = identity
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return identity
 
 
