@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class RunRecord:
     summary: dict[str, Any]
     source: str
     """Where it was read: the run folder, or the W&B run's URL."""
+    _identities: dict[bool, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    """`_identity` per `used_only`, computed once (each costs a config compose)."""
 
     def get(self, dotted: str, default: Any = None) -> Any:
         """A config value by dotted path (`judge.model.name`), or `default`."""
@@ -226,6 +228,12 @@ def _canonical(value: Any) -> str:
 
 def _identity(run: RunRecord, used_only: bool = True) -> dict[str, Any]:
     """Flattened config values that decide the run's results (see the module docstring)."""
+    if used_only not in run._identities:
+        run._identities[used_only] = _compute_identity(run, used_only)
+    return dict(run._identities[used_only])
+
+
+def _compute_identity(run: RunRecord, used_only: bool) -> dict[str, Any]:
     if "run_identity" not in run.config:
         raise DataFormatError(f"{run.source}: config has no 'run_identity' list; was it written by palign.pipeline?")
     if used_only:
