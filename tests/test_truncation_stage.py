@@ -131,3 +131,54 @@ def test_stats_summarise_ratios_fallbacks_and_tokens():
     assert stats["prefix_ratio_mean"] == 0.625 and stats["fallback_rate"] == 0.5
     assert stats["judge_calls_per_example"] == 5 and stats["tokens_saved_fraction"] == pytest.approx(0.6)
     assert stats["monotone_rate"] == 0.5 and stats["score_median"] == 0.5
+
+
+class RecordingJudge(SufficiencyJudge):
+    """The real judge, remembering every question whose prefixes it scored."""
+
+    def prefix_scores(self, items):
+        self.questions = getattr(self, "questions", []) + [question for question, _, _ in items]
+        return super().prefix_scores(items)
+
+
+def test_traces_over_the_cap_get_no_prefix_are_counted_and_never_judged(tmp_path, smollm2_tokenizer, tiny_model, caplog):
+    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/judge_prompt/paper.yaml")))
+    judges = []
+
+    def factory():
+        judges.append(RecordingJudge(tiny_model, smollm2_tokenizer, prompt, batch_size=4))
+        return judges[-1]
+
+    long_steps = " ".join(f"Step {j}: we add {j} and find {j + 7}." for j in range(60))
+    long = TeacherRecord(id="long", question="What is 7 + 7?", answer="14", long_cot=long_steps)
+    data = [*records(4), long]
+    tokens = {r.id: len(smollm2_tokenizer(r.long_cot, add_special_tokens=False)["input_ids"]) for r in data}
+    cap = max(tokens[r.id] for r in data[:4])
+    assert tokens["long"] > cap  # the other traces fit exactly, at worst
+
+    capped = PrefixTruncation(settings(max_trace_tokens=cap), tmp_path, smollm2_tokenizer, factory, progress=False)
+    with caplog.at_level("INFO", logger="palign.truncation.stage"):
+        rows = capped.run(data)
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2", "p3"]
+    assert capped.stats["skipped_too_long"] == 1 and capped.stats["skipped_no_units"] == 0 and capped.stats["examples"] == 4
+    (judge,) = judges
+    assert "What is 7 + 7?" not in judge.questions  # never read by the judge
+    assert capped.judge_calls == sum(len(r["probes"]) for r in rows) > 0
+    # progress: one line per chunk of 2 traces, and the skipped trace named with its length
+    assert [m for m in caplog.messages if "traces (" in m][-1].startswith("truncation: 4/4 traces (100%)")
+    assert any(f"long ({tokens['long']})" in m and "max_trace_tokens" in m for m in caplog.messages)
+    assert capped(data) == {r["id"]: r["prefix"] for r in rows} and capped.skipped_too_long == 1  # not counted twice
+
+    # the cap selects examples but changes no record: one store, and raising the cap judges only the newcomer
+    uncapped = PrefixTruncation(settings(max_trace_tokens=None), tmp_path, smollm2_tokenizer, factory, progress=False)
+    assert uncapped.folder == capped.folder
+    everything = uncapped.run(data)
+    assert everything[:4] == rows and everything[4]["id"] == "long"
+    assert set(judges[1].questions) == {"What is 7 + 7?"}
+    assert uncapped.judge_calls == len(everything[4]["probes"]) and uncapped.stats["skipped_too_long"] == 0
+    # and the cap applies to stored records too: lowering it again drops the long one without a judge
+    again = PrefixTruncation(settings(max_trace_tokens=cap), tmp_path, smollm2_tokenizer,
+                             lambda: pytest.fail("judge built although nothing is missing"), progress=False)
+    assert again.run(data) == rows and again.skipped_too_long == 1
+    with pytest.raises(ValueError, match="judge.max_trace_tokens must be a positive"):
+        settings(max_trace_tokens=0)

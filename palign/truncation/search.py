@@ -259,19 +259,23 @@ def run_searches(
     judge_batch: JudgeBatch,
     batch_size: int,
     progress: bool = False,
+    on_finished: Callable[[int], object] | None = None,
 ) -> list[SearchResult]:
     """Drive every search to completion, all examples advancing together.
 
     Each round gathers the pending `(example_index, k)` requests of all unfinished examples and
     passes them to `judge_batch` in chunks of at most `batch_size`; `judge_batch` returns one
     `Verdict` per request, in order. Binary search therefore needs as many rounds as its longest
-    example has probes, not the sum over examples.
+    example has probes, not the sum over examples. `on_finished` is told how many searches
+    each judge batch finished (for a caller's own progress over many calls).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with tqdm(total=len(states), disable=not progress, desc="prefix search", unit="trace") as bar:
         unfinished = {index for index, state in enumerate(states) if not state.done}
         bar.update(len(states) - len(unfinished))
+        if on_finished is not None and len(states) > len(unfinished):
+            on_finished(len(states) - len(unfinished))
         while unfinished:
             requests = [(index, k) for index in sorted(unfinished) for k in states[index].pending()]
             if not requests:
@@ -289,6 +293,8 @@ def run_searches(
                 finished_now = {index for index, _ in chunk if states[index].done} & unfinished
                 unfinished -= finished_now
                 bar.update(len(finished_now))
+                if on_finished is not None and finished_now:
+                    on_finished(len(finished_now))
     return [state.result() for state in states]
 
 

@@ -11,16 +11,33 @@ keyed by the example id and a hash of its question and trace. So a sweep that re
 never recomputes it, a superset of examples only computes the new ones, and an interrupted run
 resumes where it stopped (records are appended chunk by chunk; the judge is not even loaded when
 nothing is missing).
+
+Long traces. A judge reads the whole trace for its longest prefix, so one pathological trace (a
+200k-character one took 780 s with the 2-layer test model) can stall the stage. `max_trace_tokens`
+(`judge.max_trace_tokens` in conf/judge/self.yaml) caps the trace the judge may read, counted in
+the student's tokens (the judge's own when the student judges itself, as in the paper). A trace
+over the cap is not judged and gets no prefix: it is counted as `skipped_too_long` in the stats,
+and a prefix target then skips it as "no prefix" (counted in the data stats). Deliberately not the
+full-trace fallback of "no sufficient prefix": that would record a verdict the judge never gave and
+train on a full trace in a run that claims prefixes. The cap selects which examples are truncated
+but changes no record, so it is not part of the store's fingerprint: raising it later computes
+only the newly admitted traces. Fixed-ratio truncation reads no judge and ignores the cap.
+
+Progress: a bar over the traces to compute (on a terminal) and one log line per chunk with the
+rate and the time left, so a long stage shows where it is in a log file too.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic
 from palign.data.teachers import TeacherRecord
@@ -35,7 +52,11 @@ FIXED_RATIO = "fixed_ratio"
 
 @dataclass
 class TruncationSettings:
-    """What decides a prefix (the artifact's identity) and how the work is batched."""
+    """What decides a prefix (the artifact's identity), which traces are judged, and how the work is batched.
+
+    max_trace_tokens: traces longer than this (in the stage tokenizer's tokens) are not judged and
+    get no prefix (see the module docstring); None: no cap. Not part of `identity()`.
+    """
 
     granularity: str = "sentence"
     granularity_options: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +69,12 @@ class TruncationSettings:
     max_new_tokens: int = 256
     batch_size: int = 8
     chunk_size: int = 32
+    max_trace_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        cap = self.max_trace_tokens
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"judge.max_trace_tokens must be a positive number of tokens or null (no cap), got {cap!r}")
 
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {
@@ -89,7 +116,8 @@ class PrefixTruncation:
         self.folder = Path(cache_dir) / "truncation" / f"{settings.search}-{settings.granularity}-{self.key}"
         self._judge: SufficiencyJudge | None = None
         self.judge_calls = 0
-        self.skipped_no_units = 0
+        # record keys, so that running the same records again does not count them twice
+        self.skipped: dict[str, set[str]] = {"no_units": set(), "too_long": set()}
         self.rows_seen: dict[str, dict[str, Any]] = {}  # every example this object truncated or read
 
     # -- public -----------------------------------------------------------------------------------
@@ -102,14 +130,18 @@ class PrefixTruncation:
         if not settings_path.exists():
             write_json_atomic(settings_path, self.settings.identity())
         with RecordStore(self.folder / "records.jsonl", key="key") as store:
+            # the cap applies before the store, so what a run gets never depends on what an
+            # earlier run with another cap stored
+            admitted = self._admitted(records)
             segmentations: dict[str, Segmentation] = {}
             todo: list[TeacherRecord] = []
-            for record in records:
+            for record in admitted:
                 if record_key(record) in store:
                     continue
                 seg = segment(record.long_cot, self.settings.granularity, **self._granularity_options())
                 if seg.m == 0:
-                    continue  # no units: counted as skipped below
+                    self.skipped["no_units"].add(record_key(record))
+                    continue
                 segmentations[record.id] = seg
                 todo.append(record)
             if todo:
@@ -117,21 +149,61 @@ class PrefixTruncation:
                 rule = ThresholdRule.from_config(self.settings.threshold)
                 if self.settings.search != FIXED_RATIO and self.settings.mode == "logits" and rule.kind == "quantile":
                     self._calibrated_quantile(rule, todo, [segmentations[r.id] for r in todo])
-            for start in range(0, len(todo), self.settings.chunk_size):
-                chunk = todo[start : start + self.settings.chunk_size]
-                for row in self._truncate(chunk, [segmentations[r.id] for r in chunk]):
-                    store.add(row)
-            rows = [store.get(record_key(r)) for r in records]
+            self._compute(todo, segmentations, store)
+            rows = [store.get(record_key(r)) for r in admitted]
         kept = [row for row in rows if row is not None]
-        self.skipped_no_units = self.skipped_no_units + len(records) - len(kept)
         self.rows_seen.update((row["key"], row) for row in kept)
         return kept
 
     @property
+    def skipped_no_units(self) -> int:
+        return len(self.skipped["no_units"])
+
+    @property
+    def skipped_too_long(self) -> int:
+        return len(self.skipped["too_long"])
+
+    @property
     def stats(self) -> dict[str, Any]:
-        return truncation_stats(list(self.rows_seen.values()), skipped=self.skipped_no_units)
+        return truncation_stats(list(self.rows_seen.values()), skipped=self.skipped_no_units,
+                                skipped_too_long=self.skipped_too_long)
 
     # -- internals --------------------------------------------------------------------------------
+    def _admitted(self, records: Sequence[TeacherRecord]) -> list[TeacherRecord]:
+        """The records whose trace the judge may read; the others are counted as too long."""
+        cap = self.settings.max_trace_tokens
+        if cap is None or self.settings.search == FIXED_RATIO:
+            return list(records)
+        admitted, too_long = [], []
+        for record in records:
+            length = self._count_tokens(record.long_cot)
+            if length <= cap:
+                admitted.append(record)
+            else:
+                too_long.append(f"{record.id} ({length})")
+                self.skipped["too_long"].add(record_key(record))
+        if too_long:
+            shown = ", ".join(too_long[:10]) + (f" and {len(too_long) - 10} more" if len(too_long) > 10 else "")
+            log.warning("truncation: %d of %d traces are over judge.max_trace_tokens=%d tokens and get no prefix "
+                        "(skipped_too_long): %s", len(too_long), len(records), cap, shown)
+        return admitted
+
+    def _compute(self, todo: Sequence[TeacherRecord], segmentations: Mapping[str, Segmentation], store: RecordStore) -> None:
+        """Truncate `todo` chunk by chunk into the store, showing progress over the traces."""
+        if not todo:
+            return
+        started = time.perf_counter()
+        # tqdm's disable=None: a bar on a terminal only; the log lines below go everywhere
+        with tqdm(total=len(todo), desc="truncation", unit="trace", disable=None if self.progress else True) as bar:
+            for start in range(0, len(todo), self.settings.chunk_size):
+                chunk = todo[start : start + self.settings.chunk_size]
+                for row in self._truncate(chunk, [segmentations[r.id] for r in chunk], on_finished=bar.update):
+                    store.add(row)
+                done = start + len(chunk)
+                elapsed = time.perf_counter() - started
+                log.info("truncation: %d/%d traces (%.0f%%) in %.0f s, %.2f s/trace, about %.0f s left", done, len(todo),
+                         100 * done / len(todo), elapsed, elapsed / done, elapsed / done * (len(todo) - done))
+
     def _granularity_options(self) -> dict[str, Any]:
         options = dict(self.settings.granularity_options)
         if self.settings.granularity == "token_chunk":
@@ -171,13 +243,16 @@ class PrefixTruncation:
         log.info("truncation: calibrated threshold %.3f (quantile %.2f of %d prefix scores)", threshold, rule.value, len(scores))
         return threshold
 
-    def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation]) -> list[dict[str, Any]]:
+    def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation],
+                  on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
         settings = self.settings
         memo: list[dict[int, float]] = [{} for _ in records]  # logits-mode scores by prefix length
         full_scores: list[float | None] = [None] * len(records)
         thresholds: list[float | None] = [None] * len(records)
         if settings.search == FIXED_RATIO:
             chosen = [(fixed_ratio_k(s.m, settings.ratio), [], False, None) for s in segs]
+            if on_finished is not None:
+                on_finished(len(segs))
         else:
             def memoized_scores(requests: Sequence[tuple[int, int]]) -> list[dict[int, float]]:
                 """Scores per example, computing each prefix once; the one-pass engine scores a
@@ -206,7 +281,7 @@ class PrefixTruncation:
                     Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None) for i, k in requests
                 ]
 
-            results = run_searches(states, judge_batch, settings.batch_size, progress=self.progress)
+            results = run_searches(states, judge_batch, settings.batch_size, on_finished=on_finished)
             chosen = [(r.chosen_k, r.probes, r.fallback, r.monotone) for r in results]
             self.judge_calls += sum(len(r.probes) for r in results)
         rows = []
@@ -241,10 +316,14 @@ class PrefixTruncation:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0) -> dict[str, Any]:
-    """Summary of a truncation artifact: ratios, fallbacks, judge cost, tokens saved, score spread."""
+def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0, skipped_too_long: int = 0) -> dict[str, Any]:
+    """Summary of a truncation artifact: ratios, fallbacks, judge cost, tokens saved, score spread.
+
+    skipped: examples without units; skipped_too_long: examples over `max_trace_tokens`. Neither
+    has a row, so neither enters the ratios.
+    """
     if not rows:
-        return {"examples": 0, "skipped_no_units": skipped}
+        return {"examples": 0, "skipped_no_units": skipped, "skipped_too_long": skipped_too_long}
     ratios = [row["prefix_ratio"] for row in rows]
     scores = [p["score"] for row in rows for p in row["probes"] if p["score"] is not None]
     prefix_tokens = sum(row["prefix_tokens"] for row in rows)
@@ -252,6 +331,7 @@ def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0) -> dic
     stats: dict[str, Any] = {
         "examples": len(rows),
         "skipped_no_units": skipped,
+        "skipped_too_long": skipped_too_long,
         "prefix_ratio_mean": statistics.fmean(ratios),
         "prefix_ratio_median": statistics.median(ratios),
         "fallback_rate": sum(bool(row["fallback"]) for row in rows) / len(rows),
