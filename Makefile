@@ -1,4 +1,5 @@
-# Two commands from a fresh clone: `make demo` (the default run) and `make test` (the test suite).
+# Two commands from a fresh clone: `make demo` (the default run) and `make test` (the whole test suite,
+# what CI runs). `make test-fast` leaves out the tests marked slow, for development.
 # Both create or reuse the project-local virtualenv .venv and install what they need.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.palign-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test test-fast install clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, TEST_CACHE
+from conftest import PROJECT_ROOT, stage_cache
 from palign.alignment.continuation import AlignmentSettings, PrefixContinuation, continuation_prompt
 from palign.data.supervision import build_targets
 from palign.data.teachers import GeneratedTeacher, TeacherRecord
@@ -48,8 +48,8 @@ RECORDS = [TeacherRecord(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i 
 PREFIXES = {r.id: f"We add one to {i}." for i, r in enumerate(RECORDS)}
 
 
-def test_filter_keeps_graded_correct_continuations_only(tmp_path, smollm2_tokenizer, student_specs):
-    stage = PrefixContinuation(settings(), tmp_path, lambda: load_model(student_specs["tiny_random"], TEST_CACHE),
+def test_filter_keeps_graded_correct_continuations_only(tmp_path, smollm2_tokenizer, student_specs, cache_dir):
+    stage = PrefixContinuation(settings(), tmp_path, lambda: load_model(student_specs["tiny_random"], cache_dir),
                                smollm2_tokenizer, progress=False)
     rows = stage.run(RECORDS, PREFIXES)
     assert [r["id"] for r in rows] == ["p0", "p1", "p2"] and stage.generated == 3
@@ -72,9 +72,9 @@ def test_filter_keeps_graded_correct_continuations_only(tmp_path, smollm2_tokeni
     assert set(keep_all(RECORDS, PREFIXES)) == {"p0", "p1", "p2"}
 
 
-def test_the_grader_decides_correctness_of_generated_text(tmp_path, smollm2_tokenizer, student_specs):
+def test_the_grader_decides_correctness_of_generated_text(tmp_path, smollm2_tokenizer, student_specs, cache_dir):
     """Real generations of the random tiny model are graded by math-verify: none is right."""
-    stage = PrefixContinuation(settings(), tmp_path, lambda: load_model(student_specs["tiny_random"], TEST_CACHE),
+    stage = PrefixContinuation(settings(), tmp_path, lambda: load_model(student_specs["tiny_random"], cache_dir),
                                smollm2_tokenizer, progress=False)
     assert stage(RECORDS, PREFIXES) == {}
     assert all(r["correct"] is False for r in stage.rows_seen.values())
@@ -83,15 +83,15 @@ def test_the_grader_decides_correctness_of_generated_text(tmp_path, smollm2_toke
     assert len(stage.rows_seen) == 6 and sum(r["prefix"] is None for r in stage.rows_seen.values()) == 3
 
 
-def test_teacher_generation_keeps_correct_traces_and_is_cached(tmp_path, student_specs, shared_data, cache_dir):
-    (tmp_path / "models").symlink_to(cache_dir / "models")  # reuse the converted models, isolate the rest
+def test_teacher_generation_keeps_correct_traces_and_is_cached(tmp_path, student_specs, shared_data):
+    cache = stage_cache(tmp_path)  # the converted models, and nothing generated before
 
     def teacher(**kw):
         return GeneratedTeacher(
             model=student_specs["tiny_random"],
             problems={"kind": "file", "path": str(shared_data / "problems" / "math_train.json")},
             sampling={"max_new_tokens": 6, "do_sample": True, "num_samples": 1, "batch_size": 3, "seed": 1},
-            cache_dir=str(tmp_path), prompts=PROMPTS, problem_limit=3, **kw,
+            cache_dir=str(cache), prompts=PROMPTS, problem_limit=3, **kw,
         )
 
     data = teacher(only_correct=False).load()
@@ -99,5 +99,5 @@ def test_teacher_generation_keeps_correct_traces_and_is_cached(tmp_path, student
     assert data.records[0].answer == "0" and all(r.long_cot for r in data.records)
     strict = teacher().load()  # a random model is never right: every trace is dropped and counted
     assert strict.records == [] and strict.skipped["teacher answer wrong (only_correct)"] == 3
-    (store,) = list((tmp_path / "teacher_generation").glob("*/records.jsonl"))
+    (store,) = list((cache / "teacher_generation").glob("*/records.jsonl"))
     assert len(store.read_text().splitlines()) == 3  # generated once, reused by the second load

@@ -40,11 +40,9 @@ def test_stage_grade_reproduces_the_papers_pass_at_3_on_the_authors_outputs(tmp_
         assert "pass@3 = 26.67" in proc.stdout, proc.stdout
 
 
-def test_stage_truncate_then_train_reuses_the_truncation(tmp_path, cache_dir):
-    # a cache of its own (sharing only the converted models), so the first run really computes
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "models").symlink_to(cache_dir / "models")
-    args = [*SMALL, "baseline=prefix_only", "search=exhaustive", f"paths.cache_dir={tmp_path / 'cache'}"]
+def test_stage_truncate_then_train_reuses_the_truncation(tmp_path):
+    # the test's own cache (compose_config: only the converted models in it), so the first run really computes
+    args = [*SMALL, "baseline=prefix_only", "search=exhaustive"]
     first = run(compose_config([*args, "stage=truncate"], tmp_path))
     assert first["truncation"]["judge_calls_this_run"] > 0
     second = run(compose_config(args, tmp_path))

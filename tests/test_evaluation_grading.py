@@ -22,7 +22,7 @@ from palign.evaluation.grading import (
     math_verify_grade,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
 REFERENCE = SHARED_DATA / "reference"
 
 

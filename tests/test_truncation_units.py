@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from palign.truncation.units import GRANULARITIES, Segmentation, segment
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
 AMC23_TRACES = SHARED_DATA / "teacher" / "skyt1_14b_amc23_longcot.jsonl"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
