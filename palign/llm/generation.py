@@ -3,10 +3,18 @@
 Prompts are single user turns rendered by `palign.llm.chat`; they are sorted by length so each
 batch wastes little padding, left-padded so every row ends at the generation point, and the
 outputs are returned in the caller's order.
+
+Decoding uses exactly the configured `SamplingConfig`. transformers would otherwise complete it
+from the model's generation_config.json and its own defaults (top_k 50 for any model, 20 for
+Qwen2.5/Qwen3, their repetition penalty, min_p, ...), while vLLM, which the authors sampled with,
+applies only the parameters a request carries; palign's back ends share one cache, so they must
+sample alike. `generation_config` therefore sets every sampling knob transformers reads, each to
+its configured value or to the value that turns it off.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +27,11 @@ from palign.llm.chat import encode_user_turn
 
 @dataclass
 class SamplingConfig:
-    """Decoding settings; the defaults are the authors' (T=0.6, top-p 0.9, repetition penalty 1.05)."""
+    """Decoding settings; the defaults are the authors' (T=0.6, top-p 0.9, repetition penalty 1.05).
+
+    top_k: keep only the k most likely tokens; None (or 0) turns it off, as the authors' vLLM
+    sampling had it. Nothing else filters or penalises tokens (see the module docstring).
+    """
 
     max_new_tokens: int = 512
     do_sample: bool = True
@@ -29,6 +41,11 @@ class SamplingConfig:
     num_samples: int = 1
     batch_size: int = 8
     seed: int = 0
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"sampling.top_k must be null or 0 (off) or a positive number of tokens, got {self.top_k!r}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> SamplingConfig:
@@ -37,7 +54,35 @@ class SamplingConfig:
         from omegaconf import DictConfig, OmegaConf
 
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"sampling config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
+
+
+def generation_config(sampling: SamplingConfig | Mapping[str, Any], pad_token_id: int | None, eos_token_id: int | None):
+    """The complete transformers `GenerationConfig` for `sampling`: every knob that changes which
+    token is drawn is set, so none is taken from the model's generation_config.json."""
+    from transformers import GenerationConfig
+
+    sampling = SamplingConfig.from_config(sampling)
+    values: dict[str, Any] = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        num_return_sequences=sampling.num_samples,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        do_sample=sampling.do_sample,
+        num_beams=1,
+        # logits processors, applied in greedy decoding too
+        repetition_penalty=sampling.repetition_penalty,
+        encoder_repetition_penalty=1.0,  # decoder-only models count the prompt as the "encoder input"
+        no_repeat_ngram_size=0,
+    )
+    if sampling.do_sample:
+        # warpers (sampling only); 0 is transformers' "off" for top_k (None would mean 50 or the model's)
+        values.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
+                      min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+    return GenerationConfig(**values)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,27 +124,21 @@ def generate(
     was_training = model.training
     model.eval()
     generator_seed = torch.Generator().manual_seed(sampling.seed)
+    config = generation_config(sampling, pad_id, eos_id)
+    # transformers 4.50-4.x fills "default-looking" values (e.g. temperature=1.0) from the model's
+    # generation_config unless told not to; 5.x fills only unset ones, which `config` has none of
+    extra = {"use_model_defaults": False} if "use_model_defaults" in inspect.signature(model.generate).parameters else {}
     bar = tqdm(total=len(encoded), desc=progress, disable=progress is None, unit="prompt")
     try:
         for start in range(0, len(order), sampling.batch_size):
             batch = order[start : start + sampling.batch_size]
             input_ids, attention = left_pad([encoded[i] for i in batch], pad_id)
             width = input_ids.shape[1]
-            kwargs: dict[str, Any] = dict(
-                max_new_tokens=sampling.max_new_tokens,
-                num_return_sequences=sampling.num_samples,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-                repetition_penalty=sampling.repetition_penalty,
-            )
             if sampling.do_sample:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
                 # one seed per batch position keeps sampling reproducible across resumed runs
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config, **extra
             )
             new_tokens = out[:, width:].cpu()
             for row, i in enumerate(batch):

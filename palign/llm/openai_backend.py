@@ -100,8 +100,10 @@ class OpenAIChatBackend:
         factor) and is at least the server's `Retry-After`.
     timeout_s: per-request socket timeout.
     extra_body: extra JSON fields for every request, e.g. `{repetition_penalty: 1.05}` or
-        `{chat_template_kwargs: {enable_thinking: false}}` for vLLM; `repetition_penalty` is not an
-        OpenAI parameter, so it is sent only from here.
+        `{chat_template_kwargs: {enable_thinking: false}}` for vLLM; `repetition_penalty` and `top_k`
+        are not OpenAI parameters (OpenAI rejects them), so they are sent only from here. A vLLM
+        server adds the model's generation_config.json defaults (e.g. top_k 20 for Qwen) to what a
+        request leaves out unless started with `--generation-config vllm`.
     include_reasoning: prepend a separate `reasoning_content`/`reasoning` field (DeepSeek-R1 and
         vLLM reasoning parsers return the chain of thought there) to the reply text.
     """
@@ -132,7 +134,7 @@ class OpenAIChatBackend:
         self.timeout_s = timeout_s
         self.extra_body = dict(extra_body or {})
         self.include_reasoning = include_reasoning
-        self._warned_repetition_penalty = False
+        self._warned: set[str] = set()  # unsent sampling parameters already warned about
 
     @classmethod
     def from_config(cls, cfg: Any) -> OpenAIChatBackend:
@@ -158,10 +160,13 @@ class OpenAIChatBackend:
         self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any], progress: str | None = None
     ) -> list[list[Generation]]:
         sampling = SamplingConfig.from_config(sampling)
-        if sampling.repetition_penalty != 1.0 and "repetition_penalty" not in self.extra_body and not self._warned_repetition_penalty:
-            log.warning("%s: repetition_penalty=%s is not an OpenAI API parameter and is not sent; put it in "
-                        "extra_body for servers that accept it (vLLM, SGLang)", self.url, sampling.repetition_penalty)
-            self._warned_repetition_penalty = True
+        configured = {"repetition_penalty": sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
+                      "top_k": sampling.top_k or None if sampling.do_sample else None}
+        for name, value in configured.items():
+            if value is not None and name not in self.extra_body and name not in self._warned:
+                log.warning("%s: %s=%s is not an OpenAI API parameter and is not sent; put it in extra_body for "
+                            "servers that accept it (vLLM, SGLang)", self.url, name, value)
+                self._warned.add(name)
         if not user_texts:
             return []
         api_key = self._api_key()

@@ -211,7 +211,12 @@ class VLLMChatBackend:
 
     @staticmethod
     def sampling_kwargs(sampling: SamplingConfig | Mapping[str, Any]) -> dict[str, Any]:
-        """SamplingParams arguments for a `SamplingConfig` (`batch_size` has no meaning for vLLM)."""
+        """SamplingParams arguments for a `SamplingConfig` (`batch_size` has no meaning for vLLM).
+
+        What is left out keeps SamplingParams' own default, which is off for every filter and
+        penalty (top_k, min_p, presence and frequency penalties); vLLM applies the model's
+        generation_config.json only to requests sent without SamplingParams, which palign never does.
+        """
         sampling = SamplingConfig.from_config(sampling)
         kwargs: dict[str, Any] = {
             "n": sampling.num_samples,
@@ -223,6 +228,8 @@ class VLLMChatBackend:
         }
         if sampling.do_sample:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+            if sampling.top_k:
+                kwargs["top_k"] = sampling.top_k
         else:
             kwargs["temperature"] = 0.0
         return kwargs
