@@ -10,6 +10,7 @@ reopening, and whole files are written to a temporary name and moved into place 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,34 @@ class DataFormatError(ValueError):
     """Bad input data: the message names the file, the line and the field and says how to fix it."""
 
 
+class DiskFullError(OSError):
+    """A write failed because the disk or the user's quota is full; names the file being written.
+
+    An `OSError` (with the original `errno`, and the original error as `__cause__`), so code that
+    already handles write failures keeps handling this one.
+    """
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised inside into a `DiskFullError` naming `path`; other errors pass."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, DiskFullError) or err.errno not in _DISK_FULL:
+            raise
+        full = DiskFullError(
+            f"{path}: disk full ({_DISK_FULL[err.errno]}) while writing this file; free space on the disk "
+            f"holding {Path(path).parent} (or point paths.root / paths.cache_dir at a larger disk) and rerun: "
+            "finished work is kept"
+        )
+        full.errno = err.errno
+        raise full from err
+
+
 def fingerprint(*parts: Any, length: int = 16) -> str:
     """A stable hex digest of JSON-serialisable parts (dict key order does not matter)."""
     payload = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
@@ -35,22 +64,25 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary sibling path; on success move it onto `target` in one `os.replace`.
 
     Works for files and folders (a folder target is replaced whole). On error the temporary path
-    is removed and `target` is untouched.
+    is removed and `target` is untouched. A full disk (ENOSPC, EDQUOT) while writing raises `DiskFullError` naming `target`: the caller
+    writes to a temporary name it never chose, so the raw error would name a file nobody knows.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with _naming_a_full_disk(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     inner = tmp / (target.name + suffix)
     try:
-        yield inner
-        if target.is_dir() and not target.is_symlink():
-            # os.replace cannot replace a non-empty folder: move the old one aside first.
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(inner, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(inner, target)
+        with _naming_a_full_disk(target):
+            yield inner
+            if target.is_dir() and not target.is_symlink():
+                # os.replace cannot replace a non-empty folder: move the old one aside first.
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(inner, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(inner, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -73,10 +105,28 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Mapping[str, A
     return count
 
 
+def _invalid_utf8(path: Path, data: bytes, err: UnicodeDecodeError, first_lineno: int = 1) -> DataFormatError:
+    """The error for undecodable `data` (a line, or a whole file starting at `first_lineno`)."""
+    lineno = first_lineno + data.count(b"\n", 0, err.start)
+    column = err.start - data.rfind(b"\n", 0, err.start)  # 1-based, in bytes
+    return DataFormatError(
+        f"{path}:{lineno}: invalid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+        "JSON files must be UTF-8: re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+    )
+
+
 def read_json(path: str | os.PathLike) -> Any:
+    """One JSON document; malformed JSON or invalid UTF-8 raises naming file and line."""
     path = Path(path)
+    raw = path.read_bytes()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _invalid_utf8(path, raw, err) from err
+    if not text.strip():
+        raise DataFormatError(f"{path}: the file is empty (0 bytes or only blank lines); expected one JSON document")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataFormatError(
             f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
@@ -119,10 +169,18 @@ def file_digests(folder: str | os.PathLike, pattern: str = "*.safetensors") -> d
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line number, object)` for a JSONL file; a malformed line raises naming file and line."""
+    """Yield `(line number, object)` for a JSONL file; a malformed line raises naming file and line.
+
+    Blank lines are skipped. Lines are decoded one at a time, so invalid UTF-8 is reported with its
+    line rather than as a bare `UnicodeDecodeError` from deep inside the file object.
+    """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _invalid_utf8(path, raw, err, first_lineno=lineno) from err
             if not line.strip():
                 continue
             try:
@@ -210,13 +268,21 @@ class RecordStore:
     def _load(self) -> None:
         good_bytes = 0
         with open(self.path, "rb") as f:
-            for raw in f:
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError:
-                    break  # a torn line can only be the last one written before a crash
+            for lineno, raw in enumerate(f, start=1):
                 if not raw.endswith(b"\n"):
-                    break
+                    break  # a torn line: only the last write before a crash lacks its newline
+                # A complete line was written whole by `add`; if it does not read back, the file was
+                # damaged afterwards, and truncating here would silently drop every later record.
+                damaged = f"{self.path}:{lineno}: damaged record store"
+                fix = f"delete {self.path} (and its .complete marker) to recompute this stage"
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    raise DataFormatError(f"{damaged}: invalid UTF-8 at column {err.start + 1}; {fix}") from err
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(f"{damaged}: malformed JSON ({err.msg} at column {err.colno}); {fix}") from err
+                if not isinstance(obj, dict) or obj.get(self.key) is None:
+                    raise DataFormatError(f"{damaged}: line has no value for field '{self.key}'; {fix}")
                 self._records[str(obj[self.key])] = obj
                 good_bytes += len(raw)
         if good_bytes < self.path.stat().st_size:
@@ -239,11 +305,27 @@ class RecordStore:
         key = str(record[self.key])
         if key in self._records:
             return
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        size = None
+        with _naming_a_full_disk(self.path):
+            try:
+                if self._file is None:
+                    self._file = open(self.path, "a", encoding="utf-8")
+                size = os.fstat(self._file.fileno()).st_size
+                self._file.write(line)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError:
+                # Drop what this write left behind (a torn line, a half-full buffer), so that a later
+                # `add`, or reopening the store, starts from the last complete record.
+                file, self._file = self._file, None
+                if file is not None:
+                    with contextlib.suppress(OSError):
+                        file.close()
+                if size is not None:
+                    with contextlib.suppress(OSError):
+                        os.truncate(self.path, size)
+                raise
         self._records[key] = dict(record)
 
     def seal(self, summary: Mapping[str, Any] | None = None) -> None:

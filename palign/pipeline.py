@@ -420,7 +420,12 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
 
 
 def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
-    """Grade an existing prediction file (`predictions=PATH`) and print its metrics."""
+    """Grade an existing prediction file (`predictions=PATH`) and print its metrics.
+
+    The per-sample grades go to `<run dir>/<input stem>.graded.jsonl`, in the format evaluation
+    writes (so a pass@1 can be traced to the samples behind it); the summary records its path.
+    """
+    from palign.artifacts import write_jsonl_atomic
     from palign.evaluation.grading import GradingPool
     from palign.evaluation.predictions import grade_prediction_file
 
@@ -430,7 +435,11 @@ def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
     path = Path(cfg.predictions)
     with GradingPool(num_workers=cfg.evaluation.grading.workers, timeout_s=cfg.evaluation.grading.timeout_s) as pool:
         rows, summary = grade_prediction_file(path, pool)
+    graded = ctx.run_dir / f"{path.stem}.graded.jsonl"
+    write_jsonl_atomic(graded, rows)
     print(f"{path}: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}" for k, v in summary.items()))
+    print(f"per-sample grades written to {graded}")
+    summary["graded"] = str(graded)
     ctx.summary.setdefault("graded", {})[str(path)] = summary
     save_summary(ctx)
     tracker.log_summary({f"grade/{k}": v for k, v in summary.items()})

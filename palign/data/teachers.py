@@ -8,14 +8,28 @@ source metadata), so truncation, alignment and SFT never care where a trace came
   hub or from a local file in the same schema.
 - `JsonlTeacher`: any local JSON/JSONL file with configurable field names and marker stripping.
 Records that cannot be used are skipped and counted per reason (`TeacherData.skipped`).
+
+Fields are never turned into text with `str()`: a null question would reach the prompt as "None"
+and a list as its Python repr. What each field accepts (anything else is a `DataFormatError`
+naming file, line and field):
+- question and teacher trace: a string. An empty or blank one skips the record and is counted
+  ("empty question", "empty teacher trace"); null, a number, a list or an object is an error.
+- gold answer: optional. A string, or a number (`142.0` -> "142", see `answer_to_text`); null or
+  an empty string means "no gold answer" (the record is kept with `answer=None`; `only_correct`
+  skips and counts it). A boolean, a list or an object is an error.
+- id: a non-empty string or an integer (`7` -> "7"); null, a float, a boolean, a list or an object
+  is an error, and so is an id that repeats (the message names both lines).
+- short CoT: optional, a string or null.
+A teacher file with no records at all (0 bytes, only blank lines, or `[]`) is an error too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +69,69 @@ def _answer_text(value: Any) -> str | None:
     return answer_to_text(value) or None
 
 
+def _json_kind(value: Any) -> str:
+    """How a value reads in the file: `null`, `a boolean (true)`, `a number (3.5)`, `a list ([...])`."""
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    if value is None:
+        return "null"
+    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
+            else "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict)
+            else f"a {type(value).__name__}")
+    return f"{kind} ({shown})"
+
+
+def _text_field(value: Any, field: str, where: str, what: str, setting: str | None = None) -> str:
+    """A required text field as it is; anything but a string is refused, never stringified.
+
+    `setting` is the config key that names the field, if the user chose it (told in the message).
+    """
+    if isinstance(value, str):
+        return value
+    fix = f"fix the record, or set {setting} to the field that holds {what}" if setting else "fix the record"
+    raise DataFormatError(f"{where}: field '{field}' must be a string ({what}), got {_json_kind(value)}; {fix}")
+
+
+def _optional_text_field(value: Any, field: str, where: str, what: str, setting: str | None = None) -> str | None:
+    return None if value is None else _text_field(value, field, where, what, setting)
+
+
+def _answer_field(value: Any, field: str, where: str) -> str | None:
+    """An optional gold answer: text or a number; null or "" is no answer."""
+    try:
+        return _answer_text(value)
+    except TypeError as err:
+        raise DataFormatError(
+            f"{where}: field '{field}' is not a usable gold answer: {err}; "
+            "store the answer as a string or a number, or null when there is none"
+        ) from err
+
+
+def _id_field(value: Any, field: str, where: str) -> str:
+    """A record id: a non-empty string, or an integer (one spelling only: 7 -> "7")."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise DataFormatError(
+        f"{where}: field '{field}' must be a non-empty string or an integer (the record id), got "
+        f"{_json_kind(value) if not isinstance(value, str) else 'an empty string'}; fix the record, or set "
+        "the teacher's id field to null to number records by row"
+    )
+
+
+def _file_records(path: str | Path, setting: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`iter_records(path)`, refusing a file without a single record: an empty or truncated copy
+    would otherwise become an empty training set, noticed (if at all) stages later."""
+    empty = True
+    for where, row in iter_records(path):
+        empty = False
+        yield where, row
+    if empty:
+        what = "holds an empty JSON list" if Path(path).suffix == ".json" else "is empty (0 bytes or only blank lines)"
+        raise DataFormatError(f"{path}: the file {what}, so there are no records; point {setting} at a file of records")
+
+
 def champ_problems(version: str = "v0") -> list[tuple[str, str, str | None]]:
     """(id, problem text, gold answer) of every CHAMP problem, in the package's order."""
     import champ_dataset
@@ -66,27 +143,34 @@ class Teacher:
     """Base class: `load()` returns `TeacherData`; `limit` keeps the first N usable records."""
 
     name = "teacher"
+    id_hint = "make the record ids unique"
+    """How to fix a repeated id: which field holds it and what to change."""
 
     def __init__(self, limit: int | None = None, only_correct: bool = False):
         self.limit = limit
         self.only_correct = only_correct
 
-    def _iter_records(self, skipped: Counter):
+    def _iter_records(self, skipped: Counter) -> Iterator[tuple[str, TeacherRecord]]:
+        """Yield `(where, record)`; `where` ("file:line") is what error messages cite."""
         raise NotImplementedError
 
     def load(self) -> TeacherData:
         skipped: Counter = Counter()
         records: list[TeacherRecord] = []
-        seen: set[str] = set()
-        for record in self._iter_records(skipped):
+        first_seen: dict[str, str] = {}  # id -> where; ids key every cached stage, so they must be unique
+        for where, record in self._iter_records(skipped):
+            # every record's id counts, skipped or not: a repeat means the id field is not an id
+            if record.id in first_seen:
+                raise DataFormatError(
+                    f"{where}: id '{record.id}' repeats {first_seen[record.id]}; ids must be unique ({self.id_hint})"
+                )
+            first_seen[record.id] = where
             if not record.question.strip():
                 skipped["empty question"] += 1
                 continue
             if not record.long_cot.strip():
                 skipped["empty teacher trace"] += 1
                 continue
-            if record.id in seen:
-                raise DataFormatError(f"{self.name}: duplicate record id '{record.id}'; ids must be unique")
             if self.only_correct:
                 if record.answer is None:
                     skipped["no gold answer (only_correct)"] += 1
@@ -94,7 +178,6 @@ class Teacher:
                 if not self._trace_is_correct(record):
                     skipped["teacher answer wrong (only_correct)"] += 1
                     continue
-            seen.add(record.id)
             records.append(record)
             if self.limit is not None and len(records) >= self.limit:
                 break
@@ -128,6 +211,7 @@ class ChampTeacher(Teacher):
         dataset = champ_dataset.load(self.version)
         key = f"{self.model}|{self.setting}"
         for problem in dataset.problems.values():
+            where = f"champ-dataset {self.version}: problem {problem.identifier}"
             conversation = (problem.conversations or {}).get(key)
             if conversation is None:
                 raise DataFormatError(
@@ -139,7 +223,7 @@ class ChampTeacher(Teacher):
                 skipped["teacher reply missing or cut at length"] += 1
                 continue
             steps = [step.text for step in problem.solution.steps] if problem.solution else []
-            yield TeacherRecord(
+            yield where, TeacherRecord(
                 id=problem.identifier,
                 question=problem.text,
                 answer=_answer_text(problem.answer),
@@ -195,18 +279,25 @@ class JsonlTeacher(Teacher):
             text = text.replace(marker, "\n\n" if marker.strip() else marker)
         return re.sub(r"\n{3,}", "\n\n", text).strip()
 
+    @property
+    def id_hint(self) -> str:
+        return (f"field '{self.id_field}': set teacher.source.id_field to a field that is unique, "
+                "or to null to number records by row")
+
     def _iter_records(self, skipped: Counter):
-        for index, (where, row) in enumerate(iter_records(self.path)):
-            trace = require_field(row, self.long_cot_field, where)
-            if not isinstance(trace, str):
-                raise DataFormatError(f"{where}: field '{self.long_cot_field}' must be a string, got {type(trace).__name__}")
-            short = require_field(row, self.short_cot_field, where) if self.short_cot_field else None
-            yield TeacherRecord(
-                id=str(require_field(row, self.id_field, where)) if self.id_field else str(index),
-                question=str(require_field(row, self.question_field, where)),
-                answer=_answer_text(require_field(row, self.answer_field, where)) if self.answer_field else None,
+        for index, (where, row) in enumerate(_file_records(self.path, "teacher.source.path")):
+            get = lambda name: require_field(row, name, where)  # noqa: E731
+            trace = _text_field(get(self.long_cot_field), self.long_cot_field, where, "the teacher's long CoT",
+                                "teacher.source.long_cot_field")
+            short = (_optional_text_field(get(self.short_cot_field), self.short_cot_field, where, "the short CoT",
+                                          "teacher.source.short_cot_field") if self.short_cot_field else None)
+            yield where, TeacherRecord(
+                id=_id_field(get(self.id_field), self.id_field, where) if self.id_field else str(index),
+                question=_text_field(get(self.question_field), self.question_field, where, "the problem text",
+                                     "teacher.source.question_field"),
+                answer=_answer_field(get(self.answer_field), self.answer_field, where) if self.answer_field else None,
                 long_cot=self._clean(trace),
-                short_cot=short.strip() if isinstance(short, str) and short.strip() else None,
+                short_cot=short.strip() if short and short.strip() else None,
                 source={"dataset": str(self.path), "where": where},
             )
 
@@ -219,39 +310,54 @@ class S1KTeacher(Teacher):
     """
 
     name = "s1k"
+    id_hint = "field 'id': make the ids unique, or drop the field to number records by row"
 
     def __init__(self, path: str = "simplescaling/s1K-1.1", split: str = "train", short_answer_chars: int = 64, **kw):
         super().__init__(**kw)
         self.path, self.split, self.short_answer_chars = path, split, short_answer_chars
 
-    def _load_rows(self):
-        import datasets
-
+    def _rows(self) -> Iterator[tuple[str, Any]]:
+        """`(where, row)`: JSON/JSONL through the strict reader (file:line in errors), the rest via `datasets`."""
         local = Path(self.path)
         if local.exists():
-            fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
-            if fmt is None:
+            if local.suffix in (".jsonl", ".json"):
+                yield from _file_records(local, "teacher.source.path")
+                return
+            if local.suffix not in (".parquet", ".csv"):
                 raise DataFormatError(f"{local}: unsupported file type; use .jsonl, .json, .parquet or .csv")
-            return datasets.load_dataset(fmt, data_files=str(local), split="train")
-        return datasets.load_dataset(self.path, split=self.split)
+            import datasets
+
+            rows = datasets.load_dataset(local.suffix[1:], data_files=str(local), split="train")
+        else:
+            import datasets
+
+            rows = datasets.load_dataset(self.path, split=self.split)
+        for index, row in enumerate(rows):
+            yield f"{self.path}[{index}]", row
 
     def _iter_records(self, skipped: Counter):
-        for index, row in enumerate(self._load_rows()):
-            where = f"{self.path}[{index}]"
-            solution = str(require_field(row, "solution", where) or "")
+        for index, (where, row) in enumerate(self._rows()):
+            solution = require_field(row, "solution", where)
+            # the reference solution, or a bare answer that a CSV/parquet reader may have typed as a number
+            if isinstance(solution, (int, float)):
+                solution = _answer_field(solution, "solution", where) or ""
+            else:
+                solution = _optional_text_field(solution, "solution", where, "the reference solution") or ""
             answer = extract_boxed_answer(solution)
             if answer is None and 0 < len(solution.strip()) <= self.short_answer_chars:
                 answer = solution.strip()
-            yield TeacherRecord(
-                id=str(row.get("id", index)) if isinstance(row, dict) else str(index),
-                question=str(require_field(row, "question", where)),
+            attempt = _optional_text_field(row.get("deepseek_attempt"), "deepseek_attempt", where, "the teacher's final answer")
+            trajectory = require_field(row, "deepseek_thinking_trajectory", where)
+            yield where, TeacherRecord(
+                id=_id_field(row["id"], "id", where) if "id" in row else str(index),
+                question=_text_field(require_field(row, "question", where), "question", where, "the problem text"),
                 answer=answer,
-                long_cot=str(require_field(row, "deepseek_thinking_trajectory", where) or "").strip(),
+                long_cot=_text_field(trajectory, "deepseek_thinking_trajectory", where, "the teacher's long CoT").strip(),
                 short_cot=solution.strip() or None,
                 source={
                     "dataset": self.path,
                     "index": index,
-                    "final_answer_text": str(row.get("deepseek_attempt") or "") or None,
+                    "final_answer_text": attempt or None,
                 },
             )
 
@@ -305,13 +411,23 @@ class GeneratedTeacher(Teacher):
             path = self.problems_cfg.get("path")
             if not path:
                 raise ValueError("teacher=generate with problems.kind=file needs teacher.source.problems.path")
-            rows = []
-            for index, (where, row) in enumerate(iter_records(path)):
-                id_field = self.problems_cfg.get("id_field")
+            id_field = self.problems_cfg.get("id_field")
+            question_field = self.problems_cfg.get("question_field", "problem")
+            answer_field = self.problems_cfg.get("answer_field", "answer")
+            rows, first_seen = [], {}
+            for index, (where, row) in enumerate(_file_records(path, "teacher.source.problems.path")):
+                problem_id = _id_field(require_field(row, id_field, where), id_field, where) if id_field else str(index)
+                if problem_id in first_seen:  # generations are stored by problem id
+                    raise DataFormatError(
+                        f"{where}: id '{problem_id}' repeats {first_seen[problem_id]}; ids must be unique: set "
+                        f"teacher.source.problems.id_field (now '{id_field}') to a unique field, or to null to number problems by row"
+                    )
+                first_seen[problem_id] = where
                 rows.append((
-                    str(require_field(row, id_field, where)) if id_field else str(index),
-                    str(require_field(row, self.problems_cfg.get("question_field", "problem"), where)),
-                    _answer_text(require_field(row, self.problems_cfg.get("answer_field", "answer"), where)),
+                    problem_id,
+                    _text_field(require_field(row, question_field, where), question_field, where, "the problem text",
+                                "teacher.source.problems.question_field"),
+                    _answer_field(require_field(row, answer_field, where), answer_field, where),
                 ))
         else:
             raise ValueError(f"teacher.source.problems.kind must be champ or file, got '{kind}'")
@@ -355,8 +471,8 @@ class GeneratedTeacher(Teacher):
                 store.__contains__, sampling, grade_and_store, chunk_size=self.chunk_size, progress="teacher generation",
             )
             rows = [store.get(pid) for pid, _, _ in problems]
-        for row in rows:
-            yield TeacherRecord(
+        for row in rows:  # problem ids were checked unique above; the store is where the trace lives
+            yield f"{store.path}: problem {row['id']}", TeacherRecord(
                 id=row["id"], question=row["question"], answer=row["answer"], long_cot=row["trace"],
                 source={"dataset": "generated", "teacher": teacher_name, "correct": row["correct"], "finished": row["finished"]},
             )

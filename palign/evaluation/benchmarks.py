@@ -1,10 +1,13 @@
 """The four evaluation benchmarks of Table 1: AIME24, AIME25, AMC12, MATH500 (paper §3, §7.1).
 
 Each benchmark is described by a plain config node in `conf/benchmark/*.yaml` whose keys are the
-arguments of `load_benchmark`. A benchmark is read from a local JSON/JSONL copy when one exists
-(the authors' own test files, kept in the shared data folder) and otherwise from the Hugging Face
-Hub. The files disagree on field names and on the type of `answer` (str, int or float such as
-AMC12's `142.0`), so every answer is normalised to the text math-verify will be given.
+arguments of `load_benchmark`. A benchmark is read from its local JSON/JSONL copy (`local_path`:
+the authors' own test files, kept in the shared data folder), or from the Hugging Face Hub when
+`local_path` is null. A `local_path` that does not exist is an error, never a quiet switch to the
+Hub copy, whose problems, order and answers may differ from the file the user meant. The files
+disagree on field names and on the type of `answer` (str, int or float such as AMC12's `142.0`),
+so every answer is normalised to the text math-verify will be given, and a gold answer that
+math-verify cannot parse is an error: it would grade every sample of its problem wrong.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from palign.artifacts import DataFormatError, iter_records, require_field
-from palign.evaluation.grading import answer_to_text
+from palign.evaluation.grading import answer_to_text, check_gold_answer
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,17 @@ def _problem_from_record(
         raise DataFormatError(
             f"{where}: field '{problem_field}' must be a non-empty string, got {problem!r:.80}"
         )
-    problem_id = str(require_field(record, id_field, where)) if id_field else str(index)
+    if id_field:
+        raw_id = require_field(record, id_field, where)
+        # an integer has one spelling; null, floats, booleans and lists would become "None", "3.0", ...
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
+            raise DataFormatError(
+                f"{where}: field '{id_field}' must be a non-empty string or an integer (the problem id), "
+                f"got {raw_id!r:.80}; set `id_field` to a field that holds ids, or to null to number problems by row"
+            )
+        problem_id = str(raw_id)
+    else:
+        problem_id = str(index)
     return BenchmarkProblem(id=problem_id, problem=problem, answer=answer)
 
 
@@ -68,13 +81,14 @@ def load_benchmark(
     exclude_ids: Sequence[str] = (),
     numeric_answers_only: bool = False,
 ) -> list[BenchmarkProblem]:
-    """Load benchmark `name` from `local_path` if that file exists, else from the Hub, or from an
+    """Load benchmark `name` from `local_path`, from the Hub (`local_path` null), or from an
     installed data package (`package: champ`, the offline default's held-out problems).
 
     Args:
         name: short name used in messages and result tables (e.g. "aime24").
-        local_path: a `.jsonl` file or a `.json` list of objects.
-        hub_id, hub_split: `datasets.load_dataset(hub_id, split=hub_split)` when no local file.
+        local_path: a `.jsonl` file or a `.json` list of objects; it must exist. Null reads the
+            benchmark from the Hub instead.
+        hub_id, hub_split: `datasets.load_dataset(hub_id, split=hub_split)` when `local_path` is null.
         problem_field, answer_field: field names of the problem text and the gold answer.
         id_field: field holding a problem id; None numbers problems by row (0, 1, ...).
         limit: keep only the first `limit` problems (for quick runs).
@@ -84,8 +98,10 @@ def load_benchmark(
             fraction), which math-verify grades reliably.
 
     Raises:
-        DataFormatError: a malformed line or a missing/empty field, naming file, line and field.
-        FileNotFoundError: no local file and no `hub_id`, or the Hub could not be reached.
+        DataFormatError: a malformed line, a missing/empty field, a repeated id or a gold answer
+            that math-verify cannot parse, naming file, line and field.
+        FileNotFoundError: `local_path` does not exist; or it is null and there is no `hub_id`,
+            or the Hub could not be reached.
     """
     rows: Iterator[tuple[str, Mapping[str, Any]]]
     if package == "champ":
@@ -93,14 +109,21 @@ def load_benchmark(
         id_field = "id"
     elif package is not None:
         raise ValueError(f"benchmark '{name}': unknown package '{package}' (known: champ)")
-    elif local_path is not None and Path(local_path).exists():
+    elif local_path is not None:
+        if not Path(local_path).is_file():
+            hub = (f"or set it to null to load '{hub_id}' from the Hugging Face Hub"
+                   if hub_id is not None else "(there is no hub_id to load it from instead)")
+            missing = "is not a file" if Path(local_path).exists() else "does not exist"
+            raise FileNotFoundError(
+                f"benchmark '{name}': local_path {local_path} {missing}; fix `local_path` "
+                f"(conf/benchmark/{name}.yaml, or paths.shared_data / PALIGN_SHARED_DATA) {hub}"
+            )
         rows = iter_records(local_path)
     elif hub_id is not None:
-        rows = _hub_rows(name, local_path, hub_id, hub_split)
+        rows = _hub_rows(name, hub_id, hub_split)
     else:
         raise FileNotFoundError(
-            f"benchmark '{name}': local file {local_path} does not exist and no hub_id is set; "
-            f"fix `local_path` in conf/benchmark/{name}.yaml or set `hub_id`"
+            f"benchmark '{name}': neither local_path nor hub_id is set; set one in conf/benchmark/{name}.yaml"
         )
     problems = []
     first_seen: dict[str, str] = {}  # id -> where; ids key result stores, so they must be unique
@@ -117,9 +140,11 @@ def load_benchmark(
                 "set `id_field` to a unique field, or to null to number problems by row"
             )
         first_seen[problem.id] = where
+        check_gold_answer(problem.answer, where, answer_field)
         problems.append(problem)
     if not problems:
-        raise DataFormatError(f"benchmark '{name}': no problems found")
+        source = local_path if local_path is not None else package or hub_id
+        raise DataFormatError(f"benchmark '{name}': no problems found in {source}")
     return problems
 
 
@@ -133,17 +158,15 @@ def _champ_rows() -> Iterator[tuple[str, Mapping[str, Any]]]:
         yield f"champ-dataset:{problem_id}", {"id": problem_id, "problem": text, "answer": answer}
 
 
-def _hub_rows(
-    name: str, local_path: str | os.PathLike | None, hub_id: str, hub_split: str
-) -> Iterator[tuple[str, Mapping[str, Any]]]:
+def _hub_rows(name: str, hub_id: str, hub_split: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
     import datasets  # heavy; only needed without a local copy
 
     try:
         dataset = datasets.load_dataset(hub_id, split=hub_split)
     except Exception as err:
         raise FileNotFoundError(
-            f"benchmark '{name}': no local file ({local_path}) and loading '{hub_id}' split "
-            f"'{hub_split}' from the Hugging Face Hub failed: {err}"
+            f"benchmark '{name}': loading '{hub_id}' split '{hub_split}' from the Hugging Face Hub "
+            f"failed (local_path is null): {err}"
         ) from err
     for index, row in enumerate(dataset):
         yield f"{hub_id}[{hub_split}] row {index}", row

@@ -28,6 +28,8 @@ from typing import Any
 from math_verify import parse, verify
 from tqdm.auto import tqdm
 
+from palign.artifacts import DataFormatError
+
 GradeFn = Callable[[str, Any], tuple[bool, str | None]]
 """Grades one `(output, gold)` pair: returns `(correct, extracted answer or None)`; may raise."""
 
@@ -95,6 +97,52 @@ def answer_to_text(answer: Any) -> str:
     raise TypeError(f"a gold answer must be str, int or float, got {type(answer).__name__}: {answer!r}")
 
 
+def _signal_timeout() -> int | None:
+    # math-verify's timeouts use `signal.alarm`, which only a process's main thread may set
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def parse_gold(gold: Any) -> list:
+    """The gold answer as the grader sees it: math-verify's `parse("$" + gold + "$")`."""
+    return parse("$" + answer_to_text(gold) + "$", parsing_timeout=_signal_timeout())
+
+
+def gold_answer_problem(gold: Any) -> str | None:
+    """Why no sample could ever be graded correct against `gold`, or None when it is gradable.
+
+    A gold answer is gradable when math-verify turns it into a math expression. When it cannot
+    (an empty string, a truncated `\\frac{11}{`), `parse` returns nothing or only the raw text,
+    and `verify` then grades every sample wrong without any error: a silently lower pass@1.
+    """
+    try:
+        text = answer_to_text(gold)
+    except TypeError as err:
+        return str(err)
+    if not text:
+        return "the gold answer is empty"
+    try:
+        parsed = parse_gold(text)
+    except Exception as err:  # math-verify's own timeout, or a parser crash
+        return f"math-verify failed to parse it ({type(err).__name__}: {err})"
+    if not any(not isinstance(item, str) for item in parsed):
+        return f"math-verify cannot read the gold answer '{text}' as a math expression"
+    return None
+
+
+def check_gold_answer(answer: str, where: str, field: str) -> None:
+    """Raise unless math-verify can grade against `answer` (see `gold_answer_problem`).
+
+    Shared by benchmark files and `stage=grade` prediction files: both refuse such a problem
+    rather than skip it, so a pass@1 is always over every problem of the file.
+    """
+    problem = gold_answer_problem(answer)
+    if problem is not None:
+        raise DataFormatError(
+            f"{where}: field '{field}': {problem}, so every sample of this problem would be graded wrong; "
+            "fix the gold answer (a complete LaTeX or plain expression such as \\frac{11}{3}) or remove the problem"
+        )
+
+
 def math_verify_grade(output: str, gold: Any) -> tuple[bool, str | None]:
     """The authors' grader: `verify(parse("$gold$"), parse(output))`; returns (correct, extracted).
 
@@ -103,9 +151,8 @@ def math_verify_grade(output: str, gold: Any) -> tuple[bool, str | None]:
     are switched off, because math-verify would otherwise refuse to run; there the only guard is
     the pool's hard timeout.
     """
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    signal_timeout = 5 if on_main_thread else None
-    gold_parsed = parse("$" + answer_to_text(gold) + "$", parsing_timeout=signal_timeout)
+    signal_timeout = _signal_timeout()
+    gold_parsed = parse_gold(gold)
     pred = parse(output, parsing_timeout=signal_timeout)
     extracted = str(pred[1]) if len(pred) > 1 else None
     correct = verify(gold_parsed, pred, timeout_seconds=signal_timeout)

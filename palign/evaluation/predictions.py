@@ -15,9 +15,8 @@ from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from palign.artifacts import DataFormatError, require_field
-from palign.artifacts import iter_records
-from palign.evaluation.grading import GradingPool, answer_to_text
+from palign.artifacts import DataFormatError, iter_records, require_field
+from palign.evaluation.grading import GradingPool, answer_to_text, check_gold_answer
 from palign.evaluation.metrics import summarize_correctness
 
 PAPER_BENCHMARKS: tuple[str, ...] = ("aime25", "aime24", "amc12", "math500")
@@ -34,12 +33,17 @@ def grade_prediction_file(
     """Grade every sample of a prediction file.
 
     Returns `(rows, summary)`: one row per problem with `id`, `problem` (or None), `answer`
-    (normalised gold) and per-sample lists `correct`, `extracted`, `timed_out`, `error`; and
+    (normalised gold) and per-sample lists `output`, `correct`, `extracted`, `timed_out`, `error`; and
     `summarize_correctness` of the correctness matrix plus `num_timeouts` and `num_errors`.
 
+    Every problem of the file is graded, none is skipped: a gold answer that math-verify cannot
+    parse (empty, or truncated like `\\frac{11}{`) is an error before any grading, as it is in
+    `load_benchmark`, because it would grade all of its samples wrong without any error counted.
+
     Raises:
-        DataFormatError: a malformed line, a missing `answer`/`output`, a non-string sample, or
-            a line with a different number of samples than the first, naming file and line.
+        DataFormatError: a malformed line, a missing `answer`/`output`, a gold answer math-verify
+            cannot parse, a non-string sample, a null/list id, or a line with a different number
+            of samples than the first, naming file, line and field.
     """
     problems: list[dict[str, Any]] = []
     num_samples: int | None = None
@@ -49,6 +53,7 @@ def grade_prediction_file(
             answer = answer_to_text(require_field(record, "answer", where))
         except TypeError as err:
             raise DataFormatError(f"{where}: field 'answer': {err}") from err
+        check_gold_answer(answer, where, "answer")
         outputs = require_field(record, "output", where)
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
             raise DataFormatError(
@@ -62,9 +67,15 @@ def grade_prediction_file(
                 f"{num_samples}; "
                 "pass@k needs the same number of samples for every problem"
             )
+        problem_id = record.get("id", index)
+        if isinstance(problem_id, bool) or not isinstance(problem_id, (str, int)):
+            raise DataFormatError(
+                f"{where}: field 'id' must be a string or an integer, got {problem_id!r:.80}; "
+                "fix it, or drop the field to number problems by line"
+            )
         problems.append(
             {
-                "id": str(record.get("id", index)),
+                "id": str(problem_id),
                 "problem": record.get("problem", record.get("prompt_ori")),
                 "answer": answer,
                 "outputs": outputs,
@@ -83,6 +94,7 @@ def grade_prediction_file(
                 "id": problem["id"],
                 "problem": problem["problem"],
                 "answer": problem["answer"],
+                "output": problem["outputs"],
                 "correct": [g.correct for g in sample_grades],
                 "extracted": [g.extracted for g in sample_grades],
                 "timed_out": [g.timed_out for g in sample_grades],
