@@ -220,10 +220,10 @@ def accumulation_steps(effective: int, micro: int, world_size: int) -> int:
 def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     import pytorch_lightning as pl
     from hydra.utils import instantiate
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.callbacks import LearningRateMonitor
 
     from palign.llm.models import load_model, load_tokenizer
-    from palign.training.checkpointing import AtomicCheckpointIO
+    from palign.training.checkpointing import AtomicCheckpointIO, ResumableCheckpoint
     from palign.training.module import StudentSFTModule
 
     cfg = ctx.cfg
@@ -244,7 +244,7 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     )
     devices = cfg.trainer.devices
     world = devices if isinstance(devices, int) and devices > 0 else 1
-    checkpoint = ModelCheckpoint(
+    checkpoint = ResumableCheckpoint(
         dirpath=str(ctx.checkpoint_dir),
         save_last=True,
         save_top_k=0,
@@ -256,6 +256,7 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     from palign.llm.vllm_backend import release_vllm_engines
 
     callbacks = [checkpoint, LambdaCallback(setup=lambda trainer, module, stage: release_vllm_engines())]
+    callbacks += [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
     if tracker.logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer: pl.Trainer = instantiate(
@@ -271,8 +272,9 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         **({} if cfg.data.val_size else {"limit_val_batches": 0}),
     )
     last = ctx.checkpoint_dir / "last.ckpt"
+    resumed_from = str(last) if last.exists() else None  # read before fit writes its own
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted; rerun the same command to resume from last.ckpt")
     module.export_pretrained(ctx.student_dir, tokenizer)
@@ -287,7 +289,8 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "seconds": round(time.perf_counter() - started, 1),
-        "resumed_from": str(last) if last.exists() else None,
+        "resumed_from": resumed_from,
+        "tokens_seen": module.tokens_seen,
         "metrics": metrics,
         "loss_curve": getattr(module, "loss_curve", []),
     }
@@ -300,9 +303,7 @@ def truncate_stage(ctx: RunContext, tracker: Tracker) -> None:
 
     cfg = ctx.cfg
     tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
-    truncation = make_truncation(ctx, tokenizer)
-    if truncation is None:
-        raise ValueError(f"baseline '{cfg.baseline.name}' does not truncate; pick e.g. baseline=prefix_only")
+    truncation = make_truncation(ctx, tokenizer)  # check_stage_applies: the baseline truncates
     truncation.run(training_records(cfg))
     report_truncation(ctx, tracker, truncation)
 
@@ -320,9 +321,7 @@ def align_stage(ctx: RunContext, tracker: Tracker) -> None:
 
     cfg = ctx.cfg
     tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
-    alignment = make_alignment(ctx, tokenizer)
-    if alignment is None:
-        raise ValueError(f"baseline '{cfg.baseline.name}' has no alignment stage; pick e.g. baseline=palign")
+    alignment = make_alignment(ctx, tokenizer)  # check_stage_applies: the baseline aligns
     truncation = make_truncation(ctx, tokenizer)
     records = training_records(cfg)
     prefixes = truncation(records) if truncation is not None else None
@@ -553,9 +552,50 @@ def print_summary(ctx: RunContext) -> str:
     return text
 
 
+def command_line_overrides() -> list[str]:
+    """The overrides given on the command line (none when composed through the Python API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_stage_applies(cfg: DictConfig) -> None:
+    """stage=truncate and stage=align need a baseline that has that stage."""
+    if cfg.stage == "truncate" and truncation_mode(cfg) == "none":
+        raise ValueError(f"baseline '{cfg.baseline.name}' does not truncate; pick e.g. baseline=prefix_only")
+    if cfg.stage == "align" and not cfg.baseline.get("alignment", False):
+        raise ValueError(f"baseline '{cfg.baseline.name}' has no alignment stage; pick e.g. baseline=palign")
+
+
+def check_knobs_used(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse a command-line setting the chosen baseline would silently ignore (e.g. `search=exhaustive`
+    with a baseline that does not truncate): the run would not be the one the command describes."""
+    mode = truncation_mode(cfg)
+    name = cfg.baseline.name
+    reasons = {}
+    if mode == "none":
+        reasons.update(dict.fromkeys(TRUNCATION_KEYS, f"baseline '{name}' does not truncate; pick e.g. baseline=prefix_only or baseline=palign"))
+    elif mode == "fixed_ratio":
+        reasons.update(dict.fromkeys(ADAPTIVE_ONLY_KEYS, f"baseline '{name}' cuts at a fixed ratio and uses no judge or search; "
+                                                         "pick e.g. baseline=palign"))
+    if not cfg.baseline.get("alignment", False):
+        reasons["alignment"] = f"baseline '{name}' has no alignment stage; pick e.g. baseline=palign"
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+        root = key.split(".", 1)[0]
+        if root in reasons:
+            raise ValueError(f"{override}: this setting would be ignored: {reasons[root]}, or drop it")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    from palign.config import check_config
+
     if cfg.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got '{cfg.stage}'")
+    check_config(cfg)
+    check_stage_applies(cfg)
+    if cfg.stage in ("all", "train", "truncate", "align"):
+        check_knobs_used(cfg, command_line_overrides())
     ctx = make_context(cfg)
     tracker = Tracker(
         kind=cfg.logger.kind,

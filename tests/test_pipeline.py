@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import PROJECT_ROOT, TEST_CACHE, compose_config, run_cli
+from conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 
 FAST = ["debug=fast", "logger=csv"]
@@ -37,7 +34,7 @@ def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "student")
     from palign.llm.models import load_model
 
-    initial = load_model(cfg.student, TEST_CACHE)
+    initial = load_model(cfg.student, cfg.paths.cache_dir)
     assert not torch.equal(trained.model.embed_tokens.weight, initial.model.embed_tokens.weight)
     (graded,) = list((run_dir / "eval").glob("*/champ_heldout.graded.jsonl"))
     rows = [json.loads(line) for line in graded.read_text().splitlines()]
@@ -58,35 +55,61 @@ def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
     assert again["train"] == summary["train"]
 
 
-def test_rerun_after_a_kill_resumes_from_last_checkpoint(tmp_path):
-    args = [*FAST, "teacher.source.limit=40", "data.train_limit=null", "data.val_size=0", "data.micro_batch_size=1",
-            "training.effective_batch_size=1", "stage=train"]
-    env = {**os.environ, "PALIGN_OUTPUTS": str(tmp_path), "PALIGN_CACHE": str(TEST_CACHE)}
-    proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "run.py"), *args], cwd=PROJECT_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    last = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "runs").glob("*/checkpoints/last.ckpt")) if (tmp_path / "runs").exists() else []
-        if found:
-            state = torch.load(found[0], map_location="cpu", weights_only=False)
-            if state["global_step"] >= 3:
-                last = found[0]
-                os.killpg(proc.pid, signal.SIGKILL)  # a hard crash: no cleanup, no final save
-                break
-        time.sleep(0.2)
-    proc.wait(timeout=60)
-    assert last is not None, "training never wrote a checkpoint before finishing or timing out"
-    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert not (last.parent.parent / "summary.json").exists() or "train" not in json.loads((last.parent.parent / "summary.json").read_text())
-    run_cli(args, tmp_path)
-    summary = json.loads((last.parent.parent / "summary.json").read_text())
-    total = summary["data"]["train/examples"]  # batch 1, one epoch: one optimizer step per example
-    assert 3 <= killed_at < total
-    assert summary["train"]["resumed_from"] == str(last)
-    assert summary["train"]["global_step"] == total
-    # one loss per optimizer step across both processes: nothing redone, nothing missing
-    assert len(summary["train"]["loss_curve"]) == total
+# 15 problems, 2 for validation: 13 training examples in micro-batches of 2, accumulated to 4, so
+# each epoch is 7 micro-batches and 4 optimizer steps, the last one a single example. fp32 on CPU.
+RESUME = [*FAST, "baseline=sft_long_cot", "teacher.source.limit=15", "data.val_size=2", "data.micro_batch_size=2",
+          "data.max_length=2048", "training.effective_batch_size=4", "training.epochs=2", "trainer.precision=32-true",
+          "stage=train"]
+# Where each process of the interrupted run dies (SIGKILL from inside, at a point chosen exactly):
+KILLS = [
+    ("on_train_batch_end", 1, 0),     # step 2, after its first micro-batch: mid gradient accumulation
+    ("on_save_checkpoint", 3, None),  # while the checkpoint of step 3 is being built (last.ckpt is step 2's)
+    ("on_train_epoch_end", 4, None),  # end of epoch 1, before its checkpoint (resumes from step 3)
+    ("on_train_batch_start", 4, 0),   # first batch of epoch 2 (resumes from epoch 1's end)
+    ("on_train_batch_start", 6, 0),   # epoch 2, just after step 6 was checkpointed (resumes mid-epoch 2)
+]
+
+
+def _trained(run_root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    (run_dir,) = run_dirs(run_root)
+    return json.loads((run_dir / "summary.json").read_text()), load_file(run_dir / "student" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_run_killed_anywhere_and_resumed_trains_exactly_what_an_uninterrupted_run_does(tmp_path):
+    run_cli(RESUME, tmp_path / "straight")
+    straight, straight_weights = _trained(tmp_path / "straight")
+    assert straight["train"]["global_step"] == 8 and straight["train"]["resumed_from"] is None
+
+    crashed = tmp_path / "crashed"
+    env = {"PYTHONPATH": str(PROJECT_ROOT / "tests")}
+    for hook, step, micro in KILLS:
+        kill = ["+callbacks.crash._target_=crash.KillAt", f"+callbacks.crash.hook={hook}", f"+callbacks.crash.step={step}"]
+        kill += [f"+callbacks.crash.micro={micro}"] if micro is not None else []
+        proc = run_cli([*RESUME, *kill], crashed, env=env, check=False)
+        assert proc.returncode == -signal.SIGKILL, f"{hook} at step {step} did not crash the run:\n{proc.stderr[-3000:]}"
+        (run_dir,) = run_dirs(crashed)
+        summary = run_dir / "summary.json"
+        assert not summary.exists() or "train" not in json.loads(summary.read_text())
+    run_cli(RESUME, crashed)
+    resumed, resumed_weights = _trained(crashed)
+
+    assert resumed["train"]["resumed_from"] is not None
+    for key in ("global_step", "loss_curve", "tokens_seen"):
+        assert resumed["train"][key] == straight["train"][key], key  # per-step losses equal to the last bit
+    assert resumed_weights.keys() == straight_weights.keys()
+    assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
+
+
+def test_two_uninterrupted_runs_give_bit_identical_students(tmp_path):
+    args = [*FAST, "baseline=sft_long_cot", "trainer.precision=32-true", "stage=train"]
+    first = run(compose_config(args, tmp_path / "one"))
+    second = run(compose_config(args, tmp_path / "two"))
+    assert first["train"]["loss_curve"] == second["train"]["loss_curve"]
+    weights = [_trained(root)[1] for root in (tmp_path / "one", tmp_path / "two")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):

@@ -122,7 +122,11 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
                     f"all {tokenized.dropped_too_long} training examples are longer than data.max_length="
                     f"{self.max_length} tokens; raise data.max_length"
                 )
-            self.splits[split] = tokenized
+            if tokenized.kept == 0:  # validation only: every example too long
+                log.warning("%s: all %d examples are longer than data.max_length=%d tokens; no validation loss",
+                            split, tokenized.dropped_too_long, self.max_length)
+            else:
+                self.splits[split] = tokenized
             self.stats[f"{split}/examples"] = tokenized.kept
             self.stats[f"{split}/dropped_too_long"] = tokenized.dropped_too_long
             self.stats[f"{split}/skipped"] = dict(skipped)

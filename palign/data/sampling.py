@@ -43,14 +43,14 @@ class ResumableShuffleSampler(Sampler[int]):
         self.batch_size = batch_size
         self.group_size = group_size
         self.epoch = 0
-        self._skip = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, items of it already trained)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def resume(self, epoch: int, items_done: int) -> None:
         self.epoch = epoch
-        self._skip = items_done
+        self._resume = (epoch, items_done)
 
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -71,8 +71,11 @@ class ResumableShuffleSampler(Sampler[int]):
         return [i for b in shuffled for i in full[b]] + [i for b in partial for i in b]
 
     def __iter__(self) -> Iterator[int]:
-        # read the skip lazily: Lightning creates the iterator before it restores loader states
-        skip, self._skip = self._skip, 0
+        # read the skip lazily: Lightning creates the iterator before it restores loader states.
+        # It applies to the resumed epoch only: a checkpoint from an epoch's last batch resumes
+        # into the next epoch, which starts from its beginning.
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == self.epoch else 0
         yield from self.order(self.epoch)[skip:]
 
     def __len__(self) -> int:

@@ -38,6 +38,42 @@ def apply_lora(model, lora: Mapping[str, Any]):
     return get_peft_model(model, config)
 
 
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at optimizer step `step` of `total`: linear warmup, then cosine to 0."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def random_states() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: Mapping[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class StudentSFTModule(pl.LightningModule):
     def __init__(
         self,
@@ -67,6 +103,11 @@ class StudentSFTModule(pl.LightningModule):
         self._step_started: float | None = None
         self._pending_losses: list[float] = []
         self.loss_curve: list[float] = []  # mean loss of each optimizer step, kept across resumes
+
+    @property
+    def tokens_seen(self) -> int:
+        """Real (non-padding) tokens trained on so far, across resumes."""
+        return self._tokens_seen
 
     # -- the loss -------------------------------------------------------------------------------
     def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -133,12 +174,16 @@ class StudentSFTModule(pl.LightningModule):
             self._pending_losses.clear()
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["palign"] = {"loss_curve": self.loss_curve, "tokens_seen": self._tokens_seen}
+        # the random streams too (dropout, LoRA's included): a resumed run draws what the
+        # uninterrupted one would have drawn from this step on
+        checkpoint["palign"] = {"loss_curve": self.loss_curve, "tokens_seen": self._tokens_seen, "rng": random_states()}
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("palign", {})
         self.loss_curve = list(state.get("loss_curve", []))
         self._tokens_seen = int(state.get("tokens_seen", 0))
+        if state.get("rng"):
+            restore_random_states(state["rng"])
 
     def on_train_batch_start(self, batch, batch_idx):
         if self._step_started is None:
@@ -177,16 +222,25 @@ class StudentSFTModule(pl.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
-
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas)
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(math.ceil(self.hparams.warmup_ratio * total))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        # The schedule's length is read lazily, at the first optimizer step, never here: reading
+        # `trainer.estimated_stepping_batches` in configure_optimizers builds the train loader
+        # before Lightning restores its mid-epoch state from the checkpoint, and the restored
+        # state is then never applied (Lightning issue 20550): a resumed run would restart the
+        # epoch's order from its first batch.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup over `warmup_ratio` of the optimizer steps, then cosine decay to 0."""
+        ratio = self.hparams.warmup_ratio
+        if step == 0:  # called once while configure_optimizers builds the scheduler
+            return 0.0 if ratio > 0 else 1.0
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        return cosine_with_warmup(step, int(math.ceil(ratio * total)), total)
 
     # -- export ---------------------------------------------------------------------------------
     def export_pretrained(self, folder, tokenizer) -> None:

@@ -1,0 +1,40 @@
+"""A Lightning callback that crashes its own process with SIGKILL at a chosen point of training.
+
+The exact-resume tests add it to `python run.py` (`+callbacks.crash._target_=crash.KillAt`) to
+crash a real run at a point they choose — mid gradient accumulation, while a checkpoint is being
+built, at an epoch's end — instead of racing a running process with a wall-clock timer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytorch_lightning as pl
+
+
+class KillAt(pl.Callback):
+    """SIGKILL (no cleanup, no final save) when `hook` runs at optimizer step `step`, at the
+    `micro`-th micro-batch of the accumulation window if given (batch hooks only)."""
+
+    def __init__(self, hook: str, step: int, micro: int | None = None):
+        self.hook, self.step, self.micro = hook, step, micro
+
+    def _maybe_kill(self, trainer: pl.Trainer, hook: str, batch_idx: int | None = None) -> None:
+        if hook != self.hook or trainer.global_step != self.step:
+            return
+        if self.micro is not None and batch_idx is not None and batch_idx % trainer.accumulate_grad_batches != self.micro:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._maybe_kill(trainer, "on_train_batch_start", batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._maybe_kill(trainer, "on_train_batch_end", batch_idx)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self._maybe_kill(trainer, "on_save_checkpoint")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._maybe_kill(trainer, "on_train_epoch_end")
