@@ -396,7 +396,8 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
         backend=backend,
     )
     k = cfg.evaluation.pass_k
-    markdown, _ = write_results(results, cfg.student.name, cfg.baseline.name, ctx.run_dir, k)
+    # each evaluation setting keeps its own results beside its predictions; the run folder has the latest
+    markdown, folder = write_results(results, cfg.student.name, cfg.baseline.name, ctx.run_dir, k, benchmarks)
     summaries = {name: r.summary for name, r in results.items()}
     ctx.summary["eval"] = {
         "benchmarks": summaries,
@@ -404,6 +405,7 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
         f"avg_pass@{k}": average(results, f"pass@{k}"),
         "model": model_path or "base",
         "table": markdown,
+        "results": str(folder),
     }
     save_summary(ctx)
     flat = {f"eval/{name}/{key}": v for name, summary in summaries.items() for key, v in summary.items()}

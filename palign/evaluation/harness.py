@@ -7,6 +7,19 @@ the paper, T=0.6, top-p 0.9); predictions are stored per benchmark in the author
 math-verify in worker processes with a hard per-item timeout. Metrics: Pass@1 (mean over samples,
 and the first-sample variant), Pass@n, the paper's Avg over benchmarks; results as Markdown and
 CSV in the Table 1 layout.
+
+Where the outputs go, under a run's `eval/`:
+
+    <predictions key>/                 model (weights by content), sampling, prompts: settings.json
+        <benchmark>.jsonl              the predictions, reused by every evaluation with that key
+        <benchmark>.graded.jsonl       the latest grading of the problems last evaluated
+        <benchmarks>-pass<k>-<key>/    one folder per evaluation setting: the benchmarks as
+            evaluation.json            evaluated (limits, held-out ids) and k, so a second
+            results.md, results.csv    evaluation with other settings never overwrites a first
+            metrics.json
+
+and the run folder keeps a copy of the latest evaluation's results.md, results.csv and
+metrics.json (what the pipeline's summary.json `eval` section describes too).
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import RecordStore, fingerprint, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.grading import GradingPool
 from palign.evaluation.predictions import grade_prediction_file, results_table
@@ -118,15 +131,40 @@ def average(results: Mapping[str, BenchmarkResult], key: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def results_folder(results: Mapping[str, BenchmarkResult], benchmarks: Mapping[str, Mapping[str, Any]], k: int) -> Path:
+    """The folder of one evaluation setting, beside its predictions (see the module docstring)."""
+    if not results:
+        raise ValueError("no benchmark results to write; configure at least one of evaluation.benchmarks")
+    predictions = {r.predictions.parent for r in results.values()}
+    if len(predictions) != 1:
+        raise ValueError(f"benchmark results from several prediction folders {sorted(map(str, predictions))}; write each evaluation's own")
+    key = fingerprint({"benchmarks": {name: dict(benchmarks[name]) for name in results}, "pass_k": k}, length=8)
+    return predictions.pop() / f"{'+'.join(results)}-pass{k}-{key}"
+
+
 def write_results(
-    results: Mapping[str, BenchmarkResult], student: str, method: str, out_dir: str | os.PathLike, k: int
-) -> tuple[str, str]:
-    """Table 1 layout as Markdown and CSV for one (student, method) row, plus metrics.json."""
-    out_dir = Path(out_dir)
+    results: Mapping[str, BenchmarkResult],
+    student: str,
+    method: str,
+    run_dir: str | os.PathLike,
+    k: int,
+    benchmarks: Mapping[str, Mapping[str, Any]],
+) -> tuple[str, Path]:
+    """Table 1 layout as Markdown and CSV for one (student, method) row, plus metrics.json, in the
+    evaluation setting's own folder and, as the latest, in `run_dir`. Returns (markdown, folder).
+
+    benchmarks: the benchmark configs as evaluated (with their limits and held-out ids).
+    """
+    folder = results_folder(results, benchmarks, k)
     markdown, csv_text = results_table({(student, method): {n: r.summary for n, r in results.items()}}, k=k,
                                        benchmarks=[n for n in ("aime25", "aime24", "amc12", "math500") if n in results]
                                        + [n for n in results if n not in ("aime25", "aime24", "amc12", "math500")])
-    write_text_atomic(out_dir / "results.md", markdown)
-    write_text_atomic(out_dir / "results.csv", csv_text)
-    write_json_atomic(out_dir / "metrics.json", {n: r.summary for n, r in results.items()})
-    return markdown, csv_text
+    metrics = {n: r.summary for n, r in results.items()}
+    predictions = read_json(folder.parent / "settings.json")
+    write_json_atomic(folder / "evaluation.json", {"predictions": predictions, "benchmarks": {n: dict(benchmarks[n]) for n in results},
+                                                   "pass_k": k, "student": student, "method": method})
+    for where in (folder, Path(run_dir)):
+        write_text_atomic(where / "results.md", markdown)
+        write_text_atomic(where / "results.csv", csv_text)
+        write_json_atomic(where / "metrics.json", metrics)
+    return markdown, folder
