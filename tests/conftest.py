@@ -105,15 +105,16 @@ def cache_dir() -> Path:
     return model_cache()
 
 
-def compose_config(overrides: list[str], tmp_path: Path):
-    """The run config as `python run.py <overrides>` would see it, writing under tmp_path only."""
+def compose_config(overrides: list[str], tmp_path: Path, hydra: bool = False):
+    """The run config as `python run.py <overrides>` would see it, writing under tmp_path only
+    (with `hydra`, Hydra's own node too: the chosen option of each group, the sweep)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return compose(
             config_name="config",
             overrides=[NO_LOCAL, f"paths.root={tmp_path}", f"paths.cache_dir={stage_cache(tmp_path)}", *overrides],
-            return_hydra_config=False,
+            return_hydra_config=hydra,
         )
 
 

@@ -5,27 +5,63 @@ from __future__ import annotations
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 
 EXPERIMENTS = sorted(str(p.relative_to(PROJECT_ROOT / "conf" / "experiment").with_suffix(""))
                      for p in (PROJECT_ROOT / "conf" / "experiment").rglob("*.yaml"))
+ABLATIONS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "ablation").glob("*.yaml"))
 # fast-dev: the tiny model on CHAMP and the CPU, whatever the recipe asks for (hub models, s1K, GPUs)
 FAST_DEV = ["debug=fast", "teacher=champ", "teacher.source.limit=6", "trainer=cpu", "logger=none", "data.val_size=0"]
 
 
 def test_recipes_exist():
     assert {"demo", "paper/table1_qwen2_5_7b", "paper/table1_qwen3_8b"} <= set(EXPERIMENTS)
-    assert {f"ablation/{k}" for k in ("granularity", "judge_prompt", "judge_model", "search", "decision_mode",
-                                      "fixed_ratio", "supervision")} <= set(EXPERIMENTS)
+    assert {"granularity", "judge_prompt", "judge_model", "search", "decision_mode", "fixed_ratio", "supervision"} <= set(ABLATIONS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_in_fast_dev_form(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}", *FAST_DEV], tmp_path)
     assert cfg.student.name == "tiny_random"
     summary = run(cfg)
+    assert summary["train"]["complete"] and summary["eval"]["benchmarks"]["champ_heldout"]["num_problems"] == 2
+
+
+def swept(overrides: list[str], tmp_path) -> list[list[str]]:
+    """One override list per job of the sweep that `hydra.sweeper.params` of the composed config asks for."""
+    params = compose_config(overrides, tmp_path, hydra=True).hydra.sweeper.params or {}
+    jobs = [[]]
+    for key, values in params.items():
+        jobs = [[*job, f"{key}={value}"] for job in jobs for value in str(values).split(",")]
+    return jobs
+
+
+@pytest.mark.parametrize("recipe", ["experiment=demo", "experiment=paper/table1_qwen2_5_7b"])
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_job_of_an_ablation_sweep_composes_on_every_recipe_and_keeps_the_recipe(ablation, recipe, tmp_path):
+    base = compose_config([recipe], tmp_path)
+    jobs = swept([recipe, f"ablation={ablation}"], tmp_path)
+    assert len(jobs) >= 2
+    for job in jobs:
+        cfg = compose_config([recipe, f"ablation={ablation}", *job], tmp_path, hydra=True)
+        key, value = job[0].split("=", 1)
+        chosen = cfg.hydra.runtime.choices.get(key) or OmegaConf.select(cfg, key)
+        assert str(chosen) == value, job
+        # the recipe's own settings stay: the ablation changes one knob
+        assert (cfg.student.name, cfg.teacher.name, cfg.data.max_length, cfg.training.learning_rate) == \
+               (base.student.name, base.teacher.name, base.data.max_length, base.training.learning_rate)
+        assert cfg.group == f"ablation-{ablation}-{base.student.name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ablation_runs_in_fast_dev_form(ablation, tmp_path):
+    (job, *_) = swept([f"ablation={ablation}"], tmp_path)
+    summary = run(compose_config([f"ablation={ablation}", *job, *FAST_DEV], tmp_path))
     assert summary["train"]["complete"] and summary["eval"]["benchmarks"]["champ_heldout"]["num_problems"] == 2
 
 

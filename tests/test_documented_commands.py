@@ -1,0 +1,117 @@
+"""Every `python run.py ...` command in the READMEs composes, and runs what its text says.
+
+The commands are read from README.md and experiments/README.md themselves, so a new or changed
+command without an entry in DOCUMENTED fails here, and so does an entry whose command is gone.
+Each entry lists the settings the command's text names; each value of a multirun (`a,b`) and each
+job of an ablation sweep is composed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import PROJECT_ROOT, compose_config
+
+DOCS = [PROJECT_ROOT / "README.md", PROJECT_ROOT / "experiments" / "README.md"]
+
+PAPER_QWEN25 = {  # PAPER.md §3-§5: what "the paper's setting" means
+    "student.name": "qwen2_5_7b_instruct", "teacher.name": "s1k", "baseline.name": "palign",
+    "choice:granularity": "paper_sentence", "choice:search": "binary", "choice:judge": "self_generate",
+    "choice:judge_prompt": "paper", "alignment.filter": "correct", "choice:training": "lora", "choice:trainer": "gpu",
+    "data.max_length": 32768, "data.train_limit": None, "training.learning_rate": 5e-5, "training.epochs": 3,
+    "training.effective_batch_size": 32, "evaluation.sampling.num_samples": 3,
+    "benchmarks": ["aime24", "aime25", "amc12", "math500"],
+}
+PAPER_QWEN3 = {**PAPER_QWEN25, "student.name": "qwen3_8b"}
+DEMO = {"student.name": "smollm2_135m", "teacher.name": "champ", "baseline.name": "palign", "choice:trainer": "cpu",
+        "benchmarks": ["champ_heldout"]}
+
+# command (as written, without `python run.py`, `-m` and comments) -> the settings it names
+DOCUMENTED: dict[str, dict] = {
+    "": DEMO,
+    "baseline=sft_long_cot": {**DEMO, "baseline.name": "sft_long_cot", "baseline.target": "long_cot"},
+    "baseline=fixed_ratio baseline.ratio=0.25": {**DEMO, "baseline.name": "fixed_ratio", "baseline.ratio": 0.25},
+    "stage=truncate search=exhaustive": {**DEMO, "stage": "truncate", "choice:search": "exhaustive"},
+    "stage=align": {**DEMO, "stage": "align"},
+    "stage=eval evaluation=paper": {**DEMO, "stage": "eval", "benchmarks": ["aime24", "aime25", "amc12", "math500"]},
+    "stage=grade predictions=../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl":
+        {"stage": "grade", "predictions": "../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl"},
+    "student=tiny_random debug=fast": {"student.name": "tiny_random", "choice:debug": "fast"},
+    "teacher=jsonl teacher.source.path=my_traces.jsonl teacher.source.long_cot_field=trace":
+        {"teacher.name": "jsonl", "teacher.source.path": "my_traces.jsonl", "teacher.source.long_cot_field": "trace"},
+    "baseline=sft_long_cot,sft_short_cot group=my-sweep": {"group": "my-sweep", "teacher.name": "champ"},
+    "experiment=paper/table1_qwen2_5_7b": PAPER_QWEN25,
+    "ablation=search": {**DEMO, "group": "ablation-search-smollm2_135m", "sweep:search": ["binary", "linear", "exhaustive"]},
+    "stage=eval": {**DEMO, "stage": "eval"},
+    "baseline=palign judge.backend=vllm judge.engine=batched alignment.backend=vllm alignment.chunk_size=512 "
+    "evaluation.backend=vllm evaluation.chunk_size=512":
+        {**DEMO, "judge.backend": "vllm", "judge.engine": "batched", "alignment.backend": "vllm", "evaluation.backend": "vllm"},
+    "baseline=palign,fixed_ratio,sft_long_cot,sft_short_cot,prefix_only,student_only group=demo-table":
+        {**DEMO, "group": "demo-table"},
+    "stage=report": {"stage": "report"},
+    "ablation=granularity": {**DEMO, "sweep:granularity": ["paper_sentence", "sentence", "step", "token_chunk"]},
+    "debug=fast baseline=palign,sft_long_cot": {"student.name": "tiny_random", "choice:debug": "fast"},
+    "experiment=paper/table1_qwen2_5_7b baseline=palign,sft_long_cot,sft_short_cot,fixed_ratio": PAPER_QWEN25,
+    "experiment=paper/table1_qwen3_8b baseline=palign,sft_long_cot,sft_short_cot,fixed_ratio": PAPER_QWEN3,
+    "experiment=paper/table1_qwen2_5_7b ablation=search":
+        {**PAPER_QWEN25, "group": "ablation-search-qwen2_5_7b_instruct", "sweep:search": ["binary", "linear", "exhaustive"]},
+    "stage=judge_chains baseline=palign": {**DEMO, "stage": "judge_chains", "choice:chain_judge": "local"},
+    "stage=judge_chains baseline=palign chain_judge=openai chain_judge.base_url=https://open.bigmodel.cn/api/paas/v4 "
+    "chain_judge.model=glm-4.5 chain_judge.api_key_env=ZHIPUAI_API_KEY":
+        {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.model": "glm-4.5",
+         "chain_judge.api_key_env": "ZHIPUAI_API_KEY"},
+}
+
+
+def documented_commands() -> list[str]:
+    """The arguments of every `python run.py` command in the docs, continuation lines joined."""
+    commands = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8").replace("\\\n", " ")
+        for match in re.finditer(r"python run\.py([^`\n#|]*)", text):
+            words = [w for w in shlex.split(match.group(1)) if w != "-m"]
+            commands.append(" ".join(words))
+    return commands
+
+
+def test_every_documented_command_has_its_settings_listed_here():
+    found = set(documented_commands())
+    assert found - set(DOCUMENTED) == set(), "a documented command has no entry in DOCUMENTED"
+    assert set(DOCUMENTED) - found == set(), "DOCUMENTED lists a command the docs no longer show"
+
+
+def jobs(command: str) -> list[list[str]]:
+    """One override list per multirun job: every combination of the comma-separated values."""
+    choices = []
+    for word in command.split():
+        key, _, value = word.partition("=")
+        values = value.split(",") if "," in value and "://" not in value else [value]
+        choices.append([f"{key}={v}" for v in values])
+    return [list(job) for job in itertools.product(*choices)] or [[]]
+
+
+def check(cfg, expected: dict) -> None:
+    for key, value in expected.items():
+        kind, _, name = key.rpartition(":")
+        if kind == "choice":
+            assert cfg.hydra.runtime.choices.get(name) == value, key
+        elif kind == "sweep":
+            assert str(cfg.hydra.sweeper.params[name]).split(",") == value, key
+        elif key == "benchmarks":
+            assert sorted(k for k, v in cfg.evaluation.benchmarks.items() if v is not None) == value, key
+        else:
+            got = OmegaConf.select(cfg, key)
+            assert got == value or (isinstance(value, float) and got == pytest.approx(value)), f"{key}: {got!r} != {value!r}"
+
+
+@pytest.mark.parametrize("command", sorted(DOCUMENTED))
+def test_a_documented_command_runs_what_its_text_says(command, tmp_path):
+    swept = {w.split("=", 1)[0] for w in command.split() if "," in w.split("=", 1)[-1]}
+    expected = {k: v for k, v in DOCUMENTED[command].items() if k.rpartition(":")[2].split(".")[0] not in swept}
+    for overrides in jobs(command):
+        check(compose_config(overrides, tmp_path, hydra=True), expected)
