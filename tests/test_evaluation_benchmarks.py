@@ -12,7 +12,7 @@ from palign.artifacts import DataFormatError
 from palign.evaluation.benchmarks import BenchmarkProblem, load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
 
 EXPECTED_ROWS = {"aime24": 30, "aime25": 30, "amc12": 83, "math500": 500}
 

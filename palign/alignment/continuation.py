@@ -29,6 +29,11 @@ from palign.llm.openai_backend import ChatBackend, complete_missing
 
 log = logging.getLogger(__name__)
 
+# Stored continuations and their grades depend on this code as well as on the settings: bump
+# CODE_VERSION when a change here changes what is stored, so caches written by older code are never
+# reused (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+CODE_VERSION = 1
+
 FILTERS = ("correct", "none")
 
 
@@ -49,7 +54,7 @@ class AlignmentSettings:
 
     def identity(self) -> dict[str, Any]:
         sampling = {k: v for k, v in self.sampling.items() if k != "batch_size"}
-        return {"model": self.model_identity, "prompts": self.prompts, "sampling": sampling}
+        return {"model": self.model_identity, "prompts": self.prompts, "sampling": sampling, "code_version": CODE_VERSION}
 
 
 class PrefixContinuation:

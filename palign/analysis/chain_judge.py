@@ -37,6 +37,11 @@ from palign.llm.openai_backend import ChatBackend, LocalChatBackend, OpenAIChatB
 
 log = logging.getLogger(__name__)
 
+# Stored verdicts depend on this code as well as on the settings: bump CODE_VERSION when a change
+# here changes what is stored, so caches written by older code are never reused
+# (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+CODE_VERSION = 1
+
 WIN, TIE, LOSS = "win", "tie", "loss"
 FIRST, SECOND = "first", "second"
 ORDERS = ("a_first", "b_first")
@@ -204,7 +209,7 @@ def compare_chains(
     store, folder = None, None
     if cache_dir is not None:
         settings = {"judge": backend.identity(), "prompt": asdict(prompt),
-                    "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"}}
+                    "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"}, "code_version": CODE_VERSION}
         folder = Path(cache_dir) / "chain_judge" / fingerprint(settings)
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "settings.json").exists():

@@ -25,6 +25,11 @@ from palign.llm.chat import encode_response, encode_user_turn, instruction_promp
 
 log = logging.getLogger(__name__)
 
+# Stored tokenized examples depend on this code as well as on the settings: bump CODE_VERSION when a
+# change here changes what is stored, so caches written by older code are never reused
+# (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+CODE_VERSION = 1
+
 IGNORE_INDEX = -100
 
 
@@ -88,6 +93,7 @@ def build_tokenized_split(
     import datasets
 
     key = fingerprint(
+        CODE_VERSION,
         [asdict(e) for e in examples],
         tokenizer_identity(tokenizer),
         dict(prompts),

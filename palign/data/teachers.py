@@ -39,6 +39,11 @@ from palign.artifacts import DataFormatError, fingerprint, iter_records, require
 
 log = logging.getLogger(__name__)
 
+# Stored teacher generations depend on this code as well as on the settings: bump CODE_VERSION when
+# a change here changes what is stored, so caches written by older code are never reused
+# (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+CODE_VERSION = 1
+
 
 @dataclass
 class TeacherRecord:
@@ -454,7 +459,7 @@ class GeneratedTeacher(Teacher):
                                        spec.chat_template_kwargs)
             model_identity, teacher_name = spec.identity(), spec.name
         identity = {"model": model_identity, "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
-                    "instruction": self.prompts["instruction"], "problems": self.problems_cfg}
+                    "instruction": self.prompts["instruction"], "problems": self.problems_cfg, "code_version": CODE_VERSION}
         folder = self.cache_dir / "teacher_generation" / fingerprint(identity)
         by_id = {pid: (question, answer) for pid, question, answer in problems}
         with RecordStore(folder / "records.jsonl") as store, GradingPool(num_workers=self.grading_workers) as pool:

@@ -41,6 +41,11 @@ from palign.llm.openai_backend import ChatBackend, complete_missing
 
 log = logging.getLogger(__name__)
 
+# Stored predictions and grades depend on this code as well as on the settings: bump CODE_VERSION
+# when a change here changes what is stored, so caches written by older code are never reused
+# (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+CODE_VERSION = 1
+
 
 @dataclass
 class BenchmarkResult:
@@ -72,7 +77,8 @@ def evaluate(
     """
     sampling_cfg = SamplingConfig.from_config(sampling)
     identity = {"model": dict(model_identity), "sampling": {k: v for k, v in vars(sampling_cfg).items() if k != "batch_size"},
-                "prompts": {"instruction": prompts["instruction"], "separator": prompts["question_separator"]}}
+                "prompts": {"instruction": prompts["instruction"], "separator": prompts["question_separator"]},
+                "code_version": CODE_VERSION}
     folder = Path(out_dir) / fingerprint(identity)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "settings.json", identity)

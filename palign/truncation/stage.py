@@ -47,6 +47,11 @@ from palign.truncation.units import Segmentation, segment
 
 log = logging.getLogger(__name__)
 
+# Stored truncation records depend on this code as well as on the settings: bump CODE_VERSION when a
+# change here changes what is stored, so caches written by older code are never reused
+# (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+CODE_VERSION = 1
+
 FIXED_RATIO = "fixed_ratio"
 
 
@@ -78,6 +83,7 @@ class TruncationSettings:
 
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {
+            "code_version": CODE_VERSION,
             "granularity": self.granularity,
             "granularity_options": self.granularity_options,
             "search": self.search,
