@@ -13,12 +13,16 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class DataFormatError(ValueError):
@@ -92,15 +96,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def finite_json(obj: Any, path: str | os.PathLike, where: str = "") -> Any:
+    """`obj` with every NaN or infinity replaced by None (JSON null), each named in a warning.
+
+    JSON has no NaN: Python would write the non-standard token `NaN`, which other readers (jq,
+    JavaScript, W&B's importers) reject, and a NaN metric would pass for a number in a table.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        log.warning("%s: %s is %s; written as null (JSON has no NaN or infinity)", path, where or "a value", obj)
+        return None
+    if isinstance(obj, Mapping):
+        return {k: finite_json(v, path, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v, path, f"{where}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def to_json(obj: Any, path: str | os.PathLike, **kw: Any) -> str:
+    return json.dumps(finite_json(obj, path), ensure_ascii=False, default=str, allow_nan=False, **kw)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text_atomic(path, to_json(obj, path, indent=2) + "\n")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
     count = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            f.write(to_json(record, path) + "\n")
             count += 1
     return count
 
@@ -305,7 +329,7 @@ class RecordStore:
         key = str(record[self.key])
         if key in self._records:
             return
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        line = to_json(record, self.path) + "\n"
         size = None
         with _naming_a_full_disk(self.path):
             try:

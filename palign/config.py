@@ -68,6 +68,7 @@ _CHECKS: dict[str, tuple[str, object]] = {
     "teacher.source.limit": ("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
     "judge.batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "judge.max_new_tokens": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "judge.max_trace_tokens": ("null (no cap) or an integer >= 1 (tokens)", lambda v: v is None or (_is_int(v) and v >= 1)),
     "search.chunk_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "alignment.chunk_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "evaluation.chunk_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),

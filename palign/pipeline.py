@@ -127,6 +127,7 @@ def make_truncation(ctx: RunContext, tokenizer):
         max_new_tokens=cfg.judge.max_new_tokens,
         batch_size=cfg.judge.batch_size,
         chunk_size=cfg.search.chunk_size,
+        max_trace_tokens=cfg.judge.max_trace_tokens,
     )
 
     def judge_factory() -> SufficiencyJudge:

@@ -441,3 +441,20 @@ def test_cli_grade_writes_per_sample_grades(tmp_path):
     summary = json.loads((graded.parent / "summary.json").read_text())
     assert summary["graded"][str(preds)]["graded"] == str(graded)
     assert summary["graded"][str(preds)]["pass@1"] == pytest.approx(50.0)
+
+
+def test_nan_and_infinity_are_never_written_into_json(tmp_path, caplog):
+    from palign.artifacts import RecordStore, write_json_atomic, write_jsonl_atomic
+
+    value = {"loss": float("nan"), "curve": [1.0, float("inf")], "ok": 2.5}
+    write_json_atomic(tmp_path / "a.json", value)
+    write_jsonl_atomic(tmp_path / "b.jsonl", [dict(value, id="x")])
+    with RecordStore(tmp_path / "c.jsonl") as store:
+        store.add(dict(value, id="y"))
+    for name in ("a.json", "b.jsonl", "c.jsonl"):
+        text = (tmp_path / name).read_text()
+        assert "NaN" not in text and "Infinity" not in text
+        parsed = json.loads(text.splitlines()[0] if name.endswith("l") else text, parse_constant=pytest.fail)
+        assert parsed["loss"] is None and parsed["curve"] == [1.0, None] and parsed["ok"] == 2.5
+    assert any("loss is nan; written as null" in m for m in caplog.messages)
+    assert any("curve[1] is inf" in m for m in caplog.messages)
