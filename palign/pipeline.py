@@ -312,7 +312,8 @@ def truncate_stage(ctx: RunContext, tracker: Tracker) -> None:
 def training_records(cfg: DictConfig):
     from palign.data.datamodule import split_records
 
-    train, _ = split_records(make_teacher(cfg).load().records, cfg.data.val_size, cfg.seed)
+    data = make_teacher(cfg).load()
+    train, _ = split_records(data.records, cfg.data.val_size, cfg.seed, data.skipped)
     return train[: cfg.data.train_limit] if cfg.data.train_limit is not None else train
 
 

@@ -458,3 +458,23 @@ def test_nan_and_infinity_are_never_written_into_json(tmp_path, caplog):
         assert parsed["loss"] is None and parsed["curve"] == [1.0, None] and parsed["ok"] == 2.5
     assert any("loss is nan; written as null" in m for m in caplog.messages)
     assert any("curve[1] is inf" in m for m in caplog.messages)
+
+
+# -- long inputs: a configured cap, counted, with progress --------------------------------------
+
+
+def test_cli_a_200k_character_trace_is_counted_over_the_cap_not_judged_for_minutes(tmp_path):
+    sentences = " ".join(f"Step {i}: we add {i} to the running total and check the parity again." for i in range(3000))
+    assert len(sentences) > 200_000
+    records = [dict(GOOD, id="short-1"), dict(GOOD, id="huge", long_cot=sentences), dict(GOOD, id="short-2")]
+    path = write_jsonl(tmp_path / "teacher.jsonl", records)
+    proc = run_cli(["stage=truncate", "student=tiny_random", "baseline=prefix_only", "logger=none", "teacher=jsonl",
+                    f"teacher.source.path={path}", "teacher.source.id_field=id", "teacher.source.answer_field=answer",
+                    "teacher.source.long_cot_field=long_cot", "teacher.source.only_correct=false", "data.val_size=0",
+                    "judge.max_trace_tokens=4096"], tmp_path)
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    stats = json.loads((run_dir / "summary.json").read_text())["truncation"]
+    assert stats["skipped_too_long"] == 1 and stats["examples"] == 2
+    log = proc.stdout + proc.stderr
+    assert "over judge.max_trace_tokens=4096 tokens" in log and "huge (" in log
+    assert re.search(r"truncation: 2/2 traces", log), log[-3000:]  # progress, one line per chunk

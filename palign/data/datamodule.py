@@ -30,8 +30,12 @@ PrefixStage = Callable[[Sequence[TeacherRecord]], Mapping[str, str]]
 ContinuationStage = Callable[[Sequence[TeacherRecord], Mapping[str, str] | None], Mapping[str, str]]
 
 
-def split_records(records: Sequence[TeacherRecord], val_size: int, seed: int) -> tuple[list[TeacherRecord], list[TeacherRecord]]:
+def split_records(records: Sequence[TeacherRecord], val_size: int, seed: int,
+                  skipped: Mapping[str, int] | None = None) -> tuple[list[TeacherRecord], list[TeacherRecord]]:
     """Deterministic (train, val) split by a seeded shuffle of record ids."""
+    if not records:
+        raise ValueError(f"no usable teacher records (skipped: {dict(skipped or {})}); check the teacher source "
+                         "(teacher.source.*), e.g. teacher.source.only_correct=false when few traces are graded correct")
     order = sorted(records, key=lambda r: r.id)
     random.Random(seed).shuffle(order)
     if val_size >= len(order):
@@ -90,7 +94,7 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
     # -- stages ---------------------------------------------------------------------------------
     def load_records(self) -> tuple[list[TeacherRecord], list[TeacherRecord]]:
         data = self.teacher.load()
-        train, val = split_records(data.records, self.val_size, self.seed)
+        train, val = split_records(data.records, self.val_size, self.seed, data.skipped)
         if self.train_limit is not None:
             train = train[: self.train_limit]
         self.stats["teacher_records"] = len(data.records)
