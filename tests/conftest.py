@@ -163,7 +163,9 @@ def cli_env(tmp_path: Path, extra: dict | None = None) -> dict[str, str]:
 
 
 def cli_command(args: list[str]) -> list[str]:
-    return [sys.executable, str(PROJECT_ROOT / "run.py"), NO_LOCAL, *args]
+    """`python run.py` with its flags (`-m`), then the overrides, the first of which drops conf/local."""
+    flags = [a for a in args if a.startswith("-") and "=" not in a]
+    return [sys.executable, str(PROJECT_ROOT / "run.py"), *flags, NO_LOCAL, *[a for a in args if a not in flags]]
 
 
 def run_cli(args: list[str], tmp_path: Path, timeout: int = 900, env: dict | None = None, check: bool = True):
