@@ -142,6 +142,7 @@ def test_generated_teacher_problem_file_rejects_null_and_list_questions(tmp_path
         generated_teacher(path, tmp_path).load()
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_null_question(tmp_path):
     path = write_jsonl(tmp_path / "teacher.jsonl", [GOOD, dict(GOOD, id="b", question=None)])
     # judge_chains reads the teacher before it loads any model: the error comes within seconds
@@ -188,6 +189,7 @@ def test_prediction_file_with_gradable_golds_is_graded_in_full(tmp_path, pool):
     assert summary["pass@1"] == pytest.approx(75.0) and summary["num_errors"] == 0
 
 
+@pytest.mark.slow
 def test_cli_grade_refuses_an_unparsable_gold_answer(tmp_path):
     rows = [{"answer": "2", "output": ["\\boxed{2}"]}, {"answer": "\\frac{11}{", "output": ["\\boxed{2}"]}]
     path = write_jsonl(tmp_path / "preds.jsonl", rows)
@@ -294,6 +296,7 @@ def test_null_benchmark_ids_name_the_line_and_field(tmp_path):
         load_benchmark("bench", local_path=path, id_field="uid")
 
 
+@pytest.mark.slow
 def test_cli_grade_refuses_invalid_utf8(tmp_path):
     path = tmp_path / "preds.jsonl"
     path.write_bytes(b'{"answer": "1", "output": ["\\\\boxed{1}"]}\n{"answer": "1", "output": ["caf\xe9"]}\n')
@@ -322,6 +325,7 @@ def test_shipped_benchmark_configs_point_at_existing_files(tmp_path, shared_data
         assert len(load_benchmark(**dict(bench, limit=3))) == 3
 
 
+@pytest.mark.slow
 def test_cli_eval_refuses_a_missing_benchmark_file(tmp_path):
     missing = tmp_path / "nowhere" / "aime24.jsonl"
     proc = run_cli(["stage=eval", "student=tiny_random", "evaluation=paper", f"evaluation.benchmarks.aime24.local_path={missing}",
@@ -408,6 +412,7 @@ def _private_tmpfs_works(mount: Path) -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_cli_on_a_full_disk_names_the_file(tmp_path):
     # A real full disk, private to the run: a 64 KiB tmpfs mounted in the subprocess's own mount
     # namespace (nothing outside it sees the mount, and it vanishes with the process). The run's
@@ -428,6 +433,7 @@ def test_cli_on_a_full_disk_names_the_file(tmp_path):
 
 # -- 6. stage=grade keeps the per-sample grades, as evaluation does ------------------------------
 
+@pytest.mark.slow
 def test_cli_grade_writes_per_sample_grades(tmp_path):
     rows = [{"id": "p1", "answer": "\\frac{11}{3}", "output": ["\\boxed{\\frac{11}{3}}", "\\boxed{3}"]},
             {"id": "p2", "answer": 142.0, "output": ["\\boxed{7}", "\\boxed{142}"]}]
@@ -463,6 +469,7 @@ def test_nan_and_infinity_are_never_written_into_json(tmp_path, caplog):
 # -- long inputs: a configured cap, counted, with progress --------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_a_200k_character_trace_is_counted_over_the_cap_not_judged_for_minutes(tmp_path):
     sentences = " ".join(f"Step {i}: we add {i} to the running total and check the parity again." for i in range(3000))
     assert len(sentences) > 200_000

@@ -17,6 +17,7 @@ def test_the_baseline_group_is_complete():
     assert set(BASELINES) == {"palign", "fixed_ratio", "sft_long_cot", "sft_short_cot", "prefix_only", "student_only"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("baseline", BASELINES)
 def test_baseline_end_to_end(baseline, tmp_path):
     summary = run(compose_config([*SMALL, f"baseline={baseline}"], tmp_path))
@@ -33,6 +34,7 @@ def test_baseline_end_to_end(baseline, tmp_path):
         assert summary["truncation"]["prefix_ratio_mean"] >= 0.5
 
 
+@pytest.mark.slow
 def test_stage_grade_reproduces_the_papers_pass_at_3_on_the_authors_outputs(tmp_path, shared_data):
     for name in ("aime24", "aime25"):
         path = shared_data / "reference" / f"palign_qwen25_7b_{name}_outputs.jsonl"
@@ -40,6 +42,7 @@ def test_stage_grade_reproduces_the_papers_pass_at_3_on_the_authors_outputs(tmp_
         assert "pass@3 = 26.67" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_stage_truncate_then_train_reuses_the_truncation(tmp_path):
     # the test's own cache (compose_config: only the converted models in it), so the first run really computes
     args = [*SMALL, "baseline=prefix_only", "search=exhaustive"]

@@ -47,6 +47,7 @@ def test_the_shipped_configs_pass_the_checks(tmp_path):
         check_config(compose_config(overrides, tmp_path))
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_a_bad_value_before_loading_anything(tmp_path):
     proc = run_cli(["student=tiny_random", "logger=none", "data.max_length=abc"], tmp_path, check=False)
     assert proc.returncode != 0
@@ -54,6 +55,7 @@ def test_the_command_line_refuses_a_bad_value_before_loading_anything(tmp_path):
     assert "Loading weights" not in proc.stderr and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_setting_the_baseline_ignores_is_refused_at_stage_all_as_at_stage_truncate(tmp_path):
     common = ["student=tiny_random", "logger=none", "baseline=sft_long_cot", "search=exhaustive"]
     truncate = run_cli([*common, "stage=truncate"], tmp_path, check=False)

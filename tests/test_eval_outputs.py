@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import compose_config
 from palign.pipeline import run
 
@@ -16,6 +18,7 @@ def outputs(folder):
     return {name: (folder / name).read_text() for name in ("results.md", "results.csv", "metrics.json")}
 
 
+@pytest.mark.slow
 def test_each_evaluation_setting_keeps_its_own_results(tmp_path):
     trained = run(compose_config(FAST, tmp_path))  # train, then evaluate with debug=fast's settings
     (run_dir,) = (tmp_path / "runs").iterdir()

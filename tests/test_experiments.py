@@ -65,6 +65,7 @@ def test_ablation_runs_in_fast_dev_form(ablation, tmp_path):
     assert summary["train"]["complete"] and summary["eval"]["benchmarks"]["champ_heldout"]["num_problems"] == 2
 
 
+@pytest.mark.slow
 def test_sweep_over_all_baselines_builds_a_complete_table_and_reruns_do_no_new_work(tmp_path):
     baselines = "palign,fixed_ratio,sft_long_cot,sft_short_cot,prefix_only,student_only"
     args = ["-m", *FAST_DEV, f"baseline={baselines}", "group=pytest-table"]
@@ -101,6 +102,7 @@ def test_sweep_over_all_baselines_builds_a_complete_table_and_reruns_do_no_new_w
         assert summary["eval"]["benchmarks"]["champ_heldout"]["num_problems"] == 2
 
 
+@pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep_and_is_reported(tmp_path):
     proc = run_cli(["-m", *FAST_DEV, "baseline=sft_long_cot,sft_short_cot", "data.max_length=16,768"], tmp_path, check=False)
     assert proc.returncode == 1

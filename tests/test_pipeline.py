@@ -19,6 +19,7 @@ def run_dirs(root: Path) -> list[Path]:
     return sorted(p for p in (root / "runs").iterdir() if p.is_dir())
 
 
+@pytest.mark.slow
 def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
     cfg = compose_config([*FAST, "baseline=sft_short_cot"], tmp_path)
     summary = run(cfg)
@@ -103,6 +104,7 @@ def test_a_run_killed_anywhere_and_resumed_trains_exactly_what_an_uninterrupted_
     assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
 
 
+@pytest.mark.slow
 def test_two_uninterrupted_runs_give_bit_identical_students(tmp_path):
     args = [*FAST, "baseline=sft_long_cot", "trainer.precision=32-true", "stage=train"]
     first = run(compose_config(args, tmp_path / "one"))
@@ -112,6 +114,7 @@ def test_two_uninterrupted_runs_give_bit_identical_students(tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
     proc = run_cli(["-m", "debug=fast", "logger=wandb", "baseline=sft_long_cot,sft_short_cot", "group=pytest-sweep"], tmp_path)
     dirs = run_dirs(tmp_path)
