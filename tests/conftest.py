@@ -37,6 +37,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 hypothesis_settings.register_profile("palign", deadline=None)
 hypothesis_settings.load_profile("palign")
 
+def _order_line(config) -> str | None:
+    seed = getattr(config.option, "randomly_seed", None)  # set by pytest-randomly when it is active
+    return f"tests in random order: rerun this order with --randomly-seed={seed}" if isinstance(seed, int) else None
+
+
+def pytest_sessionstart(session):
+    line = _order_line(session.config)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if line and reporter is not None:  # printed under -q too (pytest-randomly's own header line is not)
+        reporter.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    line = _order_line(config)
+    if line:
+        terminalreporter.write_line(line)
+
+
 # The git-ignored machine overrides (conf/local/default.yaml) never enter a test's config.
 NO_LOCAL = "~local"
 
