@@ -79,7 +79,9 @@ class Tracker:
         elif kind == "csv":
             from pytorch_lightning.loggers import CSVLogger
 
-            self.logger = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+            # one version folder per invocation (csv/version_<n>/metrics.csv): a fixed folder would
+            # make Lightning delete the metrics of the run's earlier attempts, e.g. before a resume
+            self.logger = CSVLogger(save_dir=str(run_dir), name="csv")
             if config:
                 self.logger.log_hyperparams(dict(config))
         elif kind != "none":

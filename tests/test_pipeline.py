@@ -48,12 +48,15 @@ def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
     assert held_out["num_problems"] == 2 and held_out["num_samples"] == 2 and held_out["max_new_tokens"] == 8
     assert "| tiny_random | sft_short_cot |" in (run_dir / "results.md").read_text()
     assert (run_dir / "results.csv").read_text().startswith("Student,Method,CHAMP_HELDOUT Pass@1,CHAMP_HELDOUT Pass@2")
-    metrics = (run_dir / "csv" / "metrics.csv").read_text()
+    metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/loss_epoch" in metrics and "train/tokens_per_s" in metrics
     # the same config again is the same run folder, and finished training is not repeated
     again = run(compose_config([*FAST, "baseline=sft_short_cot"], tmp_path))
     assert run_dirs(tmp_path) == [run_dir]
     assert again["train"] == summary["train"]
+    # the rerun logs to a folder of its own: the first invocation's metrics are kept
+    assert (run_dir / "csv" / "version_0" / "metrics.csv").read_text() == metrics
+    assert (run_dir / "csv" / "version_1" / "metrics.csv").exists()
 
 
 # 15 problems, 2 for validation: 13 training examples in micro-batches of 2, accumulated to 4, so
