@@ -39,6 +39,8 @@ def test_each_evaluation_setting_keeps_its_own_results(tmp_path):
     assert (first.parent / "champ_heldout.jsonl").read_text() == predictions
 
     metrics = [json.loads((f / "metrics.json").read_text())["champ_heldout"] for f in (first, second, third)]
+    graded = [[json.loads(line) for line in (f / "champ_heldout.graded.jsonl").read_text().splitlines()] for f in (first, second, third)]
+    assert [(len(rows), len(rows[0]["correct"])) for rows in graded] == [(2, 2), (2, 3), (1, 2)]  # each its own grades
     assert [(m["num_problems"], m["num_samples"]) for m in metrics] == [(2, 2), (2, 3), (1, 2)]
     assert "CHAMP_HELDOUT Pass@3" in (second / "results.csv").read_text().splitlines()[0]
     settings = json.loads((third / "evaluation.json").read_text())

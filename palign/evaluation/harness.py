@@ -17,6 +17,7 @@ Where the outputs go, under a run's `eval/`:
             evaluation.json            evaluated (limits, held-out ids) and k, so a second
             results.md, results.csv    evaluation with other settings never overwrites a first
             metrics.json
+            <benchmark>.graded.jsonl   the per-sample grades of this evaluation's problems
 
 and the run folder keeps a copy of the latest evaluation's results.md, results.csv and
 metrics.json (what the pipeline's summary.json `eval` section describes too).
@@ -169,6 +170,8 @@ def write_results(
     predictions = read_json(folder.parent / "settings.json")
     write_json_atomic(folder / "evaluation.json", {"predictions": predictions, "benchmarks": {n: dict(benchmarks[n]) for n in results},
                                                    "pass_k": k, "student": student, "method": method})
+    for name, result in results.items():
+        write_jsonl_atomic(folder / f"{name}.graded.jsonl", result.rows)
     for where in (folder, Path(run_dir)):
         write_text_atomic(where / "results.md", markdown)
         write_text_atomic(where / "results.csv", csv_text)
