@@ -247,6 +247,32 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]
         yield f"{path}:{lineno}", record
 
 
+def json_kind(value: Any) -> str:
+    """How a value reads in the file: `null`, `a boolean (true)`, `a number (3.5)`, `a list ([...])`."""
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    if value is None:
+        return "null"
+    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
+            else "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict)
+            else f"a {type(value).__name__}")
+    return f"{kind} ({shown})"
+
+
+def record_id(value: Any, field: str, where: str, fix: str) -> str:
+    """A record id as text: a non-empty string, or an integer (one spelling only: 7 -> "7").
+
+    Ids key every cached stage and result file; null, floats, booleans and lists would become
+    "None", "3.0", "True" or a repr, so they are refused naming `where` and `field`, with `fix`.
+    """
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    shown = "an empty string" if isinstance(value, str) else json_kind(value)
+    raise DataFormatError(f"{where}: field '{field}' must be a non-empty string or an integer (the record id), got {shown}; {fix}")
+
+
 def require_field(record: Mapping[str, Any], field: str, where: str) -> Any:
     """`record[field]` (dotted paths and list indices like `code.0` allowed) or a clear error."""
     value: Any = record

@@ -25,7 +25,6 @@ A teacher file with no records at all (0 bytes, only blank lines, or `[]`) is an
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -35,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from palign.evaluation.grading import answer_to_text, extract_boxed_answer
-from palign.artifacts import DataFormatError, fingerprint, iter_records, require_field
+from palign.artifacts import DataFormatError, fingerprint, iter_records, json_kind, record_id, require_field
 
 log = logging.getLogger(__name__)
+
+TEACHER_ID_FIX = "fix the record, or set the teacher's id field to null to number records by row"
 
 # Stored teacher generations depend on this code as well as on the settings: bump CODE_VERSION when
 # a change here changes what is stored, so caches written by older code are never reused
@@ -74,18 +75,6 @@ def _answer_text(value: Any) -> str | None:
     return answer_to_text(value) or None
 
 
-def _json_kind(value: Any) -> str:
-    """How a value reads in the file: `null`, `a boolean (true)`, `a number (3.5)`, `a list ([...])`."""
-    shown = json.dumps(value, ensure_ascii=False, default=str)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    if value is None:
-        return "null"
-    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
-            else "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict)
-            else f"a {type(value).__name__}")
-    return f"{kind} ({shown})"
-
-
 def _text_field(value: Any, field: str, where: str, what: str, setting: str | None = None) -> str:
     """A required text field as it is; anything but a string is refused, never stringified.
 
@@ -94,7 +83,7 @@ def _text_field(value: Any, field: str, where: str, what: str, setting: str | No
     if isinstance(value, str):
         return value
     fix = f"fix the record, or set {setting} to the field that holds {what}" if setting else "fix the record"
-    raise DataFormatError(f"{where}: field '{field}' must be a string ({what}), got {_json_kind(value)}; {fix}")
+    raise DataFormatError(f"{where}: field '{field}' must be a string ({what}), got {json_kind(value)}; {fix}")
 
 
 def _optional_text_field(value: Any, field: str, where: str, what: str, setting: str | None = None) -> str | None:
@@ -110,19 +99,6 @@ def _answer_field(value: Any, field: str, where: str) -> str | None:
             f"{where}: field '{field}' is not a usable gold answer: {err}; "
             "store the answer as a string or a number, or null when there is none"
         ) from err
-
-
-def _id_field(value: Any, field: str, where: str) -> str:
-    """A record id: a non-empty string, or an integer (one spelling only: 7 -> "7")."""
-    if isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise DataFormatError(
-        f"{where}: field '{field}' must be a non-empty string or an integer (the record id), got "
-        f"{_json_kind(value) if not isinstance(value, str) else 'an empty string'}; fix the record, or set "
-        "the teacher's id field to null to number records by row"
-    )
 
 
 def _file_records(path: str | Path, setting: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -297,7 +273,7 @@ class JsonlTeacher(Teacher):
             short = (_optional_text_field(get(self.short_cot_field), self.short_cot_field, where, "the short CoT",
                                           "teacher.source.short_cot_field") if self.short_cot_field else None)
             yield where, TeacherRecord(
-                id=_id_field(get(self.id_field), self.id_field, where) if self.id_field else str(index),
+                id=record_id(get(self.id_field), self.id_field, where, TEACHER_ID_FIX) if self.id_field else str(index),
                 question=_text_field(get(self.question_field), self.question_field, where, "the problem text",
                                      "teacher.source.question_field"),
                 answer=_answer_field(get(self.answer_field), self.answer_field, where) if self.answer_field else None,
@@ -354,7 +330,7 @@ class S1KTeacher(Teacher):
             attempt = _optional_text_field(row.get("deepseek_attempt"), "deepseek_attempt", where, "the teacher's final answer")
             trajectory = require_field(row, "deepseek_thinking_trajectory", where)
             yield where, TeacherRecord(
-                id=_id_field(row["id"], "id", where) if "id" in row else str(index),
+                id=record_id(row["id"], "id", where, TEACHER_ID_FIX) if "id" in row else str(index),
                 question=_text_field(require_field(row, "question", where), "question", where, "the problem text"),
                 answer=answer,
                 long_cot=_text_field(trajectory, "deepseek_thinking_trajectory", where, "the teacher's long CoT").strip(),
@@ -421,7 +397,7 @@ class GeneratedTeacher(Teacher):
             answer_field = self.problems_cfg.get("answer_field", "answer")
             rows, first_seen = [], {}
             for index, (where, row) in enumerate(_file_records(path, "teacher.source.problems.path")):
-                problem_id = _id_field(require_field(row, id_field, where), id_field, where) if id_field else str(index)
+                problem_id = record_id(require_field(row, id_field, where), id_field, where, TEACHER_ID_FIX) if id_field else str(index)
                 if problem_id in first_seen:  # generations are stored by problem id
                     raise DataFormatError(
                         f"{where}: id '{problem_id}' repeats {first_seen[problem_id]}; ids must be unique: set "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import DataFormatError, iter_records, require_field
+from palign.artifacts import DataFormatError, iter_records, record_id, require_field
 from palign.evaluation.grading import answer_to_text, check_gold_answer
 
 
@@ -54,17 +54,9 @@ def _problem_from_record(
         raise DataFormatError(
             f"{where}: field '{problem_field}' must be a non-empty string, got {problem!r:.80}"
         )
-    if id_field:
-        raw_id = require_field(record, id_field, where)
-        # an integer has one spelling; null, floats, booleans and lists would become "None", "3.0", ...
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
-            raise DataFormatError(
-                f"{where}: field '{id_field}' must be a non-empty string or an integer (the problem id), "
-                f"got {raw_id!r:.80}; set `id_field` to a field that holds ids, or to null to number problems by row"
-            )
-        problem_id = str(raw_id)
-    else:
-        problem_id = str(index)
+    problem_id = (record_id(require_field(record, id_field, where), id_field, where,
+                            "set `id_field` to a field that holds ids, or to null to number problems by row")
+                  if id_field else str(index))
     return BenchmarkProblem(id=problem_id, problem=problem, answer=answer)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from palign.artifacts import DataFormatError, iter_records, require_field
+from palign.artifacts import DataFormatError, iter_records, record_id, require_field
 from palign.evaluation.grading import GradingPool, answer_to_text, check_gold_answer
 from palign.evaluation.metrics import summarize_correctness
 
@@ -67,15 +67,11 @@ def grade_prediction_file(
                 f"{num_samples}; "
                 "pass@k needs the same number of samples for every problem"
             )
-        problem_id = record.get("id", index)
-        if isinstance(problem_id, bool) or not isinstance(problem_id, (str, int)):
-            raise DataFormatError(
-                f"{where}: field 'id' must be a string or an integer, got {problem_id!r:.80}; "
-                "fix it, or drop the field to number problems by line"
-            )
+        problem_id = record_id(record["id"], "id", where, "fix it, or drop the field to number problems by line") \
+            if "id" in record else str(index)
         problems.append(
             {
-                "id": str(problem_id),
+                "id": problem_id,
                 "problem": record.get("problem", record.get("prompt_ori")),
                 "answer": answer,
                 "outputs": outputs,
