@@ -54,12 +54,25 @@ def truncation_mode(cfg: DictConfig) -> str:
     return cfg.baseline.get("truncation", "none")
 
 
+def unused_groups(cfg: DictConfig) -> dict[str, str]:
+    """The config groups the chosen baseline never reads, each with the reason: they neither name
+    the run (`run_identity`) nor may be set on the command line (`check_knobs_used`)."""
+    mode = truncation_mode(cfg)
+    name = cfg.baseline.name
+    unused = {}
+    if mode == "none":
+        unused.update(dict.fromkeys(TRUNCATION_KEYS, f"baseline '{name}' does not truncate; pick e.g. baseline=prefix_only or baseline=palign"))
+    elif mode == "fixed_ratio":
+        unused.update(dict.fromkeys(ADAPTIVE_ONLY_KEYS, f"baseline '{name}' cuts at a fixed ratio and uses no judge or search; "
+                                                        "pick e.g. baseline=palign"))
+    if not cfg.baseline.get("alignment", False):
+        unused["alignment"] = f"baseline '{name}' has no alignment stage; pick e.g. baseline=palign"
+    return unused
+
+
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The config values that change a run's results (truncation settings only when used)."""
-    mode = truncation_mode(cfg)
-    skip = set(TRUNCATION_KEYS) if mode == "none" else set(ADAPTIVE_ONLY_KEYS) if mode == "fixed_ratio" else set()
-    if not cfg.baseline.get("alignment", False):
-        skip.add("alignment")
+    skip = unused_groups(cfg)
     identity = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
                 for key in cfg.run_identity if key in cfg and key not in skip}
     for dotted in cfg.get("run_identity_ignore", []):  # how a stage computes, not what it computes
@@ -565,25 +578,17 @@ def command_line_overrides() -> list[str]:
 
 def check_stage_applies(cfg: DictConfig) -> None:
     """stage=truncate and stage=align need a baseline that has that stage."""
-    if cfg.stage == "truncate" and truncation_mode(cfg) == "none":
-        raise ValueError(f"baseline '{cfg.baseline.name}' does not truncate; pick e.g. baseline=prefix_only")
-    if cfg.stage == "align" and not cfg.baseline.get("alignment", False):
-        raise ValueError(f"baseline '{cfg.baseline.name}' has no alignment stage; pick e.g. baseline=palign")
+    unused = unused_groups(cfg)
+    if cfg.stage == "truncate" and "granularity" in unused:
+        raise ValueError(unused["granularity"])
+    if cfg.stage == "align" and "alignment" in unused:
+        raise ValueError(unused["alignment"])
 
 
 def check_knobs_used(cfg: DictConfig, overrides: list[str]) -> None:
     """Refuse a command-line setting the chosen baseline would silently ignore (e.g. `search=exhaustive`
     with a baseline that does not truncate): the run would not be the one the command describes."""
-    mode = truncation_mode(cfg)
-    name = cfg.baseline.name
-    reasons = {}
-    if mode == "none":
-        reasons.update(dict.fromkeys(TRUNCATION_KEYS, f"baseline '{name}' does not truncate; pick e.g. baseline=prefix_only or baseline=palign"))
-    elif mode == "fixed_ratio":
-        reasons.update(dict.fromkeys(ADAPTIVE_ONLY_KEYS, f"baseline '{name}' cuts at a fixed ratio and uses no judge or search; "
-                                                         "pick e.g. baseline=palign"))
-    if not cfg.baseline.get("alignment", False):
-        reasons["alignment"] = f"baseline '{name}' has no alignment stage; pick e.g. baseline=palign"
+    reasons = unused_groups(cfg)
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
         root = key.split(".", 1)[0]

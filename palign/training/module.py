@@ -103,6 +103,7 @@ class StudentSFTModule(pl.LightningModule):
         self._step_started: float | None = None
         self._pending_losses: list[float] = []
         self.loss_curve: list[float] = []  # mean loss of each optimizer step, kept across resumes
+        self._total_steps: int | None = None  # optimizer steps of the whole run, read at the first step
 
     @property
     def tokens_seen(self) -> int:
@@ -239,7 +240,9 @@ class StudentSFTModule(pl.LightningModule):
         ratio = self.hparams.warmup_ratio
         if step == 0:  # called once while configure_optimizers builds the scheduler
             return 0.0 if ratio > 0 else 1.0
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if self._total_steps is None:  # the loaders are set up (and restored) by now: read it once
+            self._total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self._total_steps
         return cosine_with_warmup(step, int(math.ceil(ratio * total)), total)
 
     # -- export ---------------------------------------------------------------------------------
