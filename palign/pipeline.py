@@ -442,7 +442,7 @@ def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
     writes (so a pass@1 can be traced to the samples behind it); the summary records its path.
     """
     from palign.artifacts import write_jsonl_atomic
-    from palign.evaluation.grading import GradingPool
+    from palign.grading import GradingPool
     from palign.evaluation.predictions import grade_prediction_file
 
     cfg = ctx.cfg

@@ -32,7 +32,7 @@ from palign.artifacts import (
 )
 from palign.data.teachers import GeneratedTeacher, JsonlTeacher, S1KTeacher
 from palign.evaluation.benchmarks import load_benchmark
-from palign.evaluation.grading import GradingPool
+from palign.grading import GradingPool
 from palign.evaluation.predictions import grade_prediction_file
 
 GOOD = {"id": "a", "question": "What is 1+1?", "long_cot": "One plus one is two.", "answer": "2"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from palign.artifacts import DataFormatError
-from palign.evaluation.grading import (
+from palign.grading import (
     GradeResult,
     GradingPool,
     answer_to_text,

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from palign.evaluation.grading import GradingPool
+from palign.grading import GradingPool
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "reference"
 FILES = [REFERENCE / f"palign_qwen25_7b_{name}_outputs.jsonl" for name in ("aime24", "aime25")]

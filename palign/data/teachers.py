@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palign.evaluation.grading import answer_to_text, extract_boxed_answer
+from palign.grading import answer_to_text, extract_boxed_answer
 from palign.artifacts import DataFormatError, fingerprint, iter_records, json_kind, record_id, require_field
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Teacher:
         return TeacherData(records=records, skipped=skipped)
 
     def _trace_is_correct(self, record: TeacherRecord) -> bool:
-        from palign.evaluation.grading import is_correct
+        from palign.grading import is_correct
 
         return is_correct(record.source.get("final_answer_text") or record.long_cot, record.answer)
 
@@ -418,7 +418,7 @@ class GeneratedTeacher(Teacher):
         from functools import partial
 
         from palign.artifacts import RecordStore
-        from palign.evaluation.grading import GradingPool
+        from palign.grading import GradingPool
         from palign.llm.chat import instruction_prompt
         from palign.llm.generation import SamplingConfig
         from palign.llm.models import ModelSpec, load_model, load_tokenizer

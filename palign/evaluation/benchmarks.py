@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from palign.artifacts import DataFormatError, iter_records, record_id, require_field
-from palign.evaluation.grading import answer_to_text, check_gold_answer
+from palign.grading import answer_to_text, check_gold_answer
 
 
 @dataclass(frozen=True)

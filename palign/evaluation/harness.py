@@ -34,7 +34,7 @@ from typing import Any
 
 from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
-from palign.evaluation.grading import GradingPool
+from palign.grading import GradingPool
 from palign.evaluation.predictions import grade_prediction_file, results_table
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig, generate_missing

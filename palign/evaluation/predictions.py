@@ -16,7 +16,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from palign.artifacts import DataFormatError, iter_records, record_id, require_field
-from palign.evaluation.grading import GradingPool, answer_to_text, check_gold_answer
+from palign.grading import GradingPool, answer_to_text, check_gold_answer
 from palign.evaluation.metrics import summarize_correctness
 
 PAPER_BENCHMARKS: tuple[str, ...] = ("aime25", "aime24", "amc12", "math500")

@@ -1,4 +1,4 @@
-"""Answer grading for evaluation (paper §3 "Grading", §7.4; differences in §9.17).
+"""Answer grading, shared by teachers, alignment and evaluation (paper §3 "Grading", §7.4; differences in §9.17).
 
 The authors grade a sampled solution with `math_verify`: the gold answer is wrapped as
 `"$" + gold + "$"` and parsed, the model output is parsed with math-verify's default extraction
