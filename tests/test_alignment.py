@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 from conftest import PROJECT_ROOT, stage_cache
 from palign.alignment.continuation import AlignmentSettings, PrefixContinuation, continuation_prompt
 from palign.data.supervision import build_targets
-from palign.data.teachers import GeneratedTeacher, TeacherRecord
 from palign.llm.models import load_model
+from palign.teachers.records import TeacherRecord
+from palign.teachers.sources import GeneratedTeacher
 
 PROMPTS = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "prompts" / "paper.yaml"))
 

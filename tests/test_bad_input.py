@@ -30,7 +30,7 @@ from palign.artifacts import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from palign.data.teachers import GeneratedTeacher, JsonlTeacher, S1KTeacher
+from palign.teachers.sources import GeneratedTeacher, JsonlTeacher, S1KTeacher
 from palign.evaluation.benchmarks import load_benchmark
 from palign.grading import GradingPool
 from palign.evaluation.predictions import grade_prediction_file

@@ -33,7 +33,7 @@ def base_config(student: str = STUDENT) -> dict:
         "paths": {"root": "/nonexistent/outputs", "runs": "/nonexistent/outputs/runs", "cache_dir": "/nonexistent/outputs/cache"},
         "prompts": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}."},
         "student": student_cfg,
-        "teacher": {"name": "s1k", "source": {"_target_": "palign.data.teachers.S1KTeacher", "limit": None}},
+        "teacher": {"name": "s1k", "source": {"_target_": "palign.teachers.sources.S1KTeacher", "limit": None}},
         "baseline": {"name": "sft_long_cot", "target": "long_cot", "truncation": "none", "alignment": False},
         "granularity": {"name": "paper_sentence", "options": {}},
         "search": {"name": "binary", "chunk_size": 32},

@@ -28,7 +28,7 @@ STAGES = {
                                                "palign/truncation/search.py", "palign/truncation/units.py", *GENERATION]),
     "alignment": ("palign.alignment.continuation", ["palign/alignment/continuation.py", *GENERATION, *GRADING]),
     "tokenized": ("palign.data.sft", ["palign/data/sft.py", "palign/llm/chat.py"]),
-    "teacher_generation": ("palign.data.teachers", ["palign/data/teachers.py", *GENERATION, *GRADING]),
+    "teacher_generation": ("palign.teachers.sources", ["palign/teachers/sources.py", "palign/teachers/records.py", *GENERATION, *GRADING]),
     "evaluation": ("palign.evaluation.harness", ["palign/evaluation/harness.py", "palign/evaluation/benchmarks.py",
                                                  *GENERATION, *GRADING]),
     "chain_judge": ("palign.analysis.chain_judge", ["palign/analysis/chain_judge.py", *GENERATION]),

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from palign.artifacts import DataFormatError
-from palign.data.teachers import ChampTeacher, JsonlTeacher, S1KTeacher
+from palign.teachers.sources import ChampTeacher, JsonlTeacher, S1KTeacher
 
 
 def test_champ_loads_all_270_problems_with_answers_and_both_cots():

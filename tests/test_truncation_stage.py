@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT
-from palign.data.teachers import TeacherRecord
+from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import JudgePrompt, SufficiencyJudge
 from palign.truncation.stage import PrefixTruncation, TruncationSettings, truncation_stats
 

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from palign.alignment.continuation import continuation_prompt
 from palign.config import CONFIG_DIR
-from palign.data.teachers import ChampTeacher, champ_problems
+from palign.teachers.sources import ChampTeacher, champ_problems
 from palign.llm.chat import encode_user_turn, instruction_prompt
 from palign.llm.generation import SamplingConfig, generate
 from palign.llm.models import ModelSpec, load_model, load_tokenizer

@@ -45,7 +45,7 @@ def load_data(cache_dir: Path, examples: int, max_length: int):
     from omegaconf import OmegaConf
 
     from palign.data.sft import SupervisedExample, build_tokenized_split
-    from palign.data.teachers import ChampTeacher
+    from palign.teachers.sources import ChampTeacher
     from palign.llm.models import load_tokenizer
 
     import datasets

@@ -44,8 +44,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from palign.config import CONFIG_DIR, PROJECT_ROOT
-from palign.data.teachers import TeacherRecord
 from palign.llm.models import ModelSpec, load_model, load_tokenizer
+from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import JudgePrompt, SufficiencyJudge, ThresholdRule
 from palign.truncation.search import SearchResult, create_search
 from palign.truncation.stage import PrefixTruncation, TruncationSettings

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from palign.artifacts import RecordStore, fingerprint, write_json_atomic
-from palign.data.teachers import TeacherRecord
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import generate_missing
 from palign.llm.openai_backend import ChatBackend, complete_missing
+from palign.teachers.records import TeacherRecord
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from palign.data.sampling import ResumableDataLoader, ResumableShuffleSampler, pack_examples
 from palign.data.sft import PackedSFTCollator, SFTCollator, SupervisedExample, TokenizedSplit, build_tokenized_split
 from palign.data.supervision import build_targets
-from palign.data.teachers import Teacher, TeacherRecord
+from palign.teachers.records import TeacherRecord
+from palign.teachers.sources import Teacher
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from palign.data.sft import SupervisedExample
-from palign.data.teachers import TeacherRecord
+from palign.teachers.records import TeacherRecord
 
 TARGETS = ("long_cot", "short_cot", "prefix_continuation", "prefix_only", "student_only")
 

@@ -144,7 +144,7 @@ _NUMBER = re.compile(r"-?\d+(\.\d+)?(/\d+)?")
 
 
 def _champ_rows() -> Iterator[tuple[str, Mapping[str, Any]]]:
-    from palign.data.teachers import champ_problems
+    from palign.teachers.sources import champ_problems
 
     for problem_id, text, answer in champ_problems():
         yield f"champ-dataset:{problem_id}", {"id": problem_id, "problem": text, "answer": answer}

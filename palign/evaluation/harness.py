@@ -34,8 +34,8 @@ from typing import Any
 
 from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
-from palign.grading import GradingPool
 from palign.evaluation.predictions import grade_prediction_file, results_table
+from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig, generate_missing
 from palign.llm.openai_backend import ChatBackend, complete_missing

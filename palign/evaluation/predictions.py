@@ -16,8 +16,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from palign.artifacts import DataFormatError, iter_records, record_id, require_field
-from palign.grading import GradingPool, answer_to_text, check_gold_answer
 from palign.evaluation.metrics import summarize_correctness
+from palign.grading import GradingPool, answer_to_text, check_gold_answer
 
 PAPER_BENCHMARKS: tuple[str, ...] = ("aime25", "aime24", "amc12", "math500")
 """Table 1's column order."""

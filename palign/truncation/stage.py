@@ -40,7 +40,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic
-from palign.data.teachers import TeacherRecord
+from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, ThresholdRule
 from palign.truncation.search import Verdict, create_search, fixed_ratio_k, run_searches
 from palign.truncation.units import Segmentation, segment

@@ -1,6 +1,6 @@
-"""Teacher sources: where the long chains of thought come from (method step 1).
+"""Teacher sources: where the long chains of thought come from (method stage 0).
 
-Every source yields the same `TeacherRecord` schema (id, question, answer, long_cot, short_cot,
+Every source yields the same `TeacherRecord` schema (`palign.teachers.records`) (id, question, answer, long_cot, short_cot,
 source metadata), so truncation, alignment and SFT never care where a trace came from:
 - `ChampTeacher`: the `champ-dataset` package (270 competition problems, human step solutions as
   short CoT, one named model's solution as the teacher trace); runs offline, the embedded default.
@@ -29,12 +29,12 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palign.grading import answer_to_text, extract_boxed_answer
 from palign.artifacts import DataFormatError, fingerprint, iter_records, json_kind, record_id, require_field
+from palign.grading import answer_to_text, extract_boxed_answer
+from palign.teachers.records import TeacherData, TeacherRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +44,6 @@ TEACHER_ID_FIX = "fix the record, or set the teacher's id field to null to numbe
 # a change here changes what is stored, so caches written by older code are never reused
 # (tests/test_stage_versions.py notices a change to the logic that did not bump it).
 CODE_VERSION = 1
-
-
-@dataclass
-class TeacherRecord:
-    id: str
-    question: str
-    answer: str | None
-    long_cot: str
-    short_cot: str | None = None
-    source: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class TeacherData:
-    records: list[TeacherRecord]
-    skipped: Counter = field(default_factory=Counter)
-
-    def fingerprint(self) -> str:
-        return fingerprint([r.to_dict() for r in self.records])
 
 
 def _answer_text(value: Any) -> str | None:
