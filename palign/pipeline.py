@@ -145,7 +145,8 @@ def make_truncation(ctx: RunContext, tokenizer):
 
     def judge_factory() -> SufficiencyJudge:
         if cfg.judge.get("backend", "hf") == "vllm":
-            from palign.llm.vllm_backend import VLLMSufficiencyJudge, vllm_backend
+            from palign.llm.vllm_backend import vllm_backend
+            from palign.truncation.vllm_judge import VLLMSufficiencyJudge
 
             return VLLMSufficiencyJudge(
                 vllm_backend(judge_spec, ctx.cache_dir, cfg.vllm),

@@ -25,7 +25,8 @@ GRADING = ["palign/grading.py"]
 # stage -> (module holding CODE_VERSION, the source files whose logic decides what the stage stores)
 STAGES = {
     "truncation": ("palign.truncation.stage", ["palign/truncation/stage.py", "palign/truncation/judge.py",
-                                               "palign/truncation/search.py", "palign/truncation/units.py", *GENERATION]),
+                                               "palign/truncation/search.py", "palign/truncation/units.py",
+                                               "palign/truncation/vllm_judge.py", *GENERATION]),
     "alignment": ("palign.alignment.continuation", ["palign/alignment/continuation.py", *GENERATION, *GRADING]),
     "tokenized": ("palign.data.sft", ["palign/data/sft.py", "palign/llm/chat.py"]),
     "teacher_generation": ("palign.teachers.sources", ["palign/teachers/sources.py", "palign/teachers/records.py", *GENERATION, *GRADING]),

@@ -4,8 +4,8 @@ Hugging Face path, served by vLLM's continuous batching and prefix cache.
 It runs the three inference-heavy steps, each chosen by `backend: hf | vllm` in its config:
 - prefix continuation (PAPER.md §2.2) and evaluation (§3): `VLLMChatBackend.complete`, which keeps
   the `ChatBackend` contract of `palign.llm.openai_backend`, so `complete_missing` drives it;
-- the sufficiency judge's logits mode (§2.1): `VLLMSufficiencyJudge`, whose scores come from
-  `VLLMChatBackend.verdict_scores`.
+- the sufficiency judge's logits mode (§2.1): `VLLMChatBackend.verdict_scores`, which
+  `palign.truncation.vllm_judge.VLLMSufficiencyJudge` scores with.
 
 Prompts are rendered by `palign.llm.chat` into token ids and passed as `TokensPrompt`s, so vLLM sees
 exactly the tokens the Hugging Face path sees; vLLM never applies a chat template of its own. Replies
@@ -44,8 +44,6 @@ from typing import Any
 
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import Generation, SamplingConfig
-from palign.truncation.judge import JudgePrompt, SufficiencyJudge
-from palign.truncation.units import Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -274,42 +272,6 @@ class VLLMChatBackend:
             verdict_score(outputs[i].outputs[0].logprobs[0], outputs[i + 1].outputs[0].logprobs[0], enough_token, not_enough_token)
             for i in range(0, len(outputs), 2)
         ]
-
-
-class VLLMSufficiencyJudge(SufficiencyJudge):
-    """`SufficiencyJudge` with its model on vLLM: the same prompts and tokens, the same verdicts.
-
-    Every prefix is scored as its own sequence (what the `batched` engine does); vLLM's prefix cache
-    shares the question and the earlier units among them, which is what the `one_pass` engine does
-    by hand. `engine` still decides which prefixes the truncation stage asks for (`one_pass`: all of
-    a trace's at first touch; `batched`: only those the search probes, usually fewer).
-    """
-
-    def __init__(
-        self,
-        backend: VLLMChatBackend,
-        prompt: JudgePrompt,
-        mode: str = "logits",
-        max_new_tokens: int = 256,
-        batch_size: int = 8,
-        engine: str = "batched",
-    ):
-        super().__init__(None, backend.tokenizer, prompt, mode=mode, chat_template_kwargs=backend.chat_template_kwargs,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine)
-        self.backend = backend
-
-    def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
-        return self._each_prefix_scores(items)  # whichever engine: the vLLM scorer below does every sequence
-
-    def score_encoded(self, encoded: Sequence[Sequence[int]]) -> list[float]:
-        self.calls += len(encoded)
-        return self.backend.verdict_scores(encoded, self.enough_token, self.not_enough_token)
-
-    def generate_replies(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
-        self.calls += len(pairs)
-        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0)
-        outputs = self.backend.complete([self.prompt.render(q, r) for q, r in pairs], sampling)
-        return [samples[0].text for samples in outputs]
 
 
 def vllm_backend(spec_cfg: Any, cache_dir: Any, engine_cfg: Any, weights: str | None = None) -> VLLMChatBackend:
