@@ -1,7 +1,7 @@
 """The run: compose the stages a baseline needs, in a named, resumable run folder.
 
 A run is identified by its readable name plus a fingerprint of the config keys that change its
-results (`run_identity` in conf/config.yaml). The run folder `<paths.runs>/<run id>` holds the
+results (`run_identity` in conf/config.yaml; `palign.runs`). The run folder `<paths.runs>/<run id>` holds the
 resolved config, Lightning checkpoints (`checkpoints/last.ckpt`), the trained student
 (`student/`, a plain `from_pretrained` folder), evaluation predictions and `summary.json`.
 Rerunning the same command finds the same folder: finished stages are skipped and an interrupted
@@ -20,7 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from palign.artifacts import file_digests, fingerprint, read_json, write_json_atomic, write_text_atomic
+from palign.artifacts import file_digests, read_json, write_json_atomic, write_text_atomic
+from palign.runs import run_folder, truncation_mode, unused_groups
 from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 STAGES = ("all", "truncate", "align", "train", "eval", "grade", "report", "judge_chains")
 PREFIX_TARGETS = ("prefix_continuation", "prefix_only")
 CONTINUATION_TARGETS = ("prefix_continuation", "student_only")
-TRUNCATION_KEYS = ("granularity", "search", "judge", "judge_prompt")
-ADAPTIVE_ONLY_KEYS = ("search", "judge", "judge_prompt")
 
 
 @dataclass
@@ -49,54 +48,8 @@ class RunContext:
         return self.run_dir / "checkpoints"
 
 
-def truncation_mode(cfg: DictConfig) -> str:
-    """How the baseline gets its prefixes: none, adaptive (judge + search) or fixed_ratio."""
-    return cfg.baseline.get("truncation", "none")
-
-
-def unused_groups(cfg: DictConfig) -> dict[str, str]:
-    """The config groups the chosen baseline never reads, each with the reason: they neither name
-    the run (`run_identity`) nor may be set on the command line (`check_knobs_used`)."""
-    mode = truncation_mode(cfg)
-    name = cfg.baseline.name
-    unused = {}
-    if mode == "none":
-        unused.update(dict.fromkeys(TRUNCATION_KEYS, f"baseline '{name}' does not truncate; pick e.g. baseline=prefix_only or baseline=palign"))
-    elif mode == "fixed_ratio":
-        unused.update(dict.fromkeys(ADAPTIVE_ONLY_KEYS, f"baseline '{name}' cuts at a fixed ratio and uses no judge or search; "
-                                                        "pick e.g. baseline=palign"))
-    if not cfg.baseline.get("alignment", False):
-        unused["alignment"] = f"baseline '{name}' has no alignment stage; pick e.g. baseline=palign"
-    return unused
-
-
-def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The config values that change a run's results (truncation settings only when used)."""
-    skip = unused_groups(cfg)
-    identity = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
-                for key in cfg.run_identity if key in cfg and key not in skip}
-    for dotted in cfg.get("run_identity_ignore", []):  # how a stage computes, not what it computes
-        *parents, leaf = dotted.split(".")
-        node = identity
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return identity
-
-
-# stages that read other runs' results rather than producing a run of their own
-READ_ONLY_STAGES = ("report", "grade")
-
-
 def make_context(cfg: DictConfig) -> RunContext:
-    if cfg.stage in READ_ONLY_STAGES:
-        source = cfg.predictions if cfg.stage == "grade" else cfg.paths.runs
-        run_id = f"{cfg.stage}-{fingerprint(str(source), length=8)}"
-        run_dir = Path(cfg.paths.root) / cfg.stage / run_id
-    else:
-        run_id = f"{cfg.run_name}-{fingerprint(run_identity(cfg), length=8)}"
-        run_dir = Path(cfg.paths.runs) / run_id
+    run_id, run_dir = run_folder(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     summary_path = run_dir / "summary.json"

@@ -106,7 +106,7 @@ def test_training_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, 
 
 
 def test_run_identity_ignores_how_the_judge_computes_but_not_what(tmp_path):
-    from palign.pipeline import run_identity
+    from palign.runs import run_identity
 
     base = run_identity(compose_config([], tmp_path))
     how = ["judge.backend=vllm", "judge.engine=batched", "judge.max_tail_tokens=64", "alignment.backend=vllm"]

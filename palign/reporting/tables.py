@@ -12,7 +12,7 @@ rests on (problems x samples per problem, and the generation budget), because a 
 An ablation table compares runs that differ in exactly one knob (granularity, search, judge mode,
 judge prompt, judge model, the fixed ratio, or the baseline among palign / prefix_only /
 student_only). "Differ in exactly one knob" is decided on the config keys that name a run folder
-(`run_identity` in conf/config.yaml, via `palign.pipeline.run_identity`) plus the evaluation
+(`run_identity` in conf/config.yaml, via `palign.runs.run_identity`) plus the evaluation
 settings, with the knob's own keys left out. The baseline knob compares every key listed in
 `run_identity`, used or not, so compare baselines with runs launched by the same command line
 with only `baseline=` changed.
@@ -239,7 +239,7 @@ def _compute_identity(run: RunRecord, used_only: bool) -> dict[str, Any]:
     if used_only:
         from omegaconf import OmegaConf
 
-        from palign.pipeline import run_identity
+        from palign.runs import run_identity
 
         identity = run_identity(OmegaConf.create(run.config))
     else:
