@@ -21,12 +21,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from palign.artifacts import file_digests, read_json, write_json_atomic, write_text_atomic
-from palign.runs import run_folder, truncation_mode, unused_groups
+from palign.runs import run_folder, unused_reason
 from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-STAGES = ("all", "truncate", "align", "train", "eval", "grade", "report", "judge_chains")
 PREFIX_TARGETS = ("prefix_continuation", "prefix_only")
 CONTINUATION_TARGETS = ("prefix_continuation", "student_only")
 
@@ -67,113 +66,39 @@ def make_teacher(cfg: DictConfig):
     return instantiate(cfg.teacher.source)
 
 
+def _container(node) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)
+
+
 def make_truncation(ctx: RunContext, tokenizer):
-    """Stage 1 as configured by the baseline and the granularity/search/judge/judge_prompt groups."""
-    from palign.llm.models import ModelSpec, load_model, load_tokenizer
-    from palign.truncation.judge import JudgePrompt, SufficiencyJudge
-    from palign.truncation.stage import FIXED_RATIO, PrefixTruncation, TruncationSettings
+    """Stage 1 as the baseline and conf/truncation/ configure it (None: the baseline does not truncate)."""
+    from hydra.utils import instantiate
 
     cfg = ctx.cfg
-    mode = truncation_mode(cfg)
-    if mode == "none":
-        return None
-    if mode not in ("adaptive", FIXED_RATIO):
-        raise ValueError(f"baseline.truncation must be none, adaptive or fixed_ratio, got '{mode}'")
-    container = partial(OmegaConf.to_container, resolve=True)
-    judge_spec = ModelSpec.from_config(cfg.judge.model)
-    settings = TruncationSettings(
-        granularity=cfg.granularity.name,
-        granularity_options=container(cfg.granularity.options),
-        search=FIXED_RATIO if mode == FIXED_RATIO else cfg.search.name,
-        ratio=cfg.baseline.get("ratio"),
-        judge_identity=judge_spec.identity(),
-        judge_prompt=container(cfg.judge_prompt),
-        mode=cfg.judge.mode,
-        threshold=container(cfg.judge.threshold),
-        max_new_tokens=cfg.judge.max_new_tokens,
-        batch_size=cfg.judge.batch_size,
-        chunk_size=cfg.search.chunk_size,
-        max_trace_tokens=cfg.judge.max_trace_tokens,
-    )
-
-    def judge_factory() -> SufficiencyJudge:
-        if cfg.judge.get("backend", "hf") == "vllm":
-            from palign.llm.vllm_backend import vllm_backend
-            from palign.truncation.vllm_judge import VLLMSufficiencyJudge
-
-            return VLLMSufficiencyJudge(
-                vllm_backend(judge_spec, ctx.cache_dir, cfg.vllm),
-                JudgePrompt.from_config(container(cfg.judge_prompt)),
-                mode=cfg.judge.mode,
-                max_new_tokens=cfg.judge.max_new_tokens,
-                batch_size=cfg.judge.batch_size,
-                engine=cfg.judge.engine,
-            )
-        return SufficiencyJudge(
-            load_model(judge_spec, ctx.cache_dir),
-            load_tokenizer(judge_spec, ctx.cache_dir),
-            JudgePrompt.from_config(container(cfg.judge_prompt)),
-            mode=cfg.judge.mode,
-            chat_template_kwargs=judge_spec.chat_template_kwargs,
-            max_new_tokens=cfg.judge.max_new_tokens,
-            batch_size=cfg.judge.batch_size,
-            engine=cfg.judge.engine,
-            max_tail_tokens=cfg.judge.max_tail_tokens,
-        )
-
-    return PrefixTruncation(settings, ctx.cache_dir, tokenizer, judge_factory)
+    return instantiate(cfg.truncation, _convert_="all", baseline=_container(cfg.baseline), cache_dir=ctx.cache_dir,
+                       tokenizer=tokenizer, vllm=_container(cfg.vllm))
 
 
 def make_alignment(ctx: RunContext, tokenizer):
-    """Stage 2 (the student continues the prefixes), when the baseline needs it."""
-    from palign.alignment.continuation import AlignmentSettings, PrefixContinuation
-    from palign.llm.models import ModelSpec, load_model
+    """Stage 2 (the student continues the prefixes), when the baseline has it."""
+    from hydra.utils import instantiate
 
     cfg = ctx.cfg
-    if not cfg.baseline.get("alignment", False):
+    if not cfg.baseline.alignment:
         return None
-    container = partial(OmegaConf.to_container, resolve=True)
-    spec = ModelSpec.from_config(cfg.alignment.model)
-    settings = AlignmentSettings(
-        model_identity=spec.identity(),
-        prompts=container(cfg.prompts),
-        sampling=container(cfg.alignment.sampling),
-        filter=cfg.alignment.filter,
-        chunk_size=cfg.alignment.chunk_size,
-        grading_workers=cfg.alignment.grading.workers,
-        grading_timeout_s=cfg.alignment.grading.timeout_s,
-        chat_template_kwargs=dict(spec.chat_template_kwargs),
-    )
-    backend = None
-    if cfg.alignment.get("backend", "hf") == "vllm":
-        from palign.llm.vllm_backend import vllm_backend
-
-        backend = vllm_backend(spec, ctx.cache_dir, cfg.vllm)
-    return PrefixContinuation(settings, ctx.cache_dir, partial(load_model, spec, ctx.cache_dir), tokenizer, backend=backend)
+    return instantiate(cfg.alignment, _convert_="all", prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir,
+                       tokenizer=tokenizer, vllm=_container(cfg.vllm))
 
 
 def make_datamodule(ctx: RunContext, tokenizer):
-    from palign.data.datamodule import PrefixAlignmentDataModule
+    """Stage 3's data (conf/data/, palign/schema.py: Data), calling stages 1 and 2 as it loads."""
+    from hydra.utils import instantiate
 
     cfg = ctx.cfg
-    return PrefixAlignmentDataModule(
-        teacher=make_teacher(cfg),
-        tokenizer=tokenizer,
-        prompts=OmegaConf.to_container(cfg.prompts, resolve=True),
-        target=cfg.baseline.target,
-        cache_dir=str(ctx.cache_dir),
-        max_length=cfg.data.max_length,
-        micro_batch_size=cfg.data.micro_batch_size,
-        val_size=cfg.data.val_size,
-        train_limit=cfg.data.train_limit,
-        seed=cfg.seed,
-        markers=OmegaConf.to_container(cfg.prompts.prefix_markers, resolve=True),
-        chat_template_kwargs=dict(cfg.student.chat_template_kwargs),
-        num_workers=cfg.data.num_workers,
-        packing=cfg.data.packing,
-        pack_length=cfg.data.pack_length,
-        group_by_length=cfg.data.group_by_length,
-        prefix_stage=make_truncation(ctx, tokenizer),
+    return instantiate(
+        cfg.data, teacher=make_teacher(cfg), tokenizer=tokenizer, prompts=_container(cfg.prompts), target=cfg.baseline.target,
+        cache_dir=str(ctx.cache_dir), seed=cfg.seed, markers=_container(cfg.prompts.prefix_markers),
+        chat_template_kwargs=dict(cfg.student.chat_template_kwargs), prefix_stage=make_truncation(ctx, tokenizer),
         continuation_stage=make_alignment(ctx, tokenizer),
     )
 
@@ -337,6 +262,8 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
         return
     training_ids: list[str] | None = None  # loaded once, only if a benchmark holds out training problems
     for bench in benchmarks.values():
+        if cfg.evaluation.limit is not None:
+            bench["limit"] = min(bench["limit"] or cfg.evaluation.limit, cfg.evaluation.limit)
         if bench.pop("exclude_training", False):  # held-out problems of the teacher's own data set
             training_ids = training_ids if training_ids is not None else sorted(r.id for r in training_records(cfg))
             bench["exclude_ids"] = training_ids
@@ -463,7 +390,7 @@ def judge_chains_stage(ctx: RunContext, tracker: Tracker) -> None:
         chunk_size=judge.chunk_size, progress="chain judge",
     )
     comparison = f"{judge.chain_a}_vs_{judge.chain_b}"
-    judge_label = judge.model if judge.backend == "openai" else judge.model.name
+    judge_label = judge.remote.model if judge.backend == "openai" else judge.model.name
     records_path = ctx.run_dir / "chain_judge" / f"{comparison}-{Path(result.artifact).name}.jsonl"
     write_jsonl_atomic(records_path, result.records)
     stats = dict(result.summary, problems=len(records), skipped=len(records) - len(pairs), records=str(records_path),
@@ -532,30 +459,37 @@ def command_line_overrides() -> list[str]:
 
 def check_stage_applies(cfg: DictConfig) -> None:
     """stage=truncate and stage=align need a baseline that has that stage."""
-    unused = unused_groups(cfg)
-    if cfg.stage == "truncate" and "granularity" in unused:
-        raise ValueError(unused["granularity"])
-    if cfg.stage == "align" and "alignment" in unused:
-        raise ValueError(unused["alignment"])
+    for stage, node in (("truncate", "truncation"), ("align", "alignment")):
+        if cfg.stage == stage and (reason := unused_reason(cfg, node)):
+            raise ValueError(reason)
 
 
 def check_knobs_used(cfg: DictConfig, overrides: list[str]) -> None:
-    """Refuse a command-line setting the chosen baseline would silently ignore (e.g. `search=exhaustive`
-    with a baseline that does not truncate): the run would not be the one the command describes."""
-    reasons = unused_groups(cfg)
+    """Refuse a command-line setting the chosen baseline would silently ignore (e.g.
+    `truncation/search=exhaustive` with a baseline that does not truncate): the run would not be the
+    one the command describes."""
     for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
-        root = key.split(".", 1)[0]
-        if root in reasons:
-            raise ValueError(f"{override}: this setting would be ignored: {reasons[root]}, or drop it")
+        if reason := unused_reason(cfg, override):
+            raise ValueError(f"{override}: this setting would be ignored: {reason}, or drop it")
+
+
+# stage= -> the steps it runs, in the method's order (the stages a baseline skips build nothing)
+DISPATCH = {
+    "all": (train_stage, eval_stage),  # training loads its data through stages 1 and 2
+    "truncate": (truncate_stage,),
+    "align": (align_stage,),
+    "train": (train_stage,),
+    "eval": (eval_stage,),
+    "grade": (grade_stage,),
+    "report": (report_stage,),
+    "judge_chains": (judge_chains_stage,),
+}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from palign.config import check_config
+    from palign.schema import check_values
 
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got '{cfg.stage}'")
-    check_config(cfg)
+    check_values(cfg)
     check_stage_applies(cfg)
     if cfg.stage in ("all", "train", "truncate", "align"):
         check_knobs_used(cfg, command_line_overrides())
@@ -569,24 +503,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         job_type=cfg.stage,
         tags=list(cfg.tags),
         config=OmegaConf.to_container(cfg, resolve=True),
-        **{k: v for k, v in OmegaConf.to_container(cfg.logger).items() if k != "kind"},
+        project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
     )
     failed = True
     try:
-        if cfg.stage == "truncate":
-            truncate_stage(ctx, tracker)
-        if cfg.stage == "align":
-            align_stage(ctx, tracker)
-        if cfg.stage in ("all", "train"):
-            train_stage(ctx, tracker)
-        if cfg.stage in ("all", "eval"):
-            eval_stage(ctx, tracker)
-        if cfg.stage == "grade":
-            grade_stage(ctx, tracker)
-        if cfg.stage == "report":
-            report_stage(ctx, tracker)
-        if cfg.stage == "judge_chains":
-            judge_chains_stage(ctx, tracker)
+        for stage in DISPATCH[cfg.stage]:
+            stage(ctx, tracker)
         failed = False
     finally:
         tracker.close(failed=failed)

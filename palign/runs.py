@@ -1,58 +1,99 @@
 """Run identity and folders: which config values name a run, and where its folder is.
 
-A run is its readable name plus a fingerprint of the config keys that change its results
-(`run_identity` in conf/config.yaml, less the groups its baseline never reads), so the same command
-finds the same folder. The run (`palign.pipeline`) and the report (`palign.reporting`, which groups
-finished runs by what they were run with) both read it from here.
+A run is its readable name plus a fingerprint of its identity: every field of the typed config
+(palign/schema.py) that changes its results, less the stages its baseline never runs. The schema
+marks the fields that say how rather than what (`identity=False`: back ends, chunk sizes, folders,
+loggers), and the fields naming a local file (`content=True`), whose identity is what the file
+holds, never where it lies. So the same command on another machine, or with other `paths.*`, finds
+a run of the same id, and a change of `trainer.precision` does not. The run (`palign.pipeline`) and
+the report (`palign.reporting`, which groups finished runs by what they were run with) read it here.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from palign.artifacts import fingerprint
+from palign.artifacts import file_digests, fingerprint
 
-TRUNCATION_KEYS = ("granularity", "search", "judge", "judge_prompt")
-ADAPTIVE_ONLY_KEYS = ("search", "judge", "judge_prompt")
+# the truncation parts a fixed-ratio baseline never reads (it reads only the granularity)
+ADAPTIVE_ONLY = ("truncation.search", "truncation.judge", "truncation.judge_prompt")
 
 
 def truncation_mode(cfg: DictConfig) -> str:
     """How the baseline gets its prefixes: none, adaptive (judge + search) or fixed_ratio."""
-    return cfg.baseline.get("truncation", "none")
+    return cfg.baseline.truncation
 
 
 def unused_groups(cfg: DictConfig) -> dict[str, str]:
-    """The config groups the chosen baseline never reads, each with the reason: they neither name
-    the run (`run_identity`) nor may be set on the command line (`palign.pipeline.check_knobs_used`)."""
+    """The config nodes (dotted paths) the chosen baseline never reads, each with the reason: they
+    neither name the run (`run_identity`) nor may be set on the command line (`check_knobs_used`)."""
     mode = truncation_mode(cfg)
     name = cfg.baseline.name
     unused = {}
     if mode == "none":
-        unused.update(dict.fromkeys(TRUNCATION_KEYS, f"baseline '{name}' does not truncate; pick e.g. baseline=prefix_only or baseline=palign"))
+        unused["truncation"] = f"baseline '{name}' does not truncate; pick e.g. baseline=prefix_only or baseline=palign"
     elif mode == "fixed_ratio":
-        unused.update(dict.fromkeys(ADAPTIVE_ONLY_KEYS, f"baseline '{name}' cuts at a fixed ratio and uses no judge or search; "
-                                                        "pick e.g. baseline=palign"))
-    if not cfg.baseline.get("alignment", False):
+        unused.update(dict.fromkeys(ADAPTIVE_ONLY, f"baseline '{name}' cuts at a fixed ratio and uses no judge or search; "
+                                                   "pick e.g. baseline=palign"))
+    if not cfg.baseline.alignment:
         unused["alignment"] = f"baseline '{name}' has no alignment stage; pick e.g. baseline=palign"
     return unused
 
 
-def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The config values that change a run's results (truncation settings only when used)."""
-    skip = unused_groups(cfg)
-    identity = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
-                for key in cfg.run_identity if key in cfg and key not in skip}
-    for dotted in cfg.get("run_identity_ignore", []):  # how a stage computes, not what it computes
-        *parents, leaf = dotted.split(".")
-        node = identity
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return identity
+def unused_reason(cfg: DictConfig, key: str) -> str | None:
+    """Why the baseline never reads config key `key` (dotted, or a group path like truncation/search)."""
+    key = key.lstrip("+~").split("=", 1)[0].split("@", 1)[0].replace("/", ".")
+    for node, reason in unused_groups(cfg).items():
+        if key == node or key.startswith(node + "."):
+            return reason
+    return None
+
+
+def content_identity(value: Any) -> Any:
+    """A local file or folder by what it holds (SHA-256), anything else (a Hub id) as it is."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value)
+    if path.is_file():
+        sha = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                sha.update(block)
+        return {"sha256": sha.hexdigest()}
+    if path.is_dir():
+        return {"files": file_digests(path, "*")}
+    return value
+
+
+def _identity(node: Any, prefix: str, skip: dict[str, str]) -> Any:
+    kind = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if kind is not None and is_dataclass(kind):
+        out = {}
+        for spec in fields(kind):
+            key = prefix + spec.name
+            if not spec.metadata.get("identity", True) or key in skip:
+                continue
+            value = None if OmegaConf.is_missing(node, spec.name) else node[spec.name]
+            out[spec.name] = content_identity(value) if spec.metadata.get("content") else _identity(value, key + ".", skip)
+        return out
+    if isinstance(node, DictConfig):
+        return {name: _identity(node[name], f"{prefix}{name}.", skip) for name in node}
+    if isinstance(node, ListConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def run_identity(cfg: DictConfig, every_stage: bool = False) -> dict[str, Any]:
+    """The config values that change a run's results: the typed config less its `identity=False`
+    fields and (unless `every_stage`) the stages the baseline skips, files by their content."""
+    if not is_dataclass(OmegaConf.get_type(cfg)):
+        raise TypeError("run_identity needs a config composed against palign's schema (palign/schema.py)")
+    return _identity(cfg, "", {} if every_stage else unused_groups(cfg))
 
 
 # stages that read other runs' results rather than producing a run of their own

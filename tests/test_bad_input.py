@@ -321,6 +321,7 @@ def test_shipped_benchmark_configs_point_at_existing_files(tmp_path, shared_data
     cfg = compose_config(["evaluation=paper", f"paths.shared_data={shared_data}"], tmp_path)
     for name, node in cfg.evaluation.benchmarks.items():
         bench = OmegaConf.to_container(node, resolve=True)
+        assert bench.pop("exclude_training") is False  # the pipeline turns it into exclude_ids
         assert Path(bench["local_path"]) == shared_data / "benchmarks" / f"{name}.jsonl"
         assert len(load_benchmark(**dict(bench, limit=3))) == 3
 
@@ -478,7 +479,7 @@ def test_cli_a_200k_character_trace_is_counted_over_the_cap_not_judged_for_minut
     proc = run_cli(["stage=truncate", "student=tiny_random", "baseline=prefix_only", "logger=none", "teacher=jsonl",
                     f"teacher.source.path={path}", "teacher.source.id_field=id", "teacher.source.answer_field=answer",
                     "teacher.source.long_cot_field=long_cot", "teacher.source.only_correct=false", "data.val_size=0",
-                    "judge.max_trace_tokens=4096"], tmp_path)
+                    "truncation.judge.max_trace_tokens=4096"], tmp_path)
     (run_dir,) = list((tmp_path / "runs").iterdir())
     stats = json.loads((run_dir / "summary.json").read_text())["truncation"]
     assert stats["skipped_too_long"] == 1 and stats["examples"] == 2

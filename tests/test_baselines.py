@@ -10,7 +10,7 @@ from conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 
 BASELINES = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "baseline").glob("*.yaml"))
-SMALL = ["debug=fast", "logger=none", "teacher.source.limit=8", "data.val_size=0"]
+SMALL = ["experiment=tiny", "logger=none", "teacher.source.limit=8", "data.val_size=0"]
 
 
 def test_the_baseline_group_is_complete():
@@ -45,7 +45,7 @@ def test_stage_grade_reproduces_the_papers_pass_at_3_on_the_authors_outputs(tmp_
 @pytest.mark.slow
 def test_stage_truncate_then_train_reuses_the_truncation(tmp_path):
     # the test's own cache (compose_config: only the converted models in it), so the first run really computes
-    args = [*SMALL, "baseline=prefix_only", "search=exhaustive"]
+    args = [*SMALL, "baseline=prefix_only", "truncation/search=exhaustive"]
     first = run(compose_config([*args, "stage=truncate"], tmp_path))
     assert first["truncation"]["judge_calls_this_run"] > 0
     second = run(compose_config(args, tmp_path))

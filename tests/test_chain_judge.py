@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, compose_config
+from palign.schema import ChainJudge
 from palign.analysis.chain_judge import (
     LOSS,
     TIE,
@@ -23,7 +24,8 @@ from palign.analysis.chain_judge import (
 from palign.llm.models import load_tokenizer
 from palign.llm.openai_backend import LocalChatBackend, OpenAIChatBackend
 
-PROMPT = ChainJudgePrompt.from_config(OmegaConf.load(PROJECT_ROOT / "conf" / "chain_judge" / "local.yaml"))
+PROMPT = ChainJudgePrompt.from_config(OmegaConf.merge(OmegaConf.structured(ChainJudge),  # the prompt and verdicts shipped
+                                                      OmegaConf.load(PROJECT_ROOT / "conf" / "chain_judge" / "local.yaml")))
 
 
 @pytest.mark.parametrize(
@@ -127,7 +129,7 @@ def test_duplicate_pair_ids_are_rejected():
 def test_build_backend_from_configs_never_sees_the_key(tmp_path, monkeypatch, cache_dir):
     secret = "sk-never-in-config-5555"
     monkeypatch.setenv("ZHIPUAI_API_KEY", secret)
-    cfg = compose_config(["chain_judge=openai", "chain_judge.model=glm-4.5", "chain_judge.api_key_env=ZHIPUAI_API_KEY"], tmp_path)
+    cfg = compose_config(["chain_judge=openai", "chain_judge.remote.model=glm-4.5", "chain_judge.remote.api_key_env=ZHIPUAI_API_KEY"], tmp_path)
     judge = build_backend(cfg.chain_judge, cache_dir)
     assert isinstance(judge, OpenAIChatBackend) and judge.model == "glm-4.5" and judge.api_key_env == "ZHIPUAI_API_KEY"
     assert judge.url == "http://127.0.0.1:8000/v1/chat/completions"

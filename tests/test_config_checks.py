@@ -1,70 +1,135 @@
-"""Config values of a wrong type or out of range are refused before any model loads or any run
-folder is written, naming the key and what is allowed; a setting the baseline ignores is refused."""
+"""Configs are checked against the schema (palign/schema.py) while Hydra composes them: an unknown
+key or a wrong type anywhere (command line or YAML) fails naming the full key, before any model
+loads and before a run folder is written; values out of range are refused by `check_values` before
+the run starts; a setting the baseline ignores is refused."""
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from conftest import compose_config, run_cli
-from palign.config import ConfigError
 from palign.pipeline import run
+from palign.schema import ConfigError, check_values
 
-BAD = [
-    ("data.max_length=abc", "data.max_length='abc': must be an integer >= 1"),
-    ("training.learning_rate=fast", "training.learning_rate='fast': must be a number > 0"),
+WRONG_TYPE = ["data.max_length=abc", "training.learning_rate=fast", "training.epochs=[1]",
+              "truncation.judge.batch_size=many", "evaluation.sampling.top_k=off"]
+
+
+@pytest.mark.parametrize("override", WRONG_TYPE)
+def test_a_wrong_type_fails_while_composing_naming_the_key(override, tmp_path):
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config([override], tmp_path)
+    key = override.split("=")[0]
+    assert key.rsplit(".", 1)[-1] in str(caught.value.__cause__ or caught.value) and key in str(caught.value)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override", ["data.max_lenght=512", "truncation.judge.treshold.value=5", "traning.epochs=1",
+                                      "teacher.source.modle=GPT-4", "trainer.precison=32-true"])
+def test_an_unknown_key_on_the_command_line_fails_while_composing(override, tmp_path):
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].replace(".", r"\.")):
+        compose_config([override], tmp_path)
+
+
+RANGE = [
     ("data.micro_batch_size=0", "data.micro_batch_size=0: must be an integer >= 1"),
     ("data.micro_batch_size=-2", "data.micro_batch_size=-2: must be an integer >= 1"),
     ("training.effective_batch_size=0", "training.effective_batch_size=0: must be an integer >= 1"),
     ("evaluation.sampling.num_samples=0", "evaluation.sampling.num_samples=0: must be an integer >= 1"),
     ("evaluation.pass_k=4", "evaluation.pass_k=4: must be at most evaluation.sampling.num_samples=3"),
     ("training.warmup_ratio=1.5", "training.warmup_ratio=1.5: must be a number in [0, 1]"),
-    ("training.epochs=true", "training.epochs=True: must be an integer >= 1"),
-    ("alignment.sampling.top_p=0", "alignment.sampling.top_p=0: must be a number in (0, 1]"),
-    ("data.train_limit=0", "data.train_limit=0: must be null or an integer >= 1"),
+    ("alignment.sampling.top_p=0", "alignment.sampling.top_p=0.0: must be a number in (0, 1]"),
+    ("data.train_limit=0", "data.train_limit=0: must be null (all) or an integer >= 1"),
+    ("truncation.judge.mode=vote", "truncation.judge.mode='vote': must be one of ['logits', 'generate']"),
+    ("evaluation.benchmarks.champ_heldout.limit=0", "evaluation.benchmarks.champ_heldout.limit=0: must be null"),
+    ("teacher.source.limit=-1", "teacher.source.limit=-1: must be null (all) or an integer >= 1"),
 ]
 
 
-@pytest.mark.parametrize(("override", "message"), BAD, ids=[b[0] for b in BAD])
-def test_a_bad_value_is_refused_before_the_run_folder_exists(override, message, tmp_path):
-    cfg = compose_config(["student=tiny_random", "logger=none", "evaluation=paper", override], tmp_path)
+@pytest.mark.parametrize(("override", "message"), RANGE, ids=[r[0] for r in RANGE])
+def test_a_value_out_of_range_is_refused_before_the_run_folder_exists(override, message, tmp_path):
+    cfg = compose_config(["student=tiny_random", "logger=none", override], tmp_path)
     with pytest.raises(ConfigError) as caught:
         run(cfg)
     assert message in str(caught.value)
     assert not (tmp_path / "runs").exists()
 
 
-def test_every_bad_key_is_named_at_once(tmp_path):
-    cfg = compose_config(["data.max_length=abc", "training.learning_rate=fast"], tmp_path)
-    with pytest.raises(ConfigError, match=r"(?s)data\.max_length.*training\.learning_rate"):
-        run(cfg)
+def test_every_bad_value_is_named_at_once(tmp_path):
+    cfg = compose_config(["data.micro_batch_size=0", "training.learning_rate=-1"], tmp_path)
+    with pytest.raises(ConfigError, match=r"(?s)data\.micro_batch_size.*training\.learning_rate"):
+        check_values(cfg)
 
 
-def test_the_shipped_configs_pass_the_checks(tmp_path):
-    from palign.config import check_config
+def test_a_key_added_with_plus_to_a_typed_node_is_refused(tmp_path):
+    cfg = compose_config(["+data.shuffle_buffer=5"], tmp_path)
+    with pytest.raises(ConfigError, match="shuffle_buffer"):
+        check_values(cfg)
+    check_values(compose_config(["+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging"], tmp_path))
 
-    for overrides in ([], ["experiment=paper/table1_qwen2_5_7b"], ["experiment=paper/table1_qwen3_8b"], ["debug=fast"],
-                      ["teacher=generate"], ["baseline=fixed_ratio"]):
-        check_config(compose_config(overrides, tmp_path))
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=paper/table1_qwen2_5_7b"], ["experiment=paper/table1_qwen3_8b"],
+                                       ["experiment=tiny"], ["debug=fast"], ["experiment=paper/table1_qwen2_5_7b", "debug=fast"],
+                                       ["teacher=generate"], ["teacher=generate_remote"], ["teacher=jsonl"], ["teacher=s1k"],
+                                       ["baseline=fixed_ratio"], ["chain_judge=openai"], ["evaluation=none"],
+                                       ["training=paper"], ["trainer=ddp"], ["trainer=fsdp"],
+                                       ["truncation/judge=qwen2_5_7b_instruct"], ["truncation/judge=smollm2_135m"],
+                                       ["truncation/granularity=token_chunk"]], ids=str)
+def test_the_shipped_configs_pass_the_checks(overrides, tmp_path):
+    cfg = compose_config(overrides, tmp_path)
+    check_values(cfg)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # nothing left unset
+
+
+def write_experiment(tmp_path, name: str, body: str):
+    """An experiment file in a config folder of its own, added to Hydra's search path."""
+    folder = tmp_path / "extra_conf" / "experiment"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text("# @package _global_\n" + textwrap.dedent(body), encoding="utf-8")
+    return f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]"
+
+
+def test_a_typo_inside_an_experiment_file_fails_while_composing(tmp_path):
+    searchpath = write_experiment(tmp_path, "typo", """
+        truncation:
+          judge:
+            treshold:
+              value: 5
+        """)
+    with pytest.raises(ConfigCompositionException, match=r"truncation\.judge\.treshold"):
+        compose_config([searchpath, "experiment=typo"], tmp_path)
 
 
 @pytest.mark.slow
-def test_the_command_line_refuses_a_bad_value_before_loading_anything(tmp_path):
-    proc = run_cli(["student=tiny_random", "logger=none", "data.max_length=abc"], tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "data.max_length='abc': must be an integer >= 1" in proc.stderr
-    assert "Loading weights" not in proc.stderr and not (tmp_path / "runs").exists()
+def test_the_command_line_refuses_a_typo_in_a_yaml_file_and_a_wrong_type_before_loading_anything(tmp_path):
+    searchpath = write_experiment(tmp_path, "typo", """
+        traning:
+          epochs: 1
+        """)
+    typo = run_cli(["student=tiny_random", "logger=none", searchpath, "experiment=typo"], tmp_path, check=False)
+    assert typo.returncode != 0 and "traning" in typo.stderr, typo.stderr[-2000:]
+    wrong = run_cli(["student=tiny_random", "logger=none", "data.max_length=abc"], tmp_path, check=False)
+    assert wrong.returncode != 0 and "data.max_length" in wrong.stderr and "abc" in wrong.stderr, wrong.stderr[-2000:]
+    for proc in (typo, wrong):
+        assert "Loading weights" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
 def test_a_setting_the_baseline_ignores_is_refused_at_stage_all_as_at_stage_truncate(tmp_path):
-    common = ["student=tiny_random", "logger=none", "baseline=sft_long_cot", "search=exhaustive"]
+    common = ["student=tiny_random", "logger=none", "baseline=sft_long_cot", "truncation/search=exhaustive"]
     truncate = run_cli([*common, "stage=truncate"], tmp_path, check=False)
     everything = run_cli(common, tmp_path, check=False)
     assert truncate.returncode != 0 and everything.returncode != 0
     assert "baseline 'sft_long_cot' does not truncate; pick e.g. baseline=prefix_only" in truncate.stderr
-    assert "search=exhaustive: this setting would be ignored: baseline 'sft_long_cot' does not truncate; " \
+    assert "truncation/search=exhaustive: this setting would be ignored: baseline 'sft_long_cot' does not truncate; " \
            "pick e.g. baseline=prefix_only" in everything.stderr
     assert not (tmp_path / "runs").exists()
-    fixed = run_cli(["student=tiny_random", "logger=none", "baseline=fixed_ratio", "judge.threshold.value=1.0"],
+    fixed = run_cli(["student=tiny_random", "logger=none", "baseline=fixed_ratio", "truncation.judge.threshold.value=1.0"],
                     tmp_path, check=False)
-    assert fixed.returncode != 0 and "judge.threshold.value=1.0: this setting would be ignored: baseline 'fixed_ratio'" in fixed.stderr
+    assert fixed.returncode != 0
+    assert "truncation.judge.threshold.value=1.0: this setting would be ignored: baseline 'fixed_ratio'" in fixed.stderr

@@ -10,7 +10,8 @@ from conftest import PROJECT_ROOT, compose_config
 from palign.llm.models import ModelSpec
 
 CONF = PROJECT_ROOT / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("local", "hydra"))
+# every config group, nested ones by their path (truncation/judge), each with its options
+GROUPS = sorted({str(p.parent.relative_to(CONF)).split("/paper")[0] for p in CONF.rglob("*.yaml")} - {".", "hydra", "local"})
 
 
 def options(group: str) -> list[str]:
@@ -36,15 +37,19 @@ IN_DEFAULTS = _groups_in_defaults()
 
 
 def test_every_group_has_options():
-    assert {"student", "teacher", "baseline", "trainer", "logger", "experiment"} <= set(GROUPS)
+    assert {"student", "teacher", "baseline", "trainer", "logger", "experiment", "debug", "truncation/granularity",
+            "truncation/search", "truncation/judge", "truncation/judge_prompt"} <= set(GROUPS)
     assert len(ALL) >= 20
 
 
 @pytest.mark.parametrize("group,option", ALL, ids=[f"{g}={o}" for g, o in ALL])
 def test_option_composes_and_instantiates(group, option, tmp_path):
     # groups outside the defaults list (e.g. benchmark, read by the evaluation config) are added
-    prefix = "" if group in IN_DEFAULTS else "+"
-    cfg = compose_config([f"{prefix}{group}={option}"], tmp_path)
+    if group == "benchmark":  # read by the evaluation config, at evaluation.benchmarks.<name>
+        override = f"+benchmark@evaluation.benchmarks.extra_{option}={option}"
+    else:
+        override = f"{'' if group in IN_DEFAULTS else '+'}{group}={option}"
+    cfg = compose_config([override], tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert str(cfg.paths.root) == str(tmp_path)
     ModelSpec.from_config(cfg.student)
@@ -59,10 +64,53 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
 
 
 def test_default_config_is_the_embedded_demo(tmp_path):
-    cfg = compose_config([], tmp_path)
+    cfg = compose_config([], tmp_path, hydra=True)
     assert cfg.student.name == "smollm2_135m" and cfg.student.source == "gguf_package"
     assert cfg.teacher.name == "champ" and cfg.baseline.name == "palign"
     assert cfg.logger.kind == "wandb" and cfg.trainer.accelerator == "cpu"
+    assert cfg.hydra.runtime.choices.experiment is None and cfg.hydra.runtime.choices.debug is None
+
+
+def test_the_default_run_is_what_cfg_job_shows_with_no_experiment(tmp_path):
+    """conf/config.yaml's own defaults are the run `python run.py` runs (no experiment is added)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import NO_LOCAL, cli_env
+
+    paths = [f"paths.root={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    shown = yaml.safe_load(subprocess.run([sys.executable, str(PROJECT_ROOT / "run.py"), "--cfg", "job", NO_LOCAL, *paths],
+                                          cwd=PROJECT_ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
+                                          check=True).stdout)
+    composed = OmegaConf.to_container(compose_config([], tmp_path))
+    composed["paths"]["cache_dir"] = str(tmp_path / "cache")
+    assert shown == composed
+
+
+def test_debug_only_shrinks_a_run(tmp_path):
+    """debug=fast changes sizes, trainer limits and the logger, never the method."""
+    from palign.runs import run_identity
+
+    base = OmegaConf.to_container(compose_config([], tmp_path), resolve=True)
+    fast = OmegaConf.to_container(compose_config(["debug=fast"], tmp_path), resolve=True)
+    changed = sorted(_diff(base, fast))
+    allowed = ("teacher.source.limit", "data.train_limit", "trainer.limit_", "logger.", "alignment.sampling.max_new_tokens",
+               "truncation.judge.max_new_tokens", "evaluation.limit", "evaluation.sampling.max_new_tokens")
+    assert changed and all(key.startswith(allowed) for key in changed), changed
+    for name in ("student", "baseline", "prompts", "training"):
+        assert fast[name] == base[name], name
+    assert run_identity(compose_config(["debug=fast"], tmp_path)) != run_identity(compose_config([], tmp_path))
+
+
+def _diff(a, b, prefix=""):
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            yield f"{prefix}{key}"
 
 
 def test_paper_recipes_hold_the_papers_settings(tmp_path):
@@ -72,11 +120,23 @@ def test_paper_recipes_hold_the_papers_settings(tmp_path):
         assert cfg.training.lora == {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
         assert (cfg.training.learning_rate, cfg.training.warmup_ratio, cfg.training.epochs) == (5e-5, 0.1, 3)
         assert cfg.training.effective_batch_size == 32 and cfg.data.max_length == 32768
-        assert cfg.granularity.name == "paper_sentence" and cfg.search.name == "binary" and cfg.judge.mode == "generate"
+        truncation = cfg.truncation
+        assert truncation.granularity.name == "paper_sentence" and truncation.search.name == "binary"
+        assert truncation.judge.mode == "generate" and truncation.judge_prompt.name == "paper"
         assert sorted(cfg.evaluation.benchmarks) == ["aime24", "aime25", "amc12", "math500"]
         sampling = cfg.evaluation.sampling
         assert (sampling.num_samples, sampling.temperature, sampling.top_p) == (3, 0.6, 0.9)
-        assert cfg.alignment.filter == "correct"
+        assert cfg.alignment.filter == "correct" and cfg.alignment.sampling.max_new_tokens == 32768
+        assert cfg.evaluation.sampling.max_new_tokens == 32768 and cfg.teacher.source.only_correct is False
+
+
+def test_the_qwen3_recipe_inherits_the_qwen2_5_recipe(tmp_path):
+    """The two paper recipes differ in the student only: one inherits the other."""
+    qwen2 = OmegaConf.to_container(compose_config(["experiment=paper/table1_qwen2_5_7b"], tmp_path), resolve=True)
+    qwen3 = OmegaConf.to_container(compose_config(["experiment=paper/table1_qwen3_8b"], tmp_path), resolve=True)
+    changed = sorted(_diff(qwen2, qwen3))
+    assert changed and all(key.startswith(("student.", "truncation.judge.model.", "alignment.model.", "run_name", "group",
+                                           "chain_judge.model.")) for key in changed), changed
 
 
 def test_qwen3_disables_thinking_through_the_template(tmp_path):
@@ -105,11 +165,34 @@ def test_training_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, 
     assert compose_config(["trainer=cpu", "trainer.precision=32-true"], tmp_path).trainer.precision == "32-true"
 
 
-def test_run_identity_ignores_how_the_judge_computes_but_not_what(tmp_path):
+def test_run_identity_ignores_how_a_stage_computes_but_not_what(tmp_path):
     from palign.runs import run_identity
 
     base = run_identity(compose_config([], tmp_path))
-    how = ["judge.backend=vllm", "judge.engine=batched", "judge.max_tail_tokens=64", "alignment.backend=vllm"]
+    how = ["truncation.judge.backend=vllm", "truncation.judge.engine=batched", "truncation.judge.max_tail_tokens=64",
+           "alignment.backend=vllm", "truncation.search.chunk_size=3", "data.num_workers=2", "trainer.devices=2",
+           "logger=csv", "evaluation.sampling.num_samples=5", "training.checkpoint_every_n_steps=7"]
     assert run_identity(compose_config(how, tmp_path)) == base
-    assert run_identity(compose_config(["judge.mode=generate"], tmp_path)) != base
-    assert run_identity(compose_config(["judge.threshold.value=0.5"], tmp_path)) != base
+    for what in ("truncation.judge.mode=generate", "truncation.judge.threshold.value=0.5", "trainer.precision=32-true",
+                 "trainer.gradient_clip_val=0.5", "seed=1", "data.max_length=512", "training=paper",
+                 "+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging"):
+        assert run_identity(compose_config([what], tmp_path)) != base, what
+
+
+def test_paths_never_enter_the_run_identity_but_a_teacher_file_s_content_does(tmp_path):
+    from palign.runs import run_identity
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "traces.jsonl").write_text('{"question": "1+1?", "answer": "2", "long_cot": "2"}\n', encoding="utf-8")
+    jsonl = ["teacher=jsonl", "teacher.source.id_field=null"]
+    here = run_identity(compose_config([*jsonl, f"teacher.source.path={first / 'traces.jsonl'}"], first))
+    there = run_identity(compose_config([*jsonl, f"teacher.source.path={second / 'traces.jsonl'}", "paths.shared_data=/x",
+                                         f"paths.runs={second}/r"], second))
+    assert here == there and str(tmp_path) not in str(here)
+    (second / "traces.jsonl").write_text('{"question": "2+2?", "answer": "4", "long_cot": "4"}\n', encoding="utf-8")
+    changed = run_identity(compose_config([*jsonl, f"teacher.source.path={second / 'traces.jsonl'}"], second))
+    assert changed != here
+    generate = run_identity(compose_config(["teacher=generate"], first))
+    assert generate == run_identity(compose_config(["teacher=generate"], second))  # teacher.source.cache_dir is how

@@ -21,50 +21,57 @@ DOCS = [PROJECT_ROOT / "README.md", PROJECT_ROOT / "experiments" / "README.md"]
 
 PAPER_QWEN25 = {  # PAPER.md §3-§5: what "the paper's setting" means
     "student.name": "qwen2_5_7b_instruct", "teacher.name": "s1k", "baseline.name": "palign",
-    "choice:granularity": "paper_sentence", "choice:search": "binary", "choice:judge": "self_generate",
-    "choice:judge_prompt": "paper", "alignment.filter": "correct", "choice:training": "lora", "choice:trainer": "gpu",
+    "choice:truncation/granularity": "paper_sentence", "choice:truncation/search": "binary",
+    "choice:truncation/judge": "self_generate", "choice:truncation/judge_prompt": "paper", "alignment.filter": "correct",
+    "choice:training": "paper", "training.lora.r": 16, "choice:trainer": "gpu", "choice:experiment": "paper/table1_qwen2_5_7b",
     "data.max_length": 32768, "data.train_limit": None, "training.learning_rate": 5e-5, "training.epochs": 3,
     "training.effective_batch_size": 32, "evaluation.sampling.num_samples": 3,
     "benchmarks": ["aime24", "aime25", "amc12", "math500"],
 }
-PAPER_QWEN3 = {**PAPER_QWEN25, "student.name": "qwen3_8b"}
+PAPER_QWEN3 = {**PAPER_QWEN25, "student.name": "qwen3_8b", "choice:experiment": "paper/table1_qwen3_8b"}
 DEMO = {"student.name": "smollm2_135m", "teacher.name": "champ", "baseline.name": "palign", "choice:trainer": "cpu",
-        "benchmarks": ["champ_heldout"]}
+        "benchmarks": ["champ_heldout"], "choice:experiment": None, "choice:debug": None}
+TINY = {"student.name": "tiny_random", "choice:experiment": "tiny", "truncation.judge.model.name": "tiny_random"}
 
 # command (as written, without `python run.py`, `-m` and comments) -> the settings it names
 DOCUMENTED: dict[str, dict] = {
     "": DEMO,
     "baseline=sft_long_cot": {**DEMO, "baseline.name": "sft_long_cot", "baseline.target": "long_cot"},
     "baseline=fixed_ratio baseline.ratio=0.25": {**DEMO, "baseline.name": "fixed_ratio", "baseline.ratio": 0.25},
-    "stage=truncate search=exhaustive": {**DEMO, "stage": "truncate", "choice:search": "exhaustive"},
+    "stage=truncate truncation/search=exhaustive": {**DEMO, "stage": "truncate", "choice:truncation/search": "exhaustive"},
     "stage=align": {**DEMO, "stage": "align"},
     "stage=eval evaluation=paper": {**DEMO, "stage": "eval", "benchmarks": ["aime24", "aime25", "amc12", "math500"]},
     "stage=grade predictions=../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl":
         {"stage": "grade", "predictions": "../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl"},
-    "student=tiny_random debug=fast": {"student.name": "tiny_random", "choice:debug": "fast"},
+    "experiment=tiny": TINY,
+    "experiment=paper/table1_qwen2_5_7b debug=fast":
+        {**PAPER_QWEN25, "choice:debug": "fast", "data.train_limit": 4, "trainer.limit_train_batches": 2},
     "teacher=jsonl teacher.source.path=my_traces.jsonl teacher.source.long_cot_field=trace":
         {"teacher.name": "jsonl", "teacher.source.path": "my_traces.jsonl", "teacher.source.long_cot_field": "trace"},
     "baseline=sft_long_cot,sft_short_cot group=my-sweep": {"group": "my-sweep", "teacher.name": "champ"},
     "experiment=paper/table1_qwen2_5_7b": PAPER_QWEN25,
-    "ablation=search": {**DEMO, "group": "ablation-search-smollm2_135m", "sweep:search": ["binary", "linear", "exhaustive"]},
+    "ablation=search": {**DEMO, "group": "ablation-search-smollm2_135m",
+                        "sweep:truncation/search": ["binary", "linear", "exhaustive"]},
     "stage=eval": {**DEMO, "stage": "eval"},
-    "baseline=palign judge.backend=vllm judge.engine=batched alignment.backend=vllm alignment.chunk_size=512 "
-    "evaluation.backend=vllm evaluation.chunk_size=512":
-        {**DEMO, "judge.backend": "vllm", "judge.engine": "batched", "alignment.backend": "vllm", "evaluation.backend": "vllm"},
+    "baseline=palign truncation.judge.backend=vllm truncation.judge.engine=batched alignment.backend=vllm "
+    "alignment.chunk_size=512 evaluation.backend=vllm evaluation.chunk_size=512":
+        {**DEMO, "truncation.judge.backend": "vllm", "truncation.judge.engine": "batched", "alignment.backend": "vllm",
+         "evaluation.backend": "vllm"},
     "baseline=palign,fixed_ratio,sft_long_cot,sft_short_cot,prefix_only,student_only group=demo-table":
         {**DEMO, "group": "demo-table"},
     "stage=report": {"stage": "report"},
-    "ablation=granularity": {**DEMO, "sweep:granularity": ["paper_sentence", "sentence", "step", "token_chunk"]},
-    "debug=fast baseline=palign,sft_long_cot": {"student.name": "tiny_random", "choice:debug": "fast"},
+    "ablation=granularity": {**DEMO, "sweep:truncation/granularity": ["paper_sentence", "sentence", "step", "token_chunk"]},
+    "experiment=tiny baseline=palign,sft_long_cot": TINY,
     "experiment=paper/table1_qwen2_5_7b baseline=palign,sft_long_cot,sft_short_cot,fixed_ratio": PAPER_QWEN25,
     "experiment=paper/table1_qwen3_8b baseline=palign,sft_long_cot,sft_short_cot,fixed_ratio": PAPER_QWEN3,
     "experiment=paper/table1_qwen2_5_7b ablation=search":
-        {**PAPER_QWEN25, "group": "ablation-search-qwen2_5_7b_instruct", "sweep:search": ["binary", "linear", "exhaustive"]},
+        {**PAPER_QWEN25, "group": "ablation-search-qwen2_5_7b_instruct",
+         "sweep:truncation/search": ["binary", "linear", "exhaustive"]},
     "stage=judge_chains baseline=palign": {**DEMO, "stage": "judge_chains", "choice:chain_judge": "local"},
-    "stage=judge_chains baseline=palign chain_judge=openai chain_judge.base_url=https://open.bigmodel.cn/api/paas/v4 "
-    "chain_judge.model=glm-4.5 chain_judge.api_key_env=ZHIPUAI_API_KEY":
-        {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.model": "glm-4.5",
-         "chain_judge.api_key_env": "ZHIPUAI_API_KEY"},
+    "stage=judge_chains baseline=palign chain_judge=openai chain_judge.remote.base_url=https://open.bigmodel.cn/api/paas/v4 "
+    "chain_judge.remote.model=glm-4.5 chain_judge.remote.api_key_env=ZHIPUAI_API_KEY":
+        {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.remote.model": "glm-4.5",
+         "chain_judge.remote.api_key_env": "ZHIPUAI_API_KEY"},
 }
 
 

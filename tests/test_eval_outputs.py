@@ -11,7 +11,7 @@ import pytest
 from conftest import compose_config
 from palign.pipeline import run
 
-FAST = ["debug=fast", "logger=none", "baseline=sft_short_cot"]
+FAST = ["experiment=tiny", "logger=none", "baseline=sft_short_cot"]
 
 
 def outputs(folder):
@@ -20,7 +20,7 @@ def outputs(folder):
 
 @pytest.mark.slow
 def test_each_evaluation_setting_keeps_its_own_results(tmp_path):
-    trained = run(compose_config(FAST, tmp_path))  # train, then evaluate with debug=fast's settings
+    trained = run(compose_config(FAST, tmp_path))  # train, then evaluate with experiment=tiny's settings
     (run_dir,) = (tmp_path / "runs").iterdir()
     first = Path(trained["eval"]["results"])
     assert first.parent.parent == run_dir / "eval" and first.name.startswith("champ_heldout-pass2-")

@@ -14,11 +14,11 @@ EXPERIMENTS = sorted(str(p.relative_to(PROJECT_ROOT / "conf" / "experiment").wit
                      for p in (PROJECT_ROOT / "conf" / "experiment").rglob("*.yaml"))
 ABLATIONS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "ablation").glob("*.yaml"))
 # fast-dev: the tiny model on CHAMP and the CPU, whatever the recipe asks for (hub models, s1K, GPUs)
-FAST_DEV = ["debug=fast", "teacher=champ", "teacher.source.limit=6", "trainer=cpu", "logger=none", "data.val_size=0"]
+FAST_DEV = ["experiment=tiny", "teacher=champ", "teacher.source.limit=6", "trainer=cpu", "logger=none", "data.val_size=0"]
 
 
 def test_recipes_exist():
-    assert {"demo", "paper/table1_qwen2_5_7b", "paper/table1_qwen3_8b"} <= set(EXPERIMENTS)
+    assert {"tiny", "paper/table1_qwen2_5_7b", "paper/table1_qwen3_8b"} <= set(EXPERIMENTS)
     assert {"granularity", "judge_prompt", "judge_model", "search", "decision_mode", "fixed_ratio", "supervision"} <= set(ABLATIONS)
 
 
@@ -40,14 +40,14 @@ def swept(overrides: list[str], tmp_path) -> list[list[str]]:
     return jobs
 
 
-@pytest.mark.parametrize("recipe", ["experiment=demo", "experiment=paper/table1_qwen2_5_7b"])
+@pytest.mark.parametrize("recipe", [[], ["experiment=paper/table1_qwen2_5_7b"]], ids=["default", "paper"])
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_every_job_of_an_ablation_sweep_composes_on_every_recipe_and_keeps_the_recipe(ablation, recipe, tmp_path):
-    base = compose_config([recipe], tmp_path)
-    jobs = swept([recipe, f"ablation={ablation}"], tmp_path)
+    base = compose_config(recipe, tmp_path)
+    jobs = swept([*recipe, f"ablation={ablation}"], tmp_path)
     assert len(jobs) >= 2
     for job in jobs:
-        cfg = compose_config([recipe, f"ablation={ablation}", *job], tmp_path, hydra=True)
+        cfg = compose_config([*recipe, f"ablation={ablation}", *job], tmp_path, hydra=True)
         key, value = job[0].split("=", 1)
         chosen = cfg.hydra.runtime.choices.get(key) or OmegaConf.select(cfg, key)
         assert str(chosen) == value, job

@@ -12,7 +12,7 @@ import torch
 from conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 
-FAST = ["debug=fast", "logger=csv"]
+FAST = ["experiment=tiny", "logger=csv"]
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -119,7 +119,7 @@ def test_two_uninterrupted_runs_give_bit_identical_students(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
-    proc = run_cli(["-m", "debug=fast", "logger=wandb", "baseline=sft_long_cot,sft_short_cot", "group=pytest-sweep"], tmp_path)
+    proc = run_cli(["-m", "experiment=tiny", "logger=wandb", "baseline=sft_long_cot,sft_short_cot", "group=pytest-sweep"], tmp_path)
     dirs = run_dirs(tmp_path)
     assert [d.name.split("-champ-")[0] for d in dirs] == ["tiny_random-sft_long_cot", "tiny_random-sft_short_cot"]
     for run_dir in dirs:

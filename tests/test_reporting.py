@@ -28,18 +28,19 @@ def base_config(student: str = STUDENT) -> dict:
                    "attn_implementation": "sdpa", "chat_template_kwargs": {}}
     return {
         "stage": "all", "seed": 0, "predictions": None, "run_name": "x", "group": "sweep", "tags": [],
-        "run_identity": ["student", "teacher", "baseline", "prompts", "data", "training", "seed", "granularity",
-                         "search", "judge", "judge_prompt", "alignment"],
         "paths": {"root": "/nonexistent/outputs", "runs": "/nonexistent/outputs/runs", "cache_dir": "/nonexistent/outputs/cache"},
         "prompts": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}."},
         "student": student_cfg,
         "teacher": {"name": "s1k", "source": {"_target_": "palign.teachers.sources.S1KTeacher", "limit": None}},
         "baseline": {"name": "sft_long_cot", "target": "long_cot", "truncation": "none", "alignment": False},
-        "granularity": {"name": "paper_sentence", "options": {}},
-        "search": {"name": "binary", "chunk_size": 32},
-        "judge": {"model": copy.deepcopy(student_cfg), "mode": "logits", "max_new_tokens": 256, "batch_size": 8,
-                  "threshold": {"kind": "absolute", "value": 0.0, "calibration_examples": 8}},
-        "judge_prompt": {"name": "paper", "enough": "[ENOUGH]", "not_enough": "[NOT_ENOUGH]", "template": "{question} {reasoning_part}"},
+        "truncation": {
+            "granularity": {"name": "paper_sentence", "options": {}},
+            "search": {"name": "binary", "chunk_size": 32},
+            "judge": {"model": copy.deepcopy(student_cfg), "mode": "logits", "max_new_tokens": 256, "batch_size": 8,
+                      "threshold": {"kind": "absolute", "value": 0.0, "calibration_examples": 8}},
+            "judge_prompt": {"name": "paper", "enough": "[ENOUGH]", "not_enough": "[NOT_ENOUGH]",
+                             "template": "{question} {reasoning_part}"},
+        },
         "data": {"max_length": 16384, "micro_batch_size": 1, "val_size": 0, "train_limit": None, "num_workers": 0},
         "training": {"learning_rate": 1e-4, "epochs": 3, "effective_batch_size": 16, "lora": {"r": 16, "alpha": 16}},
         "trainer": {"_target_": "pytorch_lightning.Trainer", "accelerator": "gpu", "devices": 1},
@@ -184,7 +185,7 @@ def test_unfinished_runs_are_left_out_and_named(tmp_path, caplog):
 
 def test_ablation_tables_group_runs_that_differ_in_one_knob(tmp_path):
     runs = tmp_path / "runs"
-    step, reachable = {"granularity.name": "step"}, {"judge_prompt.name": "answer_reachable", "judge_prompt.template": "reach {question}"}
+    step, reachable = {"truncation.granularity.name": "step"}, {"truncation.judge_prompt.name": "answer_reachable", "truncation.judge_prompt.template": "reach {question}"}
     write_run(runs, "A", "palign", {"math500": 60.0}, prefix_ratio=0.4132, retention=0.6)
     write_run(runs, "B", "palign", {"math500": 58.0}, set_=step, prefix_ratio=0.5, retention=0.55)
     write_run(runs, "C", "palign", {"math500": 57.0}, set_=reachable, prefix_ratio=0.3, retention=0.5)
@@ -194,7 +195,7 @@ def test_ablation_tables_group_runs_that_differ_in_one_knob(tmp_path):
     write_run(runs, "G", "fixed_ratio", {"math500": 55.0}, set_={"baseline.ratio": 0.25}, prefix_ratio=0.26, retention=0.4)
     write_run(runs, "H", "fixed_ratio", {"math500": 54.5}, prefix_ratio=0.51, retention=0.5)
     write_run(runs, "I", "sft_long_cot", {"math500": 40.0})
-    write_run(runs, "J", "palign", {"math500": 61.0}, set_={"judge.mode": "generate"})
+    write_run(runs, "J", "palign", {"math500": 61.0}, set_={"truncation.judge.mode": "generate"})
     write_run(runs, "K", "palign", {"math500": 45.0}, set_={"training.learning_rate": 2e-5})  # not a knob: no ablation
 
     finished, _ = collect_local_runs(runs)
@@ -311,7 +312,7 @@ def test_make_report_writes_tables_figures_and_logs_them(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs, "A", "palign", {"math500": 60.0}, prefix_ratio=0.4, retention=0.6, response_tokens=8000,
               artifact=str(tmp_path / "cache" / "truncation" / "t"))
-    write_run(runs, "B", "palign", {"math500": 58.0}, set_={"granularity.name": "step"}, response_tokens=9000)
+    write_run(runs, "B", "palign", {"math500": 58.0}, set_={"truncation.granularity.name": "step"}, response_tokens=9000)
     write_records(tmp_path / "cache", "t", [truncation_row("p1", 10, 3, [(5, True, 0.9), (3, True, 0.6), (2, False, 0.2)])])
     tracker = RecordingTracker()
 
@@ -350,7 +351,7 @@ def test_wandb_summary_becomes_the_local_schema():
 
 # ---------------------------------------------------------------------------------------------
 # Two real run folders, produced now in the test's own folder (about 2 minutes):
-# `python run.py debug=fast logger=none baseline=palign` and `baseline=fixed_ratio baseline.ratio=0.25`.
+# `python run.py experiment=tiny logger=none baseline=palign` and `baseline=fixed_ratio baseline.ratio=0.25`.
 
 
 def _real_run(runs_dir: Path, baseline: str) -> Path:
@@ -362,8 +363,8 @@ def _real_run(runs_dir: Path, baseline: str) -> Path:
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("real")
-    run_cli(["debug=fast", "logger=none", "baseline=palign"], out)
-    run_cli(["debug=fast", "logger=none", "baseline=fixed_ratio", "baseline.ratio=0.25"], out)
+    run_cli(["experiment=tiny", "logger=none", "baseline=palign"], out)
+    run_cli(["experiment=tiny", "logger=none", "baseline=fixed_ratio", "baseline.ratio=0.25"], out)
     return {b: _real_run(out / "runs", b) for b in ("palign", "fixed_ratio")}
 
 
@@ -378,7 +379,7 @@ def test_report_on_two_real_runs(real_runs, tmp_path):
         (tmp_path / "cache" / "truncation" / artifact.name).mkdir(parents=True)
         shutil.copy(artifact / "records.jsonl", tmp_path / "cache" / "truncation" / artifact.name / "records.jsonl")
     summaries = {b: json.loads((f / "summary.json").read_text()) for b, f in real_runs.items()}
-    (benchmark,) = summaries["palign"]["eval"]["benchmarks"]  # debug=fast evaluates one benchmark
+    (benchmark,) = summaries["palign"]["eval"]["benchmarks"]  # experiment=tiny evaluates one benchmark
     assert benchmark == "champ_heldout"
 
     result = _make_table_module().make_report(runs, tmp_path / "report", pass_k=2)

@@ -31,7 +31,7 @@ Partial reasoning:
 
 
 def load_prompt(name: str) -> JudgePrompt:
-    return JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "judge_prompt" / f"{name}.yaml")))
+    return JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / f"{name}.yaml")))
 
 
 def test_paper_prompt_is_verbatim_and_renders_latex_safely():

@@ -35,7 +35,7 @@ class CountingJudge(SufficiencyJudge):
 
 @pytest.fixture()
 def make_judge(tiny_model, smollm2_tokenizer):
-    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/judge_prompt/paper.yaml")))
+    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
     made = []
 
     def factory(crash_after=None):
@@ -142,7 +142,7 @@ class RecordingJudge(SufficiencyJudge):
 
 
 def test_traces_over_the_cap_get_no_prefix_are_counted_and_never_judged(tmp_path, smollm2_tokenizer, tiny_model, caplog):
-    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/judge_prompt/paper.yaml")))
+    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
     judges = []
 
     def factory():

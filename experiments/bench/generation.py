@@ -37,6 +37,7 @@ from palign.teachers.sources import ChampTeacher, champ_problems
 from palign.llm.chat import encode_user_turn, instruction_prompt
 from palign.llm.generation import SamplingConfig, generate
 from palign.llm.models import ModelSpec, load_model, load_tokenizer
+from palign.schema import Evaluation
 from palign.truncation.units import segment
 
 DEFAULT_CACHE = os.environ.get("PALIGN_CACHE", str(CONFIG_DIR.parent / "outputs" / "cache"))
@@ -54,7 +55,7 @@ def main() -> None:
     spec = ModelSpec.from_config(OmegaConf.load(CONFIG_DIR / "student" / "smollm2_135m.yaml"))
     tokenizer, model = load_tokenizer(spec, args.cache_dir), load_model(spec, args.cache_dir)
     prompts = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "prompts" / "paper.yaml"))
-    paper = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "evaluation" / "paper.yaml").sampling, resolve=True)
+    paper = OmegaConf.to_container(OmegaConf.structured(Evaluation).sampling)  # the schema's: the paper's evaluation sampling
     if args.kind == "evaluation":
         texts = [instruction_prompt(prompts, problem) for _, problem, _ in champ_problems()[: args.prompts]]
     else:

@@ -1,7 +1,7 @@
 """Benchmark of stage 1 (adaptive prefix truncation, PAPER.md §2.1) on the real SmolLM2-135M judge.
 
 Runs on the shortest Sky-T1 AMC23 long-CoT traces (the `jsonl` teacher's fields and marker
-stripping, `conf/teacher/jsonl.yaml`), with the paper's judge prompt (`conf/judge_prompt/paper.yaml`),
+stripping, `conf/teacher/jsonl.yaml`), with the paper's judge prompt (`conf/truncation/judge_prompt/paper.yaml`),
 and measures in one process, on the same traces:
 
   (a) the authors' loop: one example and one prefix at a time (batch 1), `generate` mode (greedy,
@@ -45,6 +45,7 @@ from omegaconf import OmegaConf
 
 from palign.config import CONFIG_DIR, PROJECT_ROOT
 from palign.llm.models import ModelSpec, load_model, load_tokenizer
+from palign.schema import Granularity, Judge, JsonlSource, Threshold
 from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import JudgePrompt, SufficiencyJudge, ThresholdRule
 from palign.truncation.search import SearchResult, create_search
@@ -55,8 +56,9 @@ TEACHER_FILE = PROJECT_ROOT.parent / "shared" / "data" / "teacher" / "skyt1_14b_
 DEFAULT_CACHE = os.environ.get("PALIGN_CACHE", str(PROJECT_ROOT / "outputs" / "cache"))
 # The judge defaults (batch size, max_new_tokens, threshold rules) live in these configs only; the
 # default rule is the calibrated one (relative to the full trace), so binary search is not degenerate.
-JUDGE_DEFAULTS = OmegaConf.load(CONFIG_DIR / "judge" / "self.yaml")
-CALIBRATED_THRESHOLD = OmegaConf.load(CONFIG_DIR / "judge" / "self_calibrated.yaml").threshold
+JUDGE_DEFAULTS = OmegaConf.structured(Judge)  # the schema's judge settings (conf/truncation/judge/self.yaml)
+CALIBRATED_THRESHOLD = OmegaConf.merge(OmegaConf.structured(Threshold),
+                                       OmegaConf.load(CONFIG_DIR / "truncation" / "judge" / "self_calibrated.yaml").threshold)
 # The issue's goals.
 GOAL_SPEEDUP = 12.0  # (c) examples/s over (a)
 GOAL_FLOOR = 1.3  # (c) time over (d)
@@ -93,13 +95,15 @@ def peak_rss_mib() -> float:
 
 
 def granularity_options(granularity: str) -> dict[str, Any]:
-    """The options of `conf/granularity/<name>.yaml` (the stage adds the tokenizer `token_chunk` needs)."""
-    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "granularity" / f"{granularity}.yaml").options)
+    """The options of `conf/truncation/granularity/<name>.yaml` (the stage adds the tokenizer `token_chunk` needs)."""
+    path = CONFIG_DIR / "truncation" / "granularity" / f"{granularity}.yaml"
+    node = OmegaConf.merge(OmegaConf.structured(Granularity), OmegaConf.load(path))
+    return OmegaConf.to_container(node.options)
 
 
 def load_examples(path: str, count: int, granularity: str, tokenizer) -> list[Example]:
     """The `count` shortest traces of `path` that have units, read the way the `jsonl` teacher does."""
-    source = OmegaConf.load(CONFIG_DIR / "teacher" / "jsonl.yaml").source
+    source = OmegaConf.merge(OmegaConf.structured(JsonlSource), OmegaConf.load(CONFIG_DIR / "teacher" / "jsonl.yaml").source)
     source.path = path
     records = sorted(instantiate(source).load().records, key=lambda r: len(r.long_cot))
     options = granularity_options(granularity)
@@ -175,7 +179,7 @@ def main() -> None:
     start = time.perf_counter()
     spec = ModelSpec.from_config(OmegaConf.load(CONFIG_DIR / "student" / "smollm2_135m.yaml"))
     model, tokenizer = load_model(spec, args.cache_dir), load_tokenizer(spec, args.cache_dir)
-    prompt_config = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "judge_prompt" / "paper.yaml"))
+    prompt_config = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml"))
     prompt = JudgePrompt.from_config(prompt_config)
     load_s = time.perf_counter() - start
     examples = load_examples(args.path, args.traces, args.granularity, tokenizer)

@@ -82,6 +82,29 @@ class PrefixContinuation:
         self.generated = 0
         self._loaded_model = None
 
+    @classmethod
+    def from_config(cls, model: Mapping[str, Any], filter: str, backend: str, sampling: Mapping[str, Any], chunk_size: int,
+                    grading: Mapping[str, Any], *, prompts: Mapping[str, Any], cache_dir: str | Path, tokenizer,
+                    vllm: Mapping[str, Any]) -> PrefixContinuation:
+        """The stage from the `alignment` config node (palign/schema.py: Alignment). The model loads
+        only when a record misses the store."""
+        from functools import partial
+
+        from palign.llm.models import ModelSpec, load_model
+
+        spec = ModelSpec.from_config(model)
+        settings = AlignmentSettings(
+            model_identity=spec.identity(), prompts=dict(prompts), sampling=dict(sampling), filter=filter,
+            chunk_size=chunk_size, grading_workers=grading["workers"], grading_timeout_s=grading["timeout_s"],
+            chat_template_kwargs=dict(spec.chat_template_kwargs),
+        )
+        engine = None
+        if backend == "vllm":
+            from palign.llm.vllm_backend import vllm_backend
+
+            engine = vllm_backend(spec, cache_dir, vllm)
+        return cls(settings, cache_dir, partial(load_model, spec, cache_dir), tokenizer, backend=engine)
+
     def _user_text(self, record: TeacherRecord, prefix: str | None) -> str:
         if prefix is None:
             return instruction_prompt(self.settings.prompts, record.question)

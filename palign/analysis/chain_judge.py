@@ -247,7 +247,5 @@ def build_backend(cfg: Any, cache_dir: str | Path) -> ChatBackend:
         return LocalChatBackend(partial(load_model, spec, cache_dir), load_tokenizer(spec, cache_dir),
                                 spec.chat_template_kwargs, identity=spec.identity())
     if kind == "openai":
-        keys = ("base_url", "model", "api_key_env", "max_concurrency", "max_retries", "backoff_s", "timeout_s",
-                "extra_body", "include_reasoning")
-        return OpenAIChatBackend.from_config({k: cfg[k] for k in keys if k in cfg})
+        return OpenAIChatBackend.from_config(cfg["remote"])
     raise ValueError(f"chain_judge.backend must be local or openai, got '{kind}'")

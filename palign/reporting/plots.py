@@ -33,11 +33,12 @@ def _save(figure: Figure, path: str | os.PathLike) -> Path:
 
 def truncation_label(run: RunRecord) -> str:
     """A truncation config in words, e.g. `binary · sentence · judge tiny_random/logits/paper`."""
-    granularity = run.get("granularity.name")
+    granularity = run.get("truncation.granularity.name")
     if run.truncation_mode == "fixed_ratio":
         return f"fixed_ratio {run.get('baseline.ratio')} · {granularity}"
-    return (f"{run.get('search.name')} · {granularity} · judge "
-            f"{run.get('judge.model.name')}/{run.get('judge.mode')}/{run.get('judge_prompt.name')}")
+    return (f"{run.get('truncation.search.name')} · {granularity} · judge "
+            f"{run.get('truncation.judge.model.name')}/{run.get('truncation.judge.mode')}/"
+            f"{run.get('truncation.judge_prompt.name')}")
 
 
 def read_truncation_rows(path: str | os.PathLike) -> list[dict[str, Any]]:

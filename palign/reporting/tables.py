@@ -12,10 +12,10 @@ rests on (problems x samples per problem, and the generation budget), because a 
 An ablation table compares runs that differ in exactly one knob (granularity, search, judge mode,
 judge prompt, judge model, the fixed ratio, or the baseline among palign / prefix_only /
 student_only). "Differ in exactly one knob" is decided on the config keys that name a run folder
-(`run_identity` in conf/config.yaml, via `palign.runs.run_identity`) plus the evaluation
-settings, with the knob's own keys left out. The baseline knob compares every key listed in
-`run_identity`, used or not, so compare baselines with runs launched by the same command line
-with only `baseline=` changed.
+(`palign.runs.run_identity` of the stored config, typed by palign/schema.py) plus the evaluation
+settings, with the knob's own keys left out. The baseline knob compares the identity of every
+stage, used or not, so compare baselines with runs launched by the same command line with only
+`baseline=` changed.
 """
 
 from __future__ import annotations
@@ -234,16 +234,17 @@ def _identity(run: RunRecord, used_only: bool = True) -> dict[str, Any]:
 
 
 def _compute_identity(run: RunRecord, used_only: bool) -> dict[str, Any]:
-    if "run_identity" not in run.config:
-        raise DataFormatError(f"{run.source}: config has no 'run_identity' list; was it written by palign.pipeline?")
-    if used_only:
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-        from palign.runs import run_identity
+    from palign.runs import run_identity
+    from palign.schema import Config
 
-        identity = run_identity(OmegaConf.create(run.config))
-    else:
-        identity = {key: run.config[key] for key in run.config["run_identity"] if key in run.config}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(Config), run.config)
+    except OmegaConfBaseException as err:
+        raise DataFormatError(f"{run.source}: config does not match palign's schema (written by an older palign?): {err}") from err
+    identity = run_identity(typed, every_stage=not used_only)
     evaluation = run.config.get("evaluation") or {}
     identity["evaluation"] = {key: evaluation.get(key) for key in _EVALUATION_KEYS}
     return _flatten(identity)
@@ -271,9 +272,9 @@ class Knob:
 
 
 def _granularity(run: RunRecord) -> str:
-    options = run.get("granularity.options") or {}
+    options = run.get("truncation.granularity.options") or {}
     extra = ", ".join(f"{k}={_show(v)}" for k, v in sorted(options.items()))
-    return f"{run.get('granularity.name')}" + (f" ({extra})" if extra else "")
+    return f"{run.get('truncation.granularity.name')}" + (f" ({extra})" if extra else "")
 
 
 def _adaptive(run: RunRecord) -> bool:
@@ -281,11 +282,13 @@ def _adaptive(run: RunRecord) -> bool:
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("granularity", "Granularity", ("granularity",), lambda r: r.truncation_mode != "none", _granularity),
-    Knob("search", "Search", ("search",), _adaptive, lambda r: str(r.get("search.name"))),
-    Knob("judge_mode", "Judge mode", ("judge.mode",), _adaptive, lambda r: str(r.get("judge.mode"))),
-    Knob("judge_prompt", "Judge prompt", ("judge_prompt",), _adaptive, lambda r: str(r.get("judge_prompt.name"))),
-    Knob("judge_model", "Judge model", ("judge.model",), _adaptive, lambda r: str(r.get("judge.model.name"))),
+    Knob("granularity", "Granularity", ("truncation.granularity",), lambda r: r.truncation_mode != "none", _granularity),
+    Knob("search", "Search", ("truncation.search",), _adaptive, lambda r: str(r.get("truncation.search.name"))),
+    Knob("judge_mode", "Judge mode", ("truncation.judge.mode",), _adaptive, lambda r: str(r.get("truncation.judge.mode"))),
+    Knob("judge_prompt", "Judge prompt", ("truncation.judge_prompt",), _adaptive,
+         lambda r: str(r.get("truncation.judge_prompt.name"))),
+    Knob("judge_model", "Judge model", ("truncation.judge.model",), _adaptive,
+         lambda r: str(r.get("truncation.judge.model.name"))),
     Knob("ratio", "Ratio", ("baseline.ratio",), lambda r: r.truncation_mode == "fixed_ratio", lambda r: _show(r.get("baseline.ratio"))),
     Knob("baseline", "Baseline", ("baseline",), lambda r: r.baseline in ALIGNMENT_BASELINES, lambda r: r.baseline,
          compare_unused_keys=True),

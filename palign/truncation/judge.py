@@ -1,7 +1,7 @@
 """The sufficiency judge: does a prefix of the teacher trace already hold the solution's core?
 
 Method step 2 (PAPER.md §2.1): the student itself reads the question and a prefix and must reply
-`[ENOUGH]` or `[NOT_ENOUGH]` to the paper's prompt (`conf/judge_prompt/paper.yaml`, its only
+`[ENOUGH]` or `[NOT_ENOUGH]` to the paper's prompt (`conf/truncation/judge_prompt/paper.yaml`, its only
 home), sent as one user turn through the chat template with thinking disabled. Two decision modes:
 
 - `generate` (faithful to the authors): greedy decoding of up to `max_new_tokens` and the authors'

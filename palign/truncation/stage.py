@@ -126,6 +126,43 @@ class PrefixTruncation:
         self.skipped: dict[str, set[str]] = {"no_units": set(), "too_long": set()}
         self.rows_seen: dict[str, dict[str, Any]] = {}  # every example this object truncated or read
 
+    @classmethod
+    def from_config(cls, granularity: Mapping[str, Any], search: Mapping[str, Any], judge: Mapping[str, Any],
+                    judge_prompt: Mapping[str, Any], *, baseline: Mapping[str, Any], cache_dir: str | Path, tokenizer,
+                    vllm: Mapping[str, Any]) -> PrefixTruncation | None:
+        """The stage from the `truncation` config node (conf/truncation/, palign/schema.py: Truncation)
+        and the baseline's `truncation`/`ratio`; None when the baseline does not truncate. The judge
+        is built only when a record misses the store (never on a cache hit)."""
+        from palign.llm.models import ModelSpec, load_model, load_tokenizer
+        from palign.truncation.judge import JudgePrompt
+
+        mode = baseline["truncation"]
+        if mode == "none":
+            return None
+        spec = ModelSpec.from_config(judge["model"])
+        settings = TruncationSettings(
+            granularity=granularity["name"], granularity_options=dict(granularity["options"]),
+            search=FIXED_RATIO if mode == FIXED_RATIO else search["name"], ratio=baseline["ratio"],
+            judge_identity=spec.identity(), judge_prompt=dict(judge_prompt), mode=judge["mode"],
+            threshold=dict(judge["threshold"]), max_new_tokens=judge["max_new_tokens"], batch_size=judge["batch_size"],
+            chunk_size=search["chunk_size"], max_trace_tokens=judge["max_trace_tokens"],
+        )
+        prompt = JudgePrompt.from_config(dict(judge_prompt))
+        shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"],
+                  "engine": judge["engine"]}
+
+        def judge_factory() -> SufficiencyJudge:
+            if judge["backend"] == "vllm":
+                from palign.llm.vllm_backend import vllm_backend
+                from palign.truncation.vllm_judge import VLLMSufficiencyJudge
+
+                return VLLMSufficiencyJudge(vllm_backend(spec, cache_dir, vllm), prompt, **shared)
+            return SufficiencyJudge(load_model(spec, cache_dir), load_tokenizer(spec, cache_dir), prompt,
+                                    chat_template_kwargs=spec.chat_template_kwargs, max_tail_tokens=judge["max_tail_tokens"],
+                                    **shared)
+
+        return cls(settings, cache_dir, tokenizer, judge_factory)
+
     # -- public -----------------------------------------------------------------------------------
     def __call__(self, records: Sequence[TeacherRecord]) -> dict[str, str]:
         return {row["id"]: row["prefix"] for row in self.run(records)}

@@ -27,10 +27,11 @@ class VLLMSufficiencyJudge(SufficiencyJudge):
         self,
         backend: VLLMChatBackend,
         prompt: JudgePrompt,
-        mode: str = "logits",
-        max_new_tokens: int = 256,
-        batch_size: int = 8,
-        engine: str = "batched",
+        *,
+        mode: str,
+        max_new_tokens: int,
+        batch_size: int,
+        engine: str,
     ):
         super().__init__(None, backend.tokenizer, prompt, mode=mode, chat_template_kwargs=backend.chat_template_kwargs,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine)
