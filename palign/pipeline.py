@@ -172,9 +172,9 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         raise RuntimeError("training was interrupted; rerun the same command to resume from last.ckpt")
     module.export_pretrained(ctx.student_dir, tokenizer)
     if datamodule.prefix_stage is not None:
-        report_truncation(ctx, tracker, datamodule.prefix_stage)
+        report_stage_stats(ctx, tracker, datamodule.prefix_stage)
     if datamodule.continuation_stage is not None:
-        report_alignment(ctx, tracker, datamodule.continuation_stage)
+        report_stage_stats(ctx, tracker, datamodule.continuation_stage)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ctx.summary["data"] = datamodule.stats
     ctx.summary["train"] = {
@@ -198,7 +198,7 @@ def truncate_stage(ctx: RunContext, tracker: Tracker) -> None:
     tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
     truncation = make_truncation(ctx, tokenizer)  # check_stage_applies: the baseline truncates
     truncation.run(training_records(cfg))
-    report_truncation(ctx, tracker, truncation)
+    report_stage_stats(ctx, tracker, truncation)
 
 
 def training_records(cfg: DictConfig):
@@ -221,33 +221,14 @@ def align_stage(ctx: RunContext, tracker: Tracker) -> None:
     prefixes = truncation(records) if truncation is not None else None
     alignment(records, prefixes)
     if truncation is not None:
-        report_truncation(ctx, tracker, truncation)
-    report_alignment(ctx, tracker, alignment)
+        report_stage_stats(ctx, tracker, truncation)
+    report_stage_stats(ctx, tracker, alignment)
 
 
-def report_alignment(ctx: RunContext, tracker: Tracker, alignment) -> None:
-    stats = dict(alignment.stats, artifact=str(alignment.folder))
-    ctx.summary["alignment"] = stats
+def report_stage_stats(ctx: RunContext, tracker: Tracker, stage) -> None:
+    """Stage 1's or 2's statistics into the run's summary, and its own console/W&B report."""
+    ctx.summary[stage.SUMMARY_KEY] = stage.report(tracker)
     save_summary(ctx)
-    tracker.log_summary({f"alignment/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
-    rows = list(alignment.rows_seen.values())[:8]
-    tracker.log_table("alignment/examples", ["id", "answer", "extracted", "correct", "continuation"],
-                      [[r["id"], r["answer"], r["extracted"], r["correct"], r["continuation"][:600]] for r in rows])
-
-
-def report_truncation(ctx: RunContext, tracker: Tracker, truncation) -> None:
-    rows = list(truncation.rows_seen.values())
-    stats = dict(truncation.stats, judge_calls_this_run=truncation.judge_calls, artifact=str(truncation.folder))
-    ctx.summary["truncation"] = stats
-    save_summary(ctx)
-    tracker.log_summary({f"truncation/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
-    tracker.log_histogram("truncation/prefix_ratio", [row["prefix_ratio"] for row in rows])
-    tracker.log_table(
-        "truncation/examples",
-        ["id", "m", "chosen_k", "prefix_ratio", "fallback", "kept", "dropped"],
-        [[r["id"], r["m"], r["chosen_k"], round(r["prefix_ratio"], 3), r["fallback"], r["prefix"][-400:],
-          "".join(r["units"][r["chosen_k"]:])[:400]] for r in rows[:8]],
-    )
 
 
 def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
@@ -404,9 +385,9 @@ def judge_chains_stage(ctx: RunContext, tracker: Tracker) -> None:
          for r in result.records[:8]],
     )
     if truncation is not None:
-        report_truncation(ctx, tracker, truncation)
+        report_stage_stats(ctx, tracker, truncation)
     if alignment is not None:
-        report_alignment(ctx, tracker, alignment)
+        report_stage_stats(ctx, tracker, alignment)
 
 
 def print_summary(ctx: RunContext) -> str:

@@ -196,3 +196,31 @@ def test_paths_never_enter_the_run_identity_but_a_teacher_file_s_content_does(tm
     assert changed != here
     generate = run_identity(compose_config(["teacher=generate"], first))
     assert generate == run_identity(compose_config(["teacher=generate"], second))  # teacher.source.cache_dir is how
+
+
+def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_path, smollm2_tokenizer):
+    """`truncation`, `alignment` and `data` are _target_ nodes: a setting reaches the stage in one
+    hop, a stage the baseline skips is not built, and no judge or model loads while building."""
+    from pathlib import Path
+
+    from palign.alignment.continuation import PrefixContinuation
+    from palign.pipeline import RunContext, make_alignment, make_datamodule, make_truncation
+    from palign.truncation.stage import PrefixTruncation
+
+    def context(overrides):
+        cfg = compose_config(["student=tiny_random", *overrides], tmp_path)
+        return RunContext(cfg=cfg, run_id="x", run_dir=tmp_path / "run", cache_dir=Path(cfg.paths.cache_dir))
+
+    ctx = context(["truncation/granularity=token_chunk", "truncation.granularity.options.chunk_tokens=7",
+                   "truncation.judge.max_trace_tokens=99", "alignment.sampling.temperature=0.3"])
+    truncation = make_truncation(ctx, smollm2_tokenizer)
+    assert isinstance(truncation, PrefixTruncation) and truncation._judge is None
+    assert truncation.settings.granularity == "token_chunk" and truncation.settings.granularity_options == {"chunk_tokens": 7}
+    assert truncation.settings.max_trace_tokens == 99 and truncation.settings.judge_identity["name"] == "tiny_random"
+    alignment = make_alignment(ctx, smollm2_tokenizer)
+    assert isinstance(alignment, PrefixContinuation) and alignment._loaded_model is None
+    assert alignment.settings.sampling["temperature"] == 0.3
+    skipped = context(["baseline=sft_long_cot"])
+    assert make_truncation(skipped, smollm2_tokenizer) is None and make_alignment(skipped, smollm2_tokenizer) is None
+    data = make_datamodule(context(["data.max_length=333", "baseline=sft_short_cot"]), smollm2_tokenizer)
+    assert data.max_length == 333 and data.prefix_stage is None and data.continuation_stage is None

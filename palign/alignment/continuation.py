@@ -105,6 +105,18 @@ class PrefixContinuation:
             engine = vllm_backend(spec, cache_dir, vllm)
         return cls(settings, cache_dir, partial(load_model, spec, cache_dir), tokenizer, backend=engine)
 
+    SUMMARY_KEY = "alignment"  # where a run's summary.json keeps `report`'s statistics
+
+    def report(self, tracker) -> dict[str, Any]:
+        """This stage's statistics (retention among them), logged to the run's tracker with a table of
+        examples; returns them for the run's summary."""
+        stats = dict(self.stats, artifact=str(self.folder))
+        tracker.log_summary({f"alignment/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        rows = list(self.rows_seen.values())[:8]
+        tracker.log_table("alignment/examples", ["id", "answer", "extracted", "correct", "continuation"],
+                          [[r["id"], r["answer"], r["extracted"], r["correct"], r["continuation"][:600]] for r in rows])
+        return stats
+
     def _user_text(self, record: TeacherRecord, prefix: str | None) -> str:
         if prefix is None:
             return instruction_prompt(self.settings.prompts, record.question)

@@ -65,11 +65,12 @@ def evaluate(
     sampling: Mapping[str, Any],
     prompts: Mapping[str, Any],
     out_dir: str | os.PathLike,
-    chat_template_kwargs: Mapping[str, Any] | None = None,
-    grading_workers: int = 2,
-    grading_timeout_s: float = 10.0,
-    chunk_size: int = 16,
-    backend: ChatBackend | None = None,
+    *,
+    chat_template_kwargs: Mapping[str, Any],
+    grading_workers: int,
+    grading_timeout_s: float,
+    chunk_size: int,
+    backend: ChatBackend | None,
 ) -> dict[str, BenchmarkResult]:
     """Generate (or reuse) predictions for every benchmark, grade them, and return the summaries.
 

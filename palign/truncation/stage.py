@@ -163,6 +163,23 @@ class PrefixTruncation:
 
         return cls(settings, cache_dir, tokenizer, judge_factory)
 
+    SUMMARY_KEY = "truncation"  # where a run's summary.json keeps `report`'s statistics
+
+    def report(self, tracker) -> dict[str, Any]:
+        """This stage's statistics, logged to the run's tracker (W&B or CSV) with a histogram of
+        prefix ratios and a table of examples; returns them for the run's summary."""
+        rows = list(self.rows_seen.values())
+        stats = dict(self.stats, judge_calls_this_run=self.judge_calls, artifact=str(self.folder))
+        tracker.log_summary({f"truncation/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        tracker.log_histogram("truncation/prefix_ratio", [row["prefix_ratio"] for row in rows])
+        tracker.log_table(
+            "truncation/examples",
+            ["id", "m", "chosen_k", "prefix_ratio", "fallback", "kept", "dropped"],
+            [[r["id"], r["m"], r["chosen_k"], round(r["prefix_ratio"], 3), r["fallback"], r["prefix"][-400:],
+              "".join(r["units"][r["chosen_k"]:])[:400]] for r in rows[:8]],
+        )
+        return stats
+
     # -- public -----------------------------------------------------------------------------------
     def __call__(self, records: Sequence[TeacherRecord]) -> dict[str, str]:
         return {row["id"]: row["prefix"] for row in self.run(records)}
