@@ -88,12 +88,27 @@ def _identity(node: Any, prefix: str, skip: dict[str, str]) -> Any:
     return node
 
 
+def changes_results(node: Any) -> bool:
+    """Whether an extra callback (`callbacks.<name>`) changes what is trained: yes unless its class
+    says `changes_results = False` (a profiler, a crash injector), so e.g. SWA names its own run."""
+    import importlib
+
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        return True
+    module, _, name = target.rpartition(".")
+    return getattr(getattr(importlib.import_module(module), name), "changes_results", True)
+
+
 def run_identity(cfg: DictConfig, every_stage: bool = False) -> dict[str, Any]:
     """The config values that change a run's results: the typed config less its `identity=False`
     fields and (unless `every_stage`) the stages the baseline skips, files by their content."""
     if not is_dataclass(OmegaConf.get_type(cfg)):
         raise TypeError("run_identity needs a config composed against palign's schema (palign/schema.py)")
-    return _identity(cfg, "", {} if every_stage else unused_groups(cfg))
+    identity = _identity(cfg, "", {} if every_stage else unused_groups(cfg))
+    identity["callbacks"] = {name: value for name, value in identity.get("callbacks", {}).items()
+                             if changes_results(cfg.callbacks[name])}
+    return identity
 
 
 # stages that read other runs' results rather than producing a run of their own

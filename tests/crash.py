@@ -17,6 +17,8 @@ class KillAt(pl.Callback):
     """SIGKILL (no cleanup, no final save) when `hook` runs at optimizer step `step`, at the
     `micro`-th micro-batch of the accumulation window if given (batch hooks only)."""
 
+    changes_results = False  # a crash says nothing about what is trained: it does not name the run (palign/runs.py)
+
     def __init__(self, hook: str, step: int, micro: int | None = None):
         self.hook, self.step, self.micro = hook, step, micro
 

@@ -173,6 +173,8 @@ def test_run_identity_ignores_how_a_stage_computes_but_not_what(tmp_path):
            "alignment.backend=vllm", "truncation.search.chunk_size=3", "data.num_workers=2", "trainer.devices=2",
            "logger=csv", "evaluation.sampling.num_samples=5", "training.checkpoint_every_n_steps=7"]
     assert run_identity(compose_config(how, tmp_path)) == base
+    crash = ["+callbacks.crash._target_=crash.KillAt", "+callbacks.crash.hook=on_train_batch_end", "+callbacks.crash.step=1"]
+    assert run_identity(compose_config(crash, tmp_path)) == base  # KillAt.changes_results = False
     for what in ("truncation.judge.mode=generate", "truncation.judge.threshold.value=0.5", "trainer.precision=32-true",
                  "trainer.gradient_clip_val=0.5", "seed=1", "data.max_length=512", "training=paper",
                  "+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging"):
