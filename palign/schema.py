@@ -21,7 +21,6 @@ Field metadata:
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING as DC_MISSING
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable
 
@@ -566,9 +565,3 @@ def check_values(cfg: DictConfig) -> None:
                         "(pass@k needs k samples per problem)")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-
-
-def field_default(kind: type, name: str) -> Any:
-    """The schema's default of one field (for code that needs it outside a composed config)."""
-    spec = {f.name: f for f in fields(kind)}[name]
-    return spec.default if spec.default is not DC_MISSING else spec.default_factory()
