@@ -160,6 +160,15 @@ def read_json(path: str | os.PathLike) -> Any:
 DIGESTS_FILE = ".palign-digests.json"
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of one file's bytes, read in 16 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def file_digests(folder: str | os.PathLike, pattern: str = "*.safetensors") -> dict[str, str]:
     """SHA-256 of each file matching `pattern` in `folder`: what the files hold, not when they were written.
 
@@ -174,16 +183,12 @@ def file_digests(folder: str | os.PathLike, pattern: str = "*.safetensors") -> d
     except (OSError, json.JSONDecodeError):
         known = {}
     digests, updated = {}, {}
-    for path in sorted(folder.glob(pattern)):
+    for path in sorted(p for p in folder.glob(pattern) if p.is_file() and p.name != DIGESTS_FILE):
         stat = path.stat()
         version = [stat.st_size, stat.st_mtime_ns]
         entry = known.get(path.name)
         if not (isinstance(entry, dict) and entry.get("version") == version):
-            sha = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    sha.update(block)
-            entry = {"version": version, "sha256": sha.hexdigest()}
+            entry = {"version": version, "sha256": file_sha256(path)}
         updated[path.name] = entry
         digests[path.name] = entry["sha256"]
     if updated != known:

@@ -1,7 +1,7 @@
 """The run: compose the stages a baseline needs, in a named, resumable run folder.
 
-A run is identified by its readable name plus a fingerprint of the config keys that change its
-results (`run_identity` in conf/config.yaml; `palign.runs`). The run folder `<paths.runs>/<run id>` holds the
+A run is identified by its readable name plus a fingerprint of the config values that change its
+results (`palign.runs.run_identity`). The run folder `<paths.runs>/<run id>` holds the
 resolved config, Lightning checkpoints (`checkpoints/last.ckpt`), the trained student
 (`student/`, a plain `from_pretrained` folder), evaluation predictions and `summary.json`.
 Rerunning the same command finds the same folder: finished stages are skipped and an interrupted
@@ -243,8 +243,7 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
         return
     training_ids: list[str] | None = None  # loaded once, only if a benchmark holds out training problems
     for bench in benchmarks.values():
-        if cfg.evaluation.limit is not None:
-            bench["limit"] = min(bench["limit"] or cfg.evaluation.limit, cfg.evaluation.limit)
+        bench["limit"] = min((n for n in (bench["limit"], cfg.evaluation.limit) if n is not None), default=None)
         if bench.pop("exclude_training", False):  # held-out problems of the teacher's own data set
             training_ids = training_ids if training_ids is not None else sorted(r.id for r in training_records(cfg))
             bench["exclude_ids"] = training_ids

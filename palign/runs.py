@@ -11,14 +11,13 @@ the report (`palign.reporting`, which groups finished runs by what they were run
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from palign.artifacts import file_digests, fingerprint
+from palign.artifacts import file_sha256, fingerprint
 
 # the truncation parts a fixed-ratio baseline never reads (it reads only the granularity)
 ADAPTIVE_ONLY = ("truncation.search", "truncation.judge", "truncation.judge_prompt")
@@ -60,13 +59,9 @@ def content_identity(value: Any) -> Any:
         return value
     path = Path(value)
     if path.is_file():
-        sha = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                sha.update(block)
-        return {"sha256": sha.hexdigest()}
-    if path.is_dir():
-        return {"files": file_digests(path, "*")}
+        return {"sha256": file_sha256(path)}
+    if path.is_dir():  # read-only data folders are common: no digest sidecar is written here
+        return {"files": {str(p.relative_to(path)): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}}
     return value
 
 

@@ -52,6 +52,10 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+INTEGER: Check = ("an integer", _is_int)
+FINITE: Check = ("a finite number", _is_number)
+
+
 def at_least(low: int, *, optional: str | None = None) -> Check:
     text = f"an integer >= {low}"
     if optional:
@@ -89,7 +93,7 @@ class Sampling:
     repetition_penalty: float = knob(1.05, "the authors' 1.05", check=number(0, low_open=True))
     num_samples: int = knob(1, "samples per prompt", check=at_least(1))
     batch_size: int = knob(8, "prompts per generation call", check=at_least(1))
-    seed: int = knob(0, "sampling seed (per problem and sample, so results do not depend on batching)", check=at_least(-(2**63)))
+    seed: int = knob(0, "sampling seed (per problem and sample, so results do not depend on batching)", check=INTEGER)
 
 
 @dataclass
@@ -252,7 +256,7 @@ class Threshold:
     kind: str = knob("absolute", "absolute: score >= value | relative_to_full: score >= score(full trace) - value | "
                      "quantile: score >= the value-quantile of calibration prefix scores",
                      check=one_of("absolute", "relative_to_full", "quantile"))
-    value: float = knob(0.0, "the threshold's value", check=number(-1e9))
+    value: float = knob(0.0, "the threshold's value", check=FINITE)
     calibration_examples: int = knob(8, "quantile: examples whose prefix scores calibrate", check=at_least(1))
 
 
@@ -484,7 +488,7 @@ class Config:
     stage: str = knob("all", "all (the baseline's pipeline: truncate -> align -> train -> eval), truncate, align, train, "
                       "eval, grade (with predictions=PATH), report (tables and figures of all runs under paths.runs), "
                       "judge_chains", identity=False, check=one_of(*STAGES))
-    seed: int = knob(0, "the run's seed", check=at_least(-(2**63)))
+    seed: int = knob(0, "the run's seed", check=INTEGER)
     predictions: str | None = knob(None, "stage=grade: a JSONL prediction file with `answer` and a list of `output`s",
                                    identity=False)
     run_name: str = knob("${student.name}-${baseline.name}-${teacher.name}",

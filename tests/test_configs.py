@@ -226,3 +226,15 @@ def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_pa
     assert make_truncation(skipped, smollm2_tokenizer) is None and make_alignment(skipped, smollm2_tokenizer) is None
     data = make_datamodule(context(["data.max_length=333", "baseline=sft_short_cot"]), smollm2_tokenizer)
     assert data.max_length == 333 and data.prefix_stage is None and data.continuation_stage is None
+
+
+def test_a_data_folder_enters_the_identity_by_what_its_files_hold_and_is_left_untouched(tmp_path):
+    from palign.runs import content_identity
+
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "part-0.jsonl").write_text("a\n", encoding="utf-8")
+    before = content_identity(str(tmp_path / "data"))
+    assert before == content_identity(str(tmp_path / "data")) and list((tmp_path / "data").iterdir()) == [tmp_path / "data" / "train"]
+    (tmp_path / "data" / "train" / "part-0.jsonl").write_text("b\n", encoding="utf-8")
+    assert content_identity(str(tmp_path / "data")) != before
+    assert content_identity("simplescaling/s1K-1.1") == "simplescaling/s1K-1.1"  # a Hub id stays itself

@@ -98,7 +98,7 @@ class ThresholdRule:
             return cfg
         rule = cls(**dict(cfg or {}))
         if rule.kind not in cls.KINDS:
-            raise ValueError(f"judge.threshold.kind must be one of {cls.KINDS}, got '{rule.kind}'")
+            raise ValueError(f"truncation.judge.threshold.kind must be one of {cls.KINDS}, got '{rule.kind}'")
         return rule
 
 
@@ -127,11 +127,11 @@ class SufficiencyJudge:
         max_tail_tokens: int = 4096,
     ):
         if engine not in ENGINES:
-            raise ValueError(f"judge.engine must be one of {ENGINES}, got '{engine}'")
+            raise ValueError(f"truncation.judge.engine must be one of {ENGINES}, got '{engine}'")
         self.engine = engine
         self.max_tail_tokens = max_tail_tokens  # tail tokens scored per forward by the one-pass engine
         if mode not in MODES:
-            raise ValueError(f"judge.mode must be one of {MODES}, got '{mode}'")
+            raise ValueError(f"truncation.judge.mode must be one of {MODES}, got '{mode}'")
         self.model = model
         self.tokenizer = tokenizer
         self.prompt = prompt

@@ -14,7 +14,7 @@ nothing is missing).
 
 Long traces. A judge reads the whole trace for its longest prefix, so one pathological trace (a
 200k-character one took 780 s with the 2-layer test model) can stall the stage. `max_trace_tokens`
-(`judge.max_trace_tokens` in conf/judge/self.yaml) caps the trace the judge may read, counted in
+(`truncation.judge.max_trace_tokens`, palign/schema.py: Judge) caps the trace the judge may read, counted in
 the student's tokens (the judge's own when the student judges itself, as in the paper). A trace
 over the cap is not judged and gets no prefix: it is counted as `skipped_too_long` in the stats,
 and a prefix target then skips it as "no prefix" (counted in the data stats). Deliberately not the
@@ -79,7 +79,7 @@ class TruncationSettings:
     def __post_init__(self) -> None:
         cap = self.max_trace_tokens
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"judge.max_trace_tokens must be a positive number of tokens or null (no cap), got {cap!r}")
+            raise ValueError(f"truncation.judge.max_trace_tokens must be a positive number of tokens or null (no cap), got {cap!r}")
 
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {

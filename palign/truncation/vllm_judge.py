@@ -1,4 +1,4 @@
-"""The sufficiency judge (PAPER.md §2.1) with its model on vLLM (`judge.backend: vllm`).
+"""The sufficiency judge (PAPER.md §2.1) with its model on vLLM (`truncation.judge.backend: vllm`).
 
 The engine, the forced-token logprobs that make its scores exact, and the shared engines are
 `palign.llm.vllm_backend`'s; this is only the judge that asks it.
