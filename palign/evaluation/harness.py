@@ -34,7 +34,7 @@ from typing import Any
 
 from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
-from palign.evaluation.predictions import grade_prediction_file, results_table
+from palign.evaluation.predictions import PAPER_BENCHMARKS, grade_prediction_file, results_table
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig, generate_missing
@@ -165,8 +165,8 @@ def write_results(
     """
     folder = results_folder(results, benchmarks, k)
     markdown, csv_text = results_table({(student, method): {n: r.summary for n, r in results.items()}}, k=k,
-                                       benchmarks=[n for n in ("aime25", "aime24", "amc12", "math500") if n in results]
-                                       + [n for n in results if n not in ("aime25", "aime24", "amc12", "math500")])
+                                       benchmarks=[n for n in PAPER_BENCHMARKS if n in results]
+                                       + [n for n in results if n not in PAPER_BENCHMARKS])
     metrics = {n: r.summary for n, r in results.items()}
     predictions = read_json(folder.parent / "settings.json")
     write_json_atomic(folder / "evaluation.json", {"predictions": predictions, "benchmarks": {n: dict(benchmarks[n]) for n in results},

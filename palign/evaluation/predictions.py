@@ -23,7 +23,8 @@ PAPER_BENCHMARKS: tuple[str, ...] = ("aime25", "aime24", "amc12", "math500")
 """Table 1's column order."""
 
 _DISPLAY_NAMES = {"aime25": "AIME25", "aime24": "AIME24", "amc12": "AMC12", "math500": "MATH500"}
-_MISSING = "–"
+MISSING = "–"
+"""A missing cell in Markdown (CSV leaves it empty)."""
 _CENT = Decimal("0.01")
 
 
@@ -115,6 +116,24 @@ def _mean_of_shown(shown: Sequence[str]) -> str:
     return str((total / len(shown)).quantize(_CENT, rounding=ROUND_HALF_UP))
 
 
+def display_name(benchmark: str) -> str:
+    """A benchmark's name in table headers (AIME24, MATH500, ...)."""
+    return _DISPLAY_NAMES.get(benchmark, benchmark.upper())
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str | None]], numeric_from: int) -> tuple[str, str]:
+    """Every palign table as `(markdown, csv)`: columns from `numeric_from` on are right-aligned in
+    Markdown; a None cell is MISSING there and empty in the CSV."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i >= numeric_from else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(MISSING if c is None else c for c in row) + " |" for row in rows]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(["" if c is None else c for c in row] for row in rows)
+    return "\n".join(lines) + "\n", buffer.getvalue()
+
+
 def results_table(
     results: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
     k: int = 3,
@@ -140,7 +159,7 @@ def results_table(
     metrics = (pass1_key, f"pass@{k}")
     labels = ("Pass@1", f"Pass@{k}")
     header = ["Student", "Method"] + [
-        f"{_DISPLAY_NAMES.get(b, b.upper())} {label}" for b in benchmarks for label in labels
+        f"{display_name(b)} {label}" for b in benchmarks for label in labels
     ] + [f"Avg {label}" for label in labels]
 
     table: list[list[str | None]] = []
@@ -161,15 +180,4 @@ def results_table(
             cells.append(_mean_of_shown(shown) if shown else None)
         table.append(cells)
 
-    markdown_lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|",
-    ]
-    for row in table:
-        markdown_lines.append("| " + " | ".join(_MISSING if c is None else c for c in row) + " |")
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(["" if c is None else c for c in row] for row in table)
-    return "\n".join(markdown_lines) + "\n", buffer.getvalue()
+    return render_table(header, table, numeric_from=2)

@@ -33,12 +33,10 @@ from typing import Any
 import yaml
 
 from palign.artifacts import DataFormatError, read_json, write_text_atomic
-from palign.evaluation.predictions import PAPER_BENCHMARKS, results_table
+from palign.evaluation.predictions import MISSING, PAPER_BENCHMARKS, display_name, render_table, results_table
 
 log = logging.getLogger(__name__)
 
-MISSING = "–"
-"""A missing cell in Markdown (CSV leaves it empty), as in `results_table`."""
 
 BASELINE_ORDER: tuple[str, ...] = ("sft_short_cot", "sft_long_cot", "fixed_ratio", "prefix_only", "student_only", "palign")
 """Row order within a student: the baselines first, P-ALIGN last, as in the paper's Table 1."""
@@ -46,7 +44,6 @@ BASELINE_ORDER: tuple[str, ...] = ("sft_short_cot", "sft_long_cot", "fixed_ratio
 ALIGNMENT_BASELINES: tuple[str, ...] = ("prefix_only", "student_only", "palign")
 """The baseline ablation (§6): prefix alone, continuation alone, and both."""
 
-_DISPLAY_NAMES = {"aime25": "AIME25", "aime24": "AIME24", "amc12": "AMC12", "math500": "MATH500"}
 _EVALUATION_KEYS = ("benchmarks", "sampling", "model_path")
 """The evaluation settings that change a Pass@k cell (the grading pool's size does not)."""
 
@@ -365,10 +362,6 @@ def benchmark_columns(runs: Iterable[RunRecord]) -> tuple[str, ...]:
     return tuple(b for b in PAPER_BENCHMARKS if b in evaluated) + tuple(extra)
 
 
-def display_name(benchmark: str) -> str:
-    return _DISPLAY_NAMES.get(benchmark, benchmark.upper())
-
-
 def average_cells(run: RunRecord, k: int = 3, pass1_key: str = "pass@1") -> tuple[str | None, str | None]:
     """The run's (Avg Pass@1, Avg Pass@k) exactly as Table 1 prints them (None when absent)."""
     _, csv_text = results_table({(run.student, run.baseline): run.benchmarks}, k=k,
@@ -391,17 +384,6 @@ def _ratio(value: float | None) -> str | None:
 
 def _percent(value: float | None) -> str | None:
     return None if value is None else f"{100 * value:.1f}"
-
-
-def _render(header: Sequence[str], rows: Sequence[Sequence[str | None]], numeric_from: int) -> tuple[str, str]:
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if i >= numeric_from else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(MISSING if c is None else c for c in row) + " |" for row in rows]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(["" if c is None else c for c in row] for row in rows)
-    return "\n".join(lines) + "\n", buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,17 +412,15 @@ def table1(runs: Sequence[RunRecord], k: int = 3, pass1_key: str = "pass@1") -> 
     )
     basis_header = ["Student", "Method", *(display_name(b) for b in columns), "Run"]
     basis_rows = [[r.student, labels[r.name], *(samples_cell(r.benchmarks.get(b)) for b in columns), r.name] for r in ordered]
-    markdown += _render(basis_header, basis_rows, numeric_from=len(basis_header))[0]
+    markdown += render_table(basis_header, basis_rows, numeric_from=len(basis_header))[0]
 
     table = list(csv.reader(io.StringIO(csv_text)))
     header = table[0] + [f"{display_name(b)} {field}" for b in columns for field in ("problems", "samples", "max_new_tokens")] + ["Run"]
     rows = []
     for cells, run in zip(table[1:], ordered):
         basis = [run.benchmarks.get(b, {}).get(field) for b in columns for field in ("num_problems", "num_samples", "max_new_tokens")]
-        rows.append(cells + ["" if v is None else str(v) for v in basis] + [run.name])
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
-    return markdown, buffer.getvalue()
+        rows.append(cells + [None if v is None else str(v) for v in basis] + [run.name])
+    return markdown, render_table(header, rows, numeric_from=2)[1]
 
 
 def ablation_groups(runs: Sequence[RunRecord], knob: Knob) -> list[list[RunRecord]]:
@@ -486,7 +466,7 @@ def ablation_table(runs: Sequence[RunRecord], knob: Knob, k: int = 3, pass1_key:
             cells = "; ".join(f"{display_name(b)} {samples_cell(run.benchmarks[b])}" for b in benchmark_columns([run]) if b in run.benchmarks)
             rows.append([str(index), run.student, *([run.baseline] if show_baseline else []), knob.value(run),
                          _ratio(run.prefix_ratio_mean), _percent(run.retention), avg1, avgk, cells, run.name])
-    return _render(header, rows, numeric_from=header.index("Mean prefix ratio"))
+    return render_table(header, rows, numeric_from=header.index("Mean prefix ratio"))
 
 
 def build_tables(runs: Sequence[RunRecord], pass_k: int = 3, pass1_key: str = "pass@1") -> dict[str, tuple[str, str]]:
