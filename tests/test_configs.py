@@ -220,7 +220,7 @@ def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_pa
     assert truncation.settings.granularity == "token_chunk" and truncation.settings.granularity_options == {"chunk_tokens": 7}
     assert truncation.settings.max_trace_tokens == 99 and truncation.settings.judge_identity["name"] == "tiny_random"
     alignment = make_alignment(ctx, smollm2_tokenizer)
-    assert isinstance(alignment, PrefixContinuation) and alignment._loaded_model is None
+    assert isinstance(alignment, PrefixContinuation) and alignment.backend._model is None
     assert alignment.settings.sampling["temperature"] == 0.3
     skipped = context(["baseline=sft_long_cot"])
     assert make_truncation(skipped, smollm2_tokenizer) is None and make_alignment(skipped, smollm2_tokenizer) is None

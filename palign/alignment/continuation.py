@@ -23,8 +23,7 @@ from typing import Any
 from palign.artifacts import RecordStore, fingerprint, write_json_atomic
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
-from palign.llm.generation import generate_missing
-from palign.llm.openai_backend import ChatBackend, complete_missing
+from palign.llm.openai_backend import ChatBackend, LocalChatBackend, complete_missing
 from palign.teachers.records import TeacherRecord
 
 log = logging.getLogger(__name__)
@@ -75,12 +74,12 @@ class PrefixContinuation:
         self.model_loader = model_loader
         self.tokenizer = tokenizer
         self.progress = progress
-        self.backend = backend  # e.g. VLLMChatBackend; None: the Hugging Face model from model_loader
+        # e.g. VLLMChatBackend; by default the Hugging Face model from model_loader, loaded on first use
+        self.backend = backend or LocalChatBackend(model_loader, tokenizer, settings.chat_template_kwargs)
         self.key = fingerprint(settings.identity())
         self.folder = Path(cache_dir) / "alignment" / self.key
         self.rows_seen: dict[str, dict[str, Any]] = {}
         self.generated = 0
-        self._loaded_model = None
 
     @classmethod
     def from_config(cls, model: Mapping[str, Any], filter: str, backend: str, sampling: Mapping[str, Any], chunk_size: int,
@@ -154,25 +153,14 @@ class PrefixContinuation:
                     })
 
             progress = "prefix continuation" if self.progress else None
-            if self.backend is not None:
-                self.generated += complete_missing(
-                    self.backend, items, store.__contains__, self.settings.sampling, grade_and_store,
-                    chunk_size=self.settings.chunk_size, progress=progress,
-                )
-            else:
-                self.generated += generate_missing(
-                    items, store.__contains__, self._model, self.tokenizer, self.settings.sampling, grade_and_store,
-                    self.settings.chat_template_kwargs, chunk_size=self.settings.chunk_size, progress=progress,
-                )
+            self.generated += complete_missing(
+                self.backend, items, store.__contains__, self.settings.sampling, grade_and_store,
+                chunk_size=self.settings.chunk_size, progress=progress,
+            )
             rows = [store.get(key) for key in by_key]
         rows = [row for row in rows if row is not None]
         self.rows_seen.update((row["key"], row) for row in rows)
         return rows
-
-    def _model(self):
-        if self._loaded_model is None:
-            self._loaded_model = self.model_loader()
-        return self._loaded_model
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -37,8 +37,8 @@ from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.predictions import PAPER_BENCHMARKS, grade_prediction_file, results_table
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
-from palign.llm.generation import SamplingConfig, generate_missing
-from palign.llm.openai_backend import ChatBackend, complete_missing
+from palign.llm.generation import SamplingConfig
+from palign.llm.openai_backend import ChatBackend, LocalChatBackend, complete_missing
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,9 @@ def evaluate(
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "settings.json", identity)
     results: dict[str, BenchmarkResult] = {}
-    loaded = {}
-
-    def model():
-        if "model" not in loaded:
-            loaded["model"] = model_loader()
-        return loaded["model"]
+    # e.g. VLLMChatBackend, which brings its own tokenizer and template; by default the Hugging Face
+    # model, loaded only when a prediction is missing
+    backend = backend or LocalChatBackend(model_loader, tokenizer, chat_template_kwargs)
 
     with GradingPool(num_workers=grading_workers, timeout_s=grading_timeout_s) as pool:
         for name, bench_cfg in benchmarks.items():
@@ -110,12 +107,8 @@ def evaluate(
                         })
 
                 items = [(p.id, instruction_prompt(prompts, p.problem)) for p in problems]
-                if backend is not None:  # e.g. VLLMChatBackend, which brings its own tokenizer and template
-                    complete_missing(backend, items, store.__contains__, sampling_cfg, save, chunk_size=chunk_size,
-                                     progress=f"eval {name}")
-                else:
-                    generate_missing(items, store.__contains__, model, tokenizer, sampling_cfg, save, chat_template_kwargs,
-                                     chunk_size=chunk_size, progress=f"eval {name}")
+                complete_missing(backend, items, store.__contains__, sampling_cfg, save, chunk_size=chunk_size,
+                                 progress=f"eval {name}")
                 # the store may hold problems from an earlier, larger limit: grade this run's only
                 ordered = [store.get(p.id) for p in problems]
             current = folder / f"{name}.current.jsonl"

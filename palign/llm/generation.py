@@ -15,7 +15,7 @@ its configured value or to the value that turns it off.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,36 +156,3 @@ def generate(
         bar.close()
         model.train(was_training)
     return results
-
-
-def generate_missing(
-    items: Sequence[tuple[str, str]],
-    done: Callable[[str], bool],
-    model_loader: Callable[[], Any],
-    tokenizer,
-    sampling: SamplingConfig | Mapping[str, Any],
-    on_chunk: Callable[[list[tuple[str, list[Generation]]]], None],
-    chat_template_kwargs: Mapping[str, Any] | None = None,
-    chunk_size: int = 32,
-    progress: str | None = None,
-) -> int:
-    """Generate for the `(key, user_text)` items that are not `done`, chunk by chunk.
-
-    `on_chunk` receives each finished chunk as `(key, generations)` pairs and stores it (grading
-    first if it likes), so an interrupted stage resumes with the next chunk. The model is loaded
-    only when something is missing. Returns the number of prompts generated.
-    """
-    missing = [(key, text) for key, text in items if not done(key)]
-    if not missing:
-        return 0
-    model = model_loader()
-    bar = tqdm(total=len(missing), desc=progress, disable=progress is None, unit="prompt")
-    try:
-        for start in range(0, len(missing), chunk_size):
-            chunk = missing[start : start + chunk_size]
-            outputs = generate(model, tokenizer, [text for _, text in chunk], sampling, chat_template_kwargs)
-            on_chunk([(key, generations) for (key, _), generations in zip(chunk, outputs)])
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-    return len(missing)

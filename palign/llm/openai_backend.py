@@ -305,7 +305,8 @@ def complete_missing(
     chunk_size: int = 32,
     progress: str | None = None,
 ) -> int:
-    """`generate_missing` for any back end: complete the `(key, user_text)` items not `done`, chunk by chunk.
+    """The one generation loop of every stage and back end (local Hugging Face, vLLM, a server):
+    complete the `(key, user_text)` items not `done`, chunk by chunk.
 
     `on_chunk` stores each finished chunk, so an interrupted stage (or a remote server that goes
     away) resumes with the next chunk. Returns the number of prompts completed.
