@@ -295,6 +295,24 @@ def require_field(record: Mapping[str, Any], field: str, where: str) -> Any:
     return value
 
 
+def stage_folder(root: str | os.PathLike, identity: Any, label: str = "") -> Path:
+    """Where a cached stage keeps what `identity` (everything that decides its records) computes:
+    `<root>/<label-><fingerprint>`; two runs with the same identity share it, any change is a new one."""
+    key = fingerprint(identity)
+    return Path(root) / (f"{label}-{key}" if label else key)
+
+
+def open_stage_store(folder: str | os.PathLike, identity: Any, key: str = "id", name: str = "records.jsonl") -> RecordStore:
+    """The resumable record store of one cached stage (truncation, alignment, teacher generation,
+    evaluation, chain judge): `<folder>/settings.json` says once what computed it, `<folder>/<name>`
+    holds the finished records, so an interrupted stage reopens it and completes only what is missing."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "settings.json").exists():
+        write_json_atomic(folder / "settings.json", identity)
+    return RecordStore(folder / name, key=key)
+
+
 class RecordStore:
     """An append-only JSONL store of finished records keyed by a string id, for resumable stages.
 

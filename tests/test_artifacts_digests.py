@@ -27,3 +27,18 @@ def test_digests_follow_content_not_write_time_and_are_hashed_once_per_version(t
     (first / "model.safetensors").write_bytes(b"weights" * 999 + b"changed")
     changed = file_digests(first)
     assert hashed == [1] and changed != file_digests(second)
+
+
+def test_a_stage_store_is_named_by_its_identity_and_reopens_with_its_records(tmp_path):
+    from palign.artifacts import open_stage_store, read_json, stage_folder
+
+    identity = {"model": "m", "sampling": {"temperature": 0.6}}
+    folder = stage_folder(tmp_path, identity, "binary-sentence")
+    assert folder == stage_folder(tmp_path, dict(reversed(identity.items())), "binary-sentence")  # key order does not count
+    assert folder != stage_folder(tmp_path, {**identity, "model": "n"}, "binary-sentence")
+    assert folder.name.startswith("binary-sentence-")
+    with open_stage_store(folder, identity, key="key") as store:
+        store.add({"key": "a", "value": 1})
+    assert read_json(folder / "settings.json") == identity
+    with open_stage_store(folder, identity, key="key") as again:
+        assert "a" in again and again.get("a")["value"] == 1

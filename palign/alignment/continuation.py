@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import RecordStore, fingerprint, write_json_atomic
+from palign.artifacts import fingerprint, open_stage_store, stage_folder
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.openai_backend import ChatBackend, LocalChatBackend, complete_missing
@@ -76,8 +76,7 @@ class PrefixContinuation:
         self.progress = progress
         # e.g. VLLMChatBackend; by default the Hugging Face model from model_loader, loaded on first use
         self.backend = backend or LocalChatBackend(model_loader, tokenizer, settings.chat_template_kwargs)
-        self.key = fingerprint(settings.identity())
-        self.folder = Path(cache_dir) / "alignment" / self.key
+        self.folder = stage_folder(Path(cache_dir) / "alignment", settings.identity())
         self.rows_seen: dict[str, dict[str, Any]] = {}
         self.generated = 0
 
@@ -127,16 +126,13 @@ class PrefixContinuation:
         return {row["id"]: row["continuation"] for row in rows if keep_all or row["correct"]}
 
     def run(self, records: Sequence[TeacherRecord], prefixes: Mapping[str, str] | None) -> list[dict[str, Any]]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / "settings.json").exists():
-            write_json_atomic(self.folder / "settings.json", self.settings.identity())
         usable = [r for r in records if prefixes is None or r.id in prefixes]
         by_key: dict[str, tuple[TeacherRecord, str | None]] = {}
         for record in usable:
             prefix = prefixes[record.id] if prefixes is not None else None
             by_key[f"{record.id}:{fingerprint(record.question, prefix, length=12)}"] = (record, prefix)
         items = [(key, self._user_text(record, prefix)) for key, (record, prefix) in by_key.items()]
-        with RecordStore(self.folder / "records.jsonl", key="key") as store, GradingPool(
+        with open_stage_store(self.folder, self.settings.identity(), key="key") as store, GradingPool(
             num_workers=self.settings.grading_workers, timeout_s=self.settings.grading_timeout_s
         ) as pool:
 

@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import RecordStore, fingerprint, write_json_atomic
+from palign.artifacts import fingerprint, open_stage_store, stage_folder
 from palign.llm.generation import SamplingConfig
 from palign.llm.openai_backend import ChatBackend, LocalChatBackend, OpenAIChatBackend, complete_missing
 
@@ -210,11 +210,8 @@ def compare_chains(
     if cache_dir is not None:
         settings = {"judge": backend.identity(), "prompt": asdict(prompt),
                     "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"}, "code_version": CODE_VERSION}
-        folder = Path(cache_dir) / "chain_judge" / fingerprint(settings)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "settings.json").exists():
-            write_json_atomic(folder / "settings.json", settings)
-        store = RecordStore(folder / "records.jsonl", key="key")
+        folder = stage_folder(Path(cache_dir) / "chain_judge", settings)
+        store = open_stage_store(folder, settings, key="key")
         replies.update((row["key"], row["reply"]) for row in store.records())
 
     def keep(chunk) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from palign.artifacts import fingerprint, open_stage_store, read_json, stage_folder, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.predictions import PAPER_BENCHMARKS, grade_prediction_file, results_table
 from palign.grading import GradingPool
@@ -81,9 +81,7 @@ def evaluate(
     identity = {"model": dict(model_identity), "sampling": {k: v for k, v in vars(sampling_cfg).items() if k != "batch_size"},
                 "prompts": {"instruction": prompts["instruction"], "separator": prompts["question_separator"]},
                 "code_version": CODE_VERSION}
-    folder = Path(out_dir) / fingerprint(identity)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "settings.json", identity)
+    folder = stage_folder(out_dir, identity)
     results: dict[str, BenchmarkResult] = {}
     # e.g. VLLMChatBackend, which brings its own tokenizer and template; by default the Hugging Face
     # model, loaded only when a prediction is missing
@@ -94,7 +92,7 @@ def evaluate(
             problems = load_benchmark(**dict(bench_cfg))
             by_id = {p.id: p for p in problems}
             path = folder / f"{name}.jsonl"
-            with RecordStore(path, key="id") as store:
+            with open_stage_store(folder, identity, name=path.name) as store:
 
                 def save(chunk) -> None:
                     for problem_id, generations in chunk:

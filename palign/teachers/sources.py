@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import DataFormatError, fingerprint, iter_records, json_kind, record_id, require_field
+from palign.artifacts import DataFormatError, iter_records, json_kind, open_stage_store, record_id, require_field, stage_folder
 from palign.grading import answer_to_text, extract_boxed_answer
 from palign.teachers.records import TeacherData, TeacherRecord
 
@@ -395,7 +395,6 @@ class GeneratedTeacher(Teacher):
     def _iter_records(self, skipped: Counter):
         from functools import partial
 
-        from palign.artifacts import RecordStore
         from palign.grading import GradingPool
         from palign.llm.chat import instruction_prompt
         from palign.llm.generation import SamplingConfig
@@ -414,9 +413,9 @@ class GeneratedTeacher(Teacher):
             model_identity, teacher_name = spec.identity(), spec.name
         identity = {"model": model_identity, "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
                     "instruction": self.prompts["instruction"], "problems": self.problems_cfg, "code_version": CODE_VERSION}
-        folder = self.cache_dir / "teacher_generation" / fingerprint(identity)
+        folder = stage_folder(self.cache_dir / "teacher_generation", identity)
         by_id = {pid: (question, answer) for pid, question, answer in problems}
-        with RecordStore(folder / "records.jsonl") as store, GradingPool(num_workers=self.grading_workers) as pool:
+        with open_stage_store(folder, identity) as store, GradingPool(num_workers=self.grading_workers) as pool:
 
             def grade_and_store(chunk) -> None:
                 grades = pool.grade([(gens[0].text, by_id[pid][1]) for pid, gens in chunk], desc="grading")

@@ -39,7 +39,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from palign.artifacts import RecordStore, fingerprint, read_json, write_json_atomic
+from palign.artifacts import RecordStore, fingerprint, open_stage_store, read_json, stage_folder, write_json_atomic
 from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, ThresholdRule
 from palign.truncation.search import Verdict, create_search, fixed_ratio_k, run_searches
@@ -118,8 +118,7 @@ class PrefixTruncation:
         self.tokenizer = tokenizer
         self.judge_factory = judge_factory
         self.progress = progress
-        self.key = fingerprint(settings.identity())
-        self.folder = Path(cache_dir) / "truncation" / f"{settings.search}-{settings.granularity}-{self.key}"
+        self.folder = stage_folder(Path(cache_dir) / "truncation", settings.identity(), f"{settings.search}-{settings.granularity}")
         self._judge: SufficiencyJudge | None = None
         self.judge_calls = 0
         # record keys, so that running the same records again does not count them twice
@@ -185,11 +184,7 @@ class PrefixTruncation:
         return {row["id"]: row["prefix"] for row in self.run(records)}
 
     def run(self, records: Sequence[TeacherRecord]) -> list[dict[str, Any]]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        settings_path = self.folder / "settings.json"
-        if not settings_path.exists():
-            write_json_atomic(settings_path, self.settings.identity())
-        with RecordStore(self.folder / "records.jsonl", key="key") as store:
+        with open_stage_store(self.folder, self.settings.identity(), key="key") as store:
             # the cap applies before the store, so what a run gets never depends on what an
             # earlier run with another cap stored
             admitted = self._admitted(records)
