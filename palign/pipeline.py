@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from palign.artifacts import file_digests, read_json, write_json_atomic, write_text_atomic
+from palign.artifacts import read_json, write_json_atomic, write_text_atomic
 from palign.runs import run_folder, unused_reason
 from palign.tracking import Tracker
 
@@ -232,68 +232,18 @@ def report_stage_stats(ctx: RunContext, tracker: Tracker, stage) -> None:
 
 
 def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
-    """Evaluate the run's trained student (or `evaluation.model_path`) on the configured benchmarks."""
-    from palign.evaluation.harness import average, evaluate, write_results
-    from palign.llm.models import ModelSpec, load_model, load_tokenizer
+    """Stage 4: the run's trained student (or `evaluation.model_path`) on the configured benchmarks."""
+    from hydra.utils import instantiate
 
     cfg = ctx.cfg
-    benchmarks = {name: OmegaConf.to_container(b, resolve=True) for name, b in cfg.evaluation.benchmarks.items() if b is not None}
-    if not benchmarks:
-        log.info("evaluation: no benchmarks configured; skipping")
-        return
-    training_ids: list[str] | None = None  # loaded once, only if a benchmark holds out training problems
-    for bench in benchmarks.values():
-        bench["limit"] = min((n for n in (bench["limit"], cfg.evaluation.limit) if n is not None), default=None)
-        if bench.pop("exclude_training", False):  # held-out problems of the teacher's own data set
-            training_ids = training_ids if training_ids is not None else sorted(r.id for r in training_records(cfg))
-            bench["exclude_ids"] = training_ids
-    model_path = cfg.evaluation.model_path or (str(ctx.student_dir) if (ctx.student_dir / "config.json").exists() else None)
-    if model_path is None:
-        log.warning("no trained student in %s; evaluating the base model %s", ctx.run_dir, cfg.student.name)
-    spec = ModelSpec.from_config(cfg.student)
-    identity = {"base": spec.identity(), "weights": model_path and file_digests(model_path)}
-    backend = None
-    if cfg.evaluation.get("backend", "hf") == "vllm":
-        from palign.llm.vllm_backend import vllm_backend
-
-        backend = vllm_backend(spec, ctx.cache_dir, cfg.vllm, weights=model_path)
-    results = evaluate(
-        partial(load_model, spec, ctx.cache_dir, path=model_path),
-        identity,
-        load_tokenizer(spec, ctx.cache_dir),
-        benchmarks,
-        OmegaConf.to_container(cfg.evaluation.sampling, resolve=True),
-        OmegaConf.to_container(cfg.prompts, resolve=True),
-        ctx.run_dir / "eval",
-        chat_template_kwargs=spec.chat_template_kwargs,
-        grading_workers=cfg.evaluation.grading.workers,
-        grading_timeout_s=cfg.evaluation.grading.timeout_s,
-        chunk_size=cfg.evaluation.chunk_size,
-        backend=backend,
+    summary = instantiate(
+        cfg.evaluation, _convert_="all", student=_container(cfg.student), method=cfg.baseline.name,
+        prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir, run_dir=ctx.run_dir, trained=ctx.student_dir,
+        training_ids=lambda: sorted(r.id for r in training_records(cfg)), vllm=_container(cfg.vllm), tracker=tracker,
     )
-    k = cfg.evaluation.pass_k
-    # each evaluation setting keeps its own results beside its predictions; the run folder has the latest
-    markdown, folder = write_results(results, cfg.student.name, cfg.baseline.name, ctx.run_dir, k, benchmarks)
-    summaries = {name: r.summary for name, r in results.items()}
-    ctx.summary["eval"] = {
-        "benchmarks": summaries,
-        "avg_pass@1": average(results, "pass@1"),
-        f"avg_pass@{k}": average(results, f"pass@{k}"),
-        "model": model_path or "base",
-        "table": markdown,
-        "results": str(folder),
-    }
-    save_summary(ctx)
-    flat = {f"eval/{name}/{key}": v for name, summary in summaries.items() for key, v in summary.items()}
-    flat.update({"eval/avg_pass@1": ctx.summary["eval"]["avg_pass@1"], f"eval/avg_pass@{k}": ctx.summary["eval"][f"avg_pass@{k}"]})
-    tracker.log_summary(flat)
-    tracker.log_metrics(flat)
-    for name, result in results.items():
-        tracker.log_table(
-            f"eval/{name}/predictions", ["problem", "sample", "extracted", "correct", "output"],
-            [[row["id"], s, row["extracted"][s], row["correct"][s], row["output"][s][-1000:]]
-             for row in result.rows for s in range(len(row["correct"]))],
-        )
+    if summary is not None:
+        ctx.summary["eval"] = summary
+        save_summary(ctx)
 
 
 def grade_stage(ctx: RunContext, tracker: Tracker) -> None:

@@ -408,6 +408,7 @@ class Benchmark:
 class Evaluation:
     """Pass@1 and Pass@k on the benchmarks (PAPER.md §3, §7); each setting names its own result folder."""
 
+    _target_: str = "palign.evaluation.harness.evaluate_student"
     benchmarks: dict[str, Benchmark | None] = knob(factory=dict, help="name -> benchmark (null: left out)")
     limit: int | None = knob(None, "at most this many problems of each benchmark (null: each benchmark's own limit)",
                              check=at_least(1, optional="no cap"))

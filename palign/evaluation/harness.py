@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import fingerprint, open_stage_store, read_json, stage_folder, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from palign.artifacts import file_digests, fingerprint, open_stage_store, read_json, stage_folder, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.predictions import PAPER_BENCHMARKS, grade_prediction_file, results_table
 from palign.grading import GradingPool
@@ -169,3 +169,76 @@ def write_results(
         write_text_atomic(where / "results.csv", csv_text)
         write_json_atomic(where / "metrics.json", metrics)
     return markdown, folder
+
+
+def evaluate_student(
+    benchmarks: Mapping[str, Mapping[str, Any] | None],
+    limit: int | None,
+    model_path: str | None,
+    backend: str,
+    sampling: Mapping[str, Any],
+    pass_k: int,
+    grading: Mapping[str, Any],
+    chunk_size: int,
+    *,
+    student: Mapping[str, Any],
+    method: str,
+    prompts: Mapping[str, Any],
+    cache_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    trained: str | os.PathLike,
+    training_ids: Callable[[], list[str]],
+    vllm: Mapping[str, Any],
+    tracker,
+) -> dict[str, Any] | None:
+    """Stage 4 from the `evaluation` config node (palign/schema.py: Evaluation): the trained student
+    in `trained` (or `model_path`, or else the base model) on every configured benchmark; results
+    written beside the predictions and in `run_dir`, logged to the run's tracker. Returns the run
+    summary's `eval` entry, or None when no benchmark is configured.
+
+    training_ids: the run's training problem ids, read only if a benchmark holds them out.
+    """
+    from functools import partial
+
+    from palign.llm.models import ModelSpec, load_model, load_tokenizer
+
+    chosen = {name: dict(bench) for name, bench in benchmarks.items() if bench is not None}
+    if not chosen:
+        log.info("evaluation: no benchmarks configured; skipping")
+        return None
+    held_out: list[str] | None = None
+    for bench in chosen.values():
+        bench["limit"] = min((n for n in (bench["limit"], limit) if n is not None), default=None)
+        if bench.pop("exclude_training"):  # held-out problems of the teacher's own data set
+            held_out = held_out if held_out is not None else training_ids()
+            bench["exclude_ids"] = held_out
+    model_path = model_path or (str(trained) if (Path(trained) / "config.json").exists() else None)
+    spec = ModelSpec.from_config(student)
+    if model_path is None:
+        log.warning("no trained student in %s; evaluating the base model %s", trained, spec.name)
+    engine = None
+    if backend == "vllm":
+        from palign.llm.vllm_backend import vllm_backend
+
+        engine = vllm_backend(spec, cache_dir, vllm, weights=model_path)
+    results = evaluate(
+        partial(load_model, spec, cache_dir, path=model_path), {"base": spec.identity(), "weights": model_path and file_digests(model_path)},
+        load_tokenizer(spec, cache_dir), chosen, sampling, prompts, Path(run_dir) / "eval",
+        chat_template_kwargs=spec.chat_template_kwargs, grading_workers=grading["workers"],
+        grading_timeout_s=grading["timeout_s"], chunk_size=chunk_size, backend=engine,
+    )
+    # each evaluation setting keeps its own results beside its predictions; the run folder has the latest
+    markdown, folder = write_results(results, spec.name, method, run_dir, pass_k, chosen)
+    summaries = {name: r.summary for name, r in results.items()}
+    averages = {"avg_pass@1": average(results, "pass@1"), f"avg_pass@{pass_k}": average(results, f"pass@{pass_k}")}
+    flat = {f"eval/{name}/{key}": v for name, summary in summaries.items() for key, v in summary.items()}
+    flat.update({f"eval/{key}": v for key, v in averages.items()})
+    tracker.log_summary(flat)
+    tracker.log_metrics(flat)
+    for name, result in results.items():
+        tracker.log_table(
+            f"eval/{name}/predictions", ["problem", "sample", "extracted", "correct", "output"],
+            [[row["id"], s, row["extracted"][s], row["correct"][s], row["output"][s][-1000:]]
+             for row in result.rows for s in range(len(row["correct"]))],
+        )
+    return {"benchmarks": summaries, **averages, "model": model_path or "base", "table": markdown, "results": str(folder)}
