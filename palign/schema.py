@@ -362,6 +362,12 @@ class Training:
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass (less memory)", identity=False)
     checkpoint_every_n_steps: int = knob(50, "optimizer steps between checkpoints (plus one per epoch end)",
                                          identity=False, check=at_least(1))
+    loss_kernel: str = knob("auto", "the cross-entropy over supervised tokens: chunked (logits of one chunk at a "
+                            "time, memory flat in the vocabulary), liger (Liger's fused linear cross-entropy, GPU), "
+                            "auto (liger where installed and on a GPU, else chunked)", identity=False,
+                            check=one_of("auto", "chunked", "liger"))
+    loss_chunk_tokens: int = knob(4096, "supervised tokens per chunk of the chunked cross-entropy", identity=False,
+                                  check=at_least(1))
 
 
 @dataclass
