@@ -134,6 +134,8 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         warmup_ratio=cfg.training.warmup_ratio,
         lora=OmegaConf.to_container(cfg.training.lora, resolve=True) if cfg.training.lora else None,
         gradient_checkpointing=cfg.training.gradient_checkpointing,
+        loss_kernel=cfg.training.loss_kernel,
+        loss_chunk_tokens=cfg.training.loss_chunk_tokens,
     )
     devices = cfg.trainer.devices
     world = devices if isinstance(devices, int) and devices > 0 else 1

@@ -15,6 +15,8 @@ EXAMPLES = [
     {"input_ids": [11, 12, 13], "labels": [-100, 12, 13]},
     {"input_ids": [21, 22, 23, 24], "labels": [-100, -100, 23, 24]},
 ]
+# the chunked cross-entropy, 3 supervised tokens per chunk: the 7 of a batch span three chunks
+LOSS = {"loss_kernel": "chunked", "loss_chunk_tokens": 3}
 
 
 def _loss_and_grads(module: StudentSFTModule, batch) -> tuple[float, float, dict[str, torch.Tensor]]:
@@ -38,7 +40,7 @@ def _reference(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
 def test_supervised_only_head_gives_transformers_loss_and_gradients(tiny_model, packed):
     batch = PackedSFTCollator(0)([EXAMPLES[:2], EXAMPLES[2:]]) if packed else SFTCollator(0)(EXAMPLES)
     reference_model = copy.deepcopy(tiny_model)
-    module = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model))
+    module = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), **LOSS)
     assert module._output_head() is module.model.get_output_embeddings()  # the selective path is taken
     loss, accuracy, grads = _loss_and_grads(module, batch)
     expected_loss, expected_grads = _reference(reference_model, batch)
@@ -51,14 +53,14 @@ def test_supervised_only_head_gives_transformers_loss_and_gradients(tiny_model, 
 
 def test_full_logits_fallback_and_lora_agree_with_selective_head(tiny_model):
     batch = SFTCollator(0)(EXAMPLES)
-    selective = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model))
-    fallback = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model))
+    selective = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), **LOSS)
+    fallback = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), **LOSS)
     fallback._selective_head = False  # as for a model with logit soft-capping
     assert fallback._output_head() is None
     assert _loss_and_grads(selective, batch)[0] == pytest.approx(_loss_and_grads(fallback, batch)[0], rel=1e-6)
 
     lora = {"r": 4, "alpha": 4, "dropout": 0.0}
-    with_lora = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), lora=lora)
+    with_lora = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), lora=lora, **LOSS)
     assert with_lora._output_head() is not None
     loss, _, grads = _loss_and_grads(with_lora, batch)
     # LoRA's B starts at zero: the adapted model is the base model, so the loss is the base loss

@@ -21,6 +21,7 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from palign.data.sft import IGNORE_INDEX
+from palign.training.loss import resolve_loss_kernel, supervised_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,12 @@ class StudentSFTModule(pl.LightningModule):
         warmup_ratio: float = 0.1,
         lora: Mapping[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        *,
+        loss_kernel: str,
+        loss_chunk_tokens: int,
     ):
         super().__init__()
+        resolve_loss_kernel(loss_kernel, device=None)  # a bad name or a missing Liger fails before the model loads
         self.save_hyperparameters(ignore=["model_loader"])
         self.model = model_loader()
         self.model.train()  # from_pretrained returns eval mode; dropout (e.g. LoRA's) must be live
@@ -100,6 +105,7 @@ class StudentSFTModule(pl.LightningModule):
         self.val_accuracy = MeanMetric()
         self._tokens_seen = 0
         self._selective_head: bool | None = None  # LM head on supervised positions only (decided on first use)
+        self._loss_kernel: str | None = None  # the kernel `loss_kernel` resolved to on the model's device (logged once)
         self._step_started: float | None = None
         self._pending_losses: list[float] = []
         self.loss_curve: list[float] = []  # mean loss of each optimizer step, kept across resumes
@@ -117,6 +123,8 @@ class StudentSFTModule(pl.LightningModule):
         The language-model head runs on the supervised positions only: prompt and padding tokens
         need hidden states (they are attended to) but no logits, and the head over a large vocabulary
         is a big share of the step (for SmolLM2 about a fifth of the FLOPs, more with the softmax).
+        It runs a chunk of `loss_chunk_tokens` positions at a time (or in Liger's fused kernel), so the
+        loss's memory does not grow with positions x vocabulary (palign/training/loss.py).
         """
         labels = batch["labels"]
         if "position_ids" in batch:  # packed rows: restarting positions give a block-diagonal mask
@@ -129,13 +137,19 @@ class StudentSFTModule(pl.LightningModule):
         head = self._output_head()
         if head is None:
             logits = self.model(**inputs, use_cache=False).logits[:, :-1, :][mask]
-        else:
-            hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1, :]
-            logits = head(hidden[mask])
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum") / max(n_tokens, 1)
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == targets[mask]).sum() / max(n_tokens, 1)
-        return loss, accuracy, n_tokens
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum") / max(n_tokens, 1)
+            with torch.no_grad():
+                accuracy = (logits.argmax(-1) == targets[mask]).sum() / max(n_tokens, 1)
+            return loss, accuracy, n_tokens
+        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1, :]
+        kernel = resolve_loss_kernel(self.hparams.loss_kernel, hidden.device)
+        if kernel != self._loss_kernel:
+            log.info("cross-entropy kernel: %s%s", kernel,
+                     f" ({self.hparams.loss_chunk_tokens} tokens per chunk)" if kernel == "chunked" else "")
+            self._loss_kernel = kernel
+        nll, correct = supervised_cross_entropy(hidden[mask], head, targets[mask], kernel=kernel,
+                                                chunk_tokens=self.hparams.loss_chunk_tokens)
+        return nll / max(n_tokens, 1), correct / max(n_tokens, 1), n_tokens
 
     def _output_head(self):
         """The LM head to apply to selected hidden states, or None where the model's forward does more
