@@ -68,6 +68,13 @@ DOCUMENTED: dict[str, dict] = {
         {**PAPER_QWEN25, "group": "ablation-search-qwen2_5_7b_instruct",
          "sweep:truncation/search": ["binary", "linear", "exhaustive"]},
     "stage=judge_chains baseline=palign": {**DEMO, "stage": "judge_chains", "choice:chain_judge": "local"},
+    "hydra/launcher=slurm experiment=paper/table1_qwen2_5_7b stage=align":  # sbatch sizes from the recipe's trainer=gpu
+        {**PAPER_QWEN25, "stage": "align", "choice:hydra/launcher": "slurm", "hydra.launcher.nodes": 1,
+         "hydra.launcher.gpus_per_node": 1, "hydra.launcher.tasks_per_node": 1},
+    "hydra/launcher=slurm experiment=paper/table1_qwen2_5_7b trainer=ddp trainer.num_nodes=2 trainer.devices=8":
+        {**PAPER_QWEN25, "choice:trainer": "ddp", "choice:hydra/launcher": "slurm", "trainer.num_nodes": 2,
+         "trainer.devices": 8, "hydra.launcher.nodes": 2, "hydra.launcher.gpus_per_node": 8,
+         "hydra.launcher.tasks_per_node": 8},
     "stage=judge_chains baseline=palign chain_judge=openai chain_judge.remote.base_url=https://open.bigmodel.cn/api/paas/v4 "
     "chain_judge.remote.model=glm-4.5 chain_judge.remote.api_key_env=ZHIPUAI_API_KEY":
         {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.remote.model": "glm-4.5",
