@@ -5,6 +5,8 @@ under a folder named by a fingerprint of its inputs. A crash mid-stage must resu
 or duplicating finished work, and a reader must never see half a file: completed records are
 appended one JSON line at a time (flushed and fsynced), a torn last line from a crash is dropped on
 reopening, and whole files are written to a temporary name and moved into place with `os.replace`.
+Processes sharing a cache (DDP ranks, SLURM tasks on several nodes) take a file lock per store, so
+each record is computed once.
 """
 
 from __future__ import annotations
@@ -295,6 +297,44 @@ def require_field(record: Mapping[str, Any], field: str, where: str) -> Any:
     return value
 
 
+# How long a process waits for another one computing the same cached stage (`paths.lock_timeout_s`,
+# set by the run). DDP ranks and SLURM tasks sharing a cache meet here: one computes, the others
+# wait and then read its records, so nothing is computed twice.
+LOCK_TIMEOUT_S: float = 86_400.0
+
+
+def set_lock_timeout(seconds: float) -> None:
+    global LOCK_TIMEOUT_S
+    LOCK_TIMEOUT_S = float(seconds)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+    """Hold `<path>.lock` (an OS file lock, released when the process dies, so a crash leaves no stale
+    lock) while computing what `path` caches. Re-entrant within one process. Waits at most
+    `LOCK_TIMEOUT_S` for another process, then fails naming the lock."""
+    from filelock import FileLock, Timeout
+
+    lock_path = f"{os.fspath(path)}.lock"
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path, is_singleton=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another process is computing it; waiting for it (at most %.0f s)", path, LOCK_TIMEOUT_S)
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
+        except Timeout:
+            raise TimeoutError(
+                f"{lock_path}: another process has held this lock for more than {LOCK_TIMEOUT_S:.0f} s "
+                "(paths.lock_timeout_s); it is still computing this cached stage: wait for it, run the stage "
+                "as its own job first (stage=align), or raise paths.lock_timeout_s") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def stage_folder(root: str | os.PathLike, identity: Any, label: str = "") -> Path:
     """Where a cached stage keeps what `identity` (everything that decides its records) computes:
     `<root>/<label-><fingerprint>`; two runs with the same identity share it, any change is a new one."""
@@ -308,9 +348,17 @@ def open_stage_store(folder: str | os.PathLike, identity: Any, key: str = "id", 
     holds the finished records, so an interrupted stage reopens it and completes only what is missing."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "settings.json").exists():
-        write_json_atomic(folder / "settings.json", identity)
-    return RecordStore(folder / name, key=key)
+    lock = exclusive(folder / name)
+    lock.__enter__()  # released by the store's close(): one writer per store across processes and nodes
+    try:
+        if not (folder / "settings.json").exists():
+            write_json_atomic(folder / "settings.json", identity)
+        store = RecordStore(folder / name, key=key)  # read under the lock: what another writer finished counts
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    store._lock = lock
+    return store
 
 
 class RecordStore:
@@ -326,6 +374,7 @@ class RecordStore:
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, dict[str, Any]] = {}
+        self._lock: contextlib.AbstractContextManager | None = None  # held from open_stage_store until close()
         if self.path.exists():
             self._load()
         self._file = None
@@ -402,13 +451,19 @@ class RecordStore:
         self._records[key] = dict(record)
 
     def seal(self, summary: Mapping[str, Any] | None = None) -> None:
-        self.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         write_json_atomic(self.complete_marker, dict(summary or {}, records=len(self)))
+        self.close()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
     def __enter__(self) -> RecordStore:
         return self

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from palign.artifacts import read_json, write_json_atomic, write_text_atomic
-from palign.runs import run_folder, unused_reason
+from palign.runs import is_global_zero, run_folder, unused_reason
 from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,16 @@ class RunContext:
 def make_context(cfg: DictConfig) -> RunContext:
     run_id, run_dir = run_folder(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if is_global_zero():
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     summary_path = run_dir / "summary.json"
     summary = read_json(summary_path) if summary_path.exists() else {}
     return RunContext(cfg=cfg, run_id=run_id, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), summary=summary)
 
 
 def save_summary(ctx: RunContext) -> None:
-    write_json_atomic(ctx.run_dir / "summary.json", ctx.summary)
+    if is_global_zero():  # one writer: the other ranks of a distributed job only train
+        write_json_atomic(ctx.run_dir / "summary.json", ctx.summary)
 
 
 def make_teacher(cfg: DictConfig):
@@ -104,19 +106,66 @@ def make_datamodule(ctx: RunContext, tokenizer):
 
 
 def accumulation_steps(effective: int, micro: int, world_size: int) -> int:
+    """Micro-batches each process accumulates per optimizer step: effective batch = micro batch x
+    accumulation x world size (processes over every node), which must come out exact."""
     per_step = micro * world_size
     if effective % per_step:
-        log.warning("effective batch %d is not a multiple of micro batch x devices = %d; rounding up", effective, per_step)
-    return max(1, math.ceil(effective / per_step))
+        from palign.schema import ConfigError
+
+        reachable = sorted({per_step * k for k in (max(1, effective // per_step), effective // per_step + 1)})
+        raise ConfigError(
+            f"training.effective_batch_size={effective} is not a multiple of data.micro_batch_size={micro} x "
+            f"{world_size} processes (trainer.devices x trainer.num_nodes) = {per_step}: an optimizer step could "
+            f"not see exactly {effective} examples; use e.g. {' or '.join(map(str, reachable))}, or change the micro batch")
+    return effective // per_step
+
+
+def build_trainer(ctx: RunContext, tracker: Tracker, callbacks: list):
+    """Lightning's Trainer from conf/trainer/ (palign/schema.py: Trainer) with the run's epochs,
+    steps, loggers and checkpoints; gradient accumulation from the running world size."""
+    from hydra.utils import instantiate
+
+    from palign.training.checkpointing import AtomicCheckpointIO
+
+    cfg = ctx.cfg
+    trainer = instantiate(
+        cfg.trainer,
+        max_epochs=cfg.training.epochs,
+        max_steps=cfg.training.max_steps,
+        logger=tracker.lightning_logger,
+        callbacks=callbacks,
+        default_root_dir=str(ctx.run_dir),
+        enable_checkpointing=True,
+        plugins=[AtomicCheckpointIO()],
+        # The training loader shards itself (palign/data/sampling.py: every rank takes every
+        # world-size-th length-grouped micro-batch of one seeded order, and resumes mid-epoch);
+        # Lightning's DistributedSampler would replace that sampler and lose both.
+        use_distributed_sampler=False,
+        **({} if cfg.data.val_size else {"limit_val_batches": 0}),
+    )
+    # the world size is the running trainer's (devices x nodes, as the strategy resolved them)
+    trainer.accumulate_grad_batches = accumulation_steps(
+        cfg.training.effective_batch_size, cfg.data.micro_batch_size, trainer.world_size)
+    return trainer
+
+
+def leave_process_group() -> None:
+    """End the job's process group once training is done: what rank 0 does next alone (export,
+    evaluation, whose torchmetrics would otherwise wait for the other ranks) is not collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def train_stage(ctx: RunContext, tracker: Tracker) -> None:
+    """Stage 3 on every process of the job; the export and the summary on global rank 0 only."""
     import pytorch_lightning as pl
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import LearningRateMonitor
 
     from palign.llm.models import load_model, load_tokenizer
-    from palign.training.checkpointing import AtomicCheckpointIO, ResumableCheckpoint
+    from palign.training.checkpointing import ReleaseVLLMEngines, ResumableCheckpoint
     from palign.training.module import StudentSFTModule
 
     cfg = ctx.cfg
@@ -126,6 +175,22 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
     datamodule = make_datamodule(ctx, tokenizer)
+    checkpoint = ResumableCheckpoint(
+        dirpath=str(ctx.checkpoint_dir),
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.training.checkpoint_every_n_steps,
+        save_on_train_epoch_end=True,
+    )
+    callbacks = [checkpoint, ReleaseVLLMEngines()]
+    callbacks += [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    if tracker.logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = build_trainer(ctx, tracker, callbacks)  # checks the batch math against the world size first
+    # Stages 1 and 2 and tokenization before the Trainer starts, in this process: under DDP the
+    # processes Lightning launches at fit() (or the other SLURM tasks, which wait on the caches'
+    # locks, paths.lock_timeout_s) read what it computed, and no rank waits behind a collective.
+    datamodule.prepare_data()
     module = StudentSFTModule(
         model_loader=partial(load_model, cfg.student, ctx.cache_dir),
         learning_rate=cfg.training.learning_rate,
@@ -137,41 +202,16 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         loss_kernel=cfg.training.loss_kernel,
         loss_chunk_tokens=cfg.training.loss_chunk_tokens,
     )
-    devices = cfg.trainer.devices
-    world = devices if isinstance(devices, int) and devices > 0 else 1
-    checkpoint = ResumableCheckpoint(
-        dirpath=str(ctx.checkpoint_dir),
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=cfg.training.checkpoint_every_n_steps,
-        save_on_train_epoch_end=True,
-    )
-    from pytorch_lightning.callbacks import LambdaCallback
-
-    from palign.llm.vllm_backend import release_vllm_engines
-
-    callbacks = [checkpoint, LambdaCallback(setup=lambda trainer, module, stage: release_vllm_engines())]
-    callbacks += [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    if tracker.logger is not None:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        max_epochs=cfg.training.epochs,
-        max_steps=cfg.training.max_steps,
-        accumulate_grad_batches=accumulation_steps(cfg.training.effective_batch_size, cfg.data.micro_batch_size, world),
-        logger=tracker.lightning_logger,
-        callbacks=callbacks,
-        default_root_dir=str(ctx.run_dir),
-        enable_checkpointing=True,
-        plugins=[AtomicCheckpointIO()],
-        **({} if cfg.data.val_size else {"limit_val_batches": 0}),
-    )
     last = ctx.checkpoint_dir / "last.ckpt"
     resumed_from = str(last) if last.exists() else None  # read before fit writes its own
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted; rerun the same command to resume from last.ckpt")
+    rank_zero = trainer.is_global_zero
+    leave_process_group()
+    if not rank_zero:
+        return
     module.export_pretrained(ctx.student_dir, tokenizer)
     if datamodule.prefix_stage is not None:
         report_stage_stats(ctx, tracker, datamodule.prefix_stage)
@@ -183,6 +223,8 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
         "complete": True,
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
+        "world_size": trainer.world_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "seconds": round(time.perf_counter() - started, 1),
         "resumed_from": resumed_from,
         "tokens_seen": module.tokens_seen,
@@ -418,10 +460,16 @@ DISPATCH = {
 }
 
 
+# the steps every process of a distributed job runs; the others run on global rank 0 alone
+EVERY_RANK = (train_stage,)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    from palign.artifacts import set_lock_timeout
     from palign.schema import check_values
 
     check_values(cfg)
+    set_lock_timeout(cfg.paths.lock_timeout_s)
     check_stage_applies(cfg)
     if cfg.stage in ("all", "train", "truncate", "align"):
         check_knobs_used(cfg, command_line_overrides())
@@ -435,14 +483,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         job_type=cfg.stage,
         tags=list(cfg.tags),
         config=OmegaConf.to_container(cfg, resolve=True),
-        project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+        project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, rank_zero=is_global_zero(),
     )
     failed = True
     try:
         for stage in DISPATCH[cfg.stage]:
-            stage(ctx, tracker)
+            if stage in EVERY_RANK or is_global_zero():
+                stage(ctx, tracker)
+            else:
+                log.info("%s runs on global rank 0 only; this process is done", stage.__name__)
         failed = False
     finally:
         tracker.close(failed=failed)
-    print_summary(ctx)
+    if is_global_zero():
+        print_summary(ctx)
     return ctx.summary

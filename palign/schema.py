@@ -115,6 +115,8 @@ class Paths:
                           "artifacts shared between runs: converted models, tokenized data, stage stores")
     shared_data: str = knob("${oc.env:PALIGN_SHARED_DATA,${project_root:}/../shared/data}",
                             "read-only reference data beside the repository (../shared/data)")
+    lock_timeout_s: float = knob(86400.0, "how long a process waits for another one computing the same cached stage "
+                                 "(DDP ranks, SLURM tasks sharing cache_dir), then fails naming the lock", check=number(0))
 
 
 @dataclass

@@ -52,8 +52,12 @@ class Tracker:
         project: str = "palign",
         entity: str | None = None,
         mode: str = "auto",
+        rank_zero: bool = True,
     ):
         self.kind = kind
+        # Lightning's loggers write on global rank 0 only; the run's own summaries, tables and
+        # histograms likewise (on another rank W&B's experiment is a stand-in without a summary)
+        self.rank_zero = rank_zero
         self.run_dir = Path(run_dir)
         self.logger = None
         if kind == "wandb":
@@ -92,11 +96,15 @@ class Tracker:
         return self.logger if self.logger is not None else False
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.rank_zero:
+            return
         if self.logger is not None:
             self.logger.log_metrics(dict(metrics), step=step)
 
     def log_summary(self, metrics: Mapping[str, Any]) -> None:
         """Final values of a run (W&B run summary; a metrics row elsewhere)."""
+        if not self.rank_zero:
+            return
         if self.kind == "wandb":
             self.logger.experiment.summary.update(dict(metrics))
         elif self.logger is not None:
@@ -104,12 +112,16 @@ class Tracker:
             self.logger.log_metrics(numeric)
 
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        if not self.rank_zero:
+            return
         if self.kind == "wandb":
             import wandb
 
             self.logger.experiment.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
     def log_histogram(self, key: str, values: Sequence[float]) -> None:
+        if not self.rank_zero:
+            return
         if self.kind == "wandb" and values:
             import wandb
 

@@ -1,9 +1,11 @@
 """The LightningDataModule: teacher records -> (truncation -> alignment) -> SFT tokens.
 
-`prepare_data` (rank 0 only) loads the teacher source, splits off a validation set, runs the stages the baseline needs (the truncation module finds each trace's minimal
-sufficient prefix; the alignment module has the student continue it), builds the supervision
-targets and tokenizes them into a fingerprinted cache. `setup` (every rank) only reads that cache,
-so DDP ranks never repeat the expensive stages.
+`prepare_data` loads the teacher source, splits off a validation set, runs the stages the baseline
+needs (the truncation module finds each trace's minimal sufficient prefix; the alignment module has
+the student continue it), builds the supervision targets and tokenizes them into a fingerprinted
+cache. The pipeline runs it before the Trainer starts; every cache it fills is locked against
+concurrent writers, so DDP ranks (and SLURM tasks sharing a cache) never repeat the expensive
+stages: one computes, the others wait for it and read the result.
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         return build_targets(records, self.target, prefixes, continuations, self.markers)
 
     def prepare_data(self) -> None:
+        """Stages 1 and 2 and tokenization, each cached (and locked against concurrent writers) under
+        `cache_dir`. The pipeline calls it before the Trainer starts, so under DDP the processes
+        Lightning launches (and every rank of a SLURM job) find the work done; Lightning's own call
+        is then a no-op."""
+        if self.splits:
+            return
         train, val = self.load_records()
         for split, records in (("train", train), ("val", val)):
             if not records:
@@ -140,8 +148,7 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         import datasets
 
-        if not self.splits:  # a rank other than 0, or setup without prepare_data in this process
-            self.prepare_data()
+        self.prepare_data()  # a no-op where it ran in this process
         for split, tokenized in self.splits.items():
             self._datasets[split] = datasets.load_from_disk(str(tokenized.path)).with_format(
                 None, columns=["input_ids", "labels"]
@@ -159,11 +166,14 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled micro-batches: length-grouped rows of examples, or packed rows (`packing`)."""
+        trainer = self.trainer
         loader = train_loader(self._datasets["train"], self.tokenizer.pad_token_id, self.micro_batch_size, self.seed,
                               packing=self.packing, pack_length=self.pack_length, group_by_length=self.group_by_length,
-                              num_workers=self.num_workers, batches_done=self._train_batches_done)
+                              num_workers=self.num_workers, batches_done=self._train_batches_done,
+                              num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
         if self.packing:
             self.stats["train/packed_rows"] = len(loader.dataset)
+        self.stats["train/padded_per_epoch"] = loader.sampler.padded_items
         return loader
 
     def _train_batches_done(self) -> int:
@@ -179,19 +189,21 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
 
 def train_loader(dataset, pad_token_id: int, micro_batch_size: int, seed: int, *, packing: bool = False,
                  pack_length: int | None = None, group_by_length: bool = True, num_workers: int = 0,
-                 batches_done: Callable[[], int] | None = None) -> ResumableDataLoader:
+                 batches_done: Callable[[], int] | None = None, num_replicas: int = 1, rank: int = 0) -> ResumableDataLoader:
     """The resumable training loader over tokenized examples: shuffled micro-batches of examples
-    grouped by length (`group_by_length`), or of packed rows of up to `pack_length` tokens."""
+    grouped by length (`group_by_length`), or of packed rows of up to `pack_length` tokens; under
+    DDP, this rank's shard of them (palign/data/sampling.py)."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
+    shard = {"batch_size": micro_batch_size, "num_replicas": num_replicas, "rank": rank}
     if packing:
         if not pack_length:
             raise ValueError("packing needs pack_length (tokens per packed row)")
         rows = PackedRows(dataset, pack_examples(lengths, pack_length, seed=seed))
-        return ResumableDataLoader(rows, batch_size=micro_batch_size, sampler=ResumableShuffleSampler(len(rows), seed=seed),
+        return ResumableDataLoader(rows, batch_size=micro_batch_size, sampler=ResumableShuffleSampler(len(rows), seed=seed, **shard),
                                    collate_fn=PackedSFTCollator(pad_token_id), num_workers=num_workers,
                                    batches_done=batches_done)
     group = micro_batch_size * 16 if group_by_length else 0
-    sampler = ResumableShuffleSampler(len(dataset), seed=seed, lengths=lengths, batch_size=micro_batch_size, group_size=group)
+    sampler = ResumableShuffleSampler(len(dataset), seed=seed, lengths=lengths, group_size=group, **shard)
     return ResumableDataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=SFTCollator(pad_token_id),
                                num_workers=num_workers, batches_done=batches_done)
 

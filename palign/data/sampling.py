@@ -7,6 +7,13 @@ again after a restart, and `ResumableDataLoader` implements Lightning's `state_d
 `load_state_dict` interface: it records the epoch and how many batches the training loop has
 processed (read from the loop, not from the loader, whose prefetching runs ahead), and on restore
 skips exactly those.
+
+Under DDP the sampler shards itself (`num_replicas`, `rank`): every rank draws the same global order
+of micro-batches and takes every `num_replicas`-th one, so the ranks' shards are disjoint, together
+they are the whole epoch, and each rank's micro-batches keep their length grouping. When the
+micro-batches do not divide evenly, the first ones are repeated to fill the last round (as
+torch's DistributedSampler does; `padded_items` counts them): every rank must run the same number
+of steps, or the gradient all-reduce would wait forever.
 """
 
 from __future__ import annotations
@@ -35,15 +42,21 @@ class ResumableShuffleSampler(Sampler[int]):
         lengths: list[int] | None = None,
         batch_size: int = 1,
         group_size: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of the {num_replicas} replicas")
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle
         self.lengths = lengths
         self.batch_size = batch_size
         self.group_size = group_size
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None  # (epoch, items of it already trained)
+        self._resume: tuple[int, int] | None = None  # (epoch, items of this rank's shard already trained)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -53,6 +66,7 @@ class ResumableShuffleSampler(Sampler[int]):
         self._resume = (epoch, items_done)
 
     def order(self, epoch: int) -> list[int]:
+        """The epoch's global order of items (every rank's shard comes from it)."""
         if not self.shuffle:
             return list(range(self.num_items))
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -70,16 +84,35 @@ class ResumableShuffleSampler(Sampler[int]):
         shuffled = torch.randperm(len(full), generator=generator).tolist()
         return [i for b in shuffled for i in full[b]] + [i for b in partial for i in b]
 
+    def _rounds(self, epoch: int) -> list[list[int]]:
+        """The epoch's micro-batches in rounds of one per rank, the last round filled with the first ones."""
+        order = self.order(epoch)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        missing = -len(batches) % self.num_replicas
+        return batches + [batches[i % len(batches)] for i in range(missing)] if batches else []
+
+    @property
+    def padded_items(self) -> int:
+        """Items repeated per epoch so that every rank runs the same number of micro-batches."""
+        return sum(len(b) for b in self._rounds(self.epoch)) - self.num_items
+
+    def shard(self, epoch: int) -> list[int]:
+        """This rank's items of the epoch: micro-batches rank, rank + R, rank + 2R, ... of the global
+        order (R replicas). Only the epoch's last micro-batch may be short, and it is its rank's last."""
+        if self.num_replicas == 1:
+            return self.order(epoch)
+        return [i for b in self._rounds(epoch)[self.rank :: self.num_replicas] for i in b]
+
     def __iter__(self) -> Iterator[int]:
         # read the skip lazily: Lightning creates the iterator before it restores loader states.
         # It applies to the resumed epoch only: a checkpoint from an epoch's last batch resumes
         # into the next epoch, which starts from its beginning.
         resume, self._resume = self._resume, None
         skip = resume[1] if resume is not None and resume[0] == self.epoch else 0
-        yield from self.order(self.epoch)[skip:]
+        yield from self.shard(self.epoch)[skip:]
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_items if self.num_replicas == 1 else len(self.shard(self.epoch))
 
 
 class ResumableDataLoader(DataLoader):

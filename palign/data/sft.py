@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from palign.artifacts import atomic_path, fingerprint, read_json, write_json_atomic
+from palign.artifacts import atomic_path, exclusive, fingerprint, read_json, write_json_atomic
 from palign.llm.chat import encode_response, encode_user_turn, instruction_prompt
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,6 @@ def build_tokenized_split(
     The cache folder is named by a fingerprint of everything that changes the tokens: the
     examples, the tokenizer's vocabulary and chat template, the prompts and `max_length`.
     """
-    import datasets
-
     key = fingerprint(
         CODE_VERSION,
         [asdict(e) for e in examples],
@@ -101,6 +99,13 @@ def build_tokenized_split(
         max_length,
     )
     folder = Path(cache_dir) / "tokenized" / f"{split}-{key}"
+    with exclusive(folder):  # processes sharing the cache tokenize once
+        return _tokenize_split(examples, tokenizer, prompts, max_length, folder, split, chat_template_kwargs)
+
+
+def _tokenize_split(examples, tokenizer, prompts, max_length, folder: Path, split: str, chat_template_kwargs) -> TokenizedSplit:
+    import datasets
+
     meta_path = folder / "meta.json"
     if meta_path.exists():
         meta = read_json(meta_path)

@@ -13,8 +13,6 @@ starting together (a multirun, DDP ranks) neither race nor read a half-written f
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import logging
 import os
@@ -24,7 +22,7 @@ from typing import Any
 
 import torch
 
-from palign.artifacts import atomic_path, fingerprint
+from palign.artifacts import atomic_path, exclusive, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +84,6 @@ class ModelSpec:
             "seed": self.seed,
             "chat_template_kwargs": self.chat_template_kwargs,
         }
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _package_dir(package: str) -> Path:
@@ -174,7 +161,7 @@ def resolve_model_path(spec_cfg: Any, cache_dir: str | os.PathLike) -> str:
     target = cache_dir / "models" / f"{spec.name}-{fingerprint(spec.identity(), length=10)}"
     if (target / "config.json").exists():
         return str(target)
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with exclusive(target):
         if not (target / "config.json").exists():  # another process may have built it meanwhile
             if spec.source == "gguf_package":
                 _convert_gguf(spec, target)

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
@@ -54,3 +54,13 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ReleaseVLLMEngines(Callback):
+    """Free the GPU memory of the vLLM engines stages 1 and 2 used before training takes it (a class,
+    not a lambda: `ddp_spawn` pickles the callbacks into its processes)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from palign.llm.vllm_backend import release_vllm_engines
+
+        release_vllm_engines()
