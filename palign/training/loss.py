@@ -14,14 +14,18 @@ kernels here keep the logits of one chunk of rows alive at a time instead:
             chunk size from V and H, so `chunk_tokens` does not apply to it.
 
 Why checkpointing rather than a hand-written autograd.Function with the gradients computed in the
-forward (Liger's approach, redone in PyTorch): the checkpointed chunk is today's code on fewer rows,
-so autograd derives every gradient (hidden states, head weight and bias, LoRA adapters upstream, a
-tied embedding) under whatever autocast Lightning set, and the loss cannot drift from the plain
-cross-entropy; a hand-written backward would re-derive softmax-minus-one-hot, its dtype casts and
-the frozen-head cases, and hold an extra V x H gradient buffer from the forward on. The price is one
-more head matmul per chunk in the backward (the recomputation): a third more head FLOPs, at most
-~7% of a step for SmolLM2-135M (whose head is about a fifth of its FLOPs) and ~2% for a 7B student
-with a 152k vocabulary. On a GPU, `auto` takes Liger where it is installed, which recomputes nothing.
+forward (Liger's approach, redone in PyTorch): the checkpointed chunk is the full-logits code on
+fewer rows, so autograd derives every gradient (hidden states, head weight and bias, LoRA adapters
+upstream, a tied embedding) under whatever autocast Lightning set, and the loss cannot drift from
+the plain cross-entropy; a hand-written backward would re-derive softmax-minus-one-hot, its dtype
+casts and the frozen-head cases, and keep the weight's gradient alive from the forward to the
+backward. The price is one more head matmul per chunk in the backward (the recomputation): a
+third more head FLOPs with a trained head, half more with a frozen one (LoRA), so up to ~10% of a
+step for SmolLM2-135M (whose head is about a fifth of its FLOPs) and a few percent for a 7B student
+with a 152k vocabulary; and a trained head's weight gradient briefly exists twice while autograd
+adds one chunk's into the sum (V x H, 2.2 GB in fp32 for Qwen2.5-7B, against the 59 GB of logits
+saved). On a GPU, `auto` takes Liger where it is installed, which recomputes nothing and
+accumulates in place. experiments/bench/loss_memory.py measures both against the full logits.
 
 Logits are fp32 for the softmax whatever the hidden states' dtype, as with full logits (`liger`:
 the matmul in the input's dtype, the softmax in fp32 inside the kernel).
