@@ -470,3 +470,15 @@ class RecordStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# the variables launchers set for a process of a distributed job: torchrun and Lightning's own
+# launcher (RANK, LOCAL_RANK, NODE_RANK), SLURM (SLURM_PROCID)
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
+
+
+def is_global_zero() -> bool:
+    """Whether this process is global rank 0 of its job (a plain run is). Read from the launcher's
+    environment, so it is known before any Trainer exists: every rank runs the training, only rank
+    0 writes the run's summary, exports, evaluates, reports and records a multirun's jobs."""
+    return all(os.environ.get(name, "0").strip() in ("", "0") for name in RANK_VARIABLES)

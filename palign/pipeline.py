@@ -20,8 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from palign.artifacts import read_json, write_json_atomic, write_text_atomic
-from palign.runs import is_global_zero, run_folder, unused_reason
+from palign.artifacts import is_global_zero, read_json, write_json_atomic, write_text_atomic
+from palign.runs import run_folder, unused_reason
 from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)

@@ -119,16 +119,3 @@ def run_folder(cfg: DictConfig) -> tuple[str, Path]:
     run_id = f"{cfg.run_name}-{fingerprint(run_identity(cfg), length=8)}"
     return run_id, Path(cfg.paths.runs) / run_id
 
-
-# the variables launchers set for a process of a distributed job: torchrun and Lightning's own
-# launcher (RANK, LOCAL_RANK, NODE_RANK), SLURM (SLURM_PROCID)
-RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
-
-
-def is_global_zero() -> bool:
-    """Whether this process is global rank 0 of its job (a plain run is). Read from the launcher's
-    environment, so it is known before any Trainer exists: every rank runs the training, only rank
-    0 writes the run's summary, exports, evaluates and reports."""
-    import os
-
-    return all(os.environ.get(name, "0").strip() in ("", "0") for name in RANK_VARIABLES)

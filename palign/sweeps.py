@@ -22,6 +22,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from palign.artifacts import is_global_zero
+
 log = logging.getLogger(__name__)
 
 JOBS_FILE = "jobs.jsonl"
@@ -38,7 +40,8 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 def run_job_safely(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run one job; in a multirun, record a failure instead of raising it."""
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+    if hydra_cfg.mode != RunMode.MULTIRUN or not is_global_zero():
+        # every task of a SLURM job runs the job function; one job is one record, rank 0's
         return task(cfg)
     record = {"num": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task)}
     jobs = Path(hydra_cfg.sweep.dir) / JOBS_FILE

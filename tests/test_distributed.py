@@ -134,11 +134,11 @@ def test_a_ddp_job_killed_anywhere_and_rerun_trains_exactly_what_an_uninterrupte
 
     # 15 problems, 2 for validation: 13 examples, 1 per micro-batch on each of 2 ranks, accumulated
     # over 2 micro-batches (effective batch 4): 7 micro-batches per rank per epoch, 4 optimizer steps.
-    # LoRA dropout draws random numbers on each rank: a resume must restore each rank's own stream.
+    # The paper's LoRA: its dropout draws random numbers on each rank, and a resume must restore
+    # each rank's own stream.
     args = [*DDP, "logger=none", "teacher.source.limit=15", "data.val_size=2", "data.micro_batch_size=1",
             "data.max_length=2048", "training.effective_batch_size=4", "training.epochs=2", "stage=train",
-            "training.checkpoint_every_n_steps=1",
-            "training.lora={r: 4, alpha: 8, dropout: 0.1, target_modules: all-linear}"]
+            "training=paper", "training.gradient_checkpointing=false", "training.checkpoint_every_n_steps=1"]
     run_cli(args, tmp_path / "straight")
     straight = _run_dir(tmp_path / "straight")
     expected = json.loads((straight / "summary.json").read_text())["train"]

@@ -107,7 +107,9 @@ class StudentSFTModule(pl.LightningModule):
         self._selective_head: bool | None = None  # LM head on supervised positions only (decided on first use)
         self._loss_kernel: str | None = None  # the kernel `loss_kernel` resolved to on the model's device (logged once)
         self._step_started: float | None = None
-        self._pending_losses: list[float] = []
+        self._pending_losses: list[float] = []  # this rank's micro-batch losses since the last optimizer step
+        self._pending_tokens = 0  # and its real tokens
+        self._restore_at_first_batch: dict[str, Any] | None = None  # random streams of a mid-epoch resume
         self.loss_curve: list[float] = []  # mean loss of each optimizer step, kept across resumes
         self._total_steps: int | None = None  # optimizer steps of the whole run, read at the first step
 
@@ -176,31 +178,61 @@ class StudentSFTModule(pl.LightningModule):
         self.train_nll.update(loss.detach(), weight=n_tokens)
         self.train_accuracy.update(accuracy, weight=n_tokens)
         real = int(self._real_tokens(batch).sum())
-        self._tokens_seen += real
+        self._pending_tokens += real
         self.log("train/padding_fraction", 1.0 - real / batch["input_ids"].numel(), on_step=True, on_epoch=False)
         self._pending_losses.append(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/tokens_seen", float(self._tokens_seen), on_step=True, on_epoch=False)
+        self.log("train/tokens_seen", float(self._tokens_seen + self._pending_tokens), on_step=True, on_epoch=False)
         return loss
 
     def on_before_optimizer_step(self, optimizer):
-        if self._pending_losses:
-            self.loss_curve.append(sum(self._pending_losses) / len(self._pending_losses))
-            self._pending_losses.clear()
+        # one optimizer step of the whole job: the mean micro-batch loss and the tokens over every rank
+        pending = torch.tensor([sum(self._pending_losses), len(self._pending_losses), self._pending_tokens], dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            pending = self.trainer.strategy.reduce(pending.to(self.device), reduce_op="sum").cpu()
+        losses, count, tokens = pending.tolist()
+        if count:
+            self.loss_curve.append(losses / count)
+        self._tokens_seen += int(tokens)
+        self._pending_losses.clear()
+        self._pending_tokens = 0
 
     def on_save_checkpoint(self, checkpoint):
-        # the random streams too (dropout, LoRA's included): a resumed run draws what the
-        # uninterrupted one would have drawn from this step on
-        checkpoint["palign"] = {"loss_curve": self.loss_curve, "tokens_seen": self._tokens_seen, "rng": random_states()}
+        # the random streams too (dropout, LoRA's included), each rank's own: a resumed run draws
+        # what the uninterrupted one would have drawn from this step on. Lightning builds the
+        # checkpoint on every rank (rank 0 writes it), so the ranks' streams are gathered here.
+        states = random_states()
+        by_rank = [states]
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            by_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(by_rank, states)
+        mid_epoch = not self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        checkpoint["palign"] = {"loss_curve": self.loss_curve, "tokens_seen": self._tokens_seen, "rng": states,
+                                "rng_by_rank": by_rank, "mid_epoch": mid_epoch}
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("palign", {})
         self.loss_curve = list(state.get("loss_curve", []))
         self._tokens_seen = int(state.get("tokens_seen", 0))
-        if state.get("rng"):
-            restore_random_states(state["rng"])
+        by_rank = state.get("rng_by_rank") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        states = state.get("rng")
+        if len(by_rank) > 1 and len(by_rank) == (self.trainer.world_size if self._trainer is not None else 1):
+            states = by_rank[rank]
+        elif len(by_rank) > 1:  # a checkpoint of another world size: rank 0's stream (not an exact resume)
+            log.warning("resuming a %d-process checkpoint with another number of processes: the random streams "
+                        "(dropout) continue from rank 0's, so the run is not the uninterrupted one", len(by_rank))
+        if states:
+            restore_random_states(states)
+            # Mid-epoch, the uninterrupted run had drawn its DataLoader iterator's seed before this
+            # checkpoint; the resumed run draws it again after this restore. Restore once more at the
+            # first batch, so dropout continues exactly. (At an epoch's end both runs draw it next.)
+            self._restore_at_first_batch = states if state.get("mid_epoch") else None
 
     def on_train_batch_start(self, batch, batch_idx):
+        if self._restore_at_first_batch is not None:
+            restore_random_states(self._restore_at_first_batch)
+            self._restore_at_first_batch = None
         if self._step_started is None:
             self._step_started = time.perf_counter()
 
@@ -217,10 +249,10 @@ class StudentSFTModule(pl.LightningModule):
     def _log_epoch(self, split: str, nll: MeanMetric, accuracy: MeanMetric) -> None:
         if not nll.update_called:
             return
-        mean_nll = float(nll.compute())
-        self.log(f"{split}/loss_epoch", mean_nll, prog_bar=split == "val")
-        self.log(f"{split}/perplexity", math.exp(min(mean_nll, 50.0)))
-        self.log(f"{split}/token_accuracy", float(accuracy.compute()))
+        mean_nll = float(nll.compute())  # torchmetrics reduces over the ranks: every rank has the job's value
+        self.log(f"{split}/loss_epoch", mean_nll, prog_bar=split == "val", sync_dist=True)  # (a mean of equal values)
+        self.log(f"{split}/perplexity", math.exp(min(mean_nll, 50.0)), sync_dist=True)
+        self.log(f"{split}/token_accuracy", float(accuracy.compute()), sync_dist=True)
         nll.reset()
         accuracy.reset()
 
