@@ -11,7 +11,9 @@ from palign.llm.models import ModelSpec
 
 CONF = PROJECT_ROOT / "conf"
 # every config group, nested ones by their path (truncation/judge), each with its options
-GROUPS = sorted({str(p.parent.relative_to(CONF)).split("/paper")[0] for p in CONF.rglob("*.yaml")} - {".", "hydra", "local"})
+# (Hydra's own groups, hydra/launcher included, are tested in test_launchers.py)
+GROUPS = sorted({str(p.parent.relative_to(CONF)).split("/paper")[0] for p in CONF.rglob("*.yaml")
+                 if p.parent.relative_to(CONF).parts[:1] != ("hydra",)} - {".", "local"})
 
 
 def options(group: str) -> list[str]:
