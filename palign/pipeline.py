@@ -62,6 +62,17 @@ def save_summary(ctx: RunContext) -> None:
         write_json_atomic(ctx.run_dir / "summary.json", ctx.summary)
 
 
+def record_placement(ctx: RunContext) -> None:
+    """Where each inference model of the run's stages runs (device and dtype), into the summary."""
+    from palign.llm.models import placement
+
+    cfg = ctx.cfg
+    models = {"alignment": cfg.alignment.model, "evaluation": cfg.student}
+    if not unused_reason(cfg, "truncation.judge"):
+        models["judge"] = cfg.truncation.judge.model
+    ctx.summary["inference_placement"] = {stage: placement(model) for stage, model in models.items()}
+
+
 def make_teacher(cfg: DictConfig):
     from hydra.utils import instantiate
 
@@ -126,6 +137,7 @@ def build_trainer(ctx: RunContext, tracker: Tracker, callbacks: list):
     from hydra.utils import instantiate
 
     from palign.training.checkpointing import AtomicCheckpointIO
+    from palign.training.fsdp import make_fsdp_strategy
 
     cfg = ctx.cfg
     trainer = instantiate(
@@ -141,6 +153,8 @@ def build_trainer(ctx: RunContext, tracker: Tracker, callbacks: list):
         # world-size-th length-grouped micro-batch of one seeded order, and resumes mid-epoch);
         # Lightning's DistributedSampler would replace that sampler and lose both.
         use_distributed_sampler=False,
+        # FSDP set up for the student (palign/training/fsdp.py), and accepted by Lightning on CPUs
+        **({"strategy": make_fsdp_strategy(cfg)} if cfg.trainer.strategy == "fsdp" else {}),
         **({} if cfg.data.val_size else {"limit_val_batches": 0}),
     )
     # the world size is the running trainer's (devices x nodes, as the strategy resolved them)
@@ -474,6 +488,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.stage in ("all", "train", "truncate", "align"):
         check_knobs_used(cfg, command_line_overrides())
     ctx = make_context(cfg)
+    if cfg.stage not in ("grade", "report"):  # the stages that run a model
+        record_placement(ctx)
     tracker = Tracker(
         kind=cfg.logger.kind,
         run_dir=ctx.run_dir,

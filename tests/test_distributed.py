@@ -105,6 +105,7 @@ def test_ddp_job_shards_the_epoch_and_does_rank_zero_duties_once(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     train = summary["train"]
     assert train["world_size"] == 2 and train["accumulate_grad_batches"] == 2  # 4 = 1 x 2 x 2
+    assert summary["inference_placement"]["evaluation"] == {"device": "cpu", "dtype": "float32"}
 
     dataset = json.loads((probe / "dataset.json").read_text())
     ranks = [[json.loads(line) for line in (probe / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]

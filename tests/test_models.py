@@ -74,3 +74,40 @@ def test_hub_source_passes_the_id_through_and_local_checks_the_folder(tmp_path):
         resolve_model_path({"name": "x", "source": "local", "pretrained": str(tmp_path / "missing")}, tmp_path)
     with pytest.raises(ValueError, match="unknown keys"):
         ModelSpec.from_config({"name": "x", "sourze": "hub"})
+
+
+# -- where inference runs ----------------------------------------------------------------------
+def test_inference_placement_auto_is_cuda_when_there_is_one_else_the_cpu(monkeypatch):
+    import torch
+
+    from palign.llm.models import ModelSpec, inference_dtype, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device; use device=auto or cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="has 2 CUDA devices"):
+        resolve_device("cuda:2")
+    spec = ModelSpec(name="m")  # dtype float32, the training default
+    assert inference_dtype(spec, torch.device("cuda")) == torch.bfloat16  # bf16 on a GPU
+    assert inference_dtype(spec, torch.device("cpu")) == torch.float32
+    assert inference_dtype(ModelSpec(name="m", dtype="float16"), torch.device("cuda")) == torch.float16  # as configured
+
+
+def test_inference_models_load_on_their_device_in_eval_mode(student_specs, cache_dir):
+    import torch
+
+    from palign.llm.models import ModelSpec, load_inference_model, placement
+
+    spec = ModelSpec.from_config(student_specs["tiny_random"])
+    model = load_inference_model(spec, cache_dir)
+    assert not model.training and next(model.parameters()).device == torch.device("cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    assert placement(spec) == {"device": "cpu", "dtype": "float32"}
+    assert "device" not in spec.identity()  # where a model runs never names a cached stage

@@ -88,7 +88,7 @@ class PrefixContinuation:
         only when a record misses the store."""
         from functools import partial
 
-        from palign.llm.models import ModelSpec, load_model
+        from palign.llm.models import ModelSpec, load_inference_model
 
         spec = ModelSpec.from_config(model)
         settings = AlignmentSettings(
@@ -101,7 +101,7 @@ class PrefixContinuation:
             from palign.llm.vllm_backend import vllm_backend
 
             engine = vllm_backend(spec, cache_dir, vllm)
-        return cls(settings, cache_dir, partial(load_model, spec, cache_dir), tokenizer, backend=engine)
+        return cls(settings, cache_dir, partial(load_inference_model, spec, cache_dir), tokenizer, backend=engine)
 
     SUMMARY_KEY = "alignment"  # where a run's summary.json keeps `report`'s statistics
 

@@ -235,13 +235,13 @@ def build_backend(cfg: Any, cache_dir: str | Path) -> ChatBackend:
     """The judge's back end from a `conf/chain_judge/*.yaml` node (`backend: local | openai`)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from palign.llm.models import ModelSpec, load_model, load_tokenizer
+    from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
 
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     kind = cfg.get("backend")
     if kind == "local":
         spec = ModelSpec.from_config(cfg["model"])
-        return LocalChatBackend(partial(load_model, spec, cache_dir), load_tokenizer(spec, cache_dir),
+        return LocalChatBackend(partial(load_inference_model, spec, cache_dir), load_tokenizer(spec, cache_dir),
                                 spec.chat_template_kwargs, identity=spec.identity())
     if kind == "openai":
         return OpenAIChatBackend.from_config(cfg["remote"])

@@ -200,7 +200,7 @@ def evaluate_student(
     """
     from functools import partial
 
-    from palign.llm.models import ModelSpec, load_model, load_tokenizer
+    from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
 
     chosen = {name: dict(bench) for name, bench in benchmarks.items() if bench is not None}
     if not chosen:
@@ -222,7 +222,7 @@ def evaluate_student(
 
         engine = vllm_backend(spec, cache_dir, vllm, weights=model_path)
     results = evaluate(
-        partial(load_model, spec, cache_dir, path=model_path), {"base": spec.identity(), "weights": model_path and file_digests(model_path)},
+        partial(load_inference_model, spec, cache_dir, path=model_path), {"base": spec.identity(), "weights": model_path and file_digests(model_path)},
         load_tokenizer(spec, cache_dir), chosen, sampling, prompts, Path(run_dir) / "eval",
         chat_template_kwargs=spec.chat_template_kwargs, grading_workers=grading["workers"],
         grading_timeout_s=grading["timeout_s"], chunk_size=chunk_size, backend=engine,

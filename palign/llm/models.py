@@ -43,6 +43,7 @@ class ModelSpec:
     dtype: torch dtype name for loading ("float32", "bfloat16", "auto").
     attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the library default.
     chat_template_kwargs: extra template variables, e.g. {enable_thinking: false} for Qwen3.
+    device: where inference runs (`resolve_device`); not part of the identity.
     """
 
     name: str
@@ -56,6 +57,9 @@ class ModelSpec:
     dtype: str = "float32"
     attn_implementation: str | None = "sdpa"
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str = field(default="auto", metadata={"identity": False, "help": (
+        "where the model runs for inference (judge, continuation, evaluation, teacher generation, chain judge): "
+        "auto (CUDA when there is one, else the CPU) | cpu | cuda | cuda:N; training places it through the trainer")})
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelSpec:
@@ -185,12 +189,55 @@ def load_tokenizer(spec_cfg: Any, cache_dir: str | os.PathLike):
     return tokenizer
 
 
-def load_model(spec_cfg: Any, cache_dir: str | os.PathLike, path: str | None = None):
-    """Load the model for inference or training; `path` overrides the weights (a trained student)."""
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU; anything else as torch names it,
+    refused clearly where it does not exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"model device '{name}': not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model device '{name}': this machine has no CUDA device; use device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"model device '{name}': this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def inference_dtype(spec: ModelSpec, device: torch.device):
+    """bf16 on a GPU unless the model config names another dtype than the fp32 default; the config's
+    elsewhere (a CPU runs fp32 fastest without native bf16)."""
+    if device.type == "cuda" and spec.dtype in ("float32", "auto"):
+        return torch.bfloat16
+    return torch_dtype(spec.dtype)
+
+
+def placement(spec_cfg: Any) -> dict[str, str]:
+    """Where `load_inference_model` puts a model, for the run's summary."""
+    spec = ModelSpec.from_config(spec_cfg)
+    device = resolve_device(spec.device)
+    return {"device": str(device), "dtype": str(inference_dtype(spec, device)).removeprefix("torch.")}
+
+
+def load_inference_model(spec_cfg: Any, cache_dir: str | os.PathLike, path: str | None = None):
+    """The model on its device (`ModelSpec.device`), in eval mode, bf16 on a GPU: for the judge, the
+    continuation, evaluation, teacher generation and the chain judge."""
+    spec = ModelSpec.from_config(spec_cfg)
+    device = resolve_device(spec.device)
+    model = load_model(spec, cache_dir, path=path, dtype=inference_dtype(spec, device), device=device)
+    return model.eval()
+
+
+def load_model(spec_cfg: Any, cache_dir: str | os.PathLike, path: str | None = None, *, dtype=None, device=None):
+    """Load the model (for training: in the config's dtype, on the CPU, where the trainer places it);
+    `path` overrides the weights (a trained student)."""
     from transformers import AutoModelForCausalLM
 
     spec = ModelSpec.from_config(spec_cfg)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.dtype)}
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else torch_dtype(spec.dtype)}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
+    if device is not None and device.type != "cpu":
+        kwargs["device_map"] = {"": str(device)}  # loaded straight onto the device, never whole in host memory
     return AutoModelForCausalLM.from_pretrained(path or resolve_model_path(spec, cache_dir), **kwargs)

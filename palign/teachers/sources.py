@@ -398,7 +398,7 @@ class GeneratedTeacher(Teacher):
         from palign.grading import GradingPool
         from palign.llm.chat import instruction_prompt
         from palign.llm.generation import SamplingConfig
-        from palign.llm.models import ModelSpec, load_model, load_tokenizer
+        from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
         from palign.llm.openai_backend import LocalChatBackend, OpenAIChatBackend, complete_missing
 
         problems = self._problems()
@@ -408,7 +408,7 @@ class GeneratedTeacher(Teacher):
             model_identity, teacher_name = backend.identity(), backend.model
         else:
             spec = ModelSpec.from_config(self.model_cfg)
-            backend = LocalChatBackend(partial(load_model, spec, self.cache_dir), load_tokenizer(spec, self.cache_dir),
+            backend = LocalChatBackend(partial(load_inference_model, spec, self.cache_dir), load_tokenizer(spec, self.cache_dir),
                                        spec.chat_template_kwargs)
             model_identity, teacher_name = spec.identity(), spec.name
         identity = {"model": model_identity, "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},

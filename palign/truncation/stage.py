@@ -132,7 +132,7 @@ class PrefixTruncation:
         """The stage from the `truncation` config node (conf/truncation/, palign/schema.py: Truncation)
         and the baseline's `truncation`/`ratio`; None when the baseline does not truncate. The judge
         is built only when a record misses the store (never on a cache hit)."""
-        from palign.llm.models import ModelSpec, load_model, load_tokenizer
+        from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
         from palign.truncation.judge import JudgePrompt
 
         mode = baseline["truncation"]
@@ -156,7 +156,7 @@ class PrefixTruncation:
                 from palign.truncation.vllm_judge import VLLMSufficiencyJudge
 
                 return VLLMSufficiencyJudge(vllm_backend(spec, cache_dir, vllm), prompt, **shared)
-            return SufficiencyJudge(load_model(spec, cache_dir), load_tokenizer(spec, cache_dir), prompt,
+            return SufficiencyJudge(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), prompt,
                                     chat_template_kwargs=spec.chat_template_kwargs, max_tail_tokens=judge["max_tail_tokens"],
                                     **shared)
 
