@@ -172,6 +172,18 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def check_launcher(strategy) -> None:
+    """Refuse the strategies that train in processes they start themselves (ddp_spawn, ddp_fork,
+    ddp_notebook): what those processes learn (steps, the loss curve, checkpoint states) never comes
+    back to the process that exports and writes the summary."""
+    if isinstance(strategy, str) and any(word in strategy for word in ("spawn", "fork", "notebook")):
+        from palign.schema import ConfigError
+
+        raise ConfigError(f"trainer.strategy={strategy}: its processes' training state does not come back to the "
+                          "exporting process; use trainer.strategy=ddp (Lightning starts one process per device "
+                          "and each runs the pipeline) or fsdp")
+
+
 def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     """Stage 3 on every process of the job; the export and the summary on global rank 0 only."""
     import pytorch_lightning as pl
@@ -186,6 +198,7 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     if ctx.summary.get("train", {}).get("complete") and (ctx.student_dir / "config.json").exists():
         log.info("training already finished in %s; skipping (delete the folder to retrain)", ctx.run_dir)
         return
+    check_launcher(cfg.trainer.strategy)
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
     datamodule = make_datamodule(ctx, tokenizer)

@@ -180,3 +180,13 @@ def test_processes_sharing_a_cache_compute_each_record_once(tmp_path):
         assert keys and len(keys) == len(set(keys)), store  # no record written twice
     summaries = [json.loads((run / "summary.json").read_text()) for run in (tmp_path / "runs").iterdir() if run.is_dir()]
     assert len(summaries) == 1  # both jobs are the same run
+
+
+def test_strategies_whose_processes_do_not_report_back_are_refused():
+    from palign.pipeline import check_launcher
+
+    for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
+        with pytest.raises(ConfigError, match=rf"trainer.strategy={strategy}: .* use trainer.strategy=ddp"):
+            check_launcher(strategy)
+    for strategy in ("ddp", "fsdp", "auto"):
+        check_launcher(strategy)
