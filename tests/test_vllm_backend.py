@@ -245,6 +245,29 @@ def test_complete_keeps_the_chat_backend_contract(fake_vllm, smollm2_tokenizer, 
     assert engine.engine_args["enable_prefix_caching"] is True and engine.engine_args["model"] == tiny_path
 
 
+def test_reply_budgets_keep_prompt_and_reply_within_the_context():
+    assert vb.reply_budgets([10, 90, 95], max_new_tokens=20, context=100) == ([20, 10, 5], 2)
+    assert vb.reply_budgets([10], max_new_tokens=20, context=100) == ([20], 0)
+    with pytest.raises(ValueError, match=r"prompt 1 has 100 tokens, which leaves no room .* context of 100 tokens; raise vllm.max_model_len"):
+        vb.reply_budgets([10, 100], max_new_tokens=20, context=100)
+
+
+def test_complete_caps_replies_that_would_overflow_the_context_and_counts_them(fake_vllm, smollm2_tokenizer, tiny_path):
+    started = fake_vllm(ScriptedEngine)
+    ScriptedEngine.replies = [([1], "length")]
+    backend = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer)
+    assert backend.context_length() == 4096  # the tiny model's max_position_embeddings (config.json)
+    short, long = "Hi?", "word " * 200
+    lengths = [len(ids) for ids in backend.prompt_token_ids([short, long])]
+    backend.engine_args["max_model_len"] = lengths[1] + 8  # the long prompt leaves 8 tokens
+    backend.complete([short, long], SamplingConfig(max_new_tokens=16))
+    (engine,) = started
+    _, params = engine.calls[-1]
+    assert [p.kwargs["max_tokens"] for p in params] == [16, 8] and backend.clamped == 1
+    backend.complete([short], SamplingConfig(max_new_tokens=16))  # nothing to cap: one SamplingParams for all
+    assert engine.calls[-1][1][0].kwargs["max_tokens"] == 16 and backend.clamped == 1
+
+
 def test_backends_with_the_same_settings_share_one_engine(fake_vllm, smollm2_tokenizer, tiny_path):
     started = fake_vllm(ScriptedEngine)
     ScriptedEngine.replies = [([1], "length")]

@@ -53,6 +53,8 @@ _RAW_LOGPROBS_SLACK = 1e-3
 
 # vllm.LLM instances by their engine arguments (see the module docstring).
 _ENGINES: dict[str, Any] = {}
+# context lengths read from config.json, by model path
+_CONTEXT_LENGTHS: dict[str, int] = {}
 
 
 def vllm_available() -> tuple[bool, str]:
@@ -184,6 +186,25 @@ class VLLMChatBackend:
             **engine_kwargs,
         }
 
+        self.clamped = 0  # requests whose max_tokens the context-length guard lowered, over this back end's life
+
+    def context_length(self) -> int:
+        """Tokens of prompt plus reply the engine admits: `vllm.max_model_len`, else the model's own
+        length (config.json), which is what vLLM uses when max_model_len is unset."""
+        if self.engine_args.get("max_model_len"):
+            return int(self.engine_args["max_model_len"])
+        if self.model_path in _CONTEXT_LENGTHS:
+            return _CONTEXT_LENGTHS[self.model_path]
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.model_path)
+        config = getattr(config, "get_text_config", lambda: config)()
+        length = getattr(config, "max_position_embeddings", None)
+        if not length:
+            raise ValueError(f"{self.model_path}: config.json names no max_position_embeddings; set vllm.max_model_len")
+        _CONTEXT_LENGTHS[self.model_path] = int(length)
+        return int(length)
+
     def identity(self) -> dict[str, Any]:
         return {"backend": "vllm", "model": self.model_path, "tokenizer": self.tokenizer.name_or_path,
                 "dtype": self.engine_args["dtype"], "chat_template_kwargs": self.chat_template_kwargs}
@@ -247,8 +268,18 @@ class VLLMChatBackend:
         if not user_texts:
             return []
         vllm = require_vllm()
-        prompts = [vllm.TokensPrompt(prompt_token_ids=ids) for ids in self.prompt_token_ids(user_texts)]
-        params = vllm.SamplingParams(**self.sampling_kwargs(sampling))
+        ids = self.prompt_token_ids(user_texts)
+        kwargs = self.sampling_kwargs(sampling)
+        budgets, clamped = reply_budgets([len(p) for p in ids], kwargs["max_tokens"], self.context_length())
+        if clamped:
+            self.clamped += clamped
+            log.warning("vLLM: %d of %d prompts leave less than max_new_tokens=%d tokens of the model's context of %d; "
+                        "their replies are capped to fit (%d capped so far)", clamped, len(ids), kwargs["max_tokens"],
+                        self.context_length(), self.clamped)
+        prompts = [vllm.TokensPrompt(prompt_token_ids=p) for p in ids]
+        # one request batch for the whole chunk; one SamplingParams per request only where a budget differs
+        params = (vllm.SamplingParams(**kwargs) if not clamped else
+                  [vllm.SamplingParams(**dict(kwargs, max_tokens=budget)) for budget in budgets])
         outputs = self._engine().generate(prompts, params, use_tqdm=progress is not None)
         return [[self._generation(completion) for completion in output.outputs] for output in outputs]
 
@@ -272,6 +303,21 @@ class VLLMChatBackend:
             verdict_score(outputs[i].outputs[0].logprobs[0], outputs[i + 1].outputs[0].logprobs[0], enough_token, not_enough_token)
             for i in range(0, len(outputs), 2)
         ]
+
+
+def reply_budgets(prompt_lengths: Sequence[int], max_new_tokens: int, context: int) -> tuple[list[int], int]:
+    """The context-length guard: each request's max_tokens (`max_new_tokens`, or what the prompt leaves
+    of the model's `context`) and how many were lowered. A prompt that leaves no room is an error:
+    vLLM would refuse the whole batch."""
+    budgets = []
+    for i, length in enumerate(prompt_lengths):
+        room = context - length
+        if room < 1:
+            raise ValueError(f"prompt {i} has {length} tokens, which leaves no room for a reply in the model's context "
+                             f"of {context} tokens; raise vllm.max_model_len (up to the model's length) or shorten the "
+                             "inputs (e.g. data.max_length, truncation.judge.max_trace_tokens)")
+        budgets.append(min(max_new_tokens, room))
+    return budgets, sum(b < max_new_tokens for b in budgets)
 
 
 def vllm_backend(spec_cfg: Any, cache_dir: Any, engine_cfg: Any, weights: str | None = None) -> VLLMChatBackend:
