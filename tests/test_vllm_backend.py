@@ -358,3 +358,26 @@ def test_real_vllm_samples_and_counts_like_generate(smollm2_vllm, smollm2_tokeni
     greedy = SamplingConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
     hf = generate(load_model(student_specs["smollm2_135m"], cache_dir), smollm2_tokenizer, texts, greedy)
     assert [g[0].text for g in smollm2_vllm.complete(texts, greedy)] == [g[0].text for g in hf]
+
+
+def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(fake_vllm, smollm2_tokenizer, tmp_path):
+    """Configured with the default one_pass engine, the judge on vLLM still asks for the binary
+    search's probes only: every prefix would be a request of its own there."""
+    from hydra.utils import instantiate
+
+    from conftest import compose_config, stage_cache
+    from palign.teachers.records import TeacherRecord
+
+    started = fake_vllm(RawLogprobsEngine)
+    cfg = compose_config(["experiment=tiny", "truncation/judge=self", "truncation.judge.backend=vllm",
+                          "truncation.judge.engine=one_pass"], tmp_path)
+    stage = instantiate(cfg.truncation, _convert_="all", baseline=OmegaConf.to_container(cfg.baseline, resolve=True),
+                        cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer,
+                        vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
+    steps = " ".join(f"Step {j}: we add {j} and get {j + 3}." for j in range(1, 17))
+    rows = stage.run([TeacherRecord(id="p", question="What is 13 + 3?", answer="16", long_cot=steps)])
+    (row,) = rows
+    assert row["m"] == 16 and 0 < len(row["probes"]) <= 5  # binary search over 16 prefixes
+    assert row["prefixes_scored"] == len(row["probes"])
+    (engine,) = started
+    assert sum(len(prompts) for prompts, _ in engine.calls) == 2 * len(row["probes"])  # two forced requests per probe

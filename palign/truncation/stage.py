@@ -155,7 +155,12 @@ class PrefixTruncation:
                 from palign.llm.vllm_backend import vllm_backend
                 from palign.truncation.vllm_judge import VLLMSufficiencyJudge
 
-                return VLLMSufficiencyJudge(vllm_backend(spec, cache_dir, vllm), prompt, **shared)
+                # vLLM scores each prefix as its own request (its prefix cache shares the rest), so
+                # the judge follows the search: only the prefixes it probes, never a trace's every prefix
+                if judge["engine"] != "batched":
+                    log.info("truncation: the vLLM judge scores only the prefixes the search probes "
+                             "(truncation.judge.engine=%s has no meaning on vLLM)", judge["engine"])
+                return VLLMSufficiencyJudge(vllm_backend(spec, cache_dir, vllm), prompt, **dict(shared, engine="batched"))
             return SufficiencyJudge(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), prompt,
                                     chat_template_kwargs=spec.chat_template_kwargs, max_tail_tokens=judge["max_tail_tokens"],
                                     **shared)
