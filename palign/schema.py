@@ -104,6 +104,25 @@ class Grading:
     timeout_s: float = knob(10.0, "seconds per answer before it counts as wrong", check=number(0, low_open=True))
 
 
+@dataclass
+class Ray:
+    """Data-parallel inference through Ray Data for every stage whose `backend` is ray
+    (`pip install 'palign[ray]'`; palign/llm/ray_backend.py). Each worker is a Ray actor holding
+    one engine; a stage's chunk is sharded across the workers and comes back in order."""
+
+    num_workers: int = knob(2, "actors, each holding one model (data parallelism)", identity=False, check=at_least(1))
+    num_cpus_per_worker: float = knob(1.0, "CPUs Ray reserves per actor (also its torch threads)", identity=False,
+                                      check=number(0, low_open=True))
+    num_gpus_per_worker: float = knob(0.0, "GPUs per actor (0 on CPU machines; 1 for one engine per GPU)",
+                                      identity=False, check=number(0))
+    engine: str = knob("hf", "what each worker holds: hf (palign's Hugging Face generation, any device) | vllm "
+                       "(a vLLM engine with the `vllm:` settings, GPU workers)", identity=False, check=one_of("hf", "vllm"))
+    address: str | None = knob(None, "null: start a local cluster on this machine; `auto`: join the cluster this node "
+                               "belongs to (`ray start`); ray://host:10001 for a remote head", identity=False)
+    batch_size: int = knob(16, "prompts per worker call (rounded to whole generation batches of sampling.batch_size)",
+                           identity=False, check=at_least(1))
+
+
 # -- paths, prompts, baseline ---------------------------------------------------------------------
 @dataclass
 class Paths:
@@ -312,7 +331,9 @@ class Alignment:
     model: ModelSpec = knob("${student}", "the continuing model (the student)")
     filter: str = knob("correct", "correct: keep continuations graded correct (Eq. 9) | none: keep all",
                        check=one_of("correct", "none"))
-    backend: str = knob("hf", "hf | vllm (GPU only)", identity=False, check=one_of("hf", "vllm"))
+    backend: str = knob("hf", "hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers)", identity=False,
+                        check=one_of("hf", "vllm", "ray"))
+    ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
     sampling: Sampling = knob(factory=lambda: Sampling(batch_size=32), help="the authors' continuation sampling")
     chunk_size: int = knob(32, "examples per resumable chunk", identity=False, check=at_least(1))
     grading: Grading = knob(factory=Grading, help="grading of the continuations")
@@ -421,7 +442,9 @@ class Evaluation:
     limit: int | None = knob(None, "at most this many problems of each benchmark (null: each benchmark's own limit)",
                              check=at_least(1, optional="no cap"))
     model_path: str | None = knob(None, "evaluate this folder instead of the run's trained student")
-    backend: str = knob("hf", "hf | vllm (GPU only)", identity=False, check=one_of("hf", "vllm"))
+    backend: str = knob("hf", "hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers)", identity=False,
+                        check=one_of("hf", "vllm", "ray"))
+    ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
     sampling: Sampling = knob(factory=lambda: Sampling(num_samples=3, batch_size=16), help="n=3, T=0.6, top-p 0.9, rep 1.05")
     pass_k: int = knob(3, "k of Pass@k (at most sampling.num_samples)", check=at_least(1))
     grading: Grading = knob(factory=lambda: Grading(workers=2), help="grading of the samples")
@@ -494,6 +517,7 @@ class Config:
                                    identity=False)
     logger: Logger = knob(MISSING, "conf/logger/", identity=False)
     vllm: VLLM = knob(factory=VLLM, help="vLLM engines", identity=False)
+    ray: Ray = knob(factory=Ray, help="Ray Data workers for backend=ray", identity=False)
     stage: str = knob("all", "all (the baseline's pipeline: truncate -> align -> train -> eval), truncate, align, train, "
                       "eval, grade (with predictions=PATH), report (tables and figures of all runs under paths.runs), "
                       "judge_chains", identity=False, check=one_of(*STAGES))

@@ -83,7 +83,7 @@ class PrefixContinuation:
     @classmethod
     def from_config(cls, model: Mapping[str, Any], filter: str, backend: str, sampling: Mapping[str, Any], chunk_size: int,
                     grading: Mapping[str, Any], *, prompts: Mapping[str, Any], cache_dir: str | Path, tokenizer,
-                    vllm: Mapping[str, Any]) -> PrefixContinuation:
+                    vllm: Mapping[str, Any], ray: Mapping[str, Any] | None = None) -> PrefixContinuation:
         """The stage from the `alignment` config node (palign/schema.py: Alignment). The model loads
         only when a record misses the store."""
         from functools import partial
@@ -101,6 +101,10 @@ class PrefixContinuation:
             from palign.llm.vllm_backend import vllm_backend
 
             engine = vllm_backend(spec, cache_dir, vllm)
+        elif backend == "ray":
+            from palign.llm.ray_backend import ray_backend
+
+            engine = ray_backend(spec, cache_dir, ray, vllm, tokenizer, stage="alignment (prefix continuation)")
         return cls(settings, cache_dir, partial(load_inference_model, spec, cache_dir), tokenizer, backend=engine)
 
     SUMMARY_KEY = "alignment"  # where a run's summary.json keeps `report`'s statistics

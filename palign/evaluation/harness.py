@@ -190,6 +190,7 @@ def evaluate_student(
     training_ids: Callable[[], list[str]],
     vllm: Mapping[str, Any],
     tracker,
+    ray: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Stage 4 from the `evaluation` config node (palign/schema.py: Evaluation): the trained student
     in `trained` (or `model_path`, or else the base model) on every configured benchmark; results
@@ -197,6 +198,7 @@ def evaluate_student(
     summary's `eval` entry, or None when no benchmark is configured.
 
     training_ids: the run's training problem ids, read only if a benchmark holds them out.
+    ray: the `ray:` block (palign/schema.py: Ray), read when `backend` is ray.
     """
     from functools import partial
 
@@ -221,9 +223,14 @@ def evaluate_student(
         from palign.llm.vllm_backend import vllm_backend
 
         engine = vllm_backend(spec, cache_dir, vllm, weights=model_path)
+    tokenizer = load_tokenizer(spec, cache_dir)
+    if backend == "ray":
+        from palign.llm.ray_backend import ray_backend
+
+        engine = ray_backend(spec, cache_dir, ray, vllm, tokenizer, weights=model_path, stage="evaluation")
     results = evaluate(
         partial(load_inference_model, spec, cache_dir, path=model_path), {"base": spec.identity(), "weights": model_path and file_digests(model_path)},
-        load_tokenizer(spec, cache_dir), chosen, sampling, prompts, Path(run_dir) / "eval",
+        tokenizer, chosen, sampling, prompts, Path(run_dir) / "eval",
         chat_template_kwargs=spec.chat_template_kwargs, grading_workers=grading["workers"],
         grading_timeout_s=grading["timeout_s"], chunk_size=chunk_size, backend=engine,
     )

@@ -1,0 +1,157 @@
+"""backend=ray: continuation and evaluation sharded across 2 Ray Data actors on a local cluster.
+
+One local Ray cluster per module (2 CPUs, its temporary folder under pytest's), the tiny random
+model: results equal the in-process path's under greedy decoding, an interrupted stage resumes
+without recomputing or duplicating a stored record, a failing worker is reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import PROJECT_ROOT, stage_cache
+from palign.alignment.continuation import AlignmentSettings, PrefixContinuation
+from palign.evaluation.harness import evaluate
+from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
+from palign.llm.openai_backend import ChatBackendError
+from palign.teachers.records import TeacherRecord
+
+ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
+from palign.llm.ray_backend import RayChatBackend  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a Ray cluster starts (~10 s on 2 cores), actors load the model
+
+PROMPTS = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "prompts" / "paper.yaml"))
+GREEDY = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.0, "num_samples": 1, "batch_size": 2, "seed": 0}
+RECORDS = [TeacherRecord(id=f"p{i}", question=f"What is {i} + {i * i}?" + " Think." * i, answer=str(i + i * i),
+                         long_cot="...") for i in range(5)]
+PREFIXES = {r.id: f"We add {i} and {i * i}." for i, r in enumerate(RECORDS)}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    temp = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(student_specs, cache_dir):
+    spec = OmegaConf.to_container(student_specs["tiny_random"])
+    return spec, load_tokenizer(spec, cache_dir)
+
+
+SETTINGS = dict(num_workers=2, num_cpus_per_worker=1, num_gpus_per_worker=0, engine="hf", address=None, batch_size=2)
+
+
+def ray_backend(spec, cache_dir, tokenizer, kind=RayChatBackend, **kw) -> RayChatBackend:
+    """2 workers, 2 prompts (one generation batch) per worker call, on the module's cluster."""
+    return kind(dict(ModelSpec.from_config(spec).__dict__), cache_dir, tokenizer, **{"stage": "alignment", **SETTINGS, **kw})
+
+
+def continuation(folder, spec, tokenizer, cache_dir, backend=None, chunk_size=3) -> PrefixContinuation:
+    settings = AlignmentSettings(model_identity=ModelSpec.from_config(spec).identity(), prompts=PROMPTS, sampling=GREEDY,
+                                 filter="none", chunk_size=chunk_size, grading_workers=0)
+    return PrefixContinuation(settings, folder, lambda: load_inference_model(spec, cache_dir), tokenizer, progress=False,
+                              backend=backend)
+
+
+def test_continuation_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cache_dir, tmp_path):
+    spec, tokenizer = tiny
+    expected = continuation(stage_cache(tmp_path / "hf"), spec, tokenizer, cache_dir).run(RECORDS, PREFIXES)
+    assert len(expected) == 5 and any(row["continuation"] for row in expected)
+
+    sent: list[list[str]] = []
+
+    class Interrupted(RayChatBackend):
+        """Stored the first chunk, then the driver is 'killed'."""
+
+        def complete(self, user_texts, sampling, progress=None):
+            if sent:
+                raise KeyboardInterrupt
+            sent.append(list(user_texts))
+            return super().complete(user_texts, sampling, progress)
+
+    folder = stage_cache(tmp_path / "ray")
+    with pytest.raises(KeyboardInterrupt):
+        continuation(folder, spec, tokenizer, cache_dir, ray_backend(spec, cache_dir, tokenizer, Interrupted)).run(RECORDS, PREFIXES)
+    first = sent[0]
+    assert len(first) == 3
+
+    resumed_texts: list[str] = []
+
+    class Counting(RayChatBackend):
+        def complete(self, user_texts, sampling, progress=None):
+            resumed_texts.extend(user_texts)
+            return super().complete(user_texts, sampling, progress)
+
+    stage = continuation(folder, spec, tokenizer, cache_dir, ray_backend(spec, cache_dir, tokenizer, Counting))
+    rows = stage.run(RECORDS, PREFIXES)
+    assert len(resumed_texts) == 2 and not set(resumed_texts) & set(first)  # nothing finished is recomputed
+    assert stage.generated == 2
+    stored = [json.loads(line) for line in (stage.folder / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in stored) == sorted(r["key"] for r in rows)  # nothing duplicated
+    # equal to the in-process continuations, text and token counts
+    strip = lambda rs: [(r["id"], r["continuation"], r["tokens"], r["finished"]) for r in rs]  # noqa: E731
+    assert strip(rows) == strip(expected)
+
+    # everything stored: a rerun neither starts Ray nor loads a model
+    class Untouchable(RayChatBackend):
+        def _connect(self):
+            pytest.fail("Ray started although every record is stored")
+
+    again = continuation(folder, spec, tokenizer, cache_dir, ray_backend(spec, cache_dir, tokenizer, Untouchable))
+    assert strip(again.run(RECORDS, PREFIXES)) == strip(expected) and again.generated == 0
+
+
+def test_evaluation_over_ray_equals_in_process(ray_cluster, tiny, cache_dir, tmp_path):
+    spec, tokenizer = tiny
+    bench = tmp_path / "toy.jsonl"
+    bench.write_text("".join(json.dumps({"problem": f"Compute {i} * {i + 2}." + " Show work." * (i % 3), "answer": str(i * (i + 2))}) + "\n"
+                             for i in range(5)))
+    benchmarks = {"toy": {"name": "toy", "local_path": str(bench)}}
+
+    def run(out, backend):
+        return evaluate(lambda: load_inference_model(spec, cache_dir), ModelSpec.from_config(spec).identity(), tokenizer,
+                        benchmarks, GREEDY, PROMPTS, out, chat_template_kwargs={}, grading_workers=0, grading_timeout_s=5,
+                        chunk_size=4, backend=backend)["toy"]
+
+    local = run(tmp_path / "hf", None)
+    distributed = run(tmp_path / "ray", ray_backend(spec, cache_dir, tokenizer, stage="evaluation"))
+    assert [(r["id"], r["output"], r["tokens"]) for r in distributed.rows] == [(r["id"], r["output"], r["tokens"]) for r in local.rows]
+    assert distributed.summary == local.summary
+
+
+def test_sampling_over_ray_does_not_depend_on_the_number_of_workers(ray_cluster, tiny, cache_dir):
+    spec, tokenizer = tiny
+    sampling = {**GREEDY, "do_sample": True, "temperature": 1.0, "top_p": 0.95, "seed": 3}
+    texts = [f"Name a number above {i}." for i in range(4)]
+    one = ray_backend(spec, cache_dir, tokenizer, num_workers=1, batch_size=4).complete(texts, sampling)
+    two = ray_backend(spec, cache_dir, tokenizer, num_workers=2, batch_size=2).complete(texts, sampling)
+    assert [[g.text for g in gens] for gens in one] == [[g.text for g in gens] for gens in two]
+    other_seed = ray_backend(spec, cache_dir, tokenizer).complete(texts, {**sampling, "seed": 4})
+    assert [[g.text for g in gens] for gens in other_seed] != [[g.text for g in gens] for gens in one]
+
+
+def test_a_failing_worker_is_reported_with_the_stage_and_the_worker(ray_cluster, tiny, cache_dir, tmp_path):
+    _, tokenizer = tiny
+    not_a_model = tmp_path / "empty-model"
+    not_a_model.mkdir()
+    backend = RayChatBackend({"name": "broken", "source": "local", "pretrained": str(not_a_model)}, cache_dir, tokenizer,
+                             stage="alignment (prefix continuation)", **SETTINGS)
+    with pytest.raises(ChatBackendError, match=r"alignment \(prefix continuation\): a Ray worker failed .*ray worker pid \d+ on .*broken"):
+        backend.complete(["What is 1 + 1?"], GREEDY)
+    # a folder that does not exist fails on the driver, before any actor starts
+    missing = RayChatBackend({"name": "gone", "source": "local", "pretrained": str(tmp_path / "nowhere")}, cache_dir, tokenizer,
+                             **SETTINGS)
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        missing.complete(["What is 1 + 1?"], GREEDY)
