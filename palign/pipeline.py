@@ -26,9 +26,6 @@ from palign.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-PREFIX_TARGETS = ("prefix_continuation", "prefix_only")
-CONTINUATION_TARGETS = ("prefix_continuation", "student_only")
-
 
 @dataclass
 class RunContext:
@@ -355,59 +352,28 @@ def report_stage(ctx: RunContext, tracker: Tracker) -> None:
 
 
 def judge_chains_stage(ctx: RunContext, tracker: Tracker) -> None:
-    """"GLM-based evaluation" (PAPER.md §4, §8): an LLM judge compares two supervision targets of the
-    run's training problems, by default the P-ALIGN target against the full long CoT, in both orders."""
-    from palign.analysis.chain_judge import ChainJudgePrompt, ChainPair, build_backend, compare_chains
-    from palign.artifacts import write_jsonl_atomic
-    from palign.data.supervision import build_targets
+    """"GLM-based evaluation" (PAPER.md §4, §8) of the run's training problems: palign/analysis/chain_judge.py."""
+    from palign.analysis.chain_judge import judge_training_chains
     from palign.llm.models import load_tokenizer
 
     cfg = ctx.cfg
-    judge = cfg.chain_judge
-    compared = (judge.chain_a, judge.chain_b)
-    if set(compared) >= {"prefix_continuation", "student_only"}:
-        raise ValueError("chain_judge: prefix_continuation and student_only need different continuations; compare each with long_cot")
-    records = training_records(cfg)
-    records = records[: judge.limit] if judge.limit is not None else records
     tokenizer = load_tokenizer(cfg.student, ctx.cache_dir)
-    prefixes = continuations = truncation = alignment = None
-    if any(t in PREFIX_TARGETS for t in compared):
-        truncation = make_truncation(ctx, tokenizer)
-        if truncation is None:
-            raise ValueError(f"chain_judge compares {compared}, but baseline '{cfg.baseline.name}' builds no prefixes; use baseline=palign")
-        prefixes = truncation(records)
-    if any(t in CONTINUATION_TARGETS for t in compared):
-        alignment = make_alignment(ctx, tokenizer)
-        if alignment is None:
-            raise ValueError(f"chain_judge compares {compared}, but baseline '{cfg.baseline.name}' has no alignment stage; use baseline=palign")
-        continuations = alignment(records, prefixes)
-    markers = OmegaConf.to_container(cfg.prompts.prefix_markers, resolve=True)
-    texts = {t: {e.id: e.target for e in build_targets(records, t, prefixes, continuations, markers)[0]} for t in compared}
-    pairs = [ChainPair(r.id, r.question, texts[judge.chain_a][r.id], texts[judge.chain_b][r.id])
-             for r in records if r.id in texts[judge.chain_a] and r.id in texts[judge.chain_b]]
-    result = compare_chains(
-        build_backend(judge, ctx.cache_dir), pairs, ChainJudgePrompt.from_config(judge),
-        OmegaConf.to_container(judge.sampling, resolve=True), cache_dir=ctx.cache_dir,
-        chunk_size=judge.chunk_size, progress="chain judge",
-    )
-    comparison = f"{judge.chain_a}_vs_{judge.chain_b}"
-    judge_label = judge.remote.model if judge.backend == "openai" else judge.model.name
-    records_path = ctx.run_dir / "chain_judge" / f"{comparison}-{Path(result.artifact).name}.jsonl"
-    write_jsonl_atomic(records_path, result.records)
-    stats = dict(result.summary, problems=len(records), skipped=len(records) - len(pairs), records=str(records_path),
-                 artifact=result.artifact)
+    stages = {}  # the stages 1 and 2 the compared targets need, built on first use
+
+    def stage(name: str):
+        if name not in stages:
+            stages[name] = (make_truncation if name == "truncation" else make_alignment)(ctx, tokenizer)
+        return stages[name]
+
+    comparison, judge_label, stats = judge_training_chains(
+        cfg.chain_judge, training_records(cfg), baseline=cfg.baseline.name, truncation=lambda: stage("truncation"),
+        alignment=lambda: stage("alignment"), markers=_container(cfg.prompts.prefix_markers), cache_dir=ctx.cache_dir,
+        run_dir=ctx.run_dir, tracker=tracker)
     ctx.summary.setdefault("chain_judge", {}).setdefault(comparison, {})[judge_label] = stats
     save_summary(ctx)
-    tracker.log_summary({f"chain_judge/{comparison}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
-    tracker.log_table(
-        f"chain_judge/{comparison}/examples", ["id", "a_first", "b_first", "outcome", "reply_a_first", "reply_b_first"],
-        [[r["id"], r["a_first"], r["b_first"], r["outcome"], r["reply_a_first"][-400:], r["reply_b_first"][-400:]]
-         for r in result.records[:8]],
-    )
-    if truncation is not None:
-        report_stage_stats(ctx, tracker, truncation)
-    if alignment is not None:
-        report_stage_stats(ctx, tracker, alignment)
+    for built in stages.values():
+        if built is not None:
+            report_stage_stats(ctx, tracker, built)
 
 
 def print_summary(ctx: RunContext) -> str:

@@ -137,3 +137,20 @@ def test_build_backend_from_configs_never_sees_the_key(tmp_path, monkeypatch, ca
         assert secret not in text
     local = compose_config(["chain_judge=local", "student=tiny_random"], tmp_path)
     assert isinstance(build_backend(local.chain_judge, cache_dir), LocalChatBackend)
+
+
+@pytest.mark.slow
+def test_judge_chains_stage_compares_the_run_targets_and_reports_them(tmp_path):
+    import json
+
+    from conftest import compose_config
+    from palign.pipeline import run
+
+    summary = run(compose_config(["experiment=tiny", "logger=none", "baseline=palign", "stage=judge_chains",
+                                  "chain_judge.limit=2", "chain_judge.sampling.max_new_tokens=8"], tmp_path))
+    (stats,) = summary["chain_judge"]["prefix_continuation_vs_long_cot"].values()
+    assert stats["problems"] == 2 and stats["pairs"] + stats["skipped"] == 2 and stats["judgments"] == 2 * stats["pairs"]
+    rows = [json.loads(line) for line in open(stats["records"])]
+    assert len(rows) == stats["pairs"] and all({"reply_a_first", "reply_b_first", "outcome"} <= set(r) for r in rows)
+    assert stats["unparseable"] == sum((r["a_first"] is None) + (r["b_first"] is None) for r in rows)  # a random judge
+    assert "truncation" in summary and "alignment" in summary  # stages 1 and 2 ran and reported

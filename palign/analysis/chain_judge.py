@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -246,3 +246,57 @@ def build_backend(cfg: Any, cache_dir: str | Path) -> ChatBackend:
     if kind == "openai":
         return OpenAIChatBackend.from_config(cfg["remote"])
     raise ValueError(f"chain_judge.backend must be local or openai, got '{kind}'")
+
+
+# the supervision targets (palign/data/supervision.py) that need stage 1's prefixes, stage 2's continuations
+PREFIX_TARGETS = ("prefix_continuation", "prefix_only")
+CONTINUATION_TARGETS = ("prefix_continuation", "student_only")
+
+
+def judge_training_chains(judge: Any, records: Sequence[Any], *, baseline: str, truncation: Callable[[], Any],
+                          alignment: Callable[[], Any], markers: Mapping[str, str], cache_dir: str | Path,
+                          run_dir: str | Path, tracker: Any) -> tuple[str, str, dict[str, Any]]:
+    """stage=judge_chains: the judge (`conf/chain_judge/*.yaml`) compares targets `chain_a` and
+    `chain_b` of the first `limit` training records in both orders. `truncation` and `alignment`
+    build stages 1 and 2, called only when a compared target needs them. Writes one record per pair
+    to `<run_dir>/chain_judge/`, logs the rates and a few examples to the tracker, and returns
+    (comparison, judge label, statistics) for the run's summary."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from palign.artifacts import write_jsonl_atomic
+    from palign.data.supervision import build_targets
+
+    node = OmegaConf.to_container(judge, resolve=True) if isinstance(judge, DictConfig) else dict(judge)
+    compared = (node["chain_a"], node["chain_b"])
+    if set(compared) >= {"prefix_continuation", "student_only"}:
+        raise ValueError("chain_judge: prefix_continuation and student_only need different continuations; compare each with long_cot")
+    records = list(records)[: node["limit"]] if node["limit"] is not None else list(records)
+    prefixes = continuations = None
+    if any(t in PREFIX_TARGETS for t in compared):
+        stage = truncation()
+        if stage is None:
+            raise ValueError(f"chain_judge compares {compared}, but baseline '{baseline}' builds no prefixes; use baseline=palign")
+        prefixes = stage(records)
+    if any(t in CONTINUATION_TARGETS for t in compared):
+        stage = alignment()
+        if stage is None:
+            raise ValueError(f"chain_judge compares {compared}, but baseline '{baseline}' has no alignment stage; use baseline=palign")
+        continuations = stage(records, prefixes)
+    texts = {t: {e.id: e.target for e in build_targets(records, t, prefixes, continuations, dict(markers))[0]} for t in compared}
+    a, b = compared
+    pairs = [ChainPair(r.id, r.question, texts[a][r.id], texts[b][r.id]) for r in records if r.id in texts[a] and r.id in texts[b]]
+    result = compare_chains(build_backend(node, cache_dir), pairs, ChainJudgePrompt.from_config(node), node["sampling"],
+                            cache_dir=cache_dir, chunk_size=node["chunk_size"], progress="chain judge")
+    comparison = f"{a}_vs_{b}"
+    judge_label = node["remote"]["model"] if node["backend"] == "openai" else node["model"]["name"]
+    records_path = Path(run_dir) / "chain_judge" / f"{comparison}-{Path(result.artifact).name}.jsonl"
+    write_jsonl_atomic(records_path, result.records)
+    stats = dict(result.summary, problems=len(records), skipped=len(records) - len(pairs), records=str(records_path),
+                 artifact=result.artifact)
+    tracker.log_summary({f"chain_judge/{comparison}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    tracker.log_table(
+        f"chain_judge/{comparison}/examples", ["id", "a_first", "b_first", "outcome", "reply_a_first", "reply_b_first"],
+        [[r["id"], r["a_first"], r["b_first"], r["outcome"], r["reply_a_first"][-400:], r["reply_b_first"][-400:]]
+         for r in result.records[:8]],
+    )
+    return comparison, judge_label, stats
