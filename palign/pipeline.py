@@ -134,7 +134,6 @@ def build_trainer(ctx: RunContext, tracker: Tracker, callbacks: list):
     from hydra.utils import instantiate
 
     from palign.training.checkpointing import AtomicCheckpointIO
-    from palign.training.fsdp import make_fsdp_strategy
 
     cfg = ctx.cfg
     trainer = instantiate(
@@ -150,8 +149,6 @@ def build_trainer(ctx: RunContext, tracker: Tracker, callbacks: list):
         # world-size-th length-grouped micro-batch of one seeded order, and resumes mid-epoch);
         # Lightning's DistributedSampler would replace that sampler and lose both.
         use_distributed_sampler=False,
-        # FSDP set up for the student (palign/training/fsdp.py), and accepted by Lightning on CPUs
-        **({"strategy": make_fsdp_strategy(cfg)} if cfg.trainer.strategy == "fsdp" else {}),
         **({} if cfg.data.val_size else {"limit_val_batches": 0}),
     )
     # the world size is the running trainer's (devices x nodes, as the strategy resolved them)

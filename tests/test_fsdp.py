@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
-from palign.training.fsdp import (StudentFSDPStrategy, decoder_layer_classes, gather_full_state_dict,
-                                  make_fsdp_strategy, unwrap_with_state)
+from hydra.utils import instantiate
+
+from palign.training.fsdp import StudentFSDPStrategy, decoder_layer_classes, gather_full_state_dict, unwrap_with_state
 from palign.training.module import StudentSFTModule
 
 LOSS = {"loss_kernel": "chunked", "loss_chunk_tokens": 16}
@@ -32,7 +33,7 @@ LORA = {"r": 4, "alpha": 4, "dropout": 0.0}
 
 # -- the strategy from the config -----------------------------------------------------------------
 def test_the_gpu_config_builds_bf16_compute_with_fp32_reduction_and_activation_checkpointing(tmp_path):
-    strategy = make_fsdp_strategy(compose_config(["trainer=fsdp", "training=paper"], tmp_path))
+    strategy = instantiate(compose_config(["trainer=fsdp", "training=paper"], tmp_path).trainer.strategy)
     assert isinstance(strategy, StudentFSDPStrategy)
     assert strategy.lora and strategy.activation_checkpointing
     mp = strategy.mixed_precision
@@ -42,7 +43,7 @@ def test_the_gpu_config_builds_bf16_compute_with_fp32_reduction_and_activation_c
 
 def test_the_cpu_config_keeps_fp32_and_follows_the_training_config(tmp_path):
     cfg = compose_config(["trainer=fsdp_sim", "training.gradient_checkpointing=false"], tmp_path)
-    strategy = make_fsdp_strategy(cfg)
+    strategy = instantiate(cfg.trainer.strategy)
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
     assert not strategy.lora and not strategy.activation_checkpointing and strategy.mixed_precision is None
 
@@ -75,7 +76,7 @@ def _bf16_lora_module(tiny_model, gradient_checkpointing: bool) -> StudentSFTMod
 
 def _wrap(module, tmp_path) -> torch.nn.Module:
     cfg = compose_config(["trainer=fsdp", "training=paper"], tmp_path)
-    strategy = make_fsdp_strategy(cfg)
+    strategy = instantiate(cfg.trainer.strategy)
     strategy.parallel_devices = [torch.device("cpu")]
     return strategy._setup_model(module)
 

@@ -1,5 +1,5 @@
-"""Fully sharded training of the student (`trainer.strategy=fsdp`; conf/trainer/fsdp.yaml on GPUs,
-conf/trainer/fsdp_sim.yaml for 2 CPU processes on gloo): the paper recipe's LoRA on a bf16 base.
+"""Fully sharded training of the student (`trainer=fsdp` on GPUs, `trainer=fsdp_sim` for 2 CPU
+processes on gloo; their `strategy` node calls `make_fsdp_strategy`): the paper recipe's LoRA on a bf16 base.
 
 What Lightning's plain `FSDPStrategy` lacks for this student, and this module adds:
 
@@ -25,7 +25,8 @@ What Lightning's plain `FSDPStrategy` lacks for this student, and this module ad
   module becomes a plain model again, so `StudentSFTModule.export_pretrained` merges LoRA and
   writes the same `from_pretrained` folder as after DDP.
 - **CPU processes** (gloo): Lightning refuses the registered name `fsdp` off GPUs, but not a
-  subclass of its strategy; torch's FSDP runs on CPU tensors with gloo, which the tests use.
+  subclass of its strategy; torch's FSDP runs on CPU tensors with gloo given the device itself as
+  `device_id` (Lightning passes its index, None on a CPU), which the tests use.
 
 The base model is still loaded whole by every process before FSDP shards it (the module loads it
 in `__init__`): host memory holds one copy per process until the wrap, GPU memory never does (each
@@ -54,15 +55,12 @@ log = logging.getLogger(__name__)
 SHARDS_SUFFIX = ".shards-"  # `last.ckpt` -> `last.ckpt.shards-<id>/`, the folder it links to
 
 
-def make_fsdp_strategy(cfg: Any) -> "StudentFSDPStrategy":
-    """The strategy for `trainer.strategy=fsdp`: mixed precision from `trainer.precision`,
-    activation checkpointing from `training.gradient_checkpointing`, adapter units when
-    `training.lora` is set (the decoder layer class is the model's, read at setup)."""
-    return StudentFSDPStrategy(
-        lora=bool(cfg.training.lora),
-        activation_checkpointing=bool(cfg.training.gradient_checkpointing),
-        mixed_precision=mixed_precision(cfg.trainer.precision),
-    )
+def make_fsdp_strategy(precision: str, gradient_checkpointing: bool, lora: Any) -> "StudentFSDPStrategy":
+    """The strategy of conf/trainer/fsdp*.yaml's `strategy` node: mixed precision from
+    `trainer.precision`, activation checkpointing from `training.gradient_checkpointing`, adapter
+    units when `training.lora` is set (the decoder layer class is the model's, read at setup)."""
+    return StudentFSDPStrategy(lora=bool(lora), activation_checkpointing=bool(gradient_checkpointing),
+                               mixed_precision=mixed_precision(precision))
 
 
 def mixed_precision(precision: str):
