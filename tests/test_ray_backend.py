@@ -13,7 +13,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, stage_cache
+from conftest import PROJECT_ROOT, compose_config, stage_cache
 from palign.alignment.continuation import AlignmentSettings, PrefixContinuation
 from palign.evaluation.harness import evaluate
 from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
@@ -23,7 +23,7 @@ from palign.teachers.records import TeacherRecord
 ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
 from palign.llm.ray_backend import RayChatBackend  # noqa: E402
 
-pytestmark = pytest.mark.slow  # a Ray cluster starts (~10 s on 2 cores), actors load the model
+# the tests marked slow start a Ray cluster (~10-30 s on 2 shared cores) whose actors load the model
 
 PROMPTS = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "prompts" / "paper.yaml"))
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.0, "num_samples": 1, "batch_size": 2, "seed": 0}
@@ -65,6 +65,7 @@ def continuation(folder, spec, tokenizer, cache_dir, backend=None, chunk_size=3)
                               backend=backend)
 
 
+@pytest.mark.slow
 def test_continuation_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cache_dir, tmp_path):
     spec, tokenizer = tiny
     expected = continuation(stage_cache(tmp_path / "hf"), spec, tokenizer, cache_dir).run(RECORDS, PREFIXES)
@@ -113,6 +114,7 @@ def test_continuation_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, 
     assert strip(again.run(RECORDS, PREFIXES)) == strip(expected) and again.generated == 0
 
 
+@pytest.mark.slow
 def test_evaluation_over_ray_equals_in_process(ray_cluster, tiny, cache_dir, tmp_path):
     spec, tokenizer = tiny
     bench = tmp_path / "toy.jsonl"
@@ -131,6 +133,7 @@ def test_evaluation_over_ray_equals_in_process(ray_cluster, tiny, cache_dir, tmp
     assert distributed.summary == local.summary
 
 
+@pytest.mark.slow
 def test_sampling_over_ray_does_not_depend_on_the_number_of_workers(ray_cluster, tiny, cache_dir):
     spec, tokenizer = tiny
     sampling = {**GREEDY, "do_sample": True, "temperature": 1.0, "top_p": 0.95, "seed": 3}
@@ -142,6 +145,7 @@ def test_sampling_over_ray_does_not_depend_on_the_number_of_workers(ray_cluster,
     assert [[g.text for g in gens] for gens in other_seed] != [[g.text for g in gens] for gens in one]
 
 
+@pytest.mark.slow
 def test_a_failing_worker_is_reported_with_the_stage_and_the_worker(ray_cluster, tiny, cache_dir, tmp_path):
     _, tokenizer = tiny
     not_a_model = tmp_path / "empty-model"
@@ -155,3 +159,18 @@ def test_a_failing_worker_is_reported_with_the_stage_and_the_worker(ray_cluster,
                              **SETTINGS)
     with pytest.raises(FileNotFoundError, match="no model folder"):
         missing.complete(["What is 1 + 1?"], GREEDY)
+
+
+def test_the_composed_config_builds_a_ray_stage_without_starting_ray(tmp_path, monkeypatch, smollm2_tokenizer):
+    from hydra.utils import instantiate
+
+    cfg = compose_config(["experiment=tiny", "baseline=palign", "alignment.backend=ray", "ray.num_workers=3",
+                          "ray.address=ray://head:10001"], tmp_path)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before any work"))
+    stage = instantiate(cfg.alignment, _convert_="all", prompts=OmegaConf.to_container(cfg.prompts, resolve=True),
+                        cache_dir=str(stage_cache(tmp_path)), tokenizer=smollm2_tokenizer,
+                        vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
+    backend = stage.backend
+    assert isinstance(backend, RayChatBackend) and backend.stage.startswith("alignment")
+    assert (backend.num_workers, backend.address, backend.engine) == (3, "ray://head:10001", "hf")
+    assert backend.complete([], cfg.alignment.sampling) == [] and not backend.started_ray

@@ -182,7 +182,7 @@ class RayChatBackend:
             fn_constructor_kwargs=dict(spec=self.spec, cache_dir=self.cache_dir, weights=self.weights, engine=self.engine,
                                        vllm=self.vllm, sampling=asdict(sampling),
                                        num_threads=int(self.num_cpus_per_worker) if self.num_gpus_per_worker == 0 else 0),
-            concurrency=min(self.num_workers, len(rows)),
+            compute=ray.data.ActorPoolStrategy(size=min(self.num_workers, len(rows))),
             batch_size=max(1, self.batch_size // sampling.batch_size),
             num_cpus=self.num_cpus_per_worker,
             num_gpus=self.num_gpus_per_worker or None,
