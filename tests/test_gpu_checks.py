@@ -19,3 +19,4 @@ def test_training_check_runs_shrunk_and_reports_a_reloadable_lora_export(tmp_pat
     assert report["device"] == "cpu" and report["steps"] == 2 and len(report["loss_curve"]) == 2
     assert 0 < report["trainable"] < report["parameters"]  # LoRA: only the adapters train
     assert report["tokens_per_s"] > 0 and report["export_reloads"] is True
+    assert report["model_tflops_per_s"] > 0 and report["mfu"] is None  # a CPU has no peak to compare with

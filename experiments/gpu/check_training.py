@@ -4,10 +4,16 @@ A random-initialised Qwen2.5-7B-shaped student (28 layers, hidden 3584, 152k voc
 one GPU, the paper's LoRA (r 16, alpha 16, dropout 0.05, all linear layers), gradient checkpointing,
 and the chunked cross-entropy (`training.loss_kernel`), trained for a few optimizer steps by a real
 Lightning Trainer on sequences of --tokens tokens (half of them supervised). It prints one JSON
-object: peak GPU memory, tokens per second, the losses, and whether the merged export reloads.
+object: peak GPU memory, tokens per second, model FLOPs utilization, the losses, and whether the
+merged export reloads.
 
-    python -m experiments.gpu.check_training                    # on the GPU machine: 7B shape, 16k tokens
-    python -m experiments.gpu.check_training --tokens 32768     # the paper's longest examples
+    python -m experiments.gpu.check_training                    # on the GPU machine: 7B shape, 32k tokens
+    python -m experiments.gpu.check_training --tokens 8192      # shorter examples
+
+MFU counts the model's FLOPs per trained token as 6 x parameters (forward and backward, as in the
+PaLM paper's definition; the recomputation of gradient checkpointing and LoRA's skipped weight
+gradients are not counted) plus causal attention, 6 x layers x hidden x sequence length, over the
+device's dense bf16 peak (--peak-tflops, or read from the device name).
     python -m experiments.gpu.check_training --shrink           # anywhere: a 2-layer model on the CPU (the test suite)
 
 Random weights: the loss is ~log(vocabulary) and says nothing about the method; the check is that
@@ -30,13 +36,16 @@ QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers
              "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1_000_000.0}
 SHRUNK = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 1024}
+# dense bf16 peaks (TFLOP/s) by device name
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 PAPER_LORA = {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shrink", action="store_true", help="a 2-layer model on the CPU, in fp32 (what the tests run)")
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per example (one example per micro-batch)")
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per example (one example per micro-batch)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by its name)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the first one is warm-up, not timed)")
     parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--loss-kernel", default="auto", choices=("auto", "chunked", "liger"))
@@ -126,16 +135,23 @@ def main(argv=None) -> dict:
     trainer.fit(module, train_dataloaders=loader)
     timed = timer.times[1:] or timer.times
     tokens_per_step = args.tokens * args.accumulate
+    seconds = sum(timed) / len(timed)
+    flops_per_token = 6 * sum(p.numel() for n, p in module.model.named_parameters() if "lora_" not in n) \
+        + 6 * shape["num_hidden_layers"] * shape["hidden_size"] * args.tokens
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     report = {
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "device": name,
         "shape": "qwen2.5-7b" if not args.shrink else "shrunk",
         "parameters": sum(p.numel() for p in module.parameters()),
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "tokens_per_example": args.tokens,
         "steps": trainer.global_step,
         "loss_curve": module.loss_curve,
-        "seconds_per_step": sum(timed) / len(timed),
-        "tokens_per_s": tokens_per_step / (sum(timed) / len(timed)),
+        "seconds_per_step": seconds,
+        "tokens_per_s": tokens_per_step / seconds,
+        "model_tflops_per_s": flops_per_token * tokens_per_step / seconds / 1e12,
+        "mfu": flops_per_token * tokens_per_step / seconds / (peak * 1e12) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
     with tempfile.TemporaryDirectory() as folder:  # the merged export reloads as a plain model
