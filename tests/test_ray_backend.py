@@ -174,3 +174,13 @@ def test_the_composed_config_builds_a_ray_stage_without_starting_ray(tmp_path, m
     assert isinstance(backend, RayChatBackend) and backend.stage.startswith("alignment")
     assert (backend.num_workers, backend.address, backend.engine) == (3, "ray://head:10001", "hf")
     assert backend.complete([], cfg.alignment.sampling) == [] and not backend.started_ray
+
+
+def test_the_ray_back_end_changes_neither_the_run_identity_nor_the_stage_fingerprints(tmp_path):
+    from palign.runs import run_identity
+
+    base = compose_config(["baseline=palign"], tmp_path)
+    distributed = compose_config(["baseline=palign", "alignment.backend=ray", "evaluation.backend=ray", "ray.num_workers=4",
+                                  "ray.num_gpus_per_worker=1", "ray.engine=vllm", "ray.address=auto", "ray.batch_size=64"], tmp_path)
+    assert run_identity(distributed) == run_identity(base)
+    assert distributed.alignment.ray.num_workers == distributed.evaluation.ray.num_workers == 4  # one `ray:` block
