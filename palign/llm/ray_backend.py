@@ -68,9 +68,9 @@ class _GenerationWorker:
 
                 self.backend = vllm_backend(model_spec, cache_dir, vllm or {}, weights=weights)
             else:
+                # the model itself loads with the actor's first batch (a failure there names the worker too)
                 self.backend = LocalChatBackend(partial(load_inference_model, model_spec, cache_dir, path=weights),
                                                 load_tokenizer(model_spec, cache_dir), model_spec.chat_template_kwargs)
-                self.backend._model = self.backend.model_loader()  # load at actor start, not inside the first batch
         except Exception as err:  # noqa: BLE001 (reported to the driver with where it happened)
             raise RayWorkerError(f"{self.where}: could not build the '{engine}' engine for model "
                                  f"'{spec.get('name')}': {type(err).__name__}: {err}") from err
@@ -166,10 +166,13 @@ class RayChatBackend:
             return []
         import ray.data
 
+        # a missing folder fails here, before any actor starts
+        if self.weights and not os.path.isdir(self.weights):
+            raise FileNotFoundError(f"{self.stage}: no model folder at {self.weights} (the weights to evaluate)")
         if self.spec.get("source") == "local" and not self.weights:
             from palign.llm.models import resolve_model_path
 
-            resolve_model_path(self.spec, self.cache_dir)  # a missing folder fails here, before any actor starts
+            resolve_model_path(self.spec, self.cache_dir)
         self._connect()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress is not None
