@@ -288,7 +288,8 @@ class Judge:
     model: ModelSpec = knob("${student}", "the judging model (self-judging: the student)")
     mode: str = knob("logits", "logits: [ENOUGH] vs [NOT_ENOUGH] log-odds | generate: the authors' generate and parse",
                      check=one_of("logits", "generate"))
-    backend: str = knob("hf", "hf | vllm (GPU only; engine settings under `vllm:`)", identity=False, check=one_of("hf", "vllm"))
+    backend: str = knob("hf", "hf | vllm (GPU only; engine settings under `vllm:`) | auto (vllm where installed "
+                        "with a GPU, else hf with a warning)", identity=False, check=one_of("hf", "vllm", "auto"))
     max_new_tokens: int = knob(256, "generate mode: reply tokens", check=at_least(1))
     max_trace_tokens: int | None = knob(32768, "the longest trace the judge reads, in the student's tokens; a longer one "
                                         "gets no prefix and is counted as skipped_too_long (32768: the paper's max length)",
@@ -331,8 +332,9 @@ class Alignment:
     model: ModelSpec = knob("${student}", "the continuing model (the student)")
     filter: str = knob("correct", "correct: keep continuations graded correct (Eq. 9) | none: keep all",
                        check=one_of("correct", "none"))
-    backend: str = knob("hf", "hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers)", identity=False,
-                        check=one_of("hf", "vllm", "ray"))
+    backend: str = knob("hf", "hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers) | auto (vllm "
+                        "where installed with a GPU, else hf with a warning)", identity=False,
+                        check=one_of("hf", "vllm", "ray", "auto"))
     ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
     sampling: Sampling = knob(factory=lambda: Sampling(batch_size=32), help="the authors' continuation sampling")
     chunk_size: int = knob(32, "examples per resumable chunk", identity=False, check=at_least(1))
@@ -442,8 +444,9 @@ class Evaluation:
     limit: int | None = knob(None, "at most this many problems of each benchmark (null: each benchmark's own limit)",
                              check=at_least(1, optional="no cap"))
     model_path: str | None = knob(None, "evaluate this folder instead of the run's trained student")
-    backend: str = knob("hf", "hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers)", identity=False,
-                        check=one_of("hf", "vllm", "ray"))
+    backend: str = knob("hf", "hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers) | auto (vllm "
+                        "where installed with a GPU, else hf with a warning)", identity=False,
+                        check=one_of("hf", "vllm", "ray", "auto"))
     ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
     sampling: Sampling = knob(factory=lambda: Sampling(num_samples=3, batch_size=16), help="n=3, T=0.6, top-p 0.9, rep 1.05")
     pass_k: int = knob(3, "k of Pass@k (at most sampling.num_samples)", check=at_least(1))

@@ -381,3 +381,18 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(fake_vllm, sm
     assert row["prefixes_scored"] == len(row["probes"])
     (engine,) = started
     assert sum(len(prompts) for prompts, _ in engine.calls) == 2 * len(row["probes"])  # two forced requests per probe
+
+
+def test_paper_recipes_pick_vllm_where_it_runs_and_say_so_where_it_does_not(tmp_path, caplog, monkeypatch):
+    from conftest import compose_config
+
+    for recipe in ("paper/table1_qwen2_5_7b", "paper/table1_qwen3_8b"):
+        cfg = compose_config([f"experiment={recipe}"], tmp_path)
+        assert cfg.truncation.judge.backend == cfg.alignment.backend == cfg.evaluation.backend == "auto"
+    monkeypatch.setattr(vb, "vllm_available", lambda: (False, "vLLM is not installed"))
+    with caplog.at_level("WARNING"):
+        assert vb.resolve_backend("auto", "alignment.backend") == "hf"
+    assert "alignment.backend=auto: using the Hugging Face back end, not vLLM (vLLM is not installed)" in caplog.text
+    monkeypatch.setattr(vb, "vllm_available", lambda: (True, "a GPU"))
+    assert vb.resolve_backend("auto", "alignment.backend") == "vllm"
+    assert vb.resolve_backend("hf", "alignment.backend") == "hf"  # an explicit choice stands

@@ -96,6 +96,9 @@ class PrefixContinuation:
             chunk_size=chunk_size, grading_workers=grading["workers"], grading_timeout_s=grading["timeout_s"],
             chat_template_kwargs=dict(spec.chat_template_kwargs),
         )
+        from palign.llm.vllm_backend import resolve_backend
+
+        backend = resolve_backend(backend, "alignment.backend")
         engine = None
         if backend == "vllm":
             from palign.llm.vllm_backend import vllm_backend

@@ -218,6 +218,9 @@ def evaluate_student(
     spec = ModelSpec.from_config(student)
     if model_path is None:
         log.warning("no trained student in %s; evaluating the base model %s", trained, spec.name)
+    from palign.llm.vllm_backend import resolve_backend
+
+    backend = resolve_backend(backend, "evaluation.backend")
     engine = None
     if backend == "vllm":
         from palign.llm.vllm_backend import vllm_backend

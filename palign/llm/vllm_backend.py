@@ -72,6 +72,18 @@ def vllm_available() -> tuple[bool, str]:
     return True, f"vLLM on {torch.cuda.get_device_name(0)}"
 
 
+def resolve_backend(backend: str, key: str) -> str:
+    """`auto` (what the paper recipes set): vllm where vLLM is installed and a GPU is visible, else
+    hf, with a warning naming the config key; any other back end as given."""
+    if backend != "auto":
+        return backend
+    usable, reason = vllm_available()
+    if usable:
+        return "vllm"
+    log.warning("%s=auto: using the Hugging Face back end, not vLLM (%s)", key, reason)
+    return "hf"
+
+
 def require_vllm():
     """The `vllm` module, or an ImportError that says how to install it."""
     try:

@@ -150,8 +150,10 @@ class PrefixTruncation:
         shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"],
                   "engine": judge["engine"]}
 
-        def judge_factory() -> SufficiencyJudge:
-            if judge["backend"] == "vllm":
+        def judge_factory() -> SufficiencyJudge:  # called only when a trace needs judging
+            from palign.llm.vllm_backend import resolve_backend
+
+            if resolve_backend(judge["backend"], "truncation.judge.backend") == "vllm":
                 from palign.llm.vllm_backend import vllm_backend
                 from palign.truncation.vllm_judge import VLLMSufficiencyJudge
 
