@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 from omegaconf import OmegaConf
@@ -36,12 +38,21 @@ PREFIXES = {r.id: f"We add {i} and {i * i}." for i, r in enumerate(RECORDS)}
 def ray_cluster(tmp_path_factory):
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray puts AF_UNIX sockets under its temp folder, whose paths may not exceed 107 bytes: under a
+    # deep pytest folder (CI's fresh TMPDIR) Ray fails to start. Then a short folder of its own in
+    # /tmp, removed afterwards.
     temp = tmp_path_factory.mktemp("ray")
+    short = None
+    if len(str(temp)) > 40:
+        short = tempfile.mkdtemp(prefix="palign-ray-", dir="/tmp")
+        temp = short
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
     try:
         yield
     finally:
         ray.shutdown()
+        if short is not None:
+            shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
