@@ -353,12 +353,11 @@ def open_stage_store(folder: str | os.PathLike, identity: Any, key: str = "id", 
     try:
         if not (folder / "settings.json").exists():
             write_json_atomic(folder / "settings.json", identity)
-        store = RecordStore(folder / name, key=key)  # read under the lock: what another writer finished counts
+        # read under the lock: what another writer finished counts
+        return RecordStore(folder / name, key=key, lock=lock)
     except BaseException:
         lock.__exit__(None, None, None)
         raise
-    store._lock = lock
-    return store
 
 
 class RecordStore:
@@ -369,12 +368,12 @@ class RecordStore:
     off on opening. `seal()` marks the stage complete so later runs can trust the store as-is.
     """
 
-    def __init__(self, path: str | os.PathLike, key: str = "id"):
+    def __init__(self, path: str | os.PathLike, key: str = "id", lock: contextlib.AbstractContextManager | None = None):
         self.path = Path(path)
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, dict[str, Any]] = {}
-        self._lock: contextlib.AbstractContextManager | None = None  # held from open_stage_store until close()
+        self._lock = lock  # an entered lock (open_stage_store's), released by close()
         if self.path.exists():
             self._load()
         self._file = None
