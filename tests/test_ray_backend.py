@@ -82,36 +82,42 @@ def test_continuation_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, 
     expected = continuation(stage_cache(tmp_path / "hf"), spec, tokenizer, cache_dir).run(RECORDS, PREFIXES)
     assert len(expected) == 5 and any(row["continuation"] for row in expected)
 
-    sent: list[list[str]] = []
+    stored_before_kill: list[int] = []
 
     class Interrupted(RayChatBackend):
-        """Stored the first chunk, then the driver is 'killed'."""
+        """The driver is 'killed' after the first 3 replies came back (one chunk_size to store)."""
 
-        def complete(self, user_texts, sampling, progress=None):
-            if sent:
-                raise KeyboardInterrupt
-            sent.append(list(user_texts))
-            return super().complete(user_texts, sampling, progress)
+        def stream(self, user_texts, sampling, progress=None):
+            for n, reply in enumerate(super().stream(user_texts, sampling, progress), start=1):
+                yield reply
+                if n == 3:
+                    stored_before_kill.append(n)
+                    raise KeyboardInterrupt
 
     folder = stage_cache(tmp_path / "ray")
     with pytest.raises(KeyboardInterrupt):
         continuation(folder, spec, tokenizer, cache_dir, ray_backend(spec, cache_dir, tokenizer, Interrupted)).run(RECORDS, PREFIXES)
-    first = sent[0]
+    assert stored_before_kill == [3]
+    first = [json.loads(line)["key"] for line in next(folder.rglob("records.jsonl")).read_text().splitlines()]
     assert len(first) == 3
 
     resumed_texts: list[str] = []
+    pools: list[int] = []
 
     class Counting(RayChatBackend):
-        def complete(self, user_texts, sampling, progress=None):
+        def stream(self, user_texts, sampling, progress=None):
             resumed_texts.extend(user_texts)
-            return super().complete(user_texts, sampling, progress)
+            pools.append(1)
+            yield from super().stream(user_texts, sampling, progress)
 
     stage = continuation(folder, spec, tokenizer, cache_dir, ray_backend(spec, cache_dir, tokenizer, Counting))
     rows = stage.run(RECORDS, PREFIXES)
-    assert len(resumed_texts) == 2 and not set(resumed_texts) & set(first)  # nothing finished is recomputed
+    # nothing finished is recomputed; the missing prompts go to one actor pool in one call
+    assert len(resumed_texts) == 2 and pools == [1]
     assert stage.generated == 2
     stored = [json.loads(line) for line in (stage.folder / "records.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in stored) == sorted(r["key"] for r in rows)  # nothing duplicated
+    assert not set(first) & {r["key"] for r in stored[3:]}
     # equal to the in-process continuations, text and token counts
     strip = lambda rs: [(r["id"], r["continuation"], r["tokens"], r["finished"]) for r in rs]  # noqa: E731
     assert strip(rows) == strip(expected)

@@ -305,20 +305,40 @@ def complete_missing(
     chunk_size: int = 32,
     progress: str | None = None,
 ) -> int:
-    """The one generation loop of every stage and back end (local Hugging Face, vLLM, a server):
+    """The one generation loop of every stage and back end (local Hugging Face, vLLM, a server, Ray):
     complete the `(key, user_text)` items not `done`, chunk by chunk.
 
     `on_chunk` stores each finished chunk, so an interrupted stage (or a remote server that goes
-    away) resumes with the next chunk. Returns the number of prompts completed.
+    away) resumes with the next chunk. A back end that streams (`stream`, the Ray back end) gets
+    every missing prompt in one call, so its workers start once for the stage; its replies are
+    stored `chunk_size` at a time in the order they finish. Returns the number of prompts completed.
     """
     missing = [(key, text) for key, text in items if not done(key)]
     bar = tqdm(total=len(missing), desc=progress, disable=progress is None or not missing, unit="prompt")
     try:
-        for start in range(0, len(missing), chunk_size):
-            chunk = missing[start : start + chunk_size]
-            outputs = backend.complete([text for _, text in chunk], sampling)
-            on_chunk([(key, generations) for (key, _), generations in zip(chunk, outputs)])
-            bar.update(len(chunk))
+        if missing and hasattr(backend, "stream"):
+            finished: list[tuple[str, list[Generation]]] = []
+
+            def store() -> None:
+                chunk = finished[:]
+                finished.clear()
+                on_chunk(chunk)
+                bar.update(len(chunk))
+
+            try:
+                for i, generations in backend.stream([text for _, text in missing], sampling):
+                    finished.append((missing[i][0], generations))
+                    if len(finished) == chunk_size:
+                        store()
+            finally:  # a worker failure (or an interrupt) still stores the replies that came back
+                if finished:
+                    store()
+        else:
+            for start in range(0, len(missing), chunk_size):
+                chunk = missing[start : start + chunk_size]
+                outputs = backend.complete([text for _, text in chunk], sampling)
+                on_chunk([(key, generations) for (key, _), generations in zip(chunk, outputs)])
+                bar.update(len(chunk))
     finally:
         bar.close()
     return len(missing)

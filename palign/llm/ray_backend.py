@@ -1,18 +1,20 @@
 """Data-parallel generation through Ray Data: `backend: ray` of the continuation and evaluation stages.
 
-A `RayChatBackend` is a `ChatBackend`: `complete_missing` (palign/llm/openai_backend.py) still drives
-it chunk by chunk into the stage's resumable record store, so a job killed mid-stage resumes with
-the next chunk and never redoes or duplicates a stored record. Only the inside of one chunk is
-distributed: its prompts become a Ray Dataset whose rows `map_batches` sends to `num_workers` actors,
-each holding one engine built from the model config (palign's Hugging Face generation, or vLLM on
-GPU workers), and the replies are put back in the input order.
+A `RayChatBackend` is a `ChatBackend` that streams: `complete_missing` (palign/llm/openai_backend.py)
+hands it every prompt its stage still misses in one call, and stores the replies into the stage's
+resumable record store `chunk_size` at a time as they come back, so a driver killed mid-stage
+resumes with what was not stored and never redoes or duplicates a stored record. The prompts
+become one Ray Dataset whose rows `map_batches` sends to one pool of `num_workers` actors for the
+whole stage, each holding one engine built from the model config (palign's Hugging Face
+generation, or vLLM on GPU workers) and loading its model once. `stream_through_actors` is that
+pool for any work (the judge's search uses it too: palign/truncation/).
 
 Same results as the in-process `hf` path: the chunk is cut into exactly the generation batches
 `generate` would make (sorted by prompt length, `sampling.batch_size` each) and each batch travels
 as one row, so every worker generates the same padded batches; greedy decoding gives identical
 text. Under sampling, `generate` seeds each batch from its position within one call; a Ray worker
 gets one batch per call, so the batch's seed is drawn here, from `sampling.seed` and the batch's
-position in the chunk: Ray's samples are reproducible and do not depend on the number of workers
+position among the stage's prompts: Ray's samples are reproducible and do not depend on the number of workers
 or on which worker ran a batch, but they are other draws than the in-process path's (the same
 sampling parameters, other random numbers).
 
@@ -27,7 +29,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -46,7 +48,7 @@ class RayWorkerError(RuntimeError):
 
 class _GenerationWorker:
     """One Ray actor: an engine for the model, loaded when the actor starts; each row of a batch is
-    one generation batch (`{"group", "payload"}`, the payload JSON of texts and seed)."""
+    one generation batch (`{"position", "payload"}`, the payload JSON of texts and seed)."""
 
     def __init__(self, spec: dict[str, Any], cache_dir: str, weights: str | None, engine: str,
                  vllm: dict[str, Any] | None, sampling: dict[str, Any], num_threads: int):
@@ -86,14 +88,78 @@ class _GenerationWorker:
             except Exception as err:  # noqa: BLE001
                 raise RayWorkerError(f"{self.where}: generation failed: {type(err).__name__}: {err}") from err
             results.append(json.dumps([[asdict(g) for g in generations] for generations in outputs]))
-        return {"group": np.asarray(batch["group"]), "result": np.asarray(results, dtype=object)}
+        return {"position": np.asarray(batch["position"]), "result": np.asarray(results, dtype=object)}
+
+
+def connect(address: str | None, num_workers: int, num_cpus_per_worker: float, num_gpus_per_worker: float,
+            stage: str) -> bool:
+    """Join (or, with `address` null, start) the cluster and check it can hold one worker; True when
+    this call started it. A cluster short of CPUs for all workers at once is only a warning."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        # log_to_driver: a worker's traceback reaches the driver's console as well as the exception
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        started = True
+    resources = ray.cluster_resources()
+    for name, need in (("CPU", num_cpus_per_worker), ("GPU", num_gpus_per_worker)):
+        if need > 0 and resources.get(name, 0) < need:
+            raise ChatBackendError(
+                f"{stage}: each Ray worker asks for {need} {name} but the cluster at "
+                f"{address or 'local'} has {resources.get(name, 0)}; lower ray.num_{name.lower()}s_per_worker "
+                "or join a cluster that has them (ray.address)")
+    if resources.get("CPU", 0) < num_workers * num_cpus_per_worker:
+        log.warning("%s: %d Ray workers x %s CPUs exceed the cluster's %s CPUs; workers wait for each other",
+                    stage, num_workers, num_cpus_per_worker, resources.get("CPU", 0))
+    return started
+
+
+def stream_through_actors(payloads: Sequence[str], worker: type, worker_kwargs: Mapping[str, Any], *, num_workers: int,
+                          num_cpus_per_worker: float, num_gpus_per_worker: float, payloads_per_call: int, stage: str,
+                          describe: str, progress: bool = False) -> Iterator[tuple[int, Any]]:
+    """`(position, result)` for each of `payloads` (JSON texts), in the order they finish.
+
+    One pool of `min(num_workers, len(payloads))` actors of `worker` (built once with `worker_kwargs`,
+    so a model loads once per actor for the whole call) maps the payloads, `payloads_per_call` per
+    actor call; `worker(batch)` gets `{"position", "payload"}` columns and returns `{"position",
+    "result"}` (result: JSON). Results stream back as soon as a block finishes, so the caller can
+    store each one while the others are computed: a driver killed mid-stage loses only what it had
+    not stored. `describe` names the work in errors; a worker's RayWorkerError reaches the message.
+    """
+    if not payloads:
+        return
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    context.execution_options.preserve_order = False  # hand back whatever finishes first
+    rows = [{"position": k, "payload": payload} for k, payload in enumerate(payloads)]
+    calls = -(-len(rows) // payloads_per_call)
+    dataset = ray.data.from_items(rows, override_num_blocks=calls)  # one block per actor call
+    dataset = dataset.map_batches(
+        worker,
+        fn_constructor_kwargs=dict(worker_kwargs),
+        compute=ray.data.ActorPoolStrategy(size=min(num_workers, calls)),
+        batch_size=payloads_per_call,
+        num_cpus=num_cpus_per_worker,
+        num_gpus=num_gpus_per_worker or None,
+        batch_format="numpy",
+    )
+    try:
+        for row in dataset.iter_rows():
+            yield int(row["position"]), json.loads(row["result"])
+    except ChatBackendError:
+        raise
+    except Exception as err:  # noqa: BLE001 (Ray wraps the worker's error; keep its first line readable)
+        raise ChatBackendError(f"{stage}: a Ray worker failed ({describe}): {_worker_message(err)}") from err
 
 
 class RayChatBackend:
     """`complete(user_texts, sampling)` sharded across Ray Data actors (see the module docstring).
 
     spec: the model config (palign/llm/models.py: ModelSpec); weights: a folder replacing its weights
-    (a trained student). tokenizer: the model's, to cut the chunk into the generation batches the
+    (a trained student). tokenizer: the model's, to cut the prompts into the generation batches the
     in-process path makes. stage: names the stage in errors. The other arguments are the `ray:`
     block's (palign/schema.py: Ray); `vllm` the engine settings when `engine` is vllm.
     """
@@ -121,7 +187,7 @@ class RayChatBackend:
         self.vllm = dict(vllm or {})
         self.stage = stage
         self.started_ray = False  # whether this back end started the (local) cluster
-        self.calls = 0  # worker rounds run (one per chunk with work)
+        self.calls = 0  # actor pools started (one per `stream`/`complete` call with work)
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "ray", "engine": self.engine, "model": self.spec.get("name"), "weights": self.weights}
@@ -131,22 +197,8 @@ class RayChatBackend:
                 f"address={self.address!r})")
 
     def _connect(self) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            # log_to_driver: a worker's traceback reaches the driver's console as well as the exception
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=True)
-            self.started_ray = True
-        resources = ray.cluster_resources()
-        for name, need in (("CPU", self.num_cpus_per_worker), ("GPU", self.num_gpus_per_worker)):
-            if need > 0 and resources.get(name, 0) < need:
-                raise ChatBackendError(
-                    f"{self.stage}: each Ray worker asks for {need} {name} but the cluster at "
-                    f"{self.address or 'local'} has {resources.get(name, 0)}; lower ray.num_{name.lower()}s_per_worker "
-                    "or join a cluster that has them (ray.address)")
-        if resources.get("CPU", 0) < self.num_workers * self.num_cpus_per_worker:
-            log.warning("%s: %d Ray workers x %s CPUs exceed the cluster's %s CPUs; workers wait for each other",
-                        self.stage, self.num_workers, self.num_cpus_per_worker, resources.get("CPU", 0))
+        self.started_ray |= connect(self.address, self.num_workers, self.num_cpus_per_worker, self.num_gpus_per_worker,
+                                    self.stage)
 
     def groups(self, user_texts: Sequence[str], sampling: SamplingConfig) -> list[tuple[list[int], int]]:
         """(prompt indices, seed) of each generation batch: `generate`'s batches (longest prompts
@@ -159,13 +211,13 @@ class RayChatBackend:
         return [(order[start : start + sampling.batch_size], int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
                 for start in range(0, len(order), sampling.batch_size)]
 
-    def complete(self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any],
-                 progress: str | None = None) -> list[list[Generation]]:
+    def stream(self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any],
+               progress: str | None = None) -> Iterator[tuple[int, list[Generation]]]:
+        """`(index into user_texts, generations)` as each generation batch finishes, from one pool of
+        actors for all of `user_texts` (each loads its model once)."""
         sampling = SamplingConfig.from_config(sampling)
         if not user_texts:
-            return []
-        import ray.data
-
+            return
         # a missing folder fails here, before any actor starts
         if self.weights and not os.path.isdir(self.weights):
             raise FileNotFoundError(f"{self.stage}: no model folder at {self.weights} (the weights to evaluate)")
@@ -174,34 +226,27 @@ class RayChatBackend:
 
             resolve_model_path(self.spec, self.cache_dir)
         self._connect()
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = progress is not None
         groups = self.groups(user_texts, sampling)
-        rows = [{"group": k, "payload": json.dumps({"texts": [user_texts[i] for i in indices], "seed": seed})}
-                for k, (indices, seed) in enumerate(groups)]
-        dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), self.num_workers * 4))
-        dataset = dataset.map_batches(
-            _GenerationWorker,
-            fn_constructor_kwargs=dict(spec=self.spec, cache_dir=self.cache_dir, weights=self.weights, engine=self.engine,
-                                       vllm=self.vllm, sampling=asdict(sampling),
-                                       num_threads=int(self.num_cpus_per_worker) if self.num_gpus_per_worker == 0 else 0),
-            compute=ray.data.ActorPoolStrategy(size=min(self.num_workers, len(rows))),
-            batch_size=max(1, self.batch_size // sampling.batch_size),
-            num_cpus=self.num_cpus_per_worker,
-            num_gpus=self.num_gpus_per_worker or None,
-            batch_format="numpy",
-        )
-        try:
-            replies = dataset.take_all()
-        except Exception as err:  # noqa: BLE001 (Ray wraps the worker's error; keep its first line readable)
-            raise ChatBackendError(f"{self.stage}: a Ray worker failed ({self.engine} engine, model "
-                                   f"'{self.spec.get('name')}'): {_worker_message(err)}") from err
+        payloads = [json.dumps({"texts": [user_texts[i] for i in indices], "seed": seed}) for indices, seed in groups]
+        worker_kwargs = dict(spec=self.spec, cache_dir=self.cache_dir, weights=self.weights, engine=self.engine,
+                             vllm=self.vllm, sampling=asdict(sampling),
+                             num_threads=int(self.num_cpus_per_worker) if self.num_gpus_per_worker == 0 else 0)
         self.calls += 1
+        for position, outputs in stream_through_actors(
+            payloads, _GenerationWorker, worker_kwargs, num_workers=self.num_workers,
+            num_cpus_per_worker=self.num_cpus_per_worker, num_gpus_per_worker=self.num_gpus_per_worker,
+            payloads_per_call=max(1, self.batch_size // sampling.batch_size), stage=self.stage,
+            describe=f"{self.engine} engine, model '{self.spec.get('name')}'", progress=progress is not None,
+        ):
+            indices, _ = groups[position]
+            for i, generations in zip(indices, outputs, strict=True):
+                yield i, [Generation(**g) for g in generations]
+
+    def complete(self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any],
+                 progress: str | None = None) -> list[list[Generation]]:
         results: list[list[Generation] | None] = [None] * len(user_texts)
-        for reply in replies:
-            indices, _ = groups[int(reply["group"])]
-            for i, generations in zip(indices, json.loads(reply["result"]), strict=True):
-                results[i] = [Generation(**g) for g in generations]
+        for i, generations in self.stream(user_texts, sampling, progress):
+            results[i] = generations
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise ChatBackendError(f"{self.stage}: Ray returned no reply for {len(missing)} of {len(user_texts)} prompts")
