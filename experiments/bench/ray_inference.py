@@ -9,8 +9,8 @@ chunk of all prompts as `complete_missing` would send it. At the same total numb
   ray, N workers     RayChatBackend on a local cluster of --threads CPUs: N actors with
                      --threads / N threads each, each loading its own copy of the model.
 
-Ray Data starts its actors for each chunk, so a Ray row's wall time includes starting N actors
-and loading N models; `startup s` is a one-prompt, one-token call (almost only that overhead), and
+Ray Data starts its actors once per call (a stage sends all its missing prompts in one call), so
+a Ray row's wall time includes starting N actors and loading N models once; `startup s` is a one-prompt, one-token call (almost only that overhead), and
 `generate s` the rest. Each row prints wall seconds, generated tokens/s and the speed-up over the
 in-process path.
 
