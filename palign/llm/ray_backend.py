@@ -149,8 +149,6 @@ def stream_through_actors(payloads: Sequence[str], worker: type, worker_kwargs: 
     try:
         for row in dataset.iter_rows():
             yield int(row["position"]), json.loads(row["result"])
-    except ChatBackendError:
-        raise
     except Exception as err:  # noqa: BLE001 (Ray wraps the worker's error; keep its first line readable)
         raise ChatBackendError(f"{stage}: a Ray worker failed ({describe}): {_worker_message(err)}") from err
 
