@@ -108,7 +108,8 @@ class Grading:
 class Ray:
     """Data-parallel inference through Ray Data for every stage whose `backend` is ray
     (`pip install 'palign[ray]'`; palign/llm/ray_backend.py). Each worker is a Ray actor holding
-    one engine; a stage's chunk is sharded across the workers and comes back in order."""
+    one engine for the whole stage (the judge: one judge); a stage's missing work is sharded across
+    the workers and stored as each piece comes back."""
 
     num_workers: int = knob(2, "actors, each holding one model (data parallelism)", identity=False, check=at_least(1))
     num_cpus_per_worker: float = knob(1.0, "CPUs Ray reserves per actor (also its torch threads)", identity=False,
@@ -119,7 +120,8 @@ class Ray:
                        "(a vLLM engine with the `vllm:` settings, GPU workers)", identity=False, check=one_of("hf", "vllm"))
     address: str | None = knob(None, "null: start a local cluster on this machine; `auto`: join the cluster this node "
                                "belongs to (`ray start`); ray://host:10001 for a remote head", identity=False)
-    batch_size: int = knob(16, "prompts per worker call (rounded to whole generation batches of sampling.batch_size)",
+    batch_size: int = knob(16, "prompts per worker call (rounded to whole generation batches of sampling.batch_size); "
+                           "the judge sends one truncation.search.chunk_size chunk of traces per call",
                            identity=False, check=at_least(1))
 
 
@@ -288,8 +290,10 @@ class Judge:
     model: ModelSpec = knob("${student}", "the judging model (self-judging: the student)")
     mode: str = knob("logits", "logits: [ENOUGH] vs [NOT_ENOUGH] log-odds | generate: the authors' generate and parse",
                      check=one_of("logits", "generate"))
-    backend: str = knob("hf", "hf | vllm (GPU only; engine settings under `vllm:`) | auto (vllm where installed "
-                        "with a GPU, else hf with a warning)", identity=False, check=one_of("hf", "vllm", "auto"))
+    backend: str = knob("hf", "hf | vllm (GPU only; engine settings under `vllm:`) | ray (data-parallel: each of the "
+                        "`ray:` workers holds a judge and searches whole chunks) | auto (vllm where installed with a GPU, "
+                        "else hf with a warning)", identity=False, check=one_of("hf", "vllm", "ray", "auto"))
+    ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
     max_new_tokens: int = knob(256, "generate mode: reply tokens", check=at_least(1))
     max_trace_tokens: int | None = knob(32768, "the longest trace the judge reads, in the student's tokens; a longer one "
                                         "gets no prefix and is counted as skipped_too_long (32768: the paper's max length)",

@@ -1,8 +1,9 @@
-"""backend=ray: continuation and evaluation sharded across 2 Ray Data actors on a local cluster.
+"""backend=ray: judge, continuation and evaluation sharded across 2 Ray Data actors on a local cluster.
 
 One local Ray cluster per module (2 CPUs, its temporary folder under pytest's), the tiny random
-model: results equal the in-process path's under greedy decoding, an interrupted stage resumes
-without recomputing or duplicating a stored record, a failing worker is reported by name.
+model: results equal the in-process path's under greedy decoding (the judge: the same verdicts,
+scores and prefixes), an interrupted stage resumes without recomputing or duplicating a stored
+record, a failing worker is reported by name.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from palign.evaluation.harness import evaluate
 from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
 from palign.llm.openai_backend import ChatBackendError
 from palign.teachers.records import TeacherRecord
+from palign.truncation.stage import PrefixTruncation, TruncationSettings, build_judge
 
 ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
 from palign.llm.ray_backend import RayChatBackend  # noqa: E402
+from palign.truncation.ray_judge import RayJudgePool  # noqa: E402
 
 # the tests marked slow start a Ray cluster (~10-30 s on 2 shared cores) whose actors load the model
 
@@ -199,3 +202,109 @@ def test_the_ray_back_end_changes_neither_the_run_identity_nor_the_stage_fingerp
                                   "ray.num_gpus_per_worker=1", "ray.engine=vllm", "ray.address=auto", "ray.batch_size=64"], tmp_path)
     assert run_identity(distributed) == run_identity(base)
     assert distributed.alignment.ray.num_workers == distributed.evaluation.ray.num_workers == 4  # one `ray:` block
+
+
+# -- the sufficiency judge over Ray ---------------------------------------------------------------
+JUDGE_PROMPT = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml"))
+TRACES = [TeacherRecord(id=f"t{i}", question=f"What is {i} + 3?", answer=str(i + 3),
+                        long_cot=" ".join(f"Step {j}: we compute {j} + {i} = {i + j}." for j in range(1, 4 + i)))
+          for i in range(5)]
+
+
+def judge_node(spec) -> dict:
+    return {"model": spec, "mode": "logits", "max_new_tokens": 8, "batch_size": 4, "engine": "one_pass",
+            "max_tail_tokens": 4096}
+
+
+def judge_settings(spec) -> TruncationSettings:
+    # the quantile rule: the calibration goes through the pool too
+    return TruncationSettings(granularity="sentence", search="binary", judge_identity=ModelSpec.from_config(spec).identity(),
+                              judge_prompt=JUDGE_PROMPT, threshold={"kind": "quantile", "value": 0.5, "calibration_examples": 2},
+                              batch_size=4, chunk_size=2)
+
+
+def searched(rows) -> list:
+    """What the search decided per trace, scores to float tolerance (other torch thread counts)."""
+    return [(r["id"], r["chosen_k"], r["fallback"], [(p["k"], p["sufficient"], round(p["score"], 4)) for p in r["probes"]])
+            for r in rows]
+
+
+@pytest.mark.slow
+def test_the_judge_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cache_dir, tmp_path):
+    spec, tokenizer = tiny
+    settings = judge_settings(spec)
+    local = PrefixTruncation(settings, stage_cache(tmp_path / "hf"), tokenizer,
+                             lambda: build_judge(judge_node(spec), JUDGE_PROMPT, cache_dir, {}, "hf"), progress=False)
+    expected = local.run(TRACES)
+    assert len(expected) == 5 and {r["chosen_k"] for r in expected} != {r["m"] for r in expected}  # prefixes, not all fallbacks
+
+    class Interrupted(RayJudgePool):
+        """The driver is 'killed' after the first chunk (2 traces) came back and was stored."""
+
+        def search(self, chunks, quantile_threshold):
+            for position, outcomes in super().search(chunks, quantile_threshold):
+                yield position, outcomes
+                raise KeyboardInterrupt
+
+    def pool(kind=RayJudgePool):
+        return kind(judge_node(spec), JUDGE_PROMPT, cache_dir, {}, {**SETTINGS, "batch_size": 1}, settings)
+
+    folder = stage_cache(tmp_path / "ray")
+    with pytest.raises(KeyboardInterrupt):
+        PrefixTruncation(settings, folder, tokenizer, judge_pool=pool(Interrupted), progress=False).run(TRACES)
+    store = next(folder.rglob("records.jsonl"))
+    first = [json.loads(line)["key"] for line in store.read_text().splitlines()]
+    assert len(first) == 2
+    calibration = json.loads(next(folder.rglob("calibration.json")).read_text())
+    assert calibration["threshold"] == pytest.approx(json.loads(next(local.folder.glob("calibration.json")).read_text())["threshold"], abs=1e-4)
+
+    sent: list[int] = []
+
+    class Counting(RayJudgePool):
+        def search(self, chunks, quantile_threshold):
+            sent.extend(len(questions) for questions, _ in chunks)
+            yield from super().search(chunks, quantile_threshold)
+
+    stage = PrefixTruncation(settings, folder, tokenizer, judge_pool=pool(Counting), progress=False)
+    rows = stage.run(TRACES)
+    # only the 3 unstored traces go out, in one actor pool (calibration was stored before)
+    assert sum(sent) == 3 and stage.judge_pool.calls == 1
+    stored = [json.loads(line)["key"] for line in store.read_text().splitlines()]
+    assert sorted(stored) == sorted(r["key"] for r in rows) and not set(first) & set(stored[2:])  # nothing duplicated
+    assert searched(rows) == searched(expected)
+    assert [r["prefix"] for r in rows] == [r["prefix"] for r in expected]
+    assert stage.judge_calls == sum(len(r["probes"]) for r in rows if r["key"] not in first)
+
+    # everything stored: a rerun starts no Ray and builds no judge
+    class Untouchable(RayJudgePool):
+        def _stream(self, payloads, num_workers):
+            pytest.fail("Ray started although every trace is stored")
+
+    again = PrefixTruncation(settings, folder, tokenizer, judge_pool=pool(Untouchable), progress=False)
+    assert searched(again.run(TRACES)) == searched(expected)
+
+
+@pytest.mark.slow
+def test_a_judge_worker_that_cannot_load_its_model_is_reported(ray_cluster, tiny, cache_dir, tmp_path):
+    spec, tokenizer = tiny
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    bad = {"name": "broken", "source": "local", "pretrained": str(broken)}
+    settings = judge_settings(spec)
+    stage = PrefixTruncation(settings, stage_cache(tmp_path), tokenizer, progress=False,
+                             judge_pool=RayJudgePool(judge_node(bad), JUDGE_PROMPT, cache_dir, {}, SETTINGS, settings))
+    with pytest.raises(ChatBackendError, match=r"truncation \(sufficiency judge\): a Ray worker failed .*ray worker pid \d+ on .*broken"):
+        stage.run(TRACES)
+
+
+def test_the_composed_config_builds_a_ray_judge_without_starting_ray(tmp_path, monkeypatch, smollm2_tokenizer):
+    from palign.pipeline import RunContext, make_truncation
+
+    cfg = compose_config(["experiment=tiny", "baseline=palign", "truncation.judge.backend=ray", "ray.num_workers=3",
+                          "ray.address=auto"], tmp_path)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before any work"))
+    ctx = RunContext(cfg=cfg, run_id="test", run_dir=tmp_path / "run", cache_dir=stage_cache(tmp_path))
+    stage = make_truncation(ctx, smollm2_tokenizer)
+    assert isinstance(stage.judge_pool, RayJudgePool) and stage.judge_factory is None
+    assert (stage.judge_pool.ray["num_workers"], stage.judge_pool.ray["address"]) == (3, "auto")
+    assert stage.run([]) == [] and not stage.judge_pool.started_ray

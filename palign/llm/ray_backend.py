@@ -228,7 +228,7 @@ class RayChatBackend:
         payloads = [json.dumps({"texts": [user_texts[i] for i in indices], "seed": seed}) for indices, seed in groups]
         worker_kwargs = dict(spec=self.spec, cache_dir=self.cache_dir, weights=self.weights, engine=self.engine,
                              vllm=self.vllm, sampling=asdict(sampling),
-                             num_threads=int(self.num_cpus_per_worker) if self.num_gpus_per_worker == 0 else 0)
+                             num_threads=worker_threads(self.num_cpus_per_worker, self.num_gpus_per_worker))
         self.calls += 1
         for position, outputs in stream_through_actors(
             payloads, _GenerationWorker, worker_kwargs, num_workers=self.num_workers,
@@ -265,6 +265,24 @@ def _worker_message(err: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
+def ray_settings(ray_cfg: Any) -> dict[str, Any]:
+    """The `ray:` block (palign/schema.py: Ray) as plain keyword arguments, its keys checked."""
+    from omegaconf import DictConfig, OmegaConf
+
+    settings = OmegaConf.to_container(ray_cfg, resolve=True) if isinstance(ray_cfg, DictConfig) else dict(ray_cfg or {})
+    known = {"num_workers", "num_cpus_per_worker", "num_gpus_per_worker", "engine", "address", "batch_size"}
+    if set(settings) != known:
+        raise ValueError(f"ray config: expected the keys {sorted(known)}, got {sorted(settings)} (palign/schema.py: Ray)")
+    if settings["engine"] not in ENGINES:
+        raise ValueError(f"ray.engine must be one of {ENGINES}, got '{settings['engine']}'")
+    return settings
+
+
+def worker_threads(num_cpus_per_worker: float, num_gpus_per_worker: float) -> int:
+    """torch threads of a CPU actor (its reserved CPUs); 0 (torch's default) on a GPU actor."""
+    return int(num_cpus_per_worker) if num_gpus_per_worker == 0 else 0
+
+
 def ray_backend(spec: Any, cache_dir: Any, ray_cfg: Any, vllm_cfg: Any, tokenizer, *, weights: str | None = None,
                 stage: str = "ray") -> RayChatBackend:
     """The back end for a stage's model config and the run's `ray:` block (nothing starts here)."""
@@ -272,12 +290,6 @@ def ray_backend(spec: Any, cache_dir: Any, ray_cfg: Any, vllm_cfg: Any, tokenize
 
     from palign.llm.models import ModelSpec
 
-    def plain(node: Any) -> dict[str, Any]:
-        return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-
-    settings = plain(ray_cfg)
-    known = {"num_workers", "num_cpus_per_worker", "num_gpus_per_worker", "engine", "address", "batch_size"}
-    if set(settings) != known:
-        raise ValueError(f"ray config: expected the keys {sorted(known)}, got {sorted(settings)} (palign/schema.py: Ray)")
+    vllm = OmegaConf.to_container(vllm_cfg, resolve=True) if isinstance(vllm_cfg, DictConfig) else dict(vllm_cfg or {})
     model = ModelSpec.from_config(spec)
-    return RayChatBackend(asdict(model), cache_dir, tokenizer, weights=weights, vllm=plain(vllm_cfg), stage=stage, **settings)
+    return RayChatBackend(asdict(model), cache_dir, tokenizer, weights=weights, vllm=vllm, stage=stage, **ray_settings(ray_cfg))

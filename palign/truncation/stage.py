@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -44,6 +44,9 @@ from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, ThresholdRule
 from palign.truncation.search import Verdict, create_search, fixed_ratio_k, run_searches
 from palign.truncation.units import Segmentation, segment
+
+if TYPE_CHECKING:
+    from palign.truncation.ray_judge import RayJudgePool
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +116,10 @@ class PrefixTruncation:
         tokenizer,
         judge_factory: Callable[[], SufficiencyJudge] | None = None,
         progress: bool = True,
+        judge_pool: RayJudgePool | None = None,
     ):
         self.settings = settings
+        self.judge_pool = judge_pool  # set: the judging runs in Ray actors, not in this process
         self.tokenizer = tokenizer
         self.judge_factory = judge_factory
         self.progress = progress
@@ -131,9 +136,12 @@ class PrefixTruncation:
                     vllm: Mapping[str, Any]) -> PrefixTruncation | None:
         """The stage from the `truncation` config node (conf/truncation/, palign/schema.py: Truncation)
         and the baseline's `truncation`/`ratio`; None when the baseline does not truncate. The judge
-        is built only when a record misses the store (never on a cache hit)."""
-        from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-        from palign.truncation.judge import JudgePrompt
+        is built only when a record misses the store (never on a cache hit); with `judge.backend: ray`
+        every Ray actor builds one (`judge.ray`: the run's `ray:` block, palign/truncation/ray_judge.py)."""
+        from functools import partial
+
+        from palign.llm.models import ModelSpec
+        from palign.llm.vllm_backend import resolve_backend
 
         mode = baseline["truncation"]
         if mode == "none":
@@ -146,28 +154,16 @@ class PrefixTruncation:
             threshold=dict(judge["threshold"]), max_new_tokens=judge["max_new_tokens"], batch_size=judge["batch_size"],
             chunk_size=search["chunk_size"], max_trace_tokens=judge["max_trace_tokens"],
         )
-        prompt = JudgePrompt.from_config(dict(judge_prompt))
-        shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"],
-                  "engine": judge["engine"]}
+        backend = resolve_backend(judge["backend"], "truncation.judge.backend")
+        ray = judge.get("ray")
+        judge = {key: value for key, value in judge.items() if key != "ray"}
+        if backend == "ray":
+            from palign.truncation.ray_judge import RayJudgePool
 
-        def judge_factory() -> SufficiencyJudge:  # called only when a trace needs judging
-            from palign.llm.vllm_backend import resolve_backend
-
-            if resolve_backend(judge["backend"], "truncation.judge.backend") == "vllm":
-                from palign.llm.vllm_backend import vllm_backend
-                from palign.truncation.vllm_judge import VLLMSufficiencyJudge
-
-                # vLLM scores each prefix as its own request (its prefix cache shares the rest), so
-                # the judge follows the search: only the prefixes it probes, never a trace's every prefix
-                if judge["engine"] != "batched":
-                    log.info("truncation: the vLLM judge scores only the prefixes the search probes "
-                             "(truncation.judge.engine=%s has no meaning on vLLM)", judge["engine"])
-                return VLLMSufficiencyJudge(vllm_backend(spec, cache_dir, vllm), prompt, **dict(shared, engine="batched"))
-            return SufficiencyJudge(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), prompt,
-                                    chat_template_kwargs=spec.chat_template_kwargs, max_tail_tokens=judge["max_tail_tokens"],
-                                    **shared)
-
-        return cls(settings, cache_dir, tokenizer, judge_factory)
+            # no judge on the driver: each Ray actor builds its own and searches whole chunks
+            pool = RayJudgePool(judge, dict(judge_prompt), cache_dir, vllm, ray, settings)
+            return cls(settings, cache_dir, tokenizer, judge_pool=pool)
+        return cls(settings, cache_dir, tokenizer, partial(build_judge, judge, dict(judge_prompt), cache_dir, vllm, backend))
 
     SUMMARY_KEY = "truncation"  # where a run's summary.json keeps `report`'s statistics
 
@@ -251,20 +247,38 @@ class PrefixTruncation:
         return admitted
 
     def _compute(self, todo: Sequence[TeacherRecord], segmentations: Mapping[str, Segmentation], store: RecordStore) -> None:
-        """Truncate `todo` chunk by chunk into the store, showing progress over the traces."""
+        """Truncate `todo` chunk by chunk into the store, showing progress over the traces; with a
+        Ray judge pool the chunks are searched in its actors and stored as each one comes back."""
         if not todo:
             return
         started = time.perf_counter()
+        chunks = [todo[start : start + self.settings.chunk_size] for start in range(0, len(todo), self.settings.chunk_size)]
+        done = 0
         # tqdm's disable=None: a bar on a terminal only; the log lines below go everywhere
         with tqdm(total=len(todo), desc="truncation", unit="trace", disable=None if self.progress else True) as bar:
-            for start in range(0, len(todo), self.settings.chunk_size):
-                chunk = todo[start : start + self.settings.chunk_size]
-                for row in self._truncate(chunk, [segmentations[r.id] for r in chunk], on_finished=bar.update):
+            if self.judge_pool is None:
+                finished = ((chunk, self._truncate(chunk, [segmentations[r.id] for r in chunk], on_finished=bar.update))
+                            for chunk in chunks)
+            else:
+                finished = self._truncate_in_pool(chunks, segmentations, bar)
+            for chunk, rows in finished:
+                for row in rows:
                     store.add(row)
-                done = start + len(chunk)
+                done += len(chunk)
                 elapsed = time.perf_counter() - started
                 log.info("truncation: %d/%d traces (%.0f%%) in %.0f s, %.2f s/trace, about %.0f s left", done, len(todo),
                          100 * done / len(todo), elapsed, elapsed / done, elapsed / done * (len(todo) - done))
+
+    def _truncate_in_pool(self, chunks: Sequence[Sequence[TeacherRecord]], segmentations: Mapping[str, Segmentation], bar):
+        """(chunk, rows) for each chunk as the Ray actors finish it (in any order)."""
+        quantile = self._quantile_threshold()
+        work = [(chunk, [segmentations[r.id] for r in chunk]) for chunk in chunks]
+        for position, outcomes in self.judge_pool.search([([r.question for r in chunk], segs) for chunk, segs in work],
+                                                         quantile):
+            chunk, segs = work[position]
+            bar.update(len(chunk))
+            self.judge_calls += sum(len(outcome["probes"]) for outcome in outcomes)
+            yield chunk, self._rows(chunk, segs, outcomes)
 
     def _granularity_options(self) -> dict[str, Any]:
         options = dict(self.settings.granularity_options)
@@ -280,16 +294,13 @@ class PrefixTruncation:
             self._judge = self.judge_factory()
         return self._judge
 
-    def _thresholds(self, records, segs, scores) -> tuple[list[float], list[float | None]]:
-        """Per-example score thresholds for logits mode, and the full-trace scores when used."""
-        rule = ThresholdRule.from_config(self.settings.threshold)
-        if rule.kind == "absolute":
-            return [rule.value] * len(records), [None] * len(records)
-        if rule.kind == "relative_to_full":
-            memo = scores([(i, s.m) for i, s in enumerate(segs)])  # all full traces in one judge call
-            full = [memo[i][s.m] for i, s in enumerate(segs)]
-            return [score - rule.value for score in full], full
-        return [self._calibrated_quantile(rule, records, segs)] * len(records), [None] * len(records)
+    def _quantile_threshold(self) -> float | None:
+        """The calibrated threshold of a quantile rule (calibrated in `run`), else None."""
+        if self.settings.search == FIXED_RATIO or self.settings.mode != "logits":
+            return None
+        if ThresholdRule.from_config(self.settings.threshold).kind != "quantile":
+            return None
+        return float(read_json(self.folder / "calibration.json")["threshold"])
 
     def _calibrated_quantile(self, rule: ThresholdRule, records, segs) -> float:
         """The rule's quantile of every prefix score of the first calibration examples (once per store)."""
@@ -298,7 +309,8 @@ class PrefixTruncation:
             return float(read_json(path)["threshold"])
         n = min(rule.calibration_examples, len(records))
         items = [(r.question, s, range(1, s.m + 1)) for r, s in zip(records[:n], segs[:n])]
-        scores = sorted(score for found in self.judge.prefix_scores(items) for score in found.values())
+        scorer = self.judge_pool if self.judge_pool is not None else self.judge
+        scores = sorted(score for found in scorer.prefix_scores(items) for score in found.values())
         position = min(len(scores) - 1, max(0, round(rule.value * (len(scores) - 1))))
         threshold = scores[position]
         write_json_atomic(path, {"threshold": threshold, "quantile": rule.value, "examples": n, "scores": scores})
@@ -307,49 +319,19 @@ class PrefixTruncation:
 
     def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation],
                   on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
-        settings = self.settings
-        memo: list[dict[int, float]] = [{} for _ in records]  # logits-mode scores by prefix length
-        full_scores: list[float | None] = [None] * len(records)
-        thresholds: list[float | None] = [None] * len(records)
-        if settings.search == FIXED_RATIO:
-            chosen = [(fixed_ratio_k(s.m, settings.ratio), [], False, None) for s in segs]
-            if on_finished is not None:
-                on_finished(len(segs))
-        else:
-            def memoized_scores(requests: Sequence[tuple[int, int]]) -> list[dict[int, float]]:
-                """Scores per example, computing each prefix once; the one-pass engine scores a
-                trace's every prefix on first touch (the cost of its longest one)."""
-                needed: dict[int, set[int]] = {}
-                for i, k in requests:
-                    if k not in memo[i]:
-                        needed.setdefault(i, set()).add(k)
-                if self.judge.engine == "one_pass":
-                    needed = {i: set(range(1, segs[i].m + 1)) - set(memo[i]) for i in needed}
-                order = sorted(needed)
-                found = self.judge.prefix_scores([(records[i].question, segs[i], sorted(needed[i])) for i in order])
-                for i, values in zip(order, found):
-                    memo[i].update(values)
-                return memo
+        """The stored rows of `records`, searched with this process's judge."""
+        judge = None if self.settings.search == FIXED_RATIO else self.judge
+        outcomes = search_prefixes(self.settings, judge, [r.question for r in records], segs,
+                                   quantile_threshold=self._quantile_threshold(), on_finished=on_finished)
+        self.judge_calls += sum(len(outcome["probes"]) for outcome in outcomes)
+        return self._rows(records, segs, outcomes)
 
-            if settings.mode == "logits":
-                thresholds, full_scores = self._thresholds(records, segs, memoized_scores)
-            states = [create_search(settings.search, s.m) for s in segs]
-
-            def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
-                if settings.mode == "generate":
-                    return self.judge.judge([(records[i].question, segs[i].prefix(k)) for i, k in requests])
-                memoized_scores(requests)
-                return [
-                    Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None) for i, k in requests
-                ]
-
-            results = run_searches(states, judge_batch, settings.batch_size, on_finished=on_finished)
-            chosen = [(r.chosen_k, r.probes, r.fallback, r.monotone) for r in results]
-            self.judge_calls += sum(len(r.probes) for r in results)
+    def _rows(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation],
+              outcomes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """One stored row per record from its search's outcome (`search_prefixes`)."""
         rows = []
-        for i, (record, seg, (k, probes, fallback, monotone), full_score, threshold) in enumerate(
-            zip(records, segs, chosen, full_scores, thresholds)
-        ):
+        for record, seg, outcome in zip(records, segs, outcomes, strict=True):
+            k = outcome["chosen_k"]
             prefix = seg.prefix(k)
             rows.append({
                 "key": record_key(record),
@@ -364,18 +346,106 @@ class PrefixTruncation:
                 "prefix": prefix,
                 "prefix_tokens": self._count_tokens(prefix),
                 "full_tokens": self._count_tokens(seg.prefix(seg.m)),
-                "fallback": fallback,
-                "monotone": monotone,
-                "full_score": full_score,
-                "threshold": threshold,
-                "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply} for p in probes],
-                "judge_calls": len(probes) + (1 if full_score is not None else 0),
-                "prefixes_scored": len(memo[i]) if memo[i] else len(probes),
+                "fallback": outcome["fallback"],
+                "monotone": outcome["monotone"],
+                "full_score": outcome["full_score"],
+                "threshold": outcome["threshold"],
+                "probes": outcome["probes"],
+                "judge_calls": len(outcome["probes"]) + (1 if outcome["full_score"] is not None else 0),
+                "prefixes_scored": outcome["prefixes_scored"],
             })
         return rows
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_judge(judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache_dir: str | Path,
+                vllm: Mapping[str, Any], backend: str) -> SufficiencyJudge:
+    """The sufficiency judge of the `truncation.judge` node (without its `ray` block) on `backend`
+    (hf or vllm), its model loaded here: called by the stage only when a trace needs judging, and
+    by every Ray actor of the ray back end."""
+    from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
+    from palign.truncation.judge import JudgePrompt
+
+    spec = ModelSpec.from_config(judge["model"])
+    prompt = JudgePrompt.from_config(dict(judge_prompt))
+    shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"],
+              "engine": judge["engine"]}
+    if backend == "vllm":
+        from palign.llm.vllm_backend import vllm_backend
+        from palign.truncation.vllm_judge import VLLMSufficiencyJudge
+
+        # vLLM scores each prefix as its own request (its prefix cache shares the rest), so the
+        # judge follows the search: only the prefixes it probes, never a trace's every prefix
+        if judge["engine"] != "batched":
+            log.info("truncation: the vLLM judge scores only the prefixes the search probes "
+                     "(truncation.judge.engine=%s has no meaning on vLLM)", judge["engine"])
+        return VLLMSufficiencyJudge(vllm_backend(spec, cache_dir, vllm), prompt, **dict(shared, engine="batched"))
+    if backend != "hf":
+        raise ValueError(f"truncation.judge.backend: a judge is built on hf or vllm, got '{backend}'")
+    return SufficiencyJudge(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), prompt,
+                            chat_template_kwargs=spec.chat_template_kwargs, max_tail_tokens=judge["max_tail_tokens"], **shared)
+
+
+def search_prefixes(settings: TruncationSettings, judge: SufficiencyJudge | None, questions: Sequence[str],
+                    segs: Sequence[Segmentation], *, quantile_threshold: float | None = None,
+                    on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    """Each trace's search outcome (chosen_k, probes, fallback, monotone, full_score, threshold,
+    prefixes_scored; plain JSON): the fixed ratio, or the configured search with `judge`, all the
+    traces advancing together in judge batches of `settings.batch_size`. A quantile rule's
+    threshold is `quantile_threshold`, calibrated beforehand (`PrefixTruncation.run`)."""
+    memo: list[dict[int, float]] = [{} for _ in segs]  # logits-mode scores by prefix length
+    full_scores: list[float | None] = [None] * len(segs)
+    thresholds: list[float | None] = [None] * len(segs)
+    if settings.search == FIXED_RATIO:
+        chosen = [(fixed_ratio_k(s.m, settings.ratio), [], False, None) for s in segs]
+        if on_finished is not None:
+            on_finished(len(segs))
+    else:
+        def memoized_scores(requests: Sequence[tuple[int, int]]) -> list[dict[int, float]]:
+            """Scores per example, computing each prefix once; the one-pass engine scores a trace's
+            every prefix on first touch (the cost of its longest one)."""
+            needed: dict[int, set[int]] = {}
+            for i, k in requests:
+                if k not in memo[i]:
+                    needed.setdefault(i, set()).add(k)
+            if judge.engine == "one_pass":
+                needed = {i: set(range(1, segs[i].m + 1)) - set(memo[i]) for i in needed}
+            order = sorted(needed)
+            found = judge.prefix_scores([(questions[i], segs[i], sorted(needed[i])) for i in order])
+            for i, values in zip(order, found):
+                memo[i].update(values)
+            return memo
+
+        if settings.mode == "logits":
+            rule = ThresholdRule.from_config(settings.threshold)
+            if rule.kind == "absolute":
+                thresholds = [rule.value] * len(segs)
+            elif rule.kind == "relative_to_full":
+                memoized_scores([(i, s.m) for i, s in enumerate(segs)])  # all full traces in one judge call
+                full_scores = [memo[i][s.m] for i, s in enumerate(segs)]
+                thresholds = [score - rule.value for score in full_scores]
+            else:
+                if quantile_threshold is None:
+                    raise ValueError("a quantile threshold needs its calibrated value (quantile_threshold)")
+                thresholds = [quantile_threshold] * len(segs)
+        states = [create_search(settings.search, s.m) for s in segs]
+
+        def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
+            if settings.mode == "generate":
+                return judge.judge([(questions[i], segs[i].prefix(k)) for i, k in requests])
+            memoized_scores(requests)
+            return [Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None) for i, k in requests]
+
+        results = run_searches(states, judge_batch, settings.batch_size, on_finished=on_finished)
+        chosen = [(r.chosen_k, r.probes, r.fallback, r.monotone) for r in results]
+    return [
+        {"chosen_k": k, "fallback": fallback, "monotone": monotone, "full_score": full_scores[i], "threshold": thresholds[i],
+         "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply} for p in probes],
+         "prefixes_scored": len(memo[i]) if memo[i] else len(probes)}
+        for i, (k, probes, fallback, monotone) in enumerate(chosen)
+    ]
 
 
 def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0, skipped_too_long: int = 0) -> dict[str, Any]:

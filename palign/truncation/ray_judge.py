@@ -1,0 +1,132 @@
+"""The sufficiency judge data-parallel over Ray Data actors (`truncation.judge.backend: ray`).
+
+The judge's work is not text generation but scores and searches, so it goes through palign's own
+engine in Ray Data actors (palign/llm/ray_backend.py: `stream_through_actors`), not `ray.data.llm`.
+Each actor builds one judge from the `truncation.judge` node (`build_judge`: the Hugging Face judge,
+or vLLM's with `ray.engine: vllm`) and loads its model once for the whole stage. The stage sends
+its missing traces as whole chunks (`truncation.search.chunk_size` traces each, the chunks the
+in-process path cuts); an actor runs the same search over a chunk (`search_prefixes`, the same judge
+batches), so verdicts, scores and chosen prefixes equal the in-process path's. The driver builds
+and stores each chunk's rows as it comes back, in any order: a driver killed mid-stage resumes
+with the chunks it had not stored. The driver loads no judge; a quantile threshold is calibrated by
+one actor before the search (once per store, like in process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from palign.llm.ray_backend import RayWorkerError, connect, ray_settings, stream_through_actors, worker_threads
+from palign.truncation.stage import TruncationSettings, build_judge, search_prefixes
+from palign.truncation.units import Segmentation
+
+STAGE = "truncation (sufficiency judge)"
+
+
+def _encode(questions: Sequence[str], segs: Sequence[Segmentation]) -> list[dict[str, Any]]:
+    return [{"question": q, "text": s.text, "units": list(s.units), "joiner": s.joiner, "granularity": s.granularity}
+            for q, s in zip(questions, segs, strict=True)]
+
+
+def _decode(traces: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Segmentation]]:
+    return ([t["question"] for t in traces],
+            [Segmentation(t["text"], tuple(t["units"]), t["joiner"], t["granularity"]) for t in traces])
+
+
+class _JudgeWorker:
+    """One Ray actor holding a judge; each payload is a chunk of traces to search (`search`) or
+    whose every prefix to score (`scores`, the quantile calibration)."""
+
+    def __init__(self, judge: dict[str, Any], judge_prompt: dict[str, Any], cache_dir: str, vllm: dict[str, Any],
+                 engine: str, settings: dict[str, Any], num_threads: int):
+        self.where = f"ray worker pid {os.getpid()} on {socket.gethostname()}"
+        try:
+            import torch
+
+            if num_threads >= 1:
+                torch.set_num_threads(num_threads)
+            self.settings = TruncationSettings(**settings)
+            self.judge = build_judge(judge, judge_prompt, cache_dir, vllm, engine)
+        except Exception as err:  # noqa: BLE001 (reported to the driver with where it happened)
+            raise RayWorkerError(f"{self.where}: could not build the '{engine}' judge for model "
+                                 f"'{judge['model'].get('name')}': {type(err).__name__}: {err}") from err
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        results = []
+        for payload in batch["payload"]:
+            request = json.loads(payload)
+            questions, segs = _decode(request["traces"])
+            try:
+                if request["kind"] == "scores":
+                    found = self.judge.prefix_scores(list(zip(questions, segs, request["ks"], strict=True)))
+                    result: Any = [sorted(values.items()) for values in found]  # JSON has no integer keys
+                else:
+                    result = search_prefixes(self.settings, self.judge, questions, segs,
+                                             quantile_threshold=request["threshold"])
+            except Exception as err:  # noqa: BLE001
+                raise RayWorkerError(f"{self.where}: judging failed: {type(err).__name__}: {err}") from err
+            results.append(json.dumps(result))
+        return {"position": np.asarray(batch["position"]), "result": np.asarray(results, dtype=object)}
+
+
+class RayJudgePool:
+    """The stage's judging in Ray actors: `search` for chunks of traces, `prefix_scores` for the
+    calibration. Nothing starts before work arrives (a cache hit never starts Ray)."""
+
+    def __init__(self, judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache_dir: str | Path,
+                 vllm: Mapping[str, Any], ray: Any, settings: TruncationSettings):
+        self.ray = ray_settings(ray)
+        self.judge = dict(judge)
+        self.judge_prompt = dict(judge_prompt)
+        self.cache_dir = str(cache_dir)
+        self.vllm = dict(vllm or {})
+        self.settings = settings
+        self.started_ray = False
+        self.calls = 0  # actor pools started
+
+    def __repr__(self) -> str:
+        return (f"RayJudgePool({self.judge['model'].get('name')!r}, engine={self.ray['engine']!r}, "
+                f"num_workers={self.ray['num_workers']}, address={self.ray['address']!r})")
+
+    def _stream(self, payloads: Sequence[dict[str, Any]], num_workers: int) -> Iterator[tuple[int, Any]]:
+        spec = self.judge["model"]
+        if spec.get("source") == "local":  # a missing model folder fails here, before any actor starts
+            from palign.llm.models import resolve_model_path
+
+            resolve_model_path(spec, self.cache_dir)
+        ray = self.ray
+        self.started_ray |= connect(ray["address"], num_workers, ray["num_cpus_per_worker"], ray["num_gpus_per_worker"],
+                                    STAGE)
+        self.calls += 1
+        worker_kwargs = dict(judge=self.judge, judge_prompt=self.judge_prompt, cache_dir=self.cache_dir, vllm=self.vllm,
+                             engine=ray["engine"], settings=asdict(self.settings),
+                             num_threads=worker_threads(ray["num_cpus_per_worker"], ray["num_gpus_per_worker"]))
+        yield from stream_through_actors(
+            [json.dumps(payload) for payload in payloads], _JudgeWorker, worker_kwargs, num_workers=num_workers,
+            num_cpus_per_worker=ray["num_cpus_per_worker"], num_gpus_per_worker=ray["num_gpus_per_worker"],
+            payloads_per_call=1, stage=STAGE, describe=f"{ray['engine']} judge, model '{spec.get('name')}'",
+        )
+
+    def search(self, chunks: Sequence[tuple[Sequence[str], Sequence[Segmentation]]],
+               quantile_threshold: float | None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """`(chunk position, search outcomes)` for each (questions, segmentations) chunk as an actor
+        finishes it; one pool of `ray.num_workers` actors for all the chunks."""
+        payloads = [{"kind": "search", "traces": _encode(questions, segs), "threshold": quantile_threshold}
+                    for questions, segs in chunks]
+        yield from self._stream(payloads, self.ray["num_workers"])
+
+    def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
+        """The scores of the prefixes `ks` of each (question, segmentation), from one actor (the
+        quantile's calibration)."""
+        payload = {"kind": "scores", "traces": _encode([q for q, _, _ in items], [s for _, s, _ in items]),
+                   "ks": [list(ks) for _, _, ks in items]}
+        ((_, found),) = list(self._stream([payload], 1))
+        return [{int(k): score for k, score in pairs} for pairs in found]
