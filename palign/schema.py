@@ -125,6 +125,20 @@ class Ray:
                            identity=False, check=at_least(1))
 
 
+@dataclass
+class VLLM:
+    """vLLM engine settings for every stage whose `backend` is vllm (GPU only, `pip install 'palign[vllm]'`)."""
+
+    tensor_parallel_size: int = knob(1, "GPUs per engine", check=at_least(1))
+    gpu_memory_utilization: float = knob(0.85, "share of the GPU each distinct engine reserves",
+                                         check=number(0, 1, low_open=True))
+    max_model_len: int | None = knob(None, "context length (null: the model's)", check=at_least(1, optional="the model's"))
+    enable_prefix_caching: bool = knob(True, "the judge's prefixes of one trace share their KV cache")
+    dtype: str = knob("auto", "weights' dtype")
+    seed: int = knob("${seed}", "engine seed")
+    engine_kwargs: dict[str, Any] = knob(factory=dict, help="further vllm.LLM arguments, e.g. {enforce_eager: true}")
+
+
 # -- paths, prompts, baseline ---------------------------------------------------------------------
 @dataclass
 class Paths:
@@ -237,6 +251,12 @@ class GeneratedSource(TeacherSource):
     _target_: str = f"{TEACHERS}.GeneratedTeacher"
     only_correct: bool = knob(True, "keep only generated traces whose answer math-verify grades correct")
     model: ModelSpec = knob("${student}", "the generating model (ignored when `remote` is set)")
+    backend: str = knob("hf", "how `model` generates: hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers) "
+                        "| auto (vllm where installed with a GPU, else hf with a warning)", identity=False,
+                        check=one_of("hf", "vllm", "ray", "auto"))
+    ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
+    vllm: VLLM = knob("${vllm}", "backend=vllm or ray.engine=vllm: the engine settings (the run's `vllm:` block)",
+                      identity=False)
     problems: Problems = knob(factory=Problems, help="the problems to generate for")
     sampling: Sampling = knob(factory=lambda: Sampling(max_new_tokens=1024), help="the teacher's sampling")
     cache_dir: str = knob("${paths.cache_dir}", "where generations are stored", identity=False)
@@ -487,20 +507,6 @@ class Logger:
     entity: str | None = knob(None, "W&B entity (null: your default)")
     mode: str = knob("auto", "W&B mode: auto (offline without an API key) | online | offline | disabled",
                      check=one_of("auto", "online", "offline", "disabled"))
-
-
-@dataclass
-class VLLM:
-    """vLLM engine settings for every stage whose `backend` is vllm (GPU only, `pip install 'palign[vllm]'`)."""
-
-    tensor_parallel_size: int = knob(1, "GPUs per engine", check=at_least(1))
-    gpu_memory_utilization: float = knob(0.85, "share of the GPU each distinct engine reserves",
-                                         check=number(0, 1, low_open=True))
-    max_model_len: int | None = knob(None, "context length (null: the model's)", check=at_least(1, optional="the model's"))
-    enable_prefix_caching: bool = knob(True, "the judge's prefixes of one trace share their KV cache")
-    dtype: str = knob("auto", "weights' dtype")
-    seed: int = knob("${seed}", "engine seed")
-    engine_kwargs: dict[str, Any] = knob(factory=dict, help="further vllm.LLM arguments, e.g. {enforce_eager: true}")
 
 
 # -- the run --------------------------------------------------------------------------------------

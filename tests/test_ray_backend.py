@@ -198,10 +198,15 @@ def test_the_ray_back_end_changes_neither_the_run_identity_nor_the_stage_fingerp
     from palign.runs import run_identity
 
     base = compose_config(["baseline=palign"], tmp_path)
-    distributed = compose_config(["baseline=palign", "alignment.backend=ray", "evaluation.backend=ray", "ray.num_workers=4",
+    distributed = compose_config(["baseline=palign", "truncation.judge.backend=ray", "alignment.backend=ray",
+                                  "evaluation.backend=ray", "ray.num_workers=4",
                                   "ray.num_gpus_per_worker=1", "ray.engine=vllm", "ray.address=auto", "ray.batch_size=64"], tmp_path)
     assert run_identity(distributed) == run_identity(base)
     assert distributed.alignment.ray.num_workers == distributed.evaluation.ray.num_workers == 4  # one `ray:` block
+    assert distributed.truncation.judge.ray.num_workers == 4
+    generated = ["teacher=generate", "teacher.source.backend=ray", "ray.num_workers=4"]
+    assert run_identity(compose_config(generated, tmp_path)) == run_identity(compose_config(["teacher=generate"], tmp_path))
+    assert compose_config(generated, tmp_path).teacher.source.ray.num_workers == 4
 
 
 # -- the sufficiency judge over Ray ---------------------------------------------------------------
@@ -308,3 +313,26 @@ def test_the_composed_config_builds_a_ray_judge_without_starting_ray(tmp_path, m
     assert isinstance(stage.judge_pool, RayJudgePool) and stage.judge_factory is None
     assert (stage.judge_pool.ray["num_workers"], stage.judge_pool.ray["address"]) == (3, "auto")
     assert stage.run([]) == [] and not stage.judge_pool.started_ray
+
+
+@pytest.mark.slow
+def test_teacher_generation_over_ray_equals_in_process(ray_cluster, tiny, cache_dir, tmp_path, shared_data):
+    from palign.teachers.sources import GeneratedTeacher
+
+    spec, _ = tiny
+
+    def generated(folder, backend) -> list[dict]:
+        """The stored generations (the tiny model's greedy traces are blank lines, which `load` then
+        counts as empty traces: the store is where the generations are compared)."""
+        teacher = GeneratedTeacher(model=spec, problems={"kind": "file", "path": str(shared_data / "problems" / "math_train.json")},
+                                   sampling=GREEDY, cache_dir=str(stage_cache(folder)), prompts=PROMPTS, problem_limit=4,
+                                   only_correct=False, backend=backend, ray=SETTINGS, grading_workers=0)
+        if backend == "ray":
+            assert isinstance(teacher._model_backend(ModelSpec.from_config(spec)), RayChatBackend)
+        teacher.load()
+        (store,) = (folder / "cache" / "teacher_generation").glob("*/records.jsonl")
+        return sorted((json.loads(line) for line in store.read_text().splitlines()), key=lambda row: row["id"])
+
+    expected = generated(tmp_path / "hf", "hf")
+    assert len(expected) == 4 and all(row["trace"] for row in expected)
+    assert generated(tmp_path / "ray", "ray") == expected

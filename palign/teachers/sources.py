@@ -345,6 +345,9 @@ class GeneratedTeacher(Teacher):
         chunk_size: int = 32,
         grading_workers: int = 1,
         remote: dict[str, Any] | None = None,
+        backend: str = "hf",
+        ray: dict[str, Any] | None = None,
+        vllm: dict[str, Any] | None = None,
         **kw,
     ):
         kw.setdefault("only_correct", True)
@@ -361,6 +364,9 @@ class GeneratedTeacher(Teacher):
         self.chunk_size = chunk_size
         self.grading_workers = grading_workers
         self.remote_cfg = as_dict(remote) if remote else None  # an OpenAI-compatible server instead of `model`
+        self.backend = backend  # how `model` generates (hf | vllm | ray | auto); not with `remote`
+        self.ray_cfg = as_dict(ray or {})
+        self.vllm_cfg = as_dict(vllm or {})
 
     def _problems(self) -> list[tuple[str, str, str | None]]:
         kind = self.problems_cfg.get("kind", "champ")
@@ -393,13 +399,11 @@ class GeneratedTeacher(Teacher):
         return rows[: self.problem_limit] if self.problem_limit is not None else rows
 
     def _iter_records(self, skipped: Counter):
-        from functools import partial
-
         from palign.grading import GradingPool
         from palign.llm.chat import instruction_prompt
         from palign.llm.generation import SamplingConfig
-        from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-        from palign.llm.openai_backend import LocalChatBackend, OpenAIChatBackend, complete_missing
+        from palign.llm.models import ModelSpec
+        from palign.llm.openai_backend import OpenAIChatBackend, complete_missing
 
         problems = self._problems()
         sampling = SamplingConfig.from_config(self.sampling)
@@ -408,8 +412,7 @@ class GeneratedTeacher(Teacher):
             model_identity, teacher_name = backend.identity(), backend.model
         else:
             spec = ModelSpec.from_config(self.model_cfg)
-            backend = LocalChatBackend(partial(load_inference_model, spec, self.cache_dir), load_tokenizer(spec, self.cache_dir),
-                                       spec.chat_template_kwargs)
+            backend = self._model_backend(spec)
             model_identity, teacher_name = spec.identity(), spec.name
         identity = {"model": model_identity, "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
                     "instruction": self.prompts["instruction"], "problems": self.problems_cfg, "code_version": CODE_VERSION}
@@ -434,6 +437,26 @@ class GeneratedTeacher(Teacher):
                 id=row["id"], question=row["question"], answer=row["answer"], long_cot=row["trace"],
                 source={"dataset": "generated", "teacher": teacher_name, "correct": row["correct"], "finished": row["finished"]},
             )
+
+    def _model_backend(self, spec):
+        """`model`'s back end by `backend` (nothing loads or starts until a problem misses the store)."""
+        from functools import partial
+
+        from palign.llm.models import load_inference_model, load_tokenizer
+        from palign.llm.openai_backend import LocalChatBackend
+        from palign.llm.vllm_backend import resolve_backend
+
+        backend = resolve_backend(self.backend, "teacher.source.backend")
+        if backend == "vllm":
+            from palign.llm.vllm_backend import vllm_backend
+
+            return vllm_backend(spec, self.cache_dir, self.vllm_cfg)
+        tokenizer = load_tokenizer(spec, self.cache_dir)
+        if backend == "ray":
+            from palign.llm.ray_backend import ray_backend
+
+            return ray_backend(spec, self.cache_dir, self.ray_cfg, self.vllm_cfg, tokenizer, stage="teacher generation")
+        return LocalChatBackend(partial(load_inference_model, spec, self.cache_dir), tokenizer, spec.chat_template_kwargs)
 
     def _trace_is_correct(self, record: TeacherRecord) -> bool:
         return bool(record.source.get("correct"))  # graded once, when generated
