@@ -336,3 +336,23 @@ def test_teacher_generation_over_ray_equals_in_process(ray_cluster, tiny, cache_
     expected = generated(tmp_path / "hf", "hf")
     assert len(expected) == 4 and all(row["trace"] for row in expected)
     assert generated(tmp_path / "ray", "ray") == expected
+
+
+@pytest.mark.slow
+def test_ray_workers_sample_with_the_configured_parameters_only(ray_cluster, tiny, cache_dir, tmp_path, tiny_model):
+    """A model whose generation_config.json ships top_k 20, a repetition penalty, an n-gram ban, ...
+    samples on Ray workers exactly as the same weights with a plain one (tests/test_sampling_params.py)."""
+    from test_sampling_params import MODEL_DEFAULTS
+
+    spec, tokenizer = tiny
+    plain, opinionated = tmp_path / "plain", tmp_path / "opinionated"
+    for folder in (plain, opinionated):
+        tiny_model.save_pretrained(folder)
+    shipped = json.loads((opinionated / "generation_config.json").read_text())
+    (opinionated / "generation_config.json").write_text(json.dumps({**shipped, **MODEL_DEFAULTS}))
+    sampling = {**GREEDY, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": None, "num_samples": 2,
+                "max_new_tokens": 6, "seed": 5}
+    texts = [f"Name a number above {i}." for i in range(4)]
+    outputs = [[[g.text for g in gens] for gens in ray_backend(spec, cache_dir, tokenizer, weights=str(folder)).complete(texts, sampling)]
+               for folder in (plain, opinionated)]
+    assert outputs[0] == outputs[1] and len({text for gens in outputs[0] for text in gens}) > 1
