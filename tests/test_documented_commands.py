@@ -75,6 +75,19 @@ DOCUMENTED: dict[str, dict] = {
         {**PAPER_QWEN25, "choice:trainer": "ddp", "choice:hydra/launcher": "slurm", "trainer.num_nodes": 2,
          "trainer.devices": 8, "hydra.launcher.nodes": 2, "hydra.launcher.gpus_per_node": 8,
          "hydra.launcher.tasks_per_node": 8},
+    "experiment=tiny stage=align truncation.judge.backend=ray alignment.backend=ray ray.num_workers=2":
+        {**TINY, "stage": "align", "truncation.judge.backend": "ray", "alignment.backend": "ray", "ray.num_workers": 2,
+         "truncation.judge.ray.num_workers": 2, "alignment.ray.num_workers": 2, "ray.address": None},
+    "experiment=paper/table1_qwen2_5_7b stage=align truncation.judge.backend=ray alignment.backend=ray ray.address=auto "
+    "ray.engine=vllm ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256 "
+    "alignment.chunk_size=1024":
+        {**PAPER_QWEN25, "stage": "align", "truncation.judge.backend": "ray", "alignment.backend": "ray",
+         "truncation.judge.ray.address": "auto", "alignment.ray.engine": "vllm", "truncation.judge.ray.num_workers": 16,
+         "alignment.ray.num_gpus_per_worker": 1, "alignment.ray.batch_size": 256},
+    "experiment=paper/table1_qwen2_5_7b stage=eval evaluation.backend=ray ray.address=auto ray.engine=vllm "
+    "ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256":
+        {**PAPER_QWEN25, "stage": "eval", "evaluation.backend": "ray", "evaluation.ray.address": "auto",
+         "evaluation.ray.engine": "vllm", "evaluation.ray.num_workers": 16, "evaluation.ray.num_gpus_per_worker": 1},
     "stage=judge_chains baseline=palign chain_judge=openai chain_judge.remote.base_url=https://open.bigmodel.cn/api/paas/v4 "
     "chain_judge.remote.model=glm-4.5 chain_judge.remote.api_key_env=ZHIPUAI_API_KEY":
         {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.remote.model": "glm-4.5",
