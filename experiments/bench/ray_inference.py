@@ -14,6 +14,12 @@ a Ray row's wall time includes starting N actors and loading N models once; `sta
 `generate s` the rest. Each row prints wall seconds, generated tokens/s and the speed-up over the
 in-process path.
 
+The sufficiency judge (`truncation.judge.backend: ray`, palign/truncation/ray_judge.py) the same
+way: --judge-traces CHAMP solutions, sentence units, binary search with the one-pass logits judge,
+--judge-chunk traces per chunk; in process (one judge, --threads threads) against 1 and 2 Ray
+workers, each building its own judge. Wall time includes loading the judge(s) and, for Ray, starting
+the actors; the prefixes chosen are checked equal.
+
 Run from the repository root (`pip install 'palign[ray]'`):
     python -m experiments.bench.ray_inference [--model smollm2_135m|tiny_random] [--prompts 16] [--threads 2]
 """
@@ -45,6 +51,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="total torch threads (and the Ray cluster's CPUs)")
     parser.add_argument("--workers", default="1,2", help="comma-separated Ray worker counts")
+    parser.add_argument("--judge-traces", type=int, default=16, help="CHAMP traces for the judge (0: no judge rows)")
+    parser.add_argument("--judge-chunk", type=int, default=4, help="truncation.search.chunk_size: traces per chunk")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE)
     args = parser.parse_args()
 
@@ -91,6 +99,7 @@ def main() -> None:
                 same = [[g.text for g in s] for s in outputs] == [[g.text for g in s] for s in expected]
                 rows.append((f"ray, {workers} worker{'s' * (workers > 1)}{'' if same else ' (TEXT DIFFERS)'}", startup,
                              wall, tokens(outputs)))
+            judged = judge_rows(args, spec, tokenizer) if args.judge_traces else []
         finally:
             ray.shutdown()
 
@@ -101,6 +110,48 @@ def main() -> None:
         generate_s = wall if label == "in-process" else max(wall - startup, 0.0)
         print(f"| {label} | {startup:.1f} | {wall:.1f} | {generate_s:.1f} | {count} | {count / wall:.1f} | "
               f"{count / wall / baseline:.2f} |")
+
+    if judged:
+        print(f"\njudge: {args.judge_traces} CHAMP traces, chunks of {args.judge_chunk}, binary search, one-pass logits")
+        print("| configuration | wall s (judge load included) | traces/s | judge calls | x in-process |")
+        print("|---|---:|---:|---:|---:|")
+        for label, wall, calls in judged:
+            print(f"| {label} | {wall:.1f} | {args.judge_traces / wall:.2f} | {calls} | {judged[0][1] / wall:.2f} |")
+
+
+def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
+    """(label, wall s, judge calls) of the truncation stage in process and over 1 and 2 Ray workers."""
+    import torch
+
+    from palign.teachers.sources import ChampTeacher
+    from palign.truncation.ray_judge import RayJudgePool
+    from palign.truncation.stage import PrefixTruncation, TruncationSettings, build_judge
+
+    records = ChampTeacher(limit=args.judge_traces).load().records
+    prompt = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml"))
+    node = {"model": {**vars(spec)}, "mode": "logits", "max_new_tokens": 8, "batch_size": 8, "engine": "one_pass",
+            "max_tail_tokens": 4096}
+    settings = TruncationSettings(granularity="sentence", search="binary", judge_identity=spec.identity(), judge_prompt=prompt,
+                                  threshold={"kind": "absolute", "value": 0.0}, batch_size=8, chunk_size=args.judge_chunk)
+    torch.set_num_threads(args.threads)
+    rows, expected = [], None
+    for workers in (0, *(int(n) for n in args.workers.split(","))):
+        with tempfile.TemporaryDirectory(prefix="judge-") as store:
+            if workers == 0:
+                stage = PrefixTruncation(settings, store, tokenizer, lambda: build_judge(node, prompt, args.cache_dir, {}, "hf"),
+                                         progress=False)
+            else:
+                ray_cfg = {"num_workers": workers, "num_cpus_per_worker": args.threads / workers, "num_gpus_per_worker": 0,
+                           "engine": "hf", "address": None, "batch_size": 1}
+                stage = PrefixTruncation(settings, store, tokenizer, progress=False,
+                                         judge_pool=RayJudgePool(node, prompt, args.cache_dir, {}, ray_cfg, settings))
+            started = time.perf_counter()
+            prefixes = [row["prefix"] for row in stage.run(records)]
+            wall = time.perf_counter() - started
+        expected = prefixes if expected is None else expected
+        label = "in-process" if workers == 0 else f"ray, {workers} worker{'s' * (workers > 1)}"
+        rows.append((label + ("" if prefixes == expected else " (PREFIXES DIFFER)"), wall, stage.judge_calls))
+    return rows
 
 
 if __name__ == "__main__":
