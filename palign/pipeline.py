@@ -186,7 +186,6 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
 
     from palign.llm.models import load_model, load_tokenizer
     from palign.training.checkpointing import ReleaseVLLMEngines, ResumableCheckpoint
-    from palign.training.module import StudentSFTModule
 
     cfg = ctx.cfg
     if ctx.summary.get("train", {}).get("complete") and (ctx.student_dir / "config.json").exists():
@@ -212,17 +211,7 @@ def train_stage(ctx: RunContext, tracker: Tracker) -> None:
     # processes Lightning launches at fit() (or the other SLURM tasks, which wait on the caches'
     # locks, paths.lock_timeout_s) read what it computed, and no rank waits behind a collective.
     datamodule.prepare_data()
-    module = StudentSFTModule(
-        model_loader=partial(load_model, cfg.student, ctx.cache_dir),
-        learning_rate=cfg.training.learning_rate,
-        weight_decay=cfg.training.weight_decay,
-        betas=tuple(cfg.training.betas),
-        warmup_ratio=cfg.training.warmup_ratio,
-        lora=OmegaConf.to_container(cfg.training.lora, resolve=True) if cfg.training.lora else None,
-        gradient_checkpointing=cfg.training.gradient_checkpointing,
-        loss_kernel=cfg.training.loss_kernel,
-        loss_chunk_tokens=cfg.training.loss_chunk_tokens,
-    )
+    module = instantiate(cfg.training, _convert_="all", model_loader=partial(load_model, cfg.student, ctx.cache_dir))
     last = ctx.checkpoint_dir / "last.ckpt"
     resumed_from = str(last) if last.exists() else None  # read before fit writes its own
     started = time.perf_counter()
@@ -350,7 +339,8 @@ def report_stage(ctx: RunContext, tracker: Tracker) -> None:
 
 def judge_chains_stage(ctx: RunContext, tracker: Tracker) -> None:
     """"GLM-based evaluation" (PAPER.md §4, §8) of the run's training problems: palign/analysis/chain_judge.py."""
-    from palign.analysis.chain_judge import judge_training_chains
+    from hydra.utils import instantiate
+
     from palign.llm.models import load_tokenizer
 
     cfg = ctx.cfg
@@ -362,8 +352,10 @@ def judge_chains_stage(ctx: RunContext, tracker: Tracker) -> None:
             stages[name] = (make_truncation if name == "truncation" else make_alignment)(ctx, tokenizer)
         return stages[name]
 
-    comparison, judge_label, stats = judge_training_chains(
-        cfg.chain_judge, training_records(cfg), baseline=cfg.baseline.name, truncation=lambda: stage("truncation"),
+    # a partial, called with the runtime arguments: Hydra would turn the records (dataclasses) into configs
+    judge = instantiate(cfg.chain_judge, _convert_="all", _partial_=True)
+    comparison, judge_label, stats = judge(
+        records=training_records(cfg), baseline=cfg.baseline.name, truncation=lambda: stage("truncation"),
         alignment=lambda: stage("alignment"), markers=_container(cfg.prompts.prefix_markers), cache_dir=ctx.cache_dir,
         run_dir=ctx.run_dir, tracker=tracker)
     ctx.summary.setdefault("chain_judge", {}).setdefault(comparison, {})[judge_label] = stats

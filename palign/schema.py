@@ -395,8 +395,10 @@ class Lora:
 
 @dataclass
 class Training:
-    """The optimizer and schedule (PAPER.md §5: AdamW, lr 5e-5, cosine, warmup 0.1, 3 epochs, batch 32)."""
+    """The optimizer and schedule (PAPER.md §5: AdamW, lr 5e-5, cosine, warmup 0.1, 3 epochs, batch 32);
+    builds the LightningModule with the run's student (the loop's fields size the Trainer)."""
 
+    _target_: str = "palign.training.module.StudentSFTModule.from_config"
     learning_rate: float = knob(5e-5, "peak learning rate", check=number(0, low_open=True))
     weight_decay: float = knob(0.0, "AdamW weight decay", check=number(0))
     betas: list[float] = knob(factory=lambda: [0.9, 0.999], help="AdamW betas", check=(
@@ -480,8 +482,10 @@ class Evaluation:
 
 @dataclass
 class ChainJudge:
-    """stage=judge_chains: an LLM judge compares two supervision targets in both orders (PAPER.md §4, §8)."""
+    """stage=judge_chains: an LLM judge compares two supervision targets in both orders (PAPER.md §4, §8);
+    builds itself with the run's records and stages."""
 
+    _target_: str = "palign.analysis.chain_judge.judge_training_chains"
     name: str = knob(MISSING, "names the judge")
     backend: str = knob("local", "local: a model config (`model`) | openai: a server (`remote`)",
                         check=one_of("local", "openai"))

@@ -67,8 +67,8 @@ def one_process_group(tmp_path):
 
 
 def _bf16_lora_module(tiny_model, gradient_checkpointing: bool) -> StudentSFTModule:
-    module = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model).to(torch.bfloat16), lora=LORA,
-                              gradient_checkpointing=gradient_checkpointing, **LOSS)
+    module = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model).to(torch.bfloat16), lora=LORA,
+                                            gradient_checkpointing=gradient_checkpointing, **LOSS)
     dtypes = {p.dtype for n, p in module.named_parameters() if "lora_" in n}
     assert dtypes == {torch.float32}  # peft keeps the adapters in fp32 on a bf16 base
     return module

@@ -36,8 +36,8 @@ def _module(tiny_model, chunk_tokens: int, bias: bool = False, lora: bool = Fals
             model.config.tie_word_embeddings = False
         return model
 
-    module = StudentSFTModule(model_loader=load, lora={"r": 4, "alpha": 8, "dropout": 0.0} if lora else None,
-                              loss_kernel=kernel, loss_chunk_tokens=chunk_tokens)
+    module = StudentSFTModule.with_defaults(load, lora={"r": 4, "alpha": 8, "dropout": 0.0} if lora else None,
+                                            loss_kernel=kernel, loss_chunk_tokens=chunk_tokens)
     if lora:  # B starts at zero, which would leave A's gradient zero: give the adapters a real effect
         torch.manual_seed(2)
         for name, param in module.named_parameters():
@@ -169,7 +169,7 @@ def test_liger_off_cuda_or_uninstalled_is_an_error_naming_the_setting(tiny_model
         return
     loaded = []
     with pytest.raises(ValueError, match=r"training\.loss_kernel=liger needs the liger_kernel package"):
-        StudentSFTModule(model_loader=lambda: loaded.append(1), loss_kernel="liger", loss_chunk_tokens=4096)
+        StudentSFTModule.with_defaults(lambda: loaded.append(1), loss_kernel="liger", loss_chunk_tokens=4096)
     assert not loaded  # refused before the student loads
 
 

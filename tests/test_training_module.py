@@ -40,7 +40,7 @@ def _reference(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
 def test_supervised_only_head_gives_transformers_loss_and_gradients(tiny_model, packed):
     batch = PackedSFTCollator(0)([EXAMPLES[:2], EXAMPLES[2:]]) if packed else SFTCollator(0)(EXAMPLES)
     reference_model = copy.deepcopy(tiny_model)
-    module = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), **LOSS)
+    module = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
     assert module._output_head() is module.model.get_output_embeddings()  # the selective path is taken
     loss, accuracy, grads = _loss_and_grads(module, batch)
     expected_loss, expected_grads = _reference(reference_model, batch)
@@ -53,14 +53,14 @@ def test_supervised_only_head_gives_transformers_loss_and_gradients(tiny_model, 
 
 def test_full_logits_fallback_and_lora_agree_with_selective_head(tiny_model):
     batch = SFTCollator(0)(EXAMPLES)
-    selective = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), **LOSS)
-    fallback = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), **LOSS)
+    selective = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
+    fallback = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
     fallback._selective_head = False  # as for a model with logit soft-capping
     assert fallback._output_head() is None
     assert _loss_and_grads(selective, batch)[0] == pytest.approx(_loss_and_grads(fallback, batch)[0], rel=1e-6)
 
     lora = {"r": 4, "alpha": 4, "dropout": 0.0}
-    with_lora = StudentSFTModule(model_loader=lambda: copy.deepcopy(tiny_model), lora=lora, **LOSS)
+    with_lora = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), lora=lora, **LOSS)
     assert with_lora._output_head() is not None
     loss, _, grads = _loss_and_grads(with_lora, batch)
     # LoRA's B starts at zero: the adapted model is the base model, so the loss is the base loss

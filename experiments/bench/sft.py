@@ -124,11 +124,7 @@ def run_one(name: str, args) -> dict:
             def on_train_batch_end(self, *_):
                 step_seconds.append(time.perf_counter() - self.began)
 
-        from palign.schema import Training
-
-        defaults = Training()  # the loss kernel a run gets unless it sets training.loss_kernel
-        module = StudentSFTModule(model_loader=lambda: model, learning_rate=5e-5, warmup_ratio=0.1,
-                                  loss_kernel=defaults.loss_kernel, loss_chunk_tokens=defaults.loss_chunk_tokens)
+        module = StudentSFTModule.with_defaults(lambda: model)  # the schema's training defaults (the paper's lr, warmup, loss)
         precision = "bf16-mixed" if bf16 else "32-true"
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

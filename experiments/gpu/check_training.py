@@ -120,9 +120,8 @@ def main(argv=None) -> dict:
         with torch.device("cuda" if cuda else "cpu"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    module = StudentSFTModule(model_loader=load, learning_rate=5e-5, weight_decay=0.0, betas=(0.9, 0.999),
-                              warmup_ratio=0.0, lora=PAPER_LORA, gradient_checkpointing=True,
-                              loss_kernel=args.loss_kernel, loss_chunk_tokens=args.loss_chunk_tokens)
+    module = StudentSFTModule.with_defaults(load, warmup_ratio=0.0, lora=PAPER_LORA, gradient_checkpointing=True,
+                                            loss_kernel=args.loss_kernel, loss_chunk_tokens=args.loss_chunk_tokens)
     rows = RandomRows(args.steps * args.accumulate, args.tokens, shape["vocab_size"])
     loader = DataLoader(rows, batch_size=1, shuffle=False)
     timer = StepTimer().callback

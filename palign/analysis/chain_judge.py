@@ -253,20 +253,18 @@ PREFIX_TARGETS = ("prefix_continuation", "prefix_only")
 CONTINUATION_TARGETS = ("prefix_continuation", "student_only")
 
 
-def judge_training_chains(judge: Any, records: Sequence[Any], *, baseline: str, truncation: Callable[[], Any],
+def judge_training_chains(*, records: Sequence[Any], baseline: str, truncation: Callable[[], Any],
                           alignment: Callable[[], Any], markers: Mapping[str, str], cache_dir: str | Path,
-                          run_dir: str | Path, tracker: Any) -> tuple[str, str, dict[str, Any]]:
-    """stage=judge_chains: the judge (`conf/chain_judge/*.yaml`) compares targets `chain_a` and
-    `chain_b` of the first `limit` training records in both orders. `truncation` and `alignment`
-    build stages 1 and 2, called only when a compared target needs them. Writes one record per pair
-    to `<run_dir>/chain_judge/`, logs the rates and a few examples to the tracker, and returns
+                          run_dir: str | Path, tracker: Any, **node: Any) -> tuple[str, str, dict[str, Any]]:
+    """stage=judge_chains, the `_target_` of the `chain_judge` node (conf/chain_judge/, palign/schema.py:
+    ChainJudge, whose fields are `node`): the judge compares targets `chain_a` and `chain_b` of the
+    first `limit` training records in both orders. `truncation` and `alignment` build stages 1 and 2,
+    called only when a compared target needs them. Writes one record per pair to
+    `<run_dir>/chain_judge/`, logs the rates and a few examples to the tracker, and returns
     (comparison, judge label, statistics) for the run's summary."""
-    from omegaconf import DictConfig, OmegaConf
-
     from palign.artifacts import write_jsonl_atomic
     from palign.data.supervision import build_targets
 
-    node = OmegaConf.to_container(judge, resolve=True) if isinstance(judge, DictConfig) else dict(judge)
     compared = (node["chain_a"], node["chain_b"])
     if set(compared) >= {"prefix_continuation", "student_only"}:
         raise ValueError("chain_judge: prefix_continuation and student_only need different continuations; compare each with long_cot")

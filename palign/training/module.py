@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -79,16 +79,18 @@ class StudentSFTModule(pl.LightningModule):
     def __init__(
         self,
         model_loader: Callable[[], torch.nn.Module],
-        learning_rate: float = 5e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_ratio: float = 0.1,
-        lora: Mapping[str, Any] | None = None,
-        gradient_checkpointing: bool = False,
         *,
+        learning_rate: float,
+        weight_decay: float,
+        betas: Sequence[float],
+        warmup_ratio: float,
+        lora: Mapping[str, Any] | None,
+        gradient_checkpointing: bool,
         loss_kernel: str,
         loss_chunk_tokens: int,
     ):
+        """The fields of the `training` node (palign/schema.py: Training documents each and holds
+        its default); `model_loader` builds the student (called here, once)."""
         super().__init__()
         resolve_loss_kernel(loss_kernel, device=None)  # a bad name or a missing Liger fails before the model loads
         self.save_hyperparameters(ignore=["model_loader"])
@@ -112,6 +114,29 @@ class StudentSFTModule(pl.LightningModule):
         self._restore_at_first_batch: dict[str, Any] | None = None  # random streams of a mid-epoch resume
         self.loss_curve: list[float] = []  # mean loss of each optimizer step, kept across resumes
         self._total_steps: int | None = None  # optimizer steps of the whole run, read at the first step
+
+    # the `training` fields that size the loop, read by the Trainer's construction (palign/pipeline.py)
+    LOOP_FIELDS = ("epochs", "max_steps", "effective_batch_size", "checkpoint_every_n_steps")
+
+    @classmethod
+    def from_config(cls, *, model_loader: Callable[[], torch.nn.Module], **training: Any) -> StudentSFTModule:
+        """The `_target_` of the `training` node: the module from its fields, less the loop's."""
+        return cls(model_loader, **{k: v for k, v in training.items() if k not in cls.LOOP_FIELDS})
+
+    @classmethod
+    def with_defaults(cls, model_loader: Callable[[], torch.nn.Module], **overrides: Any) -> StudentSFTModule:
+        """The module at the `training` schema's defaults (palign/schema.py: Training), but `overrides`:
+        for benchmarks and tests, which build the module without a composed run."""
+        from omegaconf import OmegaConf
+
+        from palign.schema import Training
+
+        defaults = OmegaConf.to_container(OmegaConf.structured(Training))
+        unknown = set(overrides) - set(defaults)
+        if unknown:
+            raise TypeError(f"not fields of the training node (palign/schema.py: Training): {sorted(unknown)}")
+        defaults.pop("_target_")
+        return cls.from_config(model_loader=model_loader, **{**defaults, **overrides})
 
     @property
     def tokens_seen(self) -> int:
