@@ -26,7 +26,7 @@ GRADING = ["palign/grading.py"]
 STAGES = {
     "truncation": ("palign.truncation.stage", ["palign/truncation/stage.py", "palign/truncation/judge.py",
                                                "palign/truncation/search.py", "palign/truncation/units.py",
-                                               "palign/truncation/vllm_judge.py", *GENERATION]),
+                                               *GENERATION]),
     "alignment": ("palign.alignment.continuation", ["palign/alignment/continuation.py", *GENERATION, *GRADING]),
     "tokenized": ("palign.data.sft", ["palign/data/sft.py", "palign/llm/chat.py"]),
     "teacher_generation": ("palign.teachers.sources", ["palign/teachers/sources.py", "palign/teachers/records.py", *GENERATION, *GRADING]),

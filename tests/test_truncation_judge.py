@@ -51,13 +51,13 @@ def test_authors_reply_parse():
 
 
 def test_verdict_tokens_are_read_after_their_shared_prefix(smollm2_tokenizer, tiny_model):
-    judge = SufficiencyJudge(tiny_model, smollm2_tokenizer, load_prompt("paper"))
+    judge = SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, load_prompt("paper"))
     assert smollm2_tokenizer.convert_ids_to_tokens(judge.verdict_prefix) == ["["]
     assert smollm2_tokenizer.convert_ids_to_tokens([judge.enough_token, judge.not_enough_token]) == ["EN", "NOT"]
 
 
 def test_batched_left_padded_scores_equal_one_by_one(smollm2_tokenizer, tiny_model):
-    judge = SufficiencyJudge(tiny_model, smollm2_tokenizer, load_prompt("paper"), batch_size=4)
+    judge = SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, load_prompt("paper"), batch_size=4)
     trace = "First we factor. Then we expand the product. Next we compare terms. So x = 3. Done."
     seg = segment(trace, "sentence")
     pairs = [("Solve x^2 = 9 for positive x.", seg.prefix(k)) for k in range(1, seg.m + 1)]
@@ -70,8 +70,8 @@ def test_batched_left_padded_scores_equal_one_by_one(smollm2_tokenizer, tiny_mod
 def _one_pass_vs_batched(model, tokenizer, question, trace, granularity, prompt="paper"):
     seg = segment(trace, granularity)
     ks = list(range(1, seg.m + 1))
-    one_pass = SufficiencyJudge(model, tokenizer, load_prompt(prompt), engine="one_pass").prefix_scores([(question, seg, ks)])[0]
-    batched = SufficiencyJudge(model, tokenizer, load_prompt(prompt), engine="batched", batch_size=4).prefix_scores([(question, seg, ks)])[0]
+    one_pass = SufficiencyJudge.hf(model, tokenizer, load_prompt(prompt), engine="one_pass").prefix_scores([(question, seg, ks)])[0]
+    batched = SufficiencyJudge.hf(model, tokenizer, load_prompt(prompt), engine="batched", batch_size=4).prefix_scores([(question, seg, ks)])[0]
     return seg, one_pass, batched
 
 
@@ -95,18 +95,18 @@ def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(student_sp
     seg = segment(trace, "sentence")
     ks = [1, 3, 4, seg.m]  # a subset: the forward covers unit max(ks), tails only where asked
     question = "Show 4 | n^2 for even n."
-    reference = SufficiencyJudge(load_model(student_specs["tiny_random"], cache_dir), smollm2_tokenizer,
+    reference = SufficiencyJudge.hf(load_model(student_specs["tiny_random"], cache_dir), smollm2_tokenizer,
                                  load_prompt("paper"), engine="batched").prefix_scores([(question, seg, ks)])[0]
     eager = load_model(student_specs["tiny_random"], cache_dir)
     eager.set_attn_implementation("eager")
     for model, max_tail_tokens in ((eager, 4096), (eager, 1), (load_model(student_specs["tiny_random"], cache_dir), 20)):
-        judge = SufficiencyJudge(model, smollm2_tokenizer, load_prompt("paper"), engine="one_pass", max_tail_tokens=max_tail_tokens)
+        judge = SufficiencyJudge.hf(model, smollm2_tokenizer, load_prompt("paper"), engine="one_pass", max_tail_tokens=max_tail_tokens)
         scores = judge.prefix_scores([(question, seg, ks)])[0]
         assert sorted(scores) == ks
         for k in ks:
             assert scores[k] == pytest.approx(reference[k], abs=1e-4), (model.config._attn_implementation, max_tail_tokens, k)
     monkeypatch.setattr(judge_module, "MASKABLE_ATTENTION", ())  # as for flash attention
-    cropped = SufficiencyJudge(eager, smollm2_tokenizer, load_prompt("paper"), engine="one_pass").prefix_scores([(question, seg, ks)])[0]
+    cropped = SufficiencyJudge.hf(eager, smollm2_tokenizer, load_prompt("paper"), engine="one_pass").prefix_scores([(question, seg, ks)])[0]
     assert cropped == pytest.approx(reference, abs=1e-4)
 
 
@@ -138,7 +138,7 @@ def test_smollm2_self_judge_both_modes_on_real_skyt1_traces(shared_data, student
     prompt = load_prompt("paper")
     verdicts = {}
     for mode in ("logits", "generate"):
-        judge = SufficiencyJudge(model, tokenizer, prompt, mode=mode, max_new_tokens=24, batch_size=3)
+        judge = SufficiencyJudge.hf(model, tokenizer, prompt, mode=mode, max_new_tokens=24, batch_size=3)
         segs = [segment(r["code"][0], "paper_sentence") for r in rows]
         states = [create_search("binary", s.m) for s in segs]
 
@@ -173,7 +173,7 @@ def test_one_pass_engine_on_the_paper_students_architectures(architecture, smoll
     model = model_class(config).eval()
     seg = segment("Let n be even. Then n = 2k. So n^2 = 4k^2. Hence 4 divides n^2. Thus the claim holds.", "sentence")
     ks = list(range(1, seg.m + 1))
-    engines = {engine: SufficiencyJudge(model, smollm2_tokenizer, load_prompt("paper"), engine=engine)
+    engines = {engine: SufficiencyJudge.hf(model, smollm2_tokenizer, load_prompt("paper"), engine=engine)
                .prefix_scores([("Show 4 | n^2 for even n.", seg, ks)])[0] for engine in ("one_pass", "batched")}
     assert engines["one_pass"] == pytest.approx(engines["batched"], abs=1e-4)
     assert len({round(v, 4) for v in engines["one_pass"].values()}) > 1

@@ -39,7 +39,7 @@ def make_judge(tiny_model, smollm2_tokenizer):
     made = []
 
     def factory(crash_after=None):
-        judge = CountingJudge(tiny_model, smollm2_tokenizer, prompt, batch_size=4)
+        judge = CountingJudge.hf(tiny_model, smollm2_tokenizer, prompt, batch_size=4)
         judge.crash_after = crash_after
         made.append(judge)
         return judge
@@ -146,7 +146,7 @@ def test_traces_over_the_cap_get_no_prefix_are_counted_and_never_judged(tmp_path
     judges = []
 
     def factory():
-        judges.append(RecordingJudge(tiny_model, smollm2_tokenizer, prompt, batch_size=4))
+        judges.append(RecordingJudge.hf(tiny_model, smollm2_tokenizer, prompt, batch_size=4))
         return judges[-1]
 
     long_steps = " ".join(f"Step {j}: we add {j} and find {j + 7}." for j in range(60))

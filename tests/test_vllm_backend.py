@@ -28,7 +28,6 @@ from palign.llm.generation import Generation, SamplingConfig, generate
 from palign.llm.openai_backend import complete_missing
 from palign.truncation.judge import JudgePrompt, SufficiencyJudge
 from palign.truncation.units import segment
-from palign.truncation.vllm_judge import VLLMSufficiencyJudge
 
 VLLM_OK, VLLM_REASON = vb.vllm_available()
 requires_vllm = pytest.mark.skipif(not VLLM_OK, reason=f"needs vLLM on a CUDA GPU: {VLLM_REASON}")
@@ -287,8 +286,8 @@ def test_vllm_judge_scores_equal_the_hf_judge(fake_vllm, smollm2_tokenizer, tiny
     prompt = paper_prompt()
     seg = segment(TRACE, "sentence")
     ks = list(range(1, seg.m + 1))
-    hf = SufficiencyJudge(tiny_model, smollm2_tokenizer, prompt, engine="one_pass")
-    judge = VLLMSufficiencyJudge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), prompt, mode="logits", max_new_tokens=256, batch_size=8, engine="one_pass")
+    hf = SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, prompt, engine="one_pass")
+    judge = SufficiencyJudge.on_backend(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), prompt, mode="logits", max_new_tokens=256, batch_size=8, engine="one_pass")
     expected, got = hf.prefix_scores([(QUESTION, seg, ks)])[0], judge.prefix_scores([(QUESTION, seg, ks)])[0]
     assert sorted(got) == ks
     for k in ks:
@@ -305,7 +304,7 @@ def test_vllm_judge_scores_equal_the_hf_judge(fake_vllm, smollm2_tokenizer, tiny
 
 def test_processed_logprobs_engine_is_refused(fake_vllm, smollm2_tokenizer, tiny_path):
     fake_vllm(ProcessedLogprobsEngine)
-    judge = VLLMSufficiencyJudge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), paper_prompt(), mode="logits", max_new_tokens=256, batch_size=8, engine="batched")
+    judge = SufficiencyJudge.on_backend(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), paper_prompt(), mode="logits", max_new_tokens=256, batch_size=8, engine="batched")
     with pytest.raises(RuntimeError, match="processed logprobs"):
         judge.score([(QUESTION, "We have x = 3.")])
 
@@ -313,8 +312,8 @@ def test_processed_logprobs_engine_is_refused(fake_vllm, smollm2_tokenizer, tiny
 def test_generate_mode_judge_parses_vllm_replies(fake_vllm, smollm2_tokenizer, tiny_path):
     started = fake_vllm(ScriptedEngine)
     ScriptedEngine.replies = [(smollm2_tokenizer("[ENOUGH]", add_special_tokens=False)["input_ids"] + [smollm2_tokenizer.eos_token_id], "stop")]
-    judge = VLLMSufficiencyJudge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), paper_prompt(), mode="generate", max_new_tokens=32,
-                                 batch_size=8, engine="batched")
+    judge = SufficiencyJudge.on_backend(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), paper_prompt(), mode="generate", max_new_tokens=32,
+                                        batch_size=8, engine="batched")
     verdicts = judge.judge([(QUESTION, "So x = 3.")])
     assert verdicts[0].sufficient and verdicts[0].reply == "[ENOUGH]"
     kwargs = started[0].calls[0][1][0].kwargs
@@ -338,9 +337,9 @@ def test_real_vllm_judge_matches_the_hf_judge(smollm2_vllm, smollm2_tokenizer, s
     prompt = paper_prompt()
     seg = segment(TRACE, "sentence")
     ks = list(range(1, seg.m + 1))
-    hf = SufficiencyJudge(load_model(student_specs["smollm2_135m"], cache_dir), smollm2_tokenizer, prompt, engine="batched")
+    hf = SufficiencyJudge.hf(load_model(student_specs["smollm2_135m"], cache_dir), smollm2_tokenizer, prompt, engine="batched")
     expected = hf.prefix_scores([(QUESTION, seg, ks)])[0]
-    got = VLLMSufficiencyJudge(smollm2_vllm, prompt, mode="logits", max_new_tokens=256, batch_size=8, engine="batched").prefix_scores([(QUESTION, seg, ks)])[0]
+    got = SufficiencyJudge.on_backend(smollm2_vllm, prompt, mode="logits", max_new_tokens=256, batch_size=8, engine="batched").prefix_scores([(QUESTION, seg, ks)])[0]
     assert max(abs(got[k] - expected[k]) for k in ks) < 2e-2
 
 

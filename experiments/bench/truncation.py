@@ -187,7 +187,7 @@ def main() -> None:
 
     def make_judge(mode: str, engine: str = "one_pass", batch_size: int = args.batch_size,
                    max_new_tokens: int = args.max_new_tokens) -> SufficiencyJudge:
-        return SufficiencyJudge(model, tokenizer, prompt, mode=mode, chat_template_kwargs=spec.chat_template_kwargs,
+        return SufficiencyJudge.hf(model, tokenizer, prompt, mode=mode, chat_template_kwargs=spec.chat_template_kwargs,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine)
 
     generate_judge = make_judge("generate", batch_size=1)

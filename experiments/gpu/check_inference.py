@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
     prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml")))
-    judge = SufficiencyJudge(model, tokenizer, prompt, engine="one_pass")
+    judge = SufficiencyJudge.hf(model, tokenizer, prompt, engine="one_pass")
     question = "What is the sum of the first integers?"
     seg = segment(synthetic_trace(tokenizer, args.trace_tokens), "sentence")
     head, pieces, tail = judge.prefix_tokens(question, seg)

@@ -5,7 +5,7 @@ It runs the three inference-heavy steps, each chosen by `backend: hf | vllm` in 
 - prefix continuation (PAPER.md §2.2) and evaluation (§3): `VLLMChatBackend.complete`, which keeps
   the `ChatBackend` contract of `palign.llm.openai_backend`, so `complete_missing` drives it;
 - the sufficiency judge's logits mode (§2.1): `VLLMChatBackend.verdict_scores`, which
-  `palign.truncation.vllm_judge.VLLMSufficiencyJudge` scores with.
+  `palign.truncation.judge.SufficiencyJudge` scores with (a scoring back end, like its HFScorer).
 
 Prompts are rendered by `palign.llm.chat` into token ids and passed as `TokensPrompt`s, so vLLM sees
 exactly the tokens the Hugging Face path sees; vLLM never applies a chat template of its own. Replies

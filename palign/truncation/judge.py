@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from palign.llm.chat import encode_user_turn, render_user_turn
-from palign.llm.generation import SamplingConfig, generate, left_pad
+from palign.llm.generation import Generation, SamplingConfig, generate, left_pad
 from palign.truncation.search import Verdict
 from palign.truncation.units import Segmentation
 
@@ -111,28 +111,150 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> list[int]:
     return out
 
 
-class SufficiencyJudge:
-    """Judges (question, prefix) pairs in batches with one model, in `generate` or `logits` mode."""
+class HFScorer:
+    """The judge's Hugging Face scoring back end: one model, verdict scores of whole sequences in
+    batches, the one-pass engine (every prefix of a trace from one forward) and greedy replies.
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        prompt: JudgePrompt,
-        mode: str = "logits",
-        chat_template_kwargs: Mapping[str, Any] | None = None,
-        max_new_tokens: int = 256,
-        batch_size: int = 8,
-        engine: str = "one_pass",
-        max_tail_tokens: int = 4096,
-    ):
+    vLLM's back end (palign/llm/vllm_backend.py: VLLMChatBackend) is the other one: the same
+    `verdict_scores` and `complete`, without `one_pass_scores` (its prefix cache shares prefixes).
+    """
+
+    one_pass = True  # offers one_pass_scores
+
+    def __init__(self, model, tokenizer, *, batch_size: int, max_tail_tokens: int,
+                 chat_template_kwargs: Mapping[str, Any] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size  # sequences per forward
+        self.max_tail_tokens = max_tail_tokens  # tail tokens scored per forward by the one-pass engine
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+
+    @torch.inference_mode()
+    def one_pass_scores(self, head: list[int], pieces: list[list[int]], tail: list[int], ks: Sequence[int],
+                        enough_token: int, not_enough_token: int) -> dict[int, float]:
+        """All requested prefixes of one trace from one forward pass over the longest of them.
+
+        The keys/values of "head + first k units" are a prefix of those of "head + first K units",
+        so the long shared part runs once, filling a cache. Then the short tails (end of the user
+        turn, assistant header, the verdicts' shared first token) of every boundary k run together
+        in a second forward on top of that cache: tail k sits at the positions right after unit k,
+        and an attention mask lets it see the cache up to unit k and its own earlier tokens only.
+        Each tail then computes exactly what it would at the end of prefix k from scratch. Attention
+        kernels that ignore such masks (flash attention) crop the cache to each boundary instead,
+        in descending k, and run one tail at a time.
+        """
+        from transformers import DynamicCache
+
+        if not ks:
+            return {}
+        device = next(self.model.parameters()).device
+        boundaries = [len(head)]
+        for piece in pieces:
+            boundaries.append(boundaries[-1] + len(piece))
+        longest = max(ks)
+        ids = head + [t for piece in pieces[:longest] for t in piece]
+        was_training = self.model.training
+        self.model.eval()
+        # transformers 5 renamed `past_key_values` to `cache`
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        scores: dict[int, float] = {}
+        try:
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            if getattr(self.model.config, "_attn_implementation", "sdpa") in MASKABLE_ATTENTION:
+                ordered = sorted(set(ks))
+                per_forward = max(1, self.max_tail_tokens // len(tail))
+                for start in range(0, len(ordered), per_forward):
+                    group = ordered[start : start + per_forward]
+                    logits = self._score_tails(cache, cache_arg, len(ids), [boundaries[k] for k in group], tail, device)
+                    for k, row in zip(group, logits):
+                        scores[k] = float(row[enough_token] - row[not_enough_token])
+                    cache.crop(-(cache.get_seq_length() - len(ids)))  # drop the tails again
+            else:  # kernels without arbitrary masks (flash attention): crop to each boundary, descending
+                tail_ids = torch.tensor([tail], device=device)
+                for k in sorted(set(ks), reverse=True):
+                    excess = cache.get_seq_length() - boundaries[k]
+                    if excess > 0:
+                        cache.crop(-excess)  # a negative length removes that many tokens (all versions)
+                    positions = torch.arange(boundaries[k], boundaries[k] + len(tail), device=device)[None]
+                    row = self.model(input_ids=tail_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                     **{cache_arg: cache}).logits[0, -1].float()
+                    scores[k] = float(row[enough_token] - row[not_enough_token])
+        finally:
+            self.model.train(was_training)
+        return scores
+    def _score_tails(self, cache, cache_arg: str, length: int, cuts: Sequence[int], tail: list[int], device) -> torch.Tensor:
+        """Next-token logits at the end of `tail` placed after each cut of the cached sequence."""
+        n = len(tail)
+        queries = len(cuts) * n
+        dtype = next(self.model.parameters()).dtype
+        allowed = torch.zeros(queries, length + queries, dtype=torch.bool, device=device)
+        own = torch.tril(torch.ones(n, n, dtype=torch.bool, device=device))
+        for block, cut in enumerate(cuts):
+            rows = slice(block * n, (block + 1) * n)
+            allowed[rows, :cut] = True
+            allowed[rows, length + block * n : length + (block + 1) * n] = own
+        # an additive float mask works with every attention implementation (eager adds it too)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        positions = torch.cat([torch.arange(cut, cut + n, device=device) for cut in cuts])
+        last = torch.arange(n - 1, queries, n, device=device)
+        out = self.model(
+            input_ids=torch.tensor([tail * len(cuts)], device=device),
+            attention_mask=mask[None, None],
+            position_ids=positions[None],
+            use_cache=True,
+            logits_to_keep=last,
+            **{cache_arg: cache},
+        )
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def verdict_scores(self, encoded: Sequence[Sequence[int]], enough_token: int, not_enough_token: int) -> list[float]:
+        """logit(enough) - logit(not enough) after each sequence, `batch_size` sequences per forward."""
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                ids, mask = left_pad([encoded[i] for i in batch], pad)
+                # left padding: positions must count real tokens only, or padded rows score differently
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    logits_to_keep=1,
+                ).logits[:, -1, :].float()
+                diff = logits[:, enough_token] - logits[:, not_enough_token]
+                for row, i in enumerate(batch):
+                    scores[i] = float(diff[row])
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def complete(self, user_texts: Sequence[str], sampling: SamplingConfig) -> list[list[Generation]]:
+        return generate(self.model, self.tokenizer, list(user_texts), sampling, chat_template_kwargs=self.chat_template_kwargs)
+
+
+class SufficiencyJudge:
+    """Judges (question, prefix) pairs in batches over a scoring back end (`HFScorer`, or vLLM's
+    `VLLMChatBackend`), in `generate` or `logits` mode. The arguments are the `truncation.judge`
+    node's (palign/schema.py: Judge documents each and holds its default); `hf` builds one over a
+    Hugging Face model."""
+
+    def __init__(self, scorer, tokenizer, prompt: JudgePrompt, *, mode: str, max_new_tokens: int, batch_size: int,
+                 engine: str, chat_template_kwargs: Mapping[str, Any] | None = None):
         if engine not in ENGINES:
             raise ValueError(f"truncation.judge.engine must be one of {ENGINES}, got '{engine}'")
-        self.engine = engine
-        self.max_tail_tokens = max_tail_tokens  # tail tokens scored per forward by the one-pass engine
         if mode not in MODES:
             raise ValueError(f"truncation.judge.mode must be one of {MODES}, got '{mode}'")
-        self.model = model
+        self.scorer = scorer
+        # a scorer without one-pass scoring (vLLM) scores each prefix as its own sequence
+        self.engine = engine if getattr(scorer, "one_pass", False) else "batched"
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.mode = mode
@@ -149,6 +271,28 @@ class SufficiencyJudge:
         self.enough_token = enough[len(shared)]
         self.not_enough_token = not_enough[len(shared)]
         self.calls = 0
+
+    @classmethod
+    def hf(cls, model, tokenizer, prompt: JudgePrompt, **overrides: Any) -> SufficiencyJudge:
+        """The judge over `model` (`HFScorer`) at the schema's `truncation.judge` defaults but
+        `overrides` (mode, engine, batch_size, max_new_tokens, max_tail_tokens, chat_template_kwargs)."""
+        from palign.schema import Judge
+
+        defaults = {name: getattr(Judge, name) for name in ("mode", "max_new_tokens", "batch_size", "engine", "max_tail_tokens")}
+        settings = {**defaults, "chat_template_kwargs": None}
+        unknown = set(overrides) - set(settings)
+        if unknown:
+            raise TypeError(f"not settings of the judge: {sorted(unknown)} (allowed: {sorted(settings)})")
+        settings.update(overrides)
+        scorer = HFScorer(model, tokenizer, batch_size=settings["batch_size"], max_tail_tokens=settings.pop("max_tail_tokens"),
+                          chat_template_kwargs=settings["chat_template_kwargs"])
+        return cls(scorer, tokenizer, prompt, **settings)
+
+    @classmethod
+    def on_backend(cls, backend, prompt: JudgePrompt, **settings: Any) -> SufficiencyJudge:
+        """The judge over a chat back end that scores (vLLM's VLLMChatBackend), with its tokenizer
+        and chat template switches."""
+        return cls(backend, backend.tokenizer, prompt, chat_template_kwargs=backend.chat_template_kwargs, **settings)
 
     # -- prefix scoring (logits mode) ----------------------------------------------------------
     def prefix_tokens(self, question: str, seg: Segmentation) -> tuple[list[int], list[list[int]], list[int]]:
@@ -189,130 +333,27 @@ class SufficiencyJudge:
             out[index][k] = score
         return out
 
-    @torch.inference_mode()
-    def _one_pass(self, head: list[int], pieces: list[list[int]], tail: list[int], ks: Sequence[int]) -> dict[int, float]:
-        """All requested prefixes of one trace from one forward pass over the longest of them.
-
-        The keys/values of "head + first k units" are a prefix of those of "head + first K units",
-        so the long shared part runs once, filling a cache. Then the short tails (end of the user
-        turn, assistant header, the verdicts' shared first token) of every boundary k run together
-        in a second forward on top of that cache: tail k sits at the positions right after unit k,
-        and an attention mask lets it see the cache up to unit k and its own earlier tokens only.
-        Each tail then computes exactly what it would at the end of prefix k from scratch. Attention
-        kernels that ignore such masks (flash attention) crop the cache to each boundary instead,
-        in descending k, and run one tail at a time.
-        """
-        from transformers import DynamicCache
-
-        if not ks:
-            return {}
-        self.calls += len(ks)
-        device = next(self.model.parameters()).device
-        boundaries = [len(head)]
-        for piece in pieces:
-            boundaries.append(boundaries[-1] + len(piece))
-        longest = max(ks)
-        ids = head + [t for piece in pieces[:longest] for t in piece]
-        was_training = self.model.training
-        self.model.eval()
-        # transformers 5 renamed `past_key_values` to `cache`
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        scores: dict[int, float] = {}
-        try:
-            cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            if getattr(self.model.config, "_attn_implementation", "sdpa") in MASKABLE_ATTENTION:
-                ordered = sorted(set(ks))
-                per_forward = max(1, self.max_tail_tokens // len(tail))
-                for start in range(0, len(ordered), per_forward):
-                    group = ordered[start : start + per_forward]
-                    logits = self._score_tails(cache, cache_arg, len(ids), [boundaries[k] for k in group], tail, device)
-                    for k, row in zip(group, logits):
-                        scores[k] = float(row[self.enough_token] - row[self.not_enough_token])
-                    cache.crop(-(cache.get_seq_length() - len(ids)))  # drop the tails again
-            else:  # kernels without arbitrary masks (flash attention): crop to each boundary, descending
-                tail_ids = torch.tensor([tail], device=device)
-                for k in sorted(set(ks), reverse=True):
-                    excess = cache.get_seq_length() - boundaries[k]
-                    if excess > 0:
-                        cache.crop(-excess)  # a negative length removes that many tokens (all versions)
-                    positions = torch.arange(boundaries[k], boundaries[k] + len(tail), device=device)[None]
-                    row = self.model(input_ids=tail_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                                     **{cache_arg: cache}).logits[0, -1].float()
-                    scores[k] = float(row[self.enough_token] - row[self.not_enough_token])
-        finally:
-            self.model.train(was_training)
-        return scores
-
-    def _score_tails(self, cache, cache_arg: str, length: int, cuts: Sequence[int], tail: list[int], device) -> torch.Tensor:
-        """Next-token logits at the end of `tail` placed after each cut of the cached sequence."""
-        n = len(tail)
-        queries = len(cuts) * n
-        dtype = next(self.model.parameters()).dtype
-        allowed = torch.zeros(queries, length + queries, dtype=torch.bool, device=device)
-        own = torch.tril(torch.ones(n, n, dtype=torch.bool, device=device))
-        for block, cut in enumerate(cuts):
-            rows = slice(block * n, (block + 1) * n)
-            allowed[rows, :cut] = True
-            allowed[rows, length + block * n : length + (block + 1) * n] = own
-        # an additive float mask works with every attention implementation (eager adds it too)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        positions = torch.cat([torch.arange(cut, cut + n, device=device) for cut in cuts])
-        last = torch.arange(n - 1, queries, n, device=device)
-        out = self.model(
-            input_ids=torch.tensor([tail * len(cuts)], device=device),
-            attention_mask=mask[None, None],
-            position_ids=positions[None],
-            use_cache=True,
-            logits_to_keep=last,
-            **{cache_arg: cache},
-        )
-        return out.logits[0].float()
-
     def encode(self, question: str, reasoning_part: str) -> list[int]:
         user = self.prompt.render(question, reasoning_part)
         return encode_user_turn(self.tokenizer, user, self.chat_template_kwargs) + self.verdict_prefix
 
-    @torch.inference_mode()
+    def _one_pass(self, head: list[int], pieces: list[list[int]], tail: list[int], ks: Sequence[int]) -> dict[int, float]:
+        self.calls += len(ks)
+        return self.scorer.one_pass_scores(head, pieces, tail, ks, self.enough_token, self.not_enough_token)
+
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """log P(enough token) - log P(not-enough token) after the verdicts' shared prefix."""
-        encoded = [self.encode(q, r) for q, r in pairs]
-        return self.score_encoded(encoded)
+        return self.score_encoded([self.encode(q, r) for q, r in pairs])
 
-    @torch.inference_mode()
     def score_encoded(self, encoded: Sequence[Sequence[int]]) -> list[float]:
         self.calls += len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        scores = [0.0] * len(encoded)
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                ids, mask = left_pad([encoded[i] for i in batch], pad)
-                # left padding: positions must count real tokens only, or padded rows score differently
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    logits_to_keep=1,
-                ).logits[:, -1, :].float()
-                diff = logits[:, self.enough_token] - logits[:, self.not_enough_token]
-                for row, i in enumerate(batch):
-                    scores[i] = float(diff[row])
-        finally:
-            self.model.train(was_training)
-        return scores
+        return self.scorer.verdict_scores(encoded, self.enough_token, self.not_enough_token)
 
     def generate_replies(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         self.calls += len(pairs)
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0,
                                   batch_size=self.batch_size)
-        outputs = generate(self.model, self.tokenizer, [self.prompt.render(q, r) for q, r in pairs], sampling,
-                           chat_template_kwargs=self.chat_template_kwargs)
+        outputs = self.scorer.complete([self.prompt.render(q, r) for q, r in pairs], sampling)
         return [samples[0].text for samples in outputs]
 
     def judge(self, pairs: Sequence[tuple[str, str]], thresholds: Sequence[float] | None = None) -> list[Verdict]:

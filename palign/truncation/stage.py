@@ -366,26 +366,26 @@ def build_judge(judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache
     (hf or vllm), its model loaded here: called by the stage only when a trace needs judging, and
     by every Ray actor of the ray back end."""
     from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-    from palign.truncation.judge import JudgePrompt
+    from palign.truncation.judge import HFScorer, JudgePrompt
 
     spec = ModelSpec.from_config(judge["model"])
     prompt = JudgePrompt.from_config(dict(judge_prompt))
-    shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"],
-              "engine": judge["engine"]}
+    shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"]}
     if backend == "vllm":
         from palign.llm.vllm_backend import vllm_backend
-        from palign.truncation.vllm_judge import VLLMSufficiencyJudge
 
         # vLLM scores each prefix as its own request (its prefix cache shares the rest), so the
         # judge follows the search: only the prefixes it probes, never a trace's every prefix
         if judge["engine"] != "batched":
             log.info("truncation: the vLLM judge scores only the prefixes the search probes "
                      "(truncation.judge.engine=%s has no meaning on vLLM)", judge["engine"])
-        return VLLMSufficiencyJudge(vllm_backend(spec, cache_dir, vllm), prompt, **dict(shared, engine="batched"))
+        return SufficiencyJudge.on_backend(vllm_backend(spec, cache_dir, vllm), prompt, engine="batched", **shared)
     if backend != "hf":
         raise ValueError(f"truncation.judge.backend: a judge is built on hf or vllm, got '{backend}'")
-    return SufficiencyJudge(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), prompt,
-                            chat_template_kwargs=spec.chat_template_kwargs, max_tail_tokens=judge["max_tail_tokens"], **shared)
+    scorer = HFScorer(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), batch_size=judge["batch_size"],
+                      max_tail_tokens=judge["max_tail_tokens"], chat_template_kwargs=spec.chat_template_kwargs)
+    return SufficiencyJudge(scorer, scorer.tokenizer, prompt, engine=judge["engine"],
+                            chat_template_kwargs=spec.chat_template_kwargs, **shared)
 
 
 def search_prefixes(settings: TruncationSettings, judge: SufficiencyJudge | None, questions: Sequence[str],
