@@ -47,9 +47,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from palign.tracking import Tracker
 
         source = f"{args.wandb_project}/{args.wandb_group}" if args.wandb_project else str(Path(args.runs_dir).resolve())
+        from palign.schema import Logger, defaults
+
+        logger = defaults(Logger)
         tracker = Tracker(kind="wandb", run_dir=Path(args.out), run_id=f"report-{fingerprint(source, length=8)}",
                           run_name="report", group=args.wandb_group or "report", job_type="report",
-                          project=args.wandb_project or "palign", entity=args.wandb_entity)
+                          project=args.wandb_project or logger["project"], entity=args.wandb_entity, mode=logger["mode"])
     failed = True
     try:
         result = make_report(args.runs_dir, args.out, args.pass_k, tracker, args.wandb_project, args.wandb_group,

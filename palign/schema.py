@@ -21,6 +21,7 @@ Field metadata:
 from __future__ import annotations
 
 import math
+from dataclasses import MISSING as MISSING_FACTORY
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable
 
@@ -557,6 +558,29 @@ def register() -> None:
     store.store(name="palign_schema", node=Config)
     for name, node in (("champ", ChampSource), ("s1k", S1KSource), ("jsonl", JsonlSource), ("generate", GeneratedSource)):
         store.store(group="schema/teacher_source", name=name, node=node)
+
+
+def defaults(node: type, **overrides: Any) -> dict[str, Any]:
+    """The schema's default of each field of `node` that has a concrete one (not MISSING, not an
+    interpolation into the run's config), without `_target_`, updated with `overrides` (which must
+    be fields of `node`): the arguments of a stage built outside a composed run (tests, benchmarks),
+    so the schema stays the one home of each default."""
+    names = {f.name for f in fields(node)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise TypeError(f"not fields of {node.__name__} (palign/schema.py): {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for spec in fields(node):
+        if spec.name == "_target_":
+            continue
+        if spec.default_factory is not MISSING_FACTORY:
+            value = spec.default_factory()
+        else:
+            value = spec.default
+        if value is MISSING or (isinstance(value, str) and "${" in value):
+            continue
+        out[spec.name] = OmegaConf.to_container(OmegaConf.structured(value)) if is_dataclass(value) else value
+    return {**out, **overrides}
 
 
 # -- checks after composition ---------------------------------------------------------------------

@@ -47,13 +47,16 @@ class Tracker:
         run_name: str,
         group: str,
         job_type: str,
+        *,
+        project: str,
+        entity: str | None,
+        mode: str,
         tags: Sequence[str] = (),
         config: Mapping[str, Any] | None = None,
-        project: str = "palign",
-        entity: str | None = None,
-        mode: str = "auto",
         rank_zero: bool = True,
     ):
+        """`kind`, `project`, `entity` and `mode`: the `logger` node's fields (palign/schema.py: Logger
+        documents each and holds its default)."""
         self.kind = kind
         # Lightning's loggers write on global rank 0 only; the run's own summaries, tables and
         # histograms likewise (on another rank W&B's experiment is a stand-in without a summary)

@@ -41,7 +41,7 @@ def test_palign_target_wraps_the_prefix_in_markers():
 def settings(**kw) -> AlignmentSettings:
     base = dict(model_identity={"name": "tiny_random"}, prompts=PROMPTS,
                 sampling={"max_new_tokens": 6, "do_sample": True, "num_samples": 1, "batch_size": 4, "seed": 0},
-                filter="correct", chunk_size=2, grading_workers=1)
+                filter="correct", chunk_size=2, grading_workers=1, grading_timeout_s=10.0, chat_template_kwargs={})
     return AlignmentSettings(**{**base, **kw})
 
 
@@ -88,7 +88,7 @@ def test_teacher_generation_keeps_correct_traces_and_is_cached(tmp_path, student
     cache = stage_cache(tmp_path)  # the converted models, and nothing generated before
 
     def teacher(**kw):
-        return GeneratedTeacher(
+        return GeneratedTeacher.with_defaults(
             model=student_specs["tiny_random"],
             problems={"kind": "file", "path": str(shared_data / "problems" / "math_train.json")},
             sampling={"max_new_tokens": 6, "do_sample": True, "num_samples": 1, "batch_size": 3, "seed": 1},

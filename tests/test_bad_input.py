@@ -78,22 +78,22 @@ def pool():
 def test_jsonl_teacher_rejects_a_field_of_the_wrong_type(tmp_path, field, value, expected):
     path = write_jsonl(tmp_path / "teacher.jsonl", [GOOD, {**GOOD, "id": "b", field: value}])
     with pytest.raises(DataFormatError, match=where(path, 2) + " " + re.escape(expected)):
-        JsonlTeacher(path=str(path), id_field="id").load()
+        JsonlTeacher.with_defaults(path=str(path), id_field="id").load()
 
 
 def test_jsonl_teacher_accepts_numbers_as_answers_and_integer_ids_and_null_as_no_answer(tmp_path):
     rows = [dict(GOOD, id=7, answer=142.0), dict(GOOD, id="b", answer=None), dict(GOOD, id="c", answer="")]
     path = write_jsonl(tmp_path / "teacher.jsonl", rows)
-    records = JsonlTeacher(path=str(path), id_field="id").load().records
+    records = JsonlTeacher.with_defaults(path=str(path), id_field="id").load().records
     assert [(r.id, r.answer) for r in records] == [("7", "142"), ("b", None), ("c", None)]
     # answers are optional: only only_correct needs one, and it counts what it drops
-    data = JsonlTeacher(path=str(path), id_field="id", only_correct=True).load()
+    data = JsonlTeacher.with_defaults(path=str(path), id_field="id", only_correct=True).load()
     assert data.skipped["no gold answer (only_correct)"] == 2
 
 
 def test_jsonl_teacher_counts_empty_questions_and_traces_as_skips(tmp_path):
     rows = [GOOD, dict(GOOD, id="b", question="  "), dict(GOOD, id="c", long_cot="")]
-    data = JsonlTeacher(path=str(write_jsonl(tmp_path / "t.jsonl", rows)), id_field="id").load()
+    data = JsonlTeacher.with_defaults(path=str(write_jsonl(tmp_path / "t.jsonl", rows)), id_field="id").load()
     assert [r.id for r in data.records] == ["a"]
     assert dict(data.skipped) == {"empty question": 1, "empty teacher trace": 1}
 
@@ -102,7 +102,7 @@ def test_nested_fields_are_checked_too(tmp_path):
     # Sky-T1's layout: the trace is `code.0`; a null there must not become the trace "None"
     rows = [{"idx": 0, "question": "q", "gt": "1", "code": ["trace"]}, {"idx": 1, "question": "q", "gt": "1", "code": [None]}]
     path = write_jsonl(tmp_path / "skyt1.jsonl", rows)
-    teacher = JsonlTeacher(path=str(path), id_field="idx", answer_field="gt", long_cot_field="code.0")
+    teacher = JsonlTeacher.with_defaults(path=str(path), id_field="idx", answer_field="gt", long_cot_field="code.0")
     with pytest.raises(DataFormatError, match=where(path, 2) + re.escape(" field 'code.0' must be a string")):
         teacher.load()
 
@@ -111,21 +111,21 @@ def test_s1k_local_file_rejects_null_and_list_fields_with_file_and_line(tmp_path
     good = {"question": "1+1?", "solution": "$\\boxed{2}$", "deepseek_thinking_trajectory": "two", "deepseek_attempt": "2"}
     path = write_jsonl(tmp_path / "s1k.jsonl", [good, dict(good, question=None)])
     with pytest.raises(DataFormatError, match=where(path, 2) + re.escape(" field 'question' must be a string (the problem text), got null")):
-        S1KTeacher(path=str(path)).load()
+        S1KTeacher.with_defaults(path=str(path)).load()
     write_jsonl(path, [good, dict(good, deepseek_thinking_trajectory=["a", "b"])])
     with pytest.raises(DataFormatError, match=where(path, 2) + re.escape(" field 'deepseek_thinking_trajectory' must be a string")):
-        S1KTeacher(path=str(path)).load()
+        S1KTeacher.with_defaults(path=str(path)).load()
     write_jsonl(path, [good, dict(good, deepseek_attempt={"a": 1})])
     with pytest.raises(DataFormatError, match=where(path, 2) + re.escape(" field 'deepseek_attempt' must be a string")):
-        S1KTeacher(path=str(path)).load()
+        S1KTeacher.with_defaults(path=str(path)).load()
     # a bare numeric solution is a gold answer, spelt once: 42.0 -> "42"
     write_jsonl(path, [good, dict(good, solution=42.0)])
-    assert [r.answer for r in S1KTeacher(path=str(path)).load().records] == ["2", "42"]
+    assert [r.answer for r in S1KTeacher.with_defaults(path=str(path)).load().records] == ["2", "42"]
 
 
 def generated_teacher(problems_path: Path, tmp_path: Path, **problems) -> GeneratedTeacher:
     # the problem file is read before any model is built, so no model is needed to reach the errors
-    return GeneratedTeacher(model={}, problems={"kind": "file", "path": str(problems_path), **problems},
+    return GeneratedTeacher.with_defaults(model={}, problems={"kind": "file", "path": str(problems_path), **problems},
                             sampling={}, cache_dir=str(tmp_path / "cache"), prompts={})
 
 
@@ -215,7 +215,7 @@ def test_invalid_utf8_names_file_line_and_column(tmp_path, pool):
     with pytest.raises(DataFormatError, match=expected):
         list(iter_records(path))
     with pytest.raises(DataFormatError, match=expected):
-        JsonlTeacher(path=str(path)).load()
+        JsonlTeacher.with_defaults(path=str(path)).load()
     with pytest.raises(DataFormatError, match=expected):
         load_benchmark("latin1", local_path=path)
     with pytest.raises(DataFormatError, match=expected):
@@ -257,9 +257,9 @@ def test_an_empty_teacher_file_says_it_is_empty(tmp_path, name, content, what):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(DataFormatError, match=re.escape(f"{path}: the file {what}, so there are no records; point teacher.source.path")):
-        JsonlTeacher(path=str(path)).load()
+        JsonlTeacher.with_defaults(path=str(path)).load()
     with pytest.raises(DataFormatError, match=re.escape(f"{path}: the file {what}")):
-        S1KTeacher(path=str(path)).load()
+        S1KTeacher.with_defaults(path=str(path)).load()
     with pytest.raises(DataFormatError, match=re.escape(f"{path}: the file {what}, so there are no records; point teacher.source.problems.path")):
         generated_teacher(path, tmp_path).load()
 
@@ -268,7 +268,7 @@ def test_a_blank_json_file_says_it_is_empty_too(tmp_path):
     path = tmp_path / "blank.json"
     path.write_text("\n\n")
     with pytest.raises(DataFormatError, match=re.escape(f"{path}: the file is empty (0 bytes or only blank lines)")):
-        JsonlTeacher(path=str(path)).load()
+        JsonlTeacher.with_defaults(path=str(path)).load()
 
 
 def test_repeated_teacher_ids_name_both_lines_and_the_field(tmp_path):
@@ -277,8 +277,8 @@ def test_repeated_teacher_ids_name_both_lines_and_the_field(tmp_path):
     path = write_jsonl(tmp_path / "dup.jsonl", rows)
     expected = re.escape(f"{path}:3: id '7' repeats {path}:1; ids must be unique (field 'idx': set teacher.source.id_field")
     with pytest.raises(DataFormatError, match=expected):
-        JsonlTeacher(path=str(path), id_field="idx").load()
-    assert [r.id for r in JsonlTeacher(path=str(path)).load().records] == ["1", "2"]  # numbered by row
+        JsonlTeacher.with_defaults(path=str(path), id_field="idx").load()
+    assert [r.id for r in JsonlTeacher.with_defaults(path=str(path)).load().records] == ["1", "2"]  # numbered by row
 
 
 def test_repeated_problem_ids_in_a_generation_problem_file_name_both_records(tmp_path):

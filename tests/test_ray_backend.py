@@ -74,7 +74,8 @@ def ray_backend(spec, cache_dir, tokenizer, kind=RayChatBackend, **kw) -> RayCha
 
 def continuation(folder, spec, tokenizer, cache_dir, backend=None, chunk_size=3) -> PrefixContinuation:
     settings = AlignmentSettings(model_identity=ModelSpec.from_config(spec).identity(), prompts=PROMPTS, sampling=GREEDY,
-                                 filter="none", chunk_size=chunk_size, grading_workers=0)
+                                 filter="none", chunk_size=chunk_size, grading_workers=0, grading_timeout_s=5.0,
+                                 chat_template_kwargs={})
     return PrefixContinuation(settings, folder, lambda: load_inference_model(spec, cache_dir), tokenizer, progress=False,
                               backend=backend)
 
@@ -223,9 +224,10 @@ def judge_node(spec) -> dict:
 
 def judge_settings(spec) -> TruncationSettings:
     # the quantile rule: the calibration goes through the pool too
-    return TruncationSettings(granularity="sentence", search="binary", judge_identity=ModelSpec.from_config(spec).identity(),
-                              judge_prompt=JUDGE_PROMPT, threshold={"kind": "quantile", "value": 0.5, "calibration_examples": 2},
-                              batch_size=4, chunk_size=2)
+    return TruncationSettings(granularity="sentence", granularity_options={}, search="binary", ratio=None,
+                              judge_identity=ModelSpec.from_config(spec).identity(), judge_prompt=JUDGE_PROMPT, mode="logits",
+                              threshold={"kind": "quantile", "value": 0.5, "calibration_examples": 2}, max_new_tokens=8,
+                              batch_size=4, chunk_size=2, max_trace_tokens=None)
 
 
 def searched(rows) -> list:
@@ -324,7 +326,7 @@ def test_teacher_generation_over_ray_equals_in_process(ray_cluster, tiny, cache_
     def generated(folder, backend) -> list[dict]:
         """The stored generations (the tiny model's greedy traces are blank lines, which `load` then
         counts as empty traces: the store is where the generations are compared)."""
-        teacher = GeneratedTeacher(model=spec, problems={"kind": "file", "path": str(shared_data / "problems" / "math_train.json")},
+        teacher = GeneratedTeacher.with_defaults(model=spec, problems={"kind": "file", "path": str(shared_data / "problems" / "math_train.json")},
                                    sampling=GREEDY, cache_dir=str(stage_cache(folder)), prompts=PROMPTS, problem_limit=4,
                                    only_correct=False, backend=backend, ray=SETTINGS, grading_workers=0)
         if backend == "ray":

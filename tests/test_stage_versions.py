@@ -77,10 +77,13 @@ def test_the_code_version_names_the_cache_folders(monkeypatch, tmp_path, smollm2
     from palign.truncation import stage as truncation
 
     settings = continuation.AlignmentSettings(model_identity={"name": "m"}, prompts={}, sampling={}, filter="none",
-                                              chunk_size=1, grading_workers=1)
+                                              chunk_size=1, grading_workers=1, grading_timeout_s=10.0,
+                                              chat_template_kwargs={})
     prompts = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "prompts" / "paper.yaml"))
     examples = [SupervisedExample(id="a", question="1+1?", target="2")]
-    cut = truncation.TruncationSettings(granularity="sentence", search=truncation.FIXED_RATIO, ratio=0.5)
+    cut = truncation.TruncationSettings(granularity="sentence", granularity_options={}, search=truncation.FIXED_RATIO,
+                                         ratio=0.5, judge_identity={}, judge_prompt={}, mode="logits", threshold={},
+                                         max_new_tokens=8, batch_size=8, chunk_size=32, max_trace_tokens=None)
 
     def folders():
         return (continuation.PrefixContinuation(settings, tmp_path, lambda: None, smollm2_tokenizer).folder,

@@ -11,7 +11,7 @@ from palign.teachers.sources import ChampTeacher, JsonlTeacher, S1KTeacher
 
 
 def test_champ_loads_all_270_problems_with_answers_and_both_cots():
-    data = ChampTeacher(model="GPT-4", setting="0-Shot").load()
+    data = ChampTeacher.with_defaults(model="GPT-4", setting="0-Shot").load()
     # all 270 problems are read; GPT-4's replies to two were cut at its length limit: skipped, counted
     assert len(data.records) == 268
     assert dict(data.skipped) == {"teacher reply missing or cut at length": 2}
@@ -24,7 +24,7 @@ def test_champ_loads_all_270_problems_with_answers_and_both_cots():
 
 
 def test_champ_only_correct_keeps_graded_correct_traces():
-    data = ChampTeacher(model="GPT-4", setting="0-Shot", only_correct=True).load()
+    data = ChampTeacher.with_defaults(model="GPT-4", setting="0-Shot", only_correct=True).load()
     kept = {r.id for r in data.records}
     # GPT-4's 0-shot answer to P_Combinatorics_1 is 771 (gold 239): wrong, so it is dropped
     assert "P_Combinatorics_1" not in kept
@@ -33,7 +33,7 @@ def test_champ_only_correct_keeps_graded_correct_traces():
 
 
 def test_jsonl_teacher_reads_skyt1_traces_and_strips_markers(shared_data):
-    teacher = JsonlTeacher(
+    teacher = JsonlTeacher.with_defaults(
         path=str(shared_data / "teacher" / "skyt1_14b_amc23_longcot.jsonl"),
         id_field="idx", question_field="question", answer_field="gt", long_cot_field="code.0",
         strip_markers=["<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>"],
@@ -54,7 +54,7 @@ def test_s1k_schema_from_a_local_file(tmp_path):
     ]
     path = tmp_path / "s1k.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = S1KTeacher(path=str(path)).load().records
+    records = S1KTeacher.with_defaults(path=str(path)).load().records
     assert [r.answer for r in records] == ["2", "42"]
     assert records[0].long_cot == "Okay, one plus one. That is two."
     assert records[0].short_cot == "Clearly $1+1=\\boxed{2}$."
@@ -64,11 +64,11 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "long_cot": "c", "answer": "1"}\n{"question": "q2", "long_cot": \n')
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:2: malformed JSON"):
-        JsonlTeacher(path=str(path)).load()
+        JsonlTeacher.with_defaults(path=str(path)).load()
 
 
 def test_missing_field_is_named(tmp_path):
     path = tmp_path / "nofield.jsonl"
     path.write_text('{"question": "q", "answer": "1"}\n')
     with pytest.raises(DataFormatError, match=r"nofield\.jsonl:1: missing field 'long_cot'"):
-        JsonlTeacher(path=str(path)).load()
+        JsonlTeacher.with_defaults(path=str(path)).load()

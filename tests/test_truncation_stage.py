@@ -49,8 +49,9 @@ def make_judge(tiny_model, smollm2_tokenizer):
 
 
 def settings(**kw) -> TruncationSettings:
-    base = dict(granularity="sentence", search="binary", judge_identity={"name": "tiny_random"}, judge_prompt={"name": "paper"},
-                mode="logits", threshold={"kind": "absolute", "value": 0.0}, batch_size=4, chunk_size=2)
+    base = dict(granularity="sentence", granularity_options={}, search="binary", ratio=None, judge_identity={"name": "tiny_random"},
+                judge_prompt={"name": "paper"}, mode="logits", threshold={"kind": "absolute", "value": 0.0}, max_new_tokens=8,
+                batch_size=4, chunk_size=2, max_trace_tokens=None)
     return TruncationSettings(**{**base, **kw})
 
 

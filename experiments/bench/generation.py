@@ -61,7 +61,7 @@ def main() -> None:
     else:
         draw = random.Random(0)
         texts = []
-        for record in ChampTeacher().load().records[: args.prompts]:
+        for record in ChampTeacher.with_defaults().load().records[: args.prompts]:
             units = segment(record.long_cot, "sentence")
             texts.append(continuation_prompt(prompts, record.question, units.prefix(max(1, round(draw.random() * units.m)))))
     lengths = [len(encode_user_turn(tokenizer, text, spec.chat_template_kwargs)) for text in texts]

@@ -127,12 +127,14 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
     from palign.truncation.ray_judge import RayJudgePool
     from palign.truncation.stage import PrefixTruncation, TruncationSettings, build_judge
 
-    records = ChampTeacher(limit=args.judge_traces).load().records
+    records = ChampTeacher.with_defaults(limit=args.judge_traces).load().records
     prompt = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml"))
     node = {"model": {**vars(spec)}, "mode": "logits", "max_new_tokens": 8, "batch_size": 8, "engine": "one_pass",
             "max_tail_tokens": 4096}
-    settings = TruncationSettings(granularity="sentence", search="binary", judge_identity=spec.identity(), judge_prompt=prompt,
-                                  threshold={"kind": "absolute", "value": 0.0}, batch_size=8, chunk_size=args.judge_chunk)
+    settings = TruncationSettings(granularity="sentence", granularity_options={}, search="binary", ratio=None,
+                                  judge_identity=spec.identity(), judge_prompt=prompt, mode="logits",
+                                  threshold={"kind": "absolute", "value": 0.0}, max_new_tokens=8, batch_size=8,
+                                  chunk_size=args.judge_chunk, max_trace_tokens=None)
     torch.set_num_threads(args.threads)
     rows, expected = [], None
     for workers in (0, *(int(n) for n in args.workers.split(","))):

@@ -53,7 +53,7 @@ def load_data(cache_dir: Path, examples: int, max_length: int):
     spec = OmegaConf.load(ROOT / "conf" / "student" / "smollm2_135m.yaml")
     prompts = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "prompts" / "paper.yaml"))
     tokenizer = load_tokenizer(spec, cache_dir)
-    records = ChampTeacher().load().records[:examples]
+    records = ChampTeacher.with_defaults().load().records[:examples]
     split = build_tokenized_split([SupervisedExample(r.id, r.question, r.long_cot) for r in records], tokenizer,
                                   prompts, max_length, cache_dir, "bench")
     data = datasets.load_from_disk(str(split.path)).with_format(None, columns=["input_ids", "labels"])

@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 
 from palign.config import CONFIG_DIR, PROJECT_ROOT
 from palign.llm.models import ModelSpec, load_model, load_tokenizer
-from palign.schema import Granularity, Judge, JsonlSource, Threshold
+from palign.schema import Granularity, Judge, JsonlSource, Search, Threshold, defaults
 from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import JudgePrompt, SufficiencyJudge, ThresholdRule
 from palign.truncation.search import SearchResult, create_search
@@ -219,7 +219,8 @@ def main() -> None:
         settings = TruncationSettings(
             granularity=args.granularity, granularity_options=granularity_options(args.granularity),
             search=search, judge_identity=spec.identity(), judge_prompt=prompt_config, mode="logits",
-            threshold=threshold, batch_size=args.batch_size,
+            threshold=threshold, batch_size=args.batch_size, ratio=None, max_new_tokens=args.max_new_tokens,
+            chunk_size=defaults(Search)["chunk_size"], max_trace_tokens=None,
         )
         with tempfile.TemporaryDirectory(prefix="bench-truncation-") as folder:
             stage = PrefixTruncation(settings, folder, tokenizer, lambda: judge, progress=False)

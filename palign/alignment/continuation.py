@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +40,19 @@ def continuation_prompt(prompts: Mapping[str, Any], question: str, prefix: str) 
     return prompts["continuation"].replace("{question}", question).replace("{prefix}", prefix)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AlignmentSettings:
+    """The `alignment` node's fields the stage reads (palign/schema.py: Alignment documents each and
+    holds its default), gathered by `PrefixContinuation.from_config`."""
+
     model_identity: dict[str, Any]
     prompts: dict[str, Any]
     sampling: dict[str, Any]
-    filter: str = "correct"
-    chunk_size: int = 32
-    grading_workers: int = 1
-    grading_timeout_s: float = 10.0
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    filter: str
+    chunk_size: int
+    grading_workers: int
+    grading_timeout_s: float
+    chat_template_kwargs: dict[str, Any]
 
     def identity(self) -> dict[str, Any]:
         sampling = {k: v for k, v in self.sampling.items() if k != "batch_size"}

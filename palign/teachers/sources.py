@@ -105,9 +105,23 @@ class Teacher:
     id_hint = "make the record ids unique"
     """How to fix a repeated id: which field holds it and what to change."""
 
-    def __init__(self, limit: int | None = None, only_correct: bool = False):
+    def __init__(self, *, limit: int | None, only_correct: bool):
+        """The fields of the source's schema node (palign/schema.py: TeacherSource and its
+        subclasses document each and hold its default; `with_defaults` reads them)."""
         self.limit = limit
         self.only_correct = only_correct
+
+    @classmethod
+    def with_defaults(cls, **overrides: Any) -> Teacher:
+        """This source at its schema node's defaults but `overrides` (tests, benchmarks)."""
+        from dataclasses import is_dataclass
+
+        from palign import schema
+
+        target = f"{cls.__module__}.{cls.__qualname__}"
+        (node,) = [n for n in vars(schema).values()
+                   if isinstance(n, type) and is_dataclass(n) and getattr(n, "_target_", None) == target]
+        return cls(**schema.defaults(node, **overrides))
 
     def _iter_records(self, skipped: Counter) -> Iterator[tuple[str, TeacherRecord]]:
         """Yield `(where, record)`; `where` ("file:line") is what error messages cite."""
@@ -160,7 +174,7 @@ class ChampTeacher(Teacher):
 
     name = "champ"
 
-    def __init__(self, model: str = "GPT-4", setting: str = "0-Shot", version: str = "v0", **kw):
+    def __init__(self, *, model: str, setting: str, version: str, **kw):
         super().__init__(**kw)
         self.model, self.setting, self.version = model, setting, version
 
@@ -209,14 +223,15 @@ class JsonlTeacher(Teacher):
 
     def __init__(
         self,
+        *,
         path: str,
-        question_field: str = "question",
-        answer_field: str | None = "answer",
-        long_cot_field: str = "long_cot",
-        short_cot_field: str | None = None,
-        id_field: str | None = None,
-        strip_markers: Sequence[str] = (),
-        keep_between: Sequence[str] | None = None,
+        question_field: str,
+        answer_field: str | None,
+        long_cot_field: str,
+        short_cot_field: str | None,
+        id_field: str | None,
+        strip_markers: Sequence[str],
+        keep_between: Sequence[str] | None,
         **kw,
     ):
         super().__init__(**kw)
@@ -271,7 +286,7 @@ class S1KTeacher(Teacher):
     name = "s1k"
     id_hint = "field 'id': make the ids unique, or drop the field to number records by row"
 
-    def __init__(self, path: str = "simplescaling/s1K-1.1", split: str = "train", short_answer_chars: int = 64, **kw):
+    def __init__(self, *, path: str, split: str, short_answer_chars: int, **kw):
         super().__init__(**kw)
         self.path, self.split, self.short_answer_chars = path, split, short_answer_chars
 
@@ -336,21 +351,21 @@ class GeneratedTeacher(Teacher):
 
     def __init__(
         self,
+        *,
         model: Any,
         problems: dict[str, Any],
         sampling: dict[str, Any],
         cache_dir: str,
         prompts: dict[str, Any],
-        problem_limit: int | None = None,
-        chunk_size: int = 32,
-        grading_workers: int = 1,
-        remote: dict[str, Any] | None = None,
-        backend: str = "hf",
-        ray: dict[str, Any] | None = None,
-        vllm: dict[str, Any] | None = None,
+        problem_limit: int | None,
+        chunk_size: int,
+        grading_workers: int,
+        remote: dict[str, Any] | None,
+        backend: str,
+        ray: dict[str, Any] | None = None,  # needed with backend=ray only
+        vllm: dict[str, Any] | None = None,  # needed with backend=vllm or ray.engine=vllm only
         **kw,
     ):
-        kw.setdefault("only_correct", True)
         super().__init__(**kw)
         from omegaconf import DictConfig, OmegaConf
 

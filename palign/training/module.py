@@ -127,16 +127,9 @@ class StudentSFTModule(pl.LightningModule):
     def with_defaults(cls, model_loader: Callable[[], torch.nn.Module], **overrides: Any) -> StudentSFTModule:
         """The module at the `training` schema's defaults (palign/schema.py: Training), but `overrides`:
         for benchmarks and tests, which build the module without a composed run."""
-        from omegaconf import OmegaConf
+        from palign.schema import Training, defaults
 
-        from palign.schema import Training
-
-        defaults = OmegaConf.to_container(OmegaConf.structured(Training))
-        unknown = set(overrides) - set(defaults)
-        if unknown:
-            raise TypeError(f"not fields of the training node (palign/schema.py: Training): {sorted(unknown)}")
-        defaults.pop("_target_")
-        return cls.from_config(model_loader=model_loader, **{**defaults, **overrides})
+        return cls.from_config(model_loader=model_loader, **defaults(Training, **overrides))
 
     @property
     def tokens_seen(self) -> int:

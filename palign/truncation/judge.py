@@ -276,14 +276,12 @@ class SufficiencyJudge:
     def hf(cls, model, tokenizer, prompt: JudgePrompt, **overrides: Any) -> SufficiencyJudge:
         """The judge over `model` (`HFScorer`) at the schema's `truncation.judge` defaults but
         `overrides` (mode, engine, batch_size, max_new_tokens, max_tail_tokens, chat_template_kwargs)."""
-        from palign.schema import Judge
+        from palign.schema import Judge, defaults
 
-        defaults = {name: getattr(Judge, name) for name in ("mode", "max_new_tokens", "batch_size", "engine", "max_tail_tokens")}
-        settings = {**defaults, "chat_template_kwargs": None}
-        unknown = set(overrides) - set(settings)
-        if unknown:
-            raise TypeError(f"not settings of the judge: {sorted(unknown)} (allowed: {sorted(settings)})")
-        settings.update(overrides)
+        chat_template_kwargs = overrides.pop("chat_template_kwargs", None)
+        node = defaults(Judge, **overrides)
+        settings = {name: node[name] for name in ("mode", "max_new_tokens", "batch_size", "engine", "max_tail_tokens")}
+        settings["chat_template_kwargs"] = chat_template_kwargs
         scorer = HFScorer(model, tokenizer, batch_size=settings["batch_size"], max_tail_tokens=settings.pop("max_tail_tokens"),
                           chat_template_kwargs=settings["chat_template_kwargs"])
         return cls(scorer, tokenizer, prompt, **settings)

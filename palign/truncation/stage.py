@@ -33,7 +33,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,26 +58,28 @@ CODE_VERSION = 1
 FIXED_RATIO = "fixed_ratio"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TruncationSettings:
-    """What decides a prefix (the artifact's identity), which traces are judged, and how the work is batched.
+    """What decides a prefix (the artifact's identity), which traces are judged, and how the work is
+    batched: the `truncation` node's fields (palign/schema.py documents each and holds its default)
+    and the baseline's ratio, gathered by `PrefixTruncation.from_config`.
 
     max_trace_tokens: traces longer than this (in the stage tokenizer's tokens) are not judged and
     get no prefix (see the module docstring); None: no cap. Not part of `identity()`.
     """
 
-    granularity: str = "sentence"
-    granularity_options: dict[str, Any] = field(default_factory=dict)
-    search: str = "binary"
-    ratio: float | None = None  # fixed_ratio only
-    judge_identity: dict[str, Any] = field(default_factory=dict)
-    judge_prompt: dict[str, Any] = field(default_factory=dict)
-    mode: str = "logits"
-    threshold: dict[str, Any] = field(default_factory=dict)
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    chunk_size: int = 32
-    max_trace_tokens: int | None = None
+    granularity: str
+    granularity_options: dict[str, Any]
+    search: str
+    ratio: float | None  # fixed_ratio only
+    judge_identity: dict[str, Any]
+    judge_prompt: dict[str, Any]
+    mode: str
+    threshold: dict[str, Any]
+    max_new_tokens: int
+    batch_size: int
+    chunk_size: int
+    max_trace_tokens: int | None
 
     def __post_init__(self) -> None:
         cap = self.max_trace_tokens
