@@ -230,6 +230,39 @@ def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_pa
     assert data.max_length == 333 and data.prefix_stage is None and data.continuation_stage is None
 
 
+def test_no_stage_signature_repeats_a_schema_default():
+    """Every palign `_target_` of the schema (and the classes it inherits from) takes the node's
+    fields without defaults of its own, so the schema is the one home of each default; a default
+    meaning "not given" (None where the schema interpolates the run's block) is allowed."""
+    import dataclasses
+    import inspect
+
+    from hydra.utils import get_method
+
+    import palign.schema as schema
+
+    targets = 0
+    for node in vars(schema).values():
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            continue
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        target = fields["_target_"].default if "_target_" in fields else ""
+        if not target.startswith("palign."):
+            continue
+        targets += 1
+        made = get_class(target) if target.rsplit(".", 1)[-1][0].isupper() else get_method(target)
+        callables = [c.__init__ for c in made.__mro__ if "__init__" in vars(c) and c.__module__.startswith("palign")] \
+            if isinstance(made, type) else [made]
+        for function in callables:
+            for name, parameter in inspect.signature(function).parameters.items():
+                if name not in fields or parameter.default is inspect.Parameter.empty:
+                    continue
+                default = fields[name].default
+                assert parameter.default is None and isinstance(default, str) and "${" in default, (
+                    f"{function.__qualname__}({name}={parameter.default!r}) repeats {node.__name__}.{name}'s default")
+    assert targets >= 9  # teacher sources, truncation, alignment, data, training, evaluation, chain judge
+
+
 def test_a_data_folder_enters_the_identity_by_what_its_files_hold_and_is_left_untouched(tmp_path):
     from palign.runs import content_identity
 
