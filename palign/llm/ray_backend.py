@@ -46,49 +46,80 @@ class RayWorkerError(RuntimeError):
     """Raised inside an actor: names the host and process, so the driver's message says which worker."""
 
 
-class _GenerationWorker:
-    """One Ray actor: an engine for the model, loaded when the actor starts; each row of a batch is
-    one generation batch (`{"position", "payload"}`, the payload JSON of texts and seed)."""
+class ActorWorker:
+    """A Ray actor of `stream_through_actors`: `build(**kwargs)` once when the actor starts (its model
+    loads once), then `handle(request)` for each payload (a JSON object) of each batch, returning a
+    JSON-able result. A failure in either names the worker's host and process (RayWorkerError).
 
-    def __init__(self, spec: dict[str, Any], cache_dir: str, weights: str | None, engine: str,
-                 vllm: dict[str, Any] | None, sampling: dict[str, Any], num_threads: int):
+    num_threads: torch threads of a CPU actor (`worker_threads`); 0 leaves torch's default.
+    """
+
+    task = "work"  # names what failed in `handle`
+
+    def __init__(self, num_threads: int, **kwargs: Any):
         self.where = f"ray worker pid {os.getpid()} on {socket.gethostname()}"
         try:
-            from functools import partial
-
             import torch
-
-            from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-            from palign.llm.openai_backend import LocalChatBackend
 
             if num_threads >= 1:
                 torch.set_num_threads(num_threads)
-            self.sampling = SamplingConfig.from_config(sampling)
-            model_spec = ModelSpec.from_config(spec)
-            if engine == "vllm":
-                from palign.llm.vllm_backend import vllm_backend
-
-                self.backend = vllm_backend(model_spec, cache_dir, vllm or {}, weights=weights)
-            else:
-                # the model itself loads with the actor's first batch (a failure there names the worker too)
-                self.backend = LocalChatBackend(partial(load_inference_model, model_spec, cache_dir, path=weights),
-                                                load_tokenizer(model_spec, cache_dir), model_spec.chat_template_kwargs)
+            self.build(**kwargs)
         except Exception as err:  # noqa: BLE001 (reported to the driver with where it happened)
-            raise RayWorkerError(f"{self.where}: could not build the '{engine}' engine for model "
-                                 f"'{spec.get('name')}': {type(err).__name__}: {err}") from err
+            raise RayWorkerError(f"{self.where}: could not build {self.describe(**kwargs)}: "
+                                 f"{type(err).__name__}: {err}") from err
+
+    def build(self, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def describe(self, **kwargs: Any) -> str:
+        """What `build` makes, for its error message."""
+        return type(self).__name__
+
+    def handle(self, request: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         results = []
         for payload in batch["payload"]:
-            request = json.loads(payload)
             try:
-                outputs = self.backend.complete(request["texts"], replace(self.sampling, seed=request["seed"]))
+                result = self.handle(json.loads(payload))
             except Exception as err:  # noqa: BLE001
-                raise RayWorkerError(f"{self.where}: generation failed: {type(err).__name__}: {err}") from err
-            results.append(json.dumps([[asdict(g) for g in generations] for generations in outputs]))
+                raise RayWorkerError(f"{self.where}: {self.task} failed: {type(err).__name__}: {err}") from err
+            results.append(json.dumps(result))
         return {"position": np.asarray(batch["position"]), "result": np.asarray(results, dtype=object)}
+
+
+class _GenerationWorker(ActorWorker):
+    """An engine for the model; each payload is one generation batch (texts and seed)."""
+
+    task = "generation"
+
+    def build(self, spec: dict[str, Any], cache_dir: str, weights: str | None, engine: str, vllm: dict[str, Any] | None,
+              sampling: dict[str, Any]) -> None:
+        from functools import partial
+
+        from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
+        from palign.llm.openai_backend import LocalChatBackend
+
+        self.sampling = SamplingConfig.from_config(sampling)
+        model_spec = ModelSpec.from_config(spec)
+        if engine == "vllm":
+            from palign.llm.vllm_backend import vllm_backend
+
+            self.backend = vllm_backend(model_spec, cache_dir, vllm or {}, weights=weights)
+        else:
+            # the model itself loads with the actor's first batch (a failure there names the worker too)
+            self.backend = LocalChatBackend(partial(load_inference_model, model_spec, cache_dir, path=weights),
+                                            load_tokenizer(model_spec, cache_dir), model_spec.chat_template_kwargs)
+
+    def describe(self, spec: dict[str, Any], engine: str, **_: Any) -> str:
+        return f"the '{engine}' engine for model '{spec.get('name')}'"
+
+    def handle(self, request: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
+        outputs = self.backend.complete(request["texts"], replace(self.sampling, seed=request["seed"]))
+        return [[asdict(g) for g in generations] for generations in outputs]
 
 
 def connect(address: str | None, num_workers: int, num_cpus_per_worker: float, num_gpus_per_worker: float,
@@ -120,10 +151,10 @@ def stream_through_actors(payloads: Sequence[str], worker: type, worker_kwargs: 
                           describe: str, progress: bool = False) -> Iterator[tuple[int, Any]]:
     """`(position, result)` for each of `payloads` (JSON texts), in the order they finish.
 
-    One pool of `min(num_workers, len(payloads))` actors of `worker` (built once with `worker_kwargs`,
-    so a model loads once per actor for the whole call) maps the payloads, `payloads_per_call` per
-    actor call; `worker(batch)` gets `{"position", "payload"}` columns and returns `{"position",
-    "result"}` (result: JSON). Results stream back as soon as a block finishes, so the caller can
+    One pool of `min(num_workers, len(payloads))` actors of `worker` (an `ActorWorker`, built once with
+    `worker_kwargs`, so a model loads once per actor for the whole call) maps the payloads,
+    `payloads_per_call` per actor call; `worker(batch)` gets `{"position", "payload"}` columns and
+    returns `{"position", "result"}` (result: JSON). Results stream back as soon as a block finishes, so the caller can
     store each one while the others are computed: a driver killed mid-stage loses only what it had
     not stored. `describe` names the work in errors; a worker's RayWorkerError reaches the message.
     """

@@ -15,14 +15,12 @@ one actor before the search (once per store, like in process).
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from palign.llm.ray_backend import RayWorkerError, connect, ray_settings, stream_through_actors, worker_threads
+from palign.llm.ray_backend import ActorWorker, connect, ray_settings, stream_through_actors, worker_threads
 from palign.truncation.stage import TruncationSettings, build_judge, search_prefixes
 from palign.truncation.units import Segmentation
 
@@ -39,42 +37,26 @@ def _decode(traces: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Segmen
             [Segmentation(t["text"], tuple(t["units"]), t["joiner"], t["granularity"]) for t in traces])
 
 
-class _JudgeWorker:
-    """One Ray actor holding a judge; each payload is a chunk of traces to search (`search`) or
-    whose every prefix to score (`scores`, the quantile calibration)."""
+class _JudgeWorker(ActorWorker):
+    """A judge; each payload is a chunk of traces to search (`search`) or whose prefixes `ks` to
+    score (`scores`, the quantile calibration)."""
 
-    def __init__(self, judge: dict[str, Any], judge_prompt: dict[str, Any], cache_dir: str, vllm: dict[str, Any],
-                 engine: str, settings: dict[str, Any], num_threads: int):
-        self.where = f"ray worker pid {os.getpid()} on {socket.gethostname()}"
-        try:
-            import torch
+    task = "judging"
 
-            if num_threads >= 1:
-                torch.set_num_threads(num_threads)
-            self.settings = TruncationSettings(**settings)
-            self.judge = build_judge(judge, judge_prompt, cache_dir, vllm, engine)
-        except Exception as err:  # noqa: BLE001 (reported to the driver with where it happened)
-            raise RayWorkerError(f"{self.where}: could not build the '{engine}' judge for model "
-                                 f"'{judge['model'].get('name')}': {type(err).__name__}: {err}") from err
+    def build(self, judge: dict[str, Any], judge_prompt: dict[str, Any], cache_dir: str, vllm: dict[str, Any],
+              engine: str, settings: dict[str, Any]) -> None:
+        self.settings = TruncationSettings(**settings)
+        self.judge = build_judge(judge, judge_prompt, cache_dir, vllm, engine)
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        import numpy as np
+    def describe(self, judge: dict[str, Any], engine: str, **_: Any) -> str:
+        return f"the '{engine}' judge for model '{judge['model'].get('name')}'"
 
-        results = []
-        for payload in batch["payload"]:
-            request = json.loads(payload)
-            questions, segs = _decode(request["traces"])
-            try:
-                if request["kind"] == "scores":
-                    found = self.judge.prefix_scores(list(zip(questions, segs, request["ks"], strict=True)))
-                    result: Any = [sorted(values.items()) for values in found]  # JSON has no integer keys
-                else:
-                    result = search_prefixes(self.settings, self.judge, questions, segs,
-                                             quantile_threshold=request["threshold"])
-            except Exception as err:  # noqa: BLE001
-                raise RayWorkerError(f"{self.where}: judging failed: {type(err).__name__}: {err}") from err
-            results.append(json.dumps(result))
-        return {"position": np.asarray(batch["position"]), "result": np.asarray(results, dtype=object)}
+    def handle(self, request: Mapping[str, Any]) -> Any:
+        questions, segs = _decode(request["traces"])
+        if request["kind"] == "scores":
+            found = self.judge.prefix_scores(list(zip(questions, segs, request["ks"], strict=True)))
+            return [sorted(values.items()) for values in found]  # JSON has no integer keys
+        return search_prefixes(self.settings, self.judge, questions, segs, quantile_threshold=request["threshold"])
 
 
 class RayJudgePool:
