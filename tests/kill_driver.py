@@ -24,7 +24,8 @@ written = 0
 def add_then_maybe_kill(self, record):
     global written
     original_add(self, record)
-    if Path(self.path).parent.parent.name == stage:  # <cache>/<stage>/<fingerprint>/records.jsonl
+    # <cache>/<stage>/<fingerprint>/records.jsonl, or <run>/eval/<fingerprint>/<benchmark>.jsonl
+    if Path(self.path).parent.parent.name == stage:
         written += 1
         if written == after:
             os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -1,15 +1,17 @@
 """A real driver, with the local Ray cluster it started, killed with SIGKILL mid-stage and rerun.
 
-`python run.py stage=align` with the judge and the continuation over 2 Ray workers is killed right
-after it stored 3 records of one stage (tests/kill_driver.py), then the same command runs again:
-the rerun recomputes none of the stored records, duplicates none, and ends with what an
-uninterrupted in-process run stores (greedy decoding, so the continuations are comparable).
+`python run.py stage=align` with the judge and the continuation over 2 Ray workers, and `stage=eval`
+with evaluation over them, is killed right after it stored 3 records of one stage
+(tests/kill_driver.py), then the same command runs again: the rerun recomputes none of the stored
+records, duplicates none, and ends with what an uninterrupted in-process run stores (greedy
+decoding, so the generations are comparable).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +29,11 @@ pytestmark = pytest.mark.slow  # each run starts Ray and loads the model in 2 ac
 RUN = ["experiment=tiny", "stage=align", "baseline=palign", "alignment.sampling.do_sample=false", "alignment.chunk_size=2",
        "truncation.search.chunk_size=2", "logger=none"]
 OVER_RAY = ["truncation.judge.backend=ray", "alignment.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
+# the base tiny model on 8 held-out CHAMP problems, greedy, 2 problems per stored chunk
+EVAL = ["experiment=tiny", "stage=eval", "evaluation.benchmarks.champ_heldout.limit=8", "evaluation.sampling.do_sample=false",
+        "evaluation.sampling.num_samples=1", "evaluation.pass_k=1", "evaluation.chunk_size=2", "logger=none"]
+EVAL_OVER_RAY = ["evaluation.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
+COMMANDS = {"truncation": (RUN, OVER_RAY), "alignment": (RUN, OVER_RAY), "eval": (EVAL, EVAL_OVER_RAY)}
 
 
 @pytest.fixture()
@@ -41,14 +48,23 @@ def ray_env():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The same run in process (hf back ends), uninterrupted: the stores to compare with."""
-    out = tmp_path_factory.mktemp("reference")
-    run_cli(RUN, out)
-    return {stage: stored(out, stage) for stage in ("truncation", "alignment")}
+    """The same runs in process (hf back ends), uninterrupted: the stores to compare with."""
+    stores = {}
+
+    def of(stage: str) -> list[dict]:
+        if stage not in stores:
+            out = tmp_path_factory.mktemp(f"reference-{stage}")
+            run_cli(COMMANDS[stage][0], out)
+            for name in ("truncation", "alignment") if stage != "eval" else ("eval",):
+                stores[name] = stored(out, name)
+        return stores[stage]
+
+    return of
 
 
 def stored(out, stage: str) -> list[dict]:
-    (store,) = (out / "cache" / stage).glob("*/records.jsonl")
+    pattern = "runs/*/eval/*/champ_heldout.jsonl" if stage == "eval" else f"cache/{stage}/*/records.jsonl"
+    (store,) = out.glob(pattern)
     return [json.loads(line) for line in store.read_text().splitlines()]
 
 
@@ -62,12 +78,16 @@ def decided(rows: list[dict], stage: str) -> dict:
     if stage == "truncation":
         return {r["key"]: (r["chosen_k"], r["prefix"], [(p["k"], p["sufficient"], round(p["score"], 4)) for p in r["probes"]])
                 for r in rows}
+    if stage == "eval":
+        return {r["id"]: (r["output"], r["tokens"], r["finished"]) for r in rows}
     return {r["key"]: (r["continuation"], r["tokens"], r["finished"]) for r in rows}
 
 
-@pytest.mark.parametrize("stage", ["truncation", "alignment"])
+@pytest.mark.parametrize("stage", ["truncation", "alignment", "eval"])
 def test_a_driver_killed_mid_stage_resumes_without_redoing_or_duplicating(stage, tmp_path, ray_env, reference):
-    command = [sys.executable, str(PROJECT_ROOT / "tests" / "kill_driver.py"), stage, "3", NO_LOCAL, *RUN, *OVER_RAY]
+    run, over_ray = COMMANDS[stage]
+    expected = reference(stage)
+    command = [sys.executable, str(PROJECT_ROOT / "tests" / "kill_driver.py"), stage, "3", NO_LOCAL, *run, *over_ray]
     killed = subprocess.Popen(command, cwd=PROJECT_ROOT, env=cli_env(tmp_path, ray_env), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -79,14 +99,19 @@ def test_a_driver_killed_mid_stage_resumes_without_redoing_or_duplicating(stage,
             pass
     assert killed.returncode == -signal.SIGKILL, output[-4000:]
     first = stored(tmp_path, stage)
-    assert len(first) == 3 < len(reference[stage])  # killed mid-stage
+    assert len(first) == 3 < len(expected)  # killed mid-stage
 
-    run_cli([*RUN, *OVER_RAY], tmp_path, env=ray_env)
+    rerun = run_cli([*run, *over_ray], tmp_path, env=ray_env)
     rows = stored(tmp_path, stage)
-    keys = [r["key"] for r in rows]
-    assert len(keys) == len(set(keys)) == len(reference[stage])  # nothing duplicated, nothing missing
+    key = "id" if stage == "eval" else "key"
+    keys = [r[key] for r in rows]
+    assert len(keys) == len(set(keys)) == len(expected)  # nothing duplicated, nothing missing
     assert rows[:3] == first  # the stored records are kept as they were
-    assert decided(rows, stage) == decided(reference[stage], stage)
+    assert decided(rows, stage) == decided(expected, stage)
+    if stage == "eval":  # the rerun generated only the problems that were not stored
+        missing = len(expected) - 3
+        assert re.search(rf"eval champ_heldout: 100%\|.*\| {missing}/{missing} ", rerun.stderr), rerun.stderr[-2000:]
+        return
     resumed = summary(tmp_path)
     if stage == "truncation":  # the rerun judged only the traces that were not stored
         assert resumed["truncation"]["judge_calls_this_run"] == sum(len(r["probes"]) for r in rows[3:])
