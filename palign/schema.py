@@ -6,8 +6,11 @@ file or on the command line) and a value of the wrong type fail while the config
 the full key path: before any model loads and before a run folder is written. `check_values` then
 refuses values of the right type outside their allowed range (the `check` of each field).
 
-This module is the only home of each default. The YAML group options under `conf/` hold named
-choices (a student, a prompt, a recipe's sizes) and list only what differs from here.
+This module is the only home of each default, but for two nodes defined with their code below it
+and used here as they are: the model spec (palign/llm/models.py: ModelSpec) and the sampling
+settings (palign/llm/generation.py: SamplingConfig, the `Sampling` node); their fields are declared
+with the same `knob` (palign/knobs.py). The YAML group options under `conf/` hold named choices (a
+student, a prompt, a recipe's sizes) and list only what differs from here.
 
 Field metadata:
 - `help`: what the field means (shown here, where it is declared);
@@ -20,83 +23,21 @@ Field metadata:
 
 from __future__ import annotations
 
-import math
 from dataclasses import MISSING as MISSING_FACTORY
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from palign.knobs import FINITE, INTEGER, at_least, is_int, is_number, knob, number, one_of  # noqa: F401 (schema vocabulary)
+from palign.llm.generation import SamplingConfig as Sampling
 from palign.llm.models import ModelSpec
 
 STAGES = ("all", "truncate", "align", "train", "eval", "grade", "report", "judge_chains")
 TARGETS = ("long_cot", "short_cot", "prefix_continuation", "prefix_only", "student_only")
 TEACHERS = "palign.teachers.sources"
 
-Check = tuple[str, Callable[[Any], bool]]
-
-
-def knob(default: Any = MISSING, help: str = "", *, identity: bool = True, check: Check | None = None,
-         content: bool = False, factory: Callable[[], Any] | None = None) -> Any:
-    """A schema field: its default (or `factory` for a mutable one), documentation and checks."""
-    metadata = {"help": help, "identity": identity, "check": check, "content": content}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-INTEGER: Check = ("an integer", _is_int)
-FINITE: Check = ("a finite number", _is_number)
-
-
-def at_least(low: int, *, optional: str | None = None) -> Check:
-    text = f"an integer >= {low}"
-    if optional:
-        return f"null ({optional}) or {text}", lambda v: v is None or (_is_int(v) and v >= low)
-    return text, lambda v: _is_int(v) and v >= low
-
-
-def number(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Check:
-    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    text = f"a number > {low}" if high is None and low_open else f"a number >= {low}" if high is None else f"a number in {lo}{low}, {high}{hi}"
-
-    def test(v: Any) -> bool:
-        if not _is_number(v) or v < low or (low_open and v == low):
-            return False
-        return high is None or v < high or (v == high and not high_open)
-
-    return text, test
-
-
-def one_of(*allowed: Any) -> Check:
-    return f"one of {list(allowed)}", lambda v: v in allowed
-
-
 # -- shared pieces --------------------------------------------------------------------------------
-@dataclass
-class Sampling:
-    """How a stage samples from a model (every back end applies exactly these)."""
-
-    max_new_tokens: int = knob(32768, "new tokens per sample (the paper's released outputs ran to ~32k)", check=at_least(1))
-    do_sample: bool = knob(True, "sample (true) or decode greedily (false)")
-    temperature: float = knob(0.6, "sampling temperature (the authors' 0.6)", check=number(0))
-    top_p: float = knob(0.9, "nucleus sampling mass (the authors' 0.9)", check=number(0, 1, low_open=True))
-    top_k: int | None = knob(None, "null: off, as in the authors' vLLM sampling (never the model's own default)",
-                             check=("null, 0 (off) or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 0)))
-    repetition_penalty: float = knob(1.05, "the authors' 1.05", check=number(0, low_open=True))
-    num_samples: int = knob(1, "samples per prompt", check=at_least(1))
-    batch_size: int = knob(8, "prompts per generation call", check=at_least(1))
-    seed: int = knob(0, "sampling seed (per problem and sample, so results do not depend on batching)", check=INTEGER)
-
-
 @dataclass
 class Grading:
     """math-verify grading in worker processes, each answer with a time limit."""
@@ -179,7 +120,7 @@ class Baseline:
     target: str = knob(MISSING, "the supervision target (palign/data/supervision.py)", check=one_of(*TARGETS))
     truncation: str = knob("none", "how prefixes are made", check=one_of("none", "adaptive", "fixed_ratio"))
     ratio: float | None = knob(None, "fixed_ratio: the share of units kept", check=(
-        "null or a number in (0, 1]", lambda v: v is None or (_is_number(v) and 0 < v <= 1)))
+        "null or a number in (0, 1]", lambda v: v is None or (is_number(v) and 0 < v <= 1)))
     alignment: bool = knob(False, "whether the student continues the prefixes (stage 2)")
 
 
@@ -403,11 +344,11 @@ class Training:
     learning_rate: float = knob(5e-5, "peak learning rate", check=number(0, low_open=True))
     weight_decay: float = knob(0.0, "AdamW weight decay", check=number(0))
     betas: list[float] = knob(factory=lambda: [0.9, 0.999], help="AdamW betas", check=(
-        "two numbers in [0, 1)", lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)))
+        "two numbers in [0, 1)", lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v)))
     warmup_ratio: float = knob(0.1, "share of optimizer steps warming up, then cosine decay", check=number(0, 1))
     epochs: int = knob(3, "passes over the training set", check=at_least(1))
     max_steps: int = knob(-1, "-1: no limit; else stop after this many optimizer steps", check=(
-        "-1 (no limit) or an integer >= 1", lambda v: _is_int(v) and (v == -1 or v >= 1)))
+        "-1 (no limit) or an integer >= 1", lambda v: is_int(v) and (v == -1 or v >= 1)))
     effective_batch_size: int = knob(32, "examples per optimizer step (gradient accumulation makes it up)",
                                      check=at_least(1))
     lora: Lora | None = knob(None, "null: full fine-tuning; training=paper for the paper's LoRA")
@@ -638,7 +579,7 @@ def check_values(cfg: DictConfig) -> None:
 
     walk(cfg, "")
     samples, pass_k = cfg.evaluation.sampling.num_samples, cfg.evaluation.pass_k
-    if _is_int(samples) and _is_int(pass_k) and pass_k > samples:
+    if is_int(samples) and is_int(pass_k) and pass_k > samples:
         problems.append(f"evaluation.pass_k={pass_k}: must be at most evaluation.sampling.num_samples={samples} "
                         "(pass@k needs k samples per problem)")
     if problems:

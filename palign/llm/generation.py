@@ -22,26 +22,30 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from palign.knobs import INTEGER, at_least, is_int, knob, number
 from palign.llm.chat import encode_user_turn
 
 
 @dataclass
 class SamplingConfig:
-    """Decoding settings; the defaults are the authors' (T=0.6, top-p 0.9, repetition penalty 1.05).
+    """Decoding settings, and the `sampling` node of every stage's config (palign/schema.py: Sampling
+    is this class, so its defaults live here only); the defaults are the authors' (T=0.6, top-p 0.9,
+    repetition penalty 1.05).
 
     top_k: keep only the k most likely tokens; None (or 0) turns it off, as the authors' vLLM
     sampling had it. Nothing else filters or penalises tokens (see the module docstring).
     """
 
-    max_new_tokens: int = 512
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.9
-    repetition_penalty: float = 1.05
-    num_samples: int = 1
-    batch_size: int = 8
-    seed: int = 0
-    top_k: int | None = None
+    max_new_tokens: int = knob(32768, "new tokens per sample (the paper's released outputs ran to ~32k)", check=at_least(1))
+    do_sample: bool = knob(True, "sample (true) or decode greedily (false)")
+    temperature: float = knob(0.6, "sampling temperature (the authors' 0.6)", check=number(0))
+    top_p: float = knob(0.9, "nucleus sampling mass (the authors' 0.9)", check=number(0, 1, low_open=True))
+    top_k: int | None = knob(None, "null: off, as in the authors' vLLM sampling (never the model's own default)",
+                             check=("null, 0 (off) or an integer >= 1", lambda v: v is None or (is_int(v) and v >= 0)))
+    repetition_penalty: float = knob(1.05, "the authors' 1.05", check=number(0, low_open=True))
+    num_samples: int = knob(1, "samples per prompt", check=at_least(1))
+    batch_size: int = knob(8, "prompts per generation call", check=at_least(1))
+    seed: int = knob(0, "sampling seed (per problem and sample, so results do not depend on batching)", check=INTEGER)
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
