@@ -81,7 +81,7 @@ def test_generate_samples_alike_whatever_the_model_ships(opinionated_model, tiny
 
 
 def test_top_k_is_validated_and_reaches_vllm_only_when_set():
-    with pytest.raises(ValueError, match="sampling.top_k must be null or 0"):
+    with pytest.raises(ValueError, match=r"sampling.top_k must be null, 0 \(off\) or an integer >= 1, got -1"):
         SamplingConfig(top_k=-1)
     with pytest.raises(ValueError, match=r"unknown keys \['min_p'\]"):
         SamplingConfig.from_config({"min_p": 0.1})

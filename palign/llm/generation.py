@@ -48,8 +48,10 @@ class SamplingConfig:
     seed: int = knob(0, "sampling seed (per problem and sample, so results do not depend on batching)", check=INTEGER)
 
     def __post_init__(self) -> None:
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"sampling.top_k must be null or 0 (off) or a positive number of tokens, got {self.top_k!r}")
+        # the schema checks a composed config; a SamplingConfig built in code gets top_k's check too
+        allowed, test = self.__dataclass_fields__["top_k"].metadata["check"]
+        if not test(self.top_k):
+            raise ValueError(f"sampling.top_k must be {allowed}, got {self.top_k!r}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> SamplingConfig:

@@ -258,11 +258,12 @@ class PrefixTruncation:
         done = 0
         # tqdm's disable=None: a bar on a terminal only; the log lines below go everywhere
         with tqdm(total=len(todo), desc="truncation", unit="trace", disable=None if self.progress else True) as bar:
+            quantile = self._quantile_threshold()  # read once for every chunk
             if self.judge_pool is None:
-                finished = ((chunk, self._truncate(chunk, [segmentations[r.id] for r in chunk], on_finished=bar.update))
+                finished = ((chunk, self._truncate(chunk, [segmentations[r.id] for r in chunk], quantile, bar.update))
                             for chunk in chunks)
             else:
-                finished = self._truncate_in_pool(chunks, segmentations, bar)
+                finished = self._truncate_in_pool(chunks, segmentations, quantile, bar)
             for chunk, rows in finished:
                 for row in rows:
                     store.add(row)
@@ -271,9 +272,9 @@ class PrefixTruncation:
                 log.info("truncation: %d/%d traces (%.0f%%) in %.0f s, %.2f s/trace, about %.0f s left", done, len(todo),
                          100 * done / len(todo), elapsed, elapsed / done, elapsed / done * (len(todo) - done))
 
-    def _truncate_in_pool(self, chunks: Sequence[Sequence[TeacherRecord]], segmentations: Mapping[str, Segmentation], bar):
+    def _truncate_in_pool(self, chunks: Sequence[Sequence[TeacherRecord]], segmentations: Mapping[str, Segmentation],
+                          quantile: float | None, bar):
         """(chunk, rows) for each chunk as the Ray actors finish it (in any order)."""
-        quantile = self._quantile_threshold()
         work = [(chunk, [segmentations[r.id] for r in chunk]) for chunk in chunks]
         for position, outcomes in self.judge_pool.search([([r.question for r in chunk], segs) for chunk, segs in work],
                                                          quantile):
@@ -319,12 +320,13 @@ class PrefixTruncation:
         log.info("truncation: calibrated threshold %.3f (quantile %.2f of %d prefix scores)", threshold, rule.value, len(scores))
         return threshold
 
-    def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation],
+    def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation], quantile: float | None,
                   on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
-        """The stored rows of `records`, searched with this process's judge."""
+        """The stored rows of `records`, searched with this process's judge (`quantile`: a quantile
+        rule's calibrated threshold)."""
         judge = None if self.settings.search == FIXED_RATIO else self.judge
         outcomes = search_prefixes(self.settings, judge, [r.question for r in records], segs,
-                                   quantile_threshold=self._quantile_threshold(), on_finished=on_finished)
+                                   quantile_threshold=quantile, on_finished=on_finished)
         self.judge_calls += sum(len(outcome["probes"]) for outcome in outcomes)
         return self._rows(records, segs, outcomes)
 
@@ -376,12 +378,12 @@ def build_judge(judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache
     if backend == "vllm":
         from palign.llm.vllm_backend import vllm_backend
 
-        # vLLM scores each prefix as its own request (its prefix cache shares the rest), so the
-        # judge follows the search: only the prefixes it probes, never a trace's every prefix
+        # vLLM has no one-pass scorer: the judge scores each prefix as its own request (vLLM's prefix
+        # cache shares the rest) and so follows the search, never scoring a trace's every prefix
         if judge["engine"] != "batched":
             log.info("truncation: the vLLM judge scores only the prefixes the search probes "
                      "(truncation.judge.engine=%s has no meaning on vLLM)", judge["engine"])
-        return SufficiencyJudge.on_backend(vllm_backend(spec, cache_dir, vllm), prompt, engine="batched", **shared)
+        return SufficiencyJudge.on_backend(vllm_backend(spec, cache_dir, vllm), prompt, engine=judge["engine"], **shared)
     if backend != "hf":
         raise ValueError(f"truncation.judge.backend: a judge is built on hf or vllm, got '{backend}'")
     scorer = HFScorer(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), batch_size=judge["batch_size"],
