@@ -38,7 +38,7 @@ def _reference(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_supervised_only_head_gives_transformers_loss_and_gradients(tiny_model, packed):
-    batch = PackedSFTCollator(0)([EXAMPLES[:2], EXAMPLES[2:]]) if packed else SFTCollator(0)(EXAMPLES)
+    batch = PackedSFTCollator()([EXAMPLES[:2], EXAMPLES[2:]]) if packed else SFTCollator(0)(EXAMPLES)
     reference_model = copy.deepcopy(tiny_model)
     module = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
     assert module._output_head() is module.model.get_output_embeddings()  # the selective path is taken
@@ -68,3 +68,21 @@ def test_full_logits_fallback_and_lora_agree_with_selective_head(tiny_model):
     assert grads and all("lora_" in name for name in grads)
     # the head is not registered a second time: checkpoints hold the model's keys only
     assert all(key.startswith("model.") for key in with_lora.state_dict())
+
+
+def test_a_packed_micro_batch_trains_on_each_example_as_if_alone(tiny_model):
+    """One flattened row of 2 bins: its loss is the token-weighted loss of its examples run alone (no
+    loss and no attention crosses an example), and every one of its tokens counts as a real token."""
+    module = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
+    module.eval()
+    alone = []
+    with torch.no_grad():
+        for example in EXAMPLES:
+            loss, _, n_tokens = module._step(SFTCollator(0)([example]))
+            alone.append((float(loss) * n_tokens, n_tokens))
+        batch = PackedSFTCollator()([EXAMPLES[:2], EXAMPLES[2:]])
+        loss = module.training_step(batch, 0)
+    assert batch["input_ids"].shape == (1, 13)
+    assert module._pending_tokens == 13  # what tokens/s and tokens_seen count: no padding
+    total = sum(n for _, n in alone)
+    assert float(loss) == pytest.approx(sum(s for s, _ in alone) / total, rel=1e-5)

@@ -165,14 +165,15 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled micro-batches: length-grouped rows of examples, or packed rows (`packing`)."""
+        """Shuffled micro-batches: length-grouped rows of examples, or, with `packing`, bins of
+        examples flattened into one row per micro-batch."""
         trainer = self.trainer
         loader = train_loader(self._datasets["train"], self.tokenizer.pad_token_id, self.micro_batch_size, self.seed,
                               packing=self.packing, pack_length=self.pack_length, group_by_length=self.group_by_length,
                               num_workers=self.num_workers, batches_done=self._train_batches_done,
                               num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
         if self.packing:
-            self.stats["train/packed_rows"] = len(loader.dataset)
+            self.stats["train/packed_bins"] = len(loader.dataset)
         self.stats["train/padded_per_epoch"] = loader.sampler.padded_items
         return loader
 
@@ -191,16 +192,17 @@ def train_loader(dataset, pad_token_id: int, micro_batch_size: int, seed: int, *
                  pack_length: int | None = None, group_by_length: bool = True, num_workers: int = 0,
                  batches_done: Callable[[], int] | None = None, num_replicas: int = 1, rank: int = 0) -> ResumableDataLoader:
     """The resumable training loader over tokenized examples: shuffled micro-batches of examples
-    grouped by length (`group_by_length`), or of packed rows of up to `pack_length` tokens; under
-    DDP, this rank's shard of them (palign/data/sampling.py)."""
+    grouped by length (`group_by_length`), or, with `packing`, of `micro_batch_size` bins of up to
+    `pack_length` tokens each, flattened into one padding-free row (palign/data/sft.py:
+    PackedSFTCollator); under DDP, this rank's shard of them (palign/data/sampling.py)."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
     shard = {"batch_size": micro_batch_size, "num_replicas": num_replicas, "rank": rank}
     if packing:
         if not pack_length:
-            raise ValueError("packing needs pack_length (tokens per packed row)")
+            raise ValueError("packing needs pack_length (tokens per packed bin)")
         rows = PackedRows(dataset, pack_examples(lengths, pack_length, seed=seed))
         return ResumableDataLoader(rows, batch_size=micro_batch_size, sampler=ResumableShuffleSampler(len(rows), seed=seed, **shard),
-                                   collate_fn=PackedSFTCollator(pad_token_id), num_workers=num_workers,
+                                   collate_fn=PackedSFTCollator(), num_workers=num_workers,
                                    batches_done=batches_done)
     group = micro_batch_size * 16 if group_by_length else 0
     sampler = ResumableShuffleSampler(len(dataset), seed=seed, lengths=lengths, group_size=group, **shard)
@@ -209,7 +211,8 @@ def train_loader(dataset, pad_token_id: int, micro_batch_size: int, seed: int, *
 
 
 class PackedRows(torch.utils.data.Dataset):
-    """Rows of packed examples: item i is the list of examples in bin i."""
+    """Bins of packed examples: item i is the list of examples in bin i (a micro-batch's bins are
+    flattened into one row by the collator)."""
 
     def __init__(self, dataset, bins: list[list[int]]):
         self.dataset = dataset

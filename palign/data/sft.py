@@ -156,37 +156,44 @@ class SFTCollator:
 
 
 class PackedSFTCollator:
-    """Padding-free packing: each row concatenates several examples, positions restart per example.
+    """Padding-free packing: a micro-batch's bins of examples flattened into ONE row.
 
-    Rows carry `position_ids` and no attention mask; transformers derives a block-diagonal causal
-    mask from the restarting positions (sdpa, eager and flash attention alike), so no token
-    attends across examples. The first token of every example is a prompt token (label -100), so
-    no loss crosses an example boundary either. Rows of a batch are right-padded with label -100.
+    Under `data.packing` a micro-batch is `micro_batch_size` bins of examples (each bin up to
+    `data.pack_length` tokens, palign/data/sampling.py: `pack_examples`), and this collator
+    concatenates every example of every bin into a single row `[1, total tokens]`: no padding at
+    all, `position_ids` restarting at 0 at each example, and no attention mask. One row is the
+    layout from which every attention kernel of transformers reads the example boundaries:
+
+    - sdpa, eager and flex build a block-diagonal causal mask from the restarting positions, in any
+      number of rows (transformers/masking_utils.py: `find_packed_sequence_indices`, used when the
+      attention mask is None);
+    - flash attention reads them from the positions only for a batch of one row
+      (transformers/modeling_flash_attention_utils.py: `_is_packed_sequence` is False when
+      `batch_size != 1`; then `prepare_fa_kwargs_from_position_ids` cuts the varlen kernel's
+      `cu_seqlens` at every position 0). Several packed rows would run plain causal attention over
+      each row, every example attending to the ones before it, silently.
+
+    The label of each example's first token is -100 (whatever the example's own label there): it
+    is the target of the previous example's last token, so no loss crosses a boundary.
+    `real_tokens` (all ones: nothing is padding) is what the step's tokens/s and padding fraction count.
+
+    The cost, per forward: flash attention's varlen kernel attends within each example only, so one
+    row of B bins costs what B rows would. sdpa and eager materialise a mask over the whole row and
+    attend over all of it: B bins of P tokens cost (B*P)^2 instead of B*P^2 in attention FLOPs and
+    mask memory, so with those kernels keep `data.micro_batch_size=1` (one bin per forward) and reach
+    the effective batch by accumulation.
     """
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
     def __call__(self, batch: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
-        rows = []
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
         for examples in batch:
-            ids, labels, positions = [], [], []
             for example in examples:
                 ids.extend(example["input_ids"])
-                labels.extend(example["labels"])
+                labels.extend([IGNORE_INDEX, *example["labels"][1:]])
                 positions.extend(range(len(example["input_ids"])))
-            rows.append((ids, labels, positions))
-        width = max(len(ids) for ids, _, _ in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        real = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, labels, positions) in enumerate(rows):
-            n = len(ids)
-            input_ids[i, :n] = torch.as_tensor(ids)
-            label_t[i, :n] = torch.as_tensor(labels)
-            position_ids[i, :n] = torch.as_tensor(positions)
-            # padding continues as one more "sequence" of its own, after every real token
-            position_ids[i, n:] = torch.arange(width - n)
-            real[i, :n] = 1
-        return {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids, "real_tokens": real}
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        return {"input_ids": input_ids, "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long),
+                "real_tokens": torch.ones_like(input_ids)}

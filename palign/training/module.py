@@ -147,7 +147,7 @@ class StudentSFTModule(pl.LightningModule):
         loss's memory does not grow with positions x vocabulary (palign/training/loss.py).
         """
         labels = batch["labels"]
-        if "position_ids" in batch:  # packed rows: restarting positions give a block-diagonal mask
+        if "position_ids" in batch:  # packed: one row, positions restarting per example (PackedSFTCollator)
             inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
         else:
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
