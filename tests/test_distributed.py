@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import PROJECT_ROOT, cli_command, cli_env, run_cli
-from palign.data.sampling import ResumableShuffleSampler
+from palign.data.sampling import ResumableShuffleSampler, ShardedEvalBatches
 from palign.pipeline import accumulation_steps
 from palign.schema import ConfigError
 from test_pipeline import _wandb_history_keys
@@ -161,6 +161,58 @@ def test_a_ddp_job_killed_anywhere_and_rerun_trains_exactly_what_an_uninterrupte
         assert resumed[key] == expected[key], key
     want, got = (load_file(run / "student" / "model.safetensors") for run in (straight, _run_dir(crashed)))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+# -- validation ---------------------------------------------------------------------------------
+@given(n=st.integers(0, 40), batch=st.integers(1, 5), replicas=st.integers(1, 4))
+def test_validation_shards_are_disjoint_in_order_and_evened_out_with_empty_batches(n, batch, replicas):
+    shards = [ShardedEvalBatches(n, batch, num_replicas=replicas, rank=r).batches for r in range(replicas)]
+    assert len({len(shard) for shard in shards}) == 1  # every rank runs the same number of forwards
+    real = [b for shard in shards for b in shard if b]
+    assert sorted(i for b in real for i in b) == list(range(n))  # disjoint, together the split
+    assert sorted(real) == [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]  # its micro-batches
+    for shard in shards:  # at most one filler per rank, after its real batches
+        assert shard.count([]) <= 1 and shard == [b for b in shard if b] + [[]] * shard.count([])
+    if replicas == 1:
+        assert shards[0] == [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+
+
+@pytest.mark.slow
+def test_ddp_validation_is_sharded_and_its_reduced_loss_is_the_single_process_loss(tmp_path):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    from conftest import stage_cache
+
+    probe = tmp_path / "probe"
+    args = [*DDP, "logger=none", "stage=train", "teacher.source.limit=15", "data.val_size=5", "data.max_length=2048",
+            "data.micro_batch_size=2", "training.effective_batch_size=4", "+callbacks.val._target_=val_probe.RecordValidation",
+            f"+callbacks.val.folder={probe}"]
+    run_cli(args, tmp_path, env=TESTS_ON_PATH)
+    run_dir = _run_dir(tmp_path)
+    dataset = json.loads((probe / "val_dataset.json").read_text())
+    batches = -(-len(dataset) // 2)
+    assert batches % 2 == 1  # the setup: 2 ranks cannot split the micro-batches evenly
+    ranks = [[json.loads(line) for line in (probe / f"val_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == (batches + 1) // 2  # the same number of forwards (FSDP needs it)
+    shards = [[row for b in lines if b["supervised"] for row in b["rows"]] for lines in ranks]
+    assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])  # disjoint
+    assert sorted(shards[0] + shards[1]) == sorted(dataset)  # together the split, each example once
+    fillers = [b for lines in ranks for b in lines if not b["supervised"]]
+    assert len(fillers) == 1  # the shorter shard evened out by one batch that weighs nothing
+
+    # the reduced loss is the token-weighted loss of the whole split under the final weights, in one process
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
+    (val_data,) = (stage_cache(tmp_path) / "tokenized").glob("val-*/data")
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in load_from_disk(str(val_data)):
+            labels = torch.tensor(row["labels"][1:])
+            logits = model(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits.double(), labels, reduction="sum"))
+            tokens += int((labels != -100).sum())
+    reduced = json.loads((run_dir / "summary.json").read_text())["train"]["metrics"]["val/loss_epoch"]
+    assert reduced == pytest.approx(nll / tokens, rel=1e-5)
 
 
 # -- processes sharing one cache ----------------------------------------------------------------

@@ -86,3 +86,17 @@ def test_a_packed_micro_batch_trains_on_each_example_as_if_alone(tiny_model):
     assert module._pending_tokens == 13  # what tokens/s and tokens_seen count: no padding
     total = sum(n for _, n in alone)
     assert float(loss) == pytest.approx(sum(s for s, _ in alone) / total, rel=1e-5)
+
+
+def test_a_validation_filler_batch_weighs_nothing(tiny_model):
+    """The empty batch that evens out the ranks' validation shards runs a forward and changes no metric."""
+    module = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
+    module.eval()
+    filler = SFTCollator(0)([])
+    assert filler["input_ids"].shape == (1, 2) and (filler["labels"] == -100).all()
+    with torch.no_grad():
+        assert module._step(filler)[2] == 0
+        module.validation_step(SFTCollator(0)(EXAMPLES), 0)
+        alone = (float(module.val_nll.compute()), float(module.val_accuracy.compute()))
+        module.validation_step(filler, 1)
+    assert (float(module.val_nll.compute()), float(module.val_accuracy.compute())) == alone

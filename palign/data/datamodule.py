@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch.utils.data
 from torch.utils.data import DataLoader
 
-from palign.data.sampling import ResumableDataLoader, ResumableShuffleSampler, pack_examples
+from palign.data.sampling import ResumableDataLoader, ResumableShuffleSampler, ShardedEvalBatches, pack_examples
 from palign.data.sft import PackedSFTCollator, SFTCollator, SupervisedExample, TokenizedSplit, build_tokenized_split
 from palign.data.supervision import build_targets
 from palign.teachers.records import TeacherRecord
@@ -155,15 +155,6 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
             )
 
     # -- loaders --------------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self._datasets[split],
-            batch_size=self.micro_batch_size,
-            shuffle=shuffle,
-            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
-        )
-
     def train_dataloader(self) -> DataLoader:
         """Shuffled micro-batches: length-grouped rows of examples, or, with `packing`, bins of
         examples flattened into one row per micro-batch."""
@@ -185,7 +176,18 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self):
-        return self._loader("val", shuffle=False) if "val" in self._datasets else []
+        """This rank's shard of the validation micro-batches, in order, evened out across ranks with
+        batches that weigh nothing (palign/data/sampling.py: ShardedEvalBatches); the token-weighted
+        loss and accuracy are reduced over the ranks (the module's torchmetrics), so they are the
+        whole split's, as one process would compute them."""
+        if "val" not in self._datasets:
+            return []
+        trainer = self.trainer
+        batches = ShardedEvalBatches(len(self._datasets["val"]), self.micro_batch_size,
+                                     num_replicas=trainer.world_size if trainer else 1,
+                                     rank=trainer.global_rank if trainer else 0)
+        return DataLoader(self._datasets["val"], batch_sampler=batches, collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+                          num_workers=self.num_workers)
 
 
 def train_loader(dataset, pad_token_id: int, micro_batch_size: int, seed: int, *, packing: bool = False,

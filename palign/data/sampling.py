@@ -14,6 +14,9 @@ they are the whole epoch, and each rank's micro-batches keep their length groupi
 micro-batches do not divide evenly, the first ones are repeated to fill the last round (as
 torch's DistributedSampler does; `padded_items` counts them): every rank must run the same number
 of steps, or the gradient all-reduce would wait forever.
+
+Validation is sharded the same way but fills the last round with empty micro-batches that weigh
+nothing (`ShardedEvalBatches`): a repeated example would bias the validation mean, which is exact.
 """
 
 from __future__ import annotations
@@ -130,6 +133,32 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.resume(state["epoch"], state["batches_done"] * int(self.batch_size or 1))
+
+
+class ShardedEvalBatches(Sampler[list[int]]):
+    """This rank's validation micro-batches: a batch sampler over a split kept in its order.
+
+    The split is cut into micro-batches of `batch_size` examples; rank r takes micro-batches r,
+    r + R, r + 2R, ... (R replicas), so the ranks' shards are disjoint and together the whole split.
+    Every rank must run the same number of forwards (under FSDP each forward is a collective, and a
+    rank with one batch fewer would leave the others waiting), so a rank with one fewer ends with an
+    empty micro-batch `[]`, which the collator (palign/data/sft.py: SFTCollator) turns into a batch
+    without a supervised token: it weighs nothing in the token-weighted loss and accuracy, where a
+    repeated real example (what torch's DistributedSampler pads with) would count twice.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of the {num_replicas} replicas")
+        batches = [list(range(i, min(i + batch_size, num_items))) for i in range(0, num_items, batch_size)]
+        own = batches[rank::num_replicas]
+        self.batches = own + [[]] * (-(-len(batches) // num_replicas) - len(own))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def pack_examples(lengths: list[int], capacity: int, seed: int = 0) -> list[list[int]]:

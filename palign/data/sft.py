@@ -137,12 +137,19 @@ def _tokenize_split(examples, tokenizer, prompts, max_length, folder: Path, spli
 
 
 class SFTCollator:
-    """Right-pads a batch; padded positions get attention 0 and label -100."""
+    """Right-pads a batch; padded positions get attention 0 and label -100.
+
+    An empty batch (the filler that evens out the ranks' validation shards, palign/data/sampling.py:
+    ShardedEvalBatches) becomes one row of two padding tokens, every label -100: a forward (each
+    rank runs the same number) that adds nothing to the token-weighted loss.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not batch:
+            batch = [{"input_ids": [self.pad_token_id] * 2, "labels": [IGNORE_INDEX] * 2}]
         width = max(len(row["input_ids"]) for row in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
