@@ -381,6 +381,8 @@ def print_summary(ctx: RunContext) -> str:
             f"  prefix:  {trunc['examples']} traces, mean prefix ratio {trunc['prefix_ratio_mean']:.2f} "
             f"(median {trunc['prefix_ratio_median']:.2f}), fallback {100 * trunc['fallback_rate']:.0f}%, "
             f"{trunc['judge_calls_per_example']:.1f} judge calls/example, {100 * trunc['tokens_saved_fraction']:.0f}% tokens saved"
+            + (f", {trunc['probes_over_context']} probes of {trunc['examples_over_context']} traces over the judge's "
+               "context (not sufficient)" if trunc.get("probes_over_context") else "")
         )
     data = ctx.summary.get("data", {})
     if data:

@@ -257,9 +257,11 @@ class Judge:
                         "else hf with a warning)", identity=False, check=one_of("hf", "vllm", "ray", "auto"))
     ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
     max_new_tokens: int = knob(256, "generate mode: reply tokens", check=at_least(1))
-    max_trace_tokens: int | None = knob(32768, "the longest trace the judge reads, in the student's tokens; a longer one "
-                                        "gets no prefix and is counted as skipped_too_long (32768: the paper's max length)",
-                                        check=at_least(1, optional="no cap"))
+    max_context_tokens: int | None = knob(None, "tokens a probe's prompt and reply may take together (null: the judge "
+                                          "model's context, config.json's max_position_embeddings); a longer probe is not "
+                                          "sent to the judge and counts as not sufficient (counted as probes_over_context), "
+                                          "so every trace is searched and no request exceeds the context",
+                                          check=at_least(2, optional="the model's context"))
     batch_size: int = knob(8, "sequences per forward (batched engine, generate mode)", check=at_least(1))
     engine: str = knob("one_pass", "logits mode: one_pass scores every prefix from one forward over the trace; batched "
                        "scores each requested prefix as its own sequence (same scores)", identity=False,

@@ -467,11 +467,11 @@ def test_nan_and_infinity_are_never_written_into_json(tmp_path, caplog):
     assert any("curve[1] is inf" in m for m in caplog.messages)
 
 
-# -- long inputs: a configured cap, counted, with progress --------------------------------------
+# -- long inputs: searched within the judge's context, counted, with progress ---------------------
 
 
 @pytest.mark.slow
-def test_cli_a_200k_character_trace_is_counted_over_the_cap_not_judged_for_minutes(tmp_path):
+def test_cli_a_200k_character_trace_is_searched_within_the_judges_context_not_for_minutes(tmp_path):
     sentences = " ".join(f"Step {i}: we add {i} to the running total and check the parity again." for i in range(3000))
     assert len(sentences) > 200_000
     records = [dict(GOOD, id="short-1"), dict(GOOD, id="huge", long_cot=sentences), dict(GOOD, id="short-2")]
@@ -479,10 +479,13 @@ def test_cli_a_200k_character_trace_is_counted_over_the_cap_not_judged_for_minut
     proc = run_cli(["stage=truncate", "student=tiny_random", "baseline=prefix_only", "logger=none", "teacher=jsonl",
                     f"teacher.source.path={path}", "teacher.source.id_field=id", "teacher.source.answer_field=answer",
                     "teacher.source.long_cot_field=long_cot", "teacher.source.only_correct=false", "data.val_size=0",
-                    "truncation.judge.max_trace_tokens=4096"], tmp_path)
+                    "truncation.judge.max_context_tokens=2048"], tmp_path)
     (run_dir,) = list((tmp_path / "runs").iterdir())
     stats = json.loads((run_dir / "summary.json").read_text())["truncation"]
-    assert stats["skipped_too_long"] == 1 and stats["examples"] == 2
+    # every trace has its prefix; the huge one's probes beyond 2048 tokens were counted, never sent
+    assert stats["examples"] == 3 and stats["examples_over_context"] == 1 and stats["probes_over_context"] >= 1
+    (store,) = [p for p in (tmp_path / "cache" / "truncation").rglob("*.jsonl")]
+    huge = next(row for row in map(json.loads, store.read_text().splitlines()) if row["id"] == "huge")
+    assert huge["fitting_k"] < huge["m"] and huge["probes"][0]["over_context"]  # the first probe, half the trace, is over
     log = proc.stdout + proc.stderr
-    assert "over judge.max_trace_tokens=4096 tokens" in log and "huge (" in log
-    assert re.search(r"truncation: 2/2 traces", log), log[-3000:]  # progress, one line per chunk
+    assert re.search(r"truncation: 3/3 traces", log), log[-3000:]  # progress, one line per chunk

@@ -216,11 +216,11 @@ def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_pa
         return RunContext(cfg=cfg, run_id="x", run_dir=tmp_path / "run", cache_dir=Path(cfg.paths.cache_dir))
 
     ctx = context(["truncation/granularity=token_chunk", "truncation.granularity.options.chunk_tokens=7",
-                   "truncation.judge.max_trace_tokens=99", "alignment.sampling.temperature=0.3"])
+                   "truncation.judge.max_context_tokens=99", "alignment.sampling.temperature=0.3"])
     truncation = make_truncation(ctx, smollm2_tokenizer)
     assert isinstance(truncation, PrefixTruncation) and truncation._judge is None
     assert truncation.settings.granularity == "token_chunk" and truncation.settings.granularity_options == {"chunk_tokens": 7}
-    assert truncation.settings.max_trace_tokens == 99 and truncation.settings.judge_identity["name"] == "tiny_random"
+    assert truncation.settings.max_context_tokens == 99 and truncation.settings.judge_identity["name"] == "tiny_random"
     alignment = make_alignment(ctx, smollm2_tokenizer)
     assert isinstance(alignment, PrefixContinuation) and alignment.backend._model is None
     assert alignment.settings.sampling["temperature"] == 0.3

@@ -83,7 +83,7 @@ def test_the_code_version_names_the_cache_folders(monkeypatch, tmp_path, smollm2
     examples = [SupervisedExample(id="a", question="1+1?", target="2")]
     cut = truncation.TruncationSettings(granularity="sentence", granularity_options={}, search=truncation.FIXED_RATIO,
                                          ratio=0.5, judge_identity={}, judge_prompt={}, mode="logits", threshold={},
-                                         max_new_tokens=8, batch_size=8, chunk_size=32, max_trace_tokens=None)
+                                         max_new_tokens=8, batch_size=8, chunk_size=32, max_context_tokens=None)
 
     def folders():
         return (continuation.PrefixContinuation(settings, tmp_path, lambda: None, smollm2_tokenizer).folder,

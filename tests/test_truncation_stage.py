@@ -51,7 +51,7 @@ def make_judge(tiny_model, smollm2_tokenizer):
 def settings(**kw) -> TruncationSettings:
     base = dict(granularity="sentence", granularity_options={}, search="binary", ratio=None, judge_identity={"name": "tiny_random"},
                 judge_prompt={"name": "paper"}, mode="logits", threshold={"kind": "absolute", "value": 0.0}, max_new_tokens=8,
-                batch_size=4, chunk_size=2, max_trace_tokens=None)
+                batch_size=4, chunk_size=2, max_context_tokens=None)
     return TruncationSettings(**{**base, **kw})
 
 
@@ -134,52 +134,101 @@ def test_stats_summarise_ratios_fallbacks_and_tokens():
     assert stats["monotone_rate"] == 0.5 and stats["score_median"] == 0.5
 
 
-class RecordingJudge(SufficiencyJudge):
-    """The real judge, remembering every question whose prefixes it scored."""
+class LengthRecordingJudge(SufficiencyJudge):
+    """The real judge, remembering the length of every sequence it sends its model (prompt tokens; the
+    one-pass engine's longest forward) and the questions whose prefixes it scored."""
 
     def prefix_scores(self, items):
-        self.questions = getattr(self, "questions", []) + [question for question, _, _ in items]
+        self.questions = getattr(self, "questions", []) + [question for question, _, ks in items if ks]
         return super().prefix_scores(items)
 
+    def _one_pass(self, head, pieces, tail, ks):
+        if ks:
+            self.sent = getattr(self, "sent", []) + [len(head) + sum(len(p) for p in pieces[: max(ks)]) + len(tail)]
+        return super()._one_pass(head, pieces, tail, ks)
 
-def test_traces_over_the_cap_get_no_prefix_are_counted_and_never_judged(tmp_path, smollm2_tokenizer, tiny_model, caplog):
+    def score_encoded(self, encoded):
+        self.sent = getattr(self, "sent", []) + [len(ids) for ids in encoded]
+        return super().score_encoded(encoded)
+
+    def generate_replies(self, pairs):
+        from palign.llm.chat import encode_user_turn
+
+        self.sent = getattr(self, "sent", []) + [
+            len(encode_user_turn(self.tokenizer, self.prompt.render(q, r), self.chat_template_kwargs)) + self.max_new_tokens
+            for q, r in pairs]
+        return super().generate_replies(pairs)
+
+
+@pytest.mark.parametrize("mode,engine", [("logits", "one_pass"), ("logits", "batched"), ("generate", "batched")])
+def test_a_trace_longer_than_the_judges_context_is_searched_and_no_probe_exceeds_it(
+        mode, engine, tmp_path, smollm2_tokenizer, tiny_model):
     prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
-    judges = []
-
-    def factory():
-        judges.append(RecordingJudge.hf(tiny_model, smollm2_tokenizer, prompt, batch_size=4))
-        return judges[-1]
-
     long_steps = " ".join(f"Step {j}: we add {j} and find {j + 7}." for j in range(60))
     long = TeacherRecord(id="long", question="What is 7 + 7?", answer="14", long_cot=long_steps)
     data = [*records(4), long]
-    tokens = {r.id: len(smollm2_tokenizer(r.long_cot, add_special_tokens=False)["input_ids"]) for r in data}
-    cap = max(tokens[r.id] for r in data[:4])
-    assert tokens["long"] > cap  # the other traces fit exactly, at worst
+    judges = []
 
-    capped = PrefixTruncation(settings(max_trace_tokens=cap), tmp_path, smollm2_tokenizer, factory, progress=False)
-    with caplog.at_level("INFO", logger="palign.truncation.stage"):
-        rows = capped.run(data)
-    assert [r["id"] for r in rows] == ["p0", "p1", "p2", "p3"]
-    assert capped.stats["skipped_too_long"] == 1 and capped.stats["skipped_no_units"] == 0 and capped.stats["examples"] == 4
-    (judge,) = judges
-    assert "What is 7 + 7?" not in judge.questions  # never read by the judge
-    assert capped.judge_calls == sum(len(r["probes"]) for r in rows) > 0
-    # progress: one line per chunk of 2 traces, and the skipped trace named with its length
-    assert [m for m in caplog.messages if "traces (" in m][-1].startswith("truncation: 4/4 traces (100%)")
-    assert any(f"long ({tokens['long']})" in m and "max_trace_tokens" in m for m in caplog.messages)
-    assert capped(data) == {r["id"]: r["prefix"] for r in rows} and capped.skipped_too_long == 1  # not counted twice
+    def factory(context):
+        def make():
+            judges.append(LengthRecordingJudge.hf(tiny_model, smollm2_tokenizer, prompt, batch_size=4, mode=mode,
+                                                  engine=engine, max_new_tokens=4, max_context_tokens=context))
+            return judges[-1]
+        return make
 
-    # the cap selects examples but changes no record: one store, and raising the cap judges only the newcomer
-    uncapped = PrefixTruncation(settings(max_trace_tokens=None), tmp_path, smollm2_tokenizer, factory, progress=False)
-    assert uncapped.folder == capped.folder
-    everything = uncapped.run(data)
-    assert everything[:4] == rows and everything[4]["id"] == "long"
-    assert set(judges[1].questions) == {"What is 7 + 7?"}
-    assert uncapped.judge_calls == len(everything[4]["probes"]) and uncapped.stats["skipped_too_long"] == 0
-    # and the cap applies to stored records too: lowering it again drops the long one without a judge
-    again = PrefixTruncation(settings(max_trace_tokens=cap), tmp_path, smollm2_tokenizer,
-                             lambda: pytest.fail("judge built although nothing is missing"), progress=False)
-    assert again.run(data) == rows and again.skipped_too_long == 1
-    with pytest.raises(ValueError, match="judge.max_trace_tokens must be a positive"):
-        settings(max_trace_tokens=0)
+    # a context that holds every short trace whole but not the long one
+    probe = factory(None)()
+    fits = {r.id: probe.longest_fitting_prefix(r.question, _segments(r)) for r in data}
+    assert probe.context_tokens == tiny_model.config.max_position_embeddings  # null: the model's own context
+    assert all(fits[r.id] == _segments(r).m for r in data)  # the model's 4096 positions hold them all
+    full = {r.id: _probe_tokens(probe, r, _segments(r).m) for r in data}
+    context = max(full[r.id] for r in data[:4]) + probe.reply_tokens
+    assert full["long"] + probe.reply_tokens > context
+
+    stage = PrefixTruncation(settings(mode=mode, max_context_tokens=context), tmp_path, smollm2_tokenizer,
+                             factory(context), progress=False)
+    rows = {row["id"]: row for row in stage.run(data)}
+    (judge,) = judges[1:]
+    assert set(rows) == {r.id for r in data}  # nothing leaves the training set for its length
+    assert max(judge.sent) + (probe.reply_tokens if mode == "logits" else 0) <= context  # no request over the context
+    longest = rows["long"]
+    assert 0 < longest["fitting_k"] < longest["m"]
+    over = [p for p in longest["probes"] if p["over_context"]]
+    assert over and all(p["k"] > longest["fitting_k"] and not p["sufficient"] and p["score"] is None and p["reply"] is None
+                        for p in over)
+    assert all(p["k"] <= longest["fitting_k"] for p in longest["probes"] if not p["over_context"])
+    assert longest["probes"][0]["k"] == (longest["m"] + 1) // 2  # the authors' first probe: half the trace
+    assert longest["probes_over_context"] == len(over)
+    assert all(r["probes_over_context"] == 0 and r["fitting_k"] == r["m"] for i, r in rows.items() if i != "long")
+    stats = stage.stats
+    assert stats["probes_over_context"] == len(over) and stats["examples_over_context"] == 1
+    # the judge was called for the probes that fit only
+    assert stage.judge_calls == sum(len(r["probes"]) - r["probes_over_context"] for r in rows.values())
+    # the context decides verdicts: another context is another store
+    assert PrefixTruncation(settings(mode=mode, max_context_tokens=context + 1), tmp_path, smollm2_tokenizer,
+                            None, progress=False).folder != stage.folder
+
+
+def _segments(record):
+    from palign.truncation.units import segment
+
+    return segment(record.long_cot, "sentence")
+
+
+def _probe_tokens(judge, record, k):
+    """The prompt tokens of prefix k's probe, as the judge's mode sends it."""
+    if judge.mode == "logits":
+        head, pieces, tail = judge.prefix_tokens(record.question, _segments(record))
+        return len(head) + sum(len(p) for p in pieces[:k]) + len(tail)
+    from palign.llm.chat import encode_user_turn
+
+    text = judge.prompt.render(record.question, _segments(record).prefix(k))
+    return len(encode_user_turn(judge.tokenizer, text, judge.chat_template_kwargs))
+
+
+def test_a_context_too_small_for_any_prompt_is_refused(tiny_model, smollm2_tokenizer):
+    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
+    with pytest.raises(ValueError, match="leaves no room for a prompt before the 8-token reply"):
+        SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, prompt, mode="generate", max_new_tokens=8, max_context_tokens=8)
+    with pytest.raises(ValueError, match="max_context_tokens must be a number of tokens >= 2"):
+        settings(max_context_tokens=0)

@@ -134,7 +134,7 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
     settings = TruncationSettings(granularity="sentence", granularity_options={}, search="binary", ratio=None,
                                   judge_identity=spec.identity(), judge_prompt=prompt, mode="logits",
                                   threshold={"kind": "absolute", "value": 0.0}, max_new_tokens=8, batch_size=8,
-                                  chunk_size=args.judge_chunk, max_trace_tokens=None)
+                                  chunk_size=args.judge_chunk, max_context_tokens=None)
     torch.set_num_threads(args.threads)
     rows, expected = [], None
     for workers in (0, *(int(n) for n in args.workers.split(","))):

@@ -220,7 +220,7 @@ def main() -> None:
             granularity=args.granularity, granularity_options=granularity_options(args.granularity),
             search=search, judge_identity=spec.identity(), judge_prompt=prompt_config, mode="logits",
             threshold=threshold, batch_size=args.batch_size, ratio=None, max_new_tokens=args.max_new_tokens,
-            chunk_size=defaults(Search)["chunk_size"], max_trace_tokens=None,
+            chunk_size=defaults(Search)["chunk_size"], max_context_tokens=None,
         )
         with tempfile.TemporaryDirectory(prefix="bench-truncation-") as folder:
             stage = PrefixTruncation(settings, folder, tokenizer, lambda: judge, progress=False)

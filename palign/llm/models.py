@@ -241,3 +241,19 @@ def load_model(spec_cfg: Any, cache_dir: str | os.PathLike, path: str | None = N
     if device is not None and device.type != "cpu":
         kwargs["device_map"] = {"": str(device)}  # loaded straight onto the device, never whole in host memory
     return AutoModelForCausalLM.from_pretrained(path or resolve_model_path(spec, cache_dir), **kwargs)
+
+
+def context_length(model_or_path: Any) -> int:
+    """The model's context in tokens (prompt and reply together): its text config's
+    `max_position_embeddings`, from a loaded model, a transformers config, or a model folder."""
+    config = getattr(model_or_path, "config", model_or_path)
+    if isinstance(config, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(os.fspath(config))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = getattr(text, "max_position_embeddings", None)
+    if not length:
+        raise ValueError(f"{getattr(config, '_name_or_path', config)!s}: the model config names no "
+                         "max_position_embeddings; set truncation.judge.max_context_tokens")
+    return int(length)

@@ -12,6 +12,17 @@ home), sent as one user turn through the chat template with thinking disabled. T
   verdicts' tokenizations differ (both share the `[` before it). The score is recorded; the
   verdict compares it with a threshold (see `ThresholdRule`).
 
+The judge's context. Every probe is a request of its own (or a position of the one-pass engine's
+forward), and a model refuses or degrades beyond its context: vLLM rejects a prompt of
+`max_model_len` tokens or more and fails the whole `generate()` call with every other trace of the
+chunk (vllm/v1/engine/input_processor.py), and a Hugging Face model runs past its trained positions.
+So a probe is sent only when its prompt plus the reply it needs (one token in logits mode,
+`max_new_tokens` in generate mode) fits `context_tokens` (`truncation.judge.max_context_tokens`, else
+the judge model's own context); a longer probe counts as not sufficient without a judge call. A
+long trace is therefore searched like any other (the authors' loop probes half of every trace
+first) and falls back to the full trace when nothing that fits is sufficient: no trace leaves the
+training set for its length alone, and no request exceeds the context.
+
 Small judges are badly calibrated (SmolLM2-135M never says `[ENOUGH]` in generate mode and prefers
 it for every prefix in raw logits), so the threshold can be set relative to the score of the full
 trace of the same example, or to a quantile of the scores measured on calibration examples.
@@ -247,7 +258,7 @@ class SufficiencyJudge:
     Hugging Face model."""
 
     def __init__(self, scorer, tokenizer, prompt: JudgePrompt, *, mode: str, max_new_tokens: int, batch_size: int,
-                 engine: str, chat_template_kwargs: Mapping[str, Any] | None = None):
+                 engine: str, context_tokens: int, chat_template_kwargs: Mapping[str, Any] | None = None):
         if engine not in ENGINES:
             raise ValueError(f"truncation.judge.engine must be one of {ENGINES}, got '{engine}'")
         if mode not in MODES:
@@ -261,6 +272,13 @@ class SufficiencyJudge:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        # what a probe may take, prompt and reply together (see the module docstring)
+        self.context_tokens = context_tokens
+        self.reply_tokens = 1 if mode == "logits" else max_new_tokens
+        if context_tokens <= self.reply_tokens:
+            raise ValueError(f"truncation.judge: a context of {context_tokens} tokens leaves no room for a prompt before "
+                             f"the {self.reply_tokens}-token reply; raise truncation.judge.max_context_tokens or lower "
+                             "truncation.judge.max_new_tokens")
         enough = tokenizer(prompt.enough, add_special_tokens=False)["input_ids"]
         not_enough = tokenizer(prompt.not_enough, add_special_tokens=False)["input_ids"]
         shared = common_prefix(enough, not_enough)
@@ -278,10 +296,13 @@ class SufficiencyJudge:
         `overrides` (mode, engine, batch_size, max_new_tokens, max_tail_tokens, chat_template_kwargs)."""
         from palign.schema import Judge, defaults
 
+        from palign.llm.models import context_length
+
         chat_template_kwargs = overrides.pop("chat_template_kwargs", None)
         node = defaults(Judge, **overrides)
         settings = {name: node[name] for name in ("mode", "max_new_tokens", "batch_size", "engine", "max_tail_tokens")}
         settings["chat_template_kwargs"] = chat_template_kwargs
+        settings["context_tokens"] = node["max_context_tokens"] or context_length(model)
         scorer = HFScorer(model, tokenizer, batch_size=settings["batch_size"], max_tail_tokens=settings.pop("max_tail_tokens"),
                           chat_template_kwargs=settings["chat_template_kwargs"])
         return cls(scorer, tokenizer, prompt, **settings)
@@ -291,6 +312,33 @@ class SufficiencyJudge:
         """The judge over a chat back end that scores (vLLM's VLLMChatBackend), with its tokenizer
         and chat template switches."""
         return cls(backend, backend.tokenizer, prompt, chat_template_kwargs=backend.chat_template_kwargs, **settings)
+
+    def longest_fitting_prefix(self, question: str, seg: Segmentation) -> int:
+        """The largest k whose probe (the prompt the judge is sent plus the reply it needs) fits
+        `context_tokens`; 0 when not even one unit does. Prompt lengths grow with k, so every
+        shorter prefix fits too."""
+        budget = self.context_tokens - self.reply_tokens
+        if self.mode == "logits":  # exactly the tokens the scorer is sent (`prefix_tokens`)
+            head, pieces, tail = self.prefix_tokens(question, seg)
+            used, fitting = len(head) + len(tail), 0
+            for piece in pieces:
+                used += len(piece)
+                if used > budget:
+                    break
+                fitting += 1
+            return fitting
+        # generate mode: the rendered user turn `complete` sends, measured at O(log m) prefixes
+        def length(k: int) -> int:
+            return len(encode_user_turn(self.tokenizer, self.prompt.render(question, seg.prefix(k)), self.chat_template_kwargs))
+
+        low, high = 0, seg.m
+        while low < high:
+            middle = (low + high + 1) // 2
+            if length(middle) <= budget:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     # -- prefix scoring (logits mode) ----------------------------------------------------------
     def prefix_tokens(self, question: str, seg: Segmentation) -> tuple[list[int], list[list[int]], list[int]]:
@@ -313,7 +361,10 @@ class SufficiencyJudge:
         return encode(head_text), pieces, encode(tail_text) + self.verdict_prefix
 
     def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
-        """Scores of the prefixes `ks` of each (question, segmentation), by the configured engine."""
+        """Scores of the prefixes `ks` of each (question, segmentation), by the configured engine; a
+        prefix whose probe does not fit the context is left out (no score, no request)."""
+        items = [(q, seg, [k for k in ks if k <= limit]) for q, seg, ks in items
+                 for limit in (self.longest_fitting_prefix(q, seg),)]
         if self.engine == "one_pass":
             return [self._one_pass(*self.prefix_tokens(q, seg), ks) for q, seg, ks in items]
         return self._each_prefix_scores(items)

@@ -12,16 +12,17 @@ never recomputes it, a superset of examples only computes the new ones, and an i
 resumes where it stopped (records are appended chunk by chunk; the judge is not even loaded when
 nothing is missing).
 
-Long traces. A judge reads the whole trace for its longest prefix, so one pathological trace (a
-200k-character one took 780 s with the 2-layer test model) can stall the stage. `max_trace_tokens`
-(`truncation.judge.max_trace_tokens`, palign/schema.py: Judge) caps the trace the judge may read, counted in
-the student's tokens (the judge's own when the student judges itself, as in the paper). A trace
-over the cap is not judged and gets no prefix: it is counted as `skipped_too_long` in the stats,
-and a prefix target then skips it as "no prefix" (counted in the data stats). Deliberately not the
-full-trace fallback of "no sufficient prefix": that would record a verdict the judge never gave and
-train on a full trace in a run that claims prefixes. The cap selects which examples are truncated
-but changes no record, so it is not part of the store's fingerprint: raising it later computes
-only the newly admitted traces. Fixed-ratio truncation reads no judge and ignores the cap.
+Long traces. Every trace is searched, however long. A probe is sent to the judge only when its
+prompt and reply fit the judge's context (`truncation.judge.max_context_tokens`, else the judge
+model's own; palign/truncation/judge.py explains why); a longer probe counts as not sufficient,
+is stored with `over_context: true` and counted (`probes_over_context`), and costs no judge call.
+A trace whose every fitting probe is insufficient falls back to the full trace, as the authors'
+loop does when nothing is sufficient, so no trace leaves the training set for its length alone
+(the SFT length limit, `data.max_length`, is a separate, counted filter). The one-pass engine
+scores the prefixes that fit only, so a pathological trace (a 200k-character one took 780 s with
+the 2-layer test model when the whole trace was read) costs at most one context-long forward.
+The context decides verdicts, so it is part of the store's fingerprint. Fixed-ratio truncation
+reads no judge.
 
 Progress: a bar over the traces to compute (on a terminal) and one log line per chunk with the
 rate and the time left, so a long stage shows where it is in a log file too.
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 # Stored truncation records depend on this code as well as on the settings: bump CODE_VERSION when a
 # change here changes what is stored, so caches written by older code are never reused
 # (tests/test_stage_versions.py notices a change to the logic that did not bump it).
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: probes over the judge's context count as not sufficient (no trace is skipped for its length)
 
 FIXED_RATIO = "fixed_ratio"
 
@@ -64,8 +65,8 @@ class TruncationSettings:
     batched: the `truncation` node's fields (palign/schema.py documents each and holds its default)
     and the baseline's ratio, gathered by `PrefixTruncation.from_config`.
 
-    max_trace_tokens: traces longer than this (in the stage tokenizer's tokens) are not judged and
-    get no prefix (see the module docstring); None: no cap. Not part of `identity()`.
+    max_context_tokens: what a probe's prompt and reply may take (None: the judge model's context);
+    longer probes count as not sufficient (see the module docstring).
     """
 
     granularity: str
@@ -79,12 +80,13 @@ class TruncationSettings:
     max_new_tokens: int
     batch_size: int
     chunk_size: int
-    max_trace_tokens: int | None
+    max_context_tokens: int | None
 
     def __post_init__(self) -> None:
-        cap = self.max_trace_tokens
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"truncation.judge.max_trace_tokens must be a positive number of tokens or null (no cap), got {cap!r}")
+        cap = self.max_context_tokens
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 2):
+            raise ValueError("truncation.judge.max_context_tokens must be a number of tokens >= 2 or null (the judge "
+                             f"model's context), got {cap!r}")
 
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {
@@ -96,7 +98,7 @@ class TruncationSettings:
         if self.search == FIXED_RATIO:
             ident["ratio"] = self.ratio
             return ident
-        ident.update(judge=self.judge_identity, prompt=self.judge_prompt, mode=self.mode)
+        ident.update(judge=self.judge_identity, prompt=self.judge_prompt, mode=self.mode, context=self.max_context_tokens)
         if self.mode == "logits":
             ident["threshold"] = self.threshold
         else:
@@ -129,7 +131,7 @@ class PrefixTruncation:
         self._judge: SufficiencyJudge | None = None
         self.judge_calls = 0
         # record keys, so that running the same records again does not count them twice
-        self.skipped: dict[str, set[str]] = {"no_units": set(), "too_long": set()}
+        self.skipped: dict[str, set[str]] = {"no_units": set()}
         self.rows_seen: dict[str, dict[str, Any]] = {}  # every example this object truncated or read
 
     @classmethod
@@ -154,7 +156,7 @@ class PrefixTruncation:
             search=FIXED_RATIO if mode == FIXED_RATIO else search["name"], ratio=baseline["ratio"],
             judge_identity=spec.identity(), judge_prompt=dict(judge_prompt), mode=judge["mode"],
             threshold=dict(judge["threshold"]), max_new_tokens=judge["max_new_tokens"], batch_size=judge["batch_size"],
-            chunk_size=search["chunk_size"], max_trace_tokens=judge["max_trace_tokens"],
+            chunk_size=search["chunk_size"], max_context_tokens=judge["max_context_tokens"],
         )
         backend = resolve_backend(judge["backend"], "truncation.judge.backend")
         ray = judge.get("ray")
@@ -190,12 +192,9 @@ class PrefixTruncation:
 
     def run(self, records: Sequence[TeacherRecord]) -> list[dict[str, Any]]:
         with open_stage_store(self.folder, self.settings.identity(), key="key") as store:
-            # the cap applies before the store, so what a run gets never depends on what an
-            # earlier run with another cap stored
-            admitted = self._admitted(records)
             segmentations: dict[str, Segmentation] = {}
             todo: list[TeacherRecord] = []
-            for record in admitted:
+            for record in records:
                 if record_key(record) in store:
                     continue
                 seg = segment(record.long_cot, self.settings.granularity, **self._granularity_options())
@@ -210,7 +209,7 @@ class PrefixTruncation:
                 if self.settings.search != FIXED_RATIO and self.settings.mode == "logits" and rule.kind == "quantile":
                     self._calibrated_quantile(rule, todo, [segmentations[r.id] for r in todo])
             self._compute(todo, segmentations, store)
-            rows = [store.get(record_key(r)) for r in admitted]
+            rows = [store.get(record_key(r)) for r in records]
         kept = [row for row in rows if row is not None]
         self.rows_seen.update((row["key"], row) for row in kept)
         return kept
@@ -220,34 +219,10 @@ class PrefixTruncation:
         return len(self.skipped["no_units"])
 
     @property
-    def skipped_too_long(self) -> int:
-        return len(self.skipped["too_long"])
-
-    @property
     def stats(self) -> dict[str, Any]:
-        return truncation_stats(list(self.rows_seen.values()), skipped=self.skipped_no_units,
-                                skipped_too_long=self.skipped_too_long)
+        return truncation_stats(list(self.rows_seen.values()), skipped=self.skipped_no_units)
 
     # -- internals --------------------------------------------------------------------------------
-    def _admitted(self, records: Sequence[TeacherRecord]) -> list[TeacherRecord]:
-        """The records whose trace the judge may read; the others are counted as too long."""
-        cap = self.settings.max_trace_tokens
-        if cap is None or self.settings.search == FIXED_RATIO:
-            return list(records)
-        admitted, too_long = [], []
-        for record in records:
-            length = self._count_tokens(record.long_cot)
-            if length <= cap:
-                admitted.append(record)
-            else:
-                too_long.append(f"{record.id} ({length})")
-                self.skipped["too_long"].add(record_key(record))
-        if too_long:
-            shown = ", ".join(too_long[:10]) + (f" and {len(too_long) - 10} more" if len(too_long) > 10 else "")
-            log.warning("truncation: %d of %d traces are over judge.max_trace_tokens=%d tokens and get no prefix "
-                        "(skipped_too_long): %s", len(too_long), len(records), cap, shown)
-        return admitted
-
     def _compute(self, todo: Sequence[TeacherRecord], segmentations: Mapping[str, Segmentation], store: RecordStore) -> None:
         """Truncate `todo` chunk by chunk into the store, showing progress over the traces; with a
         Ray judge pool the chunks are searched in its actors and stored as each one comes back."""
@@ -280,7 +255,7 @@ class PrefixTruncation:
                                                          quantile):
             chunk, segs = work[position]
             bar.update(len(chunk))
-            self.judge_calls += sum(len(outcome["probes"]) for outcome in outcomes)
+            self.judge_calls += sum(judged_probes(outcome) for outcome in outcomes)
             yield chunk, self._rows(chunk, segs, outcomes)
 
     def _granularity_options(self) -> dict[str, Any]:
@@ -313,7 +288,12 @@ class PrefixTruncation:
         n = min(rule.calibration_examples, len(records))
         items = [(r.question, s, range(1, s.m + 1)) for r, s in zip(records[:n], segs[:n])]
         scorer = self.judge_pool if self.judge_pool is not None else self.judge
+        # the judge scores the prefixes that fit its context only (SufficiencyJudge.prefix_scores)
         scores = sorted(score for found in scorer.prefix_scores(items) for score in found.values())
+        if not scores:
+            raise ValueError(f"truncation: no prefix of the {n} calibration examples fits the judge's context, so the "
+                             "quantile threshold has nothing to calibrate on; raise truncation.judge.max_context_tokens "
+                             "or use another threshold kind")
         position = min(len(scores) - 1, max(0, round(rule.value * (len(scores) - 1))))
         threshold = scores[position]
         write_json_atomic(path, {"threshold": threshold, "quantile": rule.value, "examples": n, "scores": scores})
@@ -327,7 +307,7 @@ class PrefixTruncation:
         judge = None if self.settings.search == FIXED_RATIO else self.judge
         outcomes = search_prefixes(self.settings, judge, [r.question for r in records], segs,
                                    quantile_threshold=quantile, on_finished=on_finished)
-        self.judge_calls += sum(len(outcome["probes"]) for outcome in outcomes)
+        self.judge_calls += sum(judged_probes(outcome) for outcome in outcomes)
         return self._rows(records, segs, outcomes)
 
     def _rows(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation],
@@ -353,9 +333,12 @@ class PrefixTruncation:
                 "fallback": outcome["fallback"],
                 "monotone": outcome["monotone"],
                 "full_score": outcome["full_score"],
+                "full_score_k": outcome["full_score_k"],
                 "threshold": outcome["threshold"],
                 "probes": outcome["probes"],
-                "judge_calls": len(outcome["probes"]) + (1 if outcome["full_score"] is not None else 0),
+                "fitting_k": outcome["fitting_k"],
+                "probes_over_context": len(outcome["probes"]) - judged_probes(outcome),
+                "judge_calls": judged_probes(outcome) + (1 if outcome["full_score"] is not None else 0),
                 "prefixes_scored": outcome["prefixes_scored"],
             })
         return rows
@@ -369,13 +352,21 @@ def build_judge(judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache
     """The sufficiency judge of the `truncation.judge` node (without its `ray` block) on `backend`
     (hf or vllm), its model loaded here: called by the stage only when a trace needs judging, and
     by every Ray actor of the ray back end."""
-    from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
+    from palign.llm.models import ModelSpec, context_length, load_inference_model, load_tokenizer, resolve_model_path
     from palign.truncation.judge import HFScorer, JudgePrompt
 
     spec = ModelSpec.from_config(judge["model"])
     prompt = JudgePrompt.from_config(dict(judge_prompt))
-    shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"]}
+    # one context for every back end (the model's, or the knob), so hf, vllm and ray judge the same probes
+    context = judge["max_context_tokens"] or context_length(resolve_model_path(spec, cache_dir))
+    shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"],
+              "context_tokens": context}
     if backend == "vllm":
+        engine_length = (vllm or {}).get("max_model_len")
+        if engine_length and engine_length < context:
+            raise ValueError(f"vllm.max_model_len={engine_length} is below the judge's context of {context} tokens "
+                             "(truncation.judge.max_context_tokens, else the model's): vLLM would refuse the longest "
+                             f"probes; set truncation.judge.max_context_tokens={engine_length} (or raise vllm.max_model_len)")
         from palign.llm.vllm_backend import vllm_backend
 
         # vLLM has no one-pass scorer: the judge scores each prefix as its own request (vLLM's prefix
@@ -395,27 +386,35 @@ def build_judge(judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache
 def search_prefixes(settings: TruncationSettings, judge: SufficiencyJudge | None, questions: Sequence[str],
                     segs: Sequence[Segmentation], *, quantile_threshold: float | None = None,
                     on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
-    """Each trace's search outcome (chosen_k, probes, fallback, monotone, full_score, threshold,
-    prefixes_scored; plain JSON): the fixed ratio, or the configured search with `judge`, all the
-    traces advancing together in judge batches of `settings.batch_size`. A quantile rule's
-    threshold is `quantile_threshold`, calibrated beforehand (`PrefixTruncation.run`)."""
+    """Each trace's search outcome (chosen_k, probes, fallback, monotone, full_score, full_score_k,
+    threshold, fitting_k, prefixes_scored; plain JSON): the fixed ratio, or the configured search with
+    `judge`, all the traces advancing together in judge batches of `settings.batch_size`. A quantile
+    rule's threshold is `quantile_threshold`, calibrated beforehand (`PrefixTruncation.run`).
+
+    A probe longer than the judge's context (k > fitting_k) is not sent and counts as not sufficient
+    (stored with `over_context: true`); a relative-to-full threshold is taken from the longest prefix
+    that fits (`full_score_k`, the whole trace when it fits)."""
     memo: list[dict[int, float]] = [{} for _ in segs]  # logits-mode scores by prefix length
     full_scores: list[float | None] = [None] * len(segs)
+    full_ks: list[int | None] = [None] * len(segs)
     thresholds: list[float | None] = [None] * len(segs)
+    fitting: list[int | None] = [None] * len(segs)
     if settings.search == FIXED_RATIO:
         chosen = [(fixed_ratio_k(s.m, settings.ratio), [], False, None) for s in segs]
         if on_finished is not None:
             on_finished(len(segs))
     else:
+        fitting = [judge.longest_fitting_prefix(q, s) for q, s in zip(questions, segs, strict=True)]
+
         def memoized_scores(requests: Sequence[tuple[int, int]]) -> list[dict[int, float]]:
             """Scores per example, computing each prefix once; the one-pass engine scores a trace's
-            every prefix on first touch (the cost of its longest one)."""
+            every fitting prefix on first touch (the cost of the longest of them)."""
             needed: dict[int, set[int]] = {}
             for i, k in requests:
-                if k not in memo[i]:
+                if k not in memo[i] and k <= fitting[i]:
                     needed.setdefault(i, set()).add(k)
             if judge.engine == "one_pass":
-                needed = {i: set(range(1, segs[i].m + 1)) - set(memo[i]) for i in needed}
+                needed = {i: set(range(1, fitting[i] + 1)) - set(memo[i]) for i in needed}
             order = sorted(needed)
             found = judge.prefix_scores([(questions[i], segs[i], sorted(needed[i])) for i in order])
             for i, values in zip(order, found):
@@ -427,9 +426,11 @@ def search_prefixes(settings: TruncationSettings, judge: SufficiencyJudge | None
             if rule.kind == "absolute":
                 thresholds = [rule.value] * len(segs)
             elif rule.kind == "relative_to_full":
-                memoized_scores([(i, s.m) for i, s in enumerate(segs)])  # all full traces in one judge call
-                full_scores = [memo[i][s.m] for i, s in enumerate(segs)]
-                thresholds = [score - rule.value for score in full_scores]
+                # all references in one judge call: the full trace, or its longest prefix that fits
+                full_ks = [min(s.m, fitting[i]) or None for i, s in enumerate(segs)]
+                memoized_scores([(i, k) for i, k in enumerate(full_ks) if k is not None])
+                full_scores = [memo[i][k] if k is not None else None for i, k in enumerate(full_ks)]
+                thresholds = [score - rule.value if score is not None else None for score in full_scores]
             else:
                 if quantile_threshold is None:
                     raise ValueError("a quantile threshold needs its calibrated value (quantile_threshold)")
@@ -437,29 +438,43 @@ def search_prefixes(settings: TruncationSettings, judge: SufficiencyJudge | None
         states = [create_search(settings.search, s.m) for s in segs]
 
         def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
+            verdicts: dict[tuple[int, int], Verdict] = {
+                (i, k): Verdict(False, None, None) for i, k in requests if k > fitting[i]}  # over the context
+            sent = [(i, k) for i, k in requests if k <= fitting[i]]
             if settings.mode == "generate":
-                return judge.judge([(questions[i], segs[i].prefix(k)) for i, k in requests])
-            memoized_scores(requests)
-            return [Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None) for i, k in requests]
+                replies = judge.judge([(questions[i], segs[i].prefix(k)) for i, k in sent]) if sent else []
+                verdicts.update(zip(sent, replies))
+            else:
+                memoized_scores(sent)
+                verdicts.update(((i, k), Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None))
+                                for i, k in sent)
+            return [verdicts[request] for request in requests]
 
         results = run_searches(states, judge_batch, settings.batch_size, on_finished=on_finished)
         chosen = [(r.chosen_k, r.probes, r.fallback, r.monotone) for r in results]
     return [
-        {"chosen_k": k, "fallback": fallback, "monotone": monotone, "full_score": full_scores[i], "threshold": thresholds[i],
-         "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply} for p in probes],
-         "prefixes_scored": len(memo[i]) if memo[i] else len(probes)}
+        {"chosen_k": k, "fallback": fallback, "monotone": monotone, "full_score": full_scores[i],
+         "full_score_k": full_ks[i], "threshold": thresholds[i], "fitting_k": fitting[i],
+         "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply,
+                     "over_context": fitting[i] is not None and p.k > fitting[i]} for p in probes],
+         "prefixes_scored": len(memo[i]) if memo[i] else sum(fitting[i] is None or p.k <= fitting[i] for p in probes)}
         for i, (k, probes, fallback, monotone) in enumerate(chosen)
     ]
 
 
-def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0, skipped_too_long: int = 0) -> dict[str, Any]:
-    """Summary of a truncation artifact: ratios, fallbacks, judge cost, tokens saved, score spread.
+def judged_probes(outcome: Mapping[str, Any]) -> int:
+    """The probes of a search outcome (or stored row) that the judge was sent (none over its context)."""
+    return sum(not probe.get("over_context", False) for probe in outcome["probes"])
 
-    skipped: examples without units; skipped_too_long: examples over `max_trace_tokens`. Neither
-    has a row, so neither enters the ratios.
+
+def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0) -> dict[str, Any]:
+    """Summary of a truncation artifact: ratios, fallbacks, judge cost, tokens saved, score spread,
+    and the probes the judge's context kept from it.
+
+    skipped: examples without units (they have no row, so they do not enter the ratios).
     """
     if not rows:
-        return {"examples": 0, "skipped_no_units": skipped, "skipped_too_long": skipped_too_long}
+        return {"examples": 0, "skipped_no_units": skipped, "probes_over_context": 0, "examples_over_context": 0}
     ratios = [row["prefix_ratio"] for row in rows]
     scores = [p["score"] for row in rows for p in row["probes"] if p["score"] is not None]
     prefix_tokens = sum(row["prefix_tokens"] for row in rows)
@@ -467,7 +482,8 @@ def truncation_stats(rows: Sequence[Mapping[str, Any]], skipped: int = 0, skippe
     stats: dict[str, Any] = {
         "examples": len(rows),
         "skipped_no_units": skipped,
-        "skipped_too_long": skipped_too_long,
+        "probes_over_context": sum(row.get("probes_over_context", 0) for row in rows),
+        "examples_over_context": sum(bool(row.get("probes_over_context", 0)) for row in rows),
         "prefix_ratio_mean": statistics.fmean(ratios),
         "prefix_ratio_median": statistics.median(ratios),
         "fallback_rate": sum(bool(row["fallback"]) for row in rows) / len(rows),
