@@ -1,9 +1,11 @@
 """backend=ray: judge, continuation and evaluation sharded across 2 Ray Data actors on a local cluster.
 
-One local Ray cluster per module (2 CPUs, its temporary folder under pytest's), the tiny random
-model: results equal the in-process path's under greedy decoding (the judge: the same verdicts,
-scores and prefixes), an interrupted stage resumes without recomputing or duplicating a stored
-record, a failing worker is reported by name.
+One local Ray cluster per module (2 CPUs and 2 declared GPUs on a node whose CUDA_VISIBLE_DEVICES
+names both, its temporary folder under pytest's), the tiny random model: results equal the
+in-process path's under greedy decoding (the judge: the same verdicts, scores and prefixes), an
+interrupted stage resumes without recomputing or duplicating a stored record, a failing worker is
+reported by name, each actor sees exactly the GPUs it asked for, a worker no node can hold is
+refused before any actor starts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -25,7 +28,8 @@ from palign.teachers.records import TeacherRecord
 from palign.truncation.stage import PrefixTruncation, TruncationSettings, build_judge
 
 ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
-from palign.llm.ray_backend import RayChatBackend  # noqa: E402
+from palign.llm.ray_backend import (ActorWorker, RayChatBackend, check_nodes_hold_a_worker,  # noqa: E402
+                                    stream_through_actors)
 from palign.truncation.ray_judge import RayJudgePool  # noqa: E402
 
 # the tests marked slow start a Ray cluster (~10-30 s on 2 shared cores) whose actors load the model
@@ -49,7 +53,18 @@ def ray_cluster(tmp_path_factory):
     if len(str(temp)) > 40:
         short = tempfile.mkdtemp(prefix="palign-ray-", dir="/tmp")
         temp = short
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
+    # the node has 2 GPUs (declared: Ray assigns their ids without touching a device) and, like a
+    # GPU node where a scheduler set it, a CUDA_VISIBLE_DEVICES naming both, which the raylet and
+    # its workers inherit; the driver's own is restored at once
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0,1"
+    try:
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     try:
         yield
     finally:
@@ -358,3 +373,88 @@ def test_ray_workers_sample_with_the_configured_parameters_only(ray_cluster, tin
     outputs = [[[g.text for g in gens] for gens in ray_backend(spec, cache_dir, tokenizer, weights=str(folder)).complete(texts, sampling)]
                for folder in (plain, opinionated)]
     assert outputs[0] == outputs[1] and len({text for gens in outputs[0] for text in gens}) > 1
+
+
+# -- GPUs: each actor sees exactly the GPUs it asked for -----------------------------------------
+def gpu_probe() -> type:
+    """An actor that reports what it sees: its CUDA_VISIBLE_DEVICES when built (before its constructor
+    could touch CUDA), the GPU ids Ray assigned it, whether torch had initialised CUDA by then. A
+    class made here (not importable by name) travels to the actors by value."""
+
+    class GPUProbe(ActorWorker):
+        def build(self) -> None:
+            import torch
+
+            self.seen = {"pid": os.getpid(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         "assigned": sorted(str(i) for i in ray.get_gpu_ids()),
+                         "cuda_initialized": torch.cuda.is_initialized()}
+
+        def handle(self, request):
+            time.sleep(request["sleep"])  # the other actor takes the next payload meanwhile
+            return self.seen
+
+    return GPUProbe
+
+
+def actors_seen(num_gpus_per_worker: float) -> dict[int, dict]:
+    """What each of 2 probe actors saw (by pid), through the pool every stage uses."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.wait_for_min_actors_s
+    # both actors are up before the first payload goes out, so the least busy one takes each: both report
+    context.wait_for_min_actors_s = 300
+    try:
+        results = stream_through_actors([json.dumps({"sleep": 1.0})] * 4, gpu_probe(), {"num_threads": 0}, num_workers=2,
+                                        num_cpus_per_worker=1, num_gpus_per_worker=num_gpus_per_worker,
+                                        payloads_per_call=1, stage="probe", describe="gpu probe")
+        return {seen["pid"]: seen for _, seen in results}
+    finally:
+        context.wait_for_min_actors_s = before
+
+
+@pytest.mark.slow
+def test_an_actor_that_asks_for_no_gpu_sees_none(ray_cluster):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES as the node had it ("0,1") for an actor it assigned no GPU;
+    every such actor would put its model on GPU 0."""
+    seen = actors_seen(0)
+    assert len(seen) == 2
+    for actor in seen.values():
+        assert (actor["visible"], actor["assigned"], actor["cuda_initialized"]) == ("", [], False)
+
+
+@pytest.mark.slow
+def test_an_actor_that_asks_for_one_gpu_sees_its_own(ray_cluster):
+    seen = actors_seen(1)
+    assert len(seen) == 2
+    for actor in seen.values():
+        assert actor["visible"] == ",".join(actor["assigned"]) and len(actor["assigned"]) == 1
+        assert not actor["cuda_initialized"]
+    assert sorted(actor["visible"] for actor in seen.values()) == ["0", "1"]  # distinct GPUs
+
+
+@pytest.mark.slow
+def test_a_worker_no_node_can_hold_is_refused_before_any_actor_starts(ray_cluster, tiny, cache_dir):
+    spec, tokenizer = tiny
+    for engine, vllm in (("hf", None), ("vllm", {"tensor_parallel_size": 3})):
+        backend = ray_backend(spec, cache_dir, tokenizer, engine=engine, vllm=vllm, num_gpus_per_worker=3)
+        with pytest.raises(ChatBackendError, match=r"alignment: each Ray worker asks for 3 GPU but no node of the cluster "
+                                                   r"at local has them \(the largest has 2\.0, 2\.0 in all over 1 node\); "
+                                                   r"lower ray\.num_gpus_per_worker"):
+            backend.complete(["What is 1 + 1?"], GREEDY)
+        assert backend.calls == 0  # no actor pool was started
+
+
+def test_an_actor_lives_on_one_node_so_one_node_must_hold_a_worker():
+    """Two nodes of 1 GPU each hold 2 GPUs in all, but no worker of 2 GPUs: Ray would leave it pending."""
+    two_nodes = [{"CPU": 8.0, "GPU": 1.0, "memory": 1e9}, {"CPU": 8.0, "GPU": 1.0, "memory": 1e9}]
+    check_nodes_hold_a_worker(two_nodes, 4, 1, "auto", "evaluation")
+    with pytest.raises(ChatBackendError, match=r"evaluation: each Ray worker asks for 2 GPU but no node of the cluster at "
+                                               r"auto has them \(the largest has 1\.0, 2\.0 in all over 2 nodes\)"):
+        check_nodes_hold_a_worker(two_nodes, 4, 2, "auto", "evaluation")
+    # enough CPUs on one node, enough GPUs on another: neither holds the worker
+    split = [{"CPU": 16.0}, {"CPU": 2.0, "GPU": 8.0}]
+    with pytest.raises(ChatBackendError, match="asks for 4 CPU and 1 GPU on one node, but no node of the cluster at auto has both"):
+        check_nodes_hold_a_worker(split, 4, 1, "auto", "evaluation")
+    with pytest.raises(ChatBackendError, match="asks for 1 CPU but no node"):
+        check_nodes_hold_a_worker([], 1, 0, "auto", "evaluation")

@@ -18,6 +18,17 @@ position among the stage's prompts: Ray's samples are reproducible and do not de
 or on which worker ran a batch, but they are other draws than the in-process path's (the same
 sampling parameters, other random numbers).
 
+GPUs: each actor sees exactly the GPUs Ray assigned it. Ray sets `CUDA_VISIBLE_DEVICES` in an actor
+to its assigned GPUs, but Ray 2.60 (Ray issue 54868) leaves the variable as the node had it when it
+assigned none (ray/_private/utils.py: `set_visible_accelerator_ids` skips an empty id list unless
+`RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO` is set; ray/_private/accelerators/accelerator.py): a CPU-only
+actor would see every GPU of its node, resolve device `auto` to GPU 0 and pile onto it. The
+actors' runtime_env sets that switch (`ACTOR_ENV`), so Ray itself empties the variable of an actor
+with no GPU, when the actor's task starts and before its constructor runs (torch never
+initialised CUDA before that). An actor with `num_gpus_per_worker: N` sees its N GPUs only: the hf
+engine's device `auto` is `cuda`, i.e. cuda:0 of the actor's own GPUs (the model sits on one GPU;
+more per worker stay idle), and a vLLM engine uses them for `vllm.tensor_parallel_size`.
+
 Nothing starts before work arrives: a stage whose records are all stored never starts Ray nor
 loads a model. `address: null` starts a local cluster; `auto` or `ray://host:port` joins one, whose
 nodes must see the same `cache_dir` (built models live there) and the same palign install.
@@ -40,6 +51,10 @@ from palign.llm.openai_backend import ChatBackendError
 log = logging.getLogger(__name__)
 
 ENGINES = ("hf", "vllm")
+
+# The runtime_env variables of every actor: Ray empties the accelerator variables
+# (CUDA_VISIBLE_DEVICES, ...) of an actor it assigned none (see the module docstring).
+ACTOR_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
 
 
 class RayWorkerError(RuntimeError):
@@ -92,7 +107,9 @@ class ActorWorker:
 
 
 class _GenerationWorker(ActorWorker):
-    """An engine for the model; each payload is one generation batch (texts and seed)."""
+    """An engine for the model; each payload is one generation batch (texts and seed). On a GPU
+    actor the hf engine's device `auto` is cuda:0 of the actor's own GPUs (CUDA_VISIBLE_DEVICES
+    names only those)."""
 
     task = "generation"
 
@@ -122,10 +139,32 @@ class _GenerationWorker(ActorWorker):
         return [[asdict(g) for g in generations] for generations in outputs]
 
 
+def check_nodes_hold_a_worker(nodes: Sequence[Mapping[str, float]], num_cpus_per_worker: float,
+                              num_gpus_per_worker: float, where: str, stage: str) -> None:
+    """Refuse a cluster none of whose nodes (`nodes`: each alive node's resources, as `ray.nodes()`
+    reports them) has the CPUs and GPUs one worker asks for: an actor lives on one node, so Ray
+    would leave it pending forever (a cluster whose GPUs are all on other nodes included)."""
+    for name, need in (("CPU", num_cpus_per_worker), ("GPU", num_gpus_per_worker)):
+        largest = max((node.get(name, 0) for node in nodes), default=0)
+        if need > 0 and largest < need:
+            total = sum(node.get(name, 0) for node in nodes)
+            raise ChatBackendError(
+                f"{stage}: each Ray worker asks for {need} {name} but no node of the cluster at {where} has them "
+                f"(the largest has {largest}, {total} in all over {len(nodes)} node{'s' * (len(nodes) != 1)}); "
+                f"lower ray.num_{name.lower()}s_per_worker or join a cluster that has them (ray.address)")
+    fits = [node for node in nodes if node.get("CPU", 0) >= num_cpus_per_worker and node.get("GPU", 0) >= num_gpus_per_worker]
+    if not fits:
+        raise ChatBackendError(
+            f"{stage}: each Ray worker asks for {num_cpus_per_worker} CPU and {num_gpus_per_worker} GPU on one node, "
+            f"but no node of the cluster at {where} has both; lower ray.num_cpus_per_worker or "
+            "ray.num_gpus_per_worker, or join a cluster that has them (ray.address)")
+
+
 def connect(address: str | None, num_workers: int, num_cpus_per_worker: float, num_gpus_per_worker: float,
             stage: str) -> bool:
-    """Join (or, with `address` null, start) the cluster and check it can hold one worker; True when
-    this call started it. A cluster short of CPUs for all workers at once is only a warning."""
+    """Join (or, with `address` null, start) the cluster and check one of its nodes can hold a worker
+    (`check_nodes_hold_a_worker`); True when this call started it. A cluster short of CPUs for all
+    workers at once is only a warning."""
     import ray
 
     started = False
@@ -133,13 +172,9 @@ def connect(address: str | None, num_workers: int, num_cpus_per_worker: float, n
         # log_to_driver: a worker's traceback reaches the driver's console as well as the exception
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
         started = True
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    check_nodes_hold_a_worker(nodes, num_cpus_per_worker, num_gpus_per_worker, address or "local", stage)
     resources = ray.cluster_resources()
-    for name, need in (("CPU", num_cpus_per_worker), ("GPU", num_gpus_per_worker)):
-        if need > 0 and resources.get(name, 0) < need:
-            raise ChatBackendError(
-                f"{stage}: each Ray worker asks for {need} {name} but the cluster at "
-                f"{address or 'local'} has {resources.get(name, 0)}; lower ray.num_{name.lower()}s_per_worker "
-                "or join a cluster that has them (ray.address)")
     if resources.get("CPU", 0) < num_workers * num_cpus_per_worker:
         log.warning("%s: %d Ray workers x %s CPUs exceed the cluster's %s CPUs; workers wait for each other",
                     stage, num_workers, num_cpus_per_worker, resources.get("CPU", 0))
@@ -154,9 +189,11 @@ def stream_through_actors(payloads: Sequence[str], worker: type, worker_kwargs: 
     One pool of `min(num_workers, len(payloads))` actors of `worker` (an `ActorWorker`, built once with
     `worker_kwargs`, so a model loads once per actor for the whole call) maps the payloads,
     `payloads_per_call` per actor call; `worker(batch)` gets `{"position", "payload"}` columns and
-    returns `{"position", "result"}` (result: JSON). Results stream back as soon as a block finishes, so the caller can
-    store each one while the others are computed: a driver killed mid-stage loses only what it had
-    not stored. `describe` names the work in errors; a worker's RayWorkerError reaches the message.
+    returns `{"position", "result"}` (result: JSON). Each actor reserves `num_cpus_per_worker` CPUs and
+    `num_gpus_per_worker` GPUs and sees those GPUs only, none when it asks for none (`ACTOR_ENV`).
+    Results stream back as soon as a block finishes, so the caller can store each one while the
+    others are computed: a driver killed mid-stage loses only what it had not stored. `describe`
+    names the work in errors; a worker's RayWorkerError reaches the message.
     """
     if not payloads:
         return
@@ -175,6 +212,7 @@ def stream_through_actors(payloads: Sequence[str], worker: type, worker_kwargs: 
         batch_size=payloads_per_call,
         num_cpus=num_cpus_per_worker,
         num_gpus=num_gpus_per_worker or None,
+        runtime_env={"env_vars": ACTOR_ENV},  # an actor sees exactly the GPUs Ray assigned it
         batch_format="numpy",
     )
     try:

@@ -10,6 +10,9 @@ batches), so verdicts, scores and chosen prefixes equal the in-process path's. T
 and stores each chunk's rows as it comes back, in any order: a driver killed mid-stage resumes
 with the chunks it had not stored. The driver loads no judge; a quantile threshold is calibrated by
 one actor before the search (once per store, like in process).
+
+Each actor sees only the GPUs Ray assigned it (palign/llm/ray_backend.py, module docstring): the
+Hugging Face judge's device `auto` is then the actor's own GPU (none: the CPU).
 """
 
 from __future__ import annotations
