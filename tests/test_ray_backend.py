@@ -4,13 +4,14 @@ One local Ray cluster per module (2 CPUs and 2 declared GPUs on a node whose CUD
 names both, its temporary folder under pytest's), the tiny random model: results equal the
 in-process path's under greedy decoding (the judge: the same verdicts, scores and prefixes), an
 interrupted stage resumes without recomputing or duplicating a stored record, a failing worker is
-reported by name, each actor sees exactly the GPUs it asked for, a worker no node can hold is
-refused before any actor starts.
+reported by name, each actor sees exactly the GPUs it asked for, a request whose workers cannot
+hold their engine is refused before Ray starts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,8 +29,8 @@ from palign.teachers.records import TeacherRecord
 from palign.truncation.stage import PrefixTruncation, TruncationSettings, build_judge
 
 ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
-from palign.llm.ray_backend import (ActorWorker, RayChatBackend, check_nodes_hold_a_worker,  # noqa: E402
-                                    stream_through_actors)
+from palign.llm.ray_backend import (ActorWorker, RayChatBackend, check_gpu_request,  # noqa: E402
+                                    check_nodes_hold_a_worker, stream_through_actors)
 from palign.truncation.ray_judge import RayJudgePool  # noqa: E402
 
 # the tests marked slow start a Ray cluster (~10-30 s on 2 shared cores) whose actors load the model
@@ -458,3 +459,64 @@ def test_an_actor_lives_on_one_node_so_one_node_must_hold_a_worker():
         check_nodes_hold_a_worker(split, 4, 1, "auto", "evaluation")
     with pytest.raises(ChatBackendError, match="asks for 1 CPU but no node"):
         check_nodes_hold_a_worker([], 1, 0, "auto", "evaluation")
+
+
+# -- vLLM workers: whole GPUs for tensor_parallel_size -------------------------------------------
+REFUSED = [(0, 1), (0.0, 1), (0.5, 1), (1, 2), (1.5, 1), (3, 4)]  # (ray.num_gpus_per_worker, vllm.tensor_parallel_size)
+
+
+@pytest.mark.parametrize("gpus,parallel", REFUSED)
+def test_a_vllm_worker_without_whole_gpus_for_its_engine_is_refused_before_ray_starts(gpus, parallel, tiny, cache_dir,
+                                                                                   monkeypatch):
+    spec, tokenizer = tiny
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    keys = (rf"ray\.engine=vllm: .* ray\.num_gpus_per_worker must be a whole number of at least "
+            rf"vllm\.tensor_parallel_size={parallel}; got ray\.num_gpus_per_worker={gpus}\b")
+    vllm = {"tensor_parallel_size": parallel}
+    with pytest.raises(ValueError, match=keys):
+        ray_backend(spec, cache_dir, tokenizer, engine="vllm", vllm=vllm, num_gpus_per_worker=gpus)
+    with pytest.raises(ValueError, match=keys):
+        RayJudgePool(judge_node(spec), JUDGE_PROMPT, cache_dir, vllm, {**SETTINGS, "engine": "vllm",
+                                                                       "num_gpus_per_worker": gpus}, judge_settings(spec))
+    with pytest.raises(ValueError, match=keys):
+        check_gpu_request("vllm", gpus, vllm)
+
+
+def test_vllm_workers_with_whole_gpus_are_accepted_and_idle_gpus_named(tiny, cache_dir, caplog):
+    spec, tokenizer = tiny
+    for gpus, parallel in ((1, 1), (2, 2), (1.0, 1)):
+        backend = ray_backend(spec, cache_dir, tokenizer, engine="vllm", vllm={"tensor_parallel_size": parallel},
+                              num_gpus_per_worker=gpus)
+        assert backend.num_gpus_per_worker == gpus and not backend.started_ray
+    check_gpu_request("vllm", 1, {})  # the engine's own tensor_parallel_size (1) without the key
+    with pytest.raises(ValueError, match="vllm.tensor_parallel_size=1; got ray.num_gpus_per_worker=0"):
+        check_gpu_request("vllm", 0, None)
+    check_gpu_request("hf", 0, None)  # hf workers run anywhere
+    check_gpu_request("hf", 0.25, None)
+    with caplog.at_level(logging.WARNING, logger="palign.llm.ray_backend"):
+        check_gpu_request("vllm", 4, {"tensor_parallel_size": 2})
+        check_gpu_request("hf", 2, None)
+    assert "vllm.tensor_parallel_size=2 GPUs: the others stay idle" in caplog.text
+    assert "ray.engine=hf: each worker's model sits on one GPU" in caplog.text
+
+
+def test_the_composed_config_refuses_a_vllm_worker_without_a_gpu_before_ray_starts(tmp_path, monkeypatch,
+                                                                                  smollm2_tokenizer):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from palign.pipeline import RunContext, make_truncation
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    cfg = compose_config(["experiment=tiny", "baseline=palign", "truncation.judge.backend=ray", "alignment.backend=ray",
+                          "ray.engine=vllm", "vllm.tensor_parallel_size=2", "ray.num_gpus_per_worker=1"], tmp_path)
+    keys = r"ray\.num_gpus_per_worker must be a whole number of at least vllm\.tensor_parallel_size=2; got ray\.num_gpus_per_worker=1"
+    with pytest.raises(ValueError, match=keys):
+        check_gpu_request(cfg.ray.engine, cfg.ray.num_gpus_per_worker, cfg.vllm)  # what the run's preflight calls
+    with pytest.raises(InstantiationException, match=keys):  # the stage's node builds its back end
+        instantiate(cfg.alignment, _convert_="all", prompts=OmegaConf.to_container(cfg.prompts, resolve=True),
+                    cache_dir=str(stage_cache(tmp_path)), tokenizer=smollm2_tokenizer,
+                    vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
+    ctx = RunContext(cfg=cfg, run_id="test", run_dir=tmp_path / "run", cache_dir=stage_cache(tmp_path))
+    with pytest.raises(InstantiationException, match=keys):
+        make_truncation(ctx, smollm2_tokenizer)

@@ -27,7 +27,8 @@ actors' runtime_env sets that switch (`ACTOR_ENV`), so Ray itself empties the va
 with no GPU, when the actor's task starts and before its constructor runs (torch never
 initialised CUDA before that). An actor with `num_gpus_per_worker: N` sees its N GPUs only: the hf
 engine's device `auto` is `cuda`, i.e. cuda:0 of the actor's own GPUs (the model sits on one GPU;
-more per worker stay idle), and a vLLM engine uses them for `vllm.tensor_parallel_size`.
+more per worker stay idle), and a vLLM engine uses them for `vllm.tensor_parallel_size`, which
+`check_gpu_request` holds to whole GPUs of the actor's own before anything starts.
 
 Nothing starts before work arrives: a stage whose records are all stored never starts Ray nor
 loads a model. `address: null` starts a local cluster; `auto` or `ray://host:port` joins one, whose
@@ -36,6 +37,7 @@ nodes must see the same `cache_dir` (built models live there) and the same palig
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -139,6 +141,38 @@ class _GenerationWorker(ActorWorker):
         return [[asdict(g) for g in generations] for generations in outputs]
 
 
+def check_gpu_request(engine: str, num_gpus_per_worker: float, vllm: Mapping[str, Any] | None) -> None:
+    """Refuse a `ray:` block whose workers cannot hold their engine, before anything starts.
+
+    A vLLM engine runs on whole GPUs of its own, `vllm.tensor_parallel_size` of them: with
+    `ray.engine: vllm`, `ray.num_gpus_per_worker` must be a whole number of at least that (0 would
+    give an actor no GPU: vLLM is GPU only; a share of a GPU would put two engines, each reserving
+    `vllm.gpu_memory_utilization` of it, on one GPU). More GPUs than the engine uses, and more than
+    one for the hf engine (its model sits on one GPU), only leave GPUs idle: a warning. The pipeline
+    calls this on the composed config (`ray`, `vllm` blocks); RayChatBackend and RayJudgePool on
+    construction.
+    """
+    from palign.llm.vllm_backend import VLLMChatBackend
+
+    gpus = num_gpus_per_worker
+    if engine == "vllm":
+        parallel = (vllm or {}).get("tensor_parallel_size")
+        if parallel is None:  # what the engine gets without the key
+            parallel = inspect.signature(VLLMChatBackend).parameters["tensor_parallel_size"].default
+        if not float(gpus).is_integer() or gpus < parallel:
+            raise ValueError(
+                f"ray.engine=vllm: each Ray worker holds one vLLM engine on whole GPUs of its own, so "
+                f"ray.num_gpus_per_worker must be a whole number of at least vllm.tensor_parallel_size={parallel}; "
+                f"got ray.num_gpus_per_worker={gpus}. Set ray.num_gpus_per_worker={parallel} (on a machine "
+                "without GPUs: ray.engine=hf)")
+        if gpus > parallel:
+            log.warning("ray.num_gpus_per_worker=%s but each worker's vLLM engine uses vllm.tensor_parallel_size=%d "
+                        "GPUs: the others stay idle", gpus, parallel)
+    elif gpus > 1:
+        log.warning("ray.num_gpus_per_worker=%s with ray.engine=%s: each worker's model sits on one GPU (device auto: "
+                    "the first of its own), the others stay idle", gpus, engine)
+
+
 def check_nodes_hold_a_worker(nodes: Sequence[Mapping[str, float]], num_cpus_per_worker: float,
                               num_gpus_per_worker: float, where: str, stage: str) -> None:
     """Refuse a cluster none of whose nodes (`nodes`: each alive node's resources, as `ray.nodes()`
@@ -228,7 +262,8 @@ class RayChatBackend:
     spec: the model config (palign/llm/models.py: ModelSpec); weights: a folder replacing its weights
     (a trained student). tokenizer: the model's, to cut the prompts into the generation batches the
     in-process path makes. stage: names the stage in errors. The other arguments are the `ray:`
-    block's (palign/schema.py: Ray); `vllm` the engine settings when `engine` is vllm.
+    block's (palign/schema.py: Ray); `vllm` the engine settings when `engine` is vllm. A request
+    whose workers cannot hold their engine (`check_gpu_request`) is refused here, before Ray starts.
     """
 
     def __init__(self, spec: Mapping[str, Any], cache_dir: str | os.PathLike, tokenizer, *, num_workers: int,
@@ -240,6 +275,7 @@ class RayChatBackend:
             raise ValueError(f"ray: num_workers and batch_size must be >= 1, num_cpus_per_worker > 0 and "
                              f"num_gpus_per_worker >= 0; got {num_workers}, {batch_size}, {num_cpus_per_worker}, "
                              f"{num_gpus_per_worker}")
+        check_gpu_request(engine, num_gpus_per_worker, vllm)
         self.spec = dict(spec)
         self.cache_dir = str(cache_dir)
         self.tokenizer = tokenizer

@@ -12,7 +12,9 @@ with the chunks it had not stored. The driver loads no judge; a quantile thresho
 one actor before the search (once per store, like in process).
 
 Each actor sees only the GPUs Ray assigned it (palign/llm/ray_backend.py, module docstring): the
-Hugging Face judge's device `auto` is then the actor's own GPU (none: the CPU).
+Hugging Face judge's device `auto` is then the actor's own GPU (none: the CPU), and a vLLM judge
+gets whole GPUs of its own, `vllm.tensor_parallel_size` of them, which `check_gpu_request` holds
+the `ray:` block to when the pool is built, before Ray starts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from palign.llm.ray_backend import ActorWorker, connect, ray_settings, stream_through_actors, worker_threads
+from palign.llm.ray_backend import (ActorWorker, check_gpu_request, connect, ray_settings, stream_through_actors,
+                                     worker_threads)
 from palign.truncation.stage import TruncationSettings, build_judge, search_prefixes
 from palign.truncation.units import Segmentation
 
@@ -64,11 +67,13 @@ class _JudgeWorker(ActorWorker):
 
 class RayJudgePool:
     """The stage's judging in Ray actors: `search` for chunks of traces, `prefix_scores` for the
-    calibration. Nothing starts before work arrives (a cache hit never starts Ray)."""
+    calibration. Nothing starts before work arrives (a cache hit never starts Ray); a `ray:` block
+    whose workers cannot hold the judge's engine (`check_gpu_request`) is refused here."""
 
     def __init__(self, judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache_dir: str | Path,
                  vllm: Mapping[str, Any], ray: Any, settings: TruncationSettings):
         self.ray = ray_settings(ray)
+        check_gpu_request(self.ray["engine"], self.ray["num_gpus_per_worker"], vllm)
         self.judge = dict(judge)
         self.judge_prompt = dict(judge_prompt)
         self.cache_dir = str(cache_dir)
