@@ -23,6 +23,8 @@ from omegaconf import OmegaConf
 from conftest import PROJECT_ROOT, compose_config, stage_cache
 from palign.alignment.continuation import AlignmentSettings, PrefixContinuation
 from palign.evaluation.harness import evaluate
+from palign.llm.chat import encode_user_turn
+from palign.llm.generation import SamplingConfig
 from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
 from palign.llm.openai_backend import ChatBackendError
 from palign.teachers.records import TeacherRecord
@@ -461,7 +463,7 @@ def test_an_actor_lives_on_one_node_so_one_node_must_hold_a_worker():
         check_nodes_hold_a_worker([], 1, 0, "auto", "evaluation")
 
 
-# -- vLLM workers: whole GPUs for tensor_parallel_size -------------------------------------------
+# -- vLLM workers: whole GPUs for tensor_parallel_size, whole chunks per call --------------------
 REFUSED = [(0, 1), (0.0, 1), (0.5, 1), (1, 2), (1.5, 1), (3, 4)]  # (ray.num_gpus_per_worker, vllm.tensor_parallel_size)
 
 
@@ -520,3 +522,26 @@ def test_the_composed_config_refuses_a_vllm_worker_without_a_gpu_before_ray_star
     ctx = RunContext(cfg=cfg, run_id="test", run_dir=tmp_path / "run", cache_dir=stage_cache(tmp_path))
     with pytest.raises(InstantiationException, match=keys):
         make_truncation(ctx, smollm2_tokenizer)
+
+
+def test_vllm_workers_get_whole_chunks_seeded_as_in_process(tiny, cache_dir):
+    """engine vllm: one payload per actor call, `ray.batch_size` prompts in their order, every request
+    with `sampling.seed` (vLLM seeds per request): the same for any number of workers."""
+    spec, tokenizer = tiny
+    texts = [f"What is {i} + {i}?" + " Think." * (i % 4) for i in range(10)]
+    sampling = SamplingConfig.from_config({**GREEDY, "batch_size": 2, "seed": 7})
+    for workers in (1, 2, 5):
+        backend = ray_backend(spec, cache_dir, tokenizer, engine="vllm", vllm={}, num_gpus_per_worker=1,
+                              num_workers=workers, batch_size=4)
+        assert backend.groups(texts, sampling) == [([0, 1, 2, 3], 7), ([4, 5, 6, 7], 7), ([8, 9], 7)]
+        assert backend.payloads_per_call(sampling) == 1
+    whole = ray_backend(spec, cache_dir, tokenizer, engine="vllm", vllm={}, num_gpus_per_worker=1, batch_size=4096)
+    assert whole.groups(texts, sampling) == [(list(range(10)), 7)]
+    # hf keeps generate's batches: longest prompts first, sampling.batch_size each, 2 per call
+    hf = ray_backend(spec, cache_dir, tokenizer, batch_size=4)
+    groups = hf.groups(texts, sampling)
+    lengths = [len(encode_user_turn(tokenizer, text, {})) for text in texts]
+    assert [len(indices) for indices, _ in groups] == [2] * 5 and hf.payloads_per_call(sampling) == 2
+    order = [i for indices, _ in groups for i in indices]
+    assert sorted(order) == list(range(10)) and [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    assert len({seed for _, seed in groups}) == 5

@@ -9,14 +9,22 @@ whole stage, each holding one engine built from the model config (palign's Huggi
 generation, or vLLM on GPU workers) and loading its model once. `stream_through_actors` is that
 pool for any work (the judge's search uses it too: palign/truncation/).
 
-Same results as the in-process `hf` path: the chunk is cut into exactly the generation batches
-`generate` would make (sorted by prompt length, `sampling.batch_size` each) and each batch travels
-as one row, so every worker generates the same padded batches; greedy decoding gives identical
-text. Under sampling, `generate` seeds each batch from its position within one call; a Ray worker
-gets one batch per call, so the batch's seed is drawn here, from `sampling.seed` and the batch's
-position among the stage's prompts: Ray's samples are reproducible and do not depend on the number of workers
-or on which worker ran a batch, but they are other draws than the in-process path's (the same
-sampling parameters, other random numbers).
+What travels in one actor call depends on the engine:
+- hf: the same results as the in-process `hf` path. The prompts are cut into exactly the generation
+  batches `generate` would make (sorted by prompt length, `sampling.batch_size` each), each batch is
+  one payload and an actor call carries `ray.batch_size // sampling.batch_size` of them; every
+  worker generates the same padded batches, so greedy decoding gives identical text. Under
+  sampling, `generate` seeds each batch from its position within one call; a Ray worker gets one
+  batch per payload, so the batch's seed is drawn here, from `sampling.seed` and the batch's
+  position among the stage's prompts: Ray's samples are reproducible and do not depend on the
+  number of workers or on which worker ran a batch, but they are other draws than the in-process
+  path's (the same sampling parameters, other random numbers).
+- vllm: an actor call is one payload of `ray.batch_size` prompts (in the stage's order), handed to
+  vLLM as one `generate()` request batch, which its continuous batching schedules; cutting it into
+  `sampling.batch_size` batches would starve the engine. Every request carries `sampling.seed`
+  (vLLM seeds per request: palign/llm/vllm_backend.py, `sampling_kwargs`), as in process, so a
+  prompt's samples depend on its text and the seed, not on the number of workers, on the chunk it
+  travelled in, or on which worker ran it.
 
 GPUs: each actor sees exactly the GPUs Ray assigned it. Ray sets `CUDA_VISIBLE_DEVICES` in an actor
 to its assigned GPUs, but Ray 2.60 (Ray issue 54868) leaves the variable as the node had it when it
@@ -109,9 +117,9 @@ class ActorWorker:
 
 
 class _GenerationWorker(ActorWorker):
-    """An engine for the model; each payload is one generation batch (texts and seed). On a GPU
-    actor the hf engine's device `auto` is cuda:0 of the actor's own GPUs (CUDA_VISIBLE_DEVICES
-    names only those)."""
+    """An engine for the model; each payload is texts and a seed: one generation batch (hf) or a
+    whole chunk, one vLLM `generate()` request batch (vllm). On a GPU actor the hf engine's device
+    `auto` is cuda:0 of the actor's own GPUs (CUDA_VISIBLE_DEVICES names only those)."""
 
     task = "generation"
 
@@ -304,8 +312,14 @@ class RayChatBackend:
                                     self.stage)
 
     def groups(self, user_texts: Sequence[str], sampling: SamplingConfig) -> list[tuple[list[int], int]]:
-        """(prompt indices, seed) of each generation batch: `generate`'s batches (longest prompts
-        first, `sampling.batch_size` each), each seeded from `sampling.seed` and its position."""
+        """(prompt indices, seed) of each payload (see the module docstring).
+
+        hf: `generate`'s batches (longest prompts first, `sampling.batch_size` each), each seeded from
+        `sampling.seed` and its position. vllm: whole chunks of `ray.batch_size` prompts in their
+        order, every request seeded with `sampling.seed` as in process."""
+        if self.engine == "vllm":
+            return [(list(range(start, min(start + self.batch_size, len(user_texts)))), sampling.seed)
+                    for start in range(0, len(user_texts), self.batch_size)]
         import torch
 
         lengths = [len(encode_user_turn(self.tokenizer, text, self.chat_template_kwargs)) for text in user_texts]
@@ -313,6 +327,11 @@ class RayChatBackend:
         seeds = torch.Generator().manual_seed(sampling.seed)
         return [(order[start : start + sampling.batch_size], int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
                 for start in range(0, len(order), sampling.batch_size)]
+
+    def payloads_per_call(self, sampling: SamplingConfig) -> int:
+        """Payloads (`groups`) per actor call: `ray.batch_size` prompts' worth of generation batches
+        (hf), one whole chunk (vllm)."""
+        return 1 if self.engine == "vllm" else max(1, self.batch_size // sampling.batch_size)
 
     def stream(self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any],
                progress: str | None = None) -> Iterator[tuple[int, list[Generation]]]:
@@ -338,7 +357,7 @@ class RayChatBackend:
         for position, outputs in stream_through_actors(
             payloads, _GenerationWorker, worker_kwargs, num_workers=self.num_workers,
             num_cpus_per_worker=self.num_cpus_per_worker, num_gpus_per_worker=self.num_gpus_per_worker,
-            payloads_per_call=max(1, self.batch_size // sampling.batch_size), stage=self.stage,
+            payloads_per_call=self.payloads_per_call(sampling), stage=self.stage,
             describe=f"{self.engine} engine, model '{self.spec.get('name')}'", progress=progress is not None,
         ):
             indices, _ = groups[position]
