@@ -186,7 +186,7 @@ def test_ddp_validation_is_sharded_and_its_reduced_loss_is_the_single_process_lo
 
     probe = tmp_path / "probe"
     args = [*DDP, "logger=none", "stage=train", "teacher.source.limit=15", "data.val_size=5", "data.max_length=2048",
-            "data.micro_batch_size=2", "training.effective_batch_size=4", "+callbacks.val._target_=val_probe.RecordValidation",
+            "data.micro_batch_size=2", "training.effective_batch_size=4", "+callbacks.val._target_=rank_probes.RecordValidation",
             f"+callbacks.val.folder={probe}"]
     run_cli(args, tmp_path, env=TESTS_ON_PATH)
     run_dir = _run_dir(tmp_path)

@@ -1,13 +1,15 @@
 """Fully sharded training (palign/training/fsdp.py).
 
 Claims tested: the strategy built from the config wraps a unit per decoder layer (the model's own
-class) and, with LoRA, per adapter, so fp32 adapters on a bf16 base flatten (a layer-only policy
-fails); it checkpoints activations per decoder layer for training.gradient_checkpointing (and turns
-transformers' own off); bf16-mixed computes in bf16 and reduces in fp32; the full weights gathered
-on rank 0 make a plain model again. End to end with 2 CPU processes on gloo (`trainer=fsdp_sim`,
-fp32: bf16 runs on the GPU check): a job trains, checkpoints as a link to a folder of shards,
-exports a `from_pretrained` folder with LoRA merged equal to a DDP job's, and a job killed mid-epoch
-and rerun resumes from the shards and ends where the uninterrupted one does.
+class) and nothing else, LoRA or not: fp32 adapters on a bf16 base cannot share a layer's unit as
+they are (a layer-only policy fails), so the strategy stores every parameter in fp32 and computes in
+bf16; it checkpoints activations per decoder layer for training.gradient_checkpointing (and turns
+transformers' own off); bf16-mixed computes in bf16 and reduces in fp32, and only the adapters get
+gradients; the full weights gathered on rank 0 make a plain model again, in the dtypes it was loaded
+in. End to end with 2 CPU processes on gloo (`trainer=fsdp_sim`, fp32: bf16 runs on the GPU check):
+a LoRA job wraps decoder layers + root on every rank, trains, checkpoints as a link to a folder of
+shards, exports a `from_pretrained` folder with LoRA merged equal to a DDP job's, and a job killed
+mid-epoch and rerun resumes from the shards and ends where the uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ LORA = {"r": 4, "alpha": 4, "dropout": 0.0}
 def test_the_gpu_config_builds_bf16_compute_with_fp32_reduction_and_activation_checkpointing(tmp_path):
     strategy = instantiate(compose_config(["trainer=fsdp", "training=paper"], tmp_path).trainer.strategy)
     assert isinstance(strategy, StudentFSDPStrategy)
-    assert strategy.lora and strategy.activation_checkpointing
+    assert strategy.activation_checkpointing
     mp = strategy.mixed_precision
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, None)
     assert strategy._state_dict_type == "sharded" and strategy.kwargs["use_orig_params"]
@@ -45,7 +47,7 @@ def test_the_cpu_config_keeps_fp32_and_follows_the_training_config(tmp_path):
     cfg = compose_config(["trainer=fsdp_sim", "training.gradient_checkpointing=false"], tmp_path)
     strategy = instantiate(cfg.trainer.strategy)
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
-    assert not strategy.lora and not strategy.activation_checkpointing and strategy.mixed_precision is None
+    assert not strategy.activation_checkpointing and strategy.mixed_precision is None
 
 
 def test_the_decoder_layer_class_is_the_models_own(tiny_model):
@@ -74,11 +76,11 @@ def _bf16_lora_module(tiny_model, gradient_checkpointing: bool) -> StudentSFTMod
     return module
 
 
-def _wrap(module, tmp_path) -> torch.nn.Module:
+def _wrap(module, tmp_path) -> tuple[StudentFSDPStrategy, torch.nn.Module]:
     cfg = compose_config(["trainer=fsdp", "training=paper"], tmp_path)
     strategy = instantiate(cfg.trainer.strategy)
     strategy.parallel_devices = [torch.device("cpu")]
-    return strategy._setup_model(module)
+    return strategy, strategy._setup_model(module)
 
 
 def test_a_layer_only_policy_cannot_flatten_fp32_adapters_on_a_bf16_base(tiny_model, one_process_group):
@@ -91,22 +93,26 @@ def test_a_layer_only_policy_cannot_flatten_fp32_adapters_on_a_bf16_base(tiny_mo
                                  device_id=torch.device("cpu"), use_orig_params=True)
 
 
-def test_the_strategy_wraps_layers_and_adapters_checkpoints_layers_and_trains_in_bf16(tiny_model, one_process_group, tmp_path):
+def test_the_strategy_wraps_decoder_layers_only_checkpoints_them_and_trains_adapters_in_bf16(tiny_model, one_process_group, tmp_path):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import FullyShardedDataParallel
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from pytorch_lightning.strategies.strategy import _ForwardRedirection
 
     module = _bf16_lora_module(tiny_model, gradient_checkpointing=True)
-    wrapped = _wrap(module, tmp_path)
-    units = [m._fsdp_wrapped_module for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel)][1:]  # the root aside
-    layers = [u for u in units if isinstance(u, CheckpointWrapper)]
-    adapters = [u for u in units if not isinstance(u, CheckpointWrapper)]
-    assert len(layers) == 2 and all(isinstance(u._checkpoint_wrapped_module, LlamaDecoderLayer) for u in layers)
-    assert adapters and all(isinstance(u, torch.nn.Linear) and u.weight.dtype == torch.float32 for u in adapters)
-    assert len(adapters) == 2 * sum("lora_A" in n for n, _ in module.named_modules() if n.endswith("lora_A.default"))
+    _, wrapped = _wrap(module, tmp_path)
+    units = FullyShardedDataParallel.fsdp_modules(wrapped)
+    assert len(units) == 2 + 1  # a unit per decoder layer and the root: no unit per adapter
+    layers = [u._fsdp_wrapped_module for u in units[1:]]
+    assert all(isinstance(u, CheckpointWrapper) and isinstance(u._checkpoint_wrapped_module, LlamaDecoderLayer)
+               for u in layers)
+    assert {u._flat_param.dtype for u in units} == {torch.float32}  # one dtype: the base stored in fp32
     assert not any(getattr(m, "is_gradient_checkpointing", False) for m in module.modules())  # FSDP's, not both
 
+    computed = []  # the dtype a base projection and an adapter compute in
+    q_proj = module.model.base_model.model.model.layers[0].self_attn.q_proj
+    for part in (q_proj.base_layer, q_proj.lora_A["default"]):
+        part.register_forward_hook(lambda m, args, out: computed.append((m.weight.dtype, out.dtype)))
     ids = torch.randint(0, 100, (2, 12))
     labels = ids.clone()
     labels[:, :4] = -100
@@ -114,9 +120,10 @@ def test_the_strategy_wraps_layers_and_adapters_checkpoints_layers_and_trains_in
     loss, _, _ = _ForwardRedirection()(wrapped, module, "_step", batch)
     loss.backward()
     assert torch.isfinite(loss)
+    assert computed[:2] == [(torch.bfloat16, torch.bfloat16)] * 2  # mixed precision: bf16 compute
     grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n and g.dtype == torch.float32 for n, g in grads.items())  # fp32 reduction
-
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == set(grads)  # every adapter trains
 
 
 def test_the_gathered_full_state_makes_a_plain_model_again(tiny_model, smollm2_tokenizer, one_process_group, tmp_path):
@@ -125,11 +132,13 @@ def test_the_gathered_full_state_makes_a_plain_model_again(tiny_model, smollm2_t
 
     module = _bf16_lora_module(tiny_model, gradient_checkpointing=True)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    wrapped = _wrap(module, tmp_path)
-    unwrap_with_state(module, gather_full_state_dict(wrapped))  # what rank 0 does when training ends
+    strategy, wrapped = _wrap(module, tmp_path)
+    unwrap_with_state(module, gather_full_state_dict(wrapped), strategy.loaded_dtypes)  # rank 0's at the end
     assert not any(isinstance(m, (FullyShardedDataParallel, CheckpointWrapper)) for m in module.modules())
     after = dict(module.named_parameters())
-    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert after.keys() == before.keys()
+    for n in before:  # the loaded dtypes again (bf16 base, fp32 adapters), the same values
+        assert after[n].dtype == before[n].dtype and torch.equal(after[n], before[n]), n
     assert after["model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"].dtype == torch.bfloat16
     module.export_pretrained(tmp_path / "student", smollm2_tokenizer)  # LoRA merged into the bf16 base
     from safetensors.torch import load_file
@@ -160,10 +169,15 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_an_fsdp_job_trains_like_ddp_checkpoints_shards_and_resumes_after_a_kill(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run_cli([*RUN, "trainer=fsdp_sim"], tmp_path / "fsdp")
+    probe = tmp_path / "probe"
+    run_cli([*RUN, "trainer=fsdp_sim", "+callbacks.units._target_=rank_probes.RecordFSDPUnits",
+             f"+callbacks.units.folder={probe}"], tmp_path / "fsdp", env=TESTS_ON_PATH)
     fsdp = _run_dir(tmp_path / "fsdp")
     train = json.loads((fsdp / "summary.json").read_text())["train"]
     assert train["world_size"] == 2 and train["global_step"] == 6
+    for rank in (0, 1):  # LoRA on: a unit per decoder layer and the root, nothing per adapter
+        units = json.loads((probe / f"fsdp_rank{rank}.json").read_text())
+        assert units["decoder_layers"] == 2 and units["units"] == units["decoder_layers"] + 1, units
 
     last = fsdp / "checkpoints" / "last.ckpt"  # a link to a complete folder of shards, one per rank
     assert last.is_symlink() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
