@@ -237,7 +237,7 @@ TRACES = [TeacherRecord(id=f"t{i}", question=f"What is {i} + 3?", answer=str(i +
 
 def judge_node(spec) -> dict:
     return {"model": spec, "mode": "logits", "max_new_tokens": 8, "batch_size": 4, "engine": "one_pass",
-            "max_tail_tokens": 4096}
+            "max_tail_tokens": 4096, "max_context_tokens": None}
 
 
 def judge_settings(spec) -> TruncationSettings:
@@ -245,7 +245,7 @@ def judge_settings(spec) -> TruncationSettings:
     return TruncationSettings(granularity="sentence", granularity_options={}, search="binary", ratio=None,
                               judge_identity=ModelSpec.from_config(spec).identity(), judge_prompt=JUDGE_PROMPT, mode="logits",
                               threshold={"kind": "quantile", "value": 0.5, "calibration_examples": 2}, max_new_tokens=8,
-                              batch_size=4, chunk_size=2, max_trace_tokens=None)
+                              batch_size=4, chunk_size=2, max_context_tokens=None)
 
 
 def searched(rows) -> list:
