@@ -3,24 +3,30 @@
 vLLM runs only on CUDA machines, so three layers of tests:
 - pure functions (the verdict score from logprob dicts, SamplingParams arguments) and the prompt
   tokens, compared with what the Hugging Face `generate` feeds the model;
-- the back end and the judge against `FakeVLLM`, a stand-in `vllm` module that follows vLLM V1's
-  documented semantics (raw logprobs computed before `allowed_token_ids`, the sampled token's
-  logprob always returned, end-of-turn tokens kept in `token_ids`) on the tiny CPU model;
+- the back end and the judge against tests/vllm_standin.py, a stand-in `vllm` module as strict as
+  vLLM 0.33 (each of its rules names the vLLM source it mirrors, and the tests in "the stand-in is
+  vLLM 0.33" below check them): real SamplingParams and engine arguments only, the GPU memory an
+  engine reserves, the context length, where a reply stops, raw logprobs computed before
+  `allowed_token_ids`, on the tiny CPU model;
 - the real engine on SmolLM2-135M, skipped with the reason `vllm_available()` gives.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import math
+import re
+import shutil
 import sys
 import types
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+import vllm_standin
 from conftest import PROJECT_ROOT
 from palign.llm import vllm_backend as vb
 from palign.llm.chat import encode_user_turn
@@ -28,6 +34,7 @@ from palign.llm.generation import Generation, SamplingConfig, generate
 from palign.llm.openai_backend import complete_missing
 from palign.truncation.judge import JudgePrompt, SufficiencyJudge
 from palign.truncation.units import segment
+from vllm_standin import GiB, HFModel, Logprob, Scripted
 
 VLLM_OK, VLLM_REASON = vb.vllm_available()
 requires_vllm = pytest.mark.skipif(not VLLM_OK, reason=f"needs vLLM on a CUDA GPU: {VLLM_REASON}")
@@ -40,98 +47,24 @@ def paper_prompt() -> JudgePrompt:
     return JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml")))
 
 
-# -- a stand-in for the `vllm` module ---------------------------------------------------------------
-@dataclass
-class Logprob:
-    logprob: float
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    finish_reason: str
-    stop_reason: Any = None
-    logprobs: list[dict[int, Logprob]] | None = None
-
-
-@dataclass
-class RequestOutput:
-    outputs: list[Completion]
-
-
-class SamplingParams:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.n = kwargs.get("n", 1)
-
-
-@dataclass
-class FakeEngine:
-    """Records what it was started with and asked; subclasses answer."""
-
-    engine_args: dict[str, Any]
-    calls: list[tuple[list[dict], list[SamplingParams]]] = field(default_factory=list)
-
-    def __post_init__(self):
-        pass
-
-    def generate(self, prompts, params, use_tqdm=True):
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        self.calls.append((prompts, params))
-        return [RequestOutput(self.answer(prompt["prompt_token_ids"], p)) for prompt, p in zip(prompts, params)]
-
-
-class RawLogprobsEngine(FakeEngine):
-    """vLLM V1's sampler on the Hugging Face model: logprobs from the raw logits, then the whitelist."""
-
-    processed = False
-
-    def __post_init__(self):
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(self.engine_args["model"], dtype=torch.float32).eval()
-
-    def answer(self, ids, params):
-        kwargs = params.kwargs
-        assert kwargs["max_tokens"] == 1 and kwargs["logprobs"] == 0 and kwargs["temperature"] == 0.0
-        with torch.no_grad():
-            logits = self.model(torch.tensor([ids])).logits[0, -1].float()
-        allowed = torch.tensor(kwargs["allowed_token_ids"])
-        masked = torch.full_like(logits, float("-inf"))
-        masked[allowed] = logits[allowed]
-        token = int(masked.argmax())
-        source = masked if self.processed else logits
-        return [Completion([token], "length", None, [{token: Logprob(float(torch.log_softmax(source, -1)[token]))}])]
-
-
-class ProcessedLogprobsEngine(RawLogprobsEngine):
-    processed = True
-
-
-class ScriptedEngine(FakeEngine):
-    """Answers every request with `replies` (token ids, finish reason), cycling over the n samples."""
-
-    replies: list[tuple[list[int], str]] = []
-
-    def answer(self, ids, params):
-        return [Completion(list(tokens), reason) for tokens, reason in self.replies[: params.n]]
+def vllm_judge(backend: vb.VLLMChatBackend, **settings) -> SufficiencyJudge:
+    """The paper-prompt judge on `backend`, with the context its engine admits (as build_judge in
+    palign/truncation/stage.py gives it the model's)."""
+    return SufficiencyJudge.on_backend(backend, paper_prompt(), context_tokens=backend.context_length(), **settings)
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
-    """Install a stand-in `vllm` module; returns a function that picks the engine class."""
-    module = types.ModuleType("vllm")
-    module.SamplingParams = SamplingParams
-    module.TokensPrompt = lambda **kwargs: dict(kwargs)  # a TypedDict: a plain dict at run time
-    started: list[FakeEngine] = []
+def standin_vllm(monkeypatch):
+    """Install the stand-in `vllm` (tests/vllm_standin.py); returns a function that builds it around a
+    model (HFModel: the checkpoint itself; Scripted.factory(replies): scripted replies) and returns it."""
 
-    def use(engine_class):
-        module.LLM = lambda **kwargs: started.append(engine_class(kwargs)) or started[-1]
-        return started
+    def install(model=HFModel, **options) -> types.ModuleType:
+        module = vllm_standin.module(model, **options)
+        monkeypatch.setitem(sys.modules, "vllm", module)
+        return module
 
-    monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr(vb, "vllm_available", lambda: (True, "a stand-in vLLM on CPU"))
-    yield use
+    yield install
     vb.release_vllm_engines()
 
 
@@ -140,6 +73,18 @@ def tiny_path(student_specs, cache_dir):
     from palign.llm.models import resolve_model_path
 
     return resolve_model_path(student_specs["tiny_random"], cache_dir)
+
+
+@pytest.fixture(scope="module")
+def smollm2_path(student_specs, cache_dir):
+    from palign.llm.models import resolve_model_path
+
+    return resolve_model_path(student_specs["smollm2_135m"], cache_dir)
+
+
+def sent(params, kwargs) -> dict:
+    """The values of `kwargs`' keys that a SamplingParams carries."""
+    return {key: getattr(params, key) for key in kwargs}
 
 
 # -- without vLLM -----------------------------------------------------------------------------------
@@ -195,6 +140,10 @@ def test_sampling_arguments_follow_the_sampling_config():
     assert greedy["temperature"] == 0.0 and "top_p" not in greedy
     assert vb.forced_token_request(42) == {"max_tokens": 1, "temperature": 0.0, "logprobs": 0,
                                            "allowed_token_ids": [42], "detokenize": False}
+    # each is a request vLLM 0.33 accepts as it is (the stand-in's SamplingParams runs its checks)
+    for kwargs in (vb.VLLMChatBackend.sampling_kwargs(SamplingConfig(num_samples=3, top_k=20)), greedy,
+                   vb.forced_token_request(42)):
+        assert sent(vllm_standin.SamplingParams(**kwargs), kwargs) == kwargs
 
 
 def test_prompt_tokens_are_exactly_what_the_hf_path_feeds_the_model(smollm2_tokenizer, tiny_model, monkeypatch):
@@ -223,24 +172,27 @@ def test_vllm_backend_factory_reads_the_model_config_and_engine_settings(student
 
 
 # -- against the stand-in engine ------------------------------------------------------------------
-def test_complete_keeps_the_chat_backend_contract(fake_vllm, smollm2_tokenizer, tiny_path):
-    started = fake_vllm(ScriptedEngine)
+def test_complete_keeps_the_chat_backend_contract(standin_vllm, smollm2_tokenizer, tiny_path):
     eos = smollm2_tokenizer.eos_token_id
     answer = smollm2_tokenizer("So x = 3.", add_special_tokens=False)["input_ids"]
-    ScriptedEngine.replies = [(answer + [eos], "stop"), ([11, 12, 13, 14], "length")]
+    (word,) = smollm2_tokenizer(" word", add_special_tokens=False)["input_ids"]
+    sampling = SamplingConfig(max_new_tokens=len(answer) + 1, num_samples=2, seed=3)
+    # the first sample ends its turn, the second runs into max_tokens
+    vllm = standin_vllm(Scripted.factory([answer + [eos], [word] * (sampling.max_new_tokens + 1)]))
     backend = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer, dtype="float32")
     stored = []
     done = complete_missing(backend, [("a", "First?"), ("b", "Second?"), ("c", "Third?")], lambda key: key == "b",
-                            SamplingConfig(max_new_tokens=4, num_samples=2, seed=3), stored.extend)
+                            sampling, stored.extend)
     assert done == 2 and [key for key, _ in stored] == ["a", "c"]
     for _, generations in stored:
         assert generations[0] == Generation(text="So x = 3.", num_tokens=len(answer), finished=True)
-        assert generations[1] == Generation(text=smollm2_tokenizer.decode([11, 12, 13, 14], skip_special_tokens=True),
-                                            num_tokens=4, finished=False)
-    (engine,) = started
+        assert generations[1] == Generation(text=" word" * sampling.max_new_tokens, num_tokens=sampling.max_new_tokens,
+                                            finished=False)
+    (engine,) = vllm.started
     prompts, params = engine.calls[0]
     assert [p["prompt_token_ids"] for p in prompts] == backend.prompt_token_ids(["First?", "Third?"])
-    assert params[0].kwargs == backend.sampling_kwargs(SamplingConfig(max_new_tokens=4, num_samples=2, seed=3))
+    kwargs = backend.sampling_kwargs(sampling)
+    assert sent(params[0], kwargs) == kwargs
     assert engine.engine_args["enable_prefix_caching"] is True and engine.engine_args["model"] == tiny_path
 
 
@@ -251,43 +203,95 @@ def test_reply_budgets_keep_prompt_and_reply_within_the_context():
         vb.reply_budgets([10, 100], max_new_tokens=20, context=100)
 
 
-def test_complete_caps_replies_that_would_overflow_the_context_and_counts_them(fake_vllm, smollm2_tokenizer, tiny_path):
-    started = fake_vllm(ScriptedEngine)
-    ScriptedEngine.replies = [([1], "length")]
+def test_complete_caps_replies_that_would_overflow_the_context_and_counts_them(standin_vllm, smollm2_tokenizer, tiny_path):
+    vllm = standin_vllm(Scripted.factory([[11] * 16]))
     backend = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer)
     assert backend.context_length() == 4096  # the tiny model's max_position_embeddings (config.json)
     short, long = "Hi?", "word " * 200
     lengths = [len(ids) for ids in backend.prompt_token_ids([short, long])]
     backend.engine_args["max_model_len"] = lengths[1] + 8  # the long prompt leaves 8 tokens
-    backend.complete([short, long], SamplingConfig(max_new_tokens=16))
-    (engine,) = started
+    replies = backend.complete([short, long], SamplingConfig(max_new_tokens=16))
+    (engine,) = vllm.started
     _, params = engine.calls[-1]
-    assert [p.kwargs["max_tokens"] for p in params] == [16, 8] and backend.clamped == 1
+    assert [p.max_tokens for p in params] == [16, 8] and backend.clamped == 1
+    assert [g[0].num_tokens for g in replies] == [16, 8]
     backend.complete([short], SamplingConfig(max_new_tokens=16))  # nothing to cap: one SamplingParams for all
-    assert engine.calls[-1][1][0].kwargs["max_tokens"] == 16 and backend.clamped == 1
+    assert engine.calls[-1][1][0].max_tokens == 16 and backend.clamped == 1
 
 
-def test_backends_with_the_same_settings_share_one_engine(fake_vllm, smollm2_tokenizer, tiny_path):
-    started = fake_vllm(ScriptedEngine)
-    ScriptedEngine.replies = [([1], "length")]
+def test_a_prompt_that_leaves_no_room_is_refused_before_the_engine_sees_it(standin_vllm, smollm2_tokenizer, tiny_path):
+    vllm = standin_vllm(Scripted.factory([[11] * 16]))
+    backend = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer)
+    (length,) = [len(ids) for ids in backend.prompt_token_ids(["word " * 50])]
+    backend.engine_args["max_model_len"] = length  # vLLM would refuse the whole batch (see the stand-in's test)
+    with pytest.raises(ValueError, match=f"prompt 1 has {length} tokens, which leaves no room for a reply"):
+        backend.complete(["Hi?", "word " * 50], SamplingConfig(max_new_tokens=16))
+    assert not vllm.started or not vllm.started[0].calls
+
+
+def test_backends_with_the_same_settings_share_one_engine(standin_vllm, smollm2_tokenizer, tiny_path):
+    vllm = standin_vllm(Scripted.factory([[11]]))
+    one_token = SamplingConfig(max_new_tokens=1)
     judge_side, student_side = (vb.VLLMChatBackend(tiny_path, smollm2_tokenizer) for _ in range(2))
-    judge_side.complete(["a"], SamplingConfig())
-    student_side.complete(["b"], SamplingConfig())
-    assert len(started) == 1
-    vb.VLLMChatBackend(tiny_path, smollm2_tokenizer, gpu_memory_utilization=0.4).complete(["c"], SamplingConfig())
-    assert len(started) == 2
-    assert vb.release_vllm_engines() == 2
-    judge_side.complete(["a"], SamplingConfig())
-    assert len(started) == 3  # started again on the next use
+    judge_side.complete(["a"], one_token)
+    student_side.complete(["b"], one_token)
+    assert len(vllm.started) == 1
+    vb.VLLMChatBackend(tiny_path, smollm2_tokenizer, gpu_memory_utilization=0.4).complete(["c"], one_token)
+    assert len(vllm.started) == 2 and vllm.started[0].llm_engine.engine_core.shut_down  # one engine at a time
+    assert vb.release_vllm_engines() == 1 and vllm.started[1].llm_engine.engine_core.shut_down
+    assert vllm.device.free == vllm.device.total
+    judge_side.complete(["a"], one_token)
+    assert len(vllm.started) == 3  # started again on the next use
 
 
-def test_vllm_judge_scores_equal_the_hf_judge(fake_vllm, smollm2_tokenizer, tiny_model, tiny_path):
-    started = fake_vllm(RawLogprobsEngine)
+def test_a_judge_engine_is_shut_down_before_the_students_engine_starts(standin_vllm, smollm2_tokenizer, tiny_path,
+                                                                       smollm2_path, caplog):
+    """A judge model other than the student (truncation/judge=smollm2_135m) and the student's
+    continuation each want 0.85 of the GPU: vLLM refuses the second while the first is alive."""
+    vllm = standin_vllm(Scripted.factory([[11]]), device=vllm_standin.Device(total=80 * GiB))
+    one_token = SamplingConfig(max_new_tokens=1)
+    judge = vb.VLLMChatBackend(smollm2_path, smollm2_tokenizer)
+    student = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer)
+    assert judge.engine_args["gpu_memory_utilization"] == student.engine_args["gpu_memory_utilization"] == 0.85
+    judge.complete(["Is this enough?"], one_token)
+    with caplog.at_level(logging.INFO, logger=vb.__name__):
+        assert student.complete(["Continue."], one_token)[0][0].num_tokens == 1
+    assert f"vLLM: shutting down the engine of {smollm2_path} to start one for {tiny_path}" in caplog.text
+    judge_engine, student_engine = vllm.started
+    assert judge_engine.llm_engine.engine_core.shut_down and not student_engine.llm_engine.engine_core.shut_down
+    assert list(vllm.device.reservations.values()) == [68 * GiB]
+    judge.complete(["Is this enough?"], one_token)  # and back: the judge's engine starts again, the student's goes
+    assert len(vllm.started) == 3 and student_engine.llm_engine.engine_core.shut_down
+
+
+def test_release_shuts_the_engine_core_down_and_training_releases_before_it_starts(standin_vllm, smollm2_tokenizer,
+                                                                                   tiny_path):
+    from palign.training.checkpointing import ReleaseVLLMEngines
+
+    vllm = standin_vllm(Scripted.factory([[11]]))
+    backend = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer)
+    backend.complete(["a"], SamplingConfig(max_new_tokens=1))
+    assert vllm.device.free == 80 * GiB - 68 * GiB
+    assert vb.release_vllm_engines() == 1 and vllm.device.free == vllm.device.total
+    assert vb.release_vllm_engines() == 0
+    backend.complete(["a"], SamplingConfig(max_new_tokens=1))
+    ReleaseVLLMEngines().setup(trainer=None, pl_module=None, stage="fit")  # what the training stage runs first
+    assert [e.llm_engine.engine_core.shut_down for e in vllm.started] == [True, True]
+    assert vllm.device.free == vllm.device.total
+    # an engine palign cannot shut down is an error, not GPU memory silently kept
+    vb._ENGINES["x"] = types.SimpleNamespace()
+    with pytest.raises(RuntimeError, match=r"has no llm_engine.engine_core.shutdown\(\)"):
+        vb.release_vllm_engines()
+
+
+def test_vllm_judge_scores_equal_the_hf_judge(standin_vllm, smollm2_tokenizer, tiny_model, tiny_path):
+    vllm = standin_vllm(HFModel)
     prompt = paper_prompt()
     seg = segment(TRACE, "sentence")
     ks = list(range(1, seg.m + 1))
     hf = SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, prompt, engine="one_pass")
-    judge = SufficiencyJudge.on_backend(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), prompt, mode="logits", max_new_tokens=256, batch_size=8, engine="one_pass")
+    judge = vllm_judge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), mode="logits", max_new_tokens=256, batch_size=8,
+                       engine="one_pass")
     expected, got = hf.prefix_scores([(QUESTION, seg, ks)])[0], judge.prefix_scores([(QUESTION, seg, ks)])[0]
     assert sorted(got) == ks
     for k in ks:
@@ -297,27 +301,164 @@ def test_vllm_judge_scores_equal_the_hf_judge(fake_vllm, smollm2_tokenizer, tiny
     assert judge.score(pairs) == pytest.approx(hf.score(pairs), abs=1e-4)
     assert judge.calls == len(ks) + len(pairs)
     # every prompt went out twice, each time forcing one verdict token
-    prompts, params = started[0].calls[0]
-    assert [p.kwargs["allowed_token_ids"] for p in params[:2]] == [[judge.enough_token], [judge.not_enough_token]]
+    prompts, params = vllm.started[0].calls[0]
+    assert [p.allowed_token_ids for p in params[:2]] == [[judge.enough_token], [judge.not_enough_token]]
     assert prompts[0] == prompts[1]
 
 
-def test_processed_logprobs_engine_is_refused(fake_vllm, smollm2_tokenizer, tiny_path):
-    fake_vllm(ProcessedLogprobsEngine)
-    judge = SufficiencyJudge.on_backend(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), paper_prompt(), mode="logits", max_new_tokens=256, batch_size=8, engine="batched")
+def test_processed_logprobs_engine_is_refused(standin_vllm, smollm2_tokenizer, tiny_path):
+    standin_vllm(HFModel, default_logprobs_mode="processed_logprobs")  # e.g. a vLLM whose default processes them
+    judge = vllm_judge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), mode="logits", max_new_tokens=256, batch_size=8,
+                       engine="batched")
     with pytest.raises(RuntimeError, match="processed logprobs"):
         judge.score([(QUESTION, "We have x = 3.")])
 
 
-def test_generate_mode_judge_parses_vllm_replies(fake_vllm, smollm2_tokenizer, tiny_path):
-    started = fake_vllm(ScriptedEngine)
-    ScriptedEngine.replies = [(smollm2_tokenizer("[ENOUGH]", add_special_tokens=False)["input_ids"] + [smollm2_tokenizer.eos_token_id], "stop")]
-    judge = SufficiencyJudge.on_backend(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), paper_prompt(), mode="generate", max_new_tokens=32,
-                                        batch_size=8, engine="batched")
+def test_generate_mode_judge_parses_vllm_replies(standin_vllm, smollm2_tokenizer, tiny_path):
+    vllm = standin_vllm(Scripted.factory([smollm2_tokenizer("[ENOUGH]", add_special_tokens=False)["input_ids"]
+                                          + [smollm2_tokenizer.eos_token_id]]))
+    judge = vllm_judge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), mode="generate", max_new_tokens=32, batch_size=8,
+                       engine="batched")
     verdicts = judge.judge([(QUESTION, "So x = 3.")])
     assert verdicts[0].sufficient and verdicts[0].reply == "[ENOUGH]"
-    kwargs = started[0].calls[0][1][0].kwargs
-    assert kwargs["temperature"] == 0.0 and kwargs["max_tokens"] == 32 and kwargs["repetition_penalty"] == 1.0
+    params = vllm.started[0].calls[0][1][0]
+    assert params.temperature == 0.0 and params.max_tokens == 32 and params.repetition_penalty == 1.0
+
+
+def model_folder(tmp_path, source, generation_config: dict):
+    """A model folder with `source`'s config and tokenizer (no weights: for Scripted models) and this
+    generation_config.json."""
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.lock"))
+    (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    return str(folder)
+
+
+def test_replies_stop_at_every_eos_of_the_models_generation_config(standin_vllm, smollm2_tokenizer, tiny_path, tmp_path):
+    """Qwen2.5's generation_config lists <|im_end|> and <|endoftext|>; the engine stops at either,
+    and at the tokenizer's eos whatever the list says (here SmolLM2's ids: <|im_end|> 2, <|endoftext|> 0)."""
+    im_end, endoftext = smollm2_tokenizer.eos_token_id, smollm2_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert (im_end, endoftext) == (2, 0)
+    path = model_folder(tmp_path, tiny_path, {"eos_token_id": [im_end, endoftext], "bos_token_id": 1})
+    vllm = standin_vllm(Scripted.factory([[11, 12, endoftext, 13], [11, im_end, 13], [11, 12, 13, 14, 15]]))
+    sampling = SamplingConfig(max_new_tokens=4, num_samples=3)
+    generations = vb.VLLMChatBackend(path, smollm2_tokenizer).complete(["Hi?"], sampling)[0]
+    assert [(g.num_tokens, g.finished) for g in generations] == [(2, True), (1, True), (4, False)]
+    # what the engine returned: the stop token kept in token_ids, why it stopped
+    outputs = vllm.started[0].generate([vllm.TokensPrompt(prompt_token_ids=[5, 6])],
+                                       vllm.SamplingParams(**vb.VLLMChatBackend.sampling_kwargs(sampling)))[0].outputs
+    assert [(o.token_ids, o.finish_reason, o.stop_reason) for o in outputs] == [
+        ([11, 12, endoftext], "stop", endoftext), ([11, im_end], "stop", None), ([11, 12, 13, 14], "length", None)]
+    # a generation_config without the tokenizer's eos: it still ends the reply
+    vb.release_vllm_engines()
+    path = model_folder(tmp_path / "other", tiny_path, {"eos_token_id": endoftext})
+    assert [(g.num_tokens, g.finished) for g in vb.VLLMChatBackend(path, smollm2_tokenizer).complete(["Hi?"], sampling)[0]] == [
+        (2, True), (1, True), (4, False)]
+
+
+# -- the stand-in is vLLM 0.33 ---------------------------------------------------------------------
+REFUSED = [  # vllm/sampling_params.py: SamplingParams._verify_args and _verify_greedy_sampling
+    ({"n": 0}, "n must be at least 1, got 0."),
+    ({"n": 16385}, "n must be at most 16384, got 16385. To increase this limit, set the VLLM_MAX_N_SEQUENCES"),
+    ({"n": 2, "temperature": 0.0}, "n must be 1 when using greedy sampling, got 2."),
+    ({"temperature": -0.1}, "temperature must be non-negative, got -0.1. (parameter=temperature, value=-0.1)"),
+    ({"temperature": 2.5}, "temperature must be in [0, 2], got 2.5. (parameter=temperature, value=2.5)"),
+    ({"temperature": float("inf")}, "temperature must be a finite number, got inf."),
+    ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0."),
+    ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5."),
+    ({"top_k": -2}, "top_k must be 0 (disable), or at least 1, got -2."),
+    ({"top_k": 1.5}, "top_k must be an integer, got float"),
+    ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5."),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be greater than zero, got 0.0."),
+    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5."),
+    ({"max_tokens": 0}, "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens must be less than or equal to max_tokens=4, got 5."),
+    ({"logprobs": -2}, "logprobs must be non-negative or -1, got -2."),
+    ({"stop": ["x"], "detokenize": False}, "stop strings are only supported when detokenize is True."),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), REFUSED, ids=[str(k) for k, _ in REFUSED])
+def test_the_standin_sampling_params_refuse_what_vllm_refuses(kwargs, message):
+    with pytest.raises(vllm_standin.VLLMValidationError) as caught:
+        vllm_standin.SamplingParams(**kwargs)
+    assert str(caught.value).startswith(message)
+    assert not isinstance(caught.value, ValueError)  # vllm/exceptions.py: a VLLMClientError, not a ValueError
+
+
+def test_the_standin_sampling_params_take_the_real_fields_only_and_normalise_them_as_vllm():
+    params = vllm_standin.SamplingParams
+    with pytest.raises(TypeError, match="Unexpected keyword argument 'max_new_tokens'"):  # a msgspec Struct
+        params(max_new_tokens=5)
+    assert params(temperature=2.0).temperature == 2.0 and params(temperature=0.005).temperature == 0.01
+    assert params(seed=-1).seed is None  # -1 is "no seed"
+    greedy = params(temperature=0.0, top_p=0.5, top_k=5, min_p=0.2)
+    assert (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0)
+    request = params(stop_token_ids=[7])
+    request.update_from_generation_config({"eos_token_id": [2, 0]}, eos_token_id=2)
+    assert request.eos_token_id == 2 and sorted(request.stop_token_ids) == [0, 7]
+    assert request.all_stop_token_ids == {0, 2, 7}
+
+
+def test_the_standin_engine_takes_real_arguments_only_and_reserves_gpu_memory_as_vllm_does(tiny_path, smollm2_tokenizer):
+    vllm = vllm_standin.module(Scripted.factory([[11]]), device=vllm_standin.Device(total=80 * GiB))
+    with pytest.raises(TypeError, match=r"EngineArgs.__init__\(\) got an unexpected keyword argument 'gpu_mem'"):
+        vllm.LLM(tiny_path, gpu_mem=0.5)
+    for bad, line in ((0.0, "Input should be greater than 0 "), (1.5, "Input should be less than or equal to 1 ")):
+        with pytest.raises(ValueError, match=rf"1 validation error for CacheConfig\ngpu_memory_utilization\n  {line}"):
+            vllm.LLM(tiny_path, gpu_memory_utilization=bad)
+    with pytest.raises(ValueError, match=r"User-specified max_model_len \(8192\) is greater than the derived max_model_len "
+                                         r"\(max_position_embeddings=4096"):
+        vllm.LLM(tiny_path, max_model_len=8192)
+    assert not vllm.started and vllm.device.free == vllm.device.total
+    first = vllm.LLM(**vb.VLLMChatBackend(tiny_path, smollm2_tokenizer).engine_args)  # palign's arguments: 0.85
+    with pytest.raises(RuntimeError, match=r"Engine core initialization failed. See root cause above. Failed core "
+                                           r"proc\(s\): \{'EngineCore': 1\}") as caught:
+        vllm.LLM(tiny_path, gpu_memory_utilization=0.85)
+    assert str(caught.value.__cause__) == (
+        "Free memory on device cuda:0 (12.0/80.0 GiB) on startup is less than desired GPU memory utilization (0.85, "
+        "68.0 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes.")
+    first.llm_engine.engine_core.shutdown()
+    first.llm_engine.engine_core.shutdown()  # idempotent
+    with pytest.raises(vllm_standin.EngineDeadError):
+        first.generate([vllm.TokensPrompt(prompt_token_ids=[5])], vllm.SamplingParams(detokenize=False))
+    small = [vllm.LLM(tiny_path, gpu_memory_utilization=0.4) for _ in range(2)]  # two that fit side by side
+    assert vllm.device.free == 80 * GiB - 2 * math.ceil(80 * GiB * 0.4)
+    assert vllm.started == [first, *small]
+
+
+def test_the_standin_engine_refuses_a_prompt_that_fills_the_context_and_stops_a_reply_at_it(tiny_path):
+    vllm = vllm_standin.module(Scripted.factory([[11] * 16]))
+    llm = vllm.LLM(tiny_path, max_model_len=32)
+    params = vllm.SamplingParams(max_tokens=16, temperature=0.0, detokenize=False)
+
+    def prompt(length):
+        return vllm.TokensPrompt(prompt_token_ids=[5] * length)
+
+    refused = [  # vllm/v1/engine/input_processor.py: _validate_prompt_len; vllm/renderers/params.py: _token_len_check
+        (32, "The decoder prompt (length 32) plus the number of requested output tokens (at least 1) is longer than "
+             "the maximum model length of 32. Make sure that `max_model_len` is no smaller than the number of text "
+             "tokens (prompt + requested output tokens)."),
+        (33, "This model's maximum context length is 32 tokens. However, your prompt contains at least 33 input "
+             "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the input "
+             "prompt. (parameter=input_tokens, value=33)"),
+        (40, "This model's maximum context length is 32 tokens. However, your prompt contains 40 input tokens"),
+        (0, "The decoder prompt cannot be empty"),
+    ]
+    for length, message in refused:
+        with pytest.raises(vllm_standin.VLLMValidationError) as caught:  # the whole call fails, short prompts too
+            llm.generate([prompt(4), prompt(length)], params)
+        assert str(caught.value).startswith(message)
+    (out,) = llm.generate([prompt(28)], params)  # 28 + 16 tokens is more than 32: accepted, stopped at the context
+    assert (out.outputs[0].token_ids, out.outputs[0].finish_reason) == ([11] * 4, "length")
+    checks = [({"allowed_token_ids": [10 ** 6]}, "allowed_token_ids contains out-of-vocab token id!"),
+              ({"allowed_token_ids": []}, "allowed_token_ids is not None and empty!"),
+              ({"logprobs": 21}, "Requested sample logprobs of 21, which is greater than max allowed: 20")]
+    for kwargs, message in checks:  # vllm/sampling_params.py: SamplingParams.verify, per request
+        with pytest.raises(vllm_standin.VLLMValidationError, match=re.escape(message)):
+            llm.generate([prompt(4)], vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **kwargs))
+    with pytest.raises(vllm_standin.VLLMValidationError, match=r"The lengths of prompts \(2\) and params \(1\)"):
+        llm.generate([prompt(4), prompt(4)], [params])
 
 
 # -- the real engine (GPU only) ---------------------------------------------------------------------
@@ -339,7 +480,7 @@ def test_real_vllm_judge_matches_the_hf_judge(smollm2_vllm, smollm2_tokenizer, s
     ks = list(range(1, seg.m + 1))
     hf = SufficiencyJudge.hf(load_model(student_specs["smollm2_135m"], cache_dir), smollm2_tokenizer, prompt, engine="batched")
     expected = hf.prefix_scores([(QUESTION, seg, ks)])[0]
-    got = SufficiencyJudge.on_backend(smollm2_vllm, prompt, mode="logits", max_new_tokens=256, batch_size=8, engine="batched").prefix_scores([(QUESTION, seg, ks)])[0]
+    got = vllm_judge(smollm2_vllm, mode="logits", max_new_tokens=256, batch_size=8, engine="batched").prefix_scores([(QUESTION, seg, ks)])[0]
     assert max(abs(got[k] - expected[k]) for k in ks) < 2e-2
 
 
@@ -359,7 +500,7 @@ def test_real_vllm_samples_and_counts_like_generate(smollm2_vllm, smollm2_tokeni
     assert [g[0].text for g in smollm2_vllm.complete(texts, greedy)] == [g[0].text for g in hf]
 
 
-def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(fake_vllm, smollm2_tokenizer, tmp_path):
+def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(standin_vllm, smollm2_tokenizer, tmp_path):
     """Configured with the default one_pass engine, the judge on vLLM still asks for the binary
     search's probes only: every prefix would be a request of its own there."""
     from hydra.utils import instantiate
@@ -367,7 +508,7 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(fake_vllm, sm
     from conftest import compose_config, stage_cache
     from palign.teachers.records import TeacherRecord
 
-    started = fake_vllm(RawLogprobsEngine)
+    vllm = standin_vllm(HFModel)
     cfg = compose_config(["experiment=tiny", "truncation/judge=self", "truncation.judge.backend=vllm",
                           "truncation.judge.engine=one_pass"], tmp_path)
     stage = instantiate(cfg.truncation, _convert_="all", baseline=OmegaConf.to_container(cfg.baseline, resolve=True),
@@ -378,7 +519,7 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(fake_vllm, sm
     (row,) = rows
     assert row["m"] == 16 and 0 < len(row["probes"]) <= 5  # binary search over 16 prefixes
     assert row["prefixes_scored"] == len(row["probes"])
-    (engine,) = started
+    (engine,) = vllm.started
     assert sum(len(prompts) for prompts, _ in engine.calls) == 2 * len(row["probes"])  # two forced requests per probe
 
 

@@ -26,9 +26,15 @@ vocabulary) moves ~150k numbers per prompt. A processed logprobs mode (V0 engine
 `logprobs_mode="processed_*"`) would report log 1 = 0 for a forced token; `verdict_score` detects
 this (two probabilities summing to more than 1) and fails instead of returning wrong scores.
 
-Engines are shared: back ends with the same model and engine settings (the self-judge and the
-student's continuation, by default) use one `vllm.LLM`, since each engine reserves
-`gpu_memory_utilization` of the GPU. `release_vllm_engines()` frees them, e.g. before training.
+One engine at a time. Each `vllm.LLM` reserves `gpu_memory_utilization` of the GPU at startup and
+refuses to start when less than that is free ("Free memory on device ... is less than desired GPU
+memory utilization": vllm/v1/worker/utils.py: request_memory, from the GPU worker's init_device), so
+two engines of the default 0.85 cannot live side by side. Back ends with the same model and engine
+settings share one engine (the self-judge and the student's continuation, by default); starting an
+engine with other settings (a judge model other than the student, the trained student in
+evaluation) first shuts down the one before, and says so in the log. The stages run one after the
+other over all their problems, so each engine starts once per stage. `release_vllm_engines()`
+shuts the engine down, e.g. before training takes the GPU.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ INSTALL_HINT = "pip install 'palign[vllm]' on a CUDA machine (vLLM is GPU only; 
 # In raw mode the two verdict probabilities sum to at most 1; a processed mode reports 1 for each.
 _RAW_LOGPROBS_SLACK = 1e-3
 
-# vllm.LLM instances by their engine arguments (see the module docstring).
+# the running vllm.LLM by its engine arguments: one at most (see the module docstring)
 _ENGINES: dict[str, Any] = {}
 # context lengths read from config.json, by model path
 _CONTEXT_LENGTHS: dict[str, int] = {}
@@ -94,18 +100,23 @@ def require_vllm():
 
 
 def release_vllm_engines() -> int:
-    """Shut down every shared vLLM engine and free its GPU memory; returns how many there were.
+    """Shut down the vLLM engines palign started and free their GPU memory; returns how many there were.
 
-    Best effort: the V1 engine core runs in its own process, which its shutdown ends; an in-process
-    engine frees its memory when the last reference goes. Separate processes per stage
-    (`stage=align`, then `stage=train`, then `stage=eval`) are the sure way.
+    Each goes through `llm.llm_engine.engine_core.shutdown()`, vLLM 0.33's handle on its engine core
+    (vllm/v1/engine/llm_engine.py: LLMEngine.engine_core; vllm/v1/engine/core_client.py:
+    SyncMPClient.shutdown ends the engine core process, which holds the GPU memory, and
+    InprocClient.shutdown tears an in-process core down). Separate processes per stage
+    (`stage=align`, then `stage=train`, then `stage=eval`) remain the sure way to a clean GPU.
     """
     count = len(_ENGINES)
     while _ENGINES:
         _, llm = _ENGINES.popitem()
-        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if callable(getattr(engine_core, "shutdown", None)):
-            engine_core.shutdown()
+        try:
+            shutdown = llm.llm_engine.engine_core.shutdown
+        except AttributeError as err:
+            raise RuntimeError(f"cannot shut down the vLLM engine {llm!r}: it has no llm_engine.engine_core.shutdown() "
+                               f"({err}); palign follows vLLM 0.33's LLM (pip install 'palign[vllm]')") from err
+        shutdown()
         del llm
     if count:
         gc.collect()
@@ -160,7 +171,7 @@ class VLLMChatBackend:
     tokenizer: the Hugging Face tokenizer whose chat template renders the prompts.
     chat_template_kwargs: template switches, e.g. {enable_thinking: false} for Qwen3.
     tensor_parallel_size, gpu_memory_utilization, max_model_len, enable_prefix_caching, dtype, seed:
-        `vllm.LLM` arguments; `gpu_memory_utilization` is what each distinct engine reserves.
+        `vllm.LLM` arguments; `gpu_memory_utilization` is what the engine reserves (one runs at a time).
     engine_kwargs: any further `vllm.LLM` arguments (e.g. {enforce_eager: true}).
     """
 
@@ -225,12 +236,19 @@ class VLLMChatBackend:
         return f"VLLMChatBackend({self.model_path!r})"
 
     def _engine(self):
+        """The running engine for these settings, started on first use; another one is shut down first."""
         vllm = require_vllm()
         key = _engine_key(self.engine_args)
         if key not in _ENGINES:
             usable, reason = vllm_available()
             if not usable:
                 raise RuntimeError(f"cannot start vLLM for {self.model_path}: {reason}")
+            if _ENGINES:
+                running = ", ".join(json.loads(other)["model"] for other in _ENGINES)
+                log.info("vLLM: shutting down the engine of %s to start one for %s (an engine reserves its "
+                         "gpu_memory_utilization of the GPU at startup; palign runs one at a time)", running,
+                         self.model_path)
+                release_vllm_engines()
             log.info("starting vLLM for %s (%s)", self.model_path, reason)
             _ENGINES[key] = vllm.LLM(**self.engine_args)
         return _ENGINES[key]
@@ -327,7 +345,7 @@ def reply_budgets(prompt_lengths: Sequence[int], max_new_tokens: int, context: i
         if room < 1:
             raise ValueError(f"prompt {i} has {length} tokens, which leaves no room for a reply in the model's context "
                              f"of {context} tokens; raise vllm.max_model_len (up to the model's length) or shorten the "
-                             "inputs (e.g. data.max_length, truncation.judge.max_trace_tokens)")
+                             "inputs (e.g. data.max_length, truncation.judge.max_context_tokens)")
         budgets.append(min(max_new_tokens, room))
     return budgets, sum(b < max_new_tokens for b in budgets)
 
