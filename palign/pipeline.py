@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from palign.artifacts import is_global_zero, read_json, write_json_atomic, write_text_atomic
+from palign.preflight import accumulation_steps, check_launcher, preflight
 from palign.runs import run_folder, unused_reason
 from palign.tracking import Tracker
 
@@ -113,21 +114,6 @@ def make_datamodule(ctx: RunContext, tokenizer):
     )
 
 
-def accumulation_steps(effective: int, micro: int, world_size: int) -> int:
-    """Micro-batches each process accumulates per optimizer step: effective batch = micro batch x
-    accumulation x world size (processes over every node), which must come out exact."""
-    per_step = micro * world_size
-    if effective % per_step:
-        from palign.schema import ConfigError
-
-        reachable = sorted({per_step * k for k in (max(1, effective // per_step), effective // per_step + 1)})
-        raise ConfigError(
-            f"training.effective_batch_size={effective} is not a multiple of data.micro_batch_size={micro} x "
-            f"{world_size} processes (trainer.devices x trainer.num_nodes) = {per_step}: an optimizer step could "
-            f"not see exactly {effective} examples; use e.g. {' or '.join(map(str, reachable))}, or change the micro batch")
-    return effective // per_step
-
-
 def build_trainer(ctx: RunContext, tracker: Tracker, callbacks: list):
     """Lightning's Trainer from conf/trainer/ (palign/schema.py: Trainer) with the run's epochs,
     steps, loggers and checkpoints; gradient accumulation from the running world size."""
@@ -164,18 +150,6 @@ def leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def check_launcher(strategy) -> None:
-    """Refuse the strategies that train in processes they start themselves (ddp_spawn, ddp_fork,
-    ddp_notebook): what those processes learn (steps, the loss curve, checkpoint states) never comes
-    back to the process that exports and writes the summary."""
-    if isinstance(strategy, str) and any(word in strategy for word in ("spawn", "fork", "notebook")):
-        from palign.schema import ConfigError
-
-        raise ConfigError(f"trainer.strategy={strategy}: its processes' training state does not come back to the "
-                          "exporting process; use trainer.strategy=ddp (Lightning starts one process per device "
-                          "and each runs the pipeline) or fsdp")
 
 
 def train_stage(ctx: RunContext, tracker: Tracker) -> None:
@@ -415,22 +389,6 @@ def command_line_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def check_stage_applies(cfg: DictConfig) -> None:
-    """stage=truncate and stage=align need a baseline that has that stage."""
-    for stage, node in (("truncate", "truncation"), ("align", "alignment")):
-        if cfg.stage == stage and (reason := unused_reason(cfg, node)):
-            raise ValueError(reason)
-
-
-def check_knobs_used(cfg: DictConfig, overrides: list[str]) -> None:
-    """Refuse a command-line setting the chosen baseline would silently ignore (e.g.
-    `truncation/search=exhaustive` with a baseline that does not truncate): the run would not be the
-    one the command describes."""
-    for override in overrides:
-        if reason := unused_reason(cfg, override):
-            raise ValueError(f"{override}: this setting would be ignored: {reason}, or drop it")
-
-
 # stage= -> the steps it runs, in the method's order (the stages a baseline skips build nothing)
 DISPATCH = {
     "all": (train_stage, eval_stage),  # training loads its data through stages 1 and 2
@@ -450,13 +408,10 @@ EVERY_RANK = (train_stage,)
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     from palign.artifacts import set_lock_timeout
-    from palign.schema import check_values
 
-    check_values(cfg)
+    # everything that can be checked without a model, before a model loads or the run folder is written
+    preflight(cfg, command_line_overrides())
     set_lock_timeout(cfg.paths.lock_timeout_s)
-    check_stage_applies(cfg)
-    if cfg.stage in ("all", "train", "truncate", "align"):
-        check_knobs_used(cfg, command_line_overrides())
     ctx = make_context(cfg)
     if cfg.stage not in ("grade", "report"):  # the stages that run a model
         record_placement(ctx)
