@@ -88,6 +88,15 @@ def test_models_are_found_without_loading_them(tmp_path):
     tiny = compose_config(["student=tiny_random", "student.tokenizer_from.package=not_a_package", "stage=eval"], tmp_path)
     with pytest.raises(ConfigError, match=r"student: its tokenizer_from: package 'not_a_package' is not installed"):
         preflight(tiny)
+    # a tokenizer folder (the GPU acceptance run's) holds a tokenizer, not a model
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    local = ["student=tiny_random_local_tokenizer", f"student.tokenizer_from.pretrained={folder}", "stage=eval"]
+    with pytest.raises(ConfigError, match=rf"its tokenizer_from: .*the folder {folder} has no tokenizer.json or "
+                                          "tokenizer_config.json; point `pretrained` at a saved tokenizer folder"):
+        preflight(compose_config(local, tmp_path))
+    (folder / "tokenizer.json").write_text("{}")
+    preflight(compose_config(local, tmp_path))
 
 
 @pytest.mark.slow

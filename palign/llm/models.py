@@ -152,16 +152,21 @@ def _build_tiny_random(spec: ModelSpec, target: Path, cache_dir: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def model_source_problem(spec_cfg: Any) -> str | None:
-    """What keeps the model from being found, checked without loading it (None: nothing): a local
-    folder that is missing, a GGUF package that is not installed or lacks its file, a tiny random
-    model without a tokenizer to borrow (checked in turn). Hub ids are the caller's to ask the Hub."""
+def model_source_problem(spec_cfg: Any, tokenizer_only: bool = False) -> str | None:
+    """What keeps the model (or, `tokenizer_only`, its tokenizer) from being found, checked without
+    loading it (None: nothing): a local folder that is missing, a GGUF package that is not installed
+    or lacks its file, a tiny random model without a tokenizer to borrow (checked in turn). Hub ids
+    are the caller's to ask the Hub."""
     spec = ModelSpec.from_config(spec_cfg)
     if spec.source in ("hub", "local") and not spec.pretrained:
         return f"model '{spec.name}': source '{spec.source}' needs `pretrained` (a {'Hub id or ' * (spec.source == 'hub')}folder)"
-    if spec.source == "local" and not (Path(spec.pretrained) / "config.json").is_file():
-        found = "has no config.json" if Path(spec.pretrained).is_dir() else "does not exist"
-        return f"model '{spec.name}': the folder {spec.pretrained} {found}; point `pretrained` at a saved model folder"
+    if spec.source == "local":
+        folder = Path(spec.pretrained)
+        wanted = ("tokenizer.json", "tokenizer_config.json") if tokenizer_only else ("config.json",)
+        if not any((folder / name).is_file() for name in wanted):
+            found = f"has no {' or '.join(wanted)}" if folder.is_dir() else "does not exist"
+            return (f"model '{spec.name}': the folder {spec.pretrained} {found}; point `pretrained` at a saved "
+                    f"{'tokenizer' if tokenizer_only else 'model'} folder")
     if spec.source == "gguf_package":
         try:
             folder = _package_dir(spec.package)
@@ -172,7 +177,7 @@ def model_source_problem(spec_cfg: Any) -> str | None:
     if spec.source == "tiny_random":
         if not spec.tokenizer_from:
             return f"model config '{spec.name}': tiny_random needs `tokenizer_from` (a model config)"
-        problem = model_source_problem(spec.tokenizer_from)
+        problem = model_source_problem(spec.tokenizer_from, tokenizer_only=True)
         return f"its tokenizer_from: {problem}" if problem else None
     return None
 
