@@ -375,6 +375,7 @@ REFUSED = [  # vllm/sampling_params.py: SamplingParams._verify_args and _verify_
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens must be less than or equal to max_tokens=4, got 5."),
     ({"logprobs": -2}, "logprobs must be non-negative or -1, got -2."),
     ({"stop": ["x"], "detokenize": False}, "stop strings are only supported when detokenize is True."),
+    ({"thinking_token_budget": -5}, "`thinking_token_budget` must be a non-negative integer or -1 for unlimited."),
 ]
 
 

@@ -165,8 +165,7 @@ class SamplingParams:
             self.temperature = max(self.temperature, _MAX_TEMP)  # logged as a warning there
         if self.seed == -1:
             self.seed = None
-        if self.thinking_token_budget == -1:  # validate_thinking_token_budget
-            self.thinking_token_budget = None
+        self.thinking_token_budget = _validate_thinking_token_budget(self.thinking_token_budget)
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -298,6 +297,15 @@ class SamplingParams:
 
     def __repr__(self) -> str:
         return f"SamplingParams({', '.join(f'{k}={getattr(self, k)!r}' for k in SAMPLING_FIELDS if not k.startswith('_'))})"
+
+
+def _validate_thinking_token_budget(value: Any) -> int | None:  # vllm/sampling_params.py
+    if value is None or value == -1 and not isinstance(value, (bool, float)):
+        return None
+    if isinstance(value, (bool, float)) or not isinstance(value, int) or value < 0:
+        raise VLLMValidationError("`thinking_token_budget` must be a non-negative integer or -1 for unlimited.",
+                                  parameter="thinking_token_budget", value=value)
+    return value
 
 
 def _verify_num_sequences(value: Any, parameter_name: str) -> None:  # vllm/sampling_params.py
