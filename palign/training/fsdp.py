@@ -11,8 +11,8 @@ What Lightning's plain `FSDPStrategy` lacks for this student, and this module ad
   (`Must flatten tensors with uniform dtype`), and peft keeps the adapters in fp32 on a bf16 base.
   Where the student's parameters mix dtypes, every parameter is cast to fp32 before the wrap, the
   frozen base included (`use_orig_params=True` lets frozen and trainable parameters share a flat
-  parameter). Compute stays bf16 through mixed precision; the export casts every parameter back to
-  the dtype it was loaded in (see "The trade-off" below).
+  parameter). Compute follows `trainer.precision` (bf16 under bf16-mixed, fp32 under 32-true);
+  the export casts every parameter back to the dtype it was loaded in (see "The trade-off" below).
 - **Mixed precision that trains**: compute in bf16, gradients reduced and kept in fp32 (Lightning's
   `bf16-mixed` for FSDP reduces in bf16), buffers left in their own dtype (RoPE's `inv_freq`
   stays fp32, as transformers keeps it).
@@ -35,9 +35,9 @@ What Lightning's plain `FSDPStrategy` lacks for this student, and this module ad
   `device_id` (Lightning passes its index, None on a CPU), which the tests use.
 
 The trade-off of layer units over a bf16 base with fp32 adapters (N parameters, R ranks). The
-alternative, a unit per adapter leaf (what this module did before), kept the base in bf16 but cost
-a collective per adapter per micro-batch (~390 small units on a 7B student), latency-bound. Layer
-units instead cost:
+alternative, a unit per adapter leaf, keeps the base in bf16 but costs an all-gather and a
+reduce-scatter per adapter per micro-batch (~390 small units on a 7B student), latency-bound.
+Layer units instead cost:
 
 - memory per rank: the sharded parameters take 4N/R bytes instead of 2N/R (fp32 base), and, since
   a flat parameter that holds a trainable adapter has a gradient over all of it, every decoder
@@ -49,10 +49,10 @@ units instead cost:
 - compute and traffic: autograd computes the frozen base weights' gradients too (they are views of
   a flat parameter that requires grad): 2 more FLOPs per base parameter and token, on top of the 4
   (6 with activation checkpointing) LoRA needs in the linear layers: a fifth to a quarter more per
-  step for a 7B student at 32k tokens, attention counted; and each layer's
-  reduce-scatter carries its whole gradient in fp32 instead of the adapters'. FSDP2 (`fully_shard`:
-  per-parameter sharding, which allows frozen parameters of another dtype in a unit and computes no
-  gradient for them) would avoid both; Lightning's FSDPStrategy is FSDP1.
+  step for a 7B student at 32k tokens, attention counted; and each layer's reduce-scatter carries
+  its whole gradient in fp32 instead of the adapters'. FSDP2 (`fully_shard`: per-parameter
+  sharding, which allows frozen parameters of another dtype in a unit and computes no gradient for
+  them) would avoid both; Lightning's FSDPStrategy is FSDP1.
 - host memory: every process holds the whole student before the wrap (see below), in fp32 after
   the cast: 4N bytes per process (30 GB for a 7B student) instead of 2N.
 - checkpoints: the sharded checkpoint holds the base in fp32, twice its bf16 size.
