@@ -573,6 +573,11 @@ def check_values(cfg: DictConfig) -> None:
                 ok = False
             if not ok:
                 problems.append(f"{key}={plain!r}: must be {allowed}")
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) is Sampling and node.get("do_sample") is False \
+                and is_int(node.get("num_samples")) and node.num_samples > 1:
+            # vLLM refuses it (vllm/sampling_params.py: _verify_greedy_sampling): greedy samples are all alike
+            problems.append(f"{prefix}num_samples={node.num_samples}: must be 1 when {prefix}do_sample=false "
+                            "(greedy decoding gives one answer)")
         if isinstance(node, DictConfig) and not schema_fields(node):
             for name in node:  # a plain dict of typed nodes, e.g. evaluation.benchmarks
                 child = node[name]

@@ -165,6 +165,9 @@ def test_generate_stops_at_every_eos_of_the_models_generation_config_as_vllm_doe
     ("evaluation.sampling.temperature=0.005", "evaluation.sampling.temperature=0.005: must be a number in [0.01, 2]"),
     ("evaluation.sampling.num_samples=16385", "evaluation.sampling.num_samples=16385: must be an integer >= 1 and <= 16384"),
     ("alignment.sampling.seed=-1", "alignment.sampling.seed=-1: must be an integer >= 0"),
+    # two fields together: vLLM refuses greedy decoding with several samples
+    ("evaluation.sampling.do_sample=false", "evaluation.sampling.num_samples=3: must be 1 when "
+                                            "evaluation.sampling.do_sample=false"),
 ])
 def test_the_schema_refuses_the_sampling_values_vllm_refuses_or_changes(override, message, tmp_path):
     cfg = compose_config([override], tmp_path)
