@@ -537,3 +537,39 @@ def test_paper_recipes_pick_vllm_where_it_runs_and_say_so_where_it_does_not(tmp_
     monkeypatch.setattr(vb, "vllm_available", lambda: (True, "a GPU"))
     assert vb.resolve_backend("auto", "alignment.backend") == "vllm"
     assert vb.resolve_backend("hf", "alignment.backend") == "hf"  # an explicit choice stands
+
+
+def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_request(standin_vllm, smollm2_tokenizer,
+                                                                                          tmp_path):
+    """vLLM fails a whole generate() call when one prompt fills max_model_len (the stand-in does as
+    vllm/v1/engine/input_processor.py does): the judge sends only the probes that fit the context it
+    shares with the engine, and counts the others as not sufficient."""
+    from hydra.utils import instantiate
+
+    from conftest import compose_config, stage_cache
+    from palign.teachers.records import TeacherRecord
+
+    vllm = standin_vllm(HFModel)
+    steps = " ".join(f"Step {j}: we add {j} and get {j + 3}." for j in range(1, 41))
+    records = [TeacherRecord(id="short", question="What is 1 + 3?", answer="4", long_cot="Step 1: 1 + 3 = 4. Done."),
+               TeacherRecord(id="long", question="What is 40 + 3?", answer="43", long_cot=steps)]
+
+    def stage(*overrides):
+        cfg = compose_config(["experiment=tiny", "truncation/judge=self", "truncation.judge.backend=vllm",
+                              "truncation.judge.engine=batched", *overrides], tmp_path)
+        return instantiate(cfg.truncation, _convert_="all", baseline=OmegaConf.to_container(cfg.baseline, resolve=True),
+                           cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer,
+                           vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
+
+    # an engine shorter than the judge's context would refuse the longest probes: refused before it starts
+    with pytest.raises(ValueError, match=r"vllm.max_model_len=256 is below the judge's context of 4096 tokens .* set "
+                                         r"truncation.judge.max_context_tokens=256"):
+        stage("vllm.max_model_len=256").run(records)
+    assert not vllm.started
+    rows = {row["id"]: row for row in stage("vllm.max_model_len=256", "truncation.judge.max_context_tokens=256").run(records)}
+    long = rows["long"]
+    assert set(rows) == {"short", "long"} and 0 < long["fitting_k"] < long["m"]
+    assert long["probes"][0]["over_context"] and long["probes_over_context"] >= 1  # half the trace does not fit
+    (engine,) = vllm.started
+    sent_lengths = [len(prompt["prompt_token_ids"]) for prompts, _ in engine.calls for prompt in prompts]
+    assert sent_lengths and max(sent_lengths) < 256  # every request left room for its verdict token
