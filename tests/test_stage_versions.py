@@ -24,9 +24,9 @@ GENERATION = ["palign/llm/generation.py", "palign/llm/chat.py", "palign/llm/open
 GRADING = ["palign/grading.py"]
 # stage -> (module holding CODE_VERSION, the source files whose logic decides what the stage stores)
 STAGES = {
-    "truncation": ("palign.truncation.stage", ["palign/truncation/stage.py", "palign/truncation/judge.py",
-                                               "palign/truncation/search.py", "palign/truncation/units.py",
-                                               *GENERATION]),
+    "truncation": ("palign.truncation.prefixes", ["palign/truncation/stage.py", "palign/truncation/prefixes.py",
+                                                  "palign/truncation/judge.py", "palign/truncation/search.py",
+                                                  "palign/truncation/units.py", *GENERATION]),
     "alignment": ("palign.alignment.continuation", ["palign/alignment/continuation.py", *GENERATION, *GRADING]),
     "tokenized": ("palign.data.sft", ["palign/data/sft.py", "palign/llm/chat.py"]),
     "teacher_generation": ("palign.teachers.sources", ["palign/teachers/sources.py", "palign/teachers/records.py", *GENERATION, *GRADING]),
@@ -74,6 +74,7 @@ def test_the_code_version_names_the_cache_folders(monkeypatch, tmp_path, smollm2
     from omegaconf import OmegaConf
 
     from palign.data.sft import SupervisedExample, build_tokenized_split
+    from palign.truncation import prefixes
     from palign.truncation import stage as truncation
 
     settings = continuation.AlignmentSettings(model_identity={"name": "m"}, prompts={}, sampling={}, filter="none",
@@ -91,7 +92,7 @@ def test_the_code_version_names_the_cache_folders(monkeypatch, tmp_path, smollm2
                 truncation.PrefixTruncation(cut, tmp_path, smollm2_tokenizer, None, progress=False).folder)
 
     before = folders()
-    for module in (continuation, sft, truncation):
+    for module in (continuation, sft, prefixes):
         monkeypatch.setattr(module, "CODE_VERSION", module.CODE_VERSION + 1)
     after = folders()
     assert all(b != a for b, a in zip(before, after))

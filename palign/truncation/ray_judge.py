@@ -27,7 +27,7 @@ from typing import Any
 
 from palign.llm.ray_backend import (ActorWorker, check_gpu_request, connect, ray_settings, stream_through_actors,
                                      worker_threads)
-from palign.truncation.stage import TruncationSettings, build_judge, search_prefixes
+from palign.truncation.prefixes import TruncationSettings, build_judge, search_prefixes
 from palign.truncation.units import Segmentation
 
 STAGE = "truncation (sufficiency judge)"
