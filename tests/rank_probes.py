@@ -6,7 +6,13 @@ that even out the ranks' shards). At the start of training rank 0 writes the dig
 validation split (`<folder>/val_dataset.json`).
 
 `RecordFSDPUnits`: at the start of training each rank writes `<folder>/fsdp_rank<r>.json`: its FSDP
-units, the student's decoder layers, and the dtypes of the units' flat parameters.
+units, the student's decoder layers, the dtypes of the units' flat parameters and whether any needs
+a gradient, and the parameters FSDP leaves outside its units (their names and dtypes).
+
+`RecordStepGradients`: for the first optimizer step each rank saves `<folder>/grads_rank<r>.pt`: the
+trainable parameters' gradients as its own backward left them (after the step's last micro-batch,
+accumulated) and as the optimizer step sees them (after the strategy's averaging, before clipping),
+and how many backward passes the step took.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 from ddp_probe import row_digest
 
@@ -52,6 +59,38 @@ class RecordFSDPUnits(pl.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         units = FullyShardedDataParallel.fsdp_modules(trainer.strategy.model)
         layers = [m for m in pl_module.modules() if isinstance(m, decoder_layer_classes(pl_module))]
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        outside = units[0]._ignored_params
         record = {"units": len(units), "decoder_layers": len(layers),
-                  "flat_dtypes": sorted({str(u._flat_param.dtype) for u in units if u._flat_param is not None})}
+                  "flat_dtypes": sorted({str(u._flat_param.dtype) for u in units if u._flat_param is not None}),
+                  "flat_requires_grad": any(u._flat_param.requires_grad for u in units if u._flat_param is not None),
+                  "outside_units": sorted(names[id(p)] for p in outside),
+                  "outside_dtypes": sorted({str(p.dtype) for p in outside}),
+                  "trainable": sorted(n for n, p in pl_module.named_parameters() if p.requires_grad)}
         (self.folder / f"fsdp_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RecordStepGradients(pl.Callback):
+    changes_results = False
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        self.local: dict[str, torch.Tensor] = {}
+        self.backward_passes = 0
+        self.done = False
+
+    def _gradients(self, pl_module) -> dict[str, torch.Tensor]:
+        return {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is not None}
+
+    def on_after_backward(self, trainer, pl_module):
+        if not self.done:  # the last one before the step holds the step's accumulated local gradient
+            self.local = self._gradients(pl_module)
+            self.backward_passes += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.done:
+            return
+        self.done = True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"local": self.local, "stepped": self._gradients(pl_module), "backward_passes": self.backward_passes},
+                   self.folder / f"grads_rank{trainer.global_rank}.pt")

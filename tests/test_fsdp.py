@@ -2,14 +2,20 @@
 
 Claims tested: the strategy built from the config wraps a unit per decoder layer (the model's own
 class) and nothing else, LoRA or not: fp32 adapters on a bf16 base cannot share a layer's unit as
-they are (a layer-only policy fails), so the strategy stores every parameter in fp32 and computes in
-bf16; it checkpoints activations per decoder layer for training.gradient_checkpointing (and turns
-transformers' own off); bf16-mixed computes in bf16 and reduces in fp32, and only the adapters get
-gradients; the full weights gathered on rank 0 make a plain model again, in the dtypes it was loaded
-in. End to end with 2 CPU processes on gloo (`trainer=fsdp_sim`, fp32: bf16 runs on the GPU check):
-a LoRA job wraps decoder layers + root on every rank, trains, checkpoints as a link to a folder of
-shards, exports a `from_pretrained` folder with LoRA merged equal to a DDP job's, and a job killed
-mid-epoch and rerun resumes from the shards and ends where the uninterrupted one does.
+they are (a layer-only policy fails), so the strategy leaves them outside the units, whole and fp32
+(FSDP's ignored parameters), and shards the frozen base in bf16 with no gradient: no base parameter
+or flat parameter gets one, and the backward costs the FLOPs of the unwrapped LoRA model (the layout
+it replaces, every parameter cast to fp32, costs more); without LoRA every parameter is sharded and
+trains. It checkpoints activations per decoder layer for training.gradient_checkpointing (and turns
+transformers' own off); bf16-mixed computes the base in bf16; the full weights gathered on rank 0
+make a plain model again, in the dtypes it was loaded in; a single process is refused when the
+Trainer is built. End to end with 2 CPU processes on gloo (`trainer=fsdp_sim`, fp32: bf16 runs on
+the GPU check): a LoRA job wraps decoder layers + root on every rank with only the adapters outside,
+averages the adapters' gradients over the ranks once per step (each rank's own from different data,
+after 2 accumulated micro-batches: their mean, equal on both ranks), trains, checkpoints as a link
+to a folder of shards, exports a `from_pretrained` folder with LoRA merged equal to a DDP job's, and
+a job killed mid-epoch and rerun resumes from the shards (the adapters' optimizer state included)
+and ends where the uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -76,8 +82,8 @@ def _bf16_lora_module(tiny_model, gradient_checkpointing: bool) -> StudentSFTMod
     return module
 
 
-def _wrap(module, tmp_path) -> tuple[StudentFSDPStrategy, torch.nn.Module]:
-    cfg = compose_config(["trainer=fsdp", "training=paper"], tmp_path)
+def _wrap(module, tmp_path, *overrides: str) -> tuple[StudentFSDPStrategy, torch.nn.Module]:
+    cfg = compose_config(["trainer=fsdp", "training=paper", *overrides], tmp_path)
     strategy = instantiate(cfg.trainer.strategy)
     strategy.parallel_devices = [torch.device("cpu")]
     return strategy, strategy._setup_model(module)
@@ -93,37 +99,113 @@ def test_a_layer_only_policy_cannot_flatten_fp32_adapters_on_a_bf16_base(tiny_mo
                                  device_id=torch.device("cpu"), use_orig_params=True)
 
 
-def test_the_strategy_wraps_decoder_layers_only_checkpoints_them_and_trains_adapters_in_bf16(tiny_model, one_process_group, tmp_path):
+def _lora_params(module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if "lora_" in n}
+
+
+def _batch(length: int = 12):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 100, (2, length))
+    labels = ids.clone()
+    labels[:, : length // 3] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _step(wrapped, module, batch):
+    from pytorch_lightning.strategies.strategy import _ForwardRedirection
+
+    return _ForwardRedirection()(wrapped, module, "_step", batch)[0]
+
+
+def test_the_frozen_bf16_base_is_sharded_by_decoder_layer_and_the_fp32_adapters_replicated(tiny_model, one_process_group, tmp_path):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import FullyShardedDataParallel
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    from pytorch_lightning.strategies.strategy import _ForwardRedirection
 
     module = _bf16_lora_module(tiny_model, gradient_checkpointing=True)
-    _, wrapped = _wrap(module, tmp_path)
+    adapters = _lora_params(module)
+    strategy, wrapped = _wrap(module, tmp_path)
     units = FullyShardedDataParallel.fsdp_modules(wrapped)
     assert len(units) == 2 + 1  # a unit per decoder layer and the root: no unit per adapter
     layers = [u._fsdp_wrapped_module for u in units[1:]]
     assert all(isinstance(u, CheckpointWrapper) and isinstance(u._checkpoint_wrapped_module, LlamaDecoderLayer)
                for u in layers)
-    assert {u._flat_param.dtype for u in units} == {torch.float32}  # one dtype: the base stored in fp32
     assert not any(getattr(m, "is_gradient_checkpointing", False) for m in module.modules())  # FSDP's, not both
+    for unit in units:  # the base alone, in its own dtype, frozen: its flat parameters need no gradient
+        assert unit._flat_param.dtype == torch.bfloat16 and not unit._flat_param.requires_grad
+    # the adapters are outside every unit (FSDP's ignored parameters), whole and fp32
+    assert {id(p) for p in wrapped._ignored_params} == {id(p) for p in adapters.values()} == {id(p) for p in strategy.replicated}
+    flat = {id(p) for u in units for p in u._flat_param._params}
+    assert not flat & {id(p) for p in adapters.values()}
+    assert all(p.dtype == torch.float32 for p in adapters.values())
 
-    computed = []  # the dtype a base projection and an adapter compute in
+    computed = {}  # the dtypes a base projection and an adapter hold and compute in
     q_proj = module.model.base_model.model.model.layers[0].self_attn.q_proj
-    for part in (q_proj.base_layer, q_proj.lora_A["default"]):
-        part.register_forward_hook(lambda m, args, out: computed.append((m.weight.dtype, out.dtype)))
-    ids = torch.randint(0, 100, (2, 12))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    loss, _, _ = _ForwardRedirection()(wrapped, module, "_step", batch)
+    for name, part in (("base", q_proj.base_layer), ("adapter", q_proj.lora_A["default"])):
+        part.register_forward_hook(lambda m, args, out, name=name: computed.update({name: (m.weight.dtype, out.dtype)}))
+    loss = _step(wrapped, module, _batch())
     loss.backward()
     assert torch.isfinite(loss)
-    assert computed[:2] == [(torch.bfloat16, torch.bfloat16)] * 2  # mixed precision: bf16 compute
-    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    assert grads and all("lora_" in n and g.dtype == torch.float32 for n, g in grads.items())  # fp32 reduction
-    assert {n for n, p in module.named_parameters() if p.requires_grad} == set(grads)  # every adapter trains
+    assert computed == {"base": (torch.bfloat16, torch.bfloat16), "adapter": (torch.float32, torch.float32)}
+    assert all(u._flat_param.grad is None for u in units)  # no gradient for the base, sharded or not
+    with_grad = [p for p in module.parameters() if p.grad is not None]  # the wrapped module's own parameters
+    assert {id(p) for p in with_grad} == {id(p) for p in adapters.values()}
+    assert all(p.grad.dtype == torch.float32 for p in with_grad)
+
+
+def _backward_flops(wrapped, module, batch) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss = _step(wrapped, module, batch) if wrapped is not module else module._step(batch)[0]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def test_the_wrapped_student_computes_no_more_backward_flops_than_without_fsdp(tiny_model, one_process_group, tmp_path):
+    """No gradient is computed for the frozen base: the backward costs what peft's LoRA costs
+    unwrapped (the layout this replaced, every parameter in fp32 in one flat parameter per layer,
+    computed the base's weight gradients too: more FLOPs, which this comparison sees)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from palign.training.fsdp import mixed_precision, wrap_policy
+
+    batch = _batch(length=96)
+    plain = _bf16_lora_module(tiny_model, gradient_checkpointing=False)
+    unwrapped = _backward_flops(plain, plain, batch)
+
+    module = _bf16_lora_module(tiny_model, gradient_checkpointing=False)
+    _, wrapped = _wrap(module, tmp_path, "training.gradient_checkpointing=false")
+    assert _backward_flops(wrapped, module, batch) == unwrapped
+
+    module = _bf16_lora_module(tiny_model, gradient_checkpointing=False)
+    for param in module.parameters():  # the fp32-cast layer units
+        param.data = param.data.float()
+    fp32_cast = FullyShardedDataParallel(module, auto_wrap_policy=wrap_policy(decoder_layer_classes(module)),
+                                         mixed_precision=mixed_precision("bf16-mixed"), device_id=torch.device("cpu"),
+                                         use_orig_params=True)
+    assert _backward_flops(fp32_cast, module, batch) > unwrapped
+
+
+def test_without_lora_every_parameter_is_sharded_and_trains(tiny_model, one_process_group, tmp_path):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    module = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), lora=None, gradient_checkpointing=False, **LOSS)
+    strategy, wrapped = _wrap(module, tmp_path)
+    units = FullyShardedDataParallel.fsdp_modules(wrapped)
+    assert len(units) == 2 + 1 and not strategy.replicated and not wrapped._ignored_params
+    assert all(u._flat_param.requires_grad for u in units)
+    _step(wrapped, module, _batch()).backward()
+    assert all(u._flat_param.grad is not None for u in units)  # FSDP's sharded gradients, every parameter's
+
+
+def test_a_single_process_is_refused_when_the_trainer_is_built(tmp_path):
+    import pytorch_lightning as pl
+
+    strategy = instantiate(compose_config(["trainer=fsdp_sim"], tmp_path).trainer.strategy)
+    with pytest.raises(ValueError, match="single process .* use trainer=gpu"):
+        pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
 
 
 def test_the_gathered_full_state_makes_a_plain_model_again(tiny_model, smollm2_tokenizer, one_process_group, tmp_path):
@@ -149,8 +231,8 @@ def test_the_gathered_full_state_makes_a_plain_model_again(tiny_model, smollm2_t
 
 # -- 2 CPU processes, end to end -------------------------------------------------------------------
 RUN = ["experiment=tiny", "baseline=sft_long_cot", "logger=none", "stage=train", "training=paper",
-       "training.gradient_checkpointing=false", "training.effective_batch_size=4", "training.epochs=2",
-       "trainer.precision=32-true"]
+       "training.gradient_checkpointing=false", "training.effective_batch_size=4", "data.micro_batch_size=1",
+       "training.epochs=2", "trainer.precision=32-true"]  # 2 ranks x 2 accumulated micro-batches per step
 TESTS_ON_PATH = {"PYTHONPATH": str(PROJECT_ROOT / "tests")}
 
 
@@ -171,13 +253,28 @@ def test_an_fsdp_job_trains_like_ddp_checkpoints_shards_and_resumes_after_a_kill
 
     probe = tmp_path / "probe"
     run_cli([*RUN, "trainer=fsdp_sim", "+callbacks.units._target_=rank_probes.RecordFSDPUnits",
-             f"+callbacks.units.folder={probe}"], tmp_path / "fsdp", env=TESTS_ON_PATH)
+             f"+callbacks.units.folder={probe}", "+callbacks.grads._target_=rank_probes.RecordStepGradients",
+             f"+callbacks.grads.folder={probe}"], tmp_path / "fsdp", env=TESTS_ON_PATH)
     fsdp = _run_dir(tmp_path / "fsdp")
     train = json.loads((fsdp / "summary.json").read_text())["train"]
     assert train["world_size"] == 2 and train["global_step"] == 6
     for rank in (0, 1):  # LoRA on: a unit per decoder layer and the root, nothing per adapter
         units = json.loads((probe / f"fsdp_rank{rank}.json").read_text())
         assert units["decoder_layers"] == 2 and units["units"] == units["decoder_layers"] + 1, units
+        # the frozen base alone in the units, the adapters (every trainable parameter) outside them
+        assert not units["flat_requires_grad"] and units["flat_dtypes"] == ["torch.float32"], units
+        assert units["outside_units"] == units["trainable"] and all("lora_" in n for n in units["trainable"]), units
+
+    # the first step's adapter gradients: each rank's own (different data) averaged over the ranks
+    # once per step, after the accumulated micro-batches, as DDP averages them
+    grads = [torch.load(probe / f"grads_rank{rank}.pt") for rank in (0, 1)]
+    assert [g["backward_passes"] for g in grads] == [2, 2]  # effective batch 4 = 2 ranks x 2 micro-batches
+    local0, local1 = grads[0]["local"], grads[1]["local"]
+    assert local0.keys() == local1.keys() == grads[0]["stepped"].keys() and local0
+    assert any(not torch.equal(local0[n], local1[n]) for n in local0)
+    for name in local0:
+        assert torch.equal(grads[0]["stepped"][name], grads[1]["stepped"][name]), name  # replicas stay equal
+        torch.testing.assert_close(grads[0]["stepped"][name], (local0[name] + local1[name]) / 2, rtol=1e-6, atol=0, msg=name)
 
     last = fsdp / "checkpoints" / "last.ckpt"  # a link to a complete folder of shards, one per rank
     assert last.is_symlink() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2

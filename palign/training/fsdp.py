@@ -6,26 +6,40 @@ What Lightning's plain `FSDPStrategy` lacks for this student, and this module ad
 - **Wrapping by decoder layer**, the class read from the model itself (`_no_split_modules` of the
   transformers model: `LlamaDecoderLayer`, `Qwen2DecoderLayer`, ...), so one config fits every
   student: a unit per decoder layer and the root (embeddings, final norm, head), nothing else, so
-  one all-gather and one reduce-scatter per layer and micro-batch.
-- **One dtype per unit**: FSDP flattens each unit's parameters into one tensor of one dtype
-  (`Must flatten tensors with uniform dtype`), and peft keeps the adapters in fp32 on a bf16 base.
-  Where the student's parameters mix dtypes, every parameter is cast to fp32 before the wrap, the
-  frozen base included (`use_orig_params=True` lets frozen and trainable parameters share a flat
-  parameter). Compute follows `trainer.precision` (bf16 under bf16-mixed, fp32 under 32-true);
-  the export casts every parameter back to the dtype it was loaded in (see "The trade-off" below).
-- **Mixed precision that trains**: compute in bf16, gradients reduced and kept in fp32 (Lightning's
-  `bf16-mixed` for FSDP reduces in bf16), buffers left in their own dtype (RoPE's `inv_freq`
-  stays fp32, as transformers keeps it).
+  one all-gather per layer and micro-batch (and, in full fine-tuning, one reduce-scatter).
+- **The frozen base sharded in its own dtype, the adapters replicated**: where some parameters
+  train and others are frozen (LoRA), the trainable ones are FSDP's `ignored_states`: they stay
+  whole on every rank, outside every unit, in their own dtype (peft's fp32 on a bf16 base), so each
+  unit holds frozen base parameters of one dtype only (FSDP1 flattens a unit into one tensor of one
+  dtype: `Must flatten tensors with uniform dtype`) and its flat parameter needs no gradient: autograd
+  computes none for the base, FSDP reduces nothing for it (torch/distributed/fsdp/_runtime_utils.py
+  registers its post-backward reduction only for a flat parameter that requires grad, and only a
+  reshard for a frozen one). Their gradients are averaged over the ranks once per optimizer step,
+  after the step's last backward (accumulated micro-batches included) and before the
+  `on_before_optimizer_step` hooks, clipping and the step: one all-reduce of all of them, each rank's
+  divided by the world size as DDP does (`average_gradients`, from the precision plugin's
+  `_after_closure`). Full fine-tuning (every parameter trains) keeps every parameter in the units;
+  a base whose sharded parameters mix dtypes is stored in fp32 (the export casts it back).
+- **Mixed precision that trains**: under bf16-mixed the units compute in bf16 and reduce any
+  gradient of theirs in fp32 (Lightning's `bf16-mixed` for FSDP reduces in bf16), buffers left in
+  their own dtype (RoPE's `inv_freq` stays fp32, as transformers keeps it). FSDP never casts the
+  adapters: they are stored, graded and stepped in fp32 and compute as peft computes them beside a
+  bf16 base layer outside FSDP (their input cast to fp32, the sum cast back to bf16), under the
+  autocast Lightning's bf16-mixed adds on GPUs as under DDP.
 - **Activation checkpointing** for `training.gradient_checkpointing`: FSDP's non-reentrant wrapper
   around each decoder layer, instead of transformers' own (which the module switched on; both would
   recompute every layer twice).
 - **Gradient clipping by norm** (`trainer.gradient_clip_val`), which Lightning refuses under FSDP:
-  the norm of sharded gradients is FSDP's `clip_grad_norm_` on the root unit, a collective (over
-  the trainable parameters' gradients only: a frozen one's is None).
+  FSDP's `clip_grad_norm_` on the root unit, a collective that counts the parameters outside its
+  units once, as replicated (fully_sharded_data_parallel.py: "All-reducing the local non-sharded
+  norm would count it an extra world-size-many times"), which they are once averaged.
 - **Sharded checkpoints that resume and survive a kill**: `last.ckpt` is a link to a complete
   folder of shards (torch.distributed.checkpoint, one file per rank plus Lightning's `meta.pt`);
   a save writes a new folder and swaps the link (`os.replace`), so a kill mid-save leaves the
-  previous checkpoint whole, as AtomicCheckpointIO does for single-file checkpoints.
+  previous checkpoint whole, as AtomicCheckpointIO does for single-file checkpoints. The base is
+  stored sharded in bf16; the adapters and their optimizer state whole, once. Lightning's loader
+  reads every optimizer state as chunked across the ranks, which the replicated adapters' are not:
+  `load_replicated_optimizer_state` reads theirs again whole.
 - **The export gathered on rank 0**: when training ends (every rank still in the process group,
   which the pipeline ends after fit), the full weights are gathered to rank 0's CPU and rank 0's
   module becomes a plain model again, in its loaded dtypes, so `StudentSFTModule.export_pretrained`
@@ -33,36 +47,55 @@ What Lightning's plain `FSDPStrategy` lacks for this student, and this module ad
 - **CPU processes** (gloo): Lightning refuses the registered name `fsdp` off GPUs, but not a
   subclass of its strategy; torch's FSDP runs on CPU tensors with gloo given the device itself as
   `device_id` (Lightning passes its index, None on a CPU), which the tests use.
+- **At least two processes**: with one, FSDP runs unsharded (NO_SHARD), and FSDP1 then skips
+  resharding a frozen unit after the backward (`_catch_all_reshard` takes it for resharded: its
+  flat parameter is its shard; pytorch#83956), leaving the base's parameters as plain tensors until
+  the next forward, which fails on a tied weight. The Trainer refuses it when it is built.
 
-The trade-off of layer units over a bf16 base with fp32 adapters (N parameters, R ranks). The
-alternative, a unit per adapter leaf, keeps the base in bf16 but costs an all-gather and a
-reduce-scatter per adapter per micro-batch (~390 small units on a 7B student), latency-bound.
-Layer units instead cost:
+Why this layout, against the two it replaces (N parameters, R ranks; LoRA r16 on all linear layers
+of Qwen2.5-7B: 40.4M adapter parameters, 161 MB in fp32):
 
-- memory per rank: the sharded parameters take 4N/R bytes instead of 2N/R (fp32 base), and, since
-  a flat parameter that holds a trainable adapter has a gradient over all of it, every decoder
-  layer's sharded fp32 gradient (4 bytes per layer parameter / R) lives from the backward to the
-  optimizer step (torch warns about exactly this for units mixing frozen and trainable parameters;
-  the root unit, all frozen, has none). Qwen2.5-7B on 8 GPUs: about 3.8 GB of parameters and 3.3 GB
-  of gradients per GPU instead of 1.9 GB and the adapters'. The adapters' AdamW state is as before
-  (trainable parameters only), and so is the transient memory: one layer unsharded in bf16 at a time.
-- compute and traffic: autograd computes the frozen base weights' gradients too (they are views of
-  a flat parameter that requires grad): 2 more FLOPs per base parameter and token, on top of the 4
-  (6 with activation checkpointing) LoRA needs in the linear layers: a fifth to a quarter more per
-  step for a 7B student at 32k tokens, attention counted; and each layer's reduce-scatter carries
-  its whole gradient in fp32 instead of the adapters'. FSDP2 (`fully_shard`: per-parameter
-  sharding, which allows frozen parameters of another dtype in a unit and computes no gradient for
-  them) would avoid both; Lightning's FSDPStrategy is FSDP1.
-- host memory: every process holds the whole student before the wrap (see below), in fp32 after
-  the cast: 4N bytes per process (30 GB for a 7B student) instead of 2N.
-- checkpoints: the sharded checkpoint holds the base in fp32, twice its bf16 size.
+- a unit per adapter leaf (lora_A, lora_B) beside the layer units kept the base in bf16 but cost
+  an all-gather and a reduce-scatter per adapter per micro-batch: ~390 latency-bound collectives of
+  0.1-1.2 MB each on the 7B student (28 layers x 7 projections x lora_A, lora_B).
+- layer units over every parameter stored in fp32 (frozen and trainable sharing a flat parameter
+  under use_orig_params) made the base views of a flat parameter that requires grad: autograd
+  computed the frozen weights' gradients (2 more FLOPs per base parameter and token, a fifth to a
+  quarter more per step for a 7B student at 32k tokens), each layer kept a sharded fp32 gradient
+  (3.3 GB per GPU on 8 GPUs) and reduce-scattered it whole in fp32, the sharded parameters took
+  4N/R bytes instead of 2N/R (3.8 GB instead of 1.9 GB per GPU), every process held the student in
+  fp32 before the wrap (30 GB of host memory instead of 15), and checkpoints held the base in fp32.
+- replicated adapters cost, per rank, the adapters whole instead of sharded with their gradients
+  and AdamW state: 4 x 161 MB = 0.65 GB on every GPU (81 MB sharded over 8), and one all-reduce of
+  161 MB per optimizer step (not overlapped with the backward; a ring moves about 2 x 161 MB per
+  rank, against the per-micro-batch adapter traffic of the per-adapter units). The base costs 2N/R
+  bytes and no gradient.
+
+Backward FLOPs measured with torch's FlopCounterMode on the tiny student (conf/student/tiny_random:
+2 layers, hidden 64, SmolLM2's 49k vocabulary; bf16 base, LoRA r16 on all linear layers, a batch of
+2 x 256 tokens, half supervised, the chunked loss; one process): the forward is 1719.7 MFLOP in
+every layout; the backward is 3352.3 MFLOP with the adapters replicated, as with a unit per adapter
+and as without FSDP, and 3439.3 MFLOP (+2.6%) with the fp32-cast layer units (3459.3 / 3546.3 with
+activation checkpointing). The head dominates this student's step; over the decoder layers alone
+(a loss on the last hidden states) the backward is 131.1 MFLOP replicated or per adapter against
+218.1 fp32-cast (+66%; 238.0 against 325.1 with checkpointing, +37%). tests/test_fsdp.py holds the
+wrapped student's backward FLOPs to the unwrapped one's.
+
+FSDP2 (`fully_shard`, per-parameter sharding, frozen and trainable parameters of other dtypes in
+one unit, no gradient for the frozen ones) would shard the adapters too, their gradients
+reduce-scattered with each layer's every micro-batch; Lightning reaches it through
+ModelParallelStrategy, which refuses a LightningModule that does not shard itself in
+`configure_model` (palign/training/module.py loads and wraps its model in `__init__`) and saves
+DTensor checkpoints of another layout. FSDP1 with ignored states keeps Lightning's FSDPStrategy, its
+checkpoints and this module's kill-safety as they are, for 0.65 GB per GPU.
 
 The base model is still loaded whole by every process before FSDP shards it (the module loads it
 in `__init__`): host memory holds one copy per process until the wrap, GPU memory never does (each
 unit is moved to the GPU and sharded in turn). Loading it on rank 0 only — the others on the meta
 device, FSDP's `sync_module_states` broadcasting rank 0's weights unit by unit with a
 `param_init_fn` materialising the empty ones — needs the module to build its model per rank;
-`sync_module_states` is already on, so only the loading side would change.
+`sync_module_states` is already on, so only the loading side would change (the adapters, outside
+the units, are broadcast here on every device).
 """
 
 from __future__ import annotations
@@ -71,7 +104,6 @@ import logging
 import os
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +117,11 @@ log = logging.getLogger(__name__)
 SHARDS_SUFFIX = ".shards-"  # `last.ckpt` -> `last.ckpt.shards-<id>/`, the folder it links to
 
 
-def make_fsdp_strategy(precision: str, gradient_checkpointing: bool, lora: Any) -> "StudentFSDPStrategy":
+def make_fsdp_strategy(precision: str, gradient_checkpointing: bool) -> "StudentFSDPStrategy":
     """The strategy of conf/trainer/fsdp*.yaml's `strategy` node: mixed precision from
     `trainer.precision`, activation checkpointing from `training.gradient_checkpointing` (the
-    decoder layer class is the model's, read at setup). `lora` (`training.lora`) no longer changes
-    the wrap, which follows the parameters' dtypes: the node still passes it."""
+    decoder layer class is the model's, read at setup; which parameters are sharded and which
+    replicated follows their `requires_grad`, so LoRA needs no setting of its own here)."""
     return StudentFSDPStrategy(activation_checkpointing=bool(gradient_checkpointing),
                                mixed_precision=mixed_precision(precision))
 
@@ -97,9 +129,9 @@ def make_fsdp_strategy(precision: str, gradient_checkpointing: bool, lora: Any) 
 def mixed_precision(precision: str):
     """FSDP's mixed precision for a Lightning precision string; None keeps the parameters' dtype.
 
-    bf16-mixed: parameters cast to bf16 for the forward and backward, gradients reduced and stored
-    in fp32 (the parameters' own dtype under FSDP: the LoRA weights' optimizer sees fp32 gradients),
-    buffers untouched.
+    bf16-mixed: the units' parameters cast to bf16 for the forward and backward (a no-op for a bf16
+    base), gradients of trained unit parameters (full fine-tuning) reduced and stored in fp32,
+    buffers untouched. The replicated adapters are outside every unit: FSDP never casts them.
     """
     from torch.distributed.fsdp import MixedPrecision
 
@@ -132,31 +164,78 @@ def wrap_policy(layer_classes: tuple[type[torch.nn.Module], ...]):
     return ModuleWrapPolicy(set(layer_classes))
 
 
-def uniform_dtype(model: torch.nn.Module) -> dict[str, torch.dtype]:
-    """Cast every parameter to fp32 where the model's parameters mix dtypes (LoRA's fp32 adapters
-    on a bf16 base), so each decoder layer flattens into one FSDP unit; the same Parameter objects
-    (tied weights stay tied). Returns every parameter's dtype from before, for the export."""
+def replicated_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters kept whole on every rank, outside FSDP's units: the trainable ones where
+    others are frozen (LoRA's adapters on a frozen base), none where every parameter trains (full
+    fine-tuning) or none does. In `named_parameters` order, the same on every rank."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    return trainable if 0 < len(trainable) < len(params) else []
+
+
+def uniform_dtype(model: torch.nn.Module, exclude: list[torch.nn.Parameter] = ()) -> dict[str, torch.dtype]:
+    """Cast the sharded parameters (all but `exclude`) to fp32 where their dtypes mix, so each
+    decoder layer flattens into one FSDP unit (`Must flatten tensors with uniform dtype`); the same
+    Parameter objects (tied weights stay tied). A base loaded in one dtype is left as it is. Returns
+    every parameter's dtype from before, for the export."""
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
-    if len(set(dtypes.values())) > 1:
-        for param in model.parameters():
+    excluded = {id(p) for p in exclude}
+    sharded = [p for p in model.parameters() if id(p) not in excluded]
+    if len({p.dtype for p in sharded}) > 1:
+        for param in sharded:
             param.data = param.data.float()
     return dtypes
 
 
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Make each parameter's gradient the mean over the ranks of theirs, as DDP does (each rank's
+    divided by the world size, then summed: torch/distributed/algorithms/ddp_comm_hooks/
+    default_hooks.py: allreduce_hook), in one all-reduce per dtype (one for LoRA's fp32 adapters). A
+    rank without a gradient for a parameter adds zeros, as DDP does for an unused parameter."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if not params or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        group = [p for p in params if p.dtype == dtype]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+        flat = _flatten_dense_tensors(grads).div_(world)
+        dist.all_reduce(flat)
+        for param, mean in zip(group, _unflatten_dense_tensors(flat, grads)):
+            if param.grad is None:
+                param.grad = mean
+            else:
+                param.grad.copy_(mean)
+
+
 class ShardedClipPrecision(FSDPPrecision):
-    """FSDP's precision plugin that can clip by norm: through the root unit the strategy sets."""
+    """FSDP's precision plugin that averages the replicated parameters' gradients over the ranks
+    once per optimizer step and can clip by norm (through the root unit); the strategy sets both."""
 
     root: torch.nn.Module | None = None
+    replicated: tuple[torch.nn.Parameter, ...] | list[torch.nn.Parameter] = ()
+
+    def _after_closure(self, model, optimizer) -> None:
+        # after the last backward of the step (accumulated micro-batches included: Lightning calls
+        # this once per optimizer step, plugins/precision/precision.py: _wrap_closure), before the
+        # `on_before_optimizer_step` hooks, the clipping and the step, which all see the mean
+        average_gradients(self.replicated)
+        super()._after_closure(model, optimizer)
 
     def clip_grad_by_norm(self, optimizer, clip_val: float | int) -> None:
         if self.root is None:
             raise RuntimeError("gradient clipping under FSDP before the model was wrapped")
+        # FSDP's norm counts the parameters outside its units once, as replicated (their gradients
+        # are the same on every rank by now)
         self.root.clip_grad_norm_(clip_val)
 
 
 class StudentFSDPStrategy(FSDPStrategy):
     """Lightning's FSDP, set up for the student (see the module docstring): the wrap and checkpoint
-    policies resolved from the model at setup, fp32-reduced mixed precision, sharded atomic
+    policies resolved from the model at setup, frozen parameters sharded in their own dtype and
+    trainable ones beside a frozen base replicated, fp32-reduced mixed precision, sharded atomic
     checkpoints, the full weights gathered to rank 0 when training ends."""
 
     def __init__(self, *, activation_checkpointing: bool, mixed_precision=None, **kwargs: Any):
@@ -164,8 +243,10 @@ class StudentFSDPStrategy(FSDPStrategy):
                          use_orig_params=True, **kwargs)
         self.activation_checkpointing = activation_checkpointing
         self.loaded_dtypes: dict[str, torch.dtype] = {}  # each parameter's dtype before the wrap, for the export
+        self.replicated: list[torch.nn.Parameter] = []  # outside FSDP's units (LoRA's adapters)
 
-    # Lightning sets FSDPPrecision(trainer.precision) here; keep its precision, add clipping by norm
+    # Lightning sets FSDPPrecision(trainer.precision) here; keep its precision, add the replicated
+    # parameters' gradient averaging and clipping by norm
     @property
     def precision_plugin(self) -> FSDPPrecision:
         return FSDPStrategy.precision_plugin.fget(self)
@@ -175,6 +256,17 @@ class StudentFSDPStrategy(FSDPStrategy):
         if plugin is not None and type(plugin) is FSDPPrecision:
             plugin = ShardedClipPrecision(plugin.precision, plugin.scaler)
         FSDPStrategy.precision_plugin.fset(self, plugin)
+
+    def _configure_launcher(self) -> None:
+        # Lightning calls this when the Trainer is built, with the devices and nodes known, so the
+        # refusal comes before any process starts (and preflight reports it)
+        super()._configure_launcher()
+        if self.world_size == 1:
+            raise ValueError(
+                "trainer=fsdp with a single process (trainer.devices x trainer.num_nodes = 1): FSDP shards nothing "
+                "there (it runs NO_SHARD), and torch's FSDP1 then leaves the frozen base's units unresharded after a "
+                "backward (torch/distributed/fsdp/_runtime_utils.py: _catch_all_reshard, pytorch#83956), which breaks "
+                "the next step; use trainer=gpu (or trainer=cpu) for one device")
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from lightning_fabric.strategies.fsdp import (
@@ -186,36 +278,38 @@ class StudentFSDPStrategy(FSDPStrategy):
 
         layers = decoder_layer_classes(model)
         self.kwargs["auto_wrap_policy"] = wrap_policy(layers)
-        self.loaded_dtypes = uniform_dtype(model)
-        mixed_dtypes = len(set(self.loaded_dtypes.values())) > 1
+        self.replicated = replicated_parameters(model)
+        self.loaded_dtypes = uniform_dtype(model, exclude=self.replicated)
         if self.activation_checkpointing:
             self._activation_checkpointing_kwargs = _activation_checkpointing_kwargs(None, set(layers))
             for module in model.modules():  # transformers' own checkpointing would recompute each layer again
                 if getattr(module, "is_gradient_checkpointing", False):
                     module.gradient_checkpointing_disable()
-        rank_zero_info(f"FSDP: a unit per {', '.join(c.__name__ for c in layers)}"
-                       f"{' (parameters of mixed dtypes stored in fp32)' if mixed_dtypes else ''}; activation "
-                       f"checkpointing {'on' if self.activation_checkpointing else 'off'}; mixed precision {self.mixed_precision}")
-        # every rank starts from rank 0's weights (as DDP does): FSDP broadcasts them unit by unit
-        # on GPUs, and refuses to on CPUs, where they are broadcast here before the wrap
+        rank_zero_info(f"FSDP: a unit per {', '.join(c.__name__ for c in layers)}; "
+                       f"{sum(p.numel() for p in self.replicated):,} trainable parameters replicated outside the units; "
+                       f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
+                       f"mixed precision {self.mixed_precision}")
+        # FSDP moves and broadcasts only the parameters of its units
+        for param in self.replicated:
+            param.data = param.data.to(self.root_device)
+        # every rank starts from rank 0's weights (as DDP does): FSDP broadcasts its units' unit by
+        # unit on GPUs, and refuses to on CPUs, where they are broadcast here before the wrap
         self.kwargs["sync_module_states"] = self.root_device.type != "cpu"
-        if not self.kwargs["sync_module_states"]:
-            for tensor in [*model.parameters(), *model.buffers()]:
-                torch.distributed.broadcast(tensor.data, src=0)
+        unsynced = self.replicated if self.kwargs["sync_module_states"] else [*model.parameters(), *model.buffers()]
+        for tensor in unsynced:
+            torch.distributed.broadcast(tensor.data, src=0)
         # Lightning's wrap, but with the device itself as `device_id`: its index (None on a CPU)
         # makes torch look for an accelerator and refuse the CPU
-        with warnings.catch_warnings():
-            # torch warns for every unit holding frozen and trainable parameters: the gradient memory
-            # of the module docstring's trade-off, taken knowingly
-            warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False")
-            wrapped = FullyShardedDataParallel(
-                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
+        wrapped = FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, device_id=self.root_device,
+            ignored_states=self.replicated or None, **self.kwargs)
         _move_torchmetrics_to_device(wrapped, self.root_device)
         _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)  # inside the units
         plugin = self.precision_plugin
         if isinstance(plugin, ShardedClipPrecision):
             plugin.root = wrapped
+            plugin.replicated = self.replicated
         return wrapped
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -228,6 +322,16 @@ class StudentFSDPStrategy(FSDPStrategy):
         if self.is_global_zero:
             swap_link(link, folder)
         self.barrier("checkpoint linked")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's sharded load, then the replicated parameters' optimizer state read whole."""
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        metadata = super().load_checkpoint(checkpoint_path, weights_only)
+        path = Path(self.broadcast(os.fspath(checkpoint_path)))
+        if self.replicated and path.is_dir() and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            load_replicated_optimizer_state(self.model, self.optimizers, self.replicated, path)
+        return metadata
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
@@ -259,9 +363,41 @@ def swap_link(link: Path, folder: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def load_replicated_optimizer_state(root: torch.nn.Module, optimizers, replicated: list[torch.nn.Parameter],
+                                    folder: Path) -> None:
+    """Read the optimizer state of the parameters outside FSDP's units whole, on every rank.
+
+    Lightning reads a sharded checkpoint's optimizer state with
+    torch/distributed/checkpoint/optimizer.py: `load_sharded_optimizer_state_dict`, which makes
+    every non-scalar state tensor a ShardedTensor chunked across the ranks (it knows only FSDP's
+    parameters), and `FSDP.optim_state_dict_to_load` hands a parameter FSDP does not manage its state
+    as it is (_optim_utils.py: "do not flatten non-FSDP parameters' states"): AdamW's step then
+    fails on a ShardedTensor `exp_avg`. The checkpoint holds those states whole (FSDP saves them as
+    plain tensors), so each is read again into a plain tensor of its own and replaces the chunked one.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+    fqns = {id(p): clean_tensor_name(name) for name, p in root.named_parameters()}  # FSDP's optimizer state keys
+    for index, optimizer in enumerate(optimizers):
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+        chunked = {(param, key): value for param in replicated for key, value in optimizer.state.get(param, {}).items()
+                   if isinstance(value, ShardedTensor)}
+        if not chunked:
+            continue
+        whole: dict[str, dict[str, torch.Tensor]] = {}
+        for (param, key), value in chunked.items():
+            whole.setdefault(fqns[id(param)], {})[key] = torch.empty(value.size(), dtype=value.dtype, device=param.device)
+        dcp.load({f"optimizer_{index}": {"state": whole}}, checkpoint_id=folder)
+        for param, key in chunked:
+            optimizer.state[param][key] = whole[fqns[id(param)]][key]
+
+
 def gather_full_state_dict(root: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict, on rank 0's CPU (empty on the other ranks), in the wrapped
-    parameters' dtype; keys without FSDP's or the checkpoint wrapper's prefixes."""
+    """The unsharded state dict, on rank 0's CPU (on the other ranks only the replicated
+    parameters, which FSDP leaves in every rank's state dict), in the wrapped parameters' dtype;
+    keys without FSDP's or the checkpoint wrapper's prefixes."""
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -270,7 +406,10 @@ def gather_full_state_dict(root: torch.nn.Module) -> dict[str, torch.Tensor]:
     on_cpu = next(root.parameters()).device.type == "cpu"
     config = FullStateDictConfig(offload_to_cpu=not on_cpu, rank0_only=True)
     with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
-        return root.state_dict()
+        state = root.state_dict()
+    # FSDP neither gathers nor offloads the parameters outside its units: they are the live ones,
+    # on the GPU there
+    return {name: tensor.detach().cpu() for name, tensor in state.items()}
 
 
 WRAPPER_ATTRIBUTES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
