@@ -317,14 +317,15 @@ class Data:
     _target_: str = "palign.data.datamodule.PrefixAlignmentDataModule"
     max_length: int = knob(32768, "tokens per example; longer ones are dropped and counted, never truncated",
                            check=at_least(1))
-    micro_batch_size: int = knob(1, "examples (or packed rows) per forward", check=at_least(1))
+    micro_batch_size: int = knob(1, "examples (or packed bins) per forward", check=at_least(1))
     val_size: int = knob(0, "problems held out for validation loss", check=at_least(0))
     train_limit: int | None = knob(None, "cap on training problems (after the validation split)",
                                    check=at_least(1, optional="all"))
     num_workers: int = knob(0, "DataLoader workers", identity=False, check=at_least(0))
     group_by_length: bool = knob(True, "micro-batches of similar length (less padding), in a shuffled order")
     packing: bool = knob(False, "padding-free packing: several examples per row, positions restart per example")
-    pack_length: int | None = knob(None, "tokens per packed row", check=at_least(1, optional="max_length"))
+    pack_length: int | None = knob(None, "tokens per packed bin (a micro-batch flattens micro_batch_size bins into one row)",
+                                  check=at_least(1, optional="max_length"))
 
 
 @dataclass
