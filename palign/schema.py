@@ -423,6 +423,8 @@ class Evaluation:
     pass_k: int = knob(3, "k of Pass@k (at most sampling.num_samples)", check=at_least(1))
     grading: Grading = knob(factory=lambda: Grading(workers=2), help="grading of the samples")
     chunk_size: int = knob(64, "problems per resumable chunk of predictions", identity=False, check=at_least(1))
+    intervals: Intervals = knob("${report.intervals}", "the intervals logged with the results (the run's "
+                                "`report.intervals`)", identity=False)
 
 
 @dataclass
@@ -458,6 +460,41 @@ class Logger:
                      check=one_of("auto", "online", "offline", "disabled"))
 
 
+# -- the report -----------------------------------------------------------------------------------
+@dataclass
+class Intervals:
+    """The intervals on every Pass@k cell and the paired tests between runs (palign/evaluation/metrics.py,
+    palign/reporting/comparisons.py: which methods and why): the report's, and the evaluation's W&B summary."""
+
+    confidence_level: float = knob(0.95, "coverage of every interval", check=number(0, 1, low_open=True, high_open=True))
+    resamples: int = knob(9999, "bootstrap resamples per interval, and permutations per paired test", check=at_least(100))
+    seed: int = knob(0, "seed of the resampling: the same runs always get the same intervals and p-values",
+                     check=at_least(0))
+
+
+@dataclass
+class Report:
+    """stage=report and experiments/make_table.py: Table 1 and the ablation tables of finished runs, with
+    intervals, paired differences from a reference row, seeds pooled, and published rows beside the runs
+    (palign/reporting/). Never part of a run's identity."""
+
+    reference: str = knob("sft_long_cot", "Table 1's reference: each row is compared with its student's run of this "
+                          "baseline (paired differences over the problems both evaluated)")
+    ablation_reference: dict[str, str] = knob(factory=dict, help="ablation knob -> the value its arms are compared with, "
+                                              "e.g. {search: binary} (a knob left out: its value in this config, i.e. the "
+                                              "recipe's own, else the table's first arm)")
+    published_file: str | None = knob(None, "published results to show beside the runs (null: palign's own, "
+                                      "palign/reporting/published.yaml)")
+    published: list[str] = knob(factory=list, help="rows of published_file shown beside the runs of their student, each "
+                                "cell marked reproduced (inside the run's interval), below or above it; the paper recipes "
+                                "name the paper's own row")
+    pass1: str = knob("pass@1", "the Pass@1 columns: pass@1 (mean over samples) or pass@1_first (the first sample only); "
+                      "the paper does not say which it reports (PAPER.md §7.4)", check=one_of("pass@1", "pass@1_first"))
+    pass_k: int | None = knob(None, "k of the Pass@k columns (null: the runs' number of samples when they agree, else 3)",
+                              check=at_least(1, optional="the runs' number of samples"))
+    intervals: Intervals = knob(factory=Intervals, help="how intervals and paired tests are computed")
+
+
 # -- the run --------------------------------------------------------------------------------------
 @dataclass
 class Config:
@@ -478,6 +515,8 @@ class Config:
     chain_judge: ChainJudge = knob(MISSING, "stage=judge_chains, conf/chain_judge/ (names its own artifact)",
                                    identity=False)
     logger: Logger = knob(MISSING, "conf/logger/", identity=False)
+    report: Report = knob(factory=Report, help="stage=report: tables, intervals, comparisons (palign/reporting/)",
+                          identity=False)
     vllm: VLLM = knob(factory=VLLM, help="vLLM engines", identity=False)
     ray: Ray = knob(factory=Ray, help="Ray Data workers for backend=ray", identity=False)
     stage: str = knob("all", "all (the baseline's pipeline: truncate -> align -> train -> eval), truncate, align, train, "

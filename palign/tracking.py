@@ -3,7 +3,10 @@
 Runs are identified by a stable id derived from the run's config, so rerunning a job resumes the
 same W&B run instead of creating a duplicate; the group is the sweep name and the job type the
 stage. The W&B run is always closed in a `finally` by `Tracker.close`, so a failed multirun job
-never leaves a live run that the next job would log into.
+never leaves a live run that the next job would log into. Final values (the evaluation's Pass@k and
+their intervals) are declared with W&B's `define_metric`, and an ablation's knob and value reach the
+run config under flat keys (`ablation.knob`, `ablation.value`: palign/pipeline.py), so W&B's UI
+compares and groups runs by them.
 """
 
 from __future__ import annotations
@@ -113,6 +116,18 @@ class Tracker:
         elif self.logger is not None:
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.logger.log_metrics(numeric)
+
+    def log_final(self, metrics: Mapping[str, float]) -> None:
+        """A run's final values, logged once. In W&B each key is first declared with
+        `define_metric(summary="last")`, so the run summary holds its final value (as `{"last": v}`)
+        for run comparisons and parallel-coordinates panels, and the history holds the value too;
+        elsewhere one metrics row."""
+        if not self.rank_zero:
+            return
+        if self.kind == "wandb":
+            for key in metrics:
+                self.logger.experiment.define_metric(key, summary="last")
+        self.log_metrics(metrics)
 
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         if not self.rank_zero:

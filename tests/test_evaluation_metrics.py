@@ -135,3 +135,109 @@ def test_results_table_layout_averages_and_missing_cells() -> None:
 def test_results_table_rejects_benchmarks_that_are_not_columns() -> None:
     with pytest.raises(ValueError, match="gsm8k"):
         results_table({("s", "m"): {"gsm8k": {"pass@1": 1.0, "pass@3": 2.0}}})
+
+
+# -- intervals (palign/evaluation/metrics.py: BCa bootstrap over problems, Wilson at the edges, MOVER for Avg) --
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from palign.evaluation.metrics import Interval, cell_intervals, mean_interval, mover_sum, problem_scores  # noqa: E402
+from palign.schema import Intervals  # noqa: E402
+
+SETTINGS = Intervals()
+Z = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """Wilson's score interval written out (Wilson 1927), to check the library against by hand."""
+    p = successes / n
+    centre = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
+    half = Z / (1 + Z * Z / n) * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("n", [1, 6, 30, 500])
+def test_all_wrong_and_all_right_are_not_certainty(n: int) -> None:
+    wrong, right = mean_interval(np.zeros(n), SETTINGS), mean_interval(np.ones(n), SETTINGS)
+    # 0 of n: [0, z^2 / (n + z^2)], the upper bound hand-computed; all right mirrors it
+    assert (wrong.low, wrong.method) == (0.0, "wilson") and wrong.high == pytest.approx(Z * Z / (n + Z * Z))
+    assert right.low == pytest.approx(1 - Z * Z / (n + Z * Z)) and right.high == 1.0
+    assert wrong.high > 0 and right.low < 1  # never a point
+    ci = stats.binomtest(0, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (wrong.low, wrong.high) == pytest.approx((ci.low, ci.high))
+
+
+def test_the_demo_s_all_wrong_table_cell_has_an_interval() -> None:
+    # 6 problems x 2 samples, none correct (the demo's whole Table 1 before intervals): 0 of 6 problems
+    cells = cell_intervals(np.zeros((6, 2), dtype=bool), ["pass@1", "pass@2", "pass@1_first"], SETTINGS)
+    expected = 100 * Z * Z / (6 + Z * Z)  # 39.0%
+    assert {m: (i.low, round(i.high, 6)) for m, i in cells.items()} == {m: (0.0, round(expected, 6)) for m in cells}
+
+
+def test_a_cell_where_every_problem_scores_the_same_share_counts_whole_problems() -> None:
+    # every problem 1 of 2 samples right: no spread between problems; Wilson over 4 problems at 2 of 4
+    interval = mean_interval(problem_scores(np.array([[1, 0]] * 4, dtype=bool), "pass@1"), SETTINGS)
+    assert (interval.low, interval.high) == pytest.approx(wilson(2, 4)) and interval.method == "wilson"
+
+
+def test_bca_bootstrap_on_a_hand_computed_small_case() -> None:
+    # Three problems scoring 0, 0, 1 (mean 1/3). The bootstrap mean counts the 1s in three draws, Binomial(3, 1/3):
+    # P(0) = 8/27, P(1/3) = 12/27, P(2/3) = 6/27, P(1) = 1/27. BCa (Efron & Tibshirani 1993, 14.3), with scipy's
+    # mid-rank bias correction z0 = Phi^-1((P(mean* < 1/3) + P(mean* <= 1/3)) / 2) = Phi^-1(14/27) = 0.046; the
+    # jackknife means are 1/2, 1/2, 0, so d = mean - theta_i = (-1/6, -1/6, 1/3) and the acceleration
+    # a = sum(d^3) / (6 sum(d^2)^1.5) = (1/36) / (6 (1/6)^1.5) = 0.068. The 2.5% end moves to
+    # Phi(z0 + (z0 - 1.96) / (1 - a (z0 - 1.96))) = Phi(-1.65) = 5%, under P(0) = 30%: 0. The 97.5% end moves to
+    # Phi(z0 + (z0 + 1.96) / (1 - a (z0 + 1.96))) = Phi(2.37) = 99.1%, over P(mean* <= 2/3) = 26/27 = 96.3%: 1.
+    # Both land far from the distribution's jumps, so the resampling noise cannot move them: [0, 1].
+    interval = mean_interval([0.0, 0.0, 1.0], SETTINGS)
+    assert interval.method == "bca"
+    assert (interval.low, interval.high) == (0.0, 1.0)
+
+
+def test_the_cell_interval_is_scipy_s_bca_bootstrap_with_the_configured_seed() -> None:
+    settings = Intervals(confidence_level=0.9, resamples=2000, seed=3)
+
+    def scipy_bca(values):
+        return stats.bootstrap((values,), np.mean, n_resamples=2000, confidence_level=0.9, method="BCa",
+                               rng=np.random.default_rng(3)).confidence_interval
+
+    # scores without a small common denominator: scipy's interval, bit for bit
+    scores = np.random.default_rng(7).random(30)
+    ours, theirs = mean_interval(scores, settings), scipy_bca(scores)
+    assert (ours.low, ours.high) == (theirs.low, theirs.high) and ours.low < scores.mean() < ours.high
+    # per-problem Pass@1 of 3 samples (thirds): scipy's interval of the whole numbers of correct samples, over 3,
+    # so that a resampled mean equal to the estimate is equal in floating point too (BCa counts those ties)
+    correct = np.random.default_rng(7).random((30, 3)) < 0.4
+    scores = problem_scores(correct, "pass@1")
+    ours, theirs = mean_interval(scores, settings), scipy_bca(correct.sum(axis=1).astype(float))
+    assert (ours.low, ours.high) == pytest.approx((theirs.low / 3, theirs.high / 3), abs=1e-12)
+    assert mean_interval(scores, settings) == ours  # the same seed, the same interval
+    assert mean_interval(scores, Intervals(confidence_level=0.9, resamples=2000, seed=4)) != ours
+    # the same scores by another float path (averaged over two identical seeds) give the same interval
+    assert mean_interval((scores + correct.sum(axis=1) / 3) / 2, settings) == ours
+
+
+def test_problem_scores_per_metric() -> None:
+    assert problem_scores(CORRECT, "pass@1").tolist() == pytest.approx([1 / 3, 2 / 3, 0, 1])
+    assert problem_scores(CORRECT, "pass@1_first").tolist() == [1, 0, 0, 1]
+    assert problem_scores(CORRECT, "pass@2").tolist() == pytest.approx([2 / 3, 1, 0, 1])
+    assert problem_scores(CORRECT, "pass@3").tolist() == [1, 1, 0, 1]
+    with pytest.raises(ValueError, match="pass@4 from 3 samples"):
+        problem_scores(CORRECT, "pass@4")
+    with pytest.raises(ValueError, match="unknown metric"):
+        problem_scores(CORRECT, "accuracy")
+
+
+def test_the_avg_interval_adds_the_benchmarks_arms_in_quadrature() -> None:
+    # MOVER (Zou & Donner 2008) for (a + b) / 2: 0.4 - sqrt(0.1^2 + 0.1^2) / 2 and 0.4 + sqrt(0.15^2 + 0.1^2) / 2
+    avg = mover_sum([0.2, 0.6], [Interval(0.1, 0.35, "bca"), Interval(0.5, 0.7, "bca")], 0.5)
+    assert (avg.low, avg.high) == pytest.approx((0.4 - math.sqrt(0.02) / 2, 0.4 + math.sqrt(0.0325) / 2))
+    one = Interval(0.1, 0.35, "bca")
+    assert (mover_sum([0.2], [one]).low, mover_sum([0.2], [one]).high) == pytest.approx((0.1, 0.35))  # one benchmark
+    # an all-wrong benchmark keeps the Avg from collapsing too
+    zero = mean_interval(np.zeros(30), SETTINGS)
+    both = mover_sum([0.0, 0.0], [zero, zero], 0.5)
+    assert both.low == 0.0 and both.high == pytest.approx(math.sqrt(2) * zero.high / 2)

@@ -6,7 +6,12 @@ the paper, T=0.6, top-p 0.9); predictions are stored per benchmark in the author
 (`answer` plus a list of sampled `output`s), resumable problem by problem, then graded with
 math-verify in worker processes with a hard per-item timeout. Metrics: Pass@1 (mean over samples,
 and the first-sample variant), Pass@n, the paper's Avg over benchmarks; results as Markdown and
-CSV in the Table 1 layout.
+CSV in the Table 1 layout, each cell with its interval (BCa bootstrap over problems, Wilson where
+every problem scored the same; palign/evaluation/metrics.py), also in the run summary and in W&B
+(`eval/<benchmark>/pass@1_ci_low`, `_ci_high`, declared with define_metric) beside two W&B tables
+per benchmark: the predictions (one row per sample, with the benchmark and the gold answer) and the
+problems (one row per problem: its samples' correctness, pass@1 and pass@k), on which W&B's table
+comparison joins two runs.
 
 Where the outputs go, under a run's `eval/`:
 
@@ -34,11 +39,13 @@ from typing import Any
 
 from palign.artifacts import file_digests, fingerprint, open_stage_store, read_json, stage_folder, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
-from palign.evaluation.predictions import PAPER_BENCHMARKS, grade_prediction_file, results_table
+from palign.evaluation.metrics import Interval, cell_intervals, mover_sum, problem_scores
+from palign.evaluation.predictions import PAPER_BENCHMARKS, display_name, grade_prediction_file, render_table, results_table
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig
 from palign.llm.openai_backend import ChatBackend, LocalChatBackend, complete_missing
+from palign.schema import Intervals
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,56 @@ def average(results: Mapping[str, BenchmarkResult], key: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def add_intervals(results: Mapping[str, BenchmarkResult], k: int, settings: Intervals) -> dict[str, float]:
+    """Each benchmark's `<metric>_ci_low` / `_ci_high` (percent) into its summary, for pass@1,
+    pass@1_first and pass@k; returns the Avg cells with theirs (`avg_pass@1`, `avg_pass@1_ci_low`, ...:
+    MOVER over the benchmarks)."""
+    metrics = list(dict.fromkeys(("pass@1", "pass@1_first", f"pass@{k}")))
+    per_benchmark: dict[str, dict[str, Interval]] = {}
+    for name, result in results.items():
+        per_benchmark[name] = cell_intervals([row["correct"] for row in result.rows], metrics, settings)
+        for metric, interval in per_benchmark[name].items():
+            result.summary[f"{metric}_ci_low"], result.summary[f"{metric}_ci_high"] = interval.low, interval.high
+    averages = {f"avg_{metric}": average(results, metric) for metric in ("pass@1", f"pass@{k}")}
+    for metric in ("pass@1", f"pass@{k}"):
+        interval = mover_sum([r.summary[metric] for r in results.values()], [per_benchmark[n][metric] for n in results],
+                             1.0 / len(results))
+        averages[f"avg_{metric}_ci_low"], averages[f"avg_{metric}_ci_high"] = interval.low, interval.high
+    return averages
+
+
+def intervals_table(results: Mapping[str, BenchmarkResult], k: int, averages: Mapping[str, float],
+                    settings: Intervals) -> str:
+    """The results' cells with their intervals (Markdown), and how they were computed."""
+    def cell(summary: Mapping[str, float], metric: str, prefix: str = "") -> str:
+        value, low, high = (summary[f"{prefix}{metric}{suffix}"] for suffix in ("", "_ci_low", "_ci_high"))
+        return f"{value:.2f} [{low:.1f}, {high:.1f}]"
+
+    rows = [[display_name(name), cell(r.summary, "pass@1"), cell(r.summary, f"pass@{k}")] for name, r in results.items()]
+    rows.append(["Avg", cell(averages, "pass@1", "avg_"), cell(averages, f"pass@{k}", "avg_")])
+    level = f"{100 * settings.confidence_level:g}%"
+    return (render_table(["Benchmark", "Pass@1", f"Pass@{k}"], rows, numeric_from=1)[0]
+            + f"\nValue [{level} interval]: BCa bootstrap over problems (scipy.stats.bootstrap, {settings.resamples} "
+            f"resamples, seed {settings.seed}); Wilson score interval over problems where every problem scored the same; "
+            "Avg: MOVER over the benchmarks (palign/evaluation/metrics.py).\n")
+
+
+def _with_bounds(csv_text: str, summaries: list[Mapping[str, float]], averages: Mapping[str, float], k: int) -> str:
+    """results.csv with `<column> ci_low` and `<column> ci_high` after each Pass@ value."""
+    import csv
+    import io
+
+    header, row = list(csv.reader(io.StringIO(csv_text)))
+    cells = [(summary, "", metric) for summary in summaries for metric in ("pass@1", f"pass@{k}")]
+    cells += [(averages, "avg_", metric) for metric in ("pass@1", f"pass@{k}")]
+    new_header, new_row = header[:2], row[:2]
+    for name, value, (summary, prefix, metric) in zip(header[2:], row[2:], cells):
+        bounds = [summary.get(f"{prefix}{metric}_ci_{end}") for end in ("low", "high")]
+        new_header += [name, f"{name} ci_low", f"{name} ci_high"]
+        new_row += [value, *("" if b is None or not value else f"{b:.2f}" for b in bounds)]
+    return render_table(new_header, [new_row], numeric_from=2)[1]
+
+
 def results_folder(results: Mapping[str, BenchmarkResult], benchmarks: Mapping[str, Mapping[str, Any]], k: int) -> Path:
     """The folder of one evaluation setting, beside its predictions (see the module docstring)."""
     if not results:
@@ -148,16 +205,24 @@ def write_results(
     run_dir: str | os.PathLike,
     k: int,
     benchmarks: Mapping[str, Mapping[str, Any]],
+    averages: Mapping[str, float] | None = None,
+    settings: Intervals | None = None,
 ) -> tuple[str, Path]:
     """Table 1 layout as Markdown and CSV for one (student, method) row, plus metrics.json, in the
     evaluation setting's own folder and, as the latest, in `run_dir`. Returns (markdown, folder).
 
     benchmarks: the benchmark configs as evaluated (with their limits and held-out ids).
+    averages, settings: with `add_intervals`' bounds in the summaries and in `averages`, results.md
+    shows every cell with its interval under the row (`intervals_table`) and results.csv has a
+    `ci_low` and a `ci_high` column after each value.
     """
     folder = results_folder(results, benchmarks, k)
+    columns = [n for n in PAPER_BENCHMARKS if n in results] + [n for n in results if n not in PAPER_BENCHMARKS]
     markdown, csv_text = results_table({(student, method): {n: r.summary for n, r in results.items()}}, k=k,
-                                       benchmarks=[n for n in PAPER_BENCHMARKS if n in results]
-                                       + [n for n in results if n not in PAPER_BENCHMARKS])
+                                       benchmarks=columns)
+    if averages is not None and settings is not None:
+        markdown += "\n" + intervals_table(results, k, averages, settings)
+        csv_text = _with_bounds(csv_text, [results[n].summary for n in columns], averages, k)
     metrics = {n: r.summary for n, r in results.items()}
     predictions = read_json(folder.parent / "settings.json")
     write_json_atomic(folder / "evaluation.json", {"predictions": predictions, "benchmarks": {n: dict(benchmarks[n]) for n in results},
@@ -190,6 +255,7 @@ def evaluate_student(
     training_ids: Callable[[], list[str]],
     vllm: Mapping[str, Any],
     tracker,
+    intervals: Mapping[str, Any],
     ray: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Stage 4 from the `evaluation` config node (palign/schema.py: Evaluation): the trained student
@@ -198,6 +264,7 @@ def evaluate_student(
     summary's `eval` entry, or None when no benchmark is configured.
 
     training_ids: the run's training problem ids, read only if a benchmark holds them out.
+    intervals: how the cells' intervals are computed (palign/schema.py: Intervals, the run's `report.intervals`).
     ray: the `ray:` block (palign/schema.py: Ray), read when `backend` is ray.
     """
     from functools import partial
@@ -237,18 +304,36 @@ def evaluate_student(
         chat_template_kwargs=spec.chat_template_kwargs, grading_workers=grading["workers"],
         grading_timeout_s=grading["timeout_s"], chunk_size=chunk_size, backend=engine,
     )
+    settings = Intervals(**intervals)
+    averages = add_intervals(results, pass_k, settings)
     # each evaluation setting keeps its own results beside its predictions; the run folder has the latest
-    markdown, folder = write_results(results, spec.name, method, run_dir, pass_k, chosen)
+    markdown, folder = write_results(results, spec.name, method, run_dir, pass_k, chosen, averages, settings)
     summaries = {name: r.summary for name, r in results.items()}
-    averages = {"avg_pass@1": average(results, "pass@1"), f"avg_pass@{pass_k}": average(results, f"pass@{pass_k}")}
     flat = {f"eval/{name}/{key}": v for name, summary in summaries.items() for key, v in summary.items()}
     flat.update({f"eval/{key}": v for key, v in averages.items()})
-    tracker.log_summary(flat)
-    tracker.log_metrics(flat)
+    tracker.log_final(flat)
     for name, result in results.items():
-        tracker.log_table(
-            f"eval/{name}/predictions", ["problem", "sample", "extracted", "correct", "output"],
-            [[row["id"], s, row["extracted"][s], row["correct"][s], row["output"][s][-1000:]]
-             for row in result.rows for s in range(len(row["correct"]))],
-        )
+        log_result_tables(tracker, name, result, pass_k)
     return {"benchmarks": summaries, **averages, "model": model_path or "base", "table": markdown, "results": str(folder)}
+
+
+def log_result_tables(tracker, name: str, result: BenchmarkResult, k: int) -> None:
+    """Two W&B tables per benchmark: `eval/<name>/predictions` (one row per sample: the benchmark, the
+    problem id, the gold answer, what was extracted, whether it is correct, the output's end) and
+    `eval/<name>/problems` (one row per problem: its samples, how many are correct, which ones as
+    `sample correct` ("101": the first and third), its pass@1 and pass@k in percent), on which W&B's
+    table comparison joins two runs by problem id."""
+    tracker.log_table(
+        f"eval/{name}/predictions", ["benchmark", "problem", "sample", "gold", "extracted", "correct", "output"],
+        [[name, row["id"], s, row["answer"], row["extracted"][s], row["correct"][s], row["output"][s][-1000:]]
+         for row in result.rows for s in range(len(row["correct"]))],
+    )
+    correct = [row["correct"] for row in result.rows]
+    pass1 = problem_scores(correct, "pass@1")
+    passk = problem_scores(correct, f"pass@{k}")
+    tracker.log_table(
+        f"eval/{name}/problems", ["benchmark", "problem", "gold", "samples", "correct samples", "sample correct", "pass@1",
+                                  f"pass@{k}"],
+        [[name, row["id"], row["answer"], len(row["correct"]), sum(row["correct"]), "".join("1" if c else "0" for c in row["correct"]),
+          100.0 * float(p1), 100.0 * float(pk)] for row, p1, pk in zip(result.rows, pass1, passk)],
+    )
