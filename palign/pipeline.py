@@ -264,11 +264,15 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
     from hydra.utils import instantiate
 
     cfg = ctx.cfg
-    summary = instantiate(
-        cfg.evaluation, _convert_="all", student=_container(cfg.student), method=cfg.baseline.name,
+    # a partial, called here: the whole evaluation runs in this call, and its errors (a benchmark's bad gold
+    # answer, a full disk) reach the user as they are, not as Hydra's InstantiationException, which
+    # shows their repr (quoted, every backslash of a path or of LaTeX doubled)
+    evaluate = instantiate(
+        cfg.evaluation, _convert_="all", _partial_=True, student=_container(cfg.student), method=cfg.baseline.name,
         prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir, run_dir=ctx.run_dir, trained=ctx.student_dir,
         training_ids=lambda: sorted(r.id for r in training_records(cfg)), vllm=_container(cfg.vllm), tracker=tracker,
     )
+    summary = evaluate()
     if summary is not None:
         ctx.summary["eval"] = summary
         save_summary(ctx)
@@ -301,12 +305,15 @@ def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
 
 
 def report_stage(ctx: RunContext, tracker: Tracker) -> None:
-    """Table 1, the ablation tables and the report figures from every evaluated run under paths.runs."""
+    """Table 1, the ablation tables and the report figures from every evaluated run under paths.runs and
+    every prediction file graded under <paths.root>/grade (the `report` node: palign/schema.py: Report)."""
     from palign.reporting.report import make_report
 
     cfg = ctx.cfg
     out = Path(cfg.paths.root) / "report"
-    result = make_report(cfg.paths.runs, out, tracker=tracker)
+    # the report node's settings; the recipe's own config (each ablation's reference arm); stage=grade's folders
+    result = make_report(cfg.paths.runs, out, OmegaConf.to_object(cfg.report), tracker=tracker,
+                         graded_dir=Path(cfg.paths.root) / "grade", recipe=OmegaConf.to_container(cfg, resolve=True))
     print(result["table1"])
     print(f"tables, figures and report.md written to {out}")
 
@@ -389,6 +396,24 @@ def command_line_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def ablation_keys(cfg: DictConfig) -> dict[str, Any]:
+    """The knob an ablation sweep (conf/ablation/) varies and this run's value of it, under flat keys
+    of the W&B run config that its UI groups runs by: `ablation.name` (the conf/ablation/ file),
+    `ablation.knob` (the swept key, e.g. truncation/search) and `ablation.value` (this run's choice,
+    e.g. binary). Empty outside an ablation, or when the config was not composed by Hydra's launcher."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    name = hydra.runtime.choices.get("ablation")
+    if not name:
+        return {}
+    knobs = list(hydra.sweeper.params or {})
+    values = [hydra.runtime.choices[k] if k in hydra.runtime.choices else OmegaConf.select(cfg, k) for k in knobs]
+    return {"ablation.name": name, "ablation.knob": ",".join(knobs), "ablation.value": ",".join(map(str, values))}
+
+
 # stage= -> the steps it runs, in the method's order (the stages a baseline skips build nothing)
 DISPATCH = {
     "all": (train_stage, eval_stage),  # training loads its data through stages 1 and 2
@@ -423,7 +448,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         group=cfg.group,
         job_type=cfg.stage,
         tags=list(cfg.tags),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config={**OmegaConf.to_container(cfg, resolve=True), **ablation_keys(cfg)},
         project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, rank_zero=is_global_zero(),
     )
     failed = True

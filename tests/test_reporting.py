@@ -1,5 +1,6 @@
 """The report (palign/reporting, experiments/make_table.py): Table 1 cells, the samples statement,
-ablation grouping, unfinished runs, figures, and the same on two real run folders."""
+ablation grouping, unfinished runs, figures, and the same on two real run folders. Intervals, paired
+differences, seeds and published rows: tests/test_report_comparisons.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from conftest import PROJECT_ROOT, run_cli
 
 from palign.reporting.plots import plot_accuracy_vs_length, plot_prefix_ratios, plot_sufficiency_curves, truncation_rows_by_config
 from palign.reporting.tables import KNOBS, RunRecord, ablation_groups, build_tables, collect_local_runs, summary_from_wandb
+from palign.schema import Report
 
 STUDENT = "qwen2_5_7b_instruct"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -129,18 +131,26 @@ def test_table1_cells_average_samples_statement_and_missing_cells(tmp_path):
 
     finished, unfinished = collect_local_runs(runs)
     assert unfinished == []
-    markdown, csv_text = build_tables(finished, pass_k=3)["table1"]
+    markdown, csv_text, *_ = build_tables(finished, pass_k=3)["table1"]
     rows = md_rows(markdown)
     # Rows: students in order, the baselines before P-ALIGN; two fixed_ratio runs named by their ratio.
     assert list(rows) == [
         (STUDENT, "sft_short_cot"), (STUDENT, "sft_long_cot"), (STUDENT, "fixed_ratio (ratio=0.25)"),
         (STUDENT, "fixed_ratio (ratio=0.5)"), (STUDENT, "palign"), ("qwen3_8b", "palign"),
     ]
-    # AIME25, AIME24, AMC12, MATH500 (Pass@1, Pass@3), Avg Pass@1, Avg Pass@3
-    assert rows[(STUDENT, "palign")] == ["16.67", "26.67", "16.67", "26.67", "49.40", "59.40", "75.80", "85.80", "39.64", "49.64"]
-    assert rows[(STUDENT, "sft_long_cot")] == ["10.00", "20.00", "13.33", "23.33", "40.00", "50.00", "70.00", "80.00", "33.33", "43.33"]
-    assert rows[(STUDENT, "sft_short_cot")] == ["–"] * 6 + ["60.13", "70.13", "60.13", "70.13"]
-    assert rows[(STUDENT, "fixed_ratio (ratio=0.25)")][-4:] == ["71.00", "81.00", "71.00", "81.00"]
+    # AIME25, AIME24, AMC12, MATH500 (Pass@1, Pass@3), Avg Pass@1, Avg Pass@3, then the differences of the Avg
+    # from the student's sft_long_cot row: these summaries come without graded predictions, so the values stand
+    # alone (no interval to resample, no pairs to compare)
+    assert rows[(STUDENT, "palign")] == ["16.67", "26.67", "16.67", "26.67", "49.40", "59.40", "75.80", "85.80", "39.64", "49.64",
+                                         "–", "–"]
+    assert rows[(STUDENT, "sft_long_cot")] == ["10.00", "20.00", "13.33", "23.33", "40.00", "50.00", "70.00", "80.00", "33.33", "43.33",
+                                               "ref", "ref"]
+    # its Avg is over MATH500 alone, the reference's over four benchmarks: not comparable, and the note says why
+    assert rows[(STUDENT, "sft_short_cot")] == ["–"] * 6 + ["60.13", "70.13", "60.13", "70.13", "refused", "refused"]
+    assert ("cannot compare the Avg Pass@1 of c-short and b-long: they evaluated different benchmarks (math500 and "
+            "aime25, aime24, amc12, math500)") in markdown
+    assert rows[(STUDENT, "fixed_ratio (ratio=0.25)")][-6:-2] == ["71.00", "81.00", "71.00", "81.00"]
+    assert rows[("qwen3_8b", "palign")][-2:] == ["–", "–"]  # no sft_long_cot run of its student: nothing to compare
 
     samples = md_rows(section(markdown, "| Student | Method | AIME25 | AIME24 | AMC12 | MATH500 | Run |"))
     assert samples[(STUDENT, "palign")] == ["30×3 (4096 tok)", "30×3 (4096 tok)", "83×3 (4096 tok)", "500×3 (4096 tok)", "a-palign"]
@@ -150,6 +160,7 @@ def test_table1_cells_average_samples_statement_and_missing_cells(tmp_path):
     header, *body = [line.split(",") for line in csv_text.strip().splitlines()]
     short = dict(zip(header, next(r for r in body if r[1] == "sft_short_cot")))
     assert short["AIME25 Pass@1"] == "" and short["MATH500 Pass@1"] == "60.13" and short["Avg Pass@3"] == "70.13"
+    assert short["MATH500 Pass@1 ci_low"] == short["MATH500 Pass@1 ci_high"] == short["MATH500 Pass@1 seed_sd"] == ""
     assert (short["MATH500 problems"], short["MATH500 samples"], short["MATH500 max_new_tokens"]) == ("500", "3", "4096")
     assert short["AIME24 problems"] == "" and short["Run"] == "c-short"
 
@@ -160,7 +171,7 @@ def test_pass_k_column_is_missing_when_fewer_samples_were_drawn(tmp_path):
     summary = json.loads((folder / "summary.json").read_text())
     summary["eval"]["benchmarks"]["math500"] = bench(50.0, 75.0, 500, samples=2, tokens=8)
     (folder / "summary.json").write_text(json.dumps(summary))
-    markdown, _ = build_tables(collect_local_runs(runs)[0], pass_k=3)["table1"]
+    markdown = build_tables(collect_local_runs(runs)[0], pass_k=3)["table1"].markdown
     assert md_rows(markdown)[(STUDENT, "palign")][-4:] == ["50.00", "–", "50.00", "–"]
     assert "500×2 (8 tok)" in markdown
 
@@ -178,7 +189,7 @@ def test_unfinished_runs_are_left_out_and_named(tmp_path, caplog):
     assert "just-started, trained-not-evaluated" in caplog.text
 
     make_table = _make_table_module()
-    result = make_table.make_report(runs, tmp_path / "report", pass_k=3)
+    result = make_table.make_report(runs, tmp_path / "report", Report(pass_k=3))
     assert result["unfinished"] == ["just-started", "trained-not-evaluated"]
     assert "Not evaluated yet, left out: just-started, trained-not-evaluated." in Path(result["report"]).read_text()
 
@@ -212,25 +223,28 @@ def test_ablation_tables_group_runs_that_differ_in_one_knob(tmp_path):
     tables = build_tables(finished, pass_k=3)
     assert set(tables) == {"table1", "ablation_granularity", "ablation_judge_prompt", "ablation_judge_mode",
                            "ablation_ratio", "ablation_baseline"}
-    markdown, csv_text = tables["ablation_baseline"]
+    markdown, csv_text, *_ = tables["ablation_baseline"]
     assert markdown.splitlines()[0] == ("| Group | Student | Baseline | Mean prefix ratio | Retention % | Avg Pass@1 | "
-                                        "Avg Pass@3 | Cells (problems×samples) | Run |")
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.strip().splitlines()[2:]]
+                                        "Avg Pass@3 | Δ Avg Pass@1 | Δ Avg Pass@3 | Cells (problems×samples) | Run |")
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.split("\n\n")[0].strip().splitlines()[2:]]
+    # no recipe and no report.ablation_reference: the first arm is the reference; no graded predictions: no pairs
     assert body == [
-        ["1", STUDENT, "prefix_only", "0.41", "–", "52.00", "62.00", "MATH500 500×3 (4096 tok)", "E"],
-        ["1", STUDENT, "student_only", "–", "70.0", "50.00", "60.00", "MATH500 500×3 (4096 tok)", "F"],
-        ["1", STUDENT, "palign", "0.41", "60.0", "60.00", "70.00", "MATH500 500×3 (4096 tok)", "A"],
+        ["1", STUDENT, "prefix_only", "0.41", "–", "52.00", "62.00", "ref", "ref", "MATH500 500×3 (4096 tok)", "E"],
+        ["1", STUDENT, "student_only", "–", "70.0", "50.00", "60.00", "–", "–", "MATH500 500×3 (4096 tok)", "F"],
+        ["1", STUDENT, "palign", "0.41", "60.0", "60.00", "70.00", "–", "–", "MATH500 500×3 (4096 tok)", "A"],
     ]
-    assert csv_text.splitlines()[2] == f"1,{STUDENT},student_only,,70.0,50.00,60.00,MATH500 500×3 (4096 tok),F"
-    ratio_rows = [line.split(",") for line in tables["ablation_ratio"][1].strip().splitlines()]
+    assert "group 1: prefix_only (the first arm" in markdown
+    assert csv_text.splitlines()[2] == f"1,{STUDENT},student_only,,70.0,50.00,,,,60.00,,,,,,,,,,,,MATH500 500×3 (4096 tok),F"
+    ratio_rows = [line.split(",") for line in tables["ablation_ratio"].csv.strip().splitlines()]
     assert ratio_rows[0][:5] == ["Group", "Student", "Baseline", "Ratio", "Mean prefix ratio"]
-    assert [r[3:8] for r in ratio_rows[1:]] == [["0.25", "0.26", "40.0", "55.00", "65.00"], ["0.5", "0.51", "50.0", "54.50", "64.50"]]
-    granularity_rows = [line.split(",") for line in tables["ablation_granularity"][1].strip().splitlines()[1:]]
+    avg = [ratio_rows[0].index("Avg Pass@1"), ratio_rows[0].index("Avg Pass@3")]
+    assert [[*r[3:6], *(r[i] for i in avg)] for r in ratio_rows[1:]] == [["0.25", "0.26", "40.0", "55.00", "65.00"],
+                                                                         ["0.5", "0.51", "50.0", "54.50", "64.50"]]
+    granularity_rows = [line.split(",") for line in tables["ablation_granularity"].csv.strip().splitlines()[1:]]
     assert [(r[0], r[3], r[-1]) for r in granularity_rows] == [("1", "paper_sentence", "A"), ("1", "step", "B"),
                                                                ("2", "paper_sentence", "C"), ("2", "step", "D")]
-    # Table 1 names the palign runs apart by what differs among them
     # Table 1 names each palign run by where it departs from the most common setting
-    labels = {row[1] for row in md_rows(tables["table1"][0])}
+    labels = {row[1] for row in md_rows(tables["table1"].markdown)}
     assert {"palign", "palign (granularity=step)", "palign (judge_prompt=answer_reachable)",
             "palign (granularity=step, judge_prompt=answer_reachable)", "palign (judge_mode=generate)",
             "palign (training.learning_rate=2e-05)"} <= labels
@@ -316,7 +330,7 @@ def test_make_report_writes_tables_figures_and_logs_them(tmp_path):
     write_records(tmp_path / "cache", "t", [truncation_row("p1", 10, 3, [(5, True, 0.9), (3, True, 0.6), (2, False, 0.2)])])
     tracker = RecordingTracker()
 
-    result = _make_table_module().make_report(runs, tmp_path / "report", pass_k=3, tracker=tracker)
+    result = _make_table_module().make_report(runs, tmp_path / "report", Report(pass_k=3), tracker=tracker)
     report = tmp_path / "report"
     assert sorted(p.name for p in report.iterdir()) == [
         "ablation_granularity.csv", "ablation_granularity.md", "accuracy_vs_length.png", "prefix_ratios.png",
@@ -335,7 +349,7 @@ def test_make_report_writes_tables_figures_and_logs_them(tmp_path):
 
 
 def test_wandb_summary_becomes_the_local_schema():
-    flat = {"eval/math500/pass@1": 40.0, "eval/math500/pass@3": 60.0, "eval/math500/num_problems": 500,
+    flat = {"eval/math500/pass@1": {"last": 40.0}, "eval/math500/pass@3": 60.0, "eval/math500/num_problems": 500,
             "eval/math500/num_samples": 3, "eval/avg_pass@1": 40.0, "truncation/prefix_ratio_mean": 0.25,
             "truncation/examples": 40, "alignment/retention": 0.5, "alignment/examples": 40, "train/loss": 1.2,
             "eval/math500/predictions": {"_type": "table-file", "path": "x"}}
@@ -345,7 +359,7 @@ def test_wandb_summary_becomes_the_local_schema():
                        "truncation": {"prefix_ratio_mean": 0.25, "examples": 40},
                        "alignment": {"retention": 0.5, "examples": 40}}
     run = RunRecord("r", base_config() | {"baseline": BASELINES["palign"]}, summary, "https://wandb.ai/x/palign/runs/r")
-    assert md_rows(build_tables([run])["table1"][0])[(STUDENT, "palign")][-4:] == ["40.00", "60.00", "40.00", "60.00"]
+    assert md_rows(build_tables([run])["table1"].markdown)[(STUDENT, "palign")][-4:] == ["40.00", "60.00", "40.00", "60.00"]
     assert run.truncation_records() is None
 
 
@@ -382,16 +396,22 @@ def test_report_on_two_real_runs(real_runs, tmp_path):
     (benchmark,) = summaries["palign"]["eval"]["benchmarks"]  # experiment=tiny evaluates one benchmark
     assert benchmark == "champ_heldout"
 
-    result = _make_table_module().make_report(runs, tmp_path / "report", pass_k=2)
+    result = _make_table_module().make_report(runs, tmp_path / "report", Report(pass_k=2))
     rows = md_rows(result["table1"])
     assert list(rows) == [("tiny_random", "fixed_ratio"), ("tiny_random", "palign")]
     for baseline, summary in summaries.items():
         scores = summary["eval"]["benchmarks"][benchmark]
-        expected = [f"{scores['pass@1']:.2f}", f"{scores['pass@2']:.2f}"]
-        assert rows[("tiny_random", baseline)] == expected + expected  # the one benchmark, then Avg
+        # each value with the interval the evaluation computed from the same graded predictions
+        expected = [f"{scores[m]:.2f} [{scores[m + '_ci_low']:.1f}, {scores[m + '_ci_high']:.1f}]" for m in ("pass@1", "pass@2")]
+        assert rows[("tiny_random", baseline)][:2] == expected
+        avg = [f"{summary['eval'][f'avg_{m}']:.2f} [{summary['eval'][f'avg_{m}_ci_low']:.1f}, "
+               f"{summary['eval'][f'avg_{m}_ci_high']:.1f}]" for m in ("pass@1", "pass@2")]
+        assert rows[("tiny_random", baseline)][2:] == avg  # one benchmark: Avg is its cell, with its interval
     samples = md_rows(section(result["table1"], f"| Student | Method | {benchmark.upper()} | Run |"))
     assert samples[("tiny_random", "palign")][0] == "2×2 (8 tok)"
     assert result["unfinished"] == [] and list(result["tables"]) == ["table1"]  # two baselines, no single-knob pair
+    # no sft_long_cot run: no reference row, no differences, no forest plot
+    assert result["plots"].pop("forest_table1") is None
     for path in result["plots"].values():
         assert_png(path)
     finished, _ = collect_local_runs(runs)

@@ -1,5 +1,7 @@
 """The report's figures: where adaptive prefixes end (§2.1), how the judge's verdict grows along a
-trace, and what accuracy costs in supervision length (the paper's efficiency argument, §7).
+trace, what accuracy costs in supervision length (the paper's efficiency argument, §7), and one
+forest plot per comparison (Table 1 against its reference row, each ablation against its reference
+arm): every difference with its interval, per benchmark and Avg.
 
 Figures are drawn on a bare `matplotlib.figure.Figure` (the Agg canvas, no pyplot state, no
 display) and written atomically. A figure whose data is missing (no truncation artifact, no probe
@@ -19,7 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from palign.artifacts import atomic_path, iter_jsonl, require_field
-from palign.reporting.tables import RunRecord, average_cells, method_labels
+from palign.reporting.tables import RunRecord, Table, average_cells, method_labels
 
 log = logging.getLogger(__name__)
 
@@ -176,4 +178,36 @@ def plot_accuracy_vs_length(runs: Sequence[RunRecord], path: str | os.PathLike, 
     ax.set_xlabel("mean supervision length (response tokens per training example)")
     ax.set_ylabel("Avg Pass@1 (%)")
     ax.legend(fontsize=8, title="student")
+    return _save(figure, path)
+
+
+def plot_forest(table: Table, path: str | os.PathLike, title: str) -> Path | None:
+    """A forest plot of a table's paired differences: one line per compared row and column (each
+    benchmark, then Avg as a diamond), the difference and its interval, one panel per metric; red
+    where the difference is marked (its interval excludes 0 and the permutation test agrees). None
+    when the table has no differences (no reference row, or no per-problem outcomes)."""
+    rows = table.forest
+    if not rows:
+        log.info("%s: no paired differences: forest plot skipped", title)
+        return None
+    metrics = list(dict.fromkeys(row.metric for row in rows))
+    lines = list(dict.fromkeys((row.label, row.column) for row in rows))
+    figure = Figure(figsize=(4 + 3 * len(metrics), 1.4 + 0.32 * len(lines)))
+    axes = figure.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for row in rows:
+            if row.metric != metric:
+                continue
+            y = len(lines) - 1 - lines.index((row.label, row.column))
+            color = "tab:red" if row.difference.marked else "tab:blue"
+            interval = row.difference.interval
+            ax.plot([interval.low, interval.high], [y, y], color=color, linewidth=1.5)
+            ax.scatter([row.difference.delta], [y], marker="D" if row.column == "Avg" else "o", s=30, color=color, zorder=3)
+        ax.axvline(0.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"Δ {metric}", fontsize=9)
+        ax.set_xlabel("difference (points)")
+    axes[0].set_yticks(range(len(lines)))
+    axes[0].set_yticklabels([f"{label} · {column}" for label, column in reversed(lines)], fontsize=7)
+    axes[0].set_ylim(-0.7, len(lines) - 0.3)
+    figure.suptitle(f"{title}: row minus {table.reference}", fontsize=9)
     return _save(figure, path)
