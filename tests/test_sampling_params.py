@@ -24,7 +24,7 @@ from conftest import compose_config
 from palign.llm.generation import Generation, SamplingConfig, generate, generation_config
 from palign.llm.openai_backend import OpenAIChatBackend
 from palign.llm.vllm_backend import VLLMChatBackend
-from palign.schema import ConfigError, check_values
+from palign.schema import ConfigError, Remote, check_values, defaults
 
 # what a model could ship in generation_config.json; each one would change the sampled tokens
 MODEL_DEFAULTS = {"do_sample": True, "temperature": 0.3, "top_k": 20, "top_p": 0.5, "min_p": 0.2, "typical_p": 0.5,
@@ -100,13 +100,14 @@ def test_top_k_is_validated_and_reaches_vllm_only_when_set():
 
 
 def test_openai_requests_carry_top_k_only_where_the_server_is_told_to(caplog):
-    backend = OpenAIChatBackend("http://127.0.0.1:9/v1", "m", api_key_env=None)
+    backend = OpenAIChatBackend.from_config(defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None))
     payload = backend._payload("Hi", SamplingConfig(top_k=5, repetition_penalty=1.0), n=1, seed=0)
     assert "top_k" not in payload  # not an OpenAI parameter: OpenAI itself rejects it
     with caplog.at_level(logging.WARNING, logger="palign.llm.openai_backend"):
         backend.complete([], SamplingConfig(top_k=5, repetition_penalty=1.0))
     assert any("top_k=5 is not an OpenAI API parameter" in m for m in caplog.messages)
-    vllm_server = OpenAIChatBackend("http://127.0.0.1:9/v1", "m", api_key_env=None, extra_body={"top_k": 5})
+    vllm_server = OpenAIChatBackend.from_config(defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None,
+                                                         extra_body={"top_k": 5}))
     assert vllm_server._payload("Hi", SamplingConfig(top_k=5), n=1, seed=0)["top_k"] == 5
 
 
