@@ -42,20 +42,43 @@ class DiskFullError(OSError):
 _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
+def disk_full_errno(err: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when `err`, or an error it was raised from, is a write that found the disk full.
+
+    Python's own writes raise `OSError` with the errno; writers in other languages report it in their
+    own words: `torch.save` raises `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`
+    from the `OSError`, safetensors (the student's export) a `SafetensorError` whose text ends with
+    `No space left on device (os error 28)`, Arrow an `OSError` without an errno.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return err.errno
+        text = str(err)
+        for number in _DISK_FULL:
+            if os.strerror(number) in text:
+                return number
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextlib.contextmanager
-def _naming_a_full_disk(path: str | os.PathLike) -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT raised inside into a `DiskFullError` naming `path`; other errors pass."""
+def naming_a_full_disk(path: str | os.PathLike, kept: str = "finished work is kept") -> Iterator[None]:
+    """Turn a full disk met inside (see `disk_full_errno`) into a `DiskFullError` naming `path` and
+    saying what is `kept`; any other error passes unchanged."""
     try:
         yield
-    except OSError as err:
-        if isinstance(err, DiskFullError) or err.errno not in _DISK_FULL:
+    except Exception as err:
+        number = None if isinstance(err, DiskFullError) else disk_full_errno(err)
+        if number is None:
             raise
         full = DiskFullError(
-            f"{path}: disk full ({_DISK_FULL[err.errno]}) while writing this file; free space on the disk "
-            f"holding {Path(path).parent} (or point paths.root / paths.cache_dir at a larger disk) and rerun: "
-            "finished work is kept"
+            f"{path}: disk full ({_DISK_FULL[number]}) while writing it; free space on the disk holding "
+            f"{Path(path).parent} (or point paths.root / paths.cache_dir at a larger disk) and rerun the same "
+            f"command: {kept}"
         )
-        full.errno = err.errno
+        full.errno = number
         raise full from err
 
 
@@ -74,12 +97,12 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     writes to a temporary name it never chose, so the raw error would name a file nobody knows.
     """
     target = Path(target)
-    with _naming_a_full_disk(target):
+    with naming_a_full_disk(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     inner = tmp / (target.name + suffix)
     try:
-        with _naming_a_full_disk(target):
+        with naming_a_full_disk(target):
             yield inner
             if target.is_dir() and not target.is_symlink():
                 # os.replace cannot replace a non-empty folder: move the old one aside first.
@@ -141,6 +164,13 @@ def _invalid_utf8(path: Path, data: bytes, err: UnicodeDecodeError, first_lineno
     )
 
 
+def json_error_text(err: json.JSONDecodeError) -> str:
+    """What is wrong and where on its line: `Expecting value at column 7`. Some of Python's messages
+    end in "at" themselves (`Unterminated string starting at`, `Invalid control character at`): it is
+    said once."""
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """One JSON document; malformed JSON or invalid UTF-8 raises naming file and line."""
     path = Path(path)
@@ -155,7 +185,7 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataFormatError(
-            f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+            f"{path}:{err.lineno}: malformed JSON ({json_error_text(err)})"
         ) from err
 
 
@@ -218,7 +248,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataFormatError(
-                    f"{path}:{lineno}: malformed JSON line ({err.msg} at column {err.colno}); "
+                    f"{path}:{lineno}: malformed JSON line ({json_error_text(err)}); "
                     "each line must be one complete JSON object"
                 ) from err
             if not isinstance(obj, dict):
@@ -401,7 +431,7 @@ class RecordStore:
                 except UnicodeDecodeError as err:
                     raise DataFormatError(f"{damaged}: invalid UTF-8 at column {err.start + 1}; {fix}") from err
                 except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{damaged}: malformed JSON ({err.msg} at column {err.colno}); {fix}") from err
+                    raise DataFormatError(f"{damaged}: malformed JSON ({json_error_text(err)}); {fix}") from err
                 if not isinstance(obj, dict) or obj.get(self.key) is None:
                     raise DataFormatError(f"{damaged}: line has no value for field '{self.key}'; {fix}")
                 self._records[str(obj[self.key])] = obj
@@ -428,7 +458,7 @@ class RecordStore:
             return
         line = to_json(record, self.path) + "\n"
         size = None
-        with _naming_a_full_disk(self.path):
+        with naming_a_full_disk(self.path):
             try:
                 if self._file is None:
                     self._file = open(self.path, "a", encoding="utf-8")
