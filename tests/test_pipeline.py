@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, compose_config, run_cli
+from conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
 from palign.pipeline import run
 
 FAST = ["experiment=tiny", "logger=csv"]
@@ -64,9 +65,12 @@ def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
 RESUME = [*FAST, "baseline=sft_long_cot", "teacher.source.limit=15", "data.val_size=2", "data.micro_batch_size=2",
           "data.max_length=2048", "training.effective_batch_size=4", "training.epochs=2", "trainer.precision=32-true",
           "stage=train"]
-# Where each process of the interrupted run dies (SIGKILL from inside, at a point chosen exactly):
+# Where each process of the interrupted run dies (SIGKILL from inside, at a point chosen exactly;
+# WRITE: killed by the kernel halfway through writing a checkpoint, tests/kill_mid_write.py):
+WRITE = "checkpoint write"
 KILLS = [
     ("on_train_batch_end", 1, 0),     # step 2, after its first micro-batch: mid gradient accumulation
+    (WRITE, 2, None),                 # halfway through writing the checkpoint of step 2 (last.ckpt is step 1's)
     ("on_save_checkpoint", 3, None),  # while the checkpoint of step 3 is being built (last.ckpt is step 2's)
     ("on_train_epoch_end", 4, None),  # end of epoch 1, before its checkpoint (resumes from step 3)
     ("on_train_batch_start", 4, 0),   # first batch of epoch 2 (resumes from epoch 1's end)
@@ -74,10 +78,15 @@ KILLS = [
 ]
 
 
+def _run_dir(run_root: Path) -> Path:
+    (run_dir,) = run_dirs(run_root)
+    return run_dir
+
+
 def _trained(run_root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    (run_dir,) = run_dirs(run_root)
+    run_dir = _run_dir(run_root)
     return json.loads((run_dir / "summary.json").read_text()), load_file(run_dir / "student" / "model.safetensors")
 
 
@@ -89,14 +98,28 @@ def test_a_run_killed_anywhere_and_resumed_trains_exactly_what_an_uninterrupted_
 
     crashed = tmp_path / "crashed"
     env = {"PYTHONPATH": str(PROJECT_ROOT / "tests")}
+    half_a_checkpoint = (_run_dir(tmp_path / "straight") / "checkpoints" / "last.ckpt").stat().st_size // 2
     for hook, step, micro in KILLS:
-        kill = ["+callbacks.crash._target_=crash.KillAt", f"+callbacks.crash.hook={hook}", f"+callbacks.crash.step={step}"]
-        kill += [f"+callbacks.crash.micro={micro}"] if micro is not None else []
-        proc = run_cli([*RESUME, *kill], crashed, env=env, check=False)
-        assert proc.returncode == -signal.SIGKILL, f"{hook} at step {step} did not crash the run:\n{proc.stderr[-3000:]}"
-        (run_dir,) = run_dirs(crashed)
+        if hook == WRITE:
+            command = cli_command(RESUME)
+            command[1:2] = [str(PROJECT_ROOT / "tests" / "kill_mid_write.py"), str(half_a_checkpoint)]
+            proc = subprocess.run(command, cwd=PROJECT_ROOT, env=cli_env(crashed, env), capture_output=True, text=True)
+            assert proc.returncode == -signal.SIGXFSZ, f"the checkpoint write was not cut:\n{proc.stderr[-3000:]}"
+        else:
+            kill = ["+callbacks.crash._target_=crash.KillAt", f"+callbacks.crash.hook={hook}", f"+callbacks.crash.step={step}"]
+            kill += [f"+callbacks.crash.micro={micro}"] if micro is not None else []
+            proc = run_cli([*RESUME, *kill], crashed, env=env, check=False)
+            assert proc.returncode == -signal.SIGKILL, f"{hook} at step {step} did not crash the run:\n{proc.stderr[-3000:]}"
+        run_dir = _run_dir(crashed)
         summary = run_dir / "summary.json"
         assert not summary.exists() or "train" not in json.loads(summary.read_text())
+        checkpoints = run_dir / "checkpoints"
+        left = [(p.name, p.stat().st_size) for p in checkpoints.glob("last.ckpt.tmp-*")]
+        if hook == WRITE:  # the killed writer's half file; the previous checkpoint whole
+            assert len(left) == 1 and 0 < left[0][1] <= half_a_checkpoint, left
+            assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == step - 1
+        else:  # a run removes what a killed writer left when it starts (and this one was killed before any)
+            assert left == [], left
     run_cli(RESUME, crashed)
     resumed, resumed_weights = _trained(crashed)
 
@@ -105,6 +128,11 @@ def test_a_run_killed_anywhere_and_resumed_trains_exactly_what_an_uninterrupted_
         assert resumed["train"][key] == straight["train"][key], key  # per-step losses equal to the last bit
     assert resumed_weights.keys() == straight_weights.keys()
     assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
+    # the summary's figures too, the last epoch's (resumed mid-epoch) included; only the speed differs
+    timed = ("train/tokens_per_s",)
+    assert {k: v for k, v in resumed["train"]["metrics"].items() if k not in timed} == \
+        {k: v for k, v in straight["train"]["metrics"].items() if k not in timed}
+    assert {"train/loss_epoch", "train/perplexity", "train/token_accuracy", "val/loss_epoch"} <= set(resumed["train"]["metrics"])
 
 
 @pytest.mark.slow

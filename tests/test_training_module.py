@@ -100,3 +100,50 @@ def test_a_validation_filler_batch_weighs_nothing(tiny_model):
         alone = (float(module.val_nll.compute()), float(module.val_accuracy.compute()))
         module.validation_step(filler, 1)
     assert (float(module.val_nll.compute()), float(module.val_accuracy.compute())) == alone
+
+
+EPOCH_METRICS = ("train_nll", "train_accuracy")  # what train/loss_epoch, perplexity and token accuracy are computed from
+
+
+def _epoch_sums(module: StudentSFTModule) -> dict:
+    return {name: {key: value.clone() for key, value in getattr(module, name).metric_state.items()}
+            for name in EPOCH_METRICS}
+
+
+def test_a_mid_epoch_resume_carries_the_epochs_metric_sums(tiny_model):
+    """The epoch's loss, perplexity and token accuracy after a mid-epoch resume are the uninterrupted
+    epoch's, to the bit (the whole run through the CLI: tests/test_pipeline.py)."""
+    batches = [SFTCollator(0)([example]) for example in EXAMPLES]
+    straight = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
+    resumed = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            straight.training_step(batch, index)
+            if index == 1:  # checkpointed here, mid-epoch
+                saved = _epoch_sums(straight)
+        resumed.on_load_checkpoint({"palign": {"mid_epoch": True, "epoch_metrics_by_rank": [saved]}})
+        resumed.training_step(batches[2], 2)
+    for name in EPOCH_METRICS:
+        assert torch.equal(getattr(resumed, name).compute(), getattr(straight, name).compute()), name
+
+
+def test_an_epoch_end_checkpoint_starts_the_next_epoch_afresh_and_another_world_size_sums_the_ranks(tiny_model):
+    batches = [SFTCollator(0)([example]) for example in EXAMPLES]
+    ranks = [StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS) for _ in range(2)]
+    alone = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
+    with torch.no_grad():
+        for index, batch in enumerate(batches[:2]):  # each rank its own micro-batch
+            ranks[index].training_step(batch, 0)
+            alone.training_step(batch, index)
+        by_rank = [_epoch_sums(rank) for rank in ranks]
+        # written at an epoch's end (the callback saves before the module logs and resets the epoch)
+        after_epoch = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
+        after_epoch.on_load_checkpoint({"palign": {"mid_epoch": False, "epoch_metrics_by_rank": by_rank}})
+        assert not after_epoch.train_nll.update_called and float(after_epoch.train_nll.weight) == 0.0
+        # a 2-process checkpoint resumed by one process: rank 0 holds both ranks' sums
+        one = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), **LOSS)
+        one.on_load_checkpoint({"palign": {"mid_epoch": True, "epoch_metrics_by_rank": by_rank}})
+        one.training_step(batches[2], 2)
+        alone.training_step(batches[2], 2)
+    for name in EPOCH_METRICS:
+        assert float(getattr(one, name).compute()) == pytest.approx(float(getattr(alone, name).compute()), rel=1e-6), name

@@ -215,18 +215,26 @@ class StudentSFTModule(pl.LightningModule):
         self._pending_losses.clear()
         self._pending_tokens = 0
 
+    # the metrics an epoch's figures are computed from while it runs (train/loss_epoch, perplexity,
+    # token accuracy): a mid-epoch checkpoint carries what they summed before it
+    EPOCH_METRICS = ("train_nll", "train_accuracy")
+
     def on_save_checkpoint(self, checkpoint):
         # the random streams too (dropout, LoRA's included), each rank's own: a resumed run draws
         # what the uninterrupted one would have drawn from this step on. Lightning builds the
-        # checkpoint on every rank (rank 0 writes it), so the ranks' streams are gathered here.
+        # checkpoint on every rank (rank 0 writes it), so the ranks' streams are gathered here, and
+        # so are the ranks' own sums of this epoch's metrics (torchmetrics reduces them at its end).
         states = random_states()
-        by_rank = [states]
+        metrics = {name: {key: value.detach().cpu() for key, value in getattr(self, name).metric_state.items()}
+                   for name in self.EPOCH_METRICS}
+        by_rank = [(states, metrics)]
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
             by_rank = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(by_rank, states)
+            torch.distributed.all_gather_object(by_rank, (states, metrics))
         mid_epoch = not self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         checkpoint["palign"] = {"loss_curve": self.loss_curve, "tokens_seen": self._tokens_seen, "rng": states,
-                                "rng_by_rank": by_rank, "mid_epoch": mid_epoch}
+                                "rng_by_rank": [rng for rng, _ in by_rank], "mid_epoch": mid_epoch,
+                                "epoch_metrics_by_rank": [sums for _, sums in by_rank]}
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("palign", {})
@@ -234,8 +242,9 @@ class StudentSFTModule(pl.LightningModule):
         self._tokens_seen = int(state.get("tokens_seen", 0))
         by_rank = state.get("rng_by_rank") or []
         rank = self.trainer.global_rank if self._trainer is not None else 0
+        world_size = self.trainer.world_size if self._trainer is not None else 1
         states = state.get("rng")
-        if len(by_rank) > 1 and len(by_rank) == (self.trainer.world_size if self._trainer is not None else 1):
+        if len(by_rank) > 1 and len(by_rank) == world_size:
             states = by_rank[rank]
         elif len(by_rank) > 1:  # a checkpoint of another world size: rank 0's stream (not an exact resume)
             log.warning("resuming a %d-process checkpoint with another number of processes: the random streams "
@@ -246,6 +255,26 @@ class StudentSFTModule(pl.LightningModule):
             # checkpoint; the resumed run draws it again after this restore. Restore once more at the
             # first batch, so dropout continues exactly. (At an epoch's end both runs draw it next.)
             self._restore_at_first_batch = states if state.get("mid_epoch") else None
+        if state.get("mid_epoch"):  # (an epoch-end checkpoint's sums are the finished epoch's)
+            self._restore_epoch_metrics(state.get("epoch_metrics_by_rank") or [], rank, world_size)
+
+    def _restore_epoch_metrics(self, by_rank: Sequence[Mapping[str, Mapping[str, torch.Tensor]]], rank: int,
+                               world_size: int) -> None:
+        """This epoch's metric sums as the checkpoint left them: each rank its own; with another number of
+        processes, rank 0 all of them (they are sums, reduced over the ranks at the epoch's end)."""
+        if not by_rank:
+            return
+        if len(by_rank) == world_size:
+            sums = by_rank[rank]
+        elif rank == 0:
+            sums = {name: {key: sum(ranks[name][key] for ranks in by_rank) for key in by_rank[0][name]}
+                    for name in by_rank[0]}
+        else:
+            sums = {}
+        for name, values in sums.items():
+            metric = getattr(self, name)
+            metric.reset()
+            metric.merge_state({key: value.to(metric.device) for key, value in values.items()})
 
     def on_train_batch_start(self, batch, batch_idx):
         if self._restore_at_first_batch is not None:
