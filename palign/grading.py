@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import pickle
+import re
 import threading
 import time
 from collections import deque
@@ -107,12 +108,54 @@ def parse_gold(gold: Any) -> list:
     return parse("$" + answer_to_text(gold) + "$", parsing_timeout=_signal_timeout())
 
 
-def gold_answer_problem(gold: Any) -> str | None:
-    """Why no sample could ever be graded correct against `gold`, or None when it is gradable.
+# What stands where an answer should be. The missing-value spellings are pandas' (pandas/_libs/
+# parsers.pyx: STR_NA_VALUES, which read_csv reads as missing), the rest are what data sets put in
+# place of an answer (`see solution`, `TBD`, `abc`). math-verify reads each as a product of symbols
+# (`N/A` is n/a), so without this check it would grade every sample against it, wrong, silently.
+# Compared lowercased, without dots, quotes or brackets, \text{} and the like unwrapped.
+PLACEHOLDER_ANSWERS = frozenset({
+    "#n/a", "#n/a n/a", "#na", "-1#ind", "-1#qnan", "-nan", "1#ind", "1#qnan", "<na>", "n/a", "na", "null", "nan",
+    "none", "nil", "tbd", "tba", "tbc", "todo", "fixme", "xxx", "abc", "unknown", "missing", "placeholder",
+    "answer", "no answer", "not available", "not applicable", "omitted", "proof", "?", "??", "???", "-", "--",
+})
+_PLACEHOLDER_PREFIXES = ("see ", "refer to ", "cf ")  # `see solution`, `see the solution above`, `refer to the text`
+# LaTeX that holds text, not mathematics
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|mathrm|mbox|emph)\s*\{([^{}]*)\}")
 
-    A gold answer is gradable when math-verify turns it into a math expression. When it cannot
-    (an empty string, a truncated `\\frac{11}{`), `parse` returns nothing or only the raw text,
-    and `verify` then grades every sample wrong without any error: a silently lower pass@1.
+
+def placeholder_problem(text: str) -> str | None:
+    """Why the gold answer `text` is a placeholder or words rather than mathematics, or None.
+
+    - a placeholder: `N/A`, `TBD`, `none`, `?`, `see solution`, also inside `\\text{}` (`PLACEHOLDER_ANSWERS`);
+    - words, not mathematics: two or more bare words, one of them longer than a letter, and nothing
+      else (no number, no operator, no LaTeX): `no integer solutions`, `the limit does not exist`.
+      Words written as text, `\\text{two lines}`, are a worded answer and kept, and so are letters
+      (`C`, `(C)`, `LQSX`, `x y`) and a single word (`yes`, `east`): math-verify compares those as
+      what they spell.
+    """
+    plain = text
+    while (unwrapped := _TEXT_COMMAND.sub(r"\1", plain)) != plain:
+        plain = unwrapped
+    plain = " ".join(plain.replace("$", " ").lower().split())
+    key = " ".join(re.sub(r"[.'\"`()\[\]{}]", "", plain).split())
+    if key in PLACEHOLDER_ANSWERS or plain.strip(".()[] ").startswith(_PLACEHOLDER_PREFIXES):
+        return f"the gold answer '{text}' is a placeholder, not an answer"
+    words = _TEXT_COMMAND.sub(" ", text).split()
+    if len(words) > 1 and all(word.isalpha() for word in words) and any(len(word) > 1 for word in words):
+        return (f"the gold answer '{text}' is words, not mathematics (no number, no operator; write a worded "
+                "answer as \\text{...})")
+    return None
+
+
+def gold_answer_problem(gold: Any) -> str | None:
+    """Why no sample could be graded against `gold`, or None when it is gradable: the one rule for
+    gold answers, in benchmarks, prediction files and teacher files.
+
+    A gold answer is gradable when it is mathematics that math-verify reads. It is not when it is a
+    placeholder or words (`placeholder_problem`: math-verify would read `see solution` as a product
+    of letters), or when math-verify cannot read it (an empty string, a truncated `\\frac{11}{`):
+    `parse` then returns nothing or only the raw text. Either way `verify` grades every sample wrong
+    without any error: a silently lower pass@1.
     """
     try:
         text = answer_to_text(gold)
@@ -120,6 +163,9 @@ def gold_answer_problem(gold: Any) -> str | None:
         return str(err)
     if not text:
         return "the gold answer is empty"
+    problem = placeholder_problem(text)
+    if problem is not None:
+        return problem
     try:
         parsed = parse_gold(text)
     except Exception as err:  # math-verify's own timeout, or a parser crash

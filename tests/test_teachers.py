@@ -15,7 +15,11 @@ def test_champ_loads_all_270_problems_with_answers_and_both_cots():
     # all 270 problems are read; GPT-4's replies to two were cut at its length limit: skipped, counted
     assert len(data.records) == 268
     assert dict(data.skipped) == {"teacher reply missing or cut at length": 2}
-    assert all(r.answer for r in data.records)
+    # 28 answers are words ("No integer solutions", "The limit does not exist"): nothing can be graded
+    # against them, so they are no gold answer; every other problem keeps its answer
+    worded = {r.id: r for r in data.records if r.answer is None}
+    assert len(worded) == 28 and "P_Number-Theory_7" in worded
+    assert all(r.answer for r in data.records if r.id not in worded)
     assert all(r.short_cot and r.long_cot for r in data.records)
     first = next(r for r in data.records if r.id == "P_Combinatorics_1")
     assert first.answer == "239"
@@ -29,7 +33,8 @@ def test_champ_only_correct_keeps_graded_correct_traces():
     # GPT-4's 0-shot answer to P_Combinatorics_1 is 771 (gold 239): wrong, so it is dropped
     assert "P_Combinatorics_1" not in kept
     assert 0 < len(kept) < 270
-    assert data.skipped["teacher answer wrong (only_correct)"] == 268 - len(kept)
+    assert data.skipped["gold answer cannot be graded against (only_correct)"] == 28
+    assert data.skipped["teacher answer wrong (only_correct)"] == 268 - 28 - len(kept)
 
 
 def test_jsonl_teacher_reads_skyt1_traces_and_strips_markers(shared_data):

@@ -6,8 +6,10 @@ the authors' own test files, kept in the shared data folder), or from the Huggin
 `local_path` is null. A `local_path` that does not exist is an error, never a quiet switch to the
 Hub copy, whose problems, order and answers may differ from the file the user meant. The files
 disagree on field names and on the type of `answer` (str, int or float such as AMC12's `142.0`),
-so every answer is normalised to the text math-verify will be given, and a gold answer that
-math-verify cannot parse is an error: it would grade every sample of its problem wrong.
+so every answer is normalised to the text math-verify will be given, and a gold answer nothing can
+be graded against is an error naming file, line and field: a placeholder (`N/A`, `see solution`),
+words (`No integer solutions`) or what math-verify cannot parse would grade every sample of its
+problem wrong (the rule: palign/grading.py, `gold_answer_problem`).
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def load_benchmark(
 
     Raises:
         DataFormatError: a malformed line, a missing/empty field, a repeated id or a gold answer
-            that math-verify cannot parse, naming file, line and field.
+            nothing can be graded against (a placeholder, words, or what math-verify cannot
+            parse), naming file, line and field.
         FileNotFoundError: `local_path` does not exist; or it is null and there is no `hub_id`,
             or the Hub could not be reached.
     """

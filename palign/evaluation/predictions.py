@@ -37,13 +37,14 @@ def grade_prediction_file(
     (normalised gold) and per-sample lists `output`, `correct`, `extracted`, `timed_out`, `error`; and
     `summarize_correctness` of the correctness matrix plus `num_timeouts` and `num_errors`.
 
-    Every problem of the file is graded, none is skipped: a gold answer that math-verify cannot
-    parse (empty, or truncated like `\\frac{11}{`) is an error before any grading, as it is in
+    Every problem of the file is graded, none is skipped: a gold answer nothing can be graded
+    against (empty, a placeholder such as `N/A`, words, or truncated like `\\frac{11}{`:
+    `palign.grading.gold_answer_problem`) is an error before any grading, as it is in
     `load_benchmark`, because it would grade all of its samples wrong without any error counted.
 
     Raises:
-        DataFormatError: a malformed line, a missing `answer`/`output`, a gold answer math-verify
-            cannot parse, a non-string sample, a null/list id, or a line with a different number
+        DataFormatError: a malformed line, a missing `answer`/`output`, a gold answer nothing can
+            be graded against, a non-string sample, a null/list id, or a line with a different number
             of samples than the first, naming file, line and field.
     """
     problems: list[dict[str, Any]] = []

@@ -16,7 +16,12 @@ naming file, line and field):
   ("empty question", "empty teacher trace"); null, a number, a list or an object is an error.
 - gold answer: optional. A string, or a number (`142.0` -> "142", see `answer_to_text`); null or
   an empty string means "no gold answer" (the record is kept with `answer=None`; `only_correct`
-  skips and counts it). A boolean, a list or an object is an error.
+  skips and counts it). A boolean, a list or an object is an error. A gold answer nothing can be
+  graded against (`palign.grading.gold_answer_problem`, the rule benchmarks and prediction files
+  refuse by: a placeholder such as `N/A` or `see solution`, words such as `No integer solutions`,
+  or what math-verify cannot read) is read as no gold answer too, named with file, line and field
+  in a warning, and `only_correct` skips and counts it apart: graded against it, every trace would
+  be wrong, and continuations (stage 2) would be too.
 - id: a non-empty string or an integer (`7` -> "7"); null, a float, a boolean, a list or an object
   is an error, and so is an id that repeats (the message names both lines).
 - short CoT: optional, a string or null.
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from palign.artifacts import DataFormatError, iter_records, json_kind, open_stage_store, record_id, require_field, stage_folder
-from palign.grading import answer_to_text, extract_boxed_answer
+from palign.grading import answer_to_text, extract_boxed_answer, gold_answer_problem
 from palign.teachers.records import TeacherData, TeacherRecord
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,8 @@ TEACHER_ID_FIX = "fix the record, or set the teacher's id field to null to numbe
 # Stored teacher generations depend on this code as well as on the settings: bump CODE_VERSION when
 # a change here changes what is stored, so caches written by older code are never reused
 # (tests/test_stage_versions.py notices a change to the logic that did not bump it).
-CODE_VERSION = 2  # 2: a Hugging Face reply ends at every eos id of the model's generation_config, as in vLLM
+CODE_VERSION = 3  # 2: a Hugging Face reply ends at every eos id of the model's generation_config, as in vLLM;
+# 3: a gold answer nothing can be graded against is stored as none (and graded as no answer)
 
 
 def _answer_text(value: Any) -> str | None:
@@ -79,6 +85,23 @@ def _answer_field(value: Any, field: str, where: str) -> str | None:
         ) from err
 
 
+def _gradable_answer(answer: str | None, where: str, field: str, ungradable: list[str]) -> str | None:
+    """`answer`, or None when nothing can be graded against it (noted in `ungradable`, named)."""
+    problem = None if answer is None else gold_answer_problem(answer)
+    if problem is None:
+        return answer
+    ungradable.append(f"{where}: field '{field}': {problem}")
+    return None
+
+
+def _warn_ungradable(source: str, ungradable: list[str]) -> None:
+    if ungradable:
+        shown = "; ".join(ungradable[:5]) + (f"; and {len(ungradable) - 5} more" if len(ungradable) > 5 else "")
+        log.warning("%s: %d gold answer%s cannot be graded against, so %s read as no gold answer (only_correct drops "
+                    "those records; fix the answers, or null them, to keep them): %s", source, len(ungradable),
+                    "s" * (len(ungradable) != 1), "they are" if len(ungradable) != 1 else "it is", shown)
+
+
 def _file_records(path: str | Path, setting: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """`iter_records(path)`, refusing a file without a single record: an empty or truncated copy
     would otherwise become an empty training set, noticed (if at all) stages later."""
@@ -104,6 +127,8 @@ class Teacher:
     name = "teacher"
     id_hint = "make the record ids unique"
     """How to fix a repeated id: which field holds it and what to change."""
+    answer_source = "answer"
+    """The field the gold answer is read from, as messages name it."""
 
     def __init__(self, *, limit: int | None, only_correct: bool):
         """The fields of the source's schema node (palign/schema.py: TeacherSource and its
@@ -131,6 +156,7 @@ class Teacher:
         skipped: Counter = Counter()
         records: list[TeacherRecord] = []
         first_seen: dict[str, str] = {}  # id -> where; ids key every cached stage, so they must be unique
+        ungradable: list[str] = []
         for where, record in self._iter_records(skipped):
             # every record's id counts, skipped or not: a repeat means the id field is not an id
             if record.id in first_seen:
@@ -144,9 +170,12 @@ class Teacher:
             if not record.long_cot.strip():
                 skipped["empty teacher trace"] += 1
                 continue
+            given = record.answer
+            record.answer = _gradable_answer(given, where, self.answer_source, ungradable)
             if self.only_correct:
                 if record.answer is None:
-                    skipped["no gold answer (only_correct)"] += 1
+                    skipped["no gold answer (only_correct)" if given is None else
+                            "gold answer cannot be graded against (only_correct)"] += 1
                     continue
                 if not self._trace_is_correct(record):
                     skipped["teacher answer wrong (only_correct)"] += 1
@@ -154,6 +183,7 @@ class Teacher:
             records.append(record)
             if self.limit is not None and len(records) >= self.limit:
                 break
+        _warn_ungradable(self.name, ungradable)
         if skipped:
             log.info("%s: kept %d records, skipped %s", self.name, len(records), dict(skipped))
         return TeacherData(records=records, skipped=skipped)
@@ -258,6 +288,10 @@ class JsonlTeacher(Teacher):
         return (f"field '{self.id_field}': set teacher.source.id_field to a field that is unique, "
                 "or to null to number records by row")
 
+    @property
+    def answer_source(self) -> str:
+        return self.answer_field or "answer"
+
     def _iter_records(self, skipped: Counter):
         for index, (where, row) in enumerate(_file_records(self.path, "teacher.source.path")):
             get = lambda name: require_field(row, name, where)  # noqa: E731
@@ -285,6 +319,7 @@ class S1KTeacher(Teacher):
 
     name = "s1k"
     id_hint = "field 'id': make the ids unique, or drop the field to number records by row"
+    answer_source = "solution"  # its last \\boxed{}, or the whole of a short one
 
     def __init__(self, *, path: str, split: str, short_answer_chars: int, **kw):
         super().__init__(**kw)
@@ -384,9 +419,14 @@ class GeneratedTeacher(Teacher):
         self.vllm_cfg = as_dict(vllm or {})
 
     def _problems(self) -> list[tuple[str, str, str | None]]:
+        """(id, problem text, gold answer) of each problem to generate for; a gold answer nothing can be
+        graded against is none (warned), before any trace is graded and stored against it."""
         kind = self.problems_cfg.get("kind", "champ")
         if kind == "champ":
-            rows = champ_problems(self.problems_cfg.get("version", "v0"))
+            version = self.problems_cfg.get("version", "v0")
+            answer_field = "answer"
+            rows = [(f"champ-dataset {version}: problem {pid}", pid, question, answer)
+                    for pid, question, answer in champ_problems(version)]
         elif kind == "file":
             path = self.problems_cfg.get("path")
             if not path:
@@ -404,6 +444,7 @@ class GeneratedTeacher(Teacher):
                     )
                 first_seen[problem_id] = where
                 rows.append((
+                    where,
                     problem_id,
                     _text_field(require_field(row, question_field, where), question_field, where, "the problem text",
                                 "teacher.source.problems.question_field"),
@@ -411,7 +452,12 @@ class GeneratedTeacher(Teacher):
                 ))
         else:
             raise ValueError(f"teacher.source.problems.kind must be champ or file, got '{kind}'")
-        return rows[: self.problem_limit] if self.problem_limit is not None else rows
+        rows = rows[: self.problem_limit] if self.problem_limit is not None else rows
+        ungradable: list[str] = []
+        problems = [(pid, question, _gradable_answer(answer, where, answer_field, ungradable))
+                    for where, pid, question, answer in rows]
+        _warn_ungradable(f"{self.name} ({kind} problems)", ungradable)
+        return problems
 
     def _iter_records(self, skipped: Counter):
         from palign.grading import GradingPool
