@@ -22,7 +22,9 @@ listing them all (each naming its config key, the value and how to fix it):
 
 `PreflightSweep`, a Hydra callback (conf/hydra/default.yaml), runs the same checks on every job of
 a multirun before the launcher starts the first one, so a sweep or a SLURM array never queues a
-job that would fail; the hardware checks run there only when the jobs run on this machine.
+job that would fail; the hardware checks run there only when the jobs run on this machine. For a
+single run it checks the run before Hydra writes its own output folder (`.hydra/`, the job's log),
+so a refused run writes nothing at all under paths.root.
 """
 
 from __future__ import annotations
@@ -346,7 +348,18 @@ class PreflightSweep(Callback):
     """Hydra callback: before a multirun launches its first job, compose every job's config and
     `preflight` it; the sweep is refused (nothing launched, nothing written) with every failing
     job's problems. Jobs that run elsewhere (a SLURM launcher) are checked without the hardware
-    checks, which their own `preflight` repeats on their node."""
+    checks, which their own `preflight` repeats on their node. A single run is checked before
+    Hydra creates its output folder (`hydra.run.dir`), which it does before the run starts (the run
+    checks itself again: `palign.pipeline.run` is also called without Hydra)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            preflight(config, list(config.hydra.overrides.task))
+        except ConfigError as err:
+            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings and runs anyway
+            raise SystemExit(str(err)) from None
+        except Exception as err:  # noqa: BLE001 (the run's own preflight meets it again, with its traceback)
+            log.warning("preflight: could not check the run before it starts (%s: %s)", type(err).__name__, err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:

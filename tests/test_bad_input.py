@@ -305,6 +305,58 @@ def test_cli_grade_refuses_invalid_utf8(tmp_path):
     assert f"{path}:2: invalid UTF-8 (byte 0xe9 at column 32)" in proc.stderr, proc.stderr[-3000:]
 
 
+# -- messages read as written: "at" once, backslashes single, nothing written for a refused run ----
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"problem": "caf\u00e9', "Unterminated string starting at column 13"),  # Python's own text ends in "at"
+    ('{"problem": "a\tb"}', "Invalid control character at column 15"),
+    ('{"problem": }', "Expecting value at column 13"),
+])
+def test_a_malformed_json_message_says_where_once(tmp_path, text, expected):
+    jsonl, json_file = tmp_path / "bad.jsonl", tmp_path / "bad.json"
+    jsonl.write_text('{"problem": "ok"}\n' + text, encoding="utf-8")
+    json_file.write_text(text, encoding="utf-8")
+    with pytest.raises(DataFormatError) as info:
+        list(iter_records(jsonl))
+    assert str(info.value) == (f"{jsonl}:2: malformed JSON line ({expected}); each line must be one complete JSON object")
+    with pytest.raises(DataFormatError) as info:
+        read_json(json_file)
+    assert str(info.value) == f"{json_file}:1: malformed JSON ({expected})"
+
+
+def test_a_damaged_record_store_line_says_where_once(tmp_path):
+    store = tmp_path / "records.jsonl"
+    store.write_text('{"id": "a"}\n{"id": "b", "text": "a\tb"}\n{"id": "c"}\n', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=re.escape(f"{store}:2: damaged record store: malformed JSON (Invalid control "
+                                                        "character at column 23); delete")):
+        RecordStore(store)
+
+
+@pytest.mark.slow
+def test_cli_a_refused_config_writes_nothing_at_all(tmp_path):
+    root = tmp_path / "root"
+    proc = run_cli(["student=tiny_random", "logger=none", "teacher=jsonl", f"teacher.source.path={tmp_path}/gone.jsonl",
+                    f"paths.root={root}"], tmp_path, check=False)
+    assert proc.returncode == 1
+    assert ("this run would fail; nothing was loaded or written:\n"
+            f"  teacher.source.path={tmp_path}/gone.jsonl: does not exist") in proc.stderr, proc.stderr[-3000:]
+    assert not root.exists()  # no run folder, and no Hydra folder (.hydra/, the job's log) either
+
+
+@pytest.mark.slow
+def test_cli_a_bad_gold_answer_in_a_benchmark_is_shown_as_written(tmp_path):
+    # evaluation runs inside Hydra's instantiate of the evaluation node: its errors must not come back as
+    # Hydra's InstantiationException, which shows the error's repr (every backslash doubled, quoted)
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"id": 1, "problem": "p", "answer": "\\frac{11}{"}])
+    proc = run_cli(["stage=eval", "student=tiny_random", "evaluation=paper", f"evaluation.benchmarks.aime24.local_path={bench}",
+                    "logger=none"], tmp_path, check=False)
+    assert proc.returncode == 1
+    assert (f"DataFormatError: {bench}:1: field 'answer': math-verify cannot read the gold answer '\\frac{{11}}{{' as a "
+            "math expression, so every sample of this problem would be graded wrong; fix the gold answer (a complete LaTeX "
+            "or plain expression such as \\frac{11}{3}) or remove the problem") in proc.stderr, proc.stderr[-3000:]
+    assert "\\\\" not in proc.stderr and "Error in call to target" not in proc.stderr
+
+
 # -- 4. a benchmark local_path that does not exist never falls back to the Hub -------------------
 
 def test_missing_local_path_is_an_error_even_with_a_hub_id(tmp_path):
@@ -332,8 +384,9 @@ def test_cli_eval_refuses_a_missing_benchmark_file(tmp_path):
     proc = run_cli(["stage=eval", "student=tiny_random", "evaluation=paper", f"evaluation.benchmarks.aime24.local_path={missing}",
                     "logger=none"], tmp_path, check=False)
     assert proc.returncode != 0
-    assert f"benchmark 'aime24': local_path {missing} does not exist" in proc.stderr, proc.stderr[-3000:]
-    assert "HuggingFaceH4/aime_2024' from the Hugging Face Hub" in proc.stderr
+    # refused before anything loads (palign/preflight.py), the Hub named as the way out, not taken
+    assert (f"evaluation.benchmarks.aime24.local_path={missing}: does not exist; point it at a benchmark file "
+            "(.jsonl or .json), or set it to null to read HuggingFaceH4/aime_2024 from the Hub") in proc.stderr, proc.stderr[-3000:]
 
 
 # -- 5. a full disk names the file and says so ----------------------------------------------------
