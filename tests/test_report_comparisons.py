@@ -273,6 +273,7 @@ def test_an_ablation_compares_each_arm_with_the_recipe_s_own_value(tmp_path):
     delta = {row[3]: row[8:10] for row in body}
     assert delta["paper_sentence"] == ["ref", "ref"] and delta["step"][0].startswith("-33.33 [")
     assert "Reference arms: group 1: paper_sentence (the recipe's own value)." in table.markdown
+    assert "Problems each comparison rests on: group 1 step vs paper_sentence: AIME24 30 problems." in table.markdown
     assert [(r.label, r.column) for r in table.forest][:2] == [("step", "AIME24"), ("step", "AIME24")]
     # report.ablation_reference overrides the recipe
     other = ablation_table(finished, knob, Report(ablation_reference={"granularity": "step"}), 3, recipe)
@@ -355,6 +356,18 @@ def test_the_published_row_stands_beside_its_student_s_run_with_a_verdict_per_ce
     assert verdicts == {"Pass@1": ["below", "reproduced", ""], "Pass@3": ["below", "reproduced", ""]}
     assert "reproduced: 26.67 vs 26.67 [" in tables["reproduction"].markdown
     assert reproduction_table([r for r in finished if r.student == "qwen3_8b"], published, Report(), 3) is None
+
+
+def test_a_graded_prediction_file_counts_for_the_benchmark_its_name_names():
+    from palign.reporting.tables import benchmark_of_file
+
+    config = {"evaluation": {"benchmarks": {"champ_heldout": {}}}}
+    assert benchmark_of_file("../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl", config) == "aime24"
+    assert benchmark_of_file("data/result/aime25-output.jsonl", config) == "aime25"  # the authors' own name
+    assert benchmark_of_file("runs/tiny_champ_heldout_v2.jsonl", config) == "champ_heldout"  # one the config evaluates
+    assert benchmark_of_file("runs/tiny_champ_heldout_v2.jsonl", {}) == "tiny_champ_heldout_v2"
+    assert benchmark_of_file("aime24_vs_aime25.jsonl", config) == "aime24_vs_aime25"  # two names: the file's own
+    assert benchmark_of_file("my_predictions.jsonl", config) == "my_predictions"
 
 
 @pytest.mark.slow

@@ -209,5 +209,5 @@ def plot_forest(table: Table, path: str | os.PathLike, title: str) -> Path | Non
     axes[0].set_yticks(range(len(lines)))
     axes[0].set_yticklabels([f"{label} · {column}" for label, column in reversed(lines)], fontsize=7)
     axes[0].set_ylim(-0.7, len(lines) - 0.3)
-    figure.suptitle(f"{title}: row minus {table.reference}", fontsize=9)
+    figure.suptitle(f"{title}: row minus {table.reference}", fontsize=9, y=1.02)
     return _save(figure, path)

@@ -255,9 +255,9 @@ def benchmark_of_file(path: str | os.PathLike, config: Mapping[str, Any]) -> str
     or one the config evaluates) that is a word of its file name (`palign_qwen25_7b_aime24_outputs`,
     the authors' `aime24-output`), else the file name itself."""
     names = set(PAPER_BENCHMARKS) | set(((config.get("evaluation") or {}).get("benchmarks")) or {})
-    words = set(re.split(r"[^0-9a-z]+", Path(path).stem.lower()))
-    matches = sorted(names & words)
-    return matches[0] if len(matches) == 1 else Path(path).stem
+    stem = Path(path).stem
+    matches = sorted(n for n in names if re.search(rf"(?<![0-9a-z]){re.escape(n.lower())}(?![0-9a-z])", stem.lower()))
+    return matches[0] if len(matches) == 1 else stem
 
 
 def collect_graded_runs(graded_dir: str | os.PathLike) -> list[RunRecord]:
@@ -877,8 +877,8 @@ def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
                 continue
             cells[run.name].differences, refused = compare_rows(run, reference, columns, k, report)
             refusals += refused
-            rests_on += [line for m in metrics[:1] if (line := _rests_on(labels[run.name], labels[reference.name],
-                                                                            cells[run.name].differences, columns, m))]
+            line = _rests_on(labels[run.name], labels[reference.name], cells[run.name].differences, columns, metrics[0])
+            rests_on += [line] if line else []
     compared = bool(references)
     keys = [(b, m) for b in columns for m in metrics] + [("avg", m) for m in metrics]
     shown_published = [p for p in published if p.student in {r.student for r in ordered}]
@@ -897,6 +897,7 @@ def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
     csv_header += [f"{display_name(b)} {field}" for b in columns for field in ("problems", "samples", "max_new_tokens")]
     csv_header += ["Run"]
     csv_body: list[list[str | None]] = []
+    last_of_student = {run.student: run.name for run in ordered}  # published rows follow their student's runs
     for run in ordered:
         row = cells[run.name]
         body.append([run.student, labels[run.name], *(row.cell(key) for key in keys),
@@ -906,7 +907,7 @@ def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
                          *([c for key in keys for c in row.csv_difference(key)] if compared else []),
                          *(None if v is None else str(v) for v in basis), run.runs_cell])
         for pub in shown_published:
-            if pub.student == run.student and run is [r for r in ordered if r.student == run.student][-1]:
+            if pub.student == run.student and last_of_student[run.student] == run.name:
                 body.append(_published_row(pub, keys, compared))
                 csv_body.append(_published_csv(pub, keys, compared, len(columns)))
     markdown = render_table(header, body, numeric_from=2)[0]
@@ -1080,7 +1081,7 @@ def ablation_table(runs: Sequence[RunRecord], knob: Knob, report: Report | None 
         name = f"Δ Avg {metric_label(m)}"
         csv_header += [name, f"{name} ci_low", f"{name} ci_high", f"{name} p"]
     csv_header += ["Cells (problems×samples)", "Run"]
-    rows, csv_rows, diff_rows, forest, notes, refusals = [], [], [], [], [], []
+    rows, csv_rows, diff_rows, forest, notes, refusals, rests_on = [], [], [], [], [], [], []
     for index, group in enumerate(groups, start=1):
         reference, why = ablation_reference(group, knob, report, recipe)
         notes.append(f"group {index}: {why}")
@@ -1093,6 +1094,8 @@ def ablation_table(runs: Sequence[RunRecord], knob: Knob, report: Report | None 
                 cells.differences, refused = compare_rows(run, reference, own, k, report)
                 refusals += refused
                 diff_rows.append(([str(index), run.student, knob.value(run)], cells))
+                line = _rests_on(f"group {index} {knob.value(run)}", knob.value(reference), cells.differences, own, metrics[0])
+                rests_on += [line] if line else []
                 forest += _forest_rows(f"{knob.value(run)} (group {index})" if len(groups) > 1 else knob.value(run),
                                        cells, own, metrics)
             basis = "; ".join(f"{display_name(b)} {samples_cell(run.benchmarks[b])}" for b in own if b in run.benchmarks)
@@ -1108,8 +1111,10 @@ def ablation_table(runs: Sequence[RunRecord], knob: Knob, report: Report | None 
         differences_note(report, "its group's reference arm") + " Reference arms: " + "; ".join(notes) + ".",
     ]) + "\n"
     if diff_rows:
-        markdown += f"\nPaired differences from each group's reference arm, per benchmark:\n\n"
+        markdown += "\nPaired differences from each group's reference arm, per benchmark:\n\n"
         markdown += _diff_table(diff_rows, ["Group", "Student", knob.header], columns, metrics)
+    if rests_on:
+        markdown += "\nProblems each comparison rests on: " + "; ".join(rests_on) + ".\n"
     if refusals:
         markdown += "\nNot compared: " + " ".join(f"{text}." for text in dict.fromkeys(refusals)) + "\n"
     csv_text = render_table(csv_header, csv_rows, numeric_from=header.index("Mean prefix ratio"))[1]
