@@ -350,8 +350,8 @@ def test_the_published_row_stands_beside_its_student_s_run_with_a_verdict_per_ce
     assert rows[(STUDENT, "palign [published: paper/qwen2_5_7b_instruct/palign]")][:4] == ["16.67", "26.67", "16.67", "26.67"]
     assert ("qwen3_8b", "palign [published: paper/qwen2_5_7b_instruct/palign]") not in rows  # not its student
     reproduction = list(csv.reader(io.StringIO(tables["reproduction"].csv)))
-    assert reproduction[0] == ["Published", "Student", "Method", "Metric", "AIME25", "AIME24", "Avg", "Run"]
-    verdicts = {r[3]: r[4:7] for r in reproduction[1:]}
+    assert reproduction[0] == ["Published", "Student", "Method", "Run", "Metric", "AIME25", "AIME24", "Avg"]
+    verdicts = {r[4]: r[5:] for r in reproduction[1:]}
     # Avg is not compared: the run evaluated two of the published row's four benchmarks
     assert verdicts == {"Pass@1": ["below", "reproduced", ""], "Pass@3": ["below", "reproduced", ""]}
     assert "reproduced: 26.67 vs 26.67 [" in tables["reproduction"].markdown
@@ -385,7 +385,7 @@ def test_the_authors_released_aime_outputs_reproduce_the_paper_s_pass_at_3(share
     assert graded[1].startswith("26.67 [") and graded[3].startswith("26.67 [")
     assert ("qwen2_5_7b_instruct", "palign [published: paper/qwen2_5_7b_instruct/palign]") in rows
     reproduction = list(csv.reader(io.StringIO((tmp_path / "report" / "reproduction.csv").read_text())))
-    verdicts = {r[3]: dict(zip(reproduction[0][4:], r[4:])) for r in reproduction[1:]}
+    verdicts = {r[4]: dict(zip(reproduction[0][5:], r[5:])) for r in reproduction[1:]}
     assert verdicts["Pass@3"]["AIME24"] == verdicts["Pass@3"]["AIME25"] == "reproduced"
     assert verdicts["Pass@1"]["AIME24"] == verdicts["Pass@1"]["AIME25"] == "reproduced"
     assert verdicts["Pass@3"]["Avg"] == ""  # two of the paper's four benchmarks: no Avg verdict
@@ -399,7 +399,7 @@ def test_the_authors_released_aime_outputs_reproduce_the_paper_s_pass_at_3(share
     result = _make_table_module().make_report(tmp_path / "runs", report_dir, Report(
         published=["paper/qwen2_5_7b_instruct/palign"], published_file=str(wrong)), graded_dir=tmp_path / "grade")
     again = list(csv.reader(io.StringIO(Path(result["tables"]["reproduction"]["csv"]).read_text())))
-    assert dict(zip(again[0][4:], again[2][4:]))["AIME24"] == "above"
+    assert dict(zip(again[0][5:], again[2][5:]))["AIME24"] == "above"
 
 
 # -- make_table: the report node composed from overrides -----------------------------------------

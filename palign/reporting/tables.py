@@ -981,7 +981,7 @@ def reproduction_table(runs: Sequence[RunRecord], published: Sequence[PublishedR
     if not pairs:
         return None
     columns = benchmark_columns([run for _, run in pairs])
-    header = ["Published", "Student", "Method", "Metric", *(display_name(b) for b in columns), "Avg", "Run"]
+    header = ["Published", "Student", "Method", "Run", "Metric", *(display_name(b) for b in columns), "Avg"]
     body, csv_body = [], []
     for pub, run in pairs:
         cells = row_cells(run, columns, k, report)
@@ -1000,16 +1000,16 @@ def reproduction_table(runs: Sequence[RunRecord], published: Sequence[PublishedR
                 md.append(f"{said}: {_two(value)} vs {cells.values[(column, metric)]} [{_one(interval.low)}, {_one(interval.high)}]")
                 flat.append(said)
             label = f"{metric_label(metric)} ({published_key} published)" if published_key != metric else metric_label(metric)
-            body.append([pub.name, run.student, labels[run.name], label, *md, run.runs_cell])
-            csv_body.append([pub.name, run.student, labels[run.name], label, *flat, run.runs_cell])
+            body.append([pub.name, run.student, labels[run.name], run.runs_cell, label, *md])
+            csv_body.append([pub.name, run.student, labels[run.name], run.runs_cell, label, *flat])
     level = f"{100 * report.intervals.confidence_level:g}%"
-    markdown = render_table(header, body, numeric_from=4)[0]
+    markdown = render_table(header, body, numeric_from=5)[0]
     markdown += (f"\nEach cell: the published value, then the run's value [{level} interval]: reproduced when the published "
                  "value lies inside the interval (to its printed two decimals), below when it lies under it (the run did "
                  "better), above when over it (the run did worse). Avg is compared only when the run evaluated the "
                  "published row's benchmarks. " + intervals_note(report, any(run.members for _, run in pairs)) + "\n\n"
                  + "\n".join(f"- {pub.name}: {pub.source}" for pub in {p.name: p for p, _ in pairs}.values()) + "\n")
-    return Table(markdown, render_table(header, csv_body, numeric_from=4)[1])
+    return Table(markdown, render_table(header, csv_body, numeric_from=5)[1])
 
 
 def _forest_rows(label: str, cells: RowCells, columns: Sequence[str], metrics: Sequence[str]) -> list[ForestRow]:
