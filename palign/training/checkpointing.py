@@ -153,8 +153,8 @@ def remove_abandoned_temporary_files(folder: str | os.PathLike) -> list[tuple[Pa
         if size is not None:
             removed.append((tmp, size))
     if removed:
-        log.info("removed %d temporary checkpoint file%s left by writers that are no longer running: %s",
-                 len(removed), "s" * (len(removed) != 1),
+        log.info("removed %d temporary checkpoint %s no longer running: %s", len(removed),
+                 "file whose writer is" if len(removed) == 1 else "files whose writers are",
                  ", ".join(f"{tmp.name} ({size / 2**20:.1f} MiB)" for tmp, size in removed))
     return removed
 
