@@ -90,7 +90,8 @@ def test_results_carry_each_cell_s_interval_and_the_tracker_gets_per_problem_row
     assert "BCa bootstrap over problems (scipy.stats.bootstrap, 9999 resamples, seed 0)" in markdown
     header, row = list(csv.reader(io.StringIO((tmp_path / "results.csv").read_text())))
     cells = dict(zip(header, row))
-    assert header[2:5] == ["AIME25 Pass@1", "AIME25 Pass@1 ci_low", "AIME25 Pass@1 ci_high"]
+    assert header[:4] == ["Student", "Method", "AIME25 Pass@1", "AIME25 Pass@3"]  # Table 1's columns first
+    assert header[8:12] == ["AIME25 Pass@1 ci_low", "AIME25 Pass@1 ci_high", "AIME25 Pass@3 ci_low", "AIME25 Pass@3 ci_high"]
     assert (cells["AIME25 Pass@3"], cells["AIME25 Pass@3 ci_low"], cells["AIME25 Pass@3 ci_high"]) == ("0.00", "0.00", "11.35")
     assert float(cells["Avg Pass@1 ci_low"]) == pytest.approx(averages["avg_pass@1_ci_low"], abs=0.005)
     assert json.loads((folder / "metrics.json").read_text())["aime24"]["pass@1_ci_high"] == pytest.approx(100 * aime24.high)

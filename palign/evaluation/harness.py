@@ -172,19 +172,19 @@ def intervals_table(results: Mapping[str, BenchmarkResult], k: int, averages: Ma
 
 
 def _with_bounds(csv_text: str, summaries: list[Mapping[str, float]], averages: Mapping[str, float], k: int) -> str:
-    """results.csv with `<column> ci_low` and `<column> ci_high` after each Pass@ value."""
+    """results.csv with a `<column> ci_low` and a `<column> ci_high` column per Pass@ value, after the
+    Table 1 columns (which keep their place)."""
     import csv
     import io
 
     header, row = list(csv.reader(io.StringIO(csv_text)))
     cells = [(summary, "", metric) for summary in summaries for metric in ("pass@1", f"pass@{k}")]
     cells += [(averages, "avg_", metric) for metric in ("pass@1", f"pass@{k}")]
-    new_header, new_row = header[:2], row[:2]
-    for name, value, (summary, prefix, metric) in zip(header[2:], row[2:], cells):
+    for name, value, (summary, prefix, metric) in zip(header[2:len(cells) + 2], row[2:], cells):
         bounds = [summary.get(f"{prefix}{metric}_ci_{end}") for end in ("low", "high")]
-        new_header += [name, f"{name} ci_low", f"{name} ci_high"]
-        new_row += [value, *("" if b is None or not value else f"{b:.2f}" for b in bounds)]
-    return render_table(new_header, [new_row], numeric_from=2)[1]
+        header += [f"{name} ci_low", f"{name} ci_high"]
+        row += ["" if b is None or not value else f"{b:.2f}" for b in bounds]
+    return render_table(header, [row], numeric_from=2)[1]
 
 
 def results_folder(results: Mapping[str, BenchmarkResult], benchmarks: Mapping[str, Mapping[str, Any]], k: int) -> Path:
