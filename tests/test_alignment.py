@@ -71,6 +71,14 @@ def test_filter_keeps_graded_correct_continuations_only(tmp_path, smollm2_tokeni
     keep_all = PrefixContinuation(settings(filter="none"), tmp_path, lambda: None, smollm2_tokenizer, progress=False)
     assert keep_all.folder == rerun.folder  # the filter is applied on read: same stored continuations
     assert set(keep_all(RECORDS, PREFIXES)) == {"p0", "p1", "p2"}
+    # a gold answer fixed since (p1's is 5 now, p0's 7) is graded against again, nothing is generated again
+    fixed = [TeacherRecord(id=r.id, question=r.question, answer={"p0": "7", "p1": "5"}.get(r.id, r.answer), long_cot=r.long_cot)
+             for r in RECORDS]
+    regraded = PrefixContinuation(settings(), tmp_path, lambda: pytest.fail("model loaded for a new gold answer"),
+                                  smollm2_tokenizer, progress=False)
+    assert regraded(fixed, PREFIXES) == {"p1": texts["p1"], "p2": texts["p2"]} and regraded.generated == 0
+    assert {r["id"]: r["answer"] for r in regraded.rows_seen.values()} == {"p0": "7", "p1": "5", "p2": "3"}
+    assert [json.loads(line)["answer"] for line in store.read_text().splitlines()] == ["1", "2", "3"]  # the store as it was
 
 
 def test_the_grader_decides_correctness_of_generated_text(tmp_path, smollm2_tokenizer, student_specs, cache_dir):

@@ -163,8 +163,18 @@ class PrefixContinuation:
                 self.backend, items, store.__contains__, self.settings.sampling, grade_and_store,
                 chunk_size=self.settings.chunk_size, progress=progress,
             )
-            rows = [store.get(key) for key in by_key]
-        rows = [row for row in rows if row is not None]
+            rows = [row for row in (store.get(key) for key in by_key) if row is not None]
+            # a stored continuation depends on the question and prefix only, its grade also on the gold
+            # answer: where the answer changed since (fixed, or now "no gold answer"), it is graded again
+            # here rather than generated again, and the stored record is left as it was
+            stale = [i for i, row in enumerate(rows) if row["answer"] != by_key[row["key"]][0].answer]
+            if stale:
+                log.info("alignment: %d stored continuations have another gold answer now; grading them again", len(stale))
+                answers = [by_key[rows[i]["key"]][0].answer for i in stale]
+                grades = pool.grade([(rows[i]["continuation"], answer) for i, answer in zip(stale, answers)], desc="grading")
+                for i, answer, grade in zip(stale, answers, grades):
+                    rows[i] = dict(rows[i], answer=answer, correct=bool(answer is not None and grade.correct),
+                                   extracted=grade.extracted, grading_timed_out=grade.timed_out)
         self.rows_seen.update((row["key"], row) for row in rows)
         return rows
 
