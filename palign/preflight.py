@@ -89,10 +89,12 @@ def file_problems(cfg: DictConfig) -> list[str]:
         for name, bench in benchmarks.items():
             key = f"evaluation.benchmarks.{name}"
             if bench.package is not None:
+                problems += benchmark_content_problems(bench, key)
                 continue
             if bench.local_path is not None:
-                problems += _file_problem(bench.local_path, f"{key}.local_path", "a benchmark file (.jsonl or .json)",
-                                          f"or set it to null to read {bench.hub_id} from the Hub" if bench.hub_id else "")
+                missing = _file_problem(bench.local_path, f"{key}.local_path", "a benchmark file (.jsonl or .json)",
+                                        f"or set it to null to read {bench.hub_id} from the Hub" if bench.hub_id else "")
+                problems += missing or benchmark_content_problems(bench, key)
             elif bench.hub_id is None:
                 problems.append(f"{key}: neither local_path nor hub_id is set; name the benchmark's file or Hub dataset")
             else:
@@ -107,6 +109,21 @@ def file_problems(cfg: DictConfig) -> list[str]:
         else:
             problems += _file_problem(cfg.predictions, "predictions", "a JSONL prediction file")
     return problems
+
+
+def benchmark_content_problems(bench: DictConfig, key: str) -> list[str]:
+    """A local benchmark read as evaluation reads it (every line, field and gold answer; seconds, no
+    model): a malformed file fails here rather than after training."""
+    from palign.artifacts import DataFormatError
+    from palign.evaluation.benchmarks import load_benchmark
+
+    arguments = {name: value for name, value in OmegaConf.to_container(bench, resolve=True).items()
+                 if name != "exclude_training"}
+    try:
+        load_benchmark(**arguments)
+    except (DataFormatError, ValueError, OSError) as err:
+        return [f"{key}: {err}"]
+    return []
 
 
 def teacher_problems(source: DictConfig) -> list[str]:

@@ -351,10 +351,13 @@ def test_cli_a_bad_gold_answer_in_a_benchmark_is_shown_as_written(tmp_path):
     proc = run_cli(["stage=eval", "student=tiny_random", "evaluation=paper", f"evaluation.benchmarks.aime24.local_path={bench}",
                     "logger=none"], tmp_path, check=False)
     assert proc.returncode == 1
-    assert (f"DataFormatError: {bench}:1: field 'answer': math-verify cannot read the gold answer '\\frac{{11}}{{' as a "
-            "math expression, so every sample of this problem would be graded wrong; fix the gold answer (a complete LaTeX "
-            "or plain expression such as \\frac{11}{3}) or remove the problem") in proc.stderr, proc.stderr[-3000:]
+    # read before anything loads (palign/preflight.py reads every local benchmark as evaluation will)
+    assert (f"evaluation.benchmarks.aime24: {bench}:1: field 'answer': math-verify cannot read the gold answer "
+            "'\\frac{11}{' as a math expression, so every sample of this problem would be graded wrong; fix the gold "
+            "answer (a complete LaTeX or plain expression such as \\frac{11}{3}) or remove the problem") in proc.stderr, \
+        proc.stderr[-3000:]
     assert "\\\\" not in proc.stderr and "Error in call to target" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 # -- 4. a benchmark local_path that does not exist never falls back to the Hub -------------------
