@@ -474,16 +474,20 @@ def test_an_offline_wandb_run_holds_the_per_problem_table_the_intervals_and_the_
         def file(self, path):
             return File(path)
 
+    class Other(Run):
+        def __init__(self, job_type):
+            self.id, self.job_type, self.summary_metrics = f"{job_type}-run", job_type, {f"{job_type}/pass@1": 1.0}
+
     class Api:
         def runs(self, path, filters, lazy):
             assert (path, filters) == ("palign", {"group": "pytest-ablation"})
-            return [Run()]
+            return [Other("report"), Run(), Other("grade"), Other("train")]
 
     import wandb
 
     monkeypatch.setattr(wandb, "Api", Api)
     (from_wandb,), unfinished = collect_wandb_runs("palign", "pytest-ablation")
     (local,), _ = collect_local_runs(tmp_path / "runs")
-    assert unfinished == [] and from_wandb.outcomes()["champ_heldout"].ids == local.outcomes()["champ_heldout"].ids
+    assert unfinished == ["train-run"] and from_wandb.outcomes()["champ_heldout"].ids == local.outcomes()["champ_heldout"].ids
     assert np.array_equal(from_wandb.outcomes()["champ_heldout"].correct[0], local.outcomes()["champ_heldout"].correct[0])
     assert md_rows(table1([from_wandb], Report(), 2).markdown) == md_rows(table1([local], Report(), 2).markdown)

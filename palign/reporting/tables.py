@@ -348,8 +348,8 @@ def collect_wandb_runs(project: str, group: str, entity: str | None = None) -> t
     finished: list[RunRecord] = []
     unfinished: list[str] = []
     for run in wandb.Api().runs(path, filters={"group": group}, lazy=False):  # config and summary are needed
-        if run.job_type == "report":
-            continue  # the report's own W&B run
+        if run.job_type in ("report", "grade"):
+            continue  # the report's own W&B run, and stage=grade's (no per-problem table: grade folders are read locally)
         summary = summary_from_wandb(run.summary_metrics)
         if not summary.get("eval", {}).get("benchmarks"):
             unfinished.append(run.id)
