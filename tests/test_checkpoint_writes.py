@@ -282,3 +282,53 @@ def test_cli_a_run_that_fills_the_disk_while_checkpointing_stops_clearly_and_res
     train = json.loads((run_dir / "summary.json").read_text())["train"]
     assert train["complete"] and train["global_step"] == 5 and train["resumed_from"] == str(last)
     assert (run_dir / "student" / "model.safetensors").is_file()
+
+
+# -- temporary folders of other atomic writes (the student's export, caches) ---------------------------
+
+# a writer stopped inside `atomic_path` (palign/artifacts.py) with a file half written into its folder
+FOLDER_WRITER = textwrap.dedent("""
+    import sys
+    from palign.artifacts import atomic_path
+
+    with atomic_path(sys.argv[1]) as tmp:
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"\\0" * 65536)
+        print("writing", flush=True)
+        sys.stdin.readline()
+    print("done", flush=True)
+""")
+
+
+def test_a_dead_writers_temporary_folder_is_removed_by_the_next_write_and_a_live_writers_is_kept(tmp_path):
+    from palign.artifacts import atomic_path
+
+    student = tmp_path / "run" / "student"
+
+    def start():
+        writer = subprocess.Popen([sys.executable, "-c", FOLDER_WRITER, str(student)], cwd=PROJECT_ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "writing\n"
+        return writer
+
+    def temporaries():
+        return sorted(p.name for p in student.parent.glob(".student.*.tmp"))
+
+    live, killed = start(), start()
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert len(temporaries()) == 2
+        with atomic_path(student) as tmp:  # the next export of the same folder
+            tmp.mkdir()
+            (tmp / "config.json").write_text("{}")
+            left = temporaries()
+        assert len(left) == 2  # the live writer's and this one's own, while writing
+        assert temporaries() == [name for name in left if (student.parent / name).exists()]  # its own is gone
+        assert len(temporaries()) == 1 and (student / "config.json").is_file()
+    finally:
+        live.stdin.write("\n")
+        live.stdin.close()
+        assert live.stdout.readline() == "done\n"
+        live.wait()
+    assert live.returncode == 0 and temporaries() == [] and (student / "model.safetensors").is_file()
