@@ -229,6 +229,13 @@ def truncate_stage(ctx: RunContext, tracker: Tracker) -> None:
     report_stage_stats(ctx, tracker, truncation)
 
 
+def teacher_ids(cfg: DictConfig) -> list[str]:
+    """Every problem of the teacher's data set, whichever of them this seed's split trains on: what a
+    held-out benchmark leaves out, so runs that differ by their seed evaluate the same problems (and
+    the report can pool them, palign/reporting/comparisons.py)."""
+    return sorted(r.id for r in make_teacher(cfg).load().records)
+
+
 def training_records(cfg: DictConfig):
     from palign.data.datamodule import split_records
 
@@ -270,7 +277,7 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
     evaluate = instantiate(
         cfg.evaluation, _convert_="all", _partial_=True, student=_container(cfg.student), method=cfg.baseline.name,
         prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir, run_dir=ctx.run_dir, trained=ctx.student_dir,
-        training_ids=lambda: sorted(r.id for r in training_records(cfg)), vllm=_container(cfg.vllm), tracker=tracker,
+        training_ids=lambda: teacher_ids(cfg), vllm=_container(cfg.vllm), tracker=tracker,
     )
     summary = evaluate()
     if summary is not None:

@@ -403,7 +403,8 @@ class Benchmark:
     limit: int | None = knob(None, "the first N problems (null: all)", check=at_least(1, optional="all"))
     package: str | None = knob(None, "an installed data package instead of a file (champ)")
     numeric_answers_only: bool = knob(False, "keep problems whose answer is a number")
-    exclude_training: bool = knob(False, "leave out the run's own training problems (held-out evaluation)")
+    exclude_training: bool = knob(False, "leave out every problem of the teacher's data set, which holds the run's "
+                                  "training problems whatever the seed (held-out evaluation)")
 
 
 @dataclass
