@@ -4,10 +4,26 @@ Composes conf/config.yaml with Hydra and runs the stages the chosen baseline nee
 (see palign/pipeline.py). `python run.py` with no arguments runs the embedded CPU default.
 """
 
+import re
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import palign.config  # noqa: F401  (registers the config resolvers before Hydra composes)
+
+# OmegaConf (2.3) cannot merge a `{...}` value into a typed benchmark node, and fails inside itself
+# (an AttributeError for a benchmark a recipe left out with null, a ValidationError for a new one)
+BENCHMARK_AS_DICT = re.compile(r"^\+*evaluation\.benchmarks\.(?P<name>[\w-]+)=\s*\{")
+
+
+def refuse_unmergeable_overrides(arguments: list[str]) -> None:
+    for argument in arguments:
+        if match := BENCHMARK_AS_DICT.match(argument):
+            name = match["name"]
+            sys.exit(f"{argument}: a benchmark is given as a benchmark option and then field by field, not as one "
+                     f"{{...}} value: +benchmark@evaluation.benchmarks.{name}=<an option of conf/benchmark/, e.g. "
+                     f"aime24> evaluation.benchmarks.{name}.local_path=PATH (and any other field)")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -19,4 +35,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_unmergeable_overrides(sys.argv[1:])
     main()

@@ -421,7 +421,8 @@ class Evaluation:
                         check=one_of("hf", "vllm", "ray", "auto"))
     ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
     sampling: Sampling = knob(factory=lambda: Sampling(num_samples=3, batch_size=16), help="n=3, T=0.6, top-p 0.9, rep 1.05")
-    pass_k: int = knob(3, "k of Pass@k (at most sampling.num_samples)", check=at_least(1))
+    pass_k: int = knob("${.sampling.num_samples}", "k of Pass@k (at most sampling.num_samples; by default all of them, "
+                       "so a smaller sampling.num_samples takes Pass@k with it)", check=at_least(1))
     grading: Grading = knob(factory=lambda: Grading(workers=2), help="grading of the samples")
     chunk_size: int = knob(64, "problems per resumable chunk of predictions", identity=False, check=at_least(1))
     intervals: Intervals = knob("${report.intervals}", "the intervals logged with the results (the run's "

@@ -132,3 +132,36 @@ def test_a_setting_the_baseline_ignores_is_refused_at_stage_all_as_at_stage_trun
                     tmp_path, check=False)
     assert fixed.returncode != 0
     assert "truncation.judge.threshold.value=1.0: this setting would be ignored: baseline 'fixed_ratio'" in fixed.stderr
+
+
+def test_a_smaller_sample_count_takes_pass_at_k_with_it_unless_k_is_set(tmp_path):
+    cfg = compose_config(["evaluation.sampling.num_samples=1"], tmp_path)
+    check_values(cfg)  # refused while pass_k stayed 3
+    assert cfg.evaluation.pass_k == 1
+    assert compose_config(["evaluation.sampling.num_samples=5", "evaluation.pass_k=2"], tmp_path).evaluation.pass_k == 2
+    with pytest.raises(ConfigError, match=r"evaluation.pass_k=3: must be at most evaluation.sampling.num_samples=2"):
+        check_values(compose_config(["evaluation.sampling.num_samples=2", "evaluation.pass_k=3"], tmp_path))
+
+
+def test_a_benchmark_is_added_to_a_recipe_as_an_option_then_field_by_field(tmp_path):
+    cfg = compose_config(["+benchmark@evaluation.benchmarks.aime24=aime24", "evaluation.benchmarks.aime24.limit=2"], tmp_path)
+    check_values(cfg)
+    assert sorted(cfg.evaluation.benchmarks) == ["aime24", "champ_heldout"] and cfg.evaluation.benchmarks.aime24.limit == 2
+
+
+@pytest.mark.slow
+def test_a_benchmark_given_as_one_value_is_refused_with_the_way_to_give_it(tmp_path):
+    # OmegaConf cannot merge a {...} value into a typed benchmark node: it failed inside itself, nothing else printed
+    for prefix in ("", "+"):
+        proc = run_cli(["stage=eval", "logger=none", f"{prefix}evaluation.benchmarks.aime24={{name: aime24, local_path: x}}"],
+                       tmp_path, check=False)
+        assert proc.returncode == 1
+        assert ("a benchmark is given as a benchmark option and then field by field, not as one {...} value: "
+                "+benchmark@evaluation.benchmarks.aime24=<an option of conf/benchmark/, e.g. aime24> "
+                "evaluation.benchmarks.aime24.local_path=PATH") in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+    # a config refused by its values prints its message, not a traceback
+    proc = run_cli(["stage=eval", "logger=none", "evaluation.sampling.num_samples=2", "evaluation.pass_k=3"], tmp_path,
+                   check=False)
+    assert proc.returncode == 1 and "evaluation.pass_k=3: must be at most" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
