@@ -11,12 +11,11 @@ training resumes from `last.ckpt`.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -260,7 +259,7 @@ def align_stage(ctx: RunContext, tracker: Tracker) -> None:
     report_stage_stats(ctx, tracker, alignment)
 
 
-def report_stage_stats(ctx: RunContext, tracker: Tracker, stage) -> None:
+def report_stage_stats(ctx: RunContext, tracker: Tracker, stage: ReportingStage) -> None:
     """Stage 1's or 2's statistics into the run's summary, and its own console/W&B report."""
     ctx.summary[stage.SUMMARY_KEY] = stage.report(tracker)
     save_summary(ctx)
@@ -421,9 +420,41 @@ def ablation_keys(cfg: DictConfig) -> dict[str, Any]:
     return {"ablation.name": name, "ablation.knob": ",".join(knobs), "ablation.value": ",".join(map(str, values))}
 
 
-# stage= -> the steps it runs, in the method's order (the stages a baseline skips build nothing)
-DISPATCH = {
-    "all": (train_stage, eval_stage),  # training loads its data through stages 1 and 2
+def method_stages(ctx: RunContext, tracker: Tracker) -> None:
+    """stage=all: the method in its order (PAPER.md §2), on every process of the job.
+
+    1. truncate: each teacher trace cut to the shortest prefix the student judges sufficient;
+    2. align: the student continues each prefix, kept when its answer is right;
+    3. train: SFT on prefix markers + teacher prefix + the student's continuation.
+       Steps 1 and 2 run inside step 3's data module as it loads its data (`prepare_data`, as the
+       design card asks), each cached and resumable, before the Trainer starts;
+    4. evaluate: Pass@1 and Pass@k on the benchmarks, on global rank 0 alone.
+    The stages a baseline lacks (palign/runs.py: unused_groups) build nothing.
+    """
+    train_stage(ctx, tracker)  # 1, 2, 3
+    if is_global_zero():
+        eval_stage(ctx, tracker)  # 4
+
+
+class Stage(Protocol):
+    """A step `stage=` selects: it reads the run's config from `ctx`, writes into its run folder and
+    summary, and logs to `tracker`."""
+
+    def __call__(self, ctx: RunContext, tracker: Tracker) -> None: ...
+
+
+class ReportingStage(Protocol):
+    """Stages 1 and 2 (PrefixTruncation, PrefixContinuation) as the run reports them: their
+    statistics, logged to the tracker, go into the summary under SUMMARY_KEY."""
+
+    SUMMARY_KEY: str
+
+    def report(self, tracker: Tracker) -> dict[str, Any]: ...
+
+
+# stage= -> the steps it runs, in the method's order
+DISPATCH: dict[str, tuple[Stage, ...]] = {
+    "all": (method_stages,),
     "truncate": (truncate_stage,),
     "align": (align_stage,),
     "train": (train_stage,),
@@ -434,8 +465,8 @@ DISPATCH = {
 }
 
 
-# the steps every process of a distributed job runs; the others run on global rank 0 alone
-EVERY_RANK = (train_stage,)
+# the steps every process of a distributed job runs (training is collective); the others run on global rank 0 alone
+EVERY_RANK: tuple[Stage, ...] = (method_stages, train_stage)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
