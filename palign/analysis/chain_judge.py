@@ -248,11 +248,6 @@ def build_backend(cfg: Any, cache_dir: str | Path) -> ChatBackend:
     raise ValueError(f"chain_judge.backend must be local or openai, got '{kind}'")
 
 
-# the supervision targets (palign/data/supervision.py) that need stage 1's prefixes, stage 2's continuations
-PREFIX_TARGETS = ("prefix_continuation", "prefix_only")
-CONTINUATION_TARGETS = ("prefix_continuation", "student_only")
-
-
 def judge_training_chains(*, records: Sequence[Any], baseline: str, truncation: Callable[[], Any],
                           alignment: Callable[[], Any], markers: Mapping[str, str], cache_dir: str | Path,
                           run_dir: str | Path, tracker: Any, **node: Any) -> tuple[str, str, dict[str, Any]]:
@@ -263,7 +258,7 @@ def judge_training_chains(*, records: Sequence[Any], baseline: str, truncation: 
     `<run_dir>/chain_judge/`, logs the rates and a few examples to the tracker, and returns
     (comparison, judge label, statistics) for the run's summary."""
     from palign.artifacts import write_jsonl_atomic
-    from palign.data.supervision import build_targets
+    from palign.data.supervision import CONTINUATION_TARGETS, PREFIX_TARGETS, build_targets
 
     compared = (node["chain_a"], node["chain_b"])
     if set(compared) >= {"prefix_continuation", "student_only"}:

@@ -7,7 +7,9 @@
   fixed-ratio prefix).
 - `prefix_only`: the teacher prefix alone (ablation).
 - `student_only`: the student's own correct solution without any prefix (ablation).
-Records a target cannot be built for are skipped and counted by reason.
+Records a target cannot be built for are skipped and counted by reason. The names are the schema's
+`TARGETS` (palign/schema.py: a baseline's `target`, the chain judge's `chain_a`/`chain_b`); a new
+target is a name there and its text here.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from palign.data.sft import SupervisedExample
+from palign.schema import TARGETS
 from palign.teachers.records import TeacherRecord
 
-TARGETS = ("long_cot", "short_cot", "prefix_continuation", "prefix_only", "student_only")
+# the targets built from stage 1's prefixes, and from stage 2's continuations (the baseline must make them)
+PREFIX_TARGETS = ("prefix_continuation", "prefix_only")
+CONTINUATION_TARGETS = ("prefix_continuation", "student_only")
 
 
 def build_targets(
@@ -32,8 +37,8 @@ def build_targets(
     """SFT examples for `target`; `prefixes`/`continuations` map record id to text."""
     if target not in TARGETS:
         raise ValueError(f"baseline.target must be one of {TARGETS}, got '{target}'")
-    needs_prefix = target in ("prefix_continuation", "prefix_only")
-    needs_continuation = target in ("prefix_continuation", "student_only")
+    needs_prefix = target in PREFIX_TARGETS
+    needs_continuation = target in CONTINUATION_TARGETS
     if needs_prefix and prefixes is None:
         raise ValueError(f"target '{target}' needs the truncation stage's prefixes")
     if needs_continuation and continuations is None:
