@@ -17,8 +17,25 @@ import palign.config  # noqa: F401  (registers the config resolvers before Hydra
 BENCHMARK_AS_DICT = re.compile(r"^\+*evaluation\.benchmarks\.(?P<name>[\w-]+)=\s*\{")
 
 
+# settings that moved when a baseline became parts (its prefix policy, `baseline.prefix`) and stage 1's
+# search, granularity and threshold `_target_` nodes: the way to give each now
+MOVED = {
+    "baseline.ratio": "baseline.prefix.ratio={value} (baseline=fixed_ratio)",
+    "baseline.truncation": "baseline=<an option of conf/baseline/>, whose prefix policy is baseline.prefix._target_",
+    "truncation.search.name": "truncation/search={value}",
+    "truncation.search.chunk_size": "truncation.chunk_size={value}",
+    "truncation.granularity.name": "truncation/granularity={value}",
+    "truncation.granularity.options.chunk_tokens": "truncation.granularity.chunk_tokens={value} "
+                                                   "(truncation/granularity=token_chunk)",
+    "truncation.judge.threshold.kind": "truncation/judge/threshold={value}",
+}
+
+
 def refuse_unmergeable_overrides(arguments: list[str]) -> None:
     for argument in arguments:
+        key, _, value = argument.lstrip("+~").partition("=")
+        if key in MOVED:
+            sys.exit(f"{argument}: this setting moved; give it as {MOVED[key].format(value=value)}")
         if match := BENCHMARK_AS_DICT.match(argument):
             name = match["name"]
             sys.exit(f"{argument}: a benchmark is given as a benchmark option and then field by field, not as one "

@@ -81,11 +81,15 @@ def _container(node) -> dict[str, Any]:
 
 
 def make_truncation(ctx: RunContext, tokenizer):
-    """Stage 1 as the baseline and conf/truncation/ configure it (None: the baseline does not truncate)."""
+    """Stage 1 from its node (conf/truncation/) with the baseline's prefix policy (`baseline.prefix`);
+    None when the policy makes no prefixes. The stage receives the schema's typed nodes, its
+    `_target_` parts (splitter, search, threshold, policy) built."""
     from hydra.utils import instantiate
 
     cfg = ctx.cfg
-    return instantiate(cfg.truncation, _convert_="all", baseline=_container(cfg.baseline), cache_dir=ctx.cache_dir,
+    if unused_reason(cfg, "truncation"):
+        return None
+    return instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix, cache_dir=ctx.cache_dir,
                        tokenizer=tokenizer, vllm=_container(cfg.vllm))
 
 

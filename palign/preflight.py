@@ -38,7 +38,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from palign.runs import unused_reason
+from palign.runs import prefix_policy, unused_reason
 from palign.schema import ConfigError, check_values
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,11 @@ def preflight(cfg: DictConfig, overrides: Iterable[str] = (), *, hardware: bool 
     hardware: also check what depends on this machine (Lightning's accelerator and devices, vLLM).
     """
     check_values(cfg)
-    problems: list[str] = []
+    try:
+        prefix_policy(cfg)  # every check below asks the policy what the baseline reads
+    except ValueError as err:
+        raise ConfigError(f"this run would fail; nothing was loaded or written:\n  {err}") from None
+    problems: list[str] = baseline_problems(cfg) if cfg.stage in TEACHER_STAGES else []
     for stage, node in (("truncate", "truncation"), ("align", "alignment")):
         if cfg.stage == stage and (reason := unused_reason(cfg, node)):
             problems.append(f"stage={stage}: {reason}")
@@ -72,6 +76,42 @@ def preflight(cfg: DictConfig, overrides: Iterable[str] = (), *, hardware: bool 
     problems += inference_problems(cfg, hardware=hardware)
     if problems:
         raise ConfigError("this run would fail; nothing was loaded or written:\n  " + "\n  ".join(problems))
+
+
+# -- the baseline and the parts of stage 1 ---------------------------------------------------------
+def baseline_problems(cfg: DictConfig) -> list[str]:
+    """The baseline's prefix policy and the `_target_` parts of stage 1 it reads (the splitter, the
+    search, the judge's threshold), each built here as the stage builds it, so a wrong option is
+    refused naming its key (no model loads); and a target needing prefixes or continuations the
+    baseline does not make."""
+    from hydra.utils import instantiate
+
+    from palign.data.supervision import CONTINUATION_TARGETS, PREFIX_TARGETS
+
+    problems: list[str] = []
+
+    def built(key: str, make) -> Any:
+        try:
+            return make(instantiate(OmegaConf.select(cfg, key)))
+        except Exception as err:  # noqa: BLE001 (Hydra wraps the class's own error: shown with the key)
+            cause = err.__cause__ or err
+            problems.append(f"{key}: {type(cause).__name__}: {cause}".replace("\n", " "))
+            return None
+
+    baseline, policy = cfg.baseline, prefix_policy(cfg)
+    built("baseline.prefix", lambda made: made)
+    for key, make in (("truncation.granularity", lambda made: made), ("truncation.search", lambda made: made(1)),
+                      ("truncation.judge.threshold", lambda made: made)):
+        if not unused_reason(cfg, key):
+            built(key, make)
+    if baseline.target in PREFIX_TARGETS and not policy.reads:
+        problems.append(f"baseline.target={baseline.target} is built from teacher prefixes, but baseline.prefix "
+                        f"({policy.__name__}) makes none; name a policy that does, e.g. "
+                        "palign.truncation.prefixes.AdaptivePrefix, or another target")
+    if baseline.target in CONTINUATION_TARGETS and not baseline.alignment:
+        problems.append(f"baseline.target={baseline.target} is built from the student's continuations, but "
+                        "baseline.alignment=false; set it to true, or pick another target")
+    return problems
 
 
 # -- files, folders and models ----------------------------------------------------------------------
@@ -163,7 +203,7 @@ def models_used(cfg: DictConfig) -> dict[str, Any]:
     if stage not in ("grade", "report"):
         models["student"] = cfg.student
     if stage in TEACHER_STAGES:
-        if not unused_reason(cfg, "truncation.judge") and cfg.baseline.truncation == "adaptive":
+        if not unused_reason(cfg, "truncation.judge"):
             models["truncation.judge.model"] = cfg.truncation.judge.model
         if not unused_reason(cfg, "alignment"):
             models["alignment.model"] = cfg.alignment.model
@@ -320,7 +360,7 @@ def inference_backends(cfg: DictConfig) -> dict[str, str]:
     stage = cfg.stage
     backends: dict[str, str] = {}
     if stage in TEACHER_STAGES:
-        if cfg.baseline.truncation == "adaptive" and not unused_reason(cfg, "truncation.judge"):
+        if not unused_reason(cfg, "truncation.judge"):
             backends["truncation.judge.backend"] = cfg.truncation.judge.backend
         if not unused_reason(cfg, "alignment"):
             backends["alignment.backend"] = cfg.alignment.backend

@@ -19,26 +19,43 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from palign.artifacts import file_sha256, fingerprint
 
-# the truncation parts a fixed-ratio baseline never reads (it reads only the granularity)
-ADAPTIVE_ONLY = ("truncation.search", "truncation.judge", "truncation.judge_prompt")
+
+def target_class(target: str) -> type:
+    """The class a `_target_` names, imported by its name as Hydra will: this service (and the report)
+    reads what a part's class declares (a prefix policy's `reads`, a splitter's `name`) without
+    importing the stage that holds it."""
+    import importlib
+
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"_target_={target}: no such class ({err})") from None
 
 
-def truncation_mode(cfg: DictConfig) -> str:
-    """How the baseline gets its prefixes: none, adaptive (judge + search) or fixed_ratio."""
-    return cfg.baseline.truncation
+def prefix_policy(cfg: DictConfig) -> type:
+    """The class of the baseline's prefix policy (`baseline.prefix._target_`, palign/truncation/prefixes.py)."""
+    try:
+        return target_class(cfg.baseline.prefix._target_)
+    except ValueError as err:
+        raise ValueError(f"baseline.prefix.{err}; name a prefix policy of palign/truncation/prefixes.py, e.g. "
+                         "palign.truncation.prefixes.AdaptivePrefix") from None
 
 
 def unused_groups(cfg: DictConfig) -> dict[str, str]:
     """The config nodes (dotted paths) the chosen baseline never reads, each with the reason: they
-    neither name the run (`run_identity`) nor may be set on the command line (`check_knobs_used`)."""
-    mode = truncation_mode(cfg)
+    neither name the run (`run_identity`) nor may be set on the command line (`check_knobs_used`).
+    The baseline's prefix policy says which fields of the `truncation` node it reads (its `reads`)."""
     name = cfg.baseline.name
+    policy = prefix_policy(cfg)
     unused = {}
-    if mode == "none":
+    if not policy.reads:
         unused["truncation"] = f"baseline '{name}' does not truncate; pick e.g. baseline=prefix_only or baseline=palign"
-    elif mode == "fixed_ratio":
-        unused.update(dict.fromkeys(ADAPTIVE_ONLY, f"baseline '{name}' cuts at a fixed ratio and uses no judge or search; "
-                                                   "pick e.g. baseline=palign"))
+    else:
+        for spec in fields(OmegaConf.get_type(cfg.truncation)):
+            if spec.name != "_target_" and spec.name not in policy.reads:
+                unused[f"truncation.{spec.name}"] = (f"baseline '{name}' ({policy.__name__}) reads no truncation."
+                                                     f"{spec.name}; pick e.g. baseline=palign")
     if not cfg.baseline.alignment:
         unused["alignment"] = f"baseline '{name}' has no alignment stage; pick e.g. baseline=palign"
     return unused

@@ -12,6 +12,12 @@ settings (palign/llm/generation.py: SamplingConfig, the `Sampling` node); their 
 with the same `knob` (palign/knobs.py). The YAML group options under `conf/` hold named choices (a
 student, a prompt, a recipe's sizes) and list only what differs from here.
 
+The swappable parts of stage 1 and the baseline (the prefix policy, the search, the granularity,
+the judge's threshold) are `Any` nodes with a `_target_`: a new one is a class and a YAML file, with
+no entry here. Each option's YAML file lists the class's options with their values (the classes
+declare none), and the class checks them when it is built: the pipeline's preflight builds them
+before anything loads, so a wrong option is refused naming its key.
+
 Field metadata:
 - `help`: what the field means (shown here, where it is declared);
 - `identity`: False for the fields that say how a stage computes rather than what (a back end, a
@@ -63,7 +69,7 @@ class Ray:
     address: str | None = knob(None, "null: start a local cluster on this machine; `auto`: join the cluster this node "
                                "belongs to (`ray start`); ray://host:10001 for a remote head", identity=False)
     batch_size: int = knob(16, "prompts per worker call (rounded to whole generation batches of sampling.batch_size); "
-                           "the judge sends one truncation.search.chunk_size chunk of traces per call",
+                           "the judge sends one truncation.chunk_size chunk of traces per call",
                            identity=False, check=at_least(1))
 
 
@@ -114,13 +120,15 @@ class Prompts:
 
 @dataclass
 class Baseline:
-    """What the student is trained on (conf/baseline/)."""
+    """What the student is trained on (conf/baseline/): a prefix policy, whether the student continues
+    the prefixes, and the supervision target built from them."""
 
     name: str = knob(MISSING, "names the run and the method in result tables")
     target: str = knob(MISSING, "the supervision target (palign/data/supervision.py)", check=one_of(*TARGETS))
-    truncation: str = knob("none", "how prefixes are made", check=one_of("none", "adaptive", "fixed_ratio"))
-    ratio: float | None = knob(None, "fixed_ratio: the share of units kept", check=(
-        "null or a number in (0, 1]", lambda v: v is None or (is_number(v) and 0 < v <= 1)))
+    prefix: Any = knob(MISSING, "how prefixes are made: a node whose `_target_` is a prefix policy of "
+                       "palign/truncation/prefixes.py (NoPrefix | AdaptivePrefix: the judge's search over the "
+                       "`truncation` node | FixedRatioPrefix with its `ratio`); its options are checked when it is "
+                       "built, before anything loads")
     alignment: bool = knob(False, "whether the student continues the prefixes (stage 2)")
 
 
@@ -220,32 +228,6 @@ class Teacher:
 
 # -- stage 1: adaptive prefix truncation ----------------------------------------------------------
 @dataclass
-class Granularity:
-    """The units a trace is split into (palign/truncation/units.py)."""
-
-    name: str = knob(MISSING, "the splitter", check=one_of("paper_sentence", "sentence", "step", "token_chunk"))
-    options: dict[str, Any] = knob(factory=dict, help="the splitter's options, e.g. {chunk_tokens: 64} for token_chunk")
-
-
-@dataclass
-class Search:
-    """How the shortest sufficient prefix is searched (palign/truncation/search.py)."""
-
-    name: str = knob(MISSING, "the search", check=one_of("binary", "linear", "exhaustive"))
-    chunk_size: int = knob(32, "examples per resumable chunk (all examples in a chunk advance together)",
-                           identity=False, check=at_least(1))
-
-
-@dataclass
-class Threshold:
-    kind: str = knob("absolute", "absolute: score >= value | relative_to_full: score >= score(full trace) - value | "
-                     "quantile: score >= the value-quantile of calibration prefix scores",
-                     check=one_of("absolute", "relative_to_full", "quantile"))
-    value: float = knob(0.0, "the threshold's value", check=FINITE)
-    calibration_examples: int = knob(8, "quantile: examples whose prefix scores calibrate", check=at_least(1))
-
-
-@dataclass
 class Judge:
     """The sufficiency judge (palign/truncation/judge.py)."""
 
@@ -267,7 +249,9 @@ class Judge:
                        "scores each requested prefix as its own sequence (same scores)", identity=False,
                        check=one_of("one_pass", "batched"))
     max_tail_tokens: int = knob(4096, "one_pass: verdict-tail tokens per forward", identity=False, check=at_least(1))
-    threshold: Threshold = knob(factory=Threshold, help="when a logits score counts as sufficient")
+    threshold: Any = knob(MISSING, "when a logits score counts as sufficient: a node whose `_target_` is a threshold "
+                          "of palign/truncation/judge.py with its options (conf/truncation/judge/threshold/: "
+                          "absolute, relative_to_full, quantile)")
 
 
 @dataclass
@@ -277,7 +261,8 @@ class JudgePrompt:
     name: str = knob(MISSING, "names the prompt in tables")
     enough: str = knob("[ENOUGH]", "the verdict for a sufficient prefix")
     not_enough: str = knob("[NOT_ENOUGH]", "the verdict for an insufficient one")
-    template: str = knob(MISSING, "the prompt, with {question} and {reasoning_part}")
+    template: str = knob(MISSING, "the prompt, with {question} and {reasoning_part}", check=(
+        "a template holding {question} and {reasoning_part}", lambda v: "{question}" in v and "{reasoning_part}" in v))
 
 
 @dataclass
@@ -285,10 +270,15 @@ class Truncation:
     """Stage 1 (conf/truncation/, mirroring palign/truncation/); builds itself with the run's tokenizer."""
 
     _target_: str = "palign.truncation.stage.PrefixTruncation.from_config"
-    granularity: Granularity = knob(MISSING, "conf/truncation/granularity/")
-    search: Search = knob(MISSING, "conf/truncation/search/")
+    granularity: Any = knob(MISSING, "the units a trace is split into: a node whose `_target_` is a Splitter of "
+                            "palign/truncation/units.py with its options (conf/truncation/granularity/)")
+    search: Any = knob(MISSING, "how the shortest sufficient prefix is searched: a node whose `_target_` is a "
+                       "PrefixSearch of palign/truncation/search.py, `_partial_: true` (one search per trace) and its "
+                       "options (conf/truncation/search/)")
     judge: Judge = knob(MISSING, "conf/truncation/judge/")
     judge_prompt: JudgePrompt = knob(MISSING, "conf/truncation/judge_prompt/")
+    chunk_size: int = knob(32, "traces per resumable chunk (all traces in a chunk advance together)",
+                           identity=False, check=at_least(1))
 
 
 # -- stage 2: prefix alignment --------------------------------------------------------------------

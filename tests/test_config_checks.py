@@ -5,13 +5,14 @@ the run starts; a setting the baseline ignores is refused."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import compose_config, run_cli
+from conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 from palign.schema import ConfigError, check_values
 
@@ -147,6 +148,23 @@ def test_a_benchmark_is_added_to_a_recipe_as_an_option_then_field_by_field(tmp_p
     cfg = compose_config(["+benchmark@evaluation.benchmarks.aime24=aime24", "evaluation.benchmarks.aime24.limit=2"], tmp_path)
     check_values(cfg)
     assert sorted(cfg.evaluation.benchmarks) == ["aime24", "champ_heldout"] and cfg.evaluation.benchmarks.aime24.limit == 2
+
+
+@pytest.mark.parametrize("argument,now", [
+    ("baseline.ratio=0.25", "baseline.prefix.ratio=0.25 (baseline=fixed_ratio)"),
+    ("truncation.search.chunk_size=4", "truncation.chunk_size=4"),
+    ("truncation.judge.threshold.kind=quantile", "truncation/judge/threshold=quantile"),
+    ("truncation.granularity.options.chunk_tokens=32", "truncation.granularity.chunk_tokens=32"),
+])
+def test_a_setting_that_moved_is_refused_with_its_new_way(argument, now):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("palign_run_py", PROJECT_ROOT / "run.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    with pytest.raises(SystemExit, match=re.escape(f"{argument}: this setting moved; give it as {now}")):
+        entry.refuse_unmergeable_overrides(["logger=none", argument])
+    entry.refuse_unmergeable_overrides(["logger=none", now.split(" ")[0]])  # the new way passes
 
 
 @pytest.mark.slow

@@ -17,8 +17,10 @@ GROUPS = sorted({str(p.parent.relative_to(CONF)).split("/paper")[0] for p in CON
 
 
 def options(group: str) -> list[str]:
+    """The group's options (experiment/paper/... included), not those of a group inside it (truncation/judge/threshold)."""
     root = CONF / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")
+                  if str(p.parent.relative_to(CONF)).split("/paper")[0] == group)
 
 
 ALL = [(g, o) for g in GROUPS for o in options(g)]
@@ -40,7 +42,9 @@ IN_DEFAULTS = _groups_in_defaults()
 
 def test_every_group_has_options():
     assert {"student", "teacher", "baseline", "trainer", "logger", "experiment", "debug", "truncation/granularity",
-            "truncation/search", "truncation/judge", "truncation/judge_prompt"} <= set(GROUPS)
+            "truncation/search", "truncation/judge", "truncation/judge/threshold", "truncation/judge_prompt"} <= set(GROUPS)
+    assert options("truncation/judge/threshold") == ["absolute", "quantile", "relative_to_full"]
+    assert "threshold/absolute" not in options("truncation/judge") and "paper/table1_qwen3_8b" in options("experiment")
     assert len(ALL) >= 20
 
 
@@ -49,8 +53,9 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     # groups outside the defaults list (e.g. benchmark, read by the evaluation config) are added
     if group == "benchmark":  # read by the evaluation config, at evaluation.benchmarks.<name>
         override = f"+benchmark@evaluation.benchmarks.extra_{option}={option}"
-    else:
-        override = f"{'' if group in IN_DEFAULTS else '+'}{group}={option}"
+    else:  # a group chosen inside another group's options (truncation/judge/threshold) is there already
+        chosen = group in IN_DEFAULTS or any(group.startswith(f"{outer}/") for outer in IN_DEFAULTS)
+        override = f"{'' if chosen else '+'}{group}={option}"
     cfg = compose_config([override], tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert str(cfg.paths.root) == str(tmp_path)
@@ -58,6 +63,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     teacher = instantiate(cfg.teacher.source)
     assert hasattr(teacher, "load")
     assert cfg.baseline.target
+    # the baseline's prefix policy and the `_target_` parts of stage 1 it reads build, as the stage builds them
+    from palign.preflight import baseline_problems
+
+    assert baseline_problems(cfg) == []
     trainer_cls = get_class(cfg.trainer._target_)
     if cfg.trainer.accelerator == "cpu":
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
@@ -123,7 +132,10 @@ def test_paper_recipes_hold_the_papers_settings(tmp_path):
         assert (cfg.training.learning_rate, cfg.training.warmup_ratio, cfg.training.epochs) == (5e-5, 0.1, 3)
         assert cfg.training.effective_batch_size == 32 and cfg.data.max_length == 32768
         truncation = cfg.truncation
-        assert truncation.granularity.name == "paper_sentence" and truncation.search.name == "binary"
+        assert cfg.baseline.prefix._target_ == "palign.truncation.prefixes.AdaptivePrefix" and cfg.baseline.alignment
+        assert cfg.baseline.target == "prefix_continuation"
+        assert truncation.granularity._target_ == "palign.truncation.units.PaperSentences"
+        assert truncation.search._target_ == "palign.truncation.search.BinaryPrefixSearch"
         assert truncation.judge.mode == "generate" and truncation.judge_prompt.name == "paper"
         assert sorted(cfg.evaluation.benchmarks) == ["aime24", "aime25", "amc12", "math500"]
         sampling = cfg.evaluation.sampling
@@ -172,7 +184,7 @@ def test_run_identity_ignores_how_a_stage_computes_but_not_what(tmp_path):
 
     base = run_identity(compose_config([], tmp_path))
     how = ["truncation.judge.backend=vllm", "truncation.judge.engine=batched", "truncation.judge.max_tail_tokens=64",
-           "alignment.backend=vllm", "truncation.search.chunk_size=3", "data.num_workers=2", "trainer.devices=2",
+           "alignment.backend=vllm", "truncation.chunk_size=3", "data.num_workers=2", "trainer.devices=2",
            "logger=csv", "evaluation.sampling.num_samples=5", "training.checkpoint_every_n_steps=7"]
     assert run_identity(compose_config(how, tmp_path)) == base
     crash = ["+callbacks.crash._target_=crash.KillAt", "+callbacks.crash.hook=on_train_batch_end", "+callbacks.crash.step=1"]
@@ -215,12 +227,22 @@ def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_pa
         cfg = compose_config(["student=tiny_random", *overrides], tmp_path)
         return RunContext(cfg=cfg, run_id="x", run_dir=tmp_path / "run", cache_dir=Path(cfg.paths.cache_dir))
 
-    ctx = context(["truncation/granularity=token_chunk", "truncation.granularity.options.chunk_tokens=7",
+    from palign.llm.models import ModelSpec
+    from palign.schema import Judge, JudgePrompt
+    from palign.truncation.judge import RelativeToFullThreshold
+    from palign.truncation.prefixes import AdaptivePrefix
+    from palign.truncation.units import TokenChunks
+
+    ctx = context(["truncation/granularity=token_chunk", "truncation.granularity.chunk_tokens=7",
                    "truncation.judge.max_context_tokens=99", "alignment.sampling.temperature=0.3"])
     truncation = make_truncation(ctx, smollm2_tokenizer)
     assert isinstance(truncation, PrefixTruncation) and truncation._judge is None
-    assert truncation.settings.granularity == "token_chunk" and truncation.settings.granularity_options == {"chunk_tokens": 7}
-    assert truncation.settings.max_context_tokens == 99 and truncation.settings.judge_identity["name"] == "tiny_random"
+    # the schema's typed nodes, their `_target_` parts built: no dict rebuilt into a look-alike
+    assert truncation.granularity == TokenChunks(chunk_tokens=7) and isinstance(truncation.prefix, AdaptivePrefix)
+    assert type(truncation.judge_node) is Judge and type(truncation.judge_prompt) is JudgePrompt
+    assert truncation.judge_node.max_context_tokens == 99 and type(truncation.judge_node.model) is ModelSpec
+    assert truncation.judge_node.model.name == "tiny_random" and truncation.search(5).strategy == "binary"
+    assert truncation.judge_node.threshold == RelativeToFullThreshold(value=0.3)  # conf/truncation/judge/self_calibrated
     alignment = make_alignment(ctx, smollm2_tokenizer)
     assert isinstance(alignment, PrefixContinuation) and alignment.backend._model is None
     assert alignment.settings.sampling["temperature"] == 0.3
@@ -230,37 +252,94 @@ def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_pa
     assert data.max_length == 333 and data.prefix_stage is None and data.continuation_stage is None
 
 
+# Schema nodes without a `_target_`, by the palign callables their fields configure (by name) where they are
+# used; every other node is read field by field where it is used (ModelSpec and Sampling are the classes
+# themselves). A new node must be placed in one of the two, so the test below covers it.
+CONFIGURES = {
+    "Judge": ("palign.truncation.judge.SufficiencyJudge", "palign.truncation.judge.HFScorer"),
+    "Remote": ("palign.llm.openai_backend.OpenAIChatBackend",),
+    "Grading": ("palign.grading.GradingPool",),
+    "Benchmark": ("palign.evaluation.benchmarks.load_benchmark",),
+    "Logger": ("palign.tracking.Tracker",),
+}
+READ_AS_VALUES = {"Config", "Paths", "Prompts", "PrefixMarkers", "Baseline", "Teacher", "TeacherSource", "Problems",
+                  "JudgePrompt", "Lora", "Intervals", "Report", "Ray", "VLLM", "ModelSpec", "Sampling"}
+
+
+def _own_inits(made) -> list:
+    """The palign signatures a class or function brings (a class's own __init__ and its palign bases')."""
+    if not isinstance(made, type):
+        return [made]
+    return [c.__init__ for c in made.__mro__ if "__init__" in vars(c) and c.__module__.startswith("palign")]
+
+
+def _yaml_targets(node, where: str):
+    """(where, `_target_`, the node's other keys) of every palign `_target_` node in a YAML tree."""
+    if isinstance(node, dict):
+        if str(node.get("_target_", "")).startswith("palign."):
+            yield where, node["_target_"], {k for k in node if not (k.startswith("_") and k.endswith("_"))}
+        for key, value in node.items():
+            yield from _yaml_targets(value, f"{where}:{key}")
+
+
 def test_no_stage_signature_repeats_a_schema_default():
-    """Every palign `_target_` of the schema (and the classes it inherits from) takes the node's
-    fields without defaults of its own, so the schema is the one home of each default; a default
-    meaning "not given" (None where the schema interpolates the run's block) is allowed."""
+    """The schema is the one home of each default, checked for every node:
+    - a `_target_` node's palign callable (and the classes it inherits from) takes the node's fields without
+      defaults of its own, but a default meaning "not given" (None where the schema interpolates the run's block);
+    - a node without `_target_` configures the callables CONFIGURES names: a default of theirs for one of the
+      node's fields equals the schema's (a class whose default disagrees, as OpenAIChatBackend's concurrency once
+      did, fails);
+    - every `_target_` part chosen in conf/ (prefix policy, splitter, search, threshold) is a class whose options
+      have no defaults: its option's YAML file holds their values.
+    Every schema node is a `_target_` node, in CONFIGURES or in READ_AS_VALUES."""
     import dataclasses
     import inspect
 
+    import yaml
     from hydra.utils import get_method
 
     import palign.schema as schema
 
+    nodes = {name: node for name, node in vars(schema).items() if isinstance(node, type) and dataclasses.is_dataclass(node)}
     targets = 0
-    for node in vars(schema).values():
-        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
-            continue
+    for name, node in nodes.items():
         fields = {f.name: f for f in dataclasses.fields(node)}
         target = fields["_target_"].default if "_target_" in fields else ""
-        if not target.startswith("palign."):
-            continue
-        targets += 1
-        made = get_class(target) if target.rsplit(".", 1)[-1][0].isupper() else get_method(target)
-        callables = [c.__init__ for c in made.__mro__ if "__init__" in vars(c) and c.__module__.startswith("palign")] \
-            if isinstance(made, type) else [made]
-        for function in callables:
-            for name, parameter in inspect.signature(function).parameters.items():
-                if name not in fields or parameter.default is inspect.Parameter.empty:
-                    continue
-                default = fields[name].default
-                assert parameter.default is None and isinstance(default, str) and "${" in default, (
-                    f"{function.__qualname__}({name}={parameter.default!r}) repeats {node.__name__}.{name}'s default")
+        if target and not target.startswith("palign."):
+            continue  # pytorch_lightning.Trainer
+        assert target or name in CONFIGURES or name in READ_AS_VALUES, f"palign/schema.py: {name} is not covered here"
+        for made_name in ([target] if target else CONFIGURES.get(name, ())):
+            targets += bool(target)
+            made = get_class(made_name) if made_name.rsplit(".", 1)[-1][0].isupper() else get_method(made_name)
+            for function in _own_inits(made):
+                for parameter in inspect.signature(function).parameters.values():
+                    field = fields.get(parameter.name)
+                    if field is None or parameter.default is inspect.Parameter.empty:
+                        continue
+                    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+                    if target:
+                        assert parameter.default is None and isinstance(default, str) and "${" in default, (
+                            f"{function.__qualname__}({parameter.name}={parameter.default!r}) repeats {name}.{parameter.name}'s default")
+                    else:
+                        assert parameter.default == default, (
+                            f"{function.__qualname__}({parameter.name}={parameter.default!r}) disagrees with the schema's "
+                            f"{name}.{parameter.name}={default!r}")
     assert targets >= 9  # teacher sources, truncation, alignment, data, training, evaluation, chain judge
+
+    parts = 0
+    for path in sorted(CONF.rglob("*.yaml")):
+        for where, target, options in _yaml_targets(yaml.safe_load(path.read_text(encoding="utf-8")), str(path.relative_to(CONF))):
+            parts += 1
+            made = get_class(target) if target.rsplit(".", 1)[-1][0].isupper() else get_method(target)
+            for function in _own_inits(made):
+                for parameter in inspect.signature(function).parameters.values():
+                    assert parameter.default is inspect.Parameter.empty, (
+                        f"{where}: {function.__qualname__}({parameter.name}={parameter.default!r}) has a default of its "
+                        f"own; its option's YAML file is the home of the value")
+                    assert parameter.name in options or parameter.name in ("self", "m") \
+                        or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD), (
+                        f"{where}: {target} needs {parameter.name}, which the YAML node does not give")
+    assert parts >= 16  # 6 baselines' policies, 4 granularities, 3 searches, 3 thresholds
 
 
 def test_a_data_folder_enters_the_identity_by_what_its_files_hold_and_is_left_untouched(tmp_path):

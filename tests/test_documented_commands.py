@@ -37,7 +37,7 @@ TINY = {"student.name": "tiny_random", "choice:experiment": "tiny", "truncation.
 DOCUMENTED: dict[str, dict] = {
     "": DEMO,
     "baseline=sft_long_cot": {**DEMO, "baseline.name": "sft_long_cot", "baseline.target": "long_cot"},
-    "baseline=fixed_ratio baseline.ratio=0.25": {**DEMO, "baseline.name": "fixed_ratio", "baseline.ratio": 0.25},
+    "baseline=fixed_ratio baseline.prefix.ratio=0.25": {**DEMO, "baseline.name": "fixed_ratio", "baseline.prefix.ratio": 0.25},
     "stage=truncate truncation/search=exhaustive": {**DEMO, "stage": "truncate", "choice:truncation/search": "exhaustive"},
     "stage=align": {**DEMO, "stage": "align"},
     "stage=eval evaluation=paper": {**DEMO, "stage": "eval", "benchmarks": ["aime24", "aime25", "amc12", "math500"]},

@@ -44,7 +44,8 @@ from palign.llm.openai_backend import (
     sample_seeds,
 )
 from palign.schema import Remote, defaults
-from palign.truncation.judge import SCORE_TOLERANCE, JudgePrompt, SufficiencyJudge
+from palign.schema import JudgePrompt
+from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, render_prompt
 
 KEY_ENV = "PALIGN_TEST_API_KEY"
 SERVER_KEY = "sk-test-SERVERKEY-1234567890"
@@ -57,8 +58,8 @@ PREFIXES = ["We have $x^2 = 9$.", "We have $x^2 = 9$. So $x = 3$ or $x = -3$.", 
 
 
 def paper_judge_prompt() -> JudgePrompt:
-    return JudgePrompt.from_config(
-        OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml"))
+    return JudgePrompt(
+        **OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml"))
     )
 
 
@@ -333,7 +334,7 @@ def test_generate_mode_judge_replies_through_the_server_equal_the_in_process_jud
     assert [(v.sufficient, v.reply) for v in verdicts] == [(v.sufficient, v.reply) for v in local.judge(pairs)]
     assert any(v.reply.strip() for v in verdicts)  # replies of words, not empty ones
     assert sorted(body["messages"][0]["content"] for body in proxy.bodies()) == sorted(
-        paper_judge_prompt().render(q, r) for q, r in pairs
+        render_prompt(paper_judge_prompt(), q, r) for q, r in pairs
     )
 
 

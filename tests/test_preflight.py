@@ -44,6 +44,34 @@ def test_every_problem_is_reported_at_once_before_a_model_loads_or_the_run_folde
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    # a `_target_` part of stage 1 is built as the stage builds it: a wrong option is refused naming its key
+    (["+truncation.granularity.chunk_tokens=3"], "truncation.granularity: TypeError: Sentences.__init__() got an "
+                                                 "unexpected keyword argument 'chunk_tokens'"),
+    (["truncation.search._target_=palign.truncation.search.TernaryPrefixSearch"], "truncation.search: ImportError: "
+                                                                                  "Error loading 'palign.truncation.search"),
+    (["truncation/judge/threshold=quantile", "truncation.judge.threshold.value=1.5"],
+     "truncation.judge.threshold: ValueError: truncation.judge.threshold.value: a quantile is in [0, 1], got 1.5"),
+    (["baseline=fixed_ratio", "baseline.prefix.ratio=0"],
+     "baseline.prefix: ValueError: baseline.prefix.ratio: the share of units kept is a number in (0, 1], got 0"),
+    # a target the baseline does not make the inputs of
+    (["baseline=sft_long_cot", "baseline.target=prefix_only"], "baseline.target=prefix_only is built from teacher "
+                                                               "prefixes, but baseline.prefix (NoPrefix) makes none"),
+    (["baseline=palign", "baseline.alignment=false"], "baseline.target=prefix_continuation is built from the student's "
+                                                      "continuations, but baseline.alignment=false"),
+    (["baseline.prefix._target_=palign.truncation.prefixes.JudgedPrefix"],
+     "baseline.prefix._target_=palign.truncation.prefixes.JudgedPrefix: no such class"),
+])
+def test_a_baseline_or_a_part_of_stage_1_that_cannot_be_built_is_refused_before_a_model_loads(
+        overrides, expected, tmp_path, forbid_model_loads):
+    cfg = compose_config(["student=tiny_random", "logger=none", *overrides], tmp_path)
+    forbid_model_loads()
+    with pytest.raises(ConfigError, match="this run would fail; nothing was loaded or written") as refused:
+        run(cfg)
+    assert expected in str(refused.value), str(refused.value)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_batch_arithmetic_uses_the_world_size_lightning_resolves(tmp_path, forbid_model_loads):
     # 2 CPU processes x micro-batch 4 cannot make an optimizer step of 12 examples
     cfg = compose_config(["student=tiny_random", "logger=none", "trainer.devices=2", "trainer.strategy=ddp",

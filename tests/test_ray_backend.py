@@ -28,7 +28,12 @@ from palign.llm.generation import SamplingConfig
 from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
 from palign.llm.openai_backend import ChatBackendError
 from palign.teachers.records import TeacherRecord
-from palign.truncation.stage import PrefixTruncation, TruncationSettings, build_judge
+from palign.schema import Judge, JudgePrompt, Ray, defaults
+from palign.truncation.judge import QuantileThreshold
+from palign.truncation.prefixes import AdaptivePrefix
+from palign.truncation.search import BinaryPrefixSearch
+from palign.truncation.stage import PrefixTruncation, build_judge
+from palign.truncation.units import Sentences
 
 ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
 from palign.llm.ray_backend import (ActorWorker, RayChatBackend, check_gpu_request,  # noqa: E402
@@ -229,23 +234,23 @@ def test_the_ray_back_end_changes_neither_the_run_identity_nor_the_stage_fingerp
 
 
 # -- the sufficiency judge over Ray ---------------------------------------------------------------
-JUDGE_PROMPT = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml"))
+JUDGE_PROMPT = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
 TRACES = [TeacherRecord(id=f"t{i}", question=f"What is {i} + 3?", answer=str(i + 3),
                         long_cot=" ".join(f"Step {j}: we compute {j} + {i} = {i + j}." for j in range(1, 4 + i)))
           for i in range(5)]
 
 
-def judge_node(spec) -> dict:
-    return {"model": spec, "mode": "logits", "max_new_tokens": 8, "batch_size": 4, "engine": "one_pass",
-            "max_tail_tokens": 4096, "max_context_tokens": None}
+def judge_node(spec, **ray) -> Judge:
+    """The `truncation.judge` node of `spec` (logits, batch 4, the schema's defaults otherwise) with the quantile
+    threshold (the calibration goes through the pool too) and the `ray:` block SETTINGS but `ray`."""
+    return Judge(**{**defaults(Judge), "model": ModelSpec.from_config(spec), "max_new_tokens": 8, "batch_size": 4,
+                    "ray": Ray(**{**SETTINGS, **ray}), "threshold": QuantileThreshold(value=0.5, calibration_examples=2)})
 
 
-def judge_settings(spec) -> TruncationSettings:
-    # the quantile rule: the calibration goes through the pool too
-    return TruncationSettings(granularity="sentence", granularity_options={}, search="binary", ratio=None,
-                              judge_identity=ModelSpec.from_config(spec).identity(), judge_prompt=JUDGE_PROMPT, mode="logits",
-                              threshold={"kind": "quantile", "value": 0.5, "calibration_examples": 2}, max_new_tokens=8,
-                              batch_size=4, chunk_size=2, max_context_tokens=None)
+def judge_stage(folder, tokenizer, node: Judge, **judging) -> PrefixTruncation:
+    """Stage 1 with the judge `node`: binary search over sentences, 2 traces per chunk."""
+    return PrefixTruncation(AdaptivePrefix(), Sentences(), folder, tokenizer, chunk_size=2, search=BinaryPrefixSearch,
+                            judge=node, judge_prompt=JUDGE_PROMPT, progress=False, **judging)
 
 
 def searched(rows) -> list:
@@ -257,9 +262,9 @@ def searched(rows) -> list:
 @pytest.mark.slow
 def test_the_judge_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cache_dir, tmp_path):
     spec, tokenizer = tiny
-    settings = judge_settings(spec)
-    local = PrefixTruncation(settings, stage_cache(tmp_path / "hf"), tokenizer,
-                             lambda: build_judge(judge_node(spec), JUDGE_PROMPT, cache_dir, {}, "hf"), progress=False)
+    node = judge_node(spec, batch_size=1)
+    local = judge_stage(stage_cache(tmp_path / "hf"), tokenizer, node,
+                        judge_factory=lambda: build_judge(node, JUDGE_PROMPT, cache_dir, {}, "hf"))
     expected = local.run(TRACES)
     assert len(expected) == 5 and {r["chosen_k"] for r in expected} != {r["m"] for r in expected}  # prefixes, not all fallbacks
 
@@ -272,11 +277,11 @@ def test_the_judge_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cac
                 raise KeyboardInterrupt
 
     def pool(kind=RayJudgePool):
-        return kind(judge_node(spec), JUDGE_PROMPT, cache_dir, {}, {**SETTINGS, "batch_size": 1}, settings)
+        return kind(node, JUDGE_PROMPT, cache_dir, {}, BinaryPrefixSearch)
 
     folder = stage_cache(tmp_path / "ray")
     with pytest.raises(KeyboardInterrupt):
-        PrefixTruncation(settings, folder, tokenizer, judge_pool=pool(Interrupted), progress=False).run(TRACES)
+        judge_stage(folder, tokenizer, node, judge_pool=pool(Interrupted)).run(TRACES)
     store = next(folder.rglob("records.jsonl"))
     first = [json.loads(line)["key"] for line in store.read_text().splitlines()]
     assert len(first) == 2
@@ -290,7 +295,7 @@ def test_the_judge_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cac
             sent.extend(len(questions) for questions, _ in chunks)
             yield from super().search(chunks, quantile_threshold)
 
-    stage = PrefixTruncation(settings, folder, tokenizer, judge_pool=pool(Counting), progress=False)
+    stage = judge_stage(folder, tokenizer, node, judge_pool=pool(Counting))
     rows = stage.run(TRACES)
     # only the 3 unstored traces go out, in one actor pool (calibration was stored before)
     assert sum(sent) == 3 and stage.judge_pool.calls == 1
@@ -305,7 +310,7 @@ def test_the_judge_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cac
         def _stream(self, payloads, num_workers):
             pytest.fail("Ray started although every trace is stored")
 
-    again = PrefixTruncation(settings, folder, tokenizer, judge_pool=pool(Untouchable), progress=False)
+    again = judge_stage(folder, tokenizer, node, judge_pool=pool(Untouchable))
     assert searched(again.run(TRACES)) == searched(expected)
 
 
@@ -315,9 +320,8 @@ def test_a_judge_worker_that_cannot_load_its_model_is_reported(ray_cluster, tiny
     broken = tmp_path / "not-a-model"
     broken.mkdir()
     bad = {"name": "broken", "source": "local", "pretrained": str(broken)}
-    settings = judge_settings(spec)
-    stage = PrefixTruncation(settings, stage_cache(tmp_path), tokenizer, progress=False,
-                             judge_pool=RayJudgePool(judge_node(bad), JUDGE_PROMPT, cache_dir, {}, SETTINGS, settings))
+    stage = judge_stage(stage_cache(tmp_path), tokenizer, judge_node(spec),
+                        judge_pool=RayJudgePool(judge_node(bad), JUDGE_PROMPT, cache_dir, {}, BinaryPrefixSearch))
     with pytest.raises(ChatBackendError, match=r"truncation \(sufficiency judge\): a Ray worker failed .*ray worker pid \d+ on .*broken"):
         stage.run(TRACES)
 
@@ -478,8 +482,8 @@ def test_a_vllm_worker_without_whole_gpus_for_its_engine_is_refused_before_ray_s
     with pytest.raises(ValueError, match=keys):
         ray_backend(spec, cache_dir, tokenizer, engine="vllm", vllm=vllm, num_gpus_per_worker=gpus)
     with pytest.raises(ValueError, match=keys):
-        RayJudgePool(judge_node(spec), JUDGE_PROMPT, cache_dir, vllm, {**SETTINGS, "engine": "vllm",
-                                                                       "num_gpus_per_worker": gpus}, judge_settings(spec))
+        RayJudgePool(judge_node(spec, engine="vllm", num_gpus_per_worker=gpus), JUDGE_PROMPT, cache_dir, vllm,
+                     BinaryPrefixSearch)
     with pytest.raises(ValueError, match=keys):
         check_gpu_request("vllm", gpus, vllm)
 

@@ -27,7 +27,7 @@ pytest.importorskip("ray", reason="pip install 'palign[ray]'")
 pytestmark = pytest.mark.slow  # each run starts Ray and loads the model in 2 actors (~30-60 s on 2 cores)
 
 RUN = ["experiment=tiny", "stage=align", "baseline=palign", "alignment.sampling.do_sample=false", "alignment.chunk_size=2",
-       "truncation.search.chunk_size=2", "logger=none"]
+       "truncation.chunk_size=2", "logger=none"]
 OVER_RAY = ["truncation.judge.backend=ray", "alignment.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
 # the base tiny model on 8 held-out CHAMP problems, greedy, 2 problems per stored chunk
 EVAL = ["experiment=tiny", "stage=eval", "evaluation.benchmarks.champ_heldout.limit=8", "evaluation.sampling.do_sample=false",

@@ -6,6 +6,7 @@ run holds (per-problem table, interval metrics, define_metric, the ablation's kn
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import run_cli
+from test_reporting import BASELINES as REPORTING_BASELINES
 from test_reporting import STUDENT, _make_table_module, assert_png, base_config, md_rows
 from wandb_log import read_offline_run
 
@@ -41,10 +43,7 @@ from palign.schema import Intervals, Report
 SETTINGS = Intervals()
 Z = 1.959963984540054
 WILSON_0_OF_30 = Z * Z / (30 + Z * Z)  # the upper Wilson bound of 0 of 30: 11.35%
-BASELINES = {
-    "sft_long_cot": {"name": "sft_long_cot", "target": "long_cot", "truncation": "none", "alignment": False},
-    "palign": {"name": "palign", "target": "prefix_continuation", "truncation": "adaptive", "alignment": True},
-}
+BASELINES = {name: REPORTING_BASELINES[name] for name in ("sft_long_cot", "palign")}  # conf/baseline/'s
 
 
 def outcomes(run: str, correct, ids=None, benchmark: str = "aime24") -> Outcomes:
@@ -137,7 +136,7 @@ def write_graded_run(runs: Path, name: str, baseline: str, graded: dict[str, lis
     """A run folder as the pipeline leaves it, with its evaluation's graded predictions: `graded` is
     {benchmark: [per-problem list of per-sample correctness]}; the summary is computed from them."""
     config = base_config(student)
-    config["baseline"], config["seed"] = dict(BASELINES[baseline]), seed
+    config["baseline"], config["seed"] = copy.deepcopy(BASELINES[baseline]), seed
     for dotted, value in (set_ or {}).items():
         *parents, leaf = dotted.split(".")
         node = config
@@ -262,7 +261,7 @@ def test_seeds_that_evaluated_other_problems_are_not_pooled(tmp_path):
 
 def test_an_ablation_compares_each_arm_with_the_recipe_s_own_value(tmp_path):
     runs = tmp_path / "runs"
-    step = {"truncation.granularity.name": "step"}
+    step = {"truncation.granularity._target_": "palign.truncation.units.Steps"}
     write_graded_run(runs, "sentence", "palign", {"aime24": three_samples(RIGHT_PALIGN)})
     write_graded_run(runs, "step", "palign", {"aime24": three_samples(RIGHT_LONG)}, set_=step)
     finished, _ = collect_local_runs(runs)
@@ -288,7 +287,7 @@ def test_make_report_draws_a_forest_plot_per_comparison_on_the_report_page(tmp_p
     write_graded_run(runs, "long", "sft_long_cot", {"aime24": three_samples(RIGHT_LONG)})
     write_graded_run(runs, "palign", "palign", {"aime24": three_samples(RIGHT_PALIGN)})
     write_graded_run(runs, "palign-step", "palign", {"aime24": three_samples(RIGHT_LONG)},
-                     set_={"truncation.granularity.name": "step"})
+                     set_={"truncation.granularity._target_": "palign.truncation.units.Steps"})
     result = _make_table_module().make_report(runs, tmp_path / "report", Report())
     assert_png(result["plots"]["forest_table1"])
     assert_png(result["plots"]["forest_ablation_granularity"])

@@ -21,6 +21,7 @@ from palign.reporting.tables import KNOBS, RunRecord, ablation_groups, build_tab
 from palign.schema import Report
 
 STUDENT = "qwen2_5_7b_instruct"
+PREFIXES = "palign.truncation.prefixes"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -34,12 +35,14 @@ def base_config(student: str = STUDENT) -> dict:
         "prompts": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}."},
         "student": student_cfg,
         "teacher": {"name": "s1k", "source": {"_target_": "palign.teachers.sources.S1KTeacher", "limit": None}},
-        "baseline": {"name": "sft_long_cot", "target": "long_cot", "truncation": "none", "alignment": False},
+        "baseline": {"name": "sft_long_cot", "target": "long_cot", "prefix": {"_target_": f"{PREFIXES}.NoPrefix"},
+                     "alignment": False},
         "truncation": {
-            "granularity": {"name": "paper_sentence", "options": {}},
-            "search": {"name": "binary", "chunk_size": 32},
+            "granularity": {"_target_": "palign.truncation.units.PaperSentences"},
+            "search": {"_target_": "palign.truncation.search.BinaryPrefixSearch", "_partial_": True},
+            "chunk_size": 32,
             "judge": {"model": copy.deepcopy(student_cfg), "mode": "logits", "max_new_tokens": 256, "batch_size": 8,
-                      "threshold": {"kind": "absolute", "value": 0.0, "calibration_examples": 8}},
+                      "threshold": {"_target_": "palign.truncation.judge.AbsoluteThreshold", "value": 0.0}},
             "judge_prompt": {"name": "paper", "enough": "[ENOUGH]", "not_enough": "[NOT_ENOUGH]",
                              "template": "{question} {reasoning_part}"},
         },
@@ -53,14 +56,8 @@ def base_config(student: str = STUDENT) -> dict:
     }
 
 
-BASELINES = {
-    "sft_long_cot": {"name": "sft_long_cot", "target": "long_cot", "truncation": "none", "alignment": False},
-    "sft_short_cot": {"name": "sft_short_cot", "target": "short_cot", "truncation": "none", "alignment": False},
-    "palign": {"name": "palign", "target": "prefix_continuation", "truncation": "adaptive", "alignment": True},
-    "prefix_only": {"name": "prefix_only", "target": "prefix_only", "truncation": "adaptive", "alignment": False},
-    "student_only": {"name": "student_only", "target": "student_only", "truncation": "none", "alignment": True},
-    "fixed_ratio": {"name": "fixed_ratio", "target": "prefix_continuation", "truncation": "fixed_ratio", "ratio": 0.5, "alignment": True},
-}
+BASELINES = {name: yaml.safe_load((PROJECT_ROOT / "conf" / "baseline" / f"{name}.yaml").read_text(encoding="utf-8"))
+             for name in ("sft_long_cot", "sft_short_cot", "palign", "prefix_only", "student_only", "fixed_ratio")}
 SIZES = {"aime25": 30, "aime24": 30, "amc12": 83, "math500": 500}
 
 
@@ -75,7 +72,7 @@ def write_run(runs: Path, name: str, baseline: str, pass1: dict[str, float] | No
     """A run folder as the pipeline leaves it: config.yaml and summary.json (eval only when
     `pass1` is given: {benchmark: Pass@1}; Pass@3 is Pass@1 + 10)."""
     config = base_config(student)
-    config["baseline"] = dict(BASELINES[baseline])
+    config["baseline"] = copy.deepcopy(BASELINES[baseline])
     for dotted, value in (set_ or {}).items():
         *parents, leaf = dotted.split(".")
         node = config
@@ -125,7 +122,7 @@ def test_table1_cells_average_samples_statement_and_missing_cells(tmp_path):
     write_run(runs, "a-palign", "palign", PAPER_ROW, prefix_ratio=0.41, retention=0.6)
     write_run(runs, "b-long", "sft_long_cot", {"aime25": 10.0, "aime24": 13.333, "amc12": 40.0, "math500": 70.0})
     write_run(runs, "c-short", "sft_short_cot", {"math500": 60.125})
-    write_run(runs, "d-fixed25", "fixed_ratio", {"math500": 71.0}, set_={"baseline.ratio": 0.25})
+    write_run(runs, "d-fixed25", "fixed_ratio", {"math500": 71.0}, set_={"baseline.prefix.ratio": 0.25})
     write_run(runs, "e-fixed50", "fixed_ratio", {"math500": 72.0})
     write_run(runs, "f-other-student", "palign", {"math500": 20.0}, student="qwen3_8b")
 
@@ -196,14 +193,14 @@ def test_unfinished_runs_are_left_out_and_named(tmp_path, caplog):
 
 def test_ablation_tables_group_runs_that_differ_in_one_knob(tmp_path):
     runs = tmp_path / "runs"
-    step, reachable = {"truncation.granularity.name": "step"}, {"truncation.judge_prompt.name": "answer_reachable", "truncation.judge_prompt.template": "reach {question}"}
+    step, reachable = {"truncation.granularity._target_": "palign.truncation.units.Steps"}, {"truncation.judge_prompt.name": "answer_reachable", "truncation.judge_prompt.template": "reach {question}"}
     write_run(runs, "A", "palign", {"math500": 60.0}, prefix_ratio=0.4132, retention=0.6)
     write_run(runs, "B", "palign", {"math500": 58.0}, set_=step, prefix_ratio=0.5, retention=0.55)
     write_run(runs, "C", "palign", {"math500": 57.0}, set_=reachable, prefix_ratio=0.3, retention=0.5)
     write_run(runs, "D", "palign", {"math500": 56.0}, set_={**step, **reachable}, prefix_ratio=0.35, retention=0.45)
     write_run(runs, "E", "prefix_only", {"math500": 52.0}, prefix_ratio=0.4132)
     write_run(runs, "F", "student_only", {"math500": 50.0}, retention=0.7)
-    write_run(runs, "G", "fixed_ratio", {"math500": 55.0}, set_={"baseline.ratio": 0.25}, prefix_ratio=0.26, retention=0.4)
+    write_run(runs, "G", "fixed_ratio", {"math500": 55.0}, set_={"baseline.prefix.ratio": 0.25}, prefix_ratio=0.26, retention=0.4)
     write_run(runs, "H", "fixed_ratio", {"math500": 54.5}, prefix_ratio=0.51, retention=0.5)
     write_run(runs, "I", "sft_long_cot", {"math500": 40.0})
     write_run(runs, "J", "palign", {"math500": 61.0}, set_={"truncation.judge.mode": "generate"})
@@ -326,7 +323,7 @@ def test_make_report_writes_tables_figures_and_logs_them(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs, "A", "palign", {"math500": 60.0}, prefix_ratio=0.4, retention=0.6, response_tokens=8000,
               artifact=str(tmp_path / "cache" / "truncation" / "t"))
-    write_run(runs, "B", "palign", {"math500": 58.0}, set_={"truncation.granularity.name": "step"}, response_tokens=9000)
+    write_run(runs, "B", "palign", {"math500": 58.0}, set_={"truncation.granularity._target_": "palign.truncation.units.Steps"}, response_tokens=9000)
     write_records(tmp_path / "cache", "t", [truncation_row("p1", 10, 3, [(5, True, 0.9), (3, True, 0.6), (2, False, 0.2)])])
     tracker = RecordingTracker()
 
@@ -365,7 +362,7 @@ def test_wandb_summary_becomes_the_local_schema():
 
 # ---------------------------------------------------------------------------------------------
 # Two real run folders, produced now in the test's own folder (about 2 minutes):
-# `python run.py experiment=tiny logger=none baseline=palign` and `baseline=fixed_ratio baseline.ratio=0.25`.
+# `python run.py experiment=tiny logger=none baseline=palign` and `baseline=fixed_ratio baseline.prefix.ratio=0.25`.
 
 
 def _real_run(runs_dir: Path, baseline: str) -> Path:
@@ -378,7 +375,7 @@ def _real_run(runs_dir: Path, baseline: str) -> Path:
 def real_runs(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("real")
     run_cli(["experiment=tiny", "logger=none", "baseline=palign"], out)
-    run_cli(["experiment=tiny", "logger=none", "baseline=fixed_ratio", "baseline.ratio=0.25"], out)
+    run_cli(["experiment=tiny", "logger=none", "baseline=fixed_ratio", "baseline.prefix.ratio=0.25"], out)
     return {b: _real_run(out / "runs", b) for b in ("palign", "fixed_ratio")}
 
 

@@ -82,14 +82,13 @@ def test_the_code_version_names_the_cache_folders(monkeypatch, tmp_path, smollm2
                                               chat_template_kwargs={})
     prompts = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "prompts" / "paper.yaml"))
     examples = [SupervisedExample(id="a", question="1+1?", target="2")]
-    cut = truncation.TruncationSettings(granularity="sentence", granularity_options={}, search=truncation.FIXED_RATIO,
-                                         ratio=0.5, judge_identity={}, judge_prompt={}, mode="logits", threshold={},
-                                         max_new_tokens=8, batch_size=8, chunk_size=32, max_context_tokens=None)
+    from palign.truncation.units import Sentences
 
     def folders():
         return (continuation.PrefixContinuation(settings, tmp_path, lambda: None, smollm2_tokenizer).folder,
                 build_tokenized_split(examples, smollm2_tokenizer, prompts, 64, tmp_path, "train").path,
-                truncation.PrefixTruncation(cut, tmp_path, smollm2_tokenizer, None, progress=False).folder)
+                truncation.PrefixTruncation(prefixes.FixedRatioPrefix(ratio=0.5), Sentences(), tmp_path, smollm2_tokenizer,
+                                            chunk_size=32, progress=False).folder)
 
     before = folders()
     for module in (continuation, sft, prefixes):

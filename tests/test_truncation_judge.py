@@ -8,8 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT
-from palign.truncation.judge import JudgePrompt, SufficiencyJudge
-from palign.truncation.units import segment
+from palign.schema import JudgePrompt
+from palign.truncation.judge import SufficiencyJudge, is_sufficient_reply, render_prompt
+from palign.truncation.units import Segmentation, split_paper_sentences, split_sentences, split_steps
 
 PAPER_PROMPT = """
 You are a reasoning evaluator.
@@ -31,23 +32,27 @@ Partial reasoning:
 
 
 def load_prompt(name: str) -> JudgePrompt:
-    return JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / f"{name}.yaml")))
+    return JudgePrompt(**OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / f"{name}.yaml")))
+
+
+def segment(text: str, granularity: str) -> Segmentation:
+    return {"paper_sentence": split_paper_sentences, "sentence": split_sentences, "step": split_steps}[granularity](text)
 
 
 def test_paper_prompt_is_verbatim_and_renders_latex_safely():
     prompt = load_prompt("paper")
     assert prompt.template == PAPER_PROMPT
-    text = prompt.render("Find $\\frac{a}{b}$ if {x}.", "We set $x^{2}$.")
+    text = render_prompt(prompt, "Find $\\frac{a}{b}$ if {x}.", "We set $x^{2}$.")
     assert "Question:\nFind $\\frac{a}{b}$ if {x}.\n\nPartial reasoning:\nWe set $x^{2}$.\n" in text
 
 
 def test_authors_reply_parse():
     prompt = load_prompt("paper")
-    assert prompt.is_sufficient_reply("[ENOUGH]")
-    assert prompt.is_sufficient_reply("I think [ENOUGH] because ...")
-    assert prompt.is_sufficient_reply("  ENOUGH \n")
-    assert not prompt.is_sufficient_reply("[NOT_ENOUGH]")
-    assert not prompt.is_sufficient_reply("The prefix is enough.")
+    assert is_sufficient_reply(prompt, "[ENOUGH]")
+    assert is_sufficient_reply(prompt, "I think [ENOUGH] because ...")
+    assert is_sufficient_reply(prompt, "  ENOUGH \n")
+    assert not is_sufficient_reply(prompt, "[NOT_ENOUGH]")
+    assert not is_sufficient_reply(prompt, "The prefix is enough.")
 
 
 def test_verdict_tokens_are_read_after_their_shared_prefix(smollm2_tokenizer, tiny_model):
@@ -129,7 +134,7 @@ def test_one_pass_scores_equal_scoring_from_scratch_on_smollm2(shared_data, stud
 def test_smollm2_self_judge_both_modes_on_real_skyt1_traces(shared_data, student_specs, cache_dir):
     """The real SmolLM2 judge in both modes on the 3 shortest Sky-T1 AMC23 traces."""
     from palign.llm.models import load_model, load_tokenizer
-    from palign.truncation.search import create_search, run_searches
+    from palign.truncation.search import BinaryPrefixSearch, run_searches
 
     rows = [json.loads(line) for line in (shared_data / "teacher" / "skyt1_14b_amc23_longcot.jsonl").read_text().splitlines()]
     rows = sorted(rows, key=lambda r: len(r["code"][0]))[:3]
@@ -140,7 +145,7 @@ def test_smollm2_self_judge_both_modes_on_real_skyt1_traces(shared_data, student
     for mode in ("logits", "generate"):
         judge = SufficiencyJudge.hf(model, tokenizer, prompt, mode=mode, max_new_tokens=24, batch_size=3)
         segs = [segment(r["code"][0], "paper_sentence") for r in rows]
-        states = [create_search("binary", s.m) for s in segs]
+        states = [BinaryPrefixSearch(s.m) for s in segs]
 
         def judge_batch(requests):
             return judge.judge([(rows[i]["question"], segs[i].prefix(k)) for i, k in requests])

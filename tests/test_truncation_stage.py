@@ -8,10 +8,19 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, compose_config
+from palign.llm.models import ModelSpec
+from palign.schema import ConfigError, Judge, JudgePrompt, check_values, defaults
 from palign.teachers.records import TeacherRecord
-from palign.truncation.judge import JudgePrompt, SufficiencyJudge
-from palign.truncation.stage import PrefixTruncation, TruncationSettings, truncation_stats
+from palign.truncation.judge import (AbsoluteThreshold, QuantileThreshold, RelativeToFullThreshold, SufficiencyJudge,
+                                     render_prompt)
+from palign.truncation.prefixes import AdaptivePrefix, FixedRatioPrefix
+from palign.truncation.search import BinaryPrefixSearch, ExhaustivePrefixSearch
+from palign.truncation.stage import PrefixTruncation, truncation_stats
+from palign.truncation.units import Sentences, split_sentences
+
+PROMPT = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
+TINY = ModelSpec.from_config(OmegaConf.load(PROJECT_ROOT / "conf/student/tiny_random.yaml"))
 
 
 def records(n: int = 6) -> list[TeacherRecord]:
@@ -35,11 +44,10 @@ class CountingJudge(SufficiencyJudge):
 
 @pytest.fixture()
 def make_judge(tiny_model, smollm2_tokenizer):
-    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
     made = []
 
     def factory(crash_after=None):
-        judge = CountingJudge.hf(tiny_model, smollm2_tokenizer, prompt, batch_size=4)
+        judge = CountingJudge.hf(tiny_model, smollm2_tokenizer, PROMPT, batch_size=4)
         judge.crash_after = crash_after
         made.append(judge)
         return judge
@@ -48,15 +56,19 @@ def make_judge(tiny_model, smollm2_tokenizer):
     return factory
 
 
-def settings(**kw) -> TruncationSettings:
-    base = dict(granularity="sentence", granularity_options={}, search="binary", ratio=None, judge_identity={"name": "tiny_random"},
-                judge_prompt={"name": "paper"}, mode="logits", threshold={"kind": "absolute", "value": 0.0}, max_new_tokens=8,
-                batch_size=4, chunk_size=2, max_context_tokens=None)
-    return TruncationSettings(**{**base, **kw})
+def truncation(cache, tokenizer, judge_factory=None, *, prefix=AdaptivePrefix(), search=BinaryPrefixSearch,
+               **judge) -> PrefixTruncation:
+    """Stage 1 as `make_truncation` builds it from typed nodes: sentences, 2 traces per chunk, `search`,
+    the tiny model's judge node (batch 4, 8 reply tokens, threshold absolute 0; the schema's defaults
+    otherwise) but `judge`, and the paper's prompt."""
+    node = Judge(**{**defaults(Judge), "model": TINY, "batch_size": 4, "max_new_tokens": 8,
+                    "threshold": AbsoluteThreshold(value=0.0), **judge})
+    return PrefixTruncation(prefix, Sentences(), cache, tokenizer, chunk_size=2, search=search, judge=node,
+                            judge_prompt=PROMPT, judge_factory=judge_factory, progress=False)
 
 
 def test_artifact_records_every_probe_and_reruns_hit_the_cache(tmp_path, smollm2_tokenizer, make_judge):
-    stage = PrefixTruncation(settings(), tmp_path, smollm2_tokenizer, lambda: make_judge(), progress=False)
+    stage = truncation(tmp_path, smollm2_tokenizer, lambda: make_judge())
     rows = stage.run(records())
     assert [r["id"] for r in rows] == [f"p{i}" for i in range(6)]
     for row in rows:
@@ -72,22 +84,22 @@ def test_artifact_records_every_probe_and_reruns_hit_the_cache(tmp_path, smollm2
     # the one-pass engine scored every prefix of each trace, the search consulted a few of them
     assert all(r["prefixes_scored"] == r["m"] for r in rows)
     # the same settings again: no judge is even built, and the artifact is identical
-    again = PrefixTruncation(settings(), tmp_path, smollm2_tokenizer, lambda: pytest.fail("judge built on a cache hit"), progress=False)
+    again = truncation(tmp_path, smollm2_tokenizer, lambda: pytest.fail("judge built on a cache hit"))
     assert again.run(records()) == rows and again.judge_calls == 0
     # a different threshold is a different artifact
-    other = PrefixTruncation(settings(threshold={"kind": "absolute", "value": 1.0}), tmp_path, smollm2_tokenizer, lambda: make_judge(), progress=False)
+    other = truncation(tmp_path, smollm2_tokenizer, lambda: make_judge(), threshold=AbsoluteThreshold(value=1.0))
     assert other.folder != stage.folder
 
 
 def test_interrupted_run_resumes_without_redoing_or_duplicating(tmp_path, smollm2_tokenizer, make_judge):
-    full = PrefixTruncation(settings(), tmp_path / "reference", smollm2_tokenizer, lambda: make_judge(), progress=False).run(records())
-    crashing = PrefixTruncation(settings(), tmp_path, smollm2_tokenizer, lambda: make_judge(crash_after=12), progress=False)
+    full = truncation(tmp_path / "reference", smollm2_tokenizer, lambda: make_judge()).run(records())
+    crashing = truncation(tmp_path, smollm2_tokenizer, lambda: make_judge(crash_after=12))
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.run(records())
     lines = (crashing.folder / "records.jsonl").read_text().splitlines()
     done = {json.loads(line)["id"] for line in lines}
     assert 0 < len(done) < 6  # whole chunks were saved before the crash
-    resumed = PrefixTruncation(settings(), tmp_path, smollm2_tokenizer, lambda: make_judge(), progress=False)
+    resumed = truncation(tmp_path, smollm2_tokenizer, lambda: make_judge())
     rows = resumed.run(records())
     expected_calls = sum(len(r["probes"]) for r in full if r["id"] not in done)
     assert resumed.judge_calls == expected_calls  # only the unfinished examples were judged
@@ -97,7 +109,8 @@ def test_interrupted_run_resumes_without_redoing_or_duplicating(tmp_path, smollm
 
 
 def test_fixed_ratio_keeps_ceil_lambda_m_units_without_a_judge(tmp_path, smollm2_tokenizer):
-    stage = PrefixTruncation(settings(search="fixed_ratio", ratio=0.5), tmp_path, smollm2_tokenizer, None, progress=False)
+    stage = PrefixTruncation(FixedRatioPrefix(ratio=0.5), Sentences(), tmp_path, smollm2_tokenizer, chunk_size=2,
+                             progress=False)  # no search, judge or prompt: the policy reads none
     rows = stage.run(records())
     for row in rows:
         assert row["chosen_k"] == max(1, math.ceil(0.5 * row["m"]))
@@ -106,15 +119,15 @@ def test_fixed_ratio_keeps_ceil_lambda_m_units_without_a_judge(tmp_path, smollm2
 
 
 def test_relative_and_quantile_thresholds(tmp_path, smollm2_tokenizer, make_judge):
-    relative = PrefixTruncation(settings(threshold={"kind": "relative_to_full", "value": 0.0}, search="exhaustive"),
-                                tmp_path, smollm2_tokenizer, lambda: make_judge(), progress=False)
+    relative = truncation(tmp_path, smollm2_tokenizer, lambda: make_judge(), search=ExhaustivePrefixSearch,
+                          threshold=RelativeToFullThreshold(value=0.0))
     for row in relative.run(records()):
         assert row["threshold"] == pytest.approx(row["full_score"])
         # exhaustive judged k = m too, which scores exactly the full trace: never a fallback
         assert not row["fallback"]
         assert [p["sufficient"] for p in row["probes"]] == [p["score"] >= row["threshold"] - 1e-4 for p in row["probes"]]
-    quantile = PrefixTruncation(settings(threshold={"kind": "quantile", "value": 0.5, "calibration_examples": 3}),
-                                tmp_path, smollm2_tokenizer, lambda: make_judge(), progress=False)
+    quantile = truncation(tmp_path, smollm2_tokenizer, lambda: make_judge(),
+                          threshold=QuantileThreshold(value=0.5, calibration_examples=3))
     rows = quantile.run(records())
     calibration = json.loads((quantile.folder / "calibration.json").read_text())
     assert calibration["examples"] == 3 and len(calibration["scores"]) == sum(r["m"] for r in rows[:3])
@@ -155,7 +168,7 @@ class LengthRecordingJudge(SufficiencyJudge):
         from palign.llm.chat import encode_user_turn
 
         self.sent = getattr(self, "sent", []) + [
-            len(encode_user_turn(self.tokenizer, self.prompt.render(q, r), self.chat_template_kwargs)) + self.max_new_tokens
+            len(encode_user_turn(self.tokenizer, render_prompt(self.prompt, q, r), self.chat_template_kwargs)) + self.max_new_tokens
             for q, r in pairs]
         return super().generate_replies(pairs)
 
@@ -163,7 +176,7 @@ class LengthRecordingJudge(SufficiencyJudge):
 @pytest.mark.parametrize("mode,engine", [("logits", "one_pass"), ("logits", "batched"), ("generate", "batched")])
 def test_a_trace_longer_than_the_judges_context_is_searched_and_no_probe_exceeds_it(
         mode, engine, tmp_path, smollm2_tokenizer, tiny_model):
-    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
+    prompt = PROMPT
     long_steps = " ".join(f"Step {j}: we add {j} and find {j + 7}." for j in range(60))
     long = TeacherRecord(id="long", question="What is 7 + 7?", answer="14", long_cot=long_steps)
     data = [*records(4), long]
@@ -185,8 +198,7 @@ def test_a_trace_longer_than_the_judges_context_is_searched_and_no_probe_exceeds
     context = max(full[r.id] for r in data[:4]) + probe.reply_tokens
     assert full["long"] + probe.reply_tokens > context
 
-    stage = PrefixTruncation(settings(mode=mode, max_context_tokens=context), tmp_path, smollm2_tokenizer,
-                             factory(context), progress=False)
+    stage = truncation(tmp_path, smollm2_tokenizer, factory(context), mode=mode, max_context_tokens=context)
     rows = {row["id"]: row for row in stage.run(data)}
     (judge,) = judges[1:]
     assert set(rows) == {r.id for r in data}  # nothing leaves the training set for its length
@@ -205,14 +217,11 @@ def test_a_trace_longer_than_the_judges_context_is_searched_and_no_probe_exceeds
     # the judge was called for the probes that fit only
     assert stage.judge_calls == sum(len(r["probes"]) - r["probes_over_context"] for r in rows.values())
     # the context decides verdicts: another context is another store
-    assert PrefixTruncation(settings(mode=mode, max_context_tokens=context + 1), tmp_path, smollm2_tokenizer,
-                            None, progress=False).folder != stage.folder
+    assert truncation(tmp_path, smollm2_tokenizer, mode=mode, max_context_tokens=context + 1).folder != stage.folder
 
 
 def _segments(record):
-    from palign.truncation.units import segment
-
-    return segment(record.long_cot, "sentence")
+    return split_sentences(record.long_cot)
 
 
 def _probe_tokens(judge, record, k):
@@ -222,13 +231,43 @@ def _probe_tokens(judge, record, k):
         return len(head) + sum(len(p) for p in pieces[:k]) + len(tail)
     from palign.llm.chat import encode_user_turn
 
-    text = judge.prompt.render(record.question, _segments(record).prefix(k))
+    text = render_prompt(judge.prompt, record.question, _segments(record).prefix(k))
     return len(encode_user_turn(judge.tokenizer, text, judge.chat_template_kwargs))
 
 
-def test_a_context_too_small_for_any_prompt_is_refused(tiny_model, smollm2_tokenizer):
-    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
+def test_a_context_too_small_for_any_prompt_is_refused(tiny_model, smollm2_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="leaves no room for a prompt before the 8-token reply"):
-        SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, prompt, mode="generate", max_new_tokens=8, max_context_tokens=8)
-    with pytest.raises(ValueError, match="max_context_tokens must be a number of tokens >= 2"):
-        settings(max_context_tokens=0)
+        SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, PROMPT, mode="generate", max_new_tokens=8, max_context_tokens=8)
+    with pytest.raises(ConfigError, match="truncation.judge.max_context_tokens=0: must be null .* or an integer >= 2"):
+        check_values(compose_config(["truncation.judge.max_context_tokens=0"], tmp_path))
+
+
+# The folders (store names) these configs' stage-1 stores had when thresholds, searches, granularities
+# and the fixed ratio were names and options rebuilt into TruncationSettings (palign at 72d8dca): the
+# same computation keeps its store, so no cached truncation is recomputed after the change to typed nodes.
+STORE_FOLDERS = {
+    "binary-sentence-8bda3c9d2eb99bd2": [],  # the CPU demo: relative_to_full 0.3, answer_reachable
+    "binary-paper_sentence-225e52bdc857d89c": ["experiment=paper/table1_qwen2_5_7b"],  # generate mode
+    "fixed_ratio-sentence-99b3f5f00805a15f": ["baseline=fixed_ratio", "baseline.prefix.ratio=0.25"],
+    "fixed_ratio-sentence-a1ac358a678baabb": ["baseline=fixed_ratio"],
+    "linear-token_chunk-621eeffd1a0bb185": ["truncation/granularity=token_chunk", "truncation/search=linear",
+                                            "truncation/judge=self"],  # absolute 0, chunk_tokens 64
+    "exhaustive-sentence-5c27817cac440f31": ["truncation/search=exhaustive", "truncation/judge=self_generate",
+                                             "truncation.judge.max_context_tokens=2048"],
+    "binary-sentence-c416370623cdbcf7": ["truncation/judge/threshold=quantile", "truncation.judge.threshold.value=0.7",
+                                         "truncation.judge.threshold.calibration_examples=4"],
+    "binary-step-4d096a71d59e62df": ["truncation/judge=smollm2_135m", "truncation/judge_prompt=paper",
+                                     "truncation/granularity=step"],
+    "binary-sentence-73b6b91eec79d66b": ["experiment=tiny", "baseline=prefix_only"],
+}
+
+
+@pytest.mark.parametrize("folder", sorted(STORE_FOLDERS))
+def test_a_config_keeps_the_store_folder_it_had_before_typed_nodes(folder, tmp_path):
+    from pathlib import Path
+
+    from palign.pipeline import RunContext, make_truncation
+
+    cfg = compose_config(STORE_FOLDERS[folder], tmp_path)
+    stage = make_truncation(RunContext(cfg=cfg, run_id="x", run_dir=tmp_path, cache_dir=Path(cfg.paths.cache_dir)), None)
+    assert stage.folder.name == folder

@@ -11,11 +11,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from palign.truncation.units import GRANULARITIES, Segmentation, segment
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from conftest import SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
+from palign.truncation.units import Segmentation, Splitter, TokenChunks, split_token_chunks
+
+from conftest import PROJECT_ROOT, SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
 AMC23_TRACES = SHARED_DATA / "teacher" / "skyt1_14b_amc23_longcot.jsonl"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GRANULARITY_DIR = PROJECT_ROOT / "conf" / "truncation" / "granularity"
+GRANULARITIES = sorted(path.stem for path in GRANULARITY_DIR.glob("*.yaml"))
+
+
+def splitter(granularity: str, **options) -> Splitter:
+    """The splitter of conf/truncation/granularity/<granularity>.yaml as the stage builds it, `options`
+    replacing its file's."""
+    return instantiate(OmegaConf.merge(OmegaConf.load(GRANULARITY_DIR / f"{granularity}.yaml"), options))
+
+
+def segment(text: str, granularity: str, tokenizer=None, **options) -> Segmentation:
+    return splitter(granularity, **options).split(text, tokenizer)
 
 
 def authors_split_sentences(text: str) -> list[str]:
@@ -73,21 +89,24 @@ def assert_literal_prefixes(segmentation: Segmentation) -> None:
     assert segmentation.prefix(segmentation.m) == text.rstrip()
 
 
-# --- Segmentation and the registry ----------------------------------------------------------------
+# --- Segmentation and the options of conf/truncation/granularity/ --------------------------------
 
 
-def test_registry_names_every_granularity() -> None:
-    assert set(GRANULARITIES) == {"paper_sentence", "sentence", "step", "token_chunk"}
+def test_each_granularity_option_builds_the_splitter_it_is_named_after() -> None:
+    assert GRANULARITIES == ["paper_sentence", "sentence", "step", "token_chunk"]
+    for name in GRANULARITIES:
+        made = splitter(name)
+        assert isinstance(made, Splitter) and made.name == name
+    assert splitter("token_chunk").options() == {"chunk_tokens": 64} and splitter("sentence").options() == {}
 
 
-def test_unknown_granularity_and_bad_options_are_clear_errors() -> None:
-    with pytest.raises(ValueError, match="unknown granularity 'paragraph'.*choose one of"):
-        segment("A. B.", "paragraph")
-    with pytest.raises(ValueError, match="'sentence' got options \\['chunk_tokens'\\]"):
-        segment("A. B.", "sentence", chunk_tokens=3)
-    accepted = "accepts \\['tokenizer', 'chunk_tokens'\\]"
-    with pytest.raises(ValueError, match=f"'token_chunk'.*{accepted}"):
-        segment("A. B.", "token_chunk")
+def test_an_option_a_splitter_lacks_or_misses_is_refused_when_it_is_built() -> None:
+    with pytest.raises(InstantiationException, match="unexpected keyword argument 'chunk_tokens'"):
+        splitter("sentence", chunk_tokens=3)
+    with pytest.raises(TypeError, match="chunk_tokens"):
+        TokenChunks()  # the option's value lives in its YAML file only
+    with pytest.raises(ValueError, match="chunk_tokens must be an integer >= 1, got 0"):
+        TokenChunks(chunk_tokens=0)
 
 
 def test_prefix_out_of_range_names_the_valid_range() -> None:
@@ -249,11 +268,8 @@ def test_prefixes_are_literal_prefixes_on_real_traces(granularity: str, amc23_tr
 
 def test_unit_counts_on_real_traces(amc23_traces, smollm2_tokenizer) -> None:
     """Median m per granularity on the 40 AMC23 traces (reported with `pytest -s`)."""
-    options = {"token_chunk": {"tokenizer": smollm2_tokenizer, "chunk_tokens": 64}}
     medians = {
-        granularity: statistics.median(
-            segment(text, granularity, **options.get(granularity, {})).m for text in amc23_traces
-        )
+        granularity: statistics.median(segment(text, granularity, smollm2_tokenizer).m for text in amc23_traces)
         for granularity in GRANULARITIES
     }
     print(f"\nmedian units per AMC23 trace: {medians}")
@@ -269,9 +285,7 @@ def test_unit_counts_on_real_traces(amc23_traces, smollm2_tokenizer) -> None:
 def test_token_chunks_start_at_every_nth_token(smollm2_tokenizer) -> None:
     text = "Cities A and B are 45 miles apart. " * 20 + "So the answer is 27."
     chunk_tokens = 16
-    segmentation = segment(
-        text, "token_chunk", tokenizer=smollm2_tokenizer, chunk_tokens=chunk_tokens
-    )
+    segmentation = segment(text, "token_chunk", smollm2_tokenizer, chunk_tokens=chunk_tokens)
     offsets = smollm2_tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)[
         "offset_mapping"
     ]
@@ -283,7 +297,7 @@ def test_token_chunks_start_at_every_nth_token(smollm2_tokenizer) -> None:
 
 def test_token_chunks_are_literal_prefixes_on_real_traces(smollm2_tokenizer, amc23_traces) -> None:
     for text in amc23_traces[:10]:
-        segmentation = segment(text, "token_chunk", tokenizer=smollm2_tokenizer)
+        segmentation = segment(text, "token_chunk", smollm2_tokenizer)
         assert_literal_prefixes(segmentation)
         n_tokens = len(smollm2_tokenizer(text, add_special_tokens=False)["input_ids"])
         assert segmentation.m == -(-n_tokens // 64)
@@ -291,4 +305,4 @@ def test_token_chunks_are_literal_prefixes_on_real_traces(smollm2_tokenizer, amc
 
 def test_token_chunk_rejects_a_nonpositive_chunk(smollm2_tokenizer) -> None:
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
-        segment("Some text.", "token_chunk", tokenizer=smollm2_tokenizer, chunk_tokens=0)
+        split_token_chunks("Some text.", tokenizer=smollm2_tokenizer, chunk_tokens=0)

@@ -32,8 +32,9 @@ from palign.llm import vllm_backend as vb
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import Generation, SamplingConfig, generate
 from palign.llm.openai_backend import complete_missing
-from palign.truncation.judge import JudgePrompt, SufficiencyJudge
-from palign.truncation.units import segment
+from palign.schema import JudgePrompt
+from palign.truncation.judge import SufficiencyJudge
+from palign.truncation.units import split_sentences
 from vllm_standin import GiB, HFModel, Logprob, Scripted
 
 VLLM_OK, VLLM_REASON = vb.vllm_available()
@@ -44,7 +45,7 @@ TRACE = "We have $x^2 = 9$. So $x = 3$ or $x = -3$.\n\nSince x > 0, x = 3. Check
 
 
 def paper_prompt() -> JudgePrompt:
-    return JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml")))
+    return JudgePrompt(**OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml")))
 
 
 def vllm_judge(backend: vb.VLLMChatBackend, **settings) -> SufficiencyJudge:
@@ -287,7 +288,7 @@ def test_release_shuts_the_engine_core_down_and_training_releases_before_it_star
 def test_vllm_judge_scores_equal_the_hf_judge(standin_vllm, smollm2_tokenizer, tiny_model, tiny_path):
     vllm = standin_vllm(HFModel)
     prompt = paper_prompt()
-    seg = segment(TRACE, "sentence")
+    seg = split_sentences(TRACE)
     ks = list(range(1, seg.m + 1))
     hf = SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, prompt, engine="one_pass")
     judge = vllm_judge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), mode="logits", max_new_tokens=256, batch_size=8,
@@ -477,7 +478,7 @@ def test_real_vllm_judge_matches_the_hf_judge(smollm2_vllm, smollm2_tokenizer, s
     from palign.llm.models import load_model
 
     prompt = paper_prompt()
-    seg = segment(TRACE, "sentence")
+    seg = split_sentences(TRACE)
     ks = list(range(1, seg.m + 1))
     hf = SufficiencyJudge.hf(load_model(student_specs["smollm2_135m"], cache_dir), smollm2_tokenizer, prompt, engine="batched")
     expected = hf.prefix_scores([(QUESTION, seg, ks)])[0]
@@ -557,7 +558,7 @@ def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_r
     def stage(*overrides):
         cfg = compose_config(["experiment=tiny", "truncation/judge=self", "truncation.judge.backend=vllm",
                               "truncation.judge.engine=batched", *overrides], tmp_path)
-        return instantiate(cfg.truncation, _convert_="all", baseline=OmegaConf.to_container(cfg.baseline, resolve=True),
+        return instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix,
                            cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer,
                            vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
 

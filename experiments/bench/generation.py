@@ -38,7 +38,7 @@ from palign.llm.chat import encode_user_turn, instruction_prompt
 from palign.llm.generation import SamplingConfig, generate
 from palign.llm.models import ModelSpec, load_model, load_tokenizer
 from palign.schema import Evaluation
-from palign.truncation.units import segment
+from palign.truncation.units import split_sentences
 
 DEFAULT_CACHE = os.environ.get("PALIGN_CACHE", str(CONFIG_DIR.parent / "outputs" / "cache"))
 
@@ -62,7 +62,7 @@ def main() -> None:
         draw = random.Random(0)
         texts = []
         for record in ChampTeacher.with_defaults().load().records[: args.prompts]:
-            units = segment(record.long_cot, "sentence")
+            units = split_sentences(record.long_cot)
             texts.append(continuation_prompt(prompts, record.question, units.prefix(max(1, round(draw.random() * units.m)))))
     lengths = [len(encode_user_turn(tokenizer, text, spec.chat_template_kwargs)) for text in texts]
     print(f"{len(texts)} CHAMP {args.kind} prompts of {min(lengths)}-{max(lengths)} tokens, up to {args.max_new_tokens} new tokens, "

@@ -124,29 +124,36 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
     import torch
 
     from palign.teachers.sources import ChampTeacher
+    from palign.schema import Judge, JudgePrompt, Ray, defaults
+    from palign.truncation.judge import AbsoluteThreshold
+    from palign.truncation.prefixes import AdaptivePrefix
     from palign.truncation.ray_judge import RayJudgePool
-    from palign.truncation.stage import PrefixTruncation, TruncationSettings, build_judge
+    from palign.truncation.search import BinaryPrefixSearch
+    from palign.truncation.stage import PrefixTruncation, build_judge
+    from palign.truncation.units import Sentences
 
     records = ChampTeacher.with_defaults(limit=args.judge_traces).load().records
-    prompt = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml"))
-    node = {"model": {**vars(spec)}, "mode": "logits", "max_new_tokens": 8, "batch_size": 8, "engine": "one_pass",
-            "max_tail_tokens": 4096}
-    settings = TruncationSettings(granularity="sentence", granularity_options={}, search="binary", ratio=None,
-                                  judge_identity=spec.identity(), judge_prompt=prompt, mode="logits",
-                                  threshold={"kind": "absolute", "value": 0.0}, max_new_tokens=8, batch_size=8,
-                                  chunk_size=args.judge_chunk, max_context_tokens=None)
+    prompt = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml")))
+
+    def node(**ray) -> Judge:  # the logits judge at the schema's defaults, absolute threshold 0, 8 per forward
+        return Judge(**{**defaults(Judge), "model": spec, "max_new_tokens": 8, "batch_size": 8, "ray": Ray(**ray),
+                        "threshold": AbsoluteThreshold(value=0.0)})
+
+    def stage_of(judge: Judge, store: str, **judging) -> PrefixTruncation:
+        return PrefixTruncation(AdaptivePrefix(), Sentences(), store, tokenizer, chunk_size=args.judge_chunk,
+                                search=BinaryPrefixSearch, judge=judge, judge_prompt=prompt, progress=False, **judging)
     torch.set_num_threads(args.threads)
     rows, expected = [], None
     for workers in (0, *(int(n) for n in args.workers.split(","))):
         with tempfile.TemporaryDirectory(prefix="judge-") as store:
             if workers == 0:
-                stage = PrefixTruncation(settings, store, tokenizer, lambda: build_judge(node, prompt, args.cache_dir, {}, "hf"),
-                                         progress=False)
+                judge = node(**defaults(Ray))
+                stage = stage_of(judge, store, judge_factory=lambda: build_judge(judge, prompt, args.cache_dir, {}, "hf"))
             else:
                 ray_cfg = {"num_workers": workers, "num_cpus_per_worker": args.threads / workers, "num_gpus_per_worker": 0,
                            "engine": "hf", "address": None, "batch_size": 1}
-                stage = PrefixTruncation(settings, store, tokenizer, progress=False,
-                                         judge_pool=RayJudgePool(node, prompt, args.cache_dir, {}, ray_cfg, settings))
+                judge = node(**ray_cfg)
+                stage = stage_of(judge, store, judge_pool=RayJudgePool(judge, prompt, args.cache_dir, {}, BinaryPrefixSearch))
             started = time.perf_counter()
             prefixes = [row["prefix"] for row in stage.run(records)]
             wall = time.perf_counter() - started

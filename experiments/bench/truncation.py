@@ -45,20 +45,26 @@ from omegaconf import OmegaConf
 
 from palign.config import CONFIG_DIR, PROJECT_ROOT
 from palign.llm.models import ModelSpec, load_model, load_tokenizer
-from palign.schema import Granularity, Judge, JsonlSource, Search, Threshold, defaults
+from palign.schema import JsonlSource, Judge, JudgePrompt, Truncation, defaults
 from palign.teachers.records import TeacherRecord
-from palign.truncation.judge import JudgePrompt, SufficiencyJudge, ThresholdRule
-from palign.truncation.search import SearchResult, create_search
-from palign.truncation.stage import PrefixTruncation, TruncationSettings
-from palign.truncation.units import GRANULARITIES, Segmentation, segment
+from palign.truncation.judge import SufficiencyJudge, Threshold, is_sufficient_reply
+from palign.truncation.prefixes import AdaptivePrefix
+from palign.truncation.search import BinaryPrefixSearch, SearchResult
+from palign.truncation.stage import PrefixTruncation
+from palign.truncation.units import Segmentation, Splitter
 
 TEACHER_FILE = PROJECT_ROOT.parent / "shared" / "data" / "teacher" / "skyt1_14b_amc23_longcot.jsonl"
 DEFAULT_CACHE = os.environ.get("PALIGN_CACHE", str(PROJECT_ROOT / "outputs" / "cache"))
-# The judge defaults (batch size, max_new_tokens, threshold rules) live in these configs only; the
-# default rule is the calibrated one (relative to the full trace), so binary search is not degenerate.
-JUDGE_DEFAULTS = OmegaConf.structured(Judge)  # the schema's judge settings (conf/truncation/judge/self.yaml)
-CALIBRATED_THRESHOLD = OmegaConf.merge(OmegaConf.structured(Threshold),
-                                       OmegaConf.load(CONFIG_DIR / "truncation" / "judge" / "self_calibrated.yaml").threshold)
+# The judge defaults (batch size, max_new_tokens, thresholds) live in these configs only; the default
+# threshold is the calibrated one (relative to the full trace), so binary search is not degenerate.
+JUDGE_DEFAULTS = defaults(Judge)  # the schema's judge settings (conf/truncation/judge/self.yaml)
+CALIBRATED_VALUE = OmegaConf.load(CONFIG_DIR / "truncation" / "judge" / "self_calibrated.yaml").threshold.value
+GRANULARITIES = sorted(path.stem for path in (CONFIG_DIR / "truncation" / "granularity").glob("*.yaml"))
+
+
+def option(group: str, name: str, **options: Any) -> Any:
+    """conf/truncation/<group>/<name>.yaml built as the stage builds it, `options` replacing its file's."""
+    return instantiate(OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "truncation" / group / f"{name}.yaml"), options))
 # The issue's goals.
 GOAL_SPEEDUP = 12.0  # (c) examples/s over (a)
 GOAL_FLOOR = 1.3  # (c) time over (d)
@@ -94,24 +100,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def granularity_options(granularity: str) -> dict[str, Any]:
-    """The options of `conf/truncation/granularity/<name>.yaml` (the stage adds the tokenizer `token_chunk` needs)."""
-    path = CONFIG_DIR / "truncation" / "granularity" / f"{granularity}.yaml"
-    node = OmegaConf.merge(OmegaConf.structured(Granularity), OmegaConf.load(path))
-    return OmegaConf.to_container(node.options)
-
-
-def load_examples(path: str, count: int, granularity: str, tokenizer) -> list[Example]:
+def load_examples(path: str, count: int, splitter: Splitter, tokenizer) -> list[Example]:
     """The `count` shortest traces of `path` that have units, read the way the `jsonl` teacher does."""
     source = OmegaConf.merge(OmegaConf.structured(JsonlSource), OmegaConf.load(CONFIG_DIR / "teacher" / "jsonl.yaml").source)
     source.path = path
     records = sorted(instantiate(source).load().records, key=lambda r: len(r.long_cot))
-    options = granularity_options(granularity)
-    if granularity == "token_chunk":
-        options["tokenizer"] = tokenizer
     examples = []
     for record in records:
-        units = segment(record.long_cot, granularity, **options)
+        units = splitter.split(record.long_cot, tokenizer)
         if units.m:
             examples.append(Example(record, units))
         if len(examples) == count:
@@ -132,7 +128,7 @@ def authors_loop(judge: SufficiencyJudge, examples: Sequence[Example]) -> list[S
     """The authors' loop (PAPER.md §2.1 item 3): each example in turn, one probe per judge call."""
     results = []
     for example in examples:
-        state = create_search("binary", example.units.m)
+        state = BinaryPrefixSearch(example.units.m)
         while not state.done:
             (k,) = state.pending()
             (verdict,) = judge.judge([example.pair(k)])
@@ -161,28 +157,28 @@ def main() -> None:
     parser.add_argument("--path", default=str(TEACHER_FILE), help="Sky-T1-style JSONL of teacher traces")
     parser.add_argument("--traces", type=int, default=2, help="number of traces, shortest first")
     parser.add_argument("--granularity", default="paper_sentence", choices=sorted(GRANULARITIES))
-    parser.add_argument("--max-new-tokens", type=int, default=JUDGE_DEFAULTS.max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=int, default=JUDGE_DEFAULTS["max_new_tokens"],
                         help="generate-mode reply budget for (a)")
-    parser.add_argument("--batch-size", type=int, default=JUDGE_DEFAULTS.batch_size,
+    parser.add_argument("--batch-size", type=int, default=JUDGE_DEFAULTS["batch_size"],
                         help="sequences per forward of the batched engine, (b)")
-    parser.add_argument("--threshold-kind", default=CALIBRATED_THRESHOLD.kind,
-                        choices=("absolute", "relative_to_full"), help="logits-mode verdict rule of (b), (c), (e)")
-    parser.add_argument("--threshold-value", type=float, default=CALIBRATED_THRESHOLD.value)
+    parser.add_argument("--threshold-kind", default="relative_to_full", choices=("absolute", "relative_to_full"),
+                        help="logits-mode verdict rule of (b), (c), (e) (conf/truncation/judge/threshold/)")
+    parser.add_argument("--threshold-value", type=float, default=CALIBRATED_VALUE)
     parser.add_argument("--skip-generate", action="store_true", help="skip (a), the slow generate-mode loop")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the converted judge model is cached")
     args = parser.parse_args()
     if not os.path.exists(args.path):
         sys.exit(f"{args.path}: teacher traces not found (needs ../shared/data next to the repo, or --path)")
-    threshold = {"kind": args.threshold_kind, "value": args.threshold_value}
-    ThresholdRule.from_config(threshold)  # fail here, not after loading the model
+    # built here, so a bad threshold fails before the model loads
+    threshold: Threshold = option("judge/threshold", args.threshold_kind, value=args.threshold_value)
+    splitter: Splitter = option("granularity", args.granularity)
 
     start = time.perf_counter()
     spec = ModelSpec.from_config(OmegaConf.load(CONFIG_DIR / "student" / "smollm2_135m.yaml"))
     model, tokenizer = load_model(spec, args.cache_dir), load_tokenizer(spec, args.cache_dir)
-    prompt_config = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml"))
-    prompt = JudgePrompt.from_config(prompt_config)
+    prompt = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml")))
     load_s = time.perf_counter() - start
-    examples = load_examples(args.path, args.traces, args.granularity, tokenizer)
+    examples = load_examples(args.path, args.traces, splitter, tokenizer)
     records = [example.record for example in examples]
 
     def make_judge(mode: str, engine: str = "one_pass", batch_size: int = args.batch_size,
@@ -216,14 +212,12 @@ def main() -> None:
 
     def stage_row(label: str, search: str, judge: SufficiencyJudge) -> tuple[Measurement, list[dict[str, Any]]]:
         """`PrefixTruncation` as the pipeline builds it, in a fresh cache folder (no cache hits)."""
-        settings = TruncationSettings(
-            granularity=args.granularity, granularity_options=granularity_options(args.granularity),
-            search=search, judge_identity=spec.identity(), judge_prompt=prompt_config, mode="logits",
-            threshold=threshold, batch_size=args.batch_size, ratio=None, max_new_tokens=args.max_new_tokens,
-            chunk_size=defaults(Search)["chunk_size"], max_context_tokens=None,
-        )
+        node = Judge(**{**JUDGE_DEFAULTS, "model": spec, "mode": "logits", "threshold": threshold,
+                        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens})
         with tempfile.TemporaryDirectory(prefix="bench-truncation-") as folder:
-            stage = PrefixTruncation(settings, folder, tokenizer, lambda: judge, progress=False)
+            stage = PrefixTruncation(AdaptivePrefix(), splitter, folder, tokenizer,
+                                     chunk_size=defaults(Truncation)["chunk_size"], search=option("search", search),
+                                     judge=node, judge_prompt=prompt, judge_factory=lambda: judge, progress=False)
             row, rows = timed(label, lambda: stage.run(records), len(records))
         if [r["id"] for r in rows] != [e.id for e in examples]:
             raise RuntimeError(f"{label}: the stage returned rows for {[r['id'] for r in rows]}")
@@ -333,15 +327,16 @@ def main() -> None:
     print("\nverdict agreement, generate (a) vs logits:")
     print(f"- probes judged by both (a) and (b), rule {args.threshold_kind} {args.threshold_value:g}: "
           + agreement([(generate_verdicts[key], binary_verdicts[key]) for key in shared]))
+    absolute = option("judge/threshold", "absolute")  # conf/truncation/judge/threshold/absolute.yaml's value
     for label, value_of in (
-        (f"absolute {JUDGE_DEFAULTS.threshold.value:g}", lambda i: JUDGE_DEFAULTS.threshold.value),
-        (f"relative_to_full {CALIBRATED_THRESHOLD.value:g}", lambda i: full_scores[i] - CALIBRATED_THRESHOLD.value),
+        (f"absolute {absolute.value:g}", lambda i: absolute.value),
+        (f"relative_to_full {CALIBRATED_VALUE:g}", lambda i: full_scores[i] - CALIBRATED_VALUE),
     ):
         pairs = [(verdict, scores[i, k] >= value_of(i)) for (i, k), verdict in sorted(generate_verdicts.items())]
         print(f"- every (a) probe vs the exhaustive scores of (c), rule {label}: {agreement(pairs)}")
     replies = [p.reply or "" for r in generated for p in r.probes]
     distinct = sorted(set(replies), key=replies.index)
-    print(f"- (a) replies: {sum(generate_judge.prompt.is_sufficient_reply(r) for r in replies)}/{len(replies)} "
+    print(f"- (a) replies: {sum(is_sufficient_reply(generate_judge.prompt, r) for r in replies)}/{len(replies)} "
           f"parsed ENOUGH, {len(distinct)} distinct; first ones: "
           + " | ".join(repr(r[:80]) for r in distinct[:3]))
 

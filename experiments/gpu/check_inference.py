@@ -82,8 +82,9 @@ def main(argv=None) -> dict:
 
     from palign.llm.generation import SamplingConfig, generate
     from palign.llm.models import ModelSpec, inference_dtype, load_tokenizer, resolve_device
-    from palign.truncation.judge import JudgePrompt, SufficiencyJudge
-    from palign.truncation.units import segment
+    from palign.schema import JudgePrompt
+    from palign.truncation.judge import SufficiencyJudge
+    from palign.truncation.units import split_sentences
 
     args = parse_args(argv)
     device = torch.device("cpu") if args.shrink else resolve_device("auto")
@@ -104,10 +105,10 @@ def main(argv=None) -> dict:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
-    prompt = JudgePrompt.from_config(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml")))
+    prompt = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml")))
     judge = SufficiencyJudge.hf(model, tokenizer, prompt, engine="one_pass")
     question = "What is the sum of the first integers?"
-    seg = segment(synthetic_trace(tokenizer, args.trace_tokens), "sentence")
+    seg = split_sentences(synthetic_trace(tokenizer, args.trace_tokens))
     head, pieces, tail = judge.prefix_tokens(question, seg)
     full = head + [t for piece in pieces for t in piece] + tail
     ks = list(range(1, seg.m + 1))

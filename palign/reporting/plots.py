@@ -21,7 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from palign.artifacts import atomic_path, iter_jsonl, require_field
-from palign.reporting.tables import RunRecord, Table, average_cells, method_labels
+from palign.reporting.tables import RunRecord, Table, average_cells, method_labels, options_of
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,11 @@ def _save(figure: Figure, path: str | os.PathLike) -> Path:
 
 def truncation_label(run: RunRecord) -> str:
     """A truncation config in words, e.g. `binary · sentence · judge tiny_random/logits/paper`."""
-    granularity = run.get("truncation.granularity.name")
-    if run.truncation_mode == "fixed_ratio":
-        return f"fixed_ratio {run.get('baseline.ratio')} · {granularity}"
-    return (f"{run.get('truncation.search.name')} · {granularity} · judge "
+    granularity = run.part_name("truncation.granularity")
+    if "search" not in run.prefix_reads:  # e.g. a fixed ratio: the baseline and its policy's options
+        options = " ".join(str(value) for _, value in sorted(options_of(run, "baseline.prefix").items()))
+        return f"{run.baseline}{' ' + options if options else ''} · {granularity}"
+    return (f"{run.part_name('truncation.search')} · {granularity} · judge "
             f"{run.get('truncation.judge.model.name')}/{run.get('truncation.judge.mode')}/"
             f"{run.get('truncation.judge_prompt.name')}")
 
@@ -59,7 +60,7 @@ def truncation_rows_by_config(runs: Sequence[RunRecord]) -> dict[str, list[dict[
     truncation config, e.g. palign and prefix_only, share one)."""
     by_records: dict[Path, RunRecord] = {}
     for run in runs:
-        if run.truncation_mode == "none":
+        if not run.prefix_reads:
             continue
         records = run.truncation_records()
         if records is None:

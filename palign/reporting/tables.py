@@ -173,8 +173,20 @@ class RunRecord:
         return str(self.get("baseline.name", "?"))
 
     @property
-    def truncation_mode(self) -> str:
-        return str(self.get("baseline.truncation", "none"))
+    def prefix_reads(self) -> tuple[str, ...]:
+        """The fields of the `truncation` node the run's prefix policy reads (palign/truncation/prefixes.py)."""
+        from palign.runs import target_class
+
+        target = self.get("baseline.prefix._target_")
+        return target_class(target).reads if target else ()
+
+    def part_name(self, key: str) -> str:
+        """A `_target_` part of the run's config (`truncation.granularity`, `truncation.search`) by the name its
+        class gives what it makes (a splitter's `name`, a search's `strategy`)."""
+        from palign.runs import target_class
+
+        made = target_class(self.get(f"{key}._target_"))
+        return str(getattr(made, "name", None) or getattr(made, "strategy", None) or made.__name__)
 
     @property
     def benchmarks(self) -> dict[str, dict[str, Any]]:
@@ -454,25 +466,32 @@ class Knob:
     compare_unused_keys: bool = False
 
 
+def options_of(run: RunRecord, key: str) -> dict[str, Any]:
+    """The options of a `_target_` node of the run's config (its keys but Hydra's)."""
+    return {k: v for k, v in (run.get(key) or {}).items() if not (k.startswith("_") and k.endswith("_"))}
+
+
 def _granularity(run: RunRecord) -> str:
-    options = run.get("truncation.granularity.options") or {}
-    extra = ", ".join(f"{k}={_show(v)}" for k, v in sorted(options.items()))
-    return f"{run.get('truncation.granularity.name')}" + (f" ({extra})" if extra else "")
+    extra = ", ".join(f"{k}={_show(v)}" for k, v in sorted(options_of(run, "truncation.granularity").items()))
+    return run.part_name("truncation.granularity") + (f" ({extra})" if extra else "")
 
 
-def _adaptive(run: RunRecord) -> bool:
-    return run.truncation_mode == "adaptive"
+def _reads(part: str) -> Callable[[RunRecord], bool]:
+    """Whether a run's prefix policy reads `truncation.<part>` (a knob applies to such runs only)."""
+    return lambda run: part in run.prefix_reads
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("granularity", "Granularity", ("truncation.granularity",), lambda r: r.truncation_mode != "none", _granularity),
-    Knob("search", "Search", ("truncation.search",), _adaptive, lambda r: str(r.get("truncation.search.name"))),
-    Knob("judge_mode", "Judge mode", ("truncation.judge.mode",), _adaptive, lambda r: str(r.get("truncation.judge.mode"))),
-    Knob("judge_prompt", "Judge prompt", ("truncation.judge_prompt",), _adaptive,
+    Knob("granularity", "Granularity", ("truncation.granularity",), _reads("granularity"), _granularity),
+    Knob("search", "Search", ("truncation.search",), _reads("search"), lambda r: r.part_name("truncation.search")),
+    Knob("judge_mode", "Judge mode", ("truncation.judge.mode",), _reads("judge"),
+         lambda r: str(r.get("truncation.judge.mode"))),
+    Knob("judge_prompt", "Judge prompt", ("truncation.judge_prompt",), _reads("judge_prompt"),
          lambda r: str(r.get("truncation.judge_prompt.name"))),
-    Knob("judge_model", "Judge model", ("truncation.judge.model",), _adaptive,
+    Knob("judge_model", "Judge model", ("truncation.judge.model",), _reads("judge"),
          lambda r: str(r.get("truncation.judge.model.name"))),
-    Knob("ratio", "Ratio", ("baseline.ratio",), lambda r: r.truncation_mode == "fixed_ratio", lambda r: _show(r.get("baseline.ratio"))),
+    Knob("ratio", "Ratio", ("baseline.prefix.ratio",), lambda r: r.get("baseline.prefix.ratio") is not None,
+         lambda r: _show(r.get("baseline.prefix.ratio"))),
     Knob("baseline", "Baseline", ("baseline",), lambda r: r.baseline in ALIGNMENT_BASELINES, lambda r: r.baseline,
          compare_unused_keys=True),
 )

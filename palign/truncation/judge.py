@@ -10,7 +10,7 @@ home), sent as one user turn through the chat template with thinking disabled. T
 - `logits` (deterministic, one forward pass): the log-odds of the model continuing its reply with
   the `[ENOUGH]` rather than the `[NOT_ENOUGH]` verdict, read at the first token where the two
   verdicts' tokenizations differ (both share the `[` before it). The score is recorded; the
-  verdict compares it with a threshold (see `ThresholdRule`).
+  verdict compares it with a threshold (`Threshold`).
 
 The judge's context. Every probe is a request of its own (or a position of the one-pass engine's
 forward), and a model refuses or degrades beyond its context: vLLM rejects a prompt of
@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 
 from palign.llm.chat import encode_user_turn, render_user_turn
 from palign.llm.generation import Generation, SamplingConfig, generate, left_pad
+from palign.schema import JudgePrompt
 from palign.truncation.search import Verdict
 from palign.truncation.units import Segmentation
 
@@ -56,61 +59,105 @@ MASKABLE_ATTENTION = ("sdpa", "eager")
 SCORE_TOLERANCE = 1e-4
 
 
+def render_prompt(prompt: JudgePrompt, question: str, reasoning_part: str) -> str:
+    """The judge's user turn: the template with the question and the prefix in place."""
+    # plain replacement: questions and traces are full of LaTeX braces that str.format would parse
+    return prompt.template.replace("{question}", question).replace("{reasoning_part}", reasoning_part)
+
+
+def is_sufficient_reply(prompt: JudgePrompt, reply: str) -> bool:
+    """The authors' parse of a generated reply: it holds the `enough` verdict, or is that verdict bare."""
+    bare = prompt.enough.strip("[]")
+    return prompt.enough in reply or reply.strip() == bare
+
+
+# -- thresholds: when a logits-mode score counts as sufficient (the `truncation.judge.threshold` node) --
+class Threshold(ABC):
+    """When a `logits`-mode score counts as sufficient: each trace's threshold, from the score of a
+    reference prefix of the same trace (`reference_k`) or from a value calibrated once per store.
+    Subclasses are frozen dataclasses whose fields are the options their YAML file lists
+    (conf/truncation/judge/threshold/); `kind` names them in the store's fingerprint."""
+
+    kind: ClassVar[str]
+    value: float
+    calibrates: ClassVar[bool] = False  # True: `calibrate` runs once per store before the search
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+            raise ValueError(f"truncation.judge.threshold.value must be a finite number, got {self.value!r}")
+        object.__setattr__(self, "value", float(self.value))  # 1 and 1.0 are one threshold (and one fingerprint)
+
+    def reference_k(self, m: int, fitting: int) -> int | None:
+        """The prefix of a trace of `m` units (`fitting` of them fit the judge's context) whose score
+        the threshold is taken from; None: none."""
+        return None
+
+    @abstractmethod
+    def threshold(self, reference_score: float | None, calibrated: float | None) -> float | None:
+        """A trace's threshold from its reference prefix's score (None: it has none) and the
+        calibrated value (None: not calibrated); None when the trace has no threshold."""
+
+    def identity(self) -> dict[str, Any]:
+        """The threshold in the store's fingerprint: its kind and options. `calibration_examples` was
+        a field of every threshold before thresholds were classes (8 by default, read by quantile
+        only), so a threshold without it names 8 and the stores written then keep their folders."""
+        return {"kind": self.kind, "calibration_examples": 8, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
 @dataclass(frozen=True)
-class JudgePrompt:
-    """A judge prompt config: the template with `{question}` and `{reasoning_part}`, and the verdicts."""
+class AbsoluteThreshold(Threshold):
+    """score >= value (value 0: the judge prefers [ENOUGH])."""
 
-    name: str
-    template: str
-    enough: str = "[ENOUGH]"
-    not_enough: str = "[NOT_ENOUGH]"
+    kind: ClassVar[str] = "absolute"
+    value: float
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> JudgePrompt:
-        if isinstance(cfg, JudgePrompt):
-            return cfg
-        data = dict(cfg)
-        for placeholder in ("{question}", "{reasoning_part}"):
-            if placeholder not in data.get("template", ""):
-                raise ValueError(f"judge prompt '{data.get('name')}': template must contain {placeholder}")
-        return cls(**data)
-
-    def render(self, question: str, reasoning_part: str) -> str:
-        # plain replacement: questions and traces are full of LaTeX braces that str.format would parse
-        return self.template.replace("{question}", question).replace("{reasoning_part}", reasoning_part)
-
-    def is_sufficient_reply(self, reply: str) -> bool:
-        """The authors' parse of a generated reply."""
-        bare = self.enough.strip("[]")
-        return self.enough in reply or reply.strip() == bare
+    def threshold(self, reference_score: float | None, calibrated: float | None) -> float:
+        return self.value
 
 
 @dataclass(frozen=True)
-class ThresholdRule:
-    """When a `logits`-mode score counts as sufficient.
+class RelativeToFullThreshold(Threshold):
+    """score >= score(full trace of the same example) - value: "the prefix convinces the judge
+    (almost) as much as the whole trace does". The reference is the longest prefix that fits the
+    judge's context (the whole trace when it fits); a trace of which nothing fits has no threshold."""
 
-    kind:
-      absolute:         score >= value (value 0 = the judge prefers [ENOUGH]).
-      relative_to_full: score >= score(full trace of the same example) - value; "the prefix
-                        convinces the judge (almost) as much as the whole trace does".
-      quantile:         score >= the `value` quantile of all prefix scores of the first
-                        `calibration_examples` examples (measured once, stored in the artifact).
-    """
+    kind: ClassVar[str] = "relative_to_full"
+    value: float
 
-    kind: str = "absolute"
-    value: float = 0.0
-    calibration_examples: int = 8
+    def reference_k(self, m: int, fitting: int) -> int | None:
+        return min(m, fitting) or None
 
-    KINDS = ("absolute", "relative_to_full", "quantile")
+    def threshold(self, reference_score: float | None, calibrated: float | None) -> float | None:
+        return reference_score - self.value if reference_score is not None else None
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> ThresholdRule:
-        if isinstance(cfg, ThresholdRule):
-            return cfg
-        rule = cls(**dict(cfg or {}))
-        if rule.kind not in cls.KINDS:
-            raise ValueError(f"truncation.judge.threshold.kind must be one of {cls.KINDS}, got '{rule.kind}'")
-        return rule
+
+@dataclass(frozen=True)
+class QuantileThreshold(Threshold):
+    """score >= the `value` quantile of every prefix score of the first `calibration_examples`
+    examples (measured once per store, kept in its calibration.json)."""
+
+    kind: ClassVar[str] = "quantile"
+    calibrates: ClassVar[bool] = True
+    value: float
+    calibration_examples: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.value <= 1:
+            raise ValueError(f"truncation.judge.threshold.value: a quantile is in [0, 1], got {self.value!r}")
+        examples = self.calibration_examples
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            raise ValueError("truncation.judge.threshold.calibration_examples must be an integer >= 1, "
+                             f"got {examples!r}")
+
+    def calibrate(self, scores: Sequence[float]) -> float:
+        """The `value` quantile of `scores` (sorted): the score at that position."""
+        return scores[min(len(scores) - 1, max(0, round(self.value * (len(scores) - 1))))]
+
+    def threshold(self, reference_score: float | None, calibrated: float | None) -> float:
+        if calibrated is None:
+            raise ValueError("a quantile threshold needs its calibrated value (quantile_threshold)")
+        return calibrated
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> list[int]:
@@ -329,7 +376,7 @@ class SufficiencyJudge:
             return fitting
         # generate mode: the rendered user turn `complete` sends, measured at O(log m) prefixes
         def length(k: int) -> int:
-            return len(encode_user_turn(self.tokenizer, self.prompt.render(question, seg.prefix(k)), self.chat_template_kwargs))
+            return len(encode_user_turn(self.tokenizer, render_prompt(self.prompt, question, seg.prefix(k)), self.chat_template_kwargs))
 
         low, high = 0, seg.m
         while low < high:
@@ -383,7 +430,7 @@ class SufficiencyJudge:
         return out
 
     def encode(self, question: str, reasoning_part: str) -> list[int]:
-        user = self.prompt.render(question, reasoning_part)
+        user = render_prompt(self.prompt, question, reasoning_part)
         return encode_user_turn(self.tokenizer, user, self.chat_template_kwargs) + self.verdict_prefix
 
     def _one_pass(self, head: list[int], pieces: list[list[int]], tail: list[int], ks: Sequence[int]) -> dict[int, float]:
@@ -402,13 +449,13 @@ class SufficiencyJudge:
         self.calls += len(pairs)
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0,
                                   batch_size=self.batch_size)
-        outputs = self.scorer.complete([self.prompt.render(q, r) for q, r in pairs], sampling)
+        outputs = self.scorer.complete([render_prompt(self.prompt, q, r) for q, r in pairs], sampling)
         return [samples[0].text for samples in outputs]
 
     def judge(self, pairs: Sequence[tuple[str, str]], thresholds: Sequence[float] | None = None) -> list[Verdict]:
         """Verdicts for (question, prefix) pairs; `thresholds` (one per pair) for `logits` mode."""
         if self.mode == "generate":
-            return [Verdict(self.prompt.is_sufficient_reply(reply), None, reply) for reply in self.generate_replies(pairs)]
+            return [Verdict(is_sufficient_reply(self.prompt, reply), None, reply) for reply in self.generate_replies(pairs)]
         scores = self.score(pairs)
         thresholds = thresholds if thresholds is not None else [0.0] * len(scores)
         return [Verdict(score >= t - SCORE_TOLERANCE, score, None) for score, t in zip(scores, thresholds)]

@@ -1,7 +1,14 @@
-"""Each trace's prefix search with a judge: what decides a prefix (`TruncationSettings`, the
-store's identity), the judge built from its config node (`build_judge`), and the search itself
-(`search_prefixes`), which the in-process stage (stage.py) and every Ray actor (ray_judge.py) run
-alike, so both give the same verdicts, scores and prefixes (PAPER.md §2.1).
+"""Each trace's prefix: how a baseline gets it (its prefix policy, the `baseline.prefix` node), what
+names stage 1's store (`store_identity`), the judge built from its config node (`build_judge`), and
+the judge's search (`search_prefixes`), which the in-process stage (stage.py) and every Ray actor
+(ray_judge.py) run alike, so both give the same verdicts, scores and prefixes (PAPER.md §2.1).
+
+A baseline names its prefix policy by `_target_` (conf/baseline/): `AdaptivePrefix` (P-ALIGN: the
+shortest prefix the judge accepts, found by the `truncation.search`), `FixedRatioPrefix` (the first
+ceil(ratio * m) units, PAPER.md §6) or `NoPrefix` (no stage 1). Each says which fields of the
+`truncation` node it reads (`reads`: palign/runs.py leaves the others out of the run's identity and
+refuses them on the command line), names what decides its prefixes (`identity`) and chooses them
+(`choose`). A new policy is one class here and a `prefix:` node in a baseline's YAML file.
 
 It sits below both callers: the stage builds a Ray judge pool, and the pool's actors run this
 module's search; neither imports the other's internals (pyproject.toml: the truncation layers).
@@ -10,14 +17,16 @@ module's search; neither imports the other's internals (pyproject.toml: the trun
 from __future__ import annotations
 
 import logging
+from abc import ABC
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, ThresholdRule
-from palign.truncation.search import Verdict, create_search, fixed_ratio_k, run_searches
-from palign.truncation.units import Segmentation
+from palign.schema import Judge, JudgePrompt
+from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, Threshold
+from palign.truncation.search import PrefixSearch, Verdict, fixed_ratio_k, run_searches
+from palign.truncation.units import Segmentation, Splitter
 
 log = logging.getLogger(__name__)
 
@@ -26,69 +35,131 @@ log = logging.getLogger(__name__)
 # (tests/test_stage_versions.py notices a change to the logic that did not bump it).
 CODE_VERSION = 2  # 2: probes over the judge's context count as not sufficient; generate-mode replies stop at every eos
 
-FIXED_RATIO = "fixed_ratio"
+# a search factory: the `truncation.search` node's class with its options (`_partial_: true`), called with a trace's m
+SearchFactory = Callable[[int], PrefixSearch]
 
 
-@dataclass(kw_only=True)
-class TruncationSettings:
-    """What decides a prefix (the artifact's identity), which traces are judged, and how the work is
-    batched: the `truncation` node's fields (palign/schema.py documents each and holds its default)
-    and the baseline's ratio, gathered by `PrefixTruncation.from_config`.
+def search_identity(search: SearchFactory) -> dict[str, Any]:
+    """A search factory (a PrefixSearch class, or one partially applied to its options) by its
+    strategy's name and its options (none for the paper's searches: nothing then, as before options)."""
+    options = dict(getattr(search, "keywords", None) or {})
+    strategy = getattr(search, "func", search).strategy
+    return {"search": strategy, **({"search_options": options} if options else {})}
 
-    max_context_tokens: what a probe's prompt and reply may take (None: the judge model's context);
-    longer probes count as not sufficient (see the module docstring).
-    """
 
-    granularity: str
-    granularity_options: dict[str, Any]
-    search: str
-    ratio: float | None  # fixed_ratio only
-    judge_identity: dict[str, Any]
-    judge_prompt: dict[str, Any]
-    mode: str
-    threshold: dict[str, Any]
-    max_new_tokens: int
-    batch_size: int
-    chunk_size: int
-    max_context_tokens: int | None
+def store_identity(granularity: Splitter, prefix: PrefixPolicy, search: SearchFactory | None, judge: Judge | None,
+                   judge_prompt: JudgePrompt | None) -> dict[str, Any]:
+    """Everything that decides stage 1's stored records (its store's fingerprint, palign/artifacts.py:
+    stage_folder), from the typed nodes: the code version, the units, and the policy's own part."""
+    return {"code_version": CODE_VERSION, "granularity": granularity.name, "granularity_options": granularity.options(),
+            **prefix.identity(search, judge, judge_prompt)}
 
-    def __post_init__(self) -> None:
-        cap = self.max_context_tokens
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 2):
-            raise ValueError("truncation.judge.max_context_tokens must be a number of tokens >= 2 or null (the judge "
-                             f"model's context), got {cap!r}")
 
-    def identity(self) -> dict[str, Any]:
-        ident: dict[str, Any] = {
-            "code_version": CODE_VERSION,
-            "granularity": self.granularity,
-            "granularity_options": self.granularity_options,
-            "search": self.search,
-        }
-        if self.search == FIXED_RATIO:
-            ident["ratio"] = self.ratio
-            return ident
-        ident.update(judge=self.judge_identity, prompt=self.judge_prompt, mode=self.mode, context=self.max_context_tokens)
-        if self.mode == "logits":
-            ident["threshold"] = self.threshold
+# -- prefix policies: the `baseline.prefix` node -------------------------------------------------------
+class PrefixPolicy(ABC):
+    """How a baseline gets its teacher prefixes (conf/baseline/, the `prefix` node)."""
+
+    # the fields of the `truncation` node (palign/schema.py: Truncation) this policy reads
+    reads: ClassVar[tuple[str, ...]]
+
+    @property
+    def judged(self) -> bool:
+        """Whether its prefixes need the judge (the stage then builds one, or a Ray pool of them)."""
+        return "judge" in self.reads
+
+    def identity(self, search: SearchFactory | None, judge: Judge | None,
+                 judge_prompt: JudgePrompt | None) -> dict[str, Any]:
+        """What decides the prefixes besides the units (`store_identity`)."""
+        raise TypeError(f"{type(self).__name__} makes no prefixes")
+
+    def choose(self, segs: Sequence[Segmentation], questions: Sequence[str], *, search: SearchFactory | None,
+               threshold: Threshold | None, judge: Callable[[], SufficiencyJudge], quantile_threshold: float | None,
+               on_finished: Callable[[int], Any] | None) -> list[dict[str, Any]]:
+        """Each trace's outcome, as `search_prefixes` gives it (the judge is built only when called)."""
+        raise TypeError(f"{type(self).__name__} makes no prefixes")
+
+
+class NoPrefix(PrefixPolicy):
+    """No teacher prefix: stage 1 does not run (the SFT baselines, student_only)."""
+
+    reads: ClassVar[tuple[str, ...]] = ()
+
+
+class AdaptivePrefix(PrefixPolicy):
+    """P-ALIGN's prefix: the shortest one the judge accepts, found by the `truncation.search` over the
+    `truncation.granularity`'s units (PAPER.md §2.1)."""
+
+    reads: ClassVar[tuple[str, ...]] = ("granularity", "search", "judge", "judge_prompt", "chunk_size")
+
+    def identity(self, search: SearchFactory | None, judge: Judge | None,
+                 judge_prompt: JudgePrompt | None) -> dict[str, Any]:
+        from palign.llm.models import ModelSpec
+
+        ident: dict[str, Any] = {**search_identity(search), "judge": ModelSpec.from_config(judge.model).identity(),
+                                 "prompt": asdict(judge_prompt), "mode": judge.mode, "context": judge.max_context_tokens}
+        if judge.mode == "logits":
+            ident["threshold"] = judge.threshold.identity()
         else:
-            ident["max_new_tokens"] = self.max_new_tokens
+            ident["max_new_tokens"] = judge.max_new_tokens
         return ident
 
+    def choose(self, segs: Sequence[Segmentation], questions: Sequence[str], *, search: SearchFactory | None,
+               threshold: Threshold | None, judge: Callable[[], SufficiencyJudge], quantile_threshold: float | None,
+               on_finished: Callable[[int], Any] | None) -> list[dict[str, Any]]:
+        return search_prefixes(search, threshold, judge(), questions, segs, quantile_threshold=quantile_threshold,
+                               on_finished=on_finished)
 
-def build_judge(judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache_dir: str | Path,
-                vllm: Mapping[str, Any], backend: str) -> SufficiencyJudge:
-    """The sufficiency judge of the `truncation.judge` node (without its `ray` block) on `backend`
-    (hf or vllm), its model loaded here: called by the stage only when a trace needs judging, and
-    by every Ray actor of the ray back end."""
+
+@dataclass(frozen=True)
+class FixedRatioPrefix(PrefixPolicy):
+    """The fixed-ratio baseline: the first ceil(ratio * m) units of every trace, no judge (PAPER.md §6)."""
+
+    reads: ClassVar[tuple[str, ...]] = ("granularity", "chunk_size")
+    ratio: float
+
+    def __post_init__(self) -> None:
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"baseline.prefix.ratio: the share of units kept is a number in (0, 1], got {ratio!r}")
+        object.__setattr__(self, "ratio", float(ratio))  # 1 and 1.0 are one ratio (and one fingerprint)
+
+    def identity(self, search: SearchFactory | None, judge: Judge | None,
+                 judge_prompt: JudgePrompt | None) -> dict[str, Any]:
+        # "search: fixed_ratio" names these stores as it did when the ratio was a pseudo-search (same folders)
+        return {"search": "fixed_ratio", "ratio": self.ratio}
+
+    def choose(self, segs: Sequence[Segmentation], questions: Sequence[str], *, search: SearchFactory | None,
+               threshold: Threshold | None, judge: Callable[[], SufficiencyJudge], quantile_threshold: float | None,
+               on_finished: Callable[[int], Any] | None) -> list[dict[str, Any]]:
+        outcomes = [_outcome(fixed_ratio_k(seg.m, self.ratio)) for seg in segs]
+        if on_finished is not None:
+            on_finished(len(segs))
+        return outcomes
+
+
+def _outcome(chosen_k: int, probes: Sequence[Any] = (), *, fallback: bool = False, monotone: bool | None = None,
+             full_score: float | None = None, full_score_k: int | None = None, threshold: float | None = None,
+             fitting_k: int | None = None, prefixes_scored: int | None = None) -> dict[str, Any]:
+    """One trace's outcome (plain JSON, the stored row's search fields)."""
+    return {"chosen_k": chosen_k, "fallback": fallback, "monotone": monotone, "full_score": full_score,
+            "full_score_k": full_score_k, "threshold": threshold, "fitting_k": fitting_k,
+            "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply,
+                        "over_context": fitting_k is not None and p.k > fitting_k} for p in probes],
+            "prefixes_scored": prefixes_scored if prefixes_scored is not None
+            else sum(fitting_k is None or p.k <= fitting_k for p in probes)}
+
+
+def build_judge(judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, vllm: Mapping[str, Any],
+                backend: str) -> SufficiencyJudge:
+    """The sufficiency judge of the `truncation.judge` node on `backend` (hf or vllm), its model loaded
+    here: called by the stage only when a trace needs judging, and by every Ray actor of the ray back end."""
     from palign.llm.models import ModelSpec, context_length, load_inference_model, load_tokenizer, resolve_model_path
-    from palign.truncation.judge import HFScorer, JudgePrompt
+    from palign.truncation.judge import HFScorer
 
-    spec = ModelSpec.from_config(judge["model"])
-    prompt = JudgePrompt.from_config(dict(judge_prompt))
+    spec = ModelSpec.from_config(judge.model)
     # one context for every back end (the model's, or the knob), so hf, vllm and ray judge the same probes
-    context = judge["max_context_tokens"] or context_length(resolve_model_path(spec, cache_dir))
-    shared = {"mode": judge["mode"], "max_new_tokens": judge["max_new_tokens"], "batch_size": judge["batch_size"],
+    context = judge.max_context_tokens or context_length(resolve_model_path(spec, cache_dir))
+    shared = {"mode": judge.mode, "max_new_tokens": judge.max_new_tokens, "batch_size": judge.batch_size,
               "context_tokens": context}
     if backend == "vllm":
         engine_length = (vllm or {}).get("max_model_len")
@@ -100,25 +171,26 @@ def build_judge(judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache
 
         # vLLM has no one-pass scorer: the judge scores each prefix as its own request (vLLM's prefix
         # cache shares the rest) and so follows the search, never scoring a trace's every prefix
-        if judge["engine"] != "batched":
+        if judge.engine != "batched":
             log.info("truncation: the vLLM judge scores only the prefixes the search probes "
-                     "(truncation.judge.engine=%s has no meaning on vLLM)", judge["engine"])
-        return SufficiencyJudge.on_backend(vllm_backend(spec, cache_dir, vllm), prompt, engine=judge["engine"], **shared)
+                     "(truncation.judge.engine=%s has no meaning on vLLM)", judge.engine)
+        return SufficiencyJudge.on_backend(vllm_backend(spec, cache_dir, vllm), judge_prompt, engine=judge.engine, **shared)
     if backend != "hf":
         raise ValueError(f"truncation.judge.backend: a judge is built on hf or vllm, got '{backend}'")
-    scorer = HFScorer(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), batch_size=judge["batch_size"],
-                      max_tail_tokens=judge["max_tail_tokens"], chat_template_kwargs=spec.chat_template_kwargs)
-    return SufficiencyJudge(scorer, scorer.tokenizer, prompt, engine=judge["engine"],
+    scorer = HFScorer(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), batch_size=judge.batch_size,
+                      max_tail_tokens=judge.max_tail_tokens, chat_template_kwargs=spec.chat_template_kwargs)
+    return SufficiencyJudge(scorer, scorer.tokenizer, judge_prompt, engine=judge.engine,
                             chat_template_kwargs=spec.chat_template_kwargs, **shared)
 
 
-def search_prefixes(settings: TruncationSettings, judge: SufficiencyJudge | None, questions: Sequence[str],
+def search_prefixes(search: SearchFactory, threshold: Threshold, judge: SufficiencyJudge, questions: Sequence[str],
                     segs: Sequence[Segmentation], *, quantile_threshold: float | None = None,
                     on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
     """Each trace's search outcome (chosen_k, probes, fallback, monotone, full_score, full_score_k,
-    threshold, fitting_k, prefixes_scored; plain JSON): the fixed ratio, or the configured search with
-    `judge`, all the traces advancing together in judge batches of `settings.batch_size`. A quantile
-    rule's threshold is `quantile_threshold`, calibrated beforehand (`PrefixTruncation.run`).
+    threshold, fitting_k, prefixes_scored; plain JSON): `search` with `judge`, all the traces advancing
+    together in judge batches of the judge's `batch_size`. In logits mode `threshold` decides each
+    verdict; a calibrated threshold's value is `quantile_threshold`, calibrated beforehand
+    (`PrefixTruncation.run`).
 
     A probe longer than the judge's context (k > fitting_k) is not sent and counts as not sufficient
     (stored with `over_context: true`); a relative-to-full threshold is taken from the longest prefix
@@ -127,68 +199,51 @@ def search_prefixes(settings: TruncationSettings, judge: SufficiencyJudge | None
     full_scores: list[float | None] = [None] * len(segs)
     full_ks: list[int | None] = [None] * len(segs)
     thresholds: list[float | None] = [None] * len(segs)
-    fitting: list[int | None] = [None] * len(segs)
-    if settings.search == FIXED_RATIO:
-        chosen = [(fixed_ratio_k(s.m, settings.ratio), [], False, None) for s in segs]
-        if on_finished is not None:
-            on_finished(len(segs))
-    else:
-        fitting = [judge.longest_fitting_prefix(q, s) for q, s in zip(questions, segs, strict=True)]
+    fitting = [judge.longest_fitting_prefix(q, s) for q, s in zip(questions, segs, strict=True)]
 
-        def memoized_scores(requests: Sequence[tuple[int, int]]) -> list[dict[int, float]]:
-            """Scores per example, computing each prefix once; the one-pass engine scores a trace's
-            every fitting prefix on first touch (the cost of the longest of them)."""
-            needed: dict[int, set[int]] = {}
-            for i, k in requests:
-                if k not in memo[i] and k <= fitting[i]:
-                    needed.setdefault(i, set()).add(k)
-            if judge.engine == "one_pass":
-                needed = {i: set(range(1, fitting[i] + 1)) - set(memo[i]) for i in needed}
-            order = sorted(needed)
-            found = judge.prefix_scores([(questions[i], segs[i], sorted(needed[i])) for i in order])
-            for i, values in zip(order, found):
-                memo[i].update(values)
-            return memo
+    def memoized_scores(requests: Sequence[tuple[int, int]]) -> list[dict[int, float]]:
+        """Scores per example, computing each prefix once; the one-pass engine scores a trace's
+        every fitting prefix on first touch (the cost of the longest of them)."""
+        needed: dict[int, set[int]] = {}
+        for i, k in requests:
+            if k not in memo[i] and k <= fitting[i]:
+                needed.setdefault(i, set()).add(k)
+        if judge.engine == "one_pass":
+            needed = {i: set(range(1, fitting[i] + 1)) - set(memo[i]) for i in needed}
+        order = sorted(needed)
+        found = judge.prefix_scores([(questions[i], segs[i], sorted(needed[i])) for i in order])
+        for i, values in zip(order, found):
+            memo[i].update(values)
+        return memo
 
-        if settings.mode == "logits":
-            rule = ThresholdRule.from_config(settings.threshold)
-            if rule.kind == "absolute":
-                thresholds = [rule.value] * len(segs)
-            elif rule.kind == "relative_to_full":
-                # all references in one judge call: the full trace, or its longest prefix that fits
-                full_ks = [min(s.m, fitting[i]) or None for i, s in enumerate(segs)]
-                memoized_scores([(i, k) for i, k in enumerate(full_ks) if k is not None])
-                full_scores = [memo[i][k] if k is not None else None for i, k in enumerate(full_ks)]
-                thresholds = [score - rule.value if score is not None else None for score in full_scores]
-            else:
-                if quantile_threshold is None:
-                    raise ValueError("a quantile threshold needs its calibrated value (quantile_threshold)")
-                thresholds = [quantile_threshold] * len(segs)
-        states = [create_search(settings.search, s.m) for s in segs]
+    if judge.mode == "logits":
+        # every reference prefix (e.g. the full trace, or its longest prefix that fits) in one judge call
+        full_ks = [threshold.reference_k(s.m, fitting[i]) for i, s in enumerate(segs)]
+        references = [(i, k) for i, k in enumerate(full_ks) if k is not None]
+        if references:
+            memoized_scores(references)
+        full_scores = [memo[i][k] if k is not None else None for i, k in enumerate(full_ks)]
+        thresholds = [threshold.threshold(score, quantile_threshold) for score in full_scores]
+    states = [search(s.m) for s in segs]
 
-        def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
-            verdicts: dict[tuple[int, int], Verdict] = {
-                (i, k): Verdict(False, None, None) for i, k in requests if k > fitting[i]}  # over the context
-            sent = [(i, k) for i, k in requests if k <= fitting[i]]
-            if settings.mode == "generate":
-                replies = judge.judge([(questions[i], segs[i].prefix(k)) for i, k in sent]) if sent else []
-                verdicts.update(zip(sent, replies))
-            else:
-                memoized_scores(sent)
-                verdicts.update(((i, k), Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None))
-                                for i, k in sent)
-            return [verdicts[request] for request in requests]
+    def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
+        verdicts: dict[tuple[int, int], Verdict] = {
+            (i, k): Verdict(False, None, None) for i, k in requests if k > fitting[i]}  # over the context
+        sent = [(i, k) for i, k in requests if k <= fitting[i]]
+        if judge.mode == "generate":
+            replies = judge.judge([(questions[i], segs[i].prefix(k)) for i, k in sent]) if sent else []
+            verdicts.update(zip(sent, replies))
+        else:
+            memoized_scores(sent)
+            verdicts.update(((i, k), Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None))
+                            for i, k in sent)
+        return [verdicts[request] for request in requests]
 
-        results = run_searches(states, judge_batch, settings.batch_size, on_finished=on_finished)
-        chosen = [(r.chosen_k, r.probes, r.fallback, r.monotone) for r in results]
-    return [
-        {"chosen_k": k, "fallback": fallback, "monotone": monotone, "full_score": full_scores[i],
-         "full_score_k": full_ks[i], "threshold": thresholds[i], "fitting_k": fitting[i],
-         "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply,
-                     "over_context": fitting[i] is not None and p.k > fitting[i]} for p in probes],
-         "prefixes_scored": len(memo[i]) if memo[i] else sum(fitting[i] is None or p.k <= fitting[i] for p in probes)}
-        for i, (k, probes, fallback, monotone) in enumerate(chosen)
-    ]
+    results = run_searches(states, judge_batch, judge.batch_size, on_finished=on_finished)
+    return [_outcome(r.chosen_k, r.probes, fallback=r.fallback, monotone=r.monotone, full_score=full_scores[i],
+                     full_score_k=full_ks[i], threshold=thresholds[i], fitting_k=fitting[i],
+                     prefixes_scored=len(memo[i]) or None)
+            for i, r in enumerate(results)]
 
 
 def judged_probes(outcome: Mapping[str, Any]) -> int:

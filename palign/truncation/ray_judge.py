@@ -27,7 +27,8 @@ from typing import Any
 
 from palign.llm.ray_backend import (ActorWorker, check_gpu_request, connect, ray_settings, stream_through_actors,
                                      worker_threads)
-from palign.truncation.prefixes import TruncationSettings, build_judge, search_prefixes
+from palign.schema import Judge, JudgePrompt
+from palign.truncation.prefixes import SearchFactory, build_judge, search_prefixes
 from palign.truncation.units import Segmentation
 
 STAGE = "truncation (sufficiency judge)"
@@ -49,20 +50,22 @@ class _JudgeWorker(ActorWorker):
 
     task = "judging"
 
-    def build(self, judge: dict[str, Any], judge_prompt: dict[str, Any], cache_dir: str, vllm: dict[str, Any],
-              engine: str, settings: dict[str, Any]) -> None:
-        self.settings = TruncationSettings(**settings)
+    def build(self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str, vllm: dict[str, Any], engine: str,
+              search: SearchFactory) -> None:
+        self.threshold = judge.threshold
+        self.search = search
         self.judge = build_judge(judge, judge_prompt, cache_dir, vllm, engine)
 
-    def describe(self, judge: dict[str, Any], engine: str, **_: Any) -> str:
-        return f"the '{engine}' judge for model '{judge['model'].get('name')}'"
+    def describe(self, judge: Judge, engine: str, **_: Any) -> str:
+        return f"the '{engine}' judge for model '{judge.model.name}'"
 
     def handle(self, request: Mapping[str, Any]) -> Any:
         questions, segs = _decode(request["traces"])
         if request["kind"] == "scores":
             found = self.judge.prefix_scores(list(zip(questions, segs, request["ks"], strict=True)))
             return [sorted(values.items()) for values in found]  # JSON has no integer keys
-        return search_prefixes(self.settings, self.judge, questions, segs, quantile_threshold=request["threshold"])
+        return search_prefixes(self.search, self.threshold, self.judge, questions, segs,
+                               quantile_threshold=request["threshold"])
 
 
 class RayJudgePool:
@@ -70,25 +73,26 @@ class RayJudgePool:
     calibration. Nothing starts before work arrives (a cache hit never starts Ray); a `ray:` block
     whose workers cannot hold the judge's engine (`check_gpu_request`) is refused here."""
 
-    def __init__(self, judge: Mapping[str, Any], judge_prompt: Mapping[str, Any], cache_dir: str | Path,
-                 vllm: Mapping[str, Any], ray: Any, settings: TruncationSettings):
-        self.ray = ray_settings(ray)
+    def __init__(self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, vllm: Mapping[str, Any],
+                 search: SearchFactory):
+        """The pool of the `truncation.judge` node (its `ray` block: the run's `ray:`), searching with `search`."""
+        self.ray = ray_settings(asdict(judge.ray))
         check_gpu_request(self.ray["engine"], self.ray["num_gpus_per_worker"], vllm)
-        self.judge = dict(judge)
-        self.judge_prompt = dict(judge_prompt)
+        self.judge = judge
+        self.judge_prompt = judge_prompt
         self.cache_dir = str(cache_dir)
         self.vllm = dict(vllm or {})
-        self.settings = settings
+        self.search = search
         self.started_ray = False
         self.calls = 0  # actor pools started
 
     def __repr__(self) -> str:
-        return (f"RayJudgePool({self.judge['model'].get('name')!r}, engine={self.ray['engine']!r}, "
+        return (f"RayJudgePool({self.judge.model.name!r}, engine={self.ray['engine']!r}, "
                 f"num_workers={self.ray['num_workers']}, address={self.ray['address']!r})")
 
     def _stream(self, payloads: Sequence[dict[str, Any]], num_workers: int) -> Iterator[tuple[int, Any]]:
-        spec = self.judge["model"]
-        if spec.get("source") == "local":  # a missing model folder fails here, before any actor starts
+        spec = self.judge.model
+        if spec.source == "local":  # a missing model folder fails here, before any actor starts
             from palign.llm.models import resolve_model_path
 
             resolve_model_path(spec, self.cache_dir)
@@ -97,12 +101,12 @@ class RayJudgePool:
                                     STAGE)
         self.calls += 1
         worker_kwargs = dict(judge=self.judge, judge_prompt=self.judge_prompt, cache_dir=self.cache_dir, vllm=self.vllm,
-                             engine=ray["engine"], settings=asdict(self.settings),
+                             engine=ray["engine"], search=self.search,
                              num_threads=worker_threads(ray["num_cpus_per_worker"], ray["num_gpus_per_worker"]))
         yield from stream_through_actors(
             [json.dumps(payload) for payload in payloads], _JudgeWorker, worker_kwargs, num_workers=num_workers,
             num_cpus_per_worker=ray["num_cpus_per_worker"], num_gpus_per_worker=ray["num_gpus_per_worker"],
-            payloads_per_call=1, stage=STAGE, describe=f"{ray['engine']} judge, model '{spec.get('name')}'",
+            payloads_per_call=1, stage=STAGE, describe=f"{ray['engine']} judge, model '{spec.name}'",
         )
 
     def search(self, chunks: Sequence[tuple[Sequence[str], Sequence[Segmentation]]],

@@ -5,7 +5,9 @@ shortest prefix judged sufficient. The search itself is model-free: each example
 state that says which prefix lengths it needs judged next (`pending`) and takes the verdicts back
 (`observe`). `run_searches` advances all examples together, so one judge batch serves many traces.
 
-Strategies, selected by name from `SEARCH_STRATEGIES`:
+Strategies, one class each; the `truncation.search` node (conf/truncation/search/) names one by
+its `_target_`, with `_partial_: true` and its options, so the stage holds a factory it calls with
+each trace's m (a new search is one class here and one YAML file there):
 
 - `binary`: the authors' loop exactly (PAPER.md §2.1 item 3): `left, right = 1, m`; probe
   `mid = (left + right) // 2`; ENOUGH -> `best = mid, right = mid - 1`; else `left = mid + 1`.
@@ -19,7 +21,8 @@ If no probe is judged sufficient, every strategy falls back to the full trace, `
 (PAPER.md §2.1 item 4). A trace with no units (m = 0) has nothing to search: constructing a
 search for it raises `ValueError`, and the caller skips and counts such examples.
 
-`fixed_ratio_k` is the fixed-ratio baseline: keep the first ceil(lambda * m) units (PAPER.md §6).
+`fixed_ratio_k` is the fixed-ratio baseline's prefix, with no search: the first ceil(lambda * m)
+units (PAPER.md §6; palign/truncation/prefixes.py: FixedRatioPrefix).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from typing import Any, ClassVar
 from tqdm.auto import tqdm
 
 __all__ = [
-    "SEARCH_STRATEGIES",
     "BinaryPrefixSearch",
     "ExhaustivePrefixSearch",
     "LinearPrefixSearch",
@@ -42,7 +44,6 @@ __all__ = [
     "Probe",
     "SearchResult",
     "Verdict",
-    "create_search",
     "fixed_ratio_k",
     "run_searches",
 ]
@@ -107,7 +108,9 @@ class SearchResult:
 
 
 class PrefixSearch(ABC):
-    """The search state of one example over prefix lengths 1..m."""
+    """The search state of one example over prefix lengths 1..m. A subclass takes m, then its options
+    (keyword-only, without defaults: its YAML file holds their values); `strategy` names it in the
+    stored rows, the store's folder and its fingerprint."""
 
     strategy: ClassVar[str]
 
@@ -232,23 +235,6 @@ class ExhaustivePrefixSearch(PrefixSearch):
     def _monotone(self) -> bool:
         ordered = [self.verdicts[k] for k in range(1, self.m + 1)]
         return ordered == sorted(ordered)
-
-
-SEARCH_STRATEGIES: dict[str, type[PrefixSearch]] = {
-    search.strategy: search
-    for search in (BinaryPrefixSearch, LinearPrefixSearch, ExhaustivePrefixSearch)
-}
-
-
-def create_search(strategy: str, m: int) -> PrefixSearch:
-    """A fresh search state of the named strategy over prefix lengths 1..m."""
-    try:
-        search_class = SEARCH_STRATEGIES[strategy]
-    except KeyError:
-        raise ValueError(
-            f"unknown search strategy {strategy!r}; choose one of {sorted(SEARCH_STRATEGIES)}"
-        ) from None
-    return search_class(m)
 
 
 JudgeBatch = Callable[[list[tuple[int, int]]], Sequence[Verdict]]

@@ -1,16 +1,19 @@
 """Stage 1 over a data set: each trace's minimal sufficient prefix, cached and resumable.
 
-`PrefixTruncation` splits every teacher trace into units (`units.py`), searches the shortest
-prefix the judge accepts (`search.py`, `judge.py`), or keeps a fixed ratio of units (the
-fixed-ratio baseline), and stores one record per example: the units, every probe (k, verdict,
-score, raw reply), the chosen k, m, the prefix ratio and token counts, and the fallback flag.
+`PrefixTruncation` splits every teacher trace into units (the `truncation.granularity` splitter,
+`units.py`) and lets the baseline's prefix policy (`prefixes.py`) choose each prefix: the shortest
+one the judge accepts (`search.py`, `judge.py`), or a fixed ratio of the units. It stores one
+record per example: the units, every probe (k, verdict, score, raw reply), the chosen k, m, the
+prefix ratio and token counts, and the fallback flag. It receives the schema's typed nodes
+(palign/schema.py: Truncation, Judge, JudgePrompt) with their `_target_` parts built: the
+splitter, the search factory, the threshold and the policy.
 
 The store lives in `<cache>/truncation/<fingerprint>/`, keyed by everything that decides a prefix
-(judge model, prompt, granularity, search, decision mode, threshold); inside it each record is
-keyed by the example id and a hash of its question and trace. So a sweep that reuses a truncation
-never recomputes it, a superset of examples only computes the new ones, and an interrupted run
-resumes where it stopped (records are appended chunk by chunk; the judge is not even loaded when
-nothing is missing).
+(`prefixes.store_identity`: judge model, prompt, granularity, search, decision mode, threshold);
+inside it each record is keyed by the example id and a hash of its question and trace. So a sweep
+that reuses a truncation never recomputes it, a superset of examples only computes the new ones,
+and an interrupted run resumes where it stopped (records are appended chunk by chunk; the judge is
+not even loaded when nothing is missing).
 
 Long traces. Every trace is searched, however long. A probe is sent to the judge only when its
 prompt and reply fit the judge's context (`truncation.judge.max_context_tokens`, else the judge
@@ -40,12 +43,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from palign.artifacts import RecordStore, fingerprint, open_stage_store, read_json, stage_folder, write_json_atomic
+from palign.schema import Judge, JudgePrompt
 from palign.teachers.records import TeacherRecord
-from palign.truncation.judge import SufficiencyJudge, ThresholdRule
+from palign.truncation.judge import QuantileThreshold, SufficiencyJudge
 from palign.truncation.prefixes import (  # noqa: F401 (CODE_VERSION: the stage's version, recorded with it)
-    CODE_VERSION, FIXED_RATIO, TruncationSettings, build_judge, judged_probes, search_prefixes)
+    CODE_VERSION, PrefixPolicy, SearchFactory, build_judge, judged_probes, store_identity)
 from palign.truncation.ray_judge import RayJudgePool
-from palign.truncation.units import Segmentation, segment
+from palign.truncation.units import Segmentation, Splitter
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +63,36 @@ class PrefixTruncation:
 
     def __init__(
         self,
-        settings: TruncationSettings,
+        prefix: PrefixPolicy,
+        granularity: Splitter,
         cache_dir: str | Path,
         tokenizer,
+        *,
+        chunk_size: int,
+        search: SearchFactory | None = None,
+        judge: Judge | None = None,
+        judge_prompt: JudgePrompt | None = None,
         judge_factory: Callable[[], SufficiencyJudge] | None = None,
-        progress: bool = True,
         judge_pool: RayJudgePool | None = None,
+        progress: bool = True,
     ):
-        self.settings = settings
+        """`prefix` chooses the prefixes of the units `granularity` cuts, with `search`, `judge` (the
+        `truncation.judge` node) and `judge_prompt` where it reads them (palign/truncation/prefixes.py);
+        `judge_factory` builds the judge on the first trace that needs one, or `judge_pool` judges in
+        Ray actors. chunk_size: traces per stored chunk."""
+        self.prefix = prefix
+        self.granularity = granularity
+        self.search = search
+        self.judge_node = judge
+        self.judge_prompt = judge_prompt
+        self.chunk_size = chunk_size
         self.judge_pool = judge_pool  # set: the judging runs in Ray actors, not in this process
         self.tokenizer = tokenizer
         self.judge_factory = judge_factory
         self.progress = progress
-        self.folder = stage_folder(Path(cache_dir) / "truncation", settings.identity(), f"{settings.search}-{settings.granularity}")
+        self.identity = store_identity(granularity, prefix, search, judge, judge_prompt)
+        self.folder = stage_folder(Path(cache_dir) / "truncation", self.identity,
+                                   f"{self.identity['search']}-{granularity.name}")
         self._judge: SufficiencyJudge | None = None
         self.judge_calls = 0
         # record keys, so that running the same records again does not count them twice
@@ -79,37 +100,30 @@ class PrefixTruncation:
         self.rows_seen: dict[str, dict[str, Any]] = {}  # every example this object truncated or read
 
     @classmethod
-    def from_config(cls, granularity: Mapping[str, Any], search: Mapping[str, Any], judge: Mapping[str, Any],
-                    judge_prompt: Mapping[str, Any], *, baseline: Mapping[str, Any], cache_dir: str | Path, tokenizer,
+    def from_config(cls, *, granularity: Splitter, search: SearchFactory, judge: Judge, judge_prompt: JudgePrompt,
+                    chunk_size: int, prefix: PrefixPolicy, cache_dir: str | Path, tokenizer,
                     vllm: Mapping[str, Any]) -> PrefixTruncation | None:
-        """The stage from the `truncation` config node (conf/truncation/, palign/schema.py: Truncation)
-        and the baseline's `truncation`/`ratio`; None when the baseline does not truncate. The judge
-        is built only when a record misses the store (never on a cache hit); with `judge.backend: ray`
-        every Ray actor builds one (`judge.ray`: the run's `ray:` block, palign/truncation/ray_judge.py)."""
+        """The stage from the `truncation` node (conf/truncation/, palign/schema.py: Truncation), built by
+        `instantiate` with the baseline's prefix policy (`baseline.prefix`); None when the policy reads
+        no part of the node (no prefixes). A judge is built only when the policy reads one and a record
+        misses the store (never on a cache hit); with `judge.backend: ray` every Ray actor builds one
+        (`judge.ray`: the run's `ray:` block, palign/truncation/ray_judge.py)."""
         from functools import partial
 
-        from palign.llm.models import ModelSpec
         from palign.llm.vllm_backend import resolve_backend
 
-        mode = baseline["truncation"]
-        if mode == "none":
+        if not prefix.reads:
             return None
-        spec = ModelSpec.from_config(judge["model"])
-        settings = TruncationSettings(
-            granularity=granularity["name"], granularity_options=dict(granularity["options"]),
-            search=FIXED_RATIO if mode == FIXED_RATIO else search["name"], ratio=baseline["ratio"],
-            judge_identity=spec.identity(), judge_prompt=dict(judge_prompt), mode=judge["mode"],
-            threshold=dict(judge["threshold"]), max_new_tokens=judge["max_new_tokens"], batch_size=judge["batch_size"],
-            chunk_size=search["chunk_size"], max_context_tokens=judge["max_context_tokens"],
-        )
-        backend = resolve_backend(judge["backend"], "truncation.judge.backend")
-        ray = judge.get("ray")
-        judge = {key: value for key, value in judge.items() if key != "ray"}
+        parts = {"search": search, "judge": judge, "judge_prompt": judge_prompt, "chunk_size": chunk_size}
+        if not prefix.judged:  # e.g. a fixed ratio: no judge to build
+            return cls(prefix, granularity, cache_dir, tokenizer, **parts)
+        backend = resolve_backend(judge.backend, "truncation.judge.backend")
         if backend == "ray":
             # no judge on the driver: each Ray actor builds its own and searches whole chunks
-            pool = RayJudgePool(judge, dict(judge_prompt), cache_dir, vllm, ray, settings)
-            return cls(settings, cache_dir, tokenizer, judge_pool=pool)
-        return cls(settings, cache_dir, tokenizer, partial(build_judge, judge, dict(judge_prompt), cache_dir, vllm, backend))
+            pool = RayJudgePool(judge, judge_prompt, cache_dir, vllm, search)
+            return cls(prefix, granularity, cache_dir, tokenizer, judge_pool=pool, **parts)
+        return cls(prefix, granularity, cache_dir, tokenizer,
+                   judge_factory=partial(build_judge, judge, judge_prompt, cache_dir, vllm, backend), **parts)
 
     SUMMARY_KEY = "truncation"  # where a run's summary.json keeps `report`'s statistics
 
@@ -133,13 +147,13 @@ class PrefixTruncation:
         return {row["id"]: row["prefix"] for row in self.run(records)}
 
     def run(self, records: Sequence[TeacherRecord]) -> list[dict[str, Any]]:
-        with open_stage_store(self.folder, self.settings.identity(), key="key") as store:
+        with open_stage_store(self.folder, self.identity, key="key") as store:
             segmentations: dict[str, Segmentation] = {}
             todo: list[TeacherRecord] = []
             for record in records:
                 if record_key(record) in store:
                     continue
-                seg = segment(record.long_cot, self.settings.granularity, **self._granularity_options())
+                seg = self.granularity.split(record.long_cot, self.tokenizer)
                 if seg.m == 0:
                     self.skipped["no_units"].add(record_key(record))
                     continue
@@ -147,8 +161,8 @@ class PrefixTruncation:
                 todo.append(record)
             if todo:
                 log.info("truncation: %d of %d examples to compute in %s", len(todo), len(records), self.folder)
-                rule = ThresholdRule.from_config(self.settings.threshold)
-                if self.settings.search != FIXED_RATIO and self.settings.mode == "logits" and rule.kind == "quantile":
+                rule = self._calibrated_threshold()
+                if rule is not None:
                     self._calibrated_quantile(rule, todo, [segmentations[r.id] for r in todo])
             self._compute(todo, segmentations, store)
             rows = [store.get(record_key(r)) for r in records]
@@ -171,7 +185,7 @@ class PrefixTruncation:
         if not todo:
             return
         started = time.perf_counter()
-        chunks = [todo[start : start + self.settings.chunk_size] for start in range(0, len(todo), self.settings.chunk_size)]
+        chunks = [todo[start : start + self.chunk_size] for start in range(0, len(todo), self.chunk_size)]
         done = 0
         # tqdm's disable=None: a bar on a terminal only; the log lines below go everywhere
         with tqdm(total=len(todo), desc="truncation", unit="trace", disable=None if self.progress else True) as bar:
@@ -200,12 +214,6 @@ class PrefixTruncation:
             self.judge_calls += sum(judged_probes(outcome) for outcome in outcomes)
             yield chunk, self._rows(chunk, segs, outcomes)
 
-    def _granularity_options(self) -> dict[str, Any]:
-        options = dict(self.settings.granularity_options)
-        if self.settings.granularity == "token_chunk":
-            options["tokenizer"] = self.tokenizer
-        return options
-
     @property
     def judge(self) -> SufficiencyJudge:
         if self._judge is None:
@@ -214,15 +222,19 @@ class PrefixTruncation:
             self._judge = self.judge_factory()
         return self._judge
 
-    def _quantile_threshold(self) -> float | None:
-        """The calibrated threshold of a quantile rule (calibrated in `run`), else None."""
-        if self.settings.search == FIXED_RATIO or self.settings.mode != "logits":
+    def _calibrated_threshold(self) -> QuantileThreshold | None:
+        """The judge's threshold when it is calibrated once per store (a logits-mode quantile), else None."""
+        if not self.prefix.judged or self.judge_node.mode != "logits":
             return None
-        if ThresholdRule.from_config(self.settings.threshold).kind != "quantile":
+        return self.judge_node.threshold if self.judge_node.threshold.calibrates else None
+
+    def _quantile_threshold(self) -> float | None:
+        """The calibrated threshold's value (calibrated in `run`), else None."""
+        if self._calibrated_threshold() is None:
             return None
         return float(read_json(self.folder / "calibration.json")["threshold"])
 
-    def _calibrated_quantile(self, rule: ThresholdRule, records, segs) -> float:
+    def _calibrated_quantile(self, rule: QuantileThreshold, records, segs) -> float:
         """The rule's quantile of every prefix score of the first calibration examples (once per store)."""
         path = self.folder / "calibration.json"
         if path.exists():
@@ -236,19 +248,18 @@ class PrefixTruncation:
             raise ValueError(f"truncation: no prefix of the {n} calibration examples fits the judge's context, so the "
                              "quantile threshold has nothing to calibrate on; raise truncation.judge.max_context_tokens "
                              "or use another threshold kind")
-        position = min(len(scores) - 1, max(0, round(rule.value * (len(scores) - 1))))
-        threshold = scores[position]
+        threshold = rule.calibrate(scores)
         write_json_atomic(path, {"threshold": threshold, "quantile": rule.value, "examples": n, "scores": scores})
         log.info("truncation: calibrated threshold %.3f (quantile %.2f of %d prefix scores)", threshold, rule.value, len(scores))
         return threshold
 
     def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation], quantile: float | None,
                   on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
-        """The stored rows of `records`, searched with this process's judge (`quantile`: a quantile
-        rule's calibrated threshold)."""
-        judge = None if self.settings.search == FIXED_RATIO else self.judge
-        outcomes = search_prefixes(self.settings, judge, [r.question for r in records], segs,
-                                   quantile_threshold=quantile, on_finished=on_finished)
+        """The stored rows of `records`, their prefixes chosen by the policy in this process (`quantile`:
+        a calibrated threshold's value)."""
+        threshold = self.judge_node.threshold if self.prefix.judged else None
+        outcomes = self.prefix.choose(segs, [r.question for r in records], search=self.search, threshold=threshold,
+                                      judge=lambda: self.judge, quantile_threshold=quantile, on_finished=on_finished)
         self.judge_calls += sum(judged_probes(outcome) for outcome in outcomes)
         return self._rows(records, segs, outcomes)
 

@@ -2,7 +2,9 @@
 
 Stage 1 searches over prefixes `P_t = {r_1, ..., r_t}` of a teacher trajectory `R = {r_1, ..., r_m}`
 (PAPER.md §1.2). What a "step" `r_t` is decides what a prefix can look like, so the splitter is a
-choice, selected by name from `GRANULARITIES` (one Hydra option):
+choice: the `truncation.granularity` node (conf/truncation/granularity/) names one of the `Splitter`
+classes below by its `_target_`, with its options; a new granularity is one class here and one YAML
+file there.
 
 - `paper_sentence`: exactly the authors' `split_sentences` (PAPER.md §2.1 item 2): split on ". "
   only, strip each piece, append "." to a piece whose *unstripped* text does not end in ".", drop
@@ -23,19 +25,21 @@ with `prefix(m) == text.rstrip()`. An empty or whitespace-only text has no units
 from __future__ import annotations
 
 import bisect
-import inspect
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, ClassVar
 
 __all__ = [
     "ABBREVIATIONS",
-    "GRANULARITIES",
+    "PaperSentences",
     "Segmentation",
+    "Sentences",
+    "Splitter",
+    "Steps",
+    "TokenChunks",
     "math_spans",
-    "register_granularity",
-    "segment",
     "split_paper_sentences",
     "split_sentences",
     "split_steps",
@@ -85,41 +89,20 @@ class Segmentation:
         return self.joiner.join(self.units[:k])
 
 
-Splitter = Callable[..., Segmentation]
+class Splitter(ABC):
+    """A granularity: cuts a trace into units. Subclasses are frozen dataclasses whose fields are the
+    options their YAML file lists (the one home of each option's value); `name` names the units in
+    the stored rows, the store's folder and its fingerprint."""
 
-GRANULARITIES: dict[str, Splitter] = {}
+    name: ClassVar[str]
 
+    @abstractmethod
+    def split(self, text: str, tokenizer: Any) -> Segmentation:
+        """`text` cut into units; `tokenizer` is the student's (read by token-based splitters only)."""
 
-def register_granularity(name: str) -> Callable[[Splitter], Splitter]:
-    """Register a splitter `fn(text, **options) -> Segmentation` under `name`."""
-
-    def decorator(splitter: Splitter) -> Splitter:
-        if name in GRANULARITIES:
-            raise ValueError(f"granularity {name!r} is already registered")
-        GRANULARITIES[name] = splitter
-        return splitter
-
-    return decorator
-
-
-def segment(text: str, granularity: str, **options: Any) -> Segmentation:
-    """Cut `text` into units of the named granularity (see the module docstring)."""
-    try:
-        splitter = GRANULARITIES[granularity]
-    except KeyError:
-        raise ValueError(
-            f"unknown granularity {granularity!r}; choose one of {sorted(GRANULARITIES)}"
-        ) from None
-    signature = inspect.signature(splitter)
-    try:
-        signature.bind(text, **options)
-    except TypeError as error:
-        accepted = [name for name in signature.parameters if name != "text"]
-        raise ValueError(
-            f"granularity {granularity!r} got options {sorted(options)} ({error}); "
-            f"it accepts {accepted or 'no options'}"
-        ) from None
-    return splitter(text, **options)
+    def options(self) -> dict[str, Any]:
+        """The splitter's options (its dataclass fields), as the truncation store's fingerprint holds them."""
+        return {spec.name: getattr(self, spec.name) for spec in fields(self)} if is_dataclass(self) else {}
 
 
 def _contiguous(text: str, boundaries: Sequence[int], granularity: str) -> Segmentation:
@@ -144,7 +127,6 @@ def _contiguous(text: str, boundaries: Sequence[int], granularity: str) -> Segme
 # --- paper_sentence -------------------------------------------------------------------------------
 
 
-@register_granularity("paper_sentence")
 def split_paper_sentences(text: str) -> Segmentation:
     """The authors' splitter, rule for rule (PAPER.md §2.1 item 2): prefixes join with " "."""
     units = tuple(
@@ -153,6 +135,16 @@ def split_paper_sentences(text: str) -> Segmentation:
         if piece.strip()
     )
     return Segmentation(text=text, units=units, joiner=" ", granularity="paper_sentence")
+
+
+@dataclass(frozen=True)
+class PaperSentences(Splitter):
+    """The authors' `split_sentences` (`split_paper_sentences`)."""
+
+    name: ClassVar[str] = "paper_sentence"
+
+    def split(self, text: str, tokenizer: Any) -> Segmentation:
+        return split_paper_sentences(text)
 
 
 # --- sentence -------------------------------------------------------------------------------------
@@ -258,7 +250,6 @@ def _ends_sentence(text: str, before: int) -> bool:
     return True
 
 
-@register_granularity("sentence")
 def split_sentences(text: str) -> Segmentation:
     """Sentences, cut after whitespace that follows `.`, `?` or `!`, and after every newline.
 
@@ -283,23 +274,41 @@ def split_sentences(text: str) -> Segmentation:
     return _contiguous(text, boundaries, "sentence")
 
 
+@dataclass(frozen=True)
+class Sentences(Splitter):
+    """Robust sentences (`split_sentences`)."""
+
+    name: ClassVar[str] = "sentence"
+
+    def split(self, text: str, tokenizer: Any) -> Segmentation:
+        return split_sentences(text)
+
+
 # --- step -----------------------------------------------------------------------------------------
 
 _PARAGRAPH_BREAK = re.compile(r"\n[^\S\n]*\n\s*")
 
 
-@register_granularity("step")
 def split_steps(text: str) -> Segmentation:
     """Paragraph steps: a cut after every run of whitespace that contains a blank line."""
     boundaries = [match.end() for match in _PARAGRAPH_BREAK.finditer(text)]
     return _contiguous(text, boundaries, "step")
 
 
+@dataclass(frozen=True)
+class Steps(Splitter):
+    """Paragraph steps (`split_steps`)."""
+
+    name: ClassVar[str] = "step"
+
+    def split(self, text: str, tokenizer: Any) -> Segmentation:
+        return split_steps(text)
+
+
 # --- token_chunk ----------------------------------------------------------------------------------
 
 
-@register_granularity("token_chunk")
-def split_token_chunks(text: str, *, tokenizer: Any, chunk_tokens: int = 64) -> Segmentation:
+def split_token_chunks(text: str, *, tokenizer: Any, chunk_tokens: int) -> Segmentation:
     """Chunks of `chunk_tokens` tokens, cut where each chunk's first token starts in the text.
 
     `tokenizer` is a fast Hugging Face tokenizer (offsets need one). Tokens that share a start
@@ -316,3 +325,18 @@ def split_token_chunks(text: str, *, tokenizer: Any, chunk_tokens: int = 64) -> 
     encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     starts = [start for start, _ in encoding["offset_mapping"]]
     return _contiguous(text, starts[chunk_tokens::chunk_tokens], "token_chunk")
+
+
+@dataclass(frozen=True)
+class TokenChunks(Splitter):
+    """Chunks of `chunk_tokens` tokens of the student's tokenizer (`split_token_chunks`)."""
+
+    name: ClassVar[str] = "token_chunk"
+    chunk_tokens: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
+            raise ValueError(f"token_chunk: chunk_tokens must be an integer >= 1, got {self.chunk_tokens!r}")
+
+    def split(self, text: str, tokenizer: Any) -> Segmentation:
+        return split_token_chunks(text, tokenizer=tokenizer, chunk_tokens=self.chunk_tokens)
