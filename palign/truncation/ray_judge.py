@@ -82,7 +82,7 @@ class RayJudgePool:
         self.judge_prompt = judge_prompt
         self.cache_dir = str(cache_dir)
         self.vllm = dict(vllm or {})
-        self.search = search
+        self.search_factory = search  # `search` is the method that sends chunks
         self.started_ray = False
         self.calls = 0  # actor pools started
 
@@ -101,7 +101,7 @@ class RayJudgePool:
                                     STAGE)
         self.calls += 1
         worker_kwargs = dict(judge=self.judge, judge_prompt=self.judge_prompt, cache_dir=self.cache_dir, vllm=self.vllm,
-                             engine=ray["engine"], search=self.search,
+                             engine=ray["engine"], search=self.search_factory,
                              num_threads=worker_threads(ray["num_cpus_per_worker"], ray["num_gpus_per_worker"]))
         yield from stream_through_actors(
             [json.dumps(payload) for payload in payloads], _JudgeWorker, worker_kwargs, num_workers=num_workers,
