@@ -513,7 +513,7 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(standin_vllm,
     vllm = standin_vllm(HFModel)
     cfg = compose_config(["experiment=tiny", "truncation/judge=self", "truncation.judge.backend=vllm",
                           "truncation.judge.engine=one_pass"], tmp_path)
-    stage = instantiate(cfg.truncation, _convert_="all", baseline=OmegaConf.to_container(cfg.baseline, resolve=True),
+    stage = instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix,
                         cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer,
                         vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
     steps = " ".join(f"Step {j}: we add {j} and get {j + 3}." for j in range(1, 17))
