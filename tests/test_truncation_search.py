@@ -40,6 +40,13 @@ def test_each_search_option_builds_the_search_it_is_named_after() -> None:
         assert factory(3) is not made  # a fresh state per trace
 
 
+def test_every_search_class_has_a_name_of_its_own() -> None:
+    # the name, with the options, names a search's stores (palign/truncation/prefixes.py: search_identity): two
+    # classes of one name would share stores, and a new search with a name of its own never meets an old store
+    classes = PrefixSearch.__subclasses__()
+    assert len(classes) >= 3 and len({c.strategy for c in classes}) == len(classes)
+
+
 def search_alone(strategy: str, m: int, sufficient: Callable[[int], bool]) -> SearchResult:
     """Run one search to the end, judging each pending k with `sufficient(k)`."""
     state = create_search(strategy, m)

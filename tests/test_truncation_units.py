@@ -100,6 +100,12 @@ def test_each_granularity_option_builds_the_splitter_it_is_named_after() -> None
     assert splitter("token_chunk").options() == {"chunk_tokens": 64} and splitter("sentence").options() == {}
 
 
+def test_every_splitter_class_has_a_name_of_its_own() -> None:
+    # the name, with the options, names the stores of stage 1 (palign/truncation/prefixes.py: store_identity)
+    classes = Splitter.__subclasses__()
+    assert len(classes) >= 4 and len({c.name for c in classes}) == len(classes)
+
+
 def test_an_option_a_splitter_lacks_or_misses_is_refused_when_it_is_built() -> None:
     with pytest.raises(InstantiationException, match="unexpected keyword argument 'chunk_tokens'"):
         splitter("sentence", chunk_tokens=3)
