@@ -41,6 +41,8 @@ from palign.llm.models import ModelSpec
 
 STAGES = ("all", "truncate", "align", "train", "eval", "grade", "report", "judge_chains")
 TARGETS = ("long_cot", "short_cot", "prefix_continuation", "prefix_only", "student_only")
+JUDGE_MODES = ("logits", "generate")  # the sufficiency judge's decision modes (palign/truncation/judge.py)
+JUDGE_ENGINES = ("one_pass", "batched")  # its logits-mode scoring engines
 TEACHERS = "palign.teachers.sources"
 
 # -- shared pieces --------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ class Judge:
 
     model: ModelSpec = knob("${student}", "the judging model (self-judging: the student)")
     mode: str = knob("logits", "logits: [ENOUGH] vs [NOT_ENOUGH] log-odds | generate: the authors' generate and parse",
-                     check=one_of("logits", "generate"))
+                     check=one_of(*JUDGE_MODES))
     backend: str = knob("hf", "hf | vllm (GPU only; engine settings under `vllm:`) | ray (data-parallel: each of the "
                         "`ray:` workers holds a judge and searches whole chunks) | auto (vllm where installed with a GPU, "
                         "else hf with a warning)", identity=False, check=one_of("hf", "vllm", "ray", "auto"))
@@ -247,7 +249,7 @@ class Judge:
     batch_size: int = knob(8, "sequences per forward (batched engine, generate mode)", check=at_least(1))
     engine: str = knob("one_pass", "logits mode: one_pass scores every prefix from one forward over the trace; batched "
                        "scores each requested prefix as its own sequence (same scores)", identity=False,
-                       check=one_of("one_pass", "batched"))
+                       check=one_of(*JUDGE_ENGINES))
     max_tail_tokens: int = knob(4096, "one_pass: verdict-tail tokens per forward", identity=False, check=at_least(1))
     threshold: Any = knob(MISSING, "when a logits score counts as sufficient: a node whose `_target_` is a threshold "
                           "of palign/truncation/judge.py with its options (conf/truncation/judge/threshold/: "

@@ -42,7 +42,7 @@ import torch
 
 from palign.llm.chat import encode_user_turn, render_user_turn
 from palign.llm.generation import Generation, SamplingConfig, generate, left_pad
-from palign.schema import JudgePrompt
+from palign.schema import JUDGE_ENGINES, JUDGE_MODES, JudgePrompt
 from palign.truncation.search import Verdict
 from palign.truncation.units import Segmentation
 
@@ -50,8 +50,6 @@ _SENTINEL = "\u2063REASONING\u2063"  # an invisible separator that never occurs 
 
 log = logging.getLogger(__name__)
 
-MODES = ("generate", "logits")
-ENGINES = ("one_pass", "batched")
 # attention implementations that apply an arbitrary 4D mask (the one-pass engine's batched tails)
 MASKABLE_ATTENTION = ("sdpa", "eager")
 # Scores of the same prompt in different batches (other padding) agree to ~1e-5, not exactly; a
@@ -306,10 +304,10 @@ class SufficiencyJudge:
 
     def __init__(self, scorer, tokenizer, prompt: JudgePrompt, *, mode: str, max_new_tokens: int, batch_size: int,
                  engine: str, context_tokens: int, chat_template_kwargs: Mapping[str, Any] | None = None):
-        if engine not in ENGINES:
-            raise ValueError(f"truncation.judge.engine must be one of {ENGINES}, got '{engine}'")
-        if mode not in MODES:
-            raise ValueError(f"truncation.judge.mode must be one of {MODES}, got '{mode}'")
+        if engine not in JUDGE_ENGINES:
+            raise ValueError(f"truncation.judge.engine must be one of {JUDGE_ENGINES}, got '{engine}'")
+        if mode not in JUDGE_MODES:
+            raise ValueError(f"truncation.judge.mode must be one of {JUDGE_MODES}, got '{mode}'")
         self.scorer = scorer
         # a scorer without one-pass scoring (vLLM) scores each prefix as its own sequence
         self.engine = engine if getattr(scorer, "one_pass", False) else "batched"
