@@ -31,6 +31,17 @@ MOVED = {
 }
 
 
+# each inference stage's back end is an option of conf/backend/ chosen per stage (backend@KEY=NAME);
+# the shorter KEY=NAME of earlier versions and of habit is read as that choice
+BACKEND_CHOICE = re.compile(r"^(?P<key>(?:truncation\.judge|alignment|evaluation|teacher\.source)\.backend)=(?P<names>[\w,]+)$")
+
+
+def backend_choices(arguments: list[str]) -> list[str]:
+    """`alignment.backend=vllm` as `backend@alignment.backend=vllm` (sweeps too: `...=hf,ray`)."""
+    return [f"backend@{match['key']}={match['names']}" if (match := BACKEND_CHOICE.match(argument)) else argument
+            for argument in arguments]
+
+
 def refuse_unmergeable_overrides(arguments: list[str]) -> None:
     for argument in arguments:
         key, _, value = argument.lstrip("+~").partition("=")
@@ -52,5 +63,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = backend_choices(sys.argv[1:])
     refuse_unmergeable_overrides(sys.argv[1:])
     main()

@@ -90,7 +90,7 @@ def make_truncation(ctx: RunContext, tokenizer):
     if unused_reason(cfg, "truncation"):
         return None
     return instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix, cache_dir=ctx.cache_dir,
-                       tokenizer=tokenizer, vllm=_container(cfg.vllm))
+                       tokenizer=tokenizer)
 
 
 def make_alignment(ctx: RunContext, tokenizer):
@@ -101,7 +101,7 @@ def make_alignment(ctx: RunContext, tokenizer):
     if not cfg.baseline.alignment:
         return None
     return instantiate(cfg.alignment, _convert_="all", prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir,
-                       tokenizer=tokenizer, vllm=_container(cfg.vllm))
+                       tokenizer=tokenizer)
 
 
 def make_datamodule(ctx: RunContext, tokenizer):
@@ -280,7 +280,7 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
     evaluate = instantiate(
         cfg.evaluation, _convert_="all", _partial_=True, student=_container(cfg.student), method=cfg.baseline.name,
         prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir, run_dir=ctx.run_dir, trained=ctx.student_dir,
-        training_ids=lambda: teacher_ids(cfg), vllm=_container(cfg.vllm), tracker=tracker,
+        training_ids=lambda: teacher_ids(cfg), tracker=tracker,
     )
     summary = evaluate()
     if summary is not None:

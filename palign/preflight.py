@@ -355,17 +355,17 @@ def check_launcher(strategy: Any) -> None:
 
 
 # -- inference back ends ------------------------------------------------------------------------------
-def inference_backends(cfg: DictConfig) -> dict[str, str]:
-    """The `backend` of every inference stage the run executes, by config key."""
+def inference_backends(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The `backend` node of every inference stage the run executes, by config key."""
     stage = cfg.stage
-    backends: dict[str, str] = {}
+    backends: dict[str, DictConfig] = {}
     if stage in TEACHER_STAGES:
         if not unused_reason(cfg, "truncation.judge"):
             backends["truncation.judge.backend"] = cfg.truncation.judge.backend
         if not unused_reason(cfg, "alignment"):
             backends["alignment.backend"] = cfg.alignment.backend
         source = cfg.teacher.source
-        if str(source.get("_target_", "")).endswith("GeneratedTeacher") and source.remote is None:
+        if "backend" in source and source.get("remote") is None:
             backends["teacher.source.backend"] = source.backend
     if stage in EVAL_STAGES and any(b is not None for b in (cfg.evaluation.benchmarks or {}).values()):
         backends["evaluation.backend"] = cfg.evaluation.backend
@@ -373,31 +373,36 @@ def inference_backends(cfg: DictConfig) -> dict[str, str]:
 
 
 def inference_problems(cfg: DictConfig, *, hardware: bool) -> list[str]:
-    """vLLM where a stage asks for it, and Ray workers that can hold their engine."""
-    from palign.llm.vllm_backend import vllm_available
+    """What each stage's back-end option refuses (palign/llm/backends.py: Backend.problems): a server
+    without its URL, vLLM without a GPU, Ray workers that cannot hold their engine; and the judge's
+    logits mode on a back end that cannot score verdicts."""
+    from hydra.utils import instantiate
 
     problems: list[str] = []
-    backends = inference_backends(cfg)
-    if hardware and "vllm" in backends.values():
-        usable, reason = vllm_available()
-        if not usable:
-            keys = ", ".join(f"{key}=vllm" for key, value in backends.items() if value == "vllm")
-            problems.append(f"{keys}: {reason}")
-        else:
-            import torch
-
-            visible = torch.cuda.device_count()
-            if cfg.vllm.tensor_parallel_size > visible:
-                problems.append(f"vllm.tensor_parallel_size={cfg.vllm.tensor_parallel_size}: this machine shows "
-                                f"{visible} GPUs; lower it or run on a node with that many")
-    if "ray" in backends.values():
-        from palign.llm.ray_backend import check_gpu_request
-
+    for key, node in inference_backends(cfg).items():
         try:
-            check_gpu_request(cfg.ray.engine, cfg.ray.num_gpus_per_worker, OmegaConf.to_container(cfg.vllm, resolve=True))
-        except ValueError as err:
-            problems.append(str(err))
+            option = instantiate(node)
+        except Exception as err:  # noqa: BLE001 (a wrong option: Hydra's message names the class and key)
+            problems.append(f"{key}: {err}")
+            continue
+        problems += option.problems(key, hardware=hardware)
+        if key == "truncation.judge.backend" and cfg.truncation.judge.mode == "logits" and not problems:
+            refusal = logits_refusal(option.resolve(key), key)
+            if refusal:
+                problems.append(refusal)
     return problems
+
+
+def logits_refusal(option: Any, key: str) -> str | None:
+    """Why `option` cannot score the judge's verdicts (logits mode), or None; sends nothing."""
+    check = getattr(option, "check_logits_mode", None)
+    if check is None:
+        return None
+    try:
+        check()
+    except ValueError as err:
+        return f"{key}: {err}"
+    return None
 
 
 # -- sweeps ------------------------------------------------------------------------------------------

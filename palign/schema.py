@@ -196,6 +196,21 @@ class Remote:
     timeout_s: float = knob(600, "seconds per request", identity=False, check=number(0, low_open=True))
     extra_body: dict[str, Any] = knob(factory=dict, help="extra request fields, e.g. {repetition_penalty: 1.05} for vLLM")
     include_reasoning: bool = knob(False, "prepend the server's separate reasoning field to the reply")
+    server: str = knob("openai", "the kind of server: openai (the OpenAI API and hosted look-alikes: standard fields "
+                       "only) | vllm (vLLM's OpenAI server: token-id prompts rendered by palign's chat template, every "
+                       "sampling field, the judge's logits mode) | transformers (transformers serve)", identity=False,
+                       check=one_of("openai", "vllm", "transformers"))
+    supports_n: bool | None = knob(None, "whether one request asks for several samples with `n` (null: as the kind of "
+                                   "server does, and one sample per request once a server returns fewer)", identity=False)
+
+
+@dataclass
+class OpenAIServer(Remote):
+    """`backend: openai` (conf/backend/openai.yaml): a stage's model served by an OpenAI-compatible server
+    (palign/llm/openai_backend.py: OpenAIBackend). `model` null: the stage's model (its `pretrained` id or
+    folder; evaluation: the trained student's folder), as `vllm serve` and `transformers serve` name it."""
+
+    _target_: str = "palign.llm.openai_backend.OpenAIBackend"
 
 
 @dataclass
@@ -203,12 +218,8 @@ class GeneratedSource(TeacherSource):
     _target_: str = f"{TEACHERS}.GeneratedTeacher"
     only_correct: bool = knob(True, "keep only generated traces whose answer math-verify grades correct")
     model: ModelSpec = knob("${student}", "the generating model (ignored when `remote` is set)")
-    backend: str = knob("hf", "how `model` generates: hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers) "
-                        "| auto (vllm where installed with a GPU, else hf with a warning)", identity=False,
-                        check=one_of("hf", "vllm", "ray", "auto"))
-    ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
-    vllm: VLLM = knob("${vllm}", "backend=vllm or ray.engine=vllm: the engine settings (the run's `vllm:` block)",
-                      identity=False)
+    backend: Any = knob(MISSING, "how `model` runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
+                        "with backend@teacher.source.backend=NAME and set field by field (teacher.source.backend.base_url=...)", identity=False)
     problems: Problems = knob(factory=Problems, help="the problems to generate for")
     sampling: Sampling = knob(factory=lambda: Sampling(max_new_tokens=1024), help="the teacher's sampling")
     cache_dir: str = knob("${paths.cache_dir}", "where generations are stored", identity=False)
@@ -236,10 +247,8 @@ class Judge:
     model: ModelSpec = knob("${student}", "the judging model (self-judging: the student)")
     mode: str = knob("logits", "logits: [ENOUGH] vs [NOT_ENOUGH] log-odds | generate: the authors' generate and parse",
                      check=one_of(*JUDGE_MODES))
-    backend: str = knob("hf", "hf | vllm (GPU only; engine settings under `vllm:`) | ray (data-parallel: each of the "
-                        "`ray:` workers holds a judge and searches whole chunks) | auto (vllm where installed with a GPU, "
-                        "else hf with a warning)", identity=False, check=one_of("hf", "vllm", "ray", "auto"))
-    ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
+    backend: Any = knob(MISSING, "how the judge runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
+                        "with backend@truncation.judge.backend=NAME and set field by field (truncation.judge.backend.base_url=...)", identity=False)
     max_new_tokens: int = knob(256, "generate mode: reply tokens", check=at_least(1))
     max_context_tokens: int | None = knob(None, "tokens a probe's prompt and reply may take together (null: the judge "
                                           "model's context, config.json's max_position_embeddings); a longer probe is not "
@@ -292,10 +301,8 @@ class Alignment:
     model: ModelSpec = knob("${student}", "the continuing model (the student)")
     filter: str = knob("correct", "correct: keep continuations graded correct (Eq. 9) | none: keep all",
                        check=one_of("correct", "none"))
-    backend: str = knob("hf", "hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers) | auto (vllm "
-                        "where installed with a GPU, else hf with a warning)", identity=False,
-                        check=one_of("hf", "vllm", "ray", "auto"))
-    ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
+    backend: Any = knob(MISSING, "how the continuation runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
+                        "with backend@alignment.backend=NAME and set field by field (alignment.backend.base_url=...)", identity=False)
     sampling: Sampling = knob(factory=lambda: Sampling(batch_size=32), help="the authors' continuation sampling")
     chunk_size: int = knob(32, "examples per resumable chunk", identity=False, check=at_least(1))
     grading: Grading = knob(factory=Grading, help="grading of the continuations")
@@ -408,10 +415,8 @@ class Evaluation:
     limit: int | None = knob(None, "at most this many problems of each benchmark (null: each benchmark's own limit)",
                              check=at_least(1, optional="no cap"))
     model_path: str | None = knob(None, "evaluate this folder instead of the run's trained student")
-    backend: str = knob("hf", "hf | vllm (GPU only) | ray (data-parallel over the `ray:` workers) | auto (vllm "
-                        "where installed with a GPU, else hf with a warning)", identity=False,
-                        check=one_of("hf", "vllm", "ray", "auto"))
-    ray: Ray = knob("${ray}", "backend=ray: the workers (the run's `ray:` block)", identity=False)
+    backend: Any = knob(MISSING, "how evaluation's generation runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
+                        "with backend@evaluation.backend=NAME and set field by field (evaluation.backend.base_url=...)", identity=False)
     sampling: Sampling = knob(factory=lambda: Sampling(num_samples=3, batch_size=16), help="n=3, T=0.6, top-p 0.9, rep 1.05")
     pass_k: int = knob("${.sampling.num_samples}", "k of Pass@k (at most sampling.num_samples; by default all of them, "
                        "so a smaller sampling.num_samples takes Pass@k with it)", check=at_least(1))
@@ -512,7 +517,7 @@ class Config:
     report: Report = knob(factory=Report, help="stage=report: tables, intervals, comparisons (palign/reporting/)",
                           identity=False)
     vllm: VLLM = knob(factory=VLLM, help="vLLM engines", identity=False)
-    ray: Ray = knob(factory=Ray, help="Ray Data workers for backend=ray", identity=False)
+    ray: Ray = knob(factory=Ray, help="Ray Data workers, for every stage whose backend is ray", identity=False)
     stage: str = knob("all", "all (the baseline's pipeline: truncate -> align -> train -> eval), truncate, align, train, "
                       "eval, grade (with predictions=PATH), report (tables and figures of all runs under paths.runs), "
                       "judge_chains", identity=False, check=one_of(*STAGES))
@@ -535,6 +540,7 @@ def register() -> None:
     store.store(name="palign_schema", node=Config)
     for name, node in (("champ", ChampSource), ("s1k", S1KSource), ("jsonl", JsonlSource), ("generate", GeneratedSource)):
         store.store(group="schema/teacher_source", name=name, node=node)
+    store.store(group="schema/backend", name="openai", node=OpenAIServer)
 
 
 def defaults(node: type, **overrides: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, stage_cache
+from palign.llm.hf_backend import HFBackend
 from palign.alignment.continuation import AlignmentSettings, PrefixContinuation, continuation_prompt
 from palign.data.supervision import build_targets
 from palign.llm.models import load_model
@@ -100,7 +101,7 @@ def test_teacher_generation_keeps_correct_traces_and_is_cached(tmp_path, student
             model=student_specs["tiny_random"],
             problems={"kind": "file", "path": str(shared_data / "problems" / "math_train.json")},
             sampling={"max_new_tokens": 6, "do_sample": True, "num_samples": 1, "batch_size": 3, "seed": 1},
-            cache_dir=str(cache), prompts=PROMPTS, problem_limit=3, **kw,
+            cache_dir=str(cache), prompts=PROMPTS, problem_limit=3, backend=HFBackend(), **kw,
         )
 
     data = teacher(only_correct=False).load()

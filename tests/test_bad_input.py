@@ -20,6 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
+from palign.llm.hf_backend import HFBackend
 from palign.artifacts import (
     DataFormatError,
     DiskFullError,
@@ -126,7 +127,7 @@ def test_s1k_local_file_rejects_null_and_list_fields_with_file_and_line(tmp_path
 def generated_teacher(problems_path: Path, tmp_path: Path, **problems) -> GeneratedTeacher:
     # the problem file is read before any model is built, so no model is needed to reach the errors
     return GeneratedTeacher.with_defaults(model={}, problems={"kind": "file", "path": str(problems_path), **problems},
-                            sampling={}, cache_dir=str(tmp_path / "cache"), prompts={})
+                            sampling={}, cache_dir=str(tmp_path / "cache"), prompts={}, backend=HFBackend())
 
 
 def test_generated_teacher_problem_file_rejects_null_and_list_questions(tmp_path):

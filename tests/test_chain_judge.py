@@ -22,7 +22,8 @@ from palign.analysis.chain_judge import (
     summarize,
 )
 from palign.llm.models import load_tokenizer
-from palign.llm.openai_backend import LocalChatBackend, OpenAIChatBackend
+from palign.llm.hf_backend import LocalChatBackend
+from palign.llm.openai_backend import OpenAIChatBackend
 
 PROMPT = ChainJudgePrompt.from_config(OmegaConf.merge(OmegaConf.structured(ChainJudge),  # the prompt and verdicts shipped
                                                       OmegaConf.load(PROJECT_ROOT / "conf" / "chain_judge" / "local.yaml")))

@@ -53,6 +53,8 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     # groups outside the defaults list (e.g. benchmark, read by the evaluation config) are added
     if group == "benchmark":  # read by the evaluation config, at evaluation.benchmarks.<name>
         override = f"+benchmark@evaluation.benchmarks.extra_{option}={option}"
+    elif group == "backend":  # chosen per stage, at each stage's `backend`
+        override = f"backend@alignment.backend={option}"
     else:  # a group chosen inside another group's options (truncation/judge/threshold) is there already
         chosen = group in IN_DEFAULTS or any(group.startswith(f"{outer}/") for outer in IN_DEFAULTS)
         override = f"{'' if chosen else '+'}{group}={option}"
@@ -72,6 +74,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert isinstance(trainer, trainer_cls)
     assert cfg.logger.kind in ("wandb", "csv", "none")
+    from palign.llm.backends import Backend
+
+    for node in (cfg.truncation.judge.backend, cfg.alignment.backend, cfg.evaluation.backend):
+        assert isinstance(instantiate(node), Backend)  # builds nothing heavy: no model, no engine, no Ray
 
 
 def test_default_config_is_the_embedded_demo(tmp_path):
@@ -183,8 +189,8 @@ def test_run_identity_ignores_how_a_stage_computes_but_not_what(tmp_path):
     from palign.runs import run_identity
 
     base = run_identity(compose_config([], tmp_path))
-    how = ["truncation.judge.backend=vllm", "truncation.judge.engine=batched", "truncation.judge.max_tail_tokens=64",
-           "alignment.backend=vllm", "truncation.chunk_size=3", "data.num_workers=2", "trainer.devices=2",
+    how = ["backend@truncation.judge.backend=vllm", "truncation.judge.engine=batched", "truncation.judge.max_tail_tokens=64",
+           "backend@alignment.backend=vllm", "truncation.chunk_size=3", "data.num_workers=2", "trainer.devices=2",
            "logger=csv", "evaluation.sampling.num_samples=5", "training.checkpoint_every_n_steps=7"]
     assert run_identity(compose_config(how, tmp_path)) == base
     crash = ["+callbacks.crash._target_=crash.KillAt", "+callbacks.crash.hook=on_train_batch_end", "+callbacks.crash.step=1"]

@@ -53,10 +53,10 @@ DOCUMENTED: dict[str, dict] = {
     "ablation=search": {**DEMO, "group": "ablation-search-smollm2_135m",
                         "sweep:truncation/search": ["binary", "linear", "exhaustive"]},
     "stage=eval": {**DEMO, "stage": "eval"},
-    "baseline=palign truncation.judge.backend=vllm truncation.judge.engine=batched alignment.backend=vllm "
-    "alignment.chunk_size=512 evaluation.backend=vllm evaluation.chunk_size=512":
-        {**DEMO, "truncation.judge.backend": "vllm", "truncation.judge.engine": "batched", "alignment.backend": "vllm",
-         "evaluation.backend": "vllm"},
+    "baseline=palign backend@truncation.judge.backend=vllm truncation.judge.engine=batched backend@alignment.backend=vllm "
+    "alignment.chunk_size=512 backend@evaluation.backend=vllm evaluation.chunk_size=512":
+        {**DEMO, "choice:backend@truncation.judge.backend": "vllm", "truncation.judge.engine": "batched", "choice:backend@alignment.backend": "vllm",
+         "choice:backend@evaluation.backend": "vllm"},
     "baseline=palign,fixed_ratio,sft_long_cot,sft_short_cot,prefix_only,student_only group=demo-table":
         {**DEMO, "group": "demo-table"},
     "stage=report": {"stage": "report"},
@@ -75,19 +75,19 @@ DOCUMENTED: dict[str, dict] = {
         {**PAPER_QWEN25, "choice:trainer": "ddp", "choice:hydra/launcher": "slurm", "trainer.num_nodes": 2,
          "trainer.devices": 8, "hydra.launcher.nodes": 2, "hydra.launcher.gpus_per_node": 8,
          "hydra.launcher.tasks_per_node": 8},
-    "experiment=tiny stage=align truncation.judge.backend=ray alignment.backend=ray ray.num_workers=2":
-        {**TINY, "stage": "align", "truncation.judge.backend": "ray", "alignment.backend": "ray", "ray.num_workers": 2,
-         "truncation.judge.ray.num_workers": 2, "alignment.ray.num_workers": 2, "ray.address": None},
-    "experiment=paper/table1_qwen2_5_7b stage=align truncation.judge.backend=ray alignment.backend=ray ray.address=auto "
+    "experiment=tiny stage=align backend@truncation.judge.backend=ray backend@alignment.backend=ray ray.num_workers=2":
+        {**TINY, "stage": "align", "choice:backend@truncation.judge.backend": "ray", "choice:backend@alignment.backend": "ray", "ray.num_workers": 2,
+         "ray.num_workers": 2, "ray.num_workers": 2, "ray.address": None},
+    "experiment=paper/table1_qwen2_5_7b stage=align backend@truncation.judge.backend=ray backend@alignment.backend=ray ray.address=auto "
     "ray.engine=vllm ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256 "
     "alignment.chunk_size=1024":
-        {**PAPER_QWEN25, "stage": "align", "truncation.judge.backend": "ray", "alignment.backend": "ray",
-         "truncation.judge.ray.address": "auto", "alignment.ray.engine": "vllm", "truncation.judge.ray.num_workers": 16,
-         "alignment.ray.num_gpus_per_worker": 1, "alignment.ray.batch_size": 256},
-    "experiment=paper/table1_qwen2_5_7b stage=eval evaluation.backend=ray ray.address=auto ray.engine=vllm "
+        {**PAPER_QWEN25, "stage": "align", "choice:backend@truncation.judge.backend": "ray", "choice:backend@alignment.backend": "ray",
+         "ray.address": "auto", "ray.engine": "vllm", "ray.num_workers": 16,
+         "ray.num_gpus_per_worker": 1, "ray.batch_size": 256},
+    "experiment=paper/table1_qwen2_5_7b stage=eval backend@evaluation.backend=ray ray.address=auto ray.engine=vllm "
     "ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256":
-        {**PAPER_QWEN25, "stage": "eval", "evaluation.backend": "ray", "evaluation.ray.address": "auto",
-         "evaluation.ray.engine": "vllm", "evaluation.ray.num_workers": 16, "evaluation.ray.num_gpus_per_worker": 1},
+        {**PAPER_QWEN25, "stage": "eval", "choice:backend@evaluation.backend": "ray", "ray.address": "auto",
+         "ray.engine": "vllm", "ray.num_workers": 16, "ray.num_gpus_per_worker": 1},
     "stage=judge_chains baseline=palign chain_judge=openai chain_judge.remote.base_url=https://open.bigmodel.cn/api/paas/v4 "
     "chain_judge.remote.model=glm-4.5 chain_judge.remote.api_key_env=ZHIPUAI_API_KEY":
         {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.remote.model": "glm-4.5",

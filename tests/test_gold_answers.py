@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA
+from palign.llm.hf_backend import HFBackend
 from palign.artifacts import DataFormatError
 from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.predictions import grade_prediction_file
@@ -117,5 +118,5 @@ def test_generated_traces_are_never_graded_against_a_placeholder(tmp_path):
     # the problems' answers are checked before any trace is generated, graded and stored against them
     path = write_jsonl(tmp_path / "problems.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "TBD"}])
     teacher = GeneratedTeacher.with_defaults(model={}, problems={"kind": "file", "path": str(path)}, sampling={},
-                                             cache_dir=str(tmp_path / "cache"), prompts={})
+                                             cache_dir=str(tmp_path / "cache"), prompts={}, backend=HFBackend())
     assert teacher._problems() == [("0", "1+1?", "2"), ("1", "2+2?", None)]

@@ -36,13 +36,9 @@ from palign.llm import vllm_backend as vb
 from palign.llm.chat import encode_user_turn, instruction_prompt
 from palign.llm.generation import SamplingConfig, generation_config
 from palign.llm.models import load_model, load_tokenizer, resolve_model_path
-from palign.llm.openai_backend import (
-    ChatBackendError,
-    LocalChatBackend,
-    OpenAIChatBackend,
-    complete_missing,
-    sample_seeds,
-)
+from palign.llm.backends import ChatBackendError, complete_missing
+from palign.llm.hf_backend import LocalChatBackend
+from palign.llm.openai_backend import OpenAIChatBackend, sample_seeds
 from palign.schema import Remote, defaults
 from palign.schema import JudgePrompt
 from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, render_prompt

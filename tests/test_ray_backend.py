@@ -26,7 +26,8 @@ from palign.evaluation.harness import evaluate
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import SamplingConfig
 from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-from palign.llm.openai_backend import ChatBackendError
+from palign.llm.backends import ChatBackendError
+from palign.llm.hf_backend import HFBackend
 from palign.teachers.records import TeacherRecord
 from palign.schema import Judge, JudgePrompt, Ray, defaults
 from palign.truncation.judge import QuantileThreshold
@@ -36,7 +37,7 @@ from palign.truncation.stage import PrefixTruncation, build_judge
 from palign.truncation.units import Sentences
 
 ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
-from palign.llm.ray_backend import (ActorWorker, RayChatBackend, check_gpu_request,  # noqa: E402
+from palign.llm.ray_backend import (ActorWorker, RayBackend, RayChatBackend, check_gpu_request,  # noqa: E402
                                     check_nodes_hold_a_worker, stream_through_actors)
 from palign.truncation.ray_judge import RayJudgePool  # noqa: E402
 
@@ -206,12 +207,11 @@ def test_a_failing_worker_is_reported_with_the_stage_and_the_worker(ray_cluster,
 def test_the_composed_config_builds_a_ray_stage_without_starting_ray(tmp_path, monkeypatch, smollm2_tokenizer):
     from hydra.utils import instantiate
 
-    cfg = compose_config(["experiment=tiny", "baseline=palign", "alignment.backend=ray", "ray.num_workers=3",
+    cfg = compose_config(["experiment=tiny", "baseline=palign", "backend@alignment.backend=ray", "ray.num_workers=3",
                           "ray.address=ray://head:10001"], tmp_path)
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before any work"))
     stage = instantiate(cfg.alignment, _convert_="all", prompts=OmegaConf.to_container(cfg.prompts, resolve=True),
-                        cache_dir=str(stage_cache(tmp_path)), tokenizer=smollm2_tokenizer,
-                        vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
+                        cache_dir=str(stage_cache(tmp_path)), tokenizer=smollm2_tokenizer)
     backend = stage.backend
     assert isinstance(backend, RayChatBackend) and backend.stage.startswith("alignment")
     assert (backend.num_workers, backend.address, backend.engine) == (3, "ray://head:10001", "hf")
@@ -222,15 +222,16 @@ def test_the_ray_back_end_changes_neither_the_run_identity_nor_the_stage_fingerp
     from palign.runs import run_identity
 
     base = compose_config(["baseline=palign"], tmp_path)
-    distributed = compose_config(["baseline=palign", "truncation.judge.backend=ray", "alignment.backend=ray",
-                                  "evaluation.backend=ray", "ray.num_workers=4",
+    distributed = compose_config(["baseline=palign", "backend@truncation.judge.backend=ray", "backend@alignment.backend=ray",
+                                  "backend@evaluation.backend=ray", "ray.num_workers=4",
                                   "ray.num_gpus_per_worker=1", "ray.engine=vllm", "ray.address=auto", "ray.batch_size=64"], tmp_path)
     assert run_identity(distributed) == run_identity(base)
-    assert distributed.alignment.ray.num_workers == distributed.evaluation.ray.num_workers == 4  # one `ray:` block
-    assert distributed.truncation.judge.ray.num_workers == 4
-    generated = ["teacher=generate", "teacher.source.backend=ray", "ray.num_workers=4"]
+    # one `ray:` block, which every stage's ray option reads
+    assert distributed.alignment.backend.workers.num_workers == distributed.evaluation.backend.workers.num_workers == 4
+    assert distributed.truncation.judge.backend.workers.num_workers == 4
+    generated = ["teacher=generate", "backend@teacher.source.backend=ray", "ray.num_workers=4"]
     assert run_identity(compose_config(generated, tmp_path)) == run_identity(compose_config(["teacher=generate"], tmp_path))
-    assert compose_config(generated, tmp_path).teacher.source.ray.num_workers == 4
+    assert compose_config(generated, tmp_path).teacher.source.backend.workers.num_workers == 4
 
 
 # -- the sufficiency judge over Ray ---------------------------------------------------------------
@@ -240,11 +241,13 @@ TRACES = [TeacherRecord(id=f"t{i}", question=f"What is {i} + 3?", answer=str(i +
           for i in range(5)]
 
 
-def judge_node(spec, **ray) -> Judge:
+def judge_node(spec, vllm=None, **ray) -> Judge:
     """The `truncation.judge` node of `spec` (logits, batch 4, the schema's defaults otherwise) with the quantile
-    threshold (the calibration goes through the pool too) and the `ray:` block SETTINGS but `ray`."""
+    threshold (the calibration goes through the pool too), on the Ray option with the `ray:` block SETTINGS but
+    `ray` (and the `vllm:` settings `vllm`)."""
     return Judge(**{**defaults(Judge), "model": ModelSpec.from_config(spec), "max_new_tokens": 8, "batch_size": 4,
-                    "ray": Ray(**{**SETTINGS, **ray}), "threshold": QuantileThreshold(value=0.5, calibration_examples=2)})
+                    "backend": RayBackend(workers=Ray(**{**SETTINGS, **ray}), vllm=vllm or {}),
+                    "threshold": QuantileThreshold(value=0.5, calibration_examples=2)})
 
 
 def judge_stage(folder, tokenizer, node: Judge, **judging) -> PrefixTruncation:
@@ -264,7 +267,7 @@ def test_the_judge_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cac
     spec, tokenizer = tiny
     node = judge_node(spec, batch_size=1)
     local = judge_stage(stage_cache(tmp_path / "hf"), tokenizer, node,
-                        judge_factory=lambda: build_judge(node, JUDGE_PROMPT, cache_dir, {}, "hf"))
+                        judge_factory=lambda: build_judge(node, JUDGE_PROMPT, cache_dir, HFBackend()))
     expected = local.run(TRACES)
     assert len(expected) == 5 and {r["chosen_k"] for r in expected} != {r["m"] for r in expected}  # prefixes, not all fallbacks
 
@@ -321,7 +324,7 @@ def test_a_judge_worker_that_cannot_load_its_model_is_reported(ray_cluster, tiny
     broken.mkdir()
     bad = {"name": "broken", "source": "local", "pretrained": str(broken)}
     stage = judge_stage(stage_cache(tmp_path), tokenizer, judge_node(spec),
-                        judge_pool=RayJudgePool(judge_node(bad), JUDGE_PROMPT, cache_dir, {}, BinaryPrefixSearch))
+                        judge_pool=RayJudgePool(judge_node(bad), JUDGE_PROMPT, cache_dir, judge_node(bad).backend, BinaryPrefixSearch))
     with pytest.raises(ChatBackendError, match=r"truncation \(sufficiency judge\): a Ray worker failed .*ray worker pid \d+ on .*broken"):
         stage.run(TRACES)
 
@@ -329,7 +332,7 @@ def test_a_judge_worker_that_cannot_load_its_model_is_reported(ray_cluster, tiny
 def test_the_composed_config_builds_a_ray_judge_without_starting_ray(tmp_path, monkeypatch, smollm2_tokenizer):
     from palign.pipeline import RunContext, make_truncation
 
-    cfg = compose_config(["experiment=tiny", "baseline=palign", "truncation.judge.backend=ray", "ray.num_workers=3",
+    cfg = compose_config(["experiment=tiny", "baseline=palign", "backend@truncation.judge.backend=ray", "ray.num_workers=3",
                           "ray.address=auto"], tmp_path)
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before any work"))
     ctx = RunContext(cfg=cfg, run_id="test", run_dir=tmp_path / "run", cache_dir=stage_cache(tmp_path))
@@ -350,7 +353,8 @@ def test_teacher_generation_over_ray_equals_in_process(ray_cluster, tiny, cache_
         counts as empty traces: the store is where the generations are compared)."""
         teacher = GeneratedTeacher.with_defaults(model=spec, problems={"kind": "file", "path": str(shared_data / "problems" / "math_train.json")},
                                    sampling=GREEDY, cache_dir=str(stage_cache(folder)), prompts=PROMPTS, problem_limit=4,
-                                   only_correct=False, backend=backend, ray=SETTINGS, grading_workers=0)
+                                   only_correct=False, grading_workers=0,
+                                   backend=RayBackend(workers=SETTINGS, vllm={}) if backend == "ray" else HFBackend())
         if backend == "ray":
             assert isinstance(teacher._model_backend(ModelSpec.from_config(spec)), RayChatBackend)
         teacher.load()
@@ -482,8 +486,8 @@ def test_a_vllm_worker_without_whole_gpus_for_its_engine_is_refused_before_ray_s
     with pytest.raises(ValueError, match=keys):
         ray_backend(spec, cache_dir, tokenizer, engine="vllm", vllm=vllm, num_gpus_per_worker=gpus)
     with pytest.raises(ValueError, match=keys):
-        RayJudgePool(judge_node(spec, engine="vllm", num_gpus_per_worker=gpus), JUDGE_PROMPT, cache_dir, vllm,
-                     BinaryPrefixSearch)
+        node = judge_node(spec, vllm, engine="vllm", num_gpus_per_worker=gpus)
+        RayJudgePool(node, JUDGE_PROMPT, cache_dir, node.backend, BinaryPrefixSearch)
     with pytest.raises(ValueError, match=keys):
         check_gpu_request("vllm", gpus, vllm)
 
@@ -514,15 +518,14 @@ def test_the_composed_config_refuses_a_vllm_worker_without_a_gpu_before_ray_star
     from palign.pipeline import RunContext, make_truncation
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
-    cfg = compose_config(["experiment=tiny", "baseline=palign", "truncation.judge.backend=ray", "alignment.backend=ray",
+    cfg = compose_config(["experiment=tiny", "baseline=palign", "backend@truncation.judge.backend=ray", "backend@alignment.backend=ray",
                           "ray.engine=vllm", "vllm.tensor_parallel_size=2", "ray.num_gpus_per_worker=1"], tmp_path)
     keys = r"ray\.num_gpus_per_worker must be a whole number of at least vllm\.tensor_parallel_size=2; got ray\.num_gpus_per_worker=1"
     with pytest.raises(ValueError, match=keys):
         check_gpu_request(cfg.ray.engine, cfg.ray.num_gpus_per_worker, cfg.vllm)  # what the run's preflight calls
     with pytest.raises(InstantiationException, match=keys):  # the stage's node builds its back end
         instantiate(cfg.alignment, _convert_="all", prompts=OmegaConf.to_container(cfg.prompts, resolve=True),
-                    cache_dir=str(stage_cache(tmp_path)), tokenizer=smollm2_tokenizer,
-                    vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
+                    cache_dir=str(stage_cache(tmp_path)), tokenizer=smollm2_tokenizer)
     ctx = RunContext(cfg=cfg, run_id="test", run_dir=tmp_path / "run", cache_dir=stage_cache(tmp_path))
     with pytest.raises(InstantiationException, match=keys):
         make_truncation(ctx, smollm2_tokenizer)

@@ -28,11 +28,11 @@ pytestmark = pytest.mark.slow  # each run starts Ray and loads the model in 2 ac
 
 RUN = ["experiment=tiny", "stage=align", "baseline=palign", "alignment.sampling.do_sample=false", "alignment.chunk_size=2",
        "truncation.chunk_size=2", "logger=none"]
-OVER_RAY = ["truncation.judge.backend=ray", "alignment.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
+OVER_RAY = ["backend@truncation.judge.backend=ray", "backend@alignment.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
 # the base tiny model on 8 held-out CHAMP problems, greedy, 2 problems per stored chunk
 EVAL = ["experiment=tiny", "stage=eval", "evaluation.benchmarks.champ_heldout.limit=8", "evaluation.sampling.do_sample=false",
         "evaluation.sampling.num_samples=1", "evaluation.pass_k=1", "evaluation.chunk_size=2", "logger=none"]
-EVAL_OVER_RAY = ["evaluation.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
+EVAL_OVER_RAY = ["backend@evaluation.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
 COMMANDS = {"truncation": (RUN, OVER_RAY), "alignment": (RUN, OVER_RAY), "eval": (EVAL, EVAL_OVER_RAY)}
 
 

@@ -31,7 +31,7 @@ from conftest import PROJECT_ROOT
 from palign.llm import vllm_backend as vb
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import Generation, SamplingConfig, generate
-from palign.llm.openai_backend import complete_missing
+from palign.llm.backends import complete_missing
 from palign.schema import JudgePrompt
 from palign.truncation.judge import SufficiencyJudge
 from palign.truncation.units import split_sentences
@@ -511,7 +511,7 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(standin_vllm,
     from palign.teachers.records import TeacherRecord
 
     vllm = standin_vllm(HFModel)
-    cfg = compose_config(["experiment=tiny", "truncation/judge=self", "truncation.judge.backend=vllm",
+    cfg = compose_config(["experiment=tiny", "truncation/judge=self", "backend@truncation.judge.backend=vllm",
                           "truncation.judge.engine=one_pass"], tmp_path)
     stage = instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix,
                         cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer,
@@ -528,16 +528,23 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(standin_vllm,
 def test_paper_recipes_pick_vllm_where_it_runs_and_say_so_where_it_does_not(tmp_path, caplog, monkeypatch):
     from conftest import compose_config
 
+    from hydra.utils import instantiate
+
+    from palign.llm.hf_backend import HFBackend
+
     for recipe in ("paper/table1_qwen2_5_7b", "paper/table1_qwen3_8b"):
-        cfg = compose_config([f"experiment={recipe}"], tmp_path)
-        assert cfg.truncation.judge.backend == cfg.alignment.backend == cfg.evaluation.backend == "auto"
+        cfg = compose_config([f"experiment={recipe}"], tmp_path, hydra=True)
+        for key in ("truncation.judge.backend", "alignment.backend", "evaluation.backend"):
+            assert cfg.hydra.runtime.choices[f"backend@{key}"] == "auto"
+    auto = instantiate(cfg.alignment.backend)
     monkeypatch.setattr(vb, "vllm_available", lambda: (False, "vLLM is not installed"))
     with caplog.at_level("WARNING"):
-        assert vb.resolve_backend("auto", "alignment.backend") == "hf"
-    assert "alignment.backend=auto: using the Hugging Face back end, not vLLM (vLLM is not installed)" in caplog.text
+        assert isinstance(auto.resolve("alignment.backend"), HFBackend)
+    assert "alignment.backend=auto: using HFBackend(), not VLLMBackend() (vLLM is not installed)" in caplog.text
     monkeypatch.setattr(vb, "vllm_available", lambda: (True, "a GPU"))
-    assert vb.resolve_backend("auto", "alignment.backend") == "vllm"
-    assert vb.resolve_backend("hf", "alignment.backend") == "hf"  # an explicit choice stands
+    chosen = auto.resolve("alignment.backend")
+    assert isinstance(chosen, vb.VLLMBackend) and chosen.engine["gpu_memory_utilization"] == cfg.vllm.gpu_memory_utilization
+    assert isinstance(HFBackend().resolve("alignment.backend"), HFBackend)  # an explicit choice stands
 
 
 def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_request(standin_vllm, smollm2_tokenizer,
@@ -556,7 +563,7 @@ def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_r
                TeacherRecord(id="long", question="What is 40 + 3?", answer="43", long_cot=steps)]
 
     def stage(*overrides):
-        cfg = compose_config(["experiment=tiny", "truncation/judge=self", "truncation.judge.backend=vllm",
+        cfg = compose_config(["experiment=tiny", "truncation/judge=self", "backend@truncation.judge.backend=vllm",
                               "truncation.judge.engine=batched", *overrides], tmp_path)
         return instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix,
                            cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer,

@@ -37,7 +37,7 @@ from palign.config import CONFIG_DIR
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig
 from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-from palign.llm.openai_backend import LocalChatBackend
+from palign.llm.hf_backend import LocalChatBackend
 from palign.teachers.sources import champ_problems
 
 DEFAULT_CACHE = os.environ.get("PALIGN_CACHE", str(CONFIG_DIR.parent / "outputs" / "cache"))

@@ -23,7 +23,9 @@ from typing import Any
 from palign.artifacts import fingerprint, open_stage_store, stage_folder
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
-from palign.llm.openai_backend import ChatBackend, LocalChatBackend, complete_missing
+from palign.llm.backends import Backend, ChatBackend, build_chat, complete_missing
+from palign.llm.hf_backend import LocalChatBackend
+from palign.llm.models import ModelSpec
 from palign.teachers.records import TeacherRecord
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class PrefixContinuation:
         self,
         settings: AlignmentSettings,
         cache_dir: str | Path,
-        model_loader: Callable[[], Any],
+        model_loader: Callable[[], Any] | None,
         tokenizer,
         progress: bool = True,
         backend: ChatBackend | None = None,
@@ -84,34 +86,20 @@ class PrefixContinuation:
         self.generated = 0
 
     @classmethod
-    def from_config(cls, model: Mapping[str, Any], filter: str, backend: str, sampling: Mapping[str, Any], chunk_size: int,
-                    grading: Mapping[str, Any], *, prompts: Mapping[str, Any], cache_dir: str | Path, tokenizer,
-                    vllm: Mapping[str, Any], ray: Mapping[str, Any] | None = None) -> PrefixContinuation:
-        """The stage from the `alignment` config node (palign/schema.py: Alignment). The model loads
-        only when a record misses the store."""
-        from functools import partial
-
-        from palign.llm.models import ModelSpec, load_inference_model
-
+    def from_config(cls, model: Mapping[str, Any], filter: str, backend: Backend, sampling: Mapping[str, Any],
+                    chunk_size: int, grading: Mapping[str, Any], *, prompts: Mapping[str, Any], cache_dir: str | Path,
+                    tokenizer) -> PrefixContinuation:
+        """The stage from the `alignment` config node (palign/schema.py: Alignment), on its `backend`
+        option (conf/backend/). The model loads only when a record misses the store."""
         spec = ModelSpec.from_config(model)
         settings = AlignmentSettings(
             model_identity=spec.identity(), prompts=dict(prompts), sampling=dict(sampling), filter=filter,
             chunk_size=chunk_size, grading_workers=grading["workers"], grading_timeout_s=grading["timeout_s"],
             chat_template_kwargs=dict(spec.chat_template_kwargs),
         )
-        from palign.llm.vllm_backend import resolve_backend
-
-        backend = resolve_backend(backend, "alignment.backend")
-        engine = None
-        if backend == "vllm":
-            from palign.llm.vllm_backend import vllm_backend
-
-            engine = vllm_backend(spec, cache_dir, vllm)
-        elif backend == "ray":
-            from palign.llm.ray_backend import ray_backend
-
-            engine = ray_backend(spec, cache_dir, ray, vllm, tokenizer, stage="alignment (prefix continuation)")
-        return cls(settings, cache_dir, partial(load_inference_model, spec, cache_dir), tokenizer, backend=engine)
+        engine = build_chat(backend, "alignment.backend", spec, cache_dir, tokenizer=tokenizer,
+                            stage="alignment (prefix continuation)")
+        return cls(settings, cache_dir, None, tokenizer, backend=engine)
 
     SUMMARY_KEY = "alignment"  # where a run's summary.json keeps `report`'s statistics
 

@@ -33,7 +33,9 @@ from typing import Any
 
 from palign.artifacts import fingerprint, open_stage_store, stage_folder
 from palign.llm.generation import SamplingConfig
-from palign.llm.openai_backend import ChatBackend, LocalChatBackend, OpenAIChatBackend, complete_missing
+from palign.llm.backends import ChatBackend, complete_missing
+from palign.llm.hf_backend import LocalChatBackend
+from palign.llm.openai_backend import OpenAIChatBackend
 
 log = logging.getLogger(__name__)
 

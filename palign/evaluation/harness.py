@@ -44,7 +44,8 @@ from palign.evaluation.predictions import PAPER_BENCHMARKS, display_name, grade_
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig
-from palign.llm.openai_backend import ChatBackend, LocalChatBackend, complete_missing
+from palign.llm.backends import Backend, ChatBackend, build_chat, complete_missing
+from palign.llm.hf_backend import LocalChatBackend
 from palign.schema import Intervals
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def evaluate_student(
     benchmarks: Mapping[str, Mapping[str, Any] | None],
     limit: int | None,
     model_path: str | None,
-    backend: str,
+    backend: Backend,
     sampling: Mapping[str, Any],
     pass_k: int,
     grading: Mapping[str, Any],
@@ -253,10 +254,8 @@ def evaluate_student(
     run_dir: str | os.PathLike,
     trained: str | os.PathLike,
     training_ids: Callable[[], list[str]],
-    vllm: Mapping[str, Any],
     tracker,
     intervals: Mapping[str, Any],
-    ray: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Stage 4 from the `evaluation` config node (palign/schema.py: Evaluation): the trained student
     in `trained` (or `model_path`, or else the base model) on every configured benchmark; results
@@ -265,7 +264,7 @@ def evaluate_student(
 
     training_ids: the run's training problem ids, read only if a benchmark holds them out.
     intervals: how the cells' intervals are computed (palign/schema.py: Intervals, the run's `report.intervals`).
-    ray: the `ray:` block (palign/schema.py: Ray), read when `backend` is ray.
+    backend: the option of conf/backend/ the student generates on (`build_chat`).
     """
     from functools import partial
 
@@ -285,19 +284,9 @@ def evaluate_student(
     spec = ModelSpec.from_config(student)
     if model_path is None:
         log.warning("no trained student in %s; evaluating the base model %s", trained, spec.name)
-    from palign.llm.vllm_backend import resolve_backend
-
-    backend = resolve_backend(backend, "evaluation.backend")
-    engine = None
-    if backend == "vllm":
-        from palign.llm.vllm_backend import vllm_backend
-
-        engine = vllm_backend(spec, cache_dir, vllm, weights=model_path)
     tokenizer = load_tokenizer(spec, cache_dir)
-    if backend == "ray":
-        from palign.llm.ray_backend import ray_backend
-
-        engine = ray_backend(spec, cache_dir, ray, vllm, tokenizer, weights=model_path, stage="evaluation")
+    engine = build_chat(backend, "evaluation.backend", spec, cache_dir, tokenizer=tokenizer, weights=model_path,
+                        stage="evaluation")
     results = evaluate(
         partial(load_inference_model, spec, cache_dir, path=model_path), {"base": spec.identity(), "weights": model_path and file_digests(model_path)},
         tokenizer, chosen, sampling, prompts, Path(run_dir) / "eval",

@@ -3,7 +3,7 @@
 Stages that only need "a model that answers user turns" (the chain-quality judge of the paper's
 "GLM-based evaluation", PAPER.md §4 and §8; a remote teacher such as DeepSeek-R1 for
 `teacher=generate`; the continuation, evaluation and the judge's generate mode) take either back end:
-- `LocalChatBackend`: a Hugging Face model through the shared batched `generate`;
+- `LocalChatBackend` (palign/llm/hf_backend.py): a Hugging Face model through the shared batched `generate`;
 - `OpenAIChatBackend`: an OpenAI-compatible server (vLLM, transformers serve, SGLang, DeepSeek,
   Zhipu GLM, OpenAI), with a bounded thread pool, retries with exponential backoff and jitter on
   429/5xx/connection errors, and no retry on other 4xx. It also scores the sufficiency judge's
@@ -65,11 +65,12 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, is_dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from palign.llm.backends import Backend, ChatBackendError, settings, verdict_score
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import Generation, SamplingConfig, generate, generation_config
 
@@ -78,57 +79,8 @@ log = logging.getLogger(__name__)
 # 408/409/425 are transient by definition; 429 is rate limiting; 5xx are server-side failures.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 MAX_BACKOFF_S = 60.0
-# In raw mode the two verdict probabilities sum to at most 1; a processed mode reports 1 for each
-# (the same rule as palign/llm/vllm_backend.py: verdict_score).
-_RAW_LOGPROBS_SLACK = 1e-3
 # Indirection so tests can record the backoff delays without sleeping.
 _sleep = time.sleep
-
-
-class ChatBackend(Protocol):
-    def complete(
-        self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any]
-    ) -> list[list[Generation]]: ...
-
-    def identity(self) -> dict[str, Any]: ...
-
-
-class ChatBackendError(RuntimeError):
-    """A request the back end could not complete; `status` is the HTTP status when there was one."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class LocalChatBackend:
-    """A local Hugging Face model; loaded on the first `complete`, then kept."""
-
-    def __init__(
-        self,
-        model_loader: Callable[[], Any],
-        tokenizer,
-        chat_template_kwargs: Mapping[str, Any] | None = None,
-        identity: Mapping[str, Any] | None = None,
-    ):
-        self.model_loader = model_loader
-        self.tokenizer = tokenizer
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self._identity = dict(identity) if identity is not None else {"tokenizer": tokenizer.name_or_path}
-        self._model = None
-
-    def complete(
-        self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any], progress: str | None = None
-    ) -> list[list[Generation]]:
-        if self._model is None:
-            self._model = self.model_loader()
-        return generate(self._model, self.tokenizer, user_texts, sampling, self.chat_template_kwargs, progress)
-
-    def identity(self) -> dict[str, Any]:
-        return {"backend": "local", **self._identity}
-
-    def __repr__(self) -> str:
-        return f"LocalChatBackend({self._identity.get('name', self.tokenizer.name_or_path)!r})"
 
 
 # -- the kinds of server: what each takes and how it is sent sampling settings --------------------------
@@ -235,22 +187,10 @@ def sample_seeds(seed: int, num_samples: int) -> list[int]:
     return [int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) for _ in range(num_samples)]
 
 
-def verdict_score(enough: float, not_enough: float) -> float:
-    """log P(enough) - log P(not enough) from the raw logprobs the two forced requests report."""
-    top = max(enough, not_enough)
-    if top + math.log(math.exp(enough - top) + math.exp(not_enough - top)) > _RAW_LOGPROBS_SLACK:
-        raise ChatBackendError(
-            f"the server reported logprobs {enough:.4g} and {not_enough:.4g} for the two verdict tokens, probabilities "
-            "that sum to more than 1: it returns processed logprobs (after allowed_token_ids), not the raw ones the "
-            "judge needs; start vLLM with --logprobs-mode raw_logprobs (its default)"
-        )
-    return enough - not_enough
-
-
 class OpenAIChatBackend:
     """An OpenAI-compatible server: `complete` for generation, `verdict_scores` for the judge's logits mode.
 
-    The first nine arguments are the fields of the schema's `Remote` node (palign/schema.py documents
+    The first eleven arguments are the fields of the schema's `Remote` node (palign/schema.py documents
     each and holds its default; this class has none of its own): build it with `from_config(node)`,
     or outside a composed config from `palign.schema.defaults(Remote, ...)`.
     base_url: the API root, e.g. `http://127.0.0.1:8000/v1` (vLLM) or `https://api.deepseek.com`.
@@ -274,7 +214,6 @@ class OpenAIChatBackend:
         tokenizer a `vllm` server gets token-id prompts rendered by palign's chat template (and the
         judge's logits mode); otherwise prompts are chat messages, rendered by the server's template
         with `chat_template_kwargs` (sent where the server takes them).
-    `server` and `supports_n` are not fields of `Remote` yet: their defaults live here until it has them.
     """
 
     def __init__(
@@ -289,8 +228,8 @@ class OpenAIChatBackend:
         timeout_s: float,
         extra_body: Mapping[str, Any] | None,
         include_reasoning: bool,
-        server: str = "openai",
-        supports_n: bool | None = None,
+        server: str,
+        supports_n: bool | None,
         tokenizer=None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
     ):
@@ -337,7 +276,7 @@ class OpenAIChatBackend:
     def from_config(cls, cfg: Any, **given: Any) -> OpenAIChatBackend:
         """The back end of a `Remote` node (a composed config's, a `Remote` dataclass, or a mapping such
         as `palign.schema.defaults(Remote, base_url=..., model=...)`), plus the arguments the node does
-        not hold (`server`, `supports_n`, `tokenizer`, `chat_template_kwargs`)."""
+        not hold (`tokenizer`, `chat_template_kwargs`)."""
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(cfg, DictConfig):
@@ -562,7 +501,9 @@ class OpenAIChatBackend:
         api_key = self._api_key()
         requests = [(list(ids), token) for ids in prompts_token_ids for token in (enough_token, not_enough_token)]
         logprobs = self._map(lambda request: self._forced_logprob(*request, api_key), requests, None)
-        return [verdict_score(logprobs[i], logprobs[i + 1]) for i in range(0, len(logprobs), 2)]
+        fix = "start vLLM with --logprobs-mode raw_logprobs (its default)"
+        return [verdict_score(logprobs[i], logprobs[i + 1], reporter="the server", fix=fix)
+                for i in range(0, len(logprobs), 2)]
 
     def _forced_logprob(self, prompt: list[int], token: int, api_key: str | None) -> float:
         """The raw logprob of `token` after `prompt`: greedy, `max_tokens: 1`, only `token` allowed
@@ -719,49 +660,47 @@ def _seconds(value: str | None) -> float:
         return 0.0
 
 
-def complete_missing(
-    backend: ChatBackend,
-    items: Sequence[tuple[str, str]],
-    done: Callable[[str], bool],
-    sampling: SamplingConfig | Mapping[str, Any],
-    on_chunk: Callable[[list[tuple[str, list[Generation]]]], None],
-    chunk_size: int = 32,
-    progress: str | None = None,
-) -> int:
-    """The one generation loop of every stage and back end (local Hugging Face, vLLM, a server, Ray):
-    complete the `(key, user_text)` items not `done`, chunk by chunk.
+# -- the option: `backend: openai` for any stage ------------------------------------------------------
+class OpenAIBackend(Backend):
+    """`backend: openai` (conf/backend/openai.yaml): the stage's model served by an OpenAI-compatible
+    server elsewhere (vLLM or SGLang on a shared cluster, `transformers serve`, a hosted API). The
+    settings are the schema's `Remote` node (palign/schema.py: OpenAIServer). `model` is the name
+    the server knows; null: the stage's model (its trained `weights` folder for evaluation, else its
+    `pretrained` id or folder), which is what `vllm serve <id>` and `transformers serve` call it.
 
-    `on_chunk` stores each finished chunk, so an interrupted stage (or a remote server that goes
-    away) resumes with the next chunk. A back end that streams (`stream`, the Ray back end) gets
-    every missing prompt in one call, so its workers start once for the stage; its replies are
-    stored `chunk_size` at a time in the order they finish. Returns the number of prompts completed.
+    The stage's tokenizer travels with the back end: a `vllm` server is sent token-id prompts
+    rendered by palign's chat template, exactly as in process, and scores the judge's verdicts.
+    The server must serve the stage's model: what a stage stores is keyed by the stage's model
+    config, not by where it ran (like every back end), so a cache computed on a server is reused in
+    process and the other way round.
     """
-    missing = [(key, text) for key, text in items if not done(key)]
-    bar = tqdm(total=len(missing), desc=progress, disable=progress is None or not missing, unit="prompt")
-    try:
-        if missing and hasattr(backend, "stream"):
-            finished: list[tuple[str, list[Generation]]] = []
 
-            def store() -> None:
-                chunk = finished[:]
-                finished.clear()
-                on_chunk(chunk)
-                bar.update(len(chunk))
+    def __init__(self, **remote: Any):
+        self.remote = settings(remote)
 
-            try:
-                for i, generations in backend.stream([text for _, text in missing], sampling):
-                    finished.append((missing[i][0], generations))
-                    if len(finished) == chunk_size:
-                        store()
-            finally:  # a worker failure (or an interrupt) still stores the replies that came back
-                if finished:
-                    store()
-        else:
-            for start in range(0, len(missing), chunk_size):
-                chunk = missing[start : start + chunk_size]
-                outputs = backend.complete([text for _, text in chunk], sampling)
-                on_chunk([(key, generations) for (key, _), generations in zip(chunk, outputs)])
-                bar.update(len(chunk))
-    finally:
-        bar.close()
-    return len(missing)
+    def problems(self, key: str, *, hardware: bool) -> list[str]:
+        out = []
+        if not self.remote.get("base_url"):
+            out.append(f"{key}.base_url: the server's API root is not set (e.g. {key}.base_url=http://HOST:8000/v1)")
+        server = self.remote.get("server")
+        if server not in SERVERS:
+            out.append(f"{key}.server={server!r}: must be one of {sorted(SERVERS)}")
+        return out
+
+    def check_logits_mode(self) -> None:
+        """Refuse the judge's logits mode where this kind of server cannot score verdicts (before anything loads)."""
+        kind = SERVERS[self.remote["server"]]
+        if not kind.verdict_logprobs:
+            raise ValueError(
+                f"truncation.judge.mode=logits needs the log-probabilities of the two verdict tokens after a token-id "
+                f"prompt, which {kind.title} does not return ({kind.why_no_logits}); use truncation.judge.mode=generate "
+                "(the reply is parsed), or serve the judge with vLLM's OpenAI server (server: vllm)"
+            )
+
+    def chat(self, model: Any, cache_dir: Any, *, tokenizer, weights: str | None, stage: str) -> OpenAIChatBackend:
+        named = self.remote.get("model") or weights or model.pretrained or model.name
+        return OpenAIChatBackend.from_config({**self.remote, "model": named}, tokenizer=tokenizer,
+                                             chat_template_kwargs=model.chat_template_kwargs)
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(base_url={self.remote.get('base_url')!r}, server={self.remote.get('server')!r})"

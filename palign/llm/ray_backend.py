@@ -1,6 +1,7 @@
-"""Data-parallel generation through Ray Data: `backend: ray` of the continuation and evaluation stages.
+"""Data-parallel generation through Ray Data: `backend: ray` of any stage (conf/backend/ray.yaml, the
+option `RayBackend`, whose workers are the run's `ray:` block).
 
-A `RayChatBackend` is a `ChatBackend` that streams: `complete_missing` (palign/llm/openai_backend.py)
+A `RayChatBackend` is a `ChatBackend` that streams: `complete_missing` (palign/llm/backends.py)
 hands it every prompt its stage still misses in one call, and stores the replies into the stage's
 resumable record store `chunk_size` at a time as they come back, so a driver killed mid-stage
 resumes with what was not stored and never redoes or duplicates a stored record. The prompts
@@ -54,13 +55,25 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+from palign.llm import backends
+from palign.llm.backends import Backend, ChatBackendError
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import Generation, SamplingConfig
-from palign.llm.openai_backend import ChatBackendError
+from palign.llm.hf_backend import HFBackend
+from palign.llm.models import ModelSpec, load_tokenizer
+from palign.llm.vllm_backend import VLLMBackend
 
 log = logging.getLogger(__name__)
 
+# what each actor holds, by `ray.engine`: the in-process back-end options, built in the actor
 ENGINES = ("hf", "vllm")
+
+
+def engine_option(engine: str, vllm: Mapping[str, Any] | None) -> Backend:
+    """The back-end option each actor builds its engine with (`ray.engine`, with the `vllm:` settings)."""
+    if engine not in ENGINES:
+        raise ValueError(f"ray.engine must be one of {ENGINES}, got '{engine}'")
+    return VLLMBackend(vllm or {}) if engine == ENGINES[1] else HFBackend()
 
 # The runtime_env variables of every actor: Ray empties the accelerator variables
 # (CUDA_VISIBLE_DEVICES, ...) of an actor it assigned none (see the module docstring).
@@ -125,21 +138,11 @@ class _GenerationWorker(ActorWorker):
 
     def build(self, spec: dict[str, Any], cache_dir: str, weights: str | None, engine: str, vllm: dict[str, Any] | None,
               sampling: dict[str, Any]) -> None:
-        from functools import partial
-
-        from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-        from palign.llm.openai_backend import LocalChatBackend
-
         self.sampling = SamplingConfig.from_config(sampling)
-        model_spec = ModelSpec.from_config(spec)
-        if engine == "vllm":
-            from palign.llm.vllm_backend import vllm_backend
-
-            self.backend = vllm_backend(model_spec, cache_dir, vllm or {}, weights=weights)
-        else:
-            # the model itself loads with the actor's first batch (a failure there names the worker too)
-            self.backend = LocalChatBackend(partial(load_inference_model, model_spec, cache_dir, path=weights),
-                                            load_tokenizer(model_spec, cache_dir), model_spec.chat_template_kwargs)
+        model = ModelSpec.from_config(spec)
+        # an hf model itself loads with the actor's first batch (a failure there names the worker too)
+        self.backend = engine_option(engine, vllm).chat(model, cache_dir, tokenizer=load_tokenizer(model, cache_dir),
+                                                        weights=weights, stage=self.task)
 
     def describe(self, spec: dict[str, Any], engine: str, **_: Any) -> str:
         return f"the '{engine}' engine for model '{spec.get('name')}'"
@@ -407,13 +410,32 @@ def worker_threads(num_cpus_per_worker: float, num_gpus_per_worker: float) -> in
     return int(num_cpus_per_worker) if num_gpus_per_worker == 0 else 0
 
 
-def ray_backend(spec: Any, cache_dir: Any, ray_cfg: Any, vllm_cfg: Any, tokenizer, *, weights: str | None = None,
-                stage: str = "ray") -> RayChatBackend:
-    """The back end for a stage's model config and the run's `ray:` block (nothing starts here)."""
-    from omegaconf import DictConfig, OmegaConf
+class RayBackend(Backend):
+    """`backend: ray` (conf/backend/ray.yaml): the stage's work over Ray Data actors, `workers` being the
+    run's `ray:` block and `vllm` its engine settings for `ray.engine: vllm`. Generation stages get a
+    `RayChatBackend`; the judge, whose work is a search (`data_parallel`), runs whole chunks in actors
+    of its own (palign/truncation/ray_judge.py). Nothing starts until a stage has work."""
 
-    from palign.llm.models import ModelSpec
+    data_parallel = True
 
-    vllm = OmegaConf.to_container(vllm_cfg, resolve=True) if isinstance(vllm_cfg, DictConfig) else dict(vllm_cfg or {})
-    model = ModelSpec.from_config(spec)
-    return RayChatBackend(asdict(model), cache_dir, tokenizer, weights=weights, vllm=vllm, stage=stage, **ray_settings(ray_cfg))
+    def __init__(self, workers: Any, vllm: Any):
+        self.workers = ray_settings(backends.settings(workers))
+        self.vllm = backends.settings(vllm)
+
+    def engine(self) -> Backend:
+        """The option each actor builds its engine with."""
+        return engine_option(self.workers["engine"], self.vllm)
+
+    def problems(self, key: str, *, hardware: bool) -> list[str]:
+        try:
+            check_gpu_request(self.workers["engine"], self.workers["num_gpus_per_worker"], self.vllm)
+        except ValueError as err:
+            return [f"{key}=ray: {err}"]
+        return []
+
+    def chat(self, model: ModelSpec, cache_dir: Any, *, tokenizer, weights: str | None, stage: str) -> RayChatBackend:
+        return RayChatBackend(asdict(model), cache_dir, tokenizer, weights=weights, vllm=self.vllm, stage=stage,
+                              **self.workers)
+
+    def __repr__(self) -> str:
+        return f"RayBackend(engine={self.workers['engine']!r}, num_workers={self.workers['num_workers']})"

@@ -1,9 +1,10 @@
 """The vLLM back end (GPU only, `pip install 'palign[vllm]'`): the same prompts and scores as the
 Hugging Face path, served by vLLM's continuous batching and prefix cache.
 
-It runs the three inference-heavy steps, each chosen by `backend: hf | vllm` in its config:
-- prefix continuation (PAPER.md §2.2) and evaluation (§3): `VLLMChatBackend.complete`, which keeps
-  the `ChatBackend` contract of `palign.llm.openai_backend`, so `complete_missing` drives it;
+It runs the inference-heavy steps of every stage whose `backend` is vllm (conf/backend/vllm.yaml,
+the option `VLLMBackend`; `auto` picks it where vLLM and a GPU are there):
+- prefix continuation (PAPER.md §2.2), evaluation (§3), teacher generation: `VLLMChatBackend.complete`,
+  which keeps the `ChatBackend` contract of palign/llm/backends.py, so `complete_missing` drives it;
 - the sufficiency judge's logits mode (§2.1): `VLLMChatBackend.verdict_scores`, which
   `palign.truncation.judge.SufficiencyJudge` scores with (a scoring back end, like its HFScorer).
 
@@ -48,14 +49,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from palign.llm import backends
+from palign.llm.backends import Backend
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import Generation, SamplingConfig
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'palign[vllm]' on a CUDA machine (vLLM is GPU only; use backend=hf on CPU)"
-# In raw mode the two verdict probabilities sum to at most 1; a processed mode reports 1 for each.
-_RAW_LOGPROBS_SLACK = 1e-3
 
 # the running vllm.LLM by its engine arguments: one at most (see the module docstring)
 _ENGINES: dict[str, Any] = {}
@@ -76,18 +77,6 @@ def vllm_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "vLLM is installed but no CUDA device is visible: the vLLM back end is GPU only (use backend=hf)"
     return True, f"vLLM on {torch.cuda.get_device_name(0)}"
-
-
-def resolve_backend(backend: str, key: str) -> str:
-    """`auto` (what the paper recipes set): vllm where vLLM is installed and a GPU is visible, else
-    hf, with a warning naming the config key; any other back end as given."""
-    if backend != "auto":
-        return backend
-    usable, reason = vllm_available()
-    if usable:
-        return "vllm"
-    log.warning("%s=auto: using the Hugging Face back end, not vLLM (%s)", key, reason)
-    return "hf"
 
 
 def require_vllm():
@@ -150,14 +139,8 @@ def verdict_score(enough_step: Mapping[int, Any], not_enough_step: Mapping[int, 
     """
     enough = _step_logprob(enough_step, enough_token, "enough")
     not_enough = _step_logprob(not_enough_step, not_enough_token, "not-enough")
-    top = max(enough, not_enough)
-    if top + math.log(math.exp(enough - top) + math.exp(not_enough - top)) > _RAW_LOGPROBS_SLACK:
-        raise RuntimeError(
-            f"vLLM reported logprobs {enough:.4g} and {not_enough:.4g} for the two verdict tokens, probabilities "
-            "that sum to more than 1: the engine returns processed logprobs (after "
-            "allowed_token_ids), not the raw ones the judge needs; use the V1 engine with logprobs_mode=raw_logprobs"
-        )
-    return enough - not_enough
+    return backends.verdict_score(enough, not_enough, reporter="vLLM",
+                                  fix="use the V1 engine with logprobs_mode=raw_logprobs")
 
 
 def _engine_key(args: Mapping[str, Any]) -> str:
@@ -369,3 +352,34 @@ def vllm_backend(spec_cfg: Any, cache_dir: Any, engine_cfg: Any, weights: str | 
     spec = ModelSpec.from_config(spec_cfg)
     return VLLMChatBackend(weights or resolve_model_path(spec, cache_dir), load_tokenizer(spec, cache_dir),
                            spec.chat_template_kwargs, **settings)
+
+
+class VLLMBackend(Backend):
+    """`backend: vllm` (conf/backend/vllm.yaml): the stage's model on a vLLM engine in this process,
+    with the run's `vllm:` engine settings (`engine`)."""
+
+    def __init__(self, engine: Any):
+        self.engine = backends.settings(engine)
+
+    def available(self) -> tuple[bool, str]:
+        return vllm_available()
+
+    def problems(self, key: str, *, hardware: bool) -> list[str]:
+        if not hardware:
+            return []
+        usable, reason = vllm_available()
+        if not usable:
+            return [f"{key}=vllm: {reason}"]
+        import torch
+
+        parallel, visible = self.engine.get("tensor_parallel_size", 1), torch.cuda.device_count()
+        if parallel > visible:
+            return [f"vllm.tensor_parallel_size={parallel}: this machine shows {visible} GPUs; lower it or run on a "
+                    "node with that many"]
+        return []
+
+    def chat(self, model: Any, cache_dir: Any, *, tokenizer, weights: str | None, stage: str) -> VLLMChatBackend:
+        return vllm_backend(model, cache_dir, self.engine, weights=weights)
+
+    def __repr__(self) -> str:
+        return "VLLMBackend()"

@@ -396,9 +396,7 @@ class GeneratedTeacher(Teacher):
         chunk_size: int,
         grading_workers: int,
         remote: dict[str, Any] | None,
-        backend: str,
-        ray: dict[str, Any] | None = None,  # needed with backend=ray only
-        vllm: dict[str, Any] | None = None,  # needed with backend=vllm or ray.engine=vllm only
+        backend: Any,
         **kw,
     ):
         super().__init__(**kw)
@@ -414,9 +412,7 @@ class GeneratedTeacher(Teacher):
         self.chunk_size = chunk_size
         self.grading_workers = grading_workers
         self.remote_cfg = as_dict(remote) if remote else None  # an OpenAI-compatible server instead of `model`
-        self.backend = backend  # how `model` generates (hf | vllm | ray | auto); not with `remote`
-        self.ray_cfg = as_dict(ray or {})
-        self.vllm_cfg = as_dict(vllm or {})
+        self.backend = backend  # how `model` generates: an option of conf/backend/; not with `remote`
 
     def _problems(self) -> list[tuple[str, str, str | None]]:
         """(id, problem text, gold answer) of each problem to generate for; a gold answer nothing can be
@@ -464,7 +460,8 @@ class GeneratedTeacher(Teacher):
         from palign.llm.chat import instruction_prompt
         from palign.llm.generation import SamplingConfig
         from palign.llm.models import ModelSpec
-        from palign.llm.openai_backend import OpenAIChatBackend, complete_missing
+        from palign.llm.backends import complete_missing
+        from palign.llm.openai_backend import OpenAIChatBackend
 
         problems = self._problems()
         sampling = SamplingConfig.from_config(self.sampling)
@@ -500,24 +497,12 @@ class GeneratedTeacher(Teacher):
             )
 
     def _model_backend(self, spec):
-        """`model`'s back end by `backend` (nothing loads or starts until a problem misses the store)."""
-        from functools import partial
+        """`model` on its `backend` option (nothing loads or starts until a problem misses the store)."""
+        from palign.llm.backends import build_chat
+        from palign.llm.models import load_tokenizer
 
-        from palign.llm.models import load_inference_model, load_tokenizer
-        from palign.llm.openai_backend import LocalChatBackend
-        from palign.llm.vllm_backend import resolve_backend
-
-        backend = resolve_backend(self.backend, "teacher.source.backend")
-        if backend == "vllm":
-            from palign.llm.vllm_backend import vllm_backend
-
-            return vllm_backend(spec, self.cache_dir, self.vllm_cfg)
-        tokenizer = load_tokenizer(spec, self.cache_dir)
-        if backend == "ray":
-            from palign.llm.ray_backend import ray_backend
-
-            return ray_backend(spec, self.cache_dir, self.ray_cfg, self.vllm_cfg, tokenizer, stage="teacher generation")
-        return LocalChatBackend(partial(load_inference_model, spec, self.cache_dir), tokenizer, spec.chat_template_kwargs)
+        return build_chat(self.backend, "teacher.source.backend", spec, self.cache_dir,
+                          tokenizer=load_tokenizer(spec, self.cache_dir), stage="teacher generation")
 
     def _trace_is_correct(self, record: TeacherRecord) -> bool:
         return bool(record.source.get("correct"))  # graded once, when generated

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from palign.llm.backends import Backend
 from palign.schema import Judge, JudgePrompt
 from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, Threshold
 from palign.truncation.search import PrefixSearch, Verdict, fixed_ratio_k, run_searches
@@ -149,38 +150,46 @@ def _outcome(chosen_k: int, probes: Sequence[Any] = (), *, fallback: bool = Fals
             else sum(fitting_k is None or p.k <= fitting_k for p in probes)}
 
 
-def build_judge(judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, vllm: Mapping[str, Any],
-                backend: str) -> SufficiencyJudge:
-    """The sufficiency judge of the `truncation.judge` node on `backend` (hf or vllm), its model loaded
-    here: called by the stage only when a trace needs judging, and by every Ray actor of the ray back end."""
-    from palign.llm.models import ModelSpec, context_length, load_inference_model, load_tokenizer, resolve_model_path
+def build_judge(judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, backend: Backend) -> SufficiencyJudge:
+    """The sufficiency judge of the `truncation.judge` node on `backend` (an option of conf/backend/,
+    resolved), its model loaded or its engine started here: called by the stage only when a trace
+    needs judging, and by every Ray actor with the actor's own engine option.
+
+    A model in this process (hf) is scored by palign's `HFScorer` (one forward per trace); any other
+    back end is a `VerdictScorer` (palign/llm/backends.py) that scores each probed prefix as its own
+    request, and generates in generate mode."""
+    from palign.llm.backends import build_chat
+    from palign.llm.hf_backend import LocalChatBackend
+    from palign.llm.models import ModelSpec, context_length, load_tokenizer, resolve_model_path
     from palign.truncation.judge import HFScorer
 
     spec = ModelSpec.from_config(judge.model)
-    # one context for every back end (the model's, or the knob), so hf, vllm and ray judge the same probes
+    # one context for every back end (the model's, or the knob), so all back ends judge the same probes
     context = judge.max_context_tokens or context_length(resolve_model_path(spec, cache_dir))
     shared = {"mode": judge.mode, "max_new_tokens": judge.max_new_tokens, "batch_size": judge.batch_size,
               "context_tokens": context}
-    if backend == "vllm":
-        engine_length = (vllm or {}).get("max_model_len")
-        if engine_length and engine_length < context:
-            raise ValueError(f"vllm.max_model_len={engine_length} is below the judge's context of {context} tokens "
-                             "(truncation.judge.max_context_tokens, else the model's): vLLM would refuse the longest "
-                             f"probes; set truncation.judge.max_context_tokens={engine_length} (or raise vllm.max_model_len)")
-        from palign.llm.vllm_backend import vllm_backend
-
-        # vLLM has no one-pass scorer: the judge scores each prefix as its own request (vLLM's prefix
-        # cache shares the rest) and so follows the search, never scoring a trace's every prefix
-        if judge.engine != "batched":
-            log.info("truncation: the vLLM judge scores only the prefixes the search probes "
-                     "(truncation.judge.engine=%s has no meaning on vLLM)", judge.engine)
-        return SufficiencyJudge.on_backend(vllm_backend(spec, cache_dir, vllm), judge_prompt, engine=judge.engine, **shared)
-    if backend != "hf":
-        raise ValueError(f"truncation.judge.backend: a judge is built on hf or vllm, got '{backend}'")
-    scorer = HFScorer(load_inference_model(spec, cache_dir), load_tokenizer(spec, cache_dir), batch_size=judge.batch_size,
-                      max_tail_tokens=judge.max_tail_tokens, chat_template_kwargs=spec.chat_template_kwargs)
-    return SufficiencyJudge(scorer, scorer.tokenizer, judge_prompt, engine=judge.engine,
-                            chat_template_kwargs=spec.chat_template_kwargs, **shared)
+    tokenizer = load_tokenizer(spec, cache_dir)
+    engine = build_chat(backend, "truncation.judge.backend", spec, cache_dir, tokenizer=tokenizer,
+                        stage="truncation (sufficiency judge)")
+    if isinstance(engine, LocalChatBackend):
+        scorer = HFScorer(engine.model(), tokenizer, batch_size=judge.batch_size, max_tail_tokens=judge.max_tail_tokens,
+                          chat_template_kwargs=spec.chat_template_kwargs)
+        return SufficiencyJudge(scorer, tokenizer, judge_prompt, engine=judge.engine,
+                                chat_template_kwargs=spec.chat_template_kwargs, **shared)
+    engine_length = engine.context_length() if hasattr(engine, "context_length") else None
+    if engine_length is not None and engine_length < context:
+        raise ValueError(f"the judge's engine admits {engine_length} tokens (vllm.max_model_len, else the model's), "
+                         f"below the judge's context of {context} tokens (truncation.judge.max_context_tokens, else the "
+                         f"model's): it would refuse the longest probes; set truncation.judge.max_context_tokens="
+                         f"{engine_length} (or raise vllm.max_model_len)")
+    if judge.mode == "logits" and hasattr(engine, "check_logits_mode"):
+        engine.check_logits_mode()
+    # a served judge has no one-pass scorer: it scores each probed prefix as its own request (vLLM's
+    # prefix cache shares the rest), never a trace's every prefix
+    if judge.engine != "batched":
+        log.info("truncation: a judge on %r scores only the prefixes the search probes "
+                 "(truncation.judge.engine=%s applies in process)", backend, judge.engine)
+    return SufficiencyJudge.on_backend(engine, judge_prompt, engine=judge.engine, **shared)
 
 
 def search_prefixes(search: SearchFactory, threshold: Threshold, judge: SufficiencyJudge, questions: Sequence[str],

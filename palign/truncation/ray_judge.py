@@ -1,9 +1,9 @@
-"""The sufficiency judge data-parallel over Ray Data actors (`truncation.judge.backend: ray`).
+"""The sufficiency judge data-parallel over Ray Data actors (`backend@truncation.judge.backend=ray`).
 
 The judge's work is not text generation but scores and searches, so it goes through palign's own
 engine in Ray Data actors (palign/llm/ray_backend.py: `stream_through_actors`), not `ray.data.llm`.
-Each actor builds one judge from the `truncation.judge` node (`build_judge`: the Hugging Face judge,
-or vLLM's with `ray.engine: vllm`) and loads its model once for the whole stage. The stage sends
+Each actor builds one judge from the `truncation.judge` node (`build_judge` on the Ray option's engine
+option: the Hugging Face judge, or vLLM's with `ray.engine: vllm`) and loads its model once for the whole stage. The stage sends
 its missing traces as whole chunks (`truncation.search.chunk_size` traces each, the chunks the
 in-process path cuts); an actor runs the same search over a chunk (`search_prefixes`, the same judge
 batches), so verdicts, scores and chosen prefixes equal the in-process path's. The driver builds
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from palign.llm.ray_backend import (ActorWorker, check_gpu_request, connect, ray_settings, stream_through_actors,
+from palign.llm.backends import Backend
+from palign.llm.ray_backend import (ActorWorker, RayBackend, check_gpu_request, connect, stream_through_actors,
                                      worker_threads)
 from palign.schema import Judge, JudgePrompt
 from palign.truncation.prefixes import SearchFactory, build_judge, search_prefixes
@@ -50,14 +50,14 @@ class _JudgeWorker(ActorWorker):
 
     task = "judging"
 
-    def build(self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str, vllm: dict[str, Any], engine: str,
+    def build(self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str, engine: Backend,
               search: SearchFactory) -> None:
         self.threshold = judge.threshold
         self.search = search
-        self.judge = build_judge(judge, judge_prompt, cache_dir, vllm, engine)
+        self.judge = build_judge(judge, judge_prompt, cache_dir, engine)
 
-    def describe(self, judge: Judge, engine: str, **_: Any) -> str:
-        return f"the '{engine}' judge for model '{judge.model.name}'"
+    def describe(self, judge: Judge, engine: Backend, **_: Any) -> str:
+        return f"the judge on {engine!r} for model '{judge.model.name}'"
 
     def handle(self, request: Mapping[str, Any]) -> Any:
         questions, segs = _decode(request["traces"])
@@ -73,15 +73,16 @@ class RayJudgePool:
     calibration. Nothing starts before work arrives (a cache hit never starts Ray); a `ray:` block
     whose workers cannot hold the judge's engine (`check_gpu_request`) is refused here."""
 
-    def __init__(self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, vllm: Mapping[str, Any],
+    def __init__(self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, backend: RayBackend,
                  search: SearchFactory):
-        """The pool of the `truncation.judge` node (its `ray` block: the run's `ray:`), searching with `search`."""
-        self.ray = ray_settings(asdict(judge.ray))
-        check_gpu_request(self.ray["engine"], self.ray["num_gpus_per_worker"], vllm)
+        """The pool of the `truncation.judge` node on its Ray option `backend` (workers: the run's `ray:`
+        block), searching with `search`."""
+        self.ray = backend.workers
+        self.engine = backend.engine()
+        check_gpu_request(self.ray["engine"], self.ray["num_gpus_per_worker"], backend.vllm)
         self.judge = judge
         self.judge_prompt = judge_prompt
         self.cache_dir = str(cache_dir)
-        self.vllm = dict(vllm or {})
         self.search_factory = search  # `search` is the method that sends chunks
         self.started_ray = False
         self.calls = 0  # actor pools started
@@ -100,8 +101,8 @@ class RayJudgePool:
         self.started_ray |= connect(ray["address"], num_workers, ray["num_cpus_per_worker"], ray["num_gpus_per_worker"],
                                     STAGE)
         self.calls += 1
-        worker_kwargs = dict(judge=self.judge, judge_prompt=self.judge_prompt, cache_dir=self.cache_dir, vllm=self.vllm,
-                             engine=ray["engine"], search=self.search_factory,
+        worker_kwargs = dict(judge=self.judge, judge_prompt=self.judge_prompt, cache_dir=self.cache_dir,
+                             engine=self.engine, search=self.search_factory,
                              num_threads=worker_threads(ray["num_cpus_per_worker"], ray["num_gpus_per_worker"]))
         yield from stream_through_actors(
             [json.dumps(payload) for payload in payloads], _JudgeWorker, worker_kwargs, num_workers=num_workers,

@@ -101,29 +101,27 @@ class PrefixTruncation:
 
     @classmethod
     def from_config(cls, *, granularity: Splitter, search: SearchFactory, judge: Judge, judge_prompt: JudgePrompt,
-                    chunk_size: int, prefix: PrefixPolicy, cache_dir: str | Path, tokenizer,
-                    vllm: Mapping[str, Any]) -> PrefixTruncation | None:
+                    chunk_size: int, prefix: PrefixPolicy, cache_dir: str | Path, tokenizer) -> PrefixTruncation | None:
         """The stage from the `truncation` node (conf/truncation/, palign/schema.py: Truncation), built by
         `instantiate` with the baseline's prefix policy (`baseline.prefix`); None when the policy reads
-        no part of the node (no prefixes). A judge is built only when the policy reads one and a record
-        misses the store (never on a cache hit); with `judge.backend: ray` every Ray actor builds one
-        (`judge.ray`: the run's `ray:` block, palign/truncation/ray_judge.py)."""
+        no part of the node (no prefixes). A judge is built on `judge.backend` (an option of
+        conf/backend/) only when the policy reads one and a record misses the store (never on a cache
+        hit); a data-parallel option (ray) judges in workers of its own, each building one judge and
+        searching whole chunks (palign/truncation/ray_judge.py)."""
         from functools import partial
-
-        from palign.llm.vllm_backend import resolve_backend
 
         if not prefix.reads:
             return None
         parts = {"search": search, "judge": judge, "judge_prompt": judge_prompt, "chunk_size": chunk_size}
         if not prefix.judged:  # e.g. a fixed ratio: no judge to build
             return cls(prefix, granularity, cache_dir, tokenizer, **parts)
-        backend = resolve_backend(judge.backend, "truncation.judge.backend")
-        if backend == "ray":
-            # no judge on the driver: each Ray actor builds its own and searches whole chunks
-            pool = RayJudgePool(judge, judge_prompt, cache_dir, vllm, search)
+        backend = judge.backend.resolve("truncation.judge.backend")
+        if backend.data_parallel:
+            # no judge on the driver: each worker builds its own and searches whole chunks
+            pool = RayJudgePool(judge, judge_prompt, cache_dir, backend, search)
             return cls(prefix, granularity, cache_dir, tokenizer, judge_pool=pool, **parts)
         return cls(prefix, granularity, cache_dir, tokenizer,
-                   judge_factory=partial(build_judge, judge, judge_prompt, cache_dir, vllm, backend), **parts)
+                   judge_factory=partial(build_judge, judge, judge_prompt, cache_dir, backend), **parts)
 
     SUMMARY_KEY = "truncation"  # where a run's summary.json keeps `report`'s statistics
 
