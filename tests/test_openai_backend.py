@@ -177,7 +177,8 @@ def test_the_back_end_takes_every_default_from_the_schema_s_remote_node(tmp_path
     built = OpenAIChatBackend.from_config(defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m"))
     composed = OpenAIChatBackend.from_config(compose_config(["chain_judge=openai"], tmp_path).chain_judge.remote)
     for backend in (built, composed):
-        assert {name: getattr(backend, name) for name in node if name not in ("base_url", "model")} == {
+        kept = {name: getattr(backend, name) for name in node if name not in ("base_url", "model")}
+        assert {**kept, "server": backend.server.name} == {
             name: value for name, value in node.items() if name not in ("base_url", "model")
         }
 

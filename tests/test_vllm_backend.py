@@ -514,8 +514,7 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(standin_vllm,
     cfg = compose_config(["experiment=tiny", "truncation/judge=self", "backend@truncation.judge.backend=vllm",
                           "truncation.judge.engine=one_pass"], tmp_path)
     stage = instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix,
-                        cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer,
-                        vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
+                        cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer)
     steps = " ".join(f"Step {j}: we add {j} and get {j + 3}." for j in range(1, 17))
     rows = stage.run([TeacherRecord(id="p", question="What is 13 + 3?", answer="16", long_cot=steps)])
     (row,) = rows
@@ -566,11 +565,11 @@ def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_r
         cfg = compose_config(["experiment=tiny", "truncation/judge=self", "backend@truncation.judge.backend=vllm",
                               "truncation.judge.engine=batched", *overrides], tmp_path)
         return instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix,
-                           cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer,
-                           vllm=OmegaConf.to_container(cfg.vllm, resolve=True))
+                           cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer)
 
     # an engine shorter than the judge's context would refuse the longest probes: refused before it starts
-    with pytest.raises(ValueError, match=r"vllm.max_model_len=256 is below the judge's context of 4096 tokens .* set "
+    with pytest.raises(ValueError, match=r"the judge's engine admits 256 tokens \(vllm.max_model_len, else the model's\), below the judge's context "
+                                         r"of 4096 tokens .* set "
                                          r"truncation.judge.max_context_tokens=256"):
         stage("vllm.max_model_len=256").run(records)
     assert not vllm.started
