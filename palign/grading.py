@@ -29,7 +29,7 @@ from typing import Any
 from math_verify import parse, verify
 from tqdm.auto import tqdm
 
-from palign.artifacts import DataFormatError
+from palign.artifacts.errors import DataFormatError
 
 GradeFn = Callable[[str, Any], tuple[bool, str | None]]
 """Grades one `(output, gold)` pair: returns `(correct, extracted answer or None)`; may raise."""

@@ -19,7 +19,9 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from palign.artifacts import is_global_zero, read_json, write_json_atomic, write_text_atomic
+from palign.artifacts.readers import read_json
+from palign.artifacts.stores import is_global_zero
+from palign.artifacts.writes import write_json_atomic, write_text_atomic
 from palign.preflight import accumulation_steps, check_launcher, preflight
 from palign.runs import run_folder, unused_reason
 from palign.tracking import Tracker
@@ -294,7 +296,7 @@ def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
     The per-sample grades go to `<run dir>/<input stem>.graded.jsonl`, in the format evaluation
     writes (so a pass@1 can be traced to the samples behind it); the summary records its path.
     """
-    from palign.artifacts import write_jsonl_atomic
+    from palign.artifacts.writes import write_jsonl_atomic
     from palign.grading import GradingPool
     from palign.evaluation.predictions import grade_prediction_file
 
@@ -474,7 +476,7 @@ EVERY_RANK: tuple[Stage, ...] = (method_stages, train_stage)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from palign.artifacts import set_lock_timeout
+    from palign.artifacts.stores import set_lock_timeout
 
     # everything that can be checked without a model, before a model loads or the run folder is written
     preflight(cfg, command_line_overrides())

@@ -154,7 +154,7 @@ def file_problems(cfg: DictConfig) -> list[str]:
 def benchmark_content_problems(bench: DictConfig, key: str) -> list[str]:
     """A local benchmark read as evaluation reads it (every line, field and gold answer; seconds, no
     model): a malformed file fails here rather than after training."""
-    from palign.artifacts import DataFormatError
+    from palign.artifacts.errors import DataFormatError
     from palign.evaluation.benchmarks import load_benchmark
 
     arguments = {name: value for name, value in OmegaConf.to_container(bench, resolve=True).items()

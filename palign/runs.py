@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from palign.artifacts import file_sha256, fingerprint
+from palign.artifacts.digests import file_sha256, fingerprint
 
 
 def target_class(target: str) -> type:

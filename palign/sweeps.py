@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from palign.artifacts import is_global_zero
+from palign.artifacts.stores import is_global_zero
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import signal
 import sys
 from pathlib import Path
 
-from palign import artifacts
+from palign.artifacts import stores
 
 stage, after = sys.argv[1], int(sys.argv[2])
-original_add = artifacts.RecordStore.add
+original_add = stores.RecordStore.add
 written = 0
 
 
@@ -31,7 +31,7 @@ def add_then_maybe_kill(self, record):
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-artifacts.RecordStore.add = add_then_maybe_kill
+stores.RecordStore.add = add_then_maybe_kill
 run_py = Path(__file__).resolve().parent.parent / "run.py"
 sys.argv = [str(run_py), *sys.argv[3:]]
 runpy.run_path(str(run_py), run_name="__main__")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 
-import palign.artifacts as artifacts
-from palign.artifacts import DIGESTS_FILE, file_digests
+import palign.artifacts.digests as digests
+from palign.artifacts.digests import DIGESTS_FILE, file_digests
 
 
 def test_digests_follow_content_not_write_time_and_are_hashed_once_per_version(tmp_path, monkeypatch):
@@ -21,7 +21,7 @@ def test_digests_follow_content_not_write_time_and_are_hashed_once_per_version(t
 
     hashed = []
     real_sha256 = hashlib.sha256
-    monkeypatch.setattr(artifacts.hashlib, "sha256", lambda: hashed.append(1) or real_sha256())
+    monkeypatch.setattr(digests.hashlib, "sha256", lambda: hashed.append(1) or real_sha256())
     file_digests(first)
     assert hashed == []  # the sidecar answered
     (first / "model.safetensors").write_bytes(b"weights" * 999 + b"changed")
@@ -30,7 +30,8 @@ def test_digests_follow_content_not_write_time_and_are_hashed_once_per_version(t
 
 
 def test_a_stage_store_is_named_by_its_identity_and_reopens_with_its_records(tmp_path):
-    from palign.artifacts import open_stage_store, read_json, stage_folder
+    from palign.artifacts.readers import read_json
+    from palign.artifacts.stores import open_stage_store, stage_folder
 
     identity = {"model": "m", "sampling": {"temperature": 0.6}}
     folder = stage_folder(tmp_path, identity, "binary-sentence")

@@ -21,16 +21,10 @@ from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
 from palign.llm.hf_backend import HFBackend
-from palign.artifacts import (
-    DataFormatError,
-    DiskFullError,
-    RecordStore,
-    iter_records,
-    read_json,
-    write_json_atomic,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
+from palign.artifacts.errors import DataFormatError, DiskFullError
+from palign.artifacts.readers import iter_records, read_json
+from palign.artifacts.stores import RecordStore
+from palign.artifacts.writes import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.teachers.sources import GeneratedTeacher, JsonlTeacher, S1KTeacher
 from palign.evaluation.benchmarks import load_benchmark
 from palign.grading import GradingPool
@@ -508,7 +502,8 @@ def test_cli_grade_writes_per_sample_grades(tmp_path):
 
 
 def test_nan_and_infinity_are_never_written_into_json(tmp_path, caplog):
-    from palign.artifacts import RecordStore, write_json_atomic, write_jsonl_atomic
+    from palign.artifacts.stores import RecordStore
+    from palign.artifacts.writes import write_json_atomic, write_jsonl_atomic
 
     value = {"loss": float("nan"), "curve": [1.0, float("inf")], "ok": 2.5}
     write_json_atomic(tmp_path / "a.json", value)

@@ -1,5 +1,5 @@
 """Checkpoints at the paper's scale: a kill at any moment of a write, a full disk, and the temporary
-files of killed writers (palign/training/checkpointing.py, palign/artifacts.py).
+files of killed writers (palign/training/checkpointing.py, palign/artifacts/writes.py).
 
 Writers are real processes stopped or killed with real signals; full disks are real tmpfs mounts of
 a few MiB, each in a mount namespace of its own process (`unshare -rm`: nothing outside sees it, and
@@ -189,7 +189,7 @@ def test_a_stage_cache_on_a_full_disk_names_it_and_keeps_every_stored_record(tmp
     # one until the disk is full; every record stored before survives, and the store carries on
     result = on_a_small_disk(tmp_path, "64k", """
         import json, os, sys
-        from palign.artifacts import open_stage_store
+        from palign.artifacts.stores import open_stage_store
         disk = sys.argv[1]
         folder = os.path.join(disk, "cache", "evaluation", "aime24-0123")
         stored = []
@@ -286,10 +286,10 @@ def test_cli_a_run_that_fills_the_disk_while_checkpointing_stops_clearly_and_res
 
 # -- temporary folders of other atomic writes (the student's export, caches) ---------------------------
 
-# a writer stopped inside `atomic_path` (palign/artifacts.py) with a file half written into its folder
+# a writer stopped inside `atomic_path` (palign/artifacts/writes.py) with a file half written into its folder
 FOLDER_WRITER = textwrap.dedent("""
     import sys
-    from palign.artifacts import atomic_path
+    from palign.artifacts.writes import atomic_path
 
     with atomic_path(sys.argv[1]) as tmp:
         tmp.mkdir()
@@ -301,7 +301,7 @@ FOLDER_WRITER = textwrap.dedent("""
 
 
 def test_a_dead_writers_temporary_folder_is_removed_by_the_next_write_and_a_live_writers_is_kept(tmp_path):
-    from palign.artifacts import atomic_path
+    from palign.artifacts.writes import atomic_path
 
     student = tmp_path / "run" / "student"
 

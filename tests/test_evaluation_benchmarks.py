@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from palign.artifacts import DataFormatError
+from palign.artifacts.errors import DataFormatError
 from palign.evaluation.benchmarks import BenchmarkProblem, load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]

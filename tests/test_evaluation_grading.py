@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from palign.artifacts import DataFormatError
+from palign.artifacts.errors import DataFormatError
 from palign.grading import (
     GradeResult,
     GradingPool,

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from palign.llm.hf_backend import HFBackend
-from palign.artifacts import DataFormatError
+from palign.artifacts.errors import DataFormatError
 from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.predictions import grade_prediction_file
 from palign.grading import GradingPool, check_gold_answer, gold_answer_problem

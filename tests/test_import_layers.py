@@ -55,6 +55,8 @@ def test_the_imports_in_palign_follow_the_layers():
     ("data/sft.py", "from palign.alignment.continuation import AlignmentSettings", "palign.data.sft -> palign.alignment.continuation"),
     # Hydra outside the run and its config
     ("teachers/sources.py", "from hydra.utils import instantiate", "palign.teachers.sources -> hydra"),
+    # inside the artifacts: a strict reader reaching up into the stage stores built on it
+    ("artifacts/readers.py", "from palign.artifacts.stores import RecordStore", "palign.artifacts.readers -> palign.artifacts.stores"),
 ])
 def test_the_contracts_catch_one_lazy_import_that_breaks_them(tmp_path, module, added, broken):
     with open(package_copy(tmp_path) / module, "a", encoding="utf-8") as file:

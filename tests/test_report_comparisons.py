@@ -23,7 +23,7 @@ from test_reporting import BASELINES as REPORTING_BASELINES
 from test_reporting import STUDENT, _make_table_module, assert_png, base_config, md_rows
 from wandb_log import read_offline_run
 
-from palign.artifacts import DataFormatError
+from palign.artifacts.errors import DataFormatError
 from palign.evaluation.metrics import mean_interval, summarize_correctness
 from palign.reporting.comparisons import IncomparableRuns, Outcomes, average_difference, paired_difference
 from palign.reporting.published import PUBLISHED_FILE, load_published, select_published, verdict

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from palign.artifacts import DataFormatError
+from palign.artifacts.errors import DataFormatError
 from palign.teachers.sources import ChampTeacher, JsonlTeacher, S1KTeacher
 
 

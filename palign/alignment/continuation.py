@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import fingerprint, open_stage_store, stage_folder
+from palign.artifacts.digests import fingerprint
+from palign.artifacts.stores import open_stage_store, stage_folder
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.backends import Backend, ChatBackend, build_chat, complete_missing

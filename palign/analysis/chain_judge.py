@@ -31,7 +31,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import fingerprint, open_stage_store, stage_folder
+from palign.artifacts.digests import fingerprint
+from palign.artifacts.stores import open_stage_store, stage_folder
 from palign.llm.generation import SamplingConfig
 from palign.llm.backends import ChatBackend, complete_missing
 from palign.llm.hf_backend import LocalChatBackend
@@ -259,7 +260,7 @@ def judge_training_chains(*, records: Sequence[Any], baseline: str, truncation: 
     called only when a compared target needs them. Writes one record per pair to
     `<run_dir>/chain_judge/`, logs the rates and a few examples to the tracker, and returns
     (comparison, judge label, statistics) for the run's summary."""
-    from palign.artifacts import write_jsonl_atomic
+    from palign.artifacts.writes import write_jsonl_atomic
     from palign.data.supervision import CONTINUATION_TARGETS, PREFIX_TARGETS, build_targets
 
     compared = (node["chain_a"], node["chain_b"])

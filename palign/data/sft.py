@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
-from palign.artifacts import atomic_path, exclusive, fingerprint, read_json, write_json_atomic
+from palign.artifacts.digests import fingerprint
+from palign.artifacts.readers import read_json
+from palign.artifacts.stores import exclusive
+from palign.artifacts.writes import atomic_path, write_json_atomic
 from palign.llm.chat import encode_response, encode_user_turn, instruction_prompt
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import DataFormatError, iter_records, record_id, require_field
+from palign.artifacts.errors import DataFormatError
+from palign.artifacts.readers import iter_records, record_id, require_field
 from palign.grading import answer_to_text, check_gold_answer
 
 

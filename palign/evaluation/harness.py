@@ -37,7 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import file_digests, fingerprint, open_stage_store, read_json, stage_folder, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from palign.artifacts.digests import file_digests, fingerprint
+from palign.artifacts.readers import read_json
+from palign.artifacts.stores import open_stage_store, stage_folder
+from palign.artifacts.writes import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.metrics import Interval, cell_intervals, mover_sum, problem_scores
 from palign.evaluation.predictions import PAPER_BENCHMARKS, display_name, grade_prediction_file, render_table, results_table

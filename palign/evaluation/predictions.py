@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from palign.artifacts import DataFormatError, iter_records, record_id, require_field
+from palign.artifacts.errors import DataFormatError
+from palign.artifacts.readers import iter_records, record_id, require_field
 from palign.evaluation.metrics import summarize_correctness
 from palign.grading import GradingPool, answer_to_text, check_gold_answer
 

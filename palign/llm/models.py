@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from palign.artifacts import atomic_path, exclusive, fingerprint
+from palign.artifacts.digests import fingerprint
+from palign.artifacts.stores import exclusive
+from palign.artifacts.writes import atomic_path
 
 log = logging.getLogger(__name__)
 

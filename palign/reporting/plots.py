@@ -20,7 +20,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from palign.artifacts import atomic_path, iter_jsonl, require_field
+from palign.artifacts.readers import iter_jsonl, require_field
+from palign.artifacts.writes import atomic_path
 from palign.reporting.tables import RunRecord, Table, average_cells, method_labels, options_of
 
 log = logging.getLogger(__name__)

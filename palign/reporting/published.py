@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from palign.artifacts import DataFormatError
+from palign.artifacts.errors import DataFormatError
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 """palign's own file of published results (`report.published_file: null`)."""

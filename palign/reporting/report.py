@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import write_text_atomic
+from palign.artifacts.writes import write_text_atomic
 from palign.reporting.plots import (
     densest_config,
     plot_accuracy_vs_length,

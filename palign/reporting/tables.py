@@ -45,7 +45,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from palign.artifacts import DataFormatError, iter_jsonl, read_json, require_field, write_text_atomic
+from palign.artifacts.errors import DataFormatError
+from palign.artifacts.readers import iter_jsonl, read_json, require_field
+from palign.artifacts.writes import write_text_atomic
 from palign.evaluation.metrics import Interval, mover_sum
 from palign.evaluation.predictions import MISSING, PAPER_BENCHMARKS, display_name, render_table, results_table
 from palign.reporting.comparisons import (

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from palign.artifacts import fingerprint
+from palign.artifacts.digests import fingerprint
 
 
 @dataclass

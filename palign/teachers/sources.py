@@ -37,7 +37,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from palign.artifacts import DataFormatError, iter_records, json_kind, open_stage_store, record_id, require_field, stage_folder
+from palign.artifacts.errors import DataFormatError
+from palign.artifacts.readers import iter_records, json_kind, record_id, require_field
+from palign.artifacts.stores import open_stage_store, stage_folder
 from palign.grading import answer_to_text, extract_boxed_answer, gold_answer_problem
 from palign.teachers.records import TeacherData, TeacherRecord
 

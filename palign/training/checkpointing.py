@@ -33,7 +33,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from palign.artifacts import naming_a_full_disk
+from palign.artifacts.errors import naming_a_full_disk
 
 log = logging.getLogger(__name__)
 

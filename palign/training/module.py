@@ -341,7 +341,7 @@ class StudentSFTModule(pl.LightningModule):
     # -- export ---------------------------------------------------------------------------------
     def export_pretrained(self, folder, tokenizer) -> None:
         """Save the trained student (LoRA merged) as a plain `from_pretrained` folder."""
-        from palign.artifacts import atomic_path
+        from palign.artifacts.writes import atomic_path
 
         model = self.model
         if hasattr(model, "merge_and_unload"):

@@ -50,7 +50,7 @@ def search_identity(search: SearchFactory) -> dict[str, Any]:
 
 def store_identity(granularity: Splitter, prefix: PrefixPolicy, search: SearchFactory | None, judge: Judge | None,
                    judge_prompt: JudgePrompt | None) -> dict[str, Any]:
-    """Everything that decides stage 1's stored records (its store's fingerprint, palign/artifacts.py:
+    """Everything that decides stage 1's stored records (its store's fingerprint, palign/artifacts/stores.py:
     stage_folder), from the typed nodes: the code version, the units, and the policy's own part."""
     return {"code_version": CODE_VERSION, "granularity": granularity.name, "granularity_options": granularity.options(),
             **prefix.identity(search, judge, judge_prompt)}

@@ -42,7 +42,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from palign.artifacts import RecordStore, fingerprint, open_stage_store, read_json, stage_folder, write_json_atomic
+from palign.artifacts.digests import fingerprint
+from palign.artifacts.readers import read_json
+from palign.artifacts.stores import RecordStore, open_stage_store, stage_folder
+from palign.artifacts.writes import write_json_atomic
 from palign.schema import Judge, JudgePrompt
 from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import QuantileThreshold, SufficiencyJudge
