@@ -1,5 +1,6 @@
-# Two commands from a fresh clone: `make demo` (the default run) and `make test` (the whole test suite,
-# what CI runs). `make test-fast` leaves out the tests marked slow, for development.
+# Two commands from a fresh clone: `make demo` (the default run) and `make test` (lint, then the whole
+# test suite: what CI runs). `make test-fast` leaves out the tests marked slow and the lint, for development;
+# `make format` restyles the code and applies ruff's safe fixes, so that `make lint` passes.
 # Both create or reuse the project-local virtualenv .venv and install what they need.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.palign-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast install lock clean-venv
+.PHONY: demo lint format test test-fast install lock clean-venv
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +26,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) run.py
 
-test: $(STAMP)
+# ruff's rules and style are pyproject.toml's [tool.ruff]: a lint finding or unformatted file fails CI
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
