@@ -280,7 +280,7 @@ def test_the_judge_over_ray_equals_in_process_and_resumes(ray_cluster, tiny, cac
                 raise KeyboardInterrupt
 
     def pool(kind=RayJudgePool):
-        return kind(node, JUDGE_PROMPT, cache_dir, {}, BinaryPrefixSearch)
+        return kind(node, JUDGE_PROMPT, cache_dir, node.backend, BinaryPrefixSearch)
 
     folder = stage_cache(tmp_path / "ray")
     with pytest.raises(KeyboardInterrupt):

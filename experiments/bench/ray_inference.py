@@ -124,9 +124,11 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
     import torch
 
     from palign.teachers.sources import ChampTeacher
-    from palign.schema import Judge, JudgePrompt, Ray, defaults
+    from palign.schema import Judge, JudgePrompt, defaults
     from palign.truncation.judge import AbsoluteThreshold
     from palign.truncation.prefixes import AdaptivePrefix
+    from palign.llm.hf_backend import HFBackend
+    from palign.llm.ray_backend import RayBackend
     from palign.truncation.ray_judge import RayJudgePool
     from palign.truncation.search import BinaryPrefixSearch
     from palign.truncation.stage import PrefixTruncation, build_judge
@@ -135,8 +137,8 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
     records = ChampTeacher.with_defaults(limit=args.judge_traces).load().records
     prompt = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml")))
 
-    def node(**ray) -> Judge:  # the logits judge at the schema's defaults, absolute threshold 0, 8 per forward
-        return Judge(**{**defaults(Judge), "model": spec, "max_new_tokens": 8, "batch_size": 8, "ray": Ray(**ray),
+    def node(backend) -> Judge:  # the logits judge at the schema's defaults, absolute threshold 0, 8 per forward
+        return Judge(**{**defaults(Judge), "model": spec, "max_new_tokens": 8, "batch_size": 8, "backend": backend,
                         "threshold": AbsoluteThreshold(value=0.0)})
 
     def stage_of(judge: Judge, store: str, **judging) -> PrefixTruncation:
@@ -147,13 +149,14 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
     for workers in (0, *(int(n) for n in args.workers.split(","))):
         with tempfile.TemporaryDirectory(prefix="judge-") as store:
             if workers == 0:
-                judge = node(**defaults(Ray))
-                stage = stage_of(judge, store, judge_factory=lambda: build_judge(judge, prompt, args.cache_dir, {}, "hf"))
+                judge = node(HFBackend())
+                stage = stage_of(judge, store, judge_factory=lambda: build_judge(judge, prompt, args.cache_dir, judge.backend))
             else:
                 ray_cfg = {"num_workers": workers, "num_cpus_per_worker": args.threads / workers, "num_gpus_per_worker": 0,
                            "engine": "hf", "address": None, "batch_size": 1}
-                judge = node(**ray_cfg)
-                stage = stage_of(judge, store, judge_pool=RayJudgePool(judge, prompt, args.cache_dir, {}, BinaryPrefixSearch))
+                judge = node(RayBackend(workers=ray_cfg, vllm={}))
+                stage = stage_of(judge, store, judge_pool=RayJudgePool(judge, prompt, args.cache_dir, judge.backend,
+                                                                       BinaryPrefixSearch))
             started = time.perf_counter()
             prefixes = [row["prefix"] for row in stage.run(records)]
             wall = time.perf_counter() - started
