@@ -33,7 +33,7 @@ MOVED = {
 
 # each inference stage's back end is an option of conf/backend/ chosen per stage (backend@KEY=NAME);
 # the shorter KEY=NAME of earlier versions and of habit is read as that choice
-BACKEND_CHOICE = re.compile(r"^(?P<key>(?:truncation\.judge|alignment|evaluation|teacher\.source)\.backend)=(?P<names>[\w,]+)$")
+BACKEND_CHOICE = re.compile(r"^(?P<key>(?:truncation\.judge|alignment|evaluation|teacher\.source|chain_judge)\.backend)=(?P<names>[\w,]+)$")
 
 
 def backend_choices(arguments: list[str]) -> list[str]:
@@ -42,11 +42,22 @@ def backend_choices(arguments: list[str]) -> list[str]:
             for argument in arguments]
 
 
+# whole nodes that moved when back ends became options (conf/backend/): old prefix -> new prefix
+MOVED_NODES = {
+    "chain_judge.remote.": "chain_judge.backend.",  # chain_judge=openai: the server is the back end's fields
+    **{f"{stage}.ray.": "ray." for stage in ("truncation.judge", "alignment", "evaluation", "teacher.source")},
+    "teacher.source.vllm.": "vllm.",  # one `ray:` and one `vllm:` block, read by every stage's ray or vllm option
+}
+
+
 def refuse_unmergeable_overrides(arguments: list[str]) -> None:
     for argument in arguments:
         key, _, value = argument.lstrip("+~").partition("=")
         if key in MOVED:
             sys.exit(f"{argument}: this setting moved; give it as {MOVED[key].format(value=value)}")
+        for old, new in MOVED_NODES.items():
+            if key.startswith(old):
+                sys.exit(f"{argument}: this setting moved; give it as {new}{key[len(old):]}={value}")
         if match := BENCHMARK_AS_DICT.match(argument):
             name = match["name"]
             sys.exit(f"{argument}: a benchmark is given as a benchmark option and then field by field, not as one "

@@ -207,7 +207,7 @@ def models_used(cfg: DictConfig) -> dict[str, Any]:
             models["truncation.judge.model"] = cfg.truncation.judge.model
         if not unused_reason(cfg, "alignment"):
             models["alignment.model"] = cfg.alignment.model
-    if stage == "judge_chains" and cfg.chain_judge.backend == "local":
+    if stage == "judge_chains":  # its tokenizer at least, whichever back end judges
         models["chain_judge.model"] = cfg.chain_judge.model
     return models
 

@@ -433,10 +433,10 @@ class ChainJudge:
 
     _target_: str = "palign.analysis.chain_judge.judge_training_chains"
     name: str = knob(MISSING, "names the judge")
-    backend: str = knob("local", "local: a model config (`model`) | openai: a server (`remote`)",
-                        check=one_of("local", "openai"))
-    model: ModelSpec = knob("${student}", "local: the judging model (by default the student)")
-    remote: Remote | None = knob(None, "openai: the server and the model name it knows")
+    backend: Any = knob(MISSING, "how the judge runs: an option of conf/backend/ (hf runs `model`; openai: a server and "
+                        "the model name it knows, in the option's fields), chosen with backend@chain_judge.backend=NAME")
+    model: ModelSpec = knob("${student}", "the judging model (by default the student); on a server, the tokenizer and "
+                            "template switches it is sent with")
     chain_a: str = knob("prefix_continuation", "the target whose rates are reported", check=one_of(*TARGETS))
     chain_b: str = knob("long_cot", "the target it is compared with", check=one_of(*TARGETS))
     limit: int | None = knob(64, "training problems to judge", check=at_least(1, optional="all"))

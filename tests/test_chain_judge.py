@@ -25,8 +25,9 @@ from palign.llm.models import load_tokenizer
 from palign.llm.hf_backend import LocalChatBackend
 from palign.llm.openai_backend import OpenAIChatBackend
 
-PROMPT = ChainJudgePrompt.from_config(OmegaConf.merge(OmegaConf.structured(ChainJudge),  # the prompt and verdicts shipped
-                                                      OmegaConf.load(PROJECT_ROOT / "conf" / "chain_judge" / "local.yaml")))
+SHIPPED = OmegaConf.load(PROJECT_ROOT / "conf" / "chain_judge" / "local.yaml")  # the prompt and verdicts shipped
+PROMPT = ChainJudgePrompt.from_config(OmegaConf.merge(OmegaConf.structured(ChainJudge),
+                                                      {k: v for k, v in SHIPPED.items() if k != "defaults"}))
 
 
 @pytest.mark.parametrize(
@@ -130,14 +131,18 @@ def test_duplicate_pair_ids_are_rejected():
 def test_build_backend_from_configs_never_sees_the_key(tmp_path, monkeypatch, cache_dir):
     secret = "sk-never-in-config-5555"
     monkeypatch.setenv("ZHIPUAI_API_KEY", secret)
-    cfg = compose_config(["chain_judge=openai", "chain_judge.remote.model=glm-4.5", "chain_judge.remote.api_key_env=ZHIPUAI_API_KEY"], tmp_path)
-    judge = build_backend(cfg.chain_judge, cache_dir)
+    from hydra.utils import instantiate
+
+    cfg = compose_config(["chain_judge=openai", "chain_judge.backend.model=glm-4.5",
+                          "chain_judge.backend.api_key_env=ZHIPUAI_API_KEY", "student=tiny_random"], tmp_path)
+    judge = build_backend(instantiate(cfg.chain_judge.backend), cfg.chain_judge.model, cache_dir)
     assert isinstance(judge, OpenAIChatBackend) and judge.model == "glm-4.5" and judge.api_key_env == "ZHIPUAI_API_KEY"
     assert judge.url == "http://127.0.0.1:8000/v1/chat/completions"
     for text in (OmegaConf.to_yaml(cfg, resolve=True), repr(judge), str(vars(judge)), json.dumps(judge.identity())):
         assert secret not in text
     local = compose_config(["chain_judge=local", "student=tiny_random"], tmp_path)
-    assert isinstance(build_backend(local.chain_judge, cache_dir), LocalChatBackend)
+    assert isinstance(build_backend(instantiate(local.chain_judge.backend), local.chain_judge.model, cache_dir),
+                      LocalChatBackend)
 
 
 @pytest.mark.slow

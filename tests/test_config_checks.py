@@ -155,16 +155,46 @@ def test_a_benchmark_is_added_to_a_recipe_as_an_option_then_field_by_field(tmp_p
     ("truncation.search.chunk_size=4", "truncation.chunk_size=4"),
     ("truncation.judge.threshold.kind=quantile", "truncation/judge/threshold=quantile"),
     ("truncation.granularity.options.chunk_tokens=32", "truncation.granularity.chunk_tokens=32"),
+    ("chain_judge.remote.model=glm-4.5", "chain_judge.backend.model=glm-4.5"),
+    ("alignment.ray.num_workers=4", "ray.num_workers=4"),
+    ("teacher.source.vllm.max_model_len=4096", "vllm.max_model_len=4096"),
 ])
 def test_a_setting_that_moved_is_refused_with_its_new_way(argument, now):
+    entry = run_py()
+    with pytest.raises(SystemExit, match=re.escape(f"{argument}: this setting moved; give it as {now}")):
+        entry.refuse_unmergeable_overrides(["logger=none", argument])
+    entry.refuse_unmergeable_overrides(["logger=none", now.split(" ")[0]])  # the new way passes
+
+
+def run_py():
+    """run.py as a module (what it does to the command line before Hydra)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("palign_run_py", PROJECT_ROOT / "run.py")
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
-    with pytest.raises(SystemExit, match=re.escape(f"{argument}: this setting moved; give it as {now}")):
-        entry.refuse_unmergeable_overrides(["logger=none", argument])
-    entry.refuse_unmergeable_overrides(["logger=none", now.split(" ")[0]])  # the new way passes
+    return entry
+
+
+def test_a_stage_s_back_end_is_chosen_by_name_as_an_option_of_the_backend_group(tmp_path):
+    from hydra.utils import instantiate
+
+    from palign.llm.ray_backend import RayBackend
+    from palign.llm.vllm_backend import VLLMBackend
+
+    given = ["alignment.backend=vllm", "evaluation.backend=hf,ray", "backend@truncation.judge.backend=ray",
+             "teacher.source.backend=vllm", "chain_judge.backend=openai", "alignment.backend.base_url=x", "logger=none"]
+    assert run_py().backend_choices(given) == [
+        "backend@alignment.backend=vllm", "backend@evaluation.backend=hf,ray", "backend@truncation.judge.backend=ray",
+        "backend@teacher.source.backend=vllm", "backend@chain_judge.backend=openai", "alignment.backend.base_url=x",
+        "logger=none"]
+    cfg = compose_config(run_py().backend_choices(["alignment.backend=vllm", "truncation.judge.backend=ray",
+                                                   "vllm.max_model_len=2048", "ray.num_workers=3"]), tmp_path)
+    vllm, ray = instantiate(cfg.alignment.backend), instantiate(cfg.truncation.judge.backend)
+    assert isinstance(vllm, VLLMBackend) and vllm.engine["max_model_len"] == 2048  # the run's one `vllm:` block
+    assert isinstance(ray, RayBackend) and ray.workers["num_workers"] == 3 and ray.data_parallel
+    with pytest.raises(Exception, match="backend"):  # a name that is no option of conf/backend/
+        compose_config(run_py().backend_choices(["alignment.backend=sglang"]), tmp_path)
 
 
 @pytest.mark.slow

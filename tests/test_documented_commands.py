@@ -88,10 +88,10 @@ DOCUMENTED: dict[str, dict] = {
     "ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256":
         {**PAPER_QWEN25, "stage": "eval", "choice:backend@evaluation.backend": "ray", "ray.address": "auto",
          "ray.engine": "vllm", "ray.num_workers": 16, "ray.num_gpus_per_worker": 1},
-    "stage=judge_chains baseline=palign chain_judge=openai chain_judge.remote.base_url=https://open.bigmodel.cn/api/paas/v4 "
-    "chain_judge.remote.model=glm-4.5 chain_judge.remote.api_key_env=ZHIPUAI_API_KEY":
-        {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.remote.model": "glm-4.5",
-         "chain_judge.remote.api_key_env": "ZHIPUAI_API_KEY"},
+    "stage=judge_chains baseline=palign chain_judge=openai chain_judge.backend.base_url=https://open.bigmodel.cn/api/paas/v4 "
+    "chain_judge.backend.model=glm-4.5 chain_judge.backend.api_key_env=ZHIPUAI_API_KEY":
+        {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.backend.model": "glm-4.5",
+         "chain_judge.backend.api_key_env": "ZHIPUAI_API_KEY"},
 }
 
 

@@ -175,7 +175,8 @@ def test_the_back_end_takes_every_default_from_the_schema_s_remote_node(tmp_path
     node = defaults(Remote)
     assert (node["max_concurrency"], node["timeout_s"], node["include_reasoning"]) == (8, 600, False)  # the schema's
     built = OpenAIChatBackend.from_config(defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m"))
-    composed = OpenAIChatBackend.from_config(compose_config(["chain_judge=openai"], tmp_path).chain_judge.remote)
+    remote = {k: v for k, v in compose_config(["chain_judge=openai"], tmp_path).chain_judge.backend.items() if k != "_target_"}
+    composed = OpenAIChatBackend.from_config(remote)
     for backend in (built, composed):
         kept = {name: getattr(backend, name) for name in node if name not in ("base_url", "model")}
         assert {**kept, "server": backend.server.name} == {

@@ -27,16 +27,13 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from palign.artifacts.digests import fingerprint
 from palign.artifacts.stores import open_stage_store, stage_folder
 from palign.llm.generation import SamplingConfig
-from palign.llm.backends import ChatBackend, complete_missing
-from palign.llm.hf_backend import LocalChatBackend
-from palign.llm.openai_backend import OpenAIChatBackend
+from palign.llm.backends import Backend, ChatBackend, build_chat, complete_missing
 
 log = logging.getLogger(__name__)
 
@@ -234,21 +231,14 @@ def compare_chains(
     return ChainComparison(judgments, summarize(judgments), artifact=str(folder) if folder else None)
 
 
-def build_backend(cfg: Any, cache_dir: str | Path) -> ChatBackend:
-    """The judge's back end from a `conf/chain_judge/*.yaml` node (`backend: local | openai`)."""
-    from omegaconf import DictConfig, OmegaConf
+def build_backend(backend: Backend, model: Any, cache_dir: str | Path) -> ChatBackend:
+    """The judge on its `backend` option (conf/backend/: hf runs `model`; openai a server), with
+    `model`'s tokenizer and template switches."""
+    from palign.llm.models import ModelSpec, load_tokenizer
 
-    from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-
-    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    kind = cfg.get("backend")
-    if kind == "local":
-        spec = ModelSpec.from_config(cfg["model"])
-        return LocalChatBackend(partial(load_inference_model, spec, cache_dir), load_tokenizer(spec, cache_dir),
-                                spec.chat_template_kwargs, identity=spec.identity())
-    if kind == "openai":
-        return OpenAIChatBackend.from_config(cfg["remote"])
-    raise ValueError(f"chain_judge.backend must be local or openai, got '{kind}'")
+    spec = ModelSpec.from_config(model)
+    return build_chat(backend, "chain_judge.backend", spec, cache_dir, tokenizer=load_tokenizer(spec, cache_dir),
+                      stage="chain judge")
 
 
 def judge_training_chains(*, records: Sequence[Any], baseline: str, truncation: Callable[[], Any],
@@ -281,10 +271,11 @@ def judge_training_chains(*, records: Sequence[Any], baseline: str, truncation: 
     texts = {t: {e.id: e.target for e in build_targets(records, t, prefixes, continuations, dict(markers))[0]} for t in compared}
     a, b = compared
     pairs = [ChainPair(r.id, r.question, texts[a][r.id], texts[b][r.id]) for r in records if r.id in texts[a] and r.id in texts[b]]
-    result = compare_chains(build_backend(node, cache_dir), pairs, ChainJudgePrompt.from_config(node), node["sampling"],
+    engine = build_backend(node["backend"], node["model"], cache_dir)
+    result = compare_chains(engine, pairs, ChainJudgePrompt.from_config(node), node["sampling"],
                             cache_dir=cache_dir, chunk_size=node["chunk_size"], progress="chain judge")
     comparison = f"{a}_vs_{b}"
-    judge_label = node["remote"]["model"] if node["backend"] == "openai" else node["model"]["name"]
+    judge_label = str(engine.identity().get("model") or node["model"]["name"])  # a server's model name, else the config's
     records_path = Path(run_dir) / "chain_judge" / f"{comparison}-{Path(result.artifact).name}.jsonl"
     write_jsonl_atomic(records_path, result.records)
     stats = dict(result.summary, problems=len(records), skipped=len(records) - len(pairs), records=str(records_path),

@@ -699,8 +699,13 @@ class OpenAIBackend(Backend):
 
     def chat(self, model: Any, cache_dir: Any, *, tokenizer, weights: str | None, stage: str) -> OpenAIChatBackend:
         named = self.remote.get("model") or weights or model.pretrained or model.name
+        kind, switches = SERVERS[self.remote["server"]], dict(model.chat_template_kwargs)
+        if switches and not kind.token_prompts and not kind.takes_chat_template_kwargs:
+            log.warning("%s: %s renders prompts with its own chat template and takes no chat_template_kwargs; "
+                        "%s of model '%s' are not sent", stage, kind.title, switches, model.name)
+            switches = {}
         return OpenAIChatBackend.from_config({**self.remote, "model": named}, tokenizer=tokenizer,
-                                             chat_template_kwargs=model.chat_template_kwargs)
+                                             chat_template_kwargs=switches)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.remote.get('base_url')!r}, server={self.remote.get('server')!r})"
