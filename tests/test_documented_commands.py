@@ -60,6 +60,11 @@ DOCUMENTED: dict[str, dict] = {
     "baseline=palign,fixed_ratio,sft_long_cot,sft_short_cot,prefix_only,student_only group=demo-table":
         {**DEMO, "group": "demo-table"},
     "stage=report": {"stage": "report"},
+    "stage=align backend@alignment.backend=openai alignment.backend.base_url=http://gpu-node:8000/v1 "
+    "alignment.backend.server=vllm alignment.backend.api_key_env=null":
+        {**DEMO, "stage": "align", "choice:backend@alignment.backend": "openai",
+         "alignment.backend.base_url": "http://gpu-node:8000/v1", "alignment.backend.server": "vllm",
+         "alignment.backend.api_key_env": None, "choice:backend@truncation.judge.backend": "hf"},
     "ablation=granularity": {**DEMO, "sweep:truncation/granularity": ["paper_sentence", "sentence", "step", "token_chunk"]},
     "experiment=tiny baseline=palign,sft_long_cot": TINY,
     "experiment=paper/table1_qwen2_5_7b baseline=palign,sft_long_cot,sft_short_cot,fixed_ratio": PAPER_QWEN25,
