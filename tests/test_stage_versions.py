@@ -20,7 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = Path(__file__).with_name("stage_code_versions.json")
-GENERATION = ["palign/llm/generation.py", "palign/llm/chat.py", "palign/llm/openai_backend.py", "palign/llm/vllm_backend.py"]
+GENERATION = ["palign/llm/generation.py", "palign/llm/chat.py", "palign/llm/backends.py", "palign/llm/hf_backend.py",
+              "palign/llm/openai_backend.py", "palign/llm/vllm_backend.py"]
 GRADING = ["palign/grading.py"]
 # stage -> (module holding CODE_VERSION, the source files whose logic decides what the stage stores)
 STAGES = {
