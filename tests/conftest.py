@@ -193,3 +193,46 @@ def run_cli(args: list[str], tmp_path: Path, timeout: int = 900, env: dict | Non
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+# -- a real OpenAI-compatible server, once per session (tests/test_openai_backend.py, test_openai_stages.py) --
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """`transformers serve` on a free loopback port (tests/openai_server.py), serving local model folders."""
+    from openai_server import TransformersServer
+
+    server = TransformersServer(tmp_path_factory.mktemp("transformers-serve"))
+    yield server
+    server.stop()
+    assert server.process.poll() is not None, "transformers serve is still running"
+
+
+@pytest.fixture(scope="session")
+def proxy_server(served):
+    """A FaultProxy in front of the server: records requests, plays 429/5xx, slow answers, a key check."""
+    from openai_server import FaultProxy
+
+    proxy = FaultProxy(served.base_url.removesuffix("/v1"))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def proxy(proxy_server):
+    proxy_server.reset()
+    proxy_server.api_key = None
+    return proxy_server
+
+
+@pytest.fixture(scope="session")
+def tiny_path(student_specs, cache_dir) -> str:
+    from palign.llm.models import resolve_model_path
+
+    return resolve_model_path(student_specs["tiny_random"], cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(student_specs, cache_dir):
+    from palign.llm.models import load_tokenizer
+
+    return load_tokenizer(student_specs["tiny_random"], cache_dir)

@@ -78,25 +78,8 @@ def triples(outputs) -> list[list[tuple]]:
     return [[(g.text, g.num_tokens, g.finished) for g in gens] for gens in outputs]
 
 
-# -- the servers, once per session --------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def served(tmp_path_factory):
-    server = TransformersServer(tmp_path_factory.mktemp("transformers-serve"))
-    yield server
-    server.stop()
-    assert server.process.poll() is not None, "transformers serve is still running"
-
-
-@pytest.fixture(scope="session")
-def tiny_path(student_specs, cache_dir) -> str:
-    return resolve_model_path(student_specs["tiny_random"], cache_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(student_specs, cache_dir):
-    return load_tokenizer(student_specs["tiny_random"], cache_dir)
-
-
+# -- the servers: transformers serve and the proxy in front of it are tests/conftest.py's (shared with
+# tests/test_openai_stages.py); model variants written for this file -------------------------------
 def variant(tmp_path_factory, tiny_path: str, name: str, generation_config_json: dict) -> str:
     """A copy of the tiny model whose generation_config.json is `generation_config_json`."""
     folder = tmp_path_factory.mktemp("models") / name
@@ -143,20 +126,6 @@ def stopping_path(tmp_path_factory, tiny_path, tiny_model, tiny_tokenizer) -> st
     )
 
 
-@pytest.fixture(scope="module")
-def proxy_server(served):
-    proxy = FaultProxy(served.base_url.removesuffix("/v1"))
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def proxy(proxy_server):
-    proxy_server.reset()
-    proxy_server.api_key = None
-    return proxy_server
-
-
 @pytest.fixture
 def sleeps(monkeypatch):
     """Record backoff delays instead of sleeping."""
@@ -175,8 +144,8 @@ def test_the_back_end_takes_every_default_from_the_schema_s_remote_node(tmp_path
     node = defaults(Remote)
     assert (node["max_concurrency"], node["timeout_s"], node["include_reasoning"]) == (8, 600, False)  # the schema's
     built = OpenAIChatBackend.from_config(defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m"))
-    remote = {k: v for k, v in compose_config(["chain_judge=openai"], tmp_path).chain_judge.backend.items() if k != "_target_"}
-    composed = OpenAIChatBackend.from_config(remote)
+    server = compose_config(["chain_judge=openai"], tmp_path).chain_judge.backend  # the openai option's fields
+    composed = OpenAIChatBackend.from_config({k: v for k, v in server.items() if k != "_target_"})
     for backend in (built, composed):
         kept = {name: getattr(backend, name) for name in node if name not in ("base_url", "model")}
         assert {**kept, "server": backend.server.name} == {
