@@ -9,7 +9,7 @@ torch and what ships with its CUDA build (torchaudio, torchvision, triton, nvidi
 the Makefile installs first (the CPU build of torch==2.13.0 here; vLLM brings torch 2.14's CUDA
 build on a GPU machine), and the build tools (pip, setuptools, wheel). The Makefile's install and
 the README's GPU install both read it (`pip install -c constraints.txt ...`);
-tests/test_dependencies.py checks that the suite's environment is this set.
+tests/integration/test_dependencies.py checks that the suite's environment is this set.
 """
 
 from __future__ import annotations

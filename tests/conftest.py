@@ -195,11 +195,11 @@ def run_cli(args: list[str], tmp_path: Path, timeout: int = 900, env: dict | Non
     return proc
 
 
-# -- a real OpenAI-compatible server, once per session (tests/test_openai_backend.py, test_openai_stages.py) --
+# -- a real OpenAI-compatible server, once per session (tests/llm/test_openai_backend.py, tests/llm/test_openai_stages.py) --
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    """`transformers serve` on a free loopback port (tests/openai_server.py), serving local model folders."""
-    from openai_server import TransformersServer
+    """`transformers serve` on a free loopback port (tests/helpers/openai_server.py), serving local model folders."""
+    from tests.helpers.openai_server import TransformersServer
 
     server = TransformersServer(tmp_path_factory.mktemp("transformers-serve"))
     yield server
@@ -210,7 +210,7 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="session")
 def proxy_server(served):
     """A FaultProxy in front of the server: records requests, plays 429/5xx, slow answers, a key check."""
-    from openai_server import FaultProxy
+    from tests.helpers.openai_server import FaultProxy
 
     proxy = FaultProxy(served.base_url.removesuffix("/v1"))
     yield proxy

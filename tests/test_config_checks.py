@@ -12,7 +12,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, compose_config, run_cli
+from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 from palign.schema import ConfigError, check_values
 

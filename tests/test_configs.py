@@ -6,12 +6,12 @@ import pytest
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, compose_config
+from tests.conftest import PROJECT_ROOT, compose_config
 from palign.llm.models import ModelSpec
 
 CONF = PROJECT_ROOT / "conf"
 # every config group, nested ones by their path (truncation/judge), each with its options
-# (Hydra's own groups, hydra/launcher included, are tested in test_launchers.py)
+# (Hydra's own groups, hydra/launcher included, are tested in tests/integration/test_launchers.py)
 GROUPS = sorted({str(p.parent.relative_to(CONF)).split("/paper")[0] for p in CONF.rglob("*.yaml")
                  if p.parent.relative_to(CONF).parts[:1] != ("hydra",)} - {".", "local"})
 
@@ -95,7 +95,7 @@ def test_the_default_run_is_what_cfg_job_shows_with_no_experiment(tmp_path):
 
     import yaml
 
-    from conftest import NO_LOCAL, cli_env
+    from tests.conftest import NO_LOCAL, cli_env
 
     paths = [f"paths.root={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
     shown = yaml.safe_load(subprocess.run([sys.executable, str(PROJECT_ROOT / "run.py"), "--cfg", "job", NO_LOCAL, *paths],
@@ -193,7 +193,7 @@ def test_run_identity_ignores_how_a_stage_computes_but_not_what(tmp_path):
            "backend@alignment.backend=vllm", "truncation.chunk_size=3", "data.num_workers=2", "trainer.devices=2",
            "logger=csv", "evaluation.sampling.num_samples=5", "training.checkpoint_every_n_steps=7"]
     assert run_identity(compose_config(how, tmp_path)) == base
-    crash = ["+callbacks.crash._target_=crash.KillAt", "+callbacks.crash.hook=on_train_batch_end", "+callbacks.crash.step=1"]
+    crash = ["+callbacks.crash._target_=tests.helpers.crash.KillAt", "+callbacks.crash.hook=on_train_batch_end", "+callbacks.crash.step=1"]
     assert run_identity(compose_config(crash, tmp_path)) == base  # KillAt.changes_results = False
     for what in ("truncation.judge.mode=generate", "truncation.judge.threshold.value=0.5", "trainer.precision=32-true",
                  "trainer.gradient_clip_val=0.5", "seed=1", "data.max_length=512", "training=paper",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA
 from palign.llm.hf_backend import HFBackend
 from palign.artifacts.errors import DataFormatError
 from palign.evaluation.benchmarks import load_benchmark

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
+from tests.conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
 from palign.pipeline import run
 
 FAST = ["experiment=tiny", "logger=csv"]
@@ -69,7 +69,7 @@ RESUME = [*FAST, "baseline=sft_long_cot", "teacher.source.limit=15", "data.val_s
           "data.max_length=2048", "training.effective_batch_size=4", "training.epochs=2", "trainer.precision=32-true",
           "stage=train"]
 # Where each process of the interrupted run dies (SIGKILL from inside, at a point chosen exactly;
-# WRITE: killed by the kernel halfway through writing a checkpoint, tests/kill_mid_write.py):
+# WRITE: killed by the kernel halfway through writing a checkpoint, tests/helpers/kill_mid_write.py):
 WRITE = "checkpoint write"
 KILLS = [
     ("on_train_batch_end", 1, 0),     # step 2, after its first micro-batch: mid gradient accumulation
@@ -100,16 +100,16 @@ def test_a_run_killed_anywhere_and_resumed_trains_exactly_what_an_uninterrupted_
     assert straight["train"]["global_step"] == 8 and straight["train"]["resumed_from"] is None
 
     crashed = tmp_path / "crashed"
-    env = {"PYTHONPATH": str(PROJECT_ROOT / "tests")}
+    env = {"PYTHONPATH": str(PROJECT_ROOT)}
     half_a_checkpoint = (_run_dir(tmp_path / "straight") / "checkpoints" / "last.ckpt").stat().st_size // 2
     for hook, step, micro in KILLS:
         if hook == WRITE:
             command = cli_command(RESUME)
-            command[1:2] = [str(PROJECT_ROOT / "tests" / "kill_mid_write.py"), str(half_a_checkpoint)]
+            command[1:2] = [str(PROJECT_ROOT / "tests" / "helpers" / "kill_mid_write.py"), str(half_a_checkpoint)]
             proc = subprocess.run(command, cwd=PROJECT_ROOT, env=cli_env(crashed, env), capture_output=True, text=True)
             assert proc.returncode == -signal.SIGXFSZ, f"the checkpoint write was not cut:\n{proc.stderr[-3000:]}"
         else:
-            kill = ["+callbacks.crash._target_=crash.KillAt", f"+callbacks.crash.hook={hook}", f"+callbacks.crash.step={step}"]
+            kill = ["+callbacks.crash._target_=tests.helpers.crash.KillAt", f"+callbacks.crash.hook={hook}", f"+callbacks.crash.step={step}"]
             kill += [f"+callbacks.crash.micro={micro}"] if micro is not None else []
             proc = run_cli([*RESUME, *kill], crashed, env=env, check=False)
             assert proc.returncode == -signal.SIGKILL, f"{hook} at step {step} did not crash the run:\n{proc.stderr[-3000:]}"

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import palign.llm.models as models
-from conftest import compose_config, run_cli
+from tests.conftest import compose_config, run_cli
 from palign.pipeline import run
 from palign.preflight import preflight
 from palign.schema import ConfigError

@@ -20,7 +20,7 @@ exit status is 1 when any step failed. Everything is written under --out: the ta
     python experiments/gpu/acceptance.py --shrink --tokenizer DIR   # anywhere: every step tiny, on the CPU
 
 --shrink runs the same three steps on the CPU at toy sizes (the checks' own --shrink, trainer=cpu):
-what tests/test_gpu_checks.py runs, so a GPU session's minutes start on a script known to work.
+what tests/integration/test_gpu_checks.py runs, so a GPU session's minutes start on a script known to work.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Stored continuations and their grades depend on this code as well as on the settings: bump
 # CODE_VERSION when a change here changes what is stored, so caches written by older code are never
-# reused (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+# reused (tests/integration/test_stage_versions.py notices a change to the logic that did not bump it).
 CODE_VERSION = 2  # 2: a Hugging Face reply ends at every eos id of the model's generation_config, as in vLLM
 
 FILTERS = ("correct", "none")

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Stored tokenized examples depend on this code as well as on the settings: bump CODE_VERSION when a
 # change here changes what is stored, so caches written by older code are never reused
-# (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+# (tests/integration/test_stage_versions.py notices a change to the logic that did not bump it).
 CODE_VERSION = 1
 
 IGNORE_INDEX = -100

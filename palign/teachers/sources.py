@@ -49,7 +49,7 @@ TEACHER_ID_FIX = "fix the record, or set the teacher's id field to null to numbe
 
 # Stored teacher generations depend on this code as well as on the settings: bump CODE_VERSION when
 # a change here changes what is stored, so caches written by older code are never reused
-# (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+# (tests/integration/test_stage_versions.py notices a change to the logic that did not bump it).
 CODE_VERSION = 3  # 2: a Hugging Face reply ends at every eos id of the model's generation_config, as in vLLM;
 # 3: a gold answer nothing can be graded against is stored as none (and graded as no answer)
 

@@ -78,7 +78,7 @@ every layout; the backward is 3352.3 MFLOP with the adapters replicated, as with
 and as without FSDP, and 3439.3 MFLOP (+2.6%) with the fp32-cast layer units (3459.3 / 3546.3 with
 activation checkpointing). The head dominates this student's step; over the decoder layers alone
 (a loss on the last hidden states) the backward is 131.1 MFLOP replicated or per adapter against
-218.1 fp32-cast (+66%; 238.0 against 325.1 with checkpointing, +37%). tests/test_fsdp.py holds the
+218.1 fp32-cast (+66%; 238.0 against 325.1 with checkpointing, +37%). tests/training/test_fsdp.py holds the
 wrapped student's backward FLOPs to the unwrapped one's.
 
 FSDP2 (`fully_shard`, per-parameter sharding, frozen and trainable parameters of other dtypes in

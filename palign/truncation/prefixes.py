@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Stored truncation records depend on this code as well as on the settings: bump CODE_VERSION when a
 # change here or in the stage (stage.py) changes what is stored, so caches written by older code are never reused
-# (tests/test_stage_versions.py notices a change to the logic that did not bump it).
+# (tests/integration/test_stage_versions.py notices a change to the logic that did not bump it).
 CODE_VERSION = 2  # 2: probes over the judge's context count as not sufficient; generate-mode replies stop at every eos
 
 # a search factory: the `truncation.search` node's class with its options (`_partial_: true`), called with a trace's m
