@@ -26,20 +26,24 @@ MOVED = {
     "truncation.search.chunk_size": "truncation.chunk_size={value}",
     "truncation.granularity.name": "truncation/granularity={value}",
     "truncation.granularity.options.chunk_tokens": "truncation.granularity.chunk_tokens={value} "
-                                                   "(truncation/granularity=token_chunk)",
+    "(truncation/granularity=token_chunk)",
     "truncation.judge.threshold.kind": "truncation/judge/threshold={value}",
 }
 
 
 # each inference stage's back end is an option of conf/backend/ chosen per stage (backend@KEY=NAME);
 # the shorter KEY=NAME of earlier versions and of habit is read as that choice
-BACKEND_CHOICE = re.compile(r"^(?P<key>(?:truncation\.judge|alignment|evaluation|teacher\.source|chain_judge)\.backend)=(?P<names>[\w,]+)$")
+BACKEND_CHOICE = re.compile(
+    r"^(?P<key>(?:truncation\.judge|alignment|evaluation|teacher\.source|chain_judge)\.backend)=(?P<names>[\w,]+)$"
+)
 
 
 def backend_choices(arguments: list[str]) -> list[str]:
     """`alignment.backend=vllm` as `backend@alignment.backend=vllm` (sweeps too: `...=hf,ray`)."""
-    return [f"backend@{match['key']}={match['names']}" if (match := BACKEND_CHOICE.match(argument)) else argument
-            for argument in arguments]
+    return [
+        f"backend@{match['key']}={match['names']}" if (match := BACKEND_CHOICE.match(argument)) else argument
+        for argument in arguments
+    ]
 
 
 # whole nodes that moved when back ends became options (conf/backend/): old prefix -> new prefix
@@ -57,12 +61,14 @@ def refuse_unmergeable_overrides(arguments: list[str]) -> None:
             sys.exit(f"{argument}: this setting moved; give it as {MOVED[key].format(value=value)}")
         for old, new in MOVED_NODES.items():
             if key.startswith(old):
-                sys.exit(f"{argument}: this setting moved; give it as {new}{key[len(old):]}={value}")
+                sys.exit(f"{argument}: this setting moved; give it as {new}{key[len(old) :]}={value}")
         if match := BENCHMARK_AS_DICT.match(argument):
             name = match["name"]
-            sys.exit(f"{argument}: a benchmark is given as a benchmark option and then field by field, not as one "
-                     f"{{...}} value: +benchmark@evaluation.benchmarks.{name}=<an option of conf/benchmark/, e.g. "
-                     f"aime24> evaluation.benchmarks.{name}.local_path=PATH (and any other field)")
+            sys.exit(
+                f"{argument}: a benchmark is given as a benchmark option and then field by field, not as one "
+                f"{{...}} value: +benchmark@evaluation.benchmarks.{name}=<an option of conf/benchmark/, e.g. "
+                f"aime24> evaluation.benchmarks.{name}.local_path=PATH (and any other field)"
+            )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

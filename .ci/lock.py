@@ -29,16 +29,31 @@ BY_MACHINE = re.compile(r"^(torch|torchaudio|torchvision|triton|nvidia-.*|cuda-.
 def resolve() -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
-                        "--report", str(report), f"{ROOT}[{EXTRAS}]"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--dry-run",
+                "--ignore-installed",
+                "--report",
+                str(report),
+                f"{ROOT}[{EXTRAS}]",
+            ],
+            check=True,
+        )
         installs = json.loads(report.read_text())["install"]
     return {re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower(): item["metadata"]["version"] for item in installs}
 
 
 def main() -> None:
     pins = {name: version for name, version in resolve().items() if not BY_MACHINE.match(name)}
-    lines = [f"# written by .ci/lock.py (make lock) from pyproject.toml's [{EXTRAS}]: the suite's and palign[vllm]'s",
-             "# versions; torch (and its CUDA companions) and the build tools are installed per machine, see the script"]
+    lines = [
+        f"# written by .ci/lock.py (make lock) from pyproject.toml's [{EXTRAS}]: the suite's and palign[vllm]'s",
+        "# versions; torch (and its CUDA companions) and the build tools are installed per machine, see the script",
+    ]
     lines += [f"{name}=={pins[name]}" for name in sorted(pins)]
     (ROOT / "constraints.txt").write_text("\n".join(lines) + "\n")
     print(f"constraints.txt: {len(pins)} packages (vllm {pins.get('vllm')}, transformers {pins.get('transformers')})")

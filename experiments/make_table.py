@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="config overrides, as on run.py's command line (report.*, experiment=...)")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, as on run.py's command line (report.*, experiment=...)"
+    )
     parser.add_argument("--runs-dir", help="run folders to collect (offline; default: the config's paths.runs)")
     parser.add_argument("--graded-dir", help="stage=grade folders to collect (default: <paths.root>/grade)")
     parser.add_argument("--out", help="where tables and figures go (default: <paths.root>/report)")
@@ -68,15 +70,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from palign.tracking import Tracker
 
         source = f"{args.wandb_project}/{args.wandb_group}" if args.wandb_project else str(runs_dir.resolve())
-        tracker = Tracker(kind="wandb", run_dir=out, run_id=f"report-{fingerprint(source, length=8)}",
-                          run_name="report", group=args.wandb_group or "report", job_type="report",
-                          project=args.wandb_project or cfg.logger.project, entity=args.wandb_entity or cfg.logger.entity,
-                          mode=cfg.logger.mode, config={"report": OmegaConf.to_container(cfg.report, resolve=True)})
+        tracker = Tracker(
+            kind="wandb",
+            run_dir=out,
+            run_id=f"report-{fingerprint(source, length=8)}",
+            run_name="report",
+            group=args.wandb_group or "report",
+            job_type="report",
+            project=args.wandb_project or cfg.logger.project,
+            entity=args.wandb_entity or cfg.logger.entity,
+            mode=cfg.logger.mode,
+            config={"report": OmegaConf.to_container(cfg.report, resolve=True)},
+        )
     failed = True
     try:
-        result = make_report(runs_dir, out, OmegaConf.to_object(cfg.report), tracker=tracker, graded_dir=graded_dir,
-                             recipe=OmegaConf.to_container(cfg, resolve=True), wandb_project=args.wandb_project,
-                             wandb_group=args.wandb_group, wandb_entity=args.wandb_entity)
+        result = make_report(
+            runs_dir,
+            out,
+            OmegaConf.to_object(cfg.report),
+            tracker=tracker,
+            graded_dir=graded_dir,
+            recipe=OmegaConf.to_container(cfg, resolve=True),
+            wandb_project=args.wandb_project,
+            wandb_group=args.wandb_group,
+            wandb_entity=args.wandb_entity,
+        )
         failed = False
     finally:
         if tracker is not None:

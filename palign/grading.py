@@ -113,11 +113,46 @@ def parse_gold(gold: Any) -> list:
 # place of an answer (`see solution`, `TBD`, `abc`). math-verify reads each as a product of symbols
 # (`N/A` is n/a), so without this check it would grade every sample against it, wrong, silently.
 # Compared lowercased, without dots, quotes or brackets, \text{} and the like unwrapped.
-PLACEHOLDER_ANSWERS = frozenset({
-    "#n/a", "#n/a n/a", "#na", "-1#ind", "-1#qnan", "-nan", "1#ind", "1#qnan", "<na>", "n/a", "na", "null", "nan",
-    "none", "nil", "tbd", "tba", "tbc", "todo", "fixme", "xxx", "abc", "unknown", "missing", "placeholder",
-    "answer", "no answer", "not available", "not applicable", "omitted", "proof", "?", "??", "???", "-", "--",
-})
+PLACEHOLDER_ANSWERS = frozenset(
+    {
+        "#n/a",
+        "#n/a n/a",
+        "#na",
+        "-1#ind",
+        "-1#qnan",
+        "-nan",
+        "1#ind",
+        "1#qnan",
+        "<na>",
+        "n/a",
+        "na",
+        "null",
+        "nan",
+        "none",
+        "nil",
+        "tbd",
+        "tba",
+        "tbc",
+        "todo",
+        "fixme",
+        "xxx",
+        "abc",
+        "unknown",
+        "missing",
+        "placeholder",
+        "answer",
+        "no answer",
+        "not available",
+        "not applicable",
+        "omitted",
+        "proof",
+        "?",
+        "??",
+        "???",
+        "-",
+        "--",
+    }
+)
 _PLACEHOLDER_PREFIXES = ("see ", "refer to ", "cf ")  # `see solution`, `see the solution above`, `refer to the text`
 # LaTeX that holds text, not mathematics
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|mathrm|mbox|emph)\s*\{([^{}]*)\}")
@@ -142,8 +177,10 @@ def placeholder_problem(text: str) -> str | None:
         return f"the gold answer '{text}' is a placeholder, not an answer"
     words = _TEXT_COMMAND.sub(" ", text).split()
     if len(words) > 1 and all(word.isalpha() for word in words) and any(len(word) > 1 for word in words):
-        return (f"the gold answer '{text}' is words, not mathematics (no number, no operator; write a worded "
-                "answer as \\text{...})")
+        return (
+            f"the gold answer '{text}' is words, not mathematics (no number, no operator; write a worded "
+            "answer as \\text{...})"
+        )
     return None
 
 

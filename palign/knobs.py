@@ -17,8 +17,15 @@ from omegaconf import MISSING
 Check = tuple[str, Callable[[Any], bool]]
 
 
-def knob(default: Any = MISSING, help: str = "", *, identity: bool = True, check: Check | None = None,
-         content: bool = False, factory: Callable[[], Any] | None = None) -> Any:
+def knob(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    identity: bool = True,
+    check: Check | None = None,
+    content: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
     """A schema field: its default (or `factory` for a mutable one), documentation and checks."""
     metadata = {"help": help, "identity": identity, "check": check, "content": content}
     if factory is not None:
@@ -47,7 +54,13 @@ def at_least(low: int, *, optional: str | None = None) -> Check:
 
 def number(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Check:
     lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    text = f"a number > {low}" if high is None and low_open else f"a number >= {low}" if high is None else f"a number in {lo}{low}, {high}{hi}"
+    text = (
+        f"a number > {low}"
+        if high is None and low_open
+        else f"a number >= {low}"
+        if high is None
+        else f"a number in {lo}{low}, {high}{hi}"
+    )
 
     def test(v: Any) -> bool:
         if not is_number(v) or v < low or (low_open and v == low):

@@ -91,8 +91,9 @@ def make_truncation(ctx: RunContext, tokenizer):
     cfg = ctx.cfg
     if unused_reason(cfg, "truncation"):
         return None
-    return instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix, cache_dir=ctx.cache_dir,
-                       tokenizer=tokenizer)
+    return instantiate(
+        cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix, cache_dir=ctx.cache_dir, tokenizer=tokenizer
+    )
 
 
 def make_alignment(ctx: RunContext, tokenizer):
@@ -102,8 +103,9 @@ def make_alignment(ctx: RunContext, tokenizer):
     cfg = ctx.cfg
     if not cfg.baseline.alignment:
         return None
-    return instantiate(cfg.alignment, _convert_="all", prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir,
-                       tokenizer=tokenizer)
+    return instantiate(
+        cfg.alignment, _convert_="all", prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir, tokenizer=tokenizer
+    )
 
 
 def make_datamodule(ctx: RunContext, tokenizer):
@@ -112,9 +114,16 @@ def make_datamodule(ctx: RunContext, tokenizer):
 
     cfg = ctx.cfg
     return instantiate(
-        cfg.data, teacher=make_teacher(cfg), tokenizer=tokenizer, prompts=_container(cfg.prompts), target=cfg.baseline.target,
-        cache_dir=str(ctx.cache_dir), seed=cfg.seed, markers=_container(cfg.prompts.prefix_markers),
-        chat_template_kwargs=dict(cfg.student.chat_template_kwargs), prefix_stage=make_truncation(ctx, tokenizer),
+        cfg.data,
+        teacher=make_teacher(cfg),
+        tokenizer=tokenizer,
+        prompts=_container(cfg.prompts),
+        target=cfg.baseline.target,
+        cache_dir=str(ctx.cache_dir),
+        seed=cfg.seed,
+        markers=_container(cfg.prompts.prefix_markers),
+        chat_template_kwargs=dict(cfg.student.chat_template_kwargs),
+        prefix_stage=make_truncation(ctx, tokenizer),
         continuation_stage=make_alignment(ctx, tokenizer),
     )
 
@@ -144,7 +153,8 @@ def build_trainer(ctx: RunContext, tracker: Tracker, callbacks: list):
     )
     # the world size is the running trainer's (devices x nodes, as the strategy resolved them)
     trainer.accumulate_grad_batches = accumulation_steps(
-        cfg.training.effective_batch_size, cfg.data.micro_batch_size, trainer.world_size)
+        cfg.training.effective_batch_size, cfg.data.micro_batch_size, trainer.world_size
+    )
     return trainer
 
 
@@ -280,9 +290,17 @@ def eval_stage(ctx: RunContext, tracker: Tracker) -> None:
     # answer, a full disk) reach the user as they are, not as Hydra's InstantiationException, which
     # shows their repr (quoted, every backslash of a path or of LaTeX doubled)
     evaluate = instantiate(
-        cfg.evaluation, _convert_="all", _partial_=True, student=_container(cfg.student), method=cfg.baseline.name,
-        prompts=_container(cfg.prompts), cache_dir=ctx.cache_dir, run_dir=ctx.run_dir, trained=ctx.student_dir,
-        training_ids=lambda: teacher_ids(cfg), tracker=tracker,
+        cfg.evaluation,
+        _convert_="all",
+        _partial_=True,
+        student=_container(cfg.student),
+        method=cfg.baseline.name,
+        prompts=_container(cfg.prompts),
+        cache_dir=ctx.cache_dir,
+        run_dir=ctx.run_dir,
+        trained=ctx.student_dir,
+        training_ids=lambda: teacher_ids(cfg),
+        tracker=tracker,
     )
     summary = evaluate()
     if summary is not None:
@@ -308,7 +326,9 @@ def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
         rows, summary = grade_prediction_file(path, pool)
     graded = ctx.run_dir / f"{path.stem}.graded.jsonl"
     write_jsonl_atomic(graded, rows)
-    print(f"{path}: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}" for k, v in summary.items()))
+    print(
+        f"{path}: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}" for k, v in summary.items())
+    )
     print(f"per-sample grades written to {graded}")
     summary["graded"] = str(graded)
     ctx.summary.setdefault("graded", {})[str(path)] = summary
@@ -324,14 +344,20 @@ def report_stage(ctx: RunContext, tracker: Tracker) -> None:
     cfg = ctx.cfg
     out = Path(cfg.paths.root) / "report"
     # the report node's settings; the recipe's own config (each ablation's reference arm); stage=grade's folders
-    result = make_report(cfg.paths.runs, out, OmegaConf.to_object(cfg.report), tracker=tracker,
-                         graded_dir=Path(cfg.paths.root) / "grade", recipe=OmegaConf.to_container(cfg, resolve=True))
+    result = make_report(
+        cfg.paths.runs,
+        out,
+        OmegaConf.to_object(cfg.report),
+        tracker=tracker,
+        graded_dir=Path(cfg.paths.root) / "grade",
+        recipe=OmegaConf.to_container(cfg, resolve=True),
+    )
     print(result["table1"])
     print(f"tables, figures and report.md written to {out}")
 
 
 def judge_chains_stage(ctx: RunContext, tracker: Tracker) -> None:
-    """"GLM-based evaluation" (PAPER.md §4, §8) of the run's training problems: palign/analysis/chain_judge.py."""
+    """ "GLM-based evaluation" (PAPER.md §4, §8) of the run's training problems: palign/analysis/chain_judge.py."""
     from hydra.utils import instantiate
 
     from palign.llm.models import load_tokenizer
@@ -348,9 +374,15 @@ def judge_chains_stage(ctx: RunContext, tracker: Tracker) -> None:
     # a partial, called with the runtime arguments: Hydra would turn the records (dataclasses) into configs
     judge = instantiate(cfg.chain_judge, _convert_="all", _partial_=True)
     comparison, judge_label, stats = judge(
-        records=training_records(cfg), baseline=cfg.baseline.name, truncation=lambda: stage("truncation"),
-        alignment=lambda: stage("alignment"), markers=_container(cfg.prompts.prefix_markers), cache_dir=ctx.cache_dir,
-        run_dir=ctx.run_dir, tracker=tracker)
+        records=training_records(cfg),
+        baseline=cfg.baseline.name,
+        truncation=lambda: stage("truncation"),
+        alignment=lambda: stage("alignment"),
+        markers=_container(cfg.prompts.prefix_markers),
+        cache_dir=ctx.cache_dir,
+        run_dir=ctx.run_dir,
+        tracker=tracker,
+    )
     ctx.summary.setdefault("chain_judge", {}).setdefault(comparison, {})[judge_label] = stats
     save_summary(ctx)
     for built in stages.values():
@@ -374,15 +406,23 @@ def print_summary(ctx: RunContext) -> str:
             f"  prefix:  {trunc['examples']} traces, mean prefix ratio {trunc['prefix_ratio_mean']:.2f} "
             f"(median {trunc['prefix_ratio_median']:.2f}), fallback {100 * trunc['fallback_rate']:.0f}%, "
             f"{trunc['judge_calls_per_example']:.1f} judge calls/example, {100 * trunc['tokens_saved_fraction']:.0f}% tokens saved"
-            + (f", {trunc['probes_over_context']} probes of {trunc['examples_over_context']} traces over the judge's "
-               "context (not sufficient)" if trunc.get("probes_over_context") else "")
+            + (
+                f", {trunc['probes_over_context']} probes of {trunc['examples_over_context']} traces over the judge's "
+                "context (not sufficient)"
+                if trunc.get("probes_over_context")
+                else ""
+            )
         )
     data = ctx.summary.get("data", {})
     if data:
-        lines.append(f"  data:    {data.get('train/examples')} train examples, {data.get('train/dropped_too_long')} dropped (too long)")
+        lines.append(
+            f"  data:    {data.get('train/examples')} train examples, {data.get('train/dropped_too_long')} dropped (too long)"
+        )
     align = ctx.summary.get("alignment")
     if align and align.get("examples"):
-        lines.append(f"  align:   {align['correct']}/{align['examples']} continuations correct (retention {100 * align['retention']:.0f}%)")
+        lines.append(
+            f"  align:   {align['correct']}/{align['examples']} continuations correct (retention {100 * align['retention']:.0f}%)"
+        )
     for comparison, by_judge in ctx.summary.get("chain_judge", {}).items():
         for judge_label, s in by_judge.items():
             if s.get("pairs"):
@@ -493,7 +533,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         job_type=cfg.stage,
         tags=list(cfg.tags),
         config={**OmegaConf.to_container(cfg, resolve=True), **ablation_keys(cfg)},
-        project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, rank_zero=is_global_zero(),
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        mode=cfg.logger.mode,
+        rank_zero=is_global_zero(),
     )
     failed = True
     try:

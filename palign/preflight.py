@@ -100,17 +100,24 @@ def baseline_problems(cfg: DictConfig) -> list[str]:
 
     baseline, policy = cfg.baseline, prefix_policy(cfg)
     built("baseline.prefix", lambda made: made)
-    for key, make in (("truncation.granularity", lambda made: made), ("truncation.search", lambda made: made(1)),
-                      ("truncation.judge.threshold", lambda made: made)):
+    for key, make in (
+        ("truncation.granularity", lambda made: made),
+        ("truncation.search", lambda made: made(1)),
+        ("truncation.judge.threshold", lambda made: made),
+    ):
         if not unused_reason(cfg, key):
             built(key, make)
     if baseline.target in PREFIX_TARGETS and not policy.reads:
-        problems.append(f"baseline.target={baseline.target} is built from teacher prefixes, but baseline.prefix "
-                        f"({policy.__name__}) makes none; name a policy that does, e.g. "
-                        "palign.truncation.prefixes.AdaptivePrefix, or another target")
+        problems.append(
+            f"baseline.target={baseline.target} is built from teacher prefixes, but baseline.prefix "
+            f"({policy.__name__}) makes none; name a policy that does, e.g. "
+            "palign.truncation.prefixes.AdaptivePrefix, or another target"
+        )
     if baseline.target in CONTINUATION_TARGETS and not baseline.alignment:
-        problems.append(f"baseline.target={baseline.target} is built from the student's continuations, but "
-                        "baseline.alignment=false; set it to true, or pick another target")
+        problems.append(
+            f"baseline.target={baseline.target} is built from the student's continuations, but "
+            "baseline.alignment=false; set it to true, or pick another target"
+        )
     return problems
 
 
@@ -120,7 +127,9 @@ def file_problems(cfg: DictConfig) -> list[str]:
     problems: list[str] = []
     stage = cfg.stage
     benchmarks = {name: bench for name, bench in (cfg.evaluation.benchmarks or {}).items() if bench is not None}
-    needs_teacher = stage in TEACHER_STAGES or (stage in EVAL_STAGES and any(b.exclude_training for b in benchmarks.values()))
+    needs_teacher = stage in TEACHER_STAGES or (
+        stage in EVAL_STAGES and any(b.exclude_training for b in benchmarks.values())
+    )
     if needs_teacher:
         problems += teacher_problems(cfg.teacher.source)
     for key, spec in models_used(cfg).items():
@@ -132,17 +141,25 @@ def file_problems(cfg: DictConfig) -> list[str]:
                 problems += benchmark_content_problems(bench, key)
                 continue
             if bench.local_path is not None:
-                missing = _file_problem(bench.local_path, f"{key}.local_path", "a benchmark file (.jsonl or .json)",
-                                        f"or set it to null to read {bench.hub_id} from the Hub" if bench.hub_id else "")
+                missing = _file_problem(
+                    bench.local_path,
+                    f"{key}.local_path",
+                    "a benchmark file (.jsonl or .json)",
+                    f"or set it to null to read {bench.hub_id} from the Hub" if bench.hub_id else "",
+                )
                 problems += missing or benchmark_content_problems(bench, key)
             elif bench.hub_id is None:
-                problems.append(f"{key}: neither local_path nor hub_id is set; name the benchmark's file or Hub dataset")
+                problems.append(
+                    f"{key}: neither local_path nor hub_id is set; name the benchmark's file or Hub dataset"
+                )
             else:
                 problems += hub_problems(bench.hub_id, f"{key}.hub_id", "dataset")
         model_path = cfg.evaluation.model_path
         if model_path is not None and not (Path(model_path) / "config.json").is_file():
-            problems.append(f"evaluation.model_path={model_path}: no model folder (config.json) there; point it at a "
-                            "trained student's folder (<run>/student) or drop it to evaluate the run's own")
+            problems.append(
+                f"evaluation.model_path={model_path}: no model folder (config.json) there; point it at a "
+                "trained student's folder (<run>/student) or drop it to evaluate the run's own"
+            )
     if stage == "grade":
         if not cfg.predictions:
             problems.append("stage=grade needs predictions=PATH (JSONL with `answer` and a list of sampled `output`s)")
@@ -157,8 +174,9 @@ def benchmark_content_problems(bench: DictConfig, key: str) -> list[str]:
     from palign.artifacts.errors import DataFormatError
     from palign.evaluation.benchmarks import load_benchmark
 
-    arguments = {name: value for name, value in OmegaConf.to_container(bench, resolve=True).items()
-                 if name != "exclude_training"}
+    arguments = {
+        name: value for name, value in OmegaConf.to_container(bench, resolve=True).items() if name != "exclude_training"
+    }
     try:
         load_benchmark(**arguments)
     except (DataFormatError, ValueError, OSError) as err:
@@ -178,20 +196,26 @@ def teacher_problems(source: DictConfig) -> list[str]:
             if looks_like_hub_id(path):
                 problems += hub_problems(path, "teacher.source.path", "dataset")
             else:
-                problems.append(f"teacher.source.path={path}: no such file, and not a Hub id (namespace/name); point it "
-                                "at a local .jsonl, .json, .parquet or .csv copy of s1K-1.1, or at a Hub dataset")
+                problems.append(
+                    f"teacher.source.path={path}: no such file, and not a Hub id (namespace/name); point it "
+                    "at a local .jsonl, .json, .parquet or .csv copy of s1K-1.1, or at a Hub dataset"
+                )
     elif target.endswith("GeneratedTeacher"):
         problems_cfg = source.problems
         if problems_cfg.kind == "file":
             if not problems_cfg.path:
                 problems.append("teacher.source.problems.path: problems.kind=file needs a JSON/JSONL file of problems")
             else:
-                problems += _file_problem(problems_cfg.path, "teacher.source.problems.path", "a JSON/JSONL file of problems")
+                problems += _file_problem(
+                    problems_cfg.path, "teacher.source.problems.path", "a JSON/JSONL file of problems"
+                )
         if source.remote is None:
             problems += model_problems(source.model, "teacher.source.model")
         elif not source.remote.base_url or not source.remote.model:
-            problems.append("teacher.source.remote: a server needs base_url (e.g. http://127.0.0.1:8000/v1) and the "
-                            "model name it serves")
+            problems.append(
+                "teacher.source.remote: a server needs base_url (e.g. http://127.0.0.1:8000/v1) and the "
+                "model name it serves"
+            )
     return problems
 
 
@@ -281,12 +305,16 @@ def trainer_problems(cfg: DictConfig, *, hardware: bool) -> list[str]:
     strategy = trainer.strategy
     if isinstance(strategy, str):
         if any(word in strategy for word in SPAWNING):
-            problems.append(f"trainer.strategy={strategy}: its processes' training state does not come back to the "
-                            "exporting process; use trainer.strategy=ddp (Lightning starts one process per device and "
-                            "each runs the pipeline) or trainer=fsdp")
+            problems.append(
+                f"trainer.strategy={strategy}: its processes' training state does not come back to the "
+                "exporting process; use trainer.strategy=ddp (Lightning starts one process per device and "
+                "each runs the pipeline) or trainer=fsdp"
+            )
         elif strategy != "auto" and strategy not in StrategyRegistry.available_strategies():
-            problems.append(f"trainer.strategy={strategy}: not a Lightning strategy; use auto, ddp, trainer=fsdp or a "
-                            "strategy node with a _target_")
+            problems.append(
+                f"trainer.strategy={strategy}: not a Lightning strategy; use auto, ddp, trainer=fsdp or a "
+                "strategy node with a _target_"
+            )
     devices = OmegaConf.to_container(trainer.devices) if OmegaConf.is_config(trainer.devices) else trainer.devices
     if devices == 0 or devices == [] or (isinstance(devices, int) and devices < -1):
         problems.append(f"trainer.devices={devices}: a count >= 1, -1 (every device), 'auto' or a list of device ids")
@@ -297,9 +325,11 @@ def trainer_problems(cfg: DictConfig, *, hardware: bool) -> list[str]:
             world_size = _constructed_world_size(cfg)
         except Exception as err:  # noqa: BLE001 (Lightning's refusal, reported with the keys it concerns)
             cause = err.__cause__ or err  # Hydra wraps the Trainer's own exception
-            return [f"trainer (accelerator={trainer.accelerator}, devices={devices}, num_nodes={trainer.num_nodes}, "
-                    f"strategy={_describe(strategy)}, precision={trainer.precision}): Lightning refuses it: "
-                    f"{type(cause).__name__}: {' '.join(str(cause).split())}"]
+            return [
+                f"trainer (accelerator={trainer.accelerator}, devices={devices}, num_nodes={trainer.num_nodes}, "
+                f"strategy={_describe(strategy)}, precision={trainer.precision}): Lightning refuses it: "
+                f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+            ]
     if world_size is None:
         return problems
     try:
@@ -323,9 +353,15 @@ def _constructed_world_size(cfg: DictConfig) -> int:
     level = quiet.level
     quiet.setLevel(std_logging.WARNING)  # "GPU available: ..." is printed once, by the run's own Trainer
     try:
-        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                              max_epochs=cfg.training.epochs, max_steps=cfg.training.max_steps,
-                              use_distributed_sampler=False)
+        trainer = instantiate(
+            cfg.trainer,
+            logger=False,
+            callbacks=[],
+            enable_checkpointing=False,
+            max_epochs=cfg.training.epochs,
+            max_steps=cfg.training.max_steps,
+            use_distributed_sampler=False,
+        )
     finally:
         quiet.setLevel(level)
     return trainer.world_size
@@ -340,7 +376,8 @@ def accumulation_steps(effective: int, micro: int, world_size: int) -> int:
         raise ConfigError(
             f"training.effective_batch_size={effective} is not a multiple of data.micro_batch_size={micro} x "
             f"{world_size} process{'es' * (world_size != 1)} (trainer.devices x trainer.num_nodes) = {per_step}: an optimizer step could "
-            f"not see exactly {effective} examples; use e.g. {' or '.join(map(str, reachable))}, or change the micro batch")
+            f"not see exactly {effective} examples; use e.g. {' or '.join(map(str, reachable))}, or change the micro batch"
+        )
     return effective // per_step
 
 
@@ -349,9 +386,11 @@ def check_launcher(strategy: Any) -> None:
     ddp_notebook): what those processes learn (steps, the loss curve, checkpoint states) never comes
     back to the process that exports and writes the summary."""
     if isinstance(strategy, str) and any(word in strategy for word in SPAWNING):
-        raise ConfigError(f"trainer.strategy={strategy}: its processes' training state does not come back to the "
-                          "exporting process; use trainer.strategy=ddp (Lightning starts one process per device "
-                          "and each runs the pipeline) or fsdp")
+        raise ConfigError(
+            f"trainer.strategy={strategy}: its processes' training state does not come back to the "
+            "exporting process; use trainer.strategy=ddp (Lightning starts one process per device "
+            "and each runs the pipeline) or fsdp"
+        )
 
 
 # -- inference back ends ------------------------------------------------------------------------------
@@ -427,12 +466,17 @@ class PreflightSweep(Callback):
         try:
             jobs = sweep_jobs(config)
         except Exception as err:  # noqa: BLE001 (the jobs check themselves when they start)
-            log.warning("preflight: could not list the sweep's jobs (%s: %s); each job checks itself when it starts",
-                        type(err).__name__, err)
+            log.warning(
+                "preflight: could not list the sweep's jobs (%s: %s); each job checks itself when it starts",
+                type(err).__name__,
+                err,
+            )
             return
         if jobs is None:
-            log.info("preflight: the sweeper %s is not Hydra's basic sweeper; each job checks itself when it starts",
-                     config.hydra.sweeper.get("_target_"))
+            log.info(
+                "preflight: the sweeper %s is not Hydra's basic sweeper; each job checks itself when it starts",
+                config.hydra.sweeper.get("_target_"),
+            )
             return
         hardware = "slurm" not in str(config.hydra.launcher.get("_target_", "")).lower()
         failures = []
@@ -442,13 +486,20 @@ class PreflightSweep(Callback):
                 preflight(job, overrides, hardware=hardware)
             except Exception as err:  # noqa: BLE001 (every job's problems are reported together)
                 lines = str(err).replace("this run would fail; nothing was loaded or written:\n", "").splitlines()
-                failures.append(f"job #{number} ({' '.join(overrides)}):\n" + "\n".join(f"    {line.strip()}" for line in lines))
+                failures.append(
+                    f"job #{number} ({' '.join(overrides)}):\n" + "\n".join(f"    {line.strip()}" for line in lines)
+                )
         if failures:
             # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings and launches anyway
-            raise SystemExit(f"{len(failures)} of {len(jobs)} jobs of this sweep would fail, so none was launched:\n"
-                             + "\n".join(failures))
-        log.info("preflight: the %d jobs of this sweep are sound%s", len(jobs),
-                 "" if hardware else " (hardware checks run on each job's node)")
+            raise SystemExit(
+                f"{len(failures)} of {len(jobs)} jobs of this sweep would fail, so none was launched:\n"
+                + "\n".join(failures)
+            )
+        log.info(
+            "preflight: the %d jobs of this sweep are sound%s",
+            len(jobs),
+            "" if hardware else " (hardware checks run on each job's node)",
+        )
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:

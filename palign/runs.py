@@ -38,8 +38,10 @@ def prefix_policy(cfg: DictConfig) -> type:
     try:
         return target_class(cfg.baseline.prefix._target_)
     except ValueError as err:
-        raise ValueError(f"baseline.prefix.{err}; name a prefix policy of palign/truncation/prefixes.py, e.g. "
-                         "palign.truncation.prefixes.AdaptivePrefix") from None
+        raise ValueError(
+            f"baseline.prefix.{err}; name a prefix policy of palign/truncation/prefixes.py, e.g. "
+            "palign.truncation.prefixes.AdaptivePrefix"
+        ) from None
 
 
 def unused_groups(cfg: DictConfig) -> dict[str, str]:
@@ -54,8 +56,9 @@ def unused_groups(cfg: DictConfig) -> dict[str, str]:
     else:
         for spec in fields(OmegaConf.get_type(cfg.truncation)):
             if spec.name != "_target_" and spec.name not in policy.reads:
-                unused[f"truncation.{spec.name}"] = (f"baseline '{name}' ({policy.__name__}) reads no truncation."
-                                                     f"{spec.name}; pick e.g. baseline=palign")
+                unused[f"truncation.{spec.name}"] = (
+                    f"baseline '{name}' ({policy.__name__}) reads no truncation.{spec.name}; pick e.g. baseline=palign"
+                )
     if not cfg.baseline.alignment:
         unused["alignment"] = f"baseline '{name}' has no alignment stage; pick e.g. baseline=palign"
     return unused
@@ -91,7 +94,9 @@ def _identity(node: Any, prefix: str, skip: dict[str, str]) -> Any:
             if not spec.metadata.get("identity", True) or key in skip:
                 continue
             value = None if OmegaConf.is_missing(node, spec.name) else node[spec.name]
-            out[spec.name] = content_identity(value) if spec.metadata.get("content") else _identity(value, key + ".", skip)
+            out[spec.name] = (
+                content_identity(value) if spec.metadata.get("content") else _identity(value, key + ".", skip)
+            )
         return out
     if isinstance(node, DictConfig):
         return {name: _identity(node[name], f"{prefix}{name}.", skip) for name in node}
@@ -118,8 +123,9 @@ def run_identity(cfg: DictConfig, every_stage: bool = False) -> dict[str, Any]:
     if not is_dataclass(OmegaConf.get_type(cfg)):
         raise TypeError("run_identity needs a config composed against palign's schema (palign/schema.py)")
     identity = _identity(cfg, "", {} if every_stage else unused_groups(cfg))
-    identity["callbacks"] = {name: value for name, value in identity.get("callbacks", {}).items()
-                             if changes_results(cfg.callbacks[name])}
+    identity["callbacks"] = {
+        name: value for name, value in identity.get("callbacks", {}).items() if changes_results(cfg.callbacks[name])
+    }
     return identity
 
 
@@ -135,4 +141,3 @@ def run_folder(cfg: DictConfig) -> tuple[str, Path]:
         return run_id, Path(cfg.paths.root) / cfg.stage / run_id
     run_id = f"{cfg.run_name}-{fingerprint(run_identity(cfg), length=8)}"
     return run_id, Path(cfg.paths.runs) / run_id
-

@@ -45,6 +45,7 @@ JUDGE_MODES = ("logits", "generate")  # the sufficiency judge's decision modes (
 JUDGE_ENGINES = ("one_pass", "batched")  # its logits-mode scoring engines
 TEACHERS = "palign.teachers.sources"
 
+
 # -- shared pieces --------------------------------------------------------------------------------
 @dataclass
 class Grading:
@@ -62,17 +63,32 @@ class Ray:
     the workers and stored as each piece comes back."""
 
     num_workers: int = knob(2, "actors, each holding one model (data parallelism)", identity=False, check=at_least(1))
-    num_cpus_per_worker: float = knob(1.0, "CPUs Ray reserves per actor (also its torch threads)", identity=False,
-                                      check=number(0, low_open=True))
-    num_gpus_per_worker: float = knob(0.0, "GPUs per actor (0 on CPU machines; 1 for one engine per GPU)",
-                                      identity=False, check=number(0))
-    engine: str = knob("hf", "what each worker holds: hf (palign's Hugging Face generation, any device) | vllm "
-                       "(a vLLM engine with the `vllm:` settings, GPU workers)", identity=False, check=one_of("hf", "vllm"))
-    address: str | None = knob(None, "null: start a local cluster on this machine; `auto`: join the cluster this node "
-                               "belongs to (`ray start`); ray://host:10001 for a remote head", identity=False)
-    batch_size: int = knob(16, "prompts per worker call (rounded to whole generation batches of sampling.batch_size); "
-                           "the judge sends one truncation.chunk_size chunk of traces per call",
-                           identity=False, check=at_least(1))
+    num_cpus_per_worker: float = knob(
+        1.0, "CPUs Ray reserves per actor (also its torch threads)", identity=False, check=number(0, low_open=True)
+    )
+    num_gpus_per_worker: float = knob(
+        0.0, "GPUs per actor (0 on CPU machines; 1 for one engine per GPU)", identity=False, check=number(0)
+    )
+    engine: str = knob(
+        "hf",
+        "what each worker holds: hf (palign's Hugging Face generation, any device) | vllm "
+        "(a vLLM engine with the `vllm:` settings, GPU workers)",
+        identity=False,
+        check=one_of("hf", "vllm"),
+    )
+    address: str | None = knob(
+        None,
+        "null: start a local cluster on this machine; `auto`: join the cluster this node "
+        "belongs to (`ray start`); ray://host:10001 for a remote head",
+        identity=False,
+    )
+    batch_size: int = knob(
+        16,
+        "prompts per worker call (rounded to whole generation batches of sampling.batch_size); "
+        "the judge sends one truncation.chunk_size chunk of traces per call",
+        identity=False,
+        check=at_least(1),
+    )
 
 
 @dataclass
@@ -80,9 +96,12 @@ class VLLM:
     """vLLM engine settings for every stage whose `backend` is vllm (GPU only, `pip install 'palign[vllm]'`)."""
 
     tensor_parallel_size: int = knob(1, "GPUs per engine", check=at_least(1))
-    gpu_memory_utilization: float = knob(0.85, "share of the GPU each distinct engine reserves",
-                                         check=number(0, 1, low_open=True))
-    max_model_len: int | None = knob(None, "context length (null: the model's)", check=at_least(1, optional="the model's"))
+    gpu_memory_utilization: float = knob(
+        0.85, "share of the GPU each distinct engine reserves", check=number(0, 1, low_open=True)
+    )
+    max_model_len: int | None = knob(
+        None, "context length (null: the model's)", check=at_least(1, optional="the model's")
+    )
     enable_prefix_caching: bool = knob(True, "the judge's prefixes of one trace share their KV cache")
     dtype: str = knob("auto", "weights' dtype")
     seed: int = knob("${seed}", "engine seed")
@@ -95,13 +114,23 @@ class Paths:
     """Where a run reads and writes on this machine (never part of a run's identity)."""
 
     root: str = knob("${oc.env:PALIGN_OUTPUTS,${project_root:}/outputs}", "every file a run writes lives under here")
-    runs: str = knob("${paths.root}/runs", "run folders: <runs>/<run_name>-<fingerprint>; rerunning a command resumes there")
-    cache_dir: str = knob("${oc.env:PALIGN_CACHE,${paths.root}/cache}",
-                          "artifacts shared between runs: converted models, tokenized data, stage stores")
-    shared_data: str = knob("${oc.env:PALIGN_SHARED_DATA,${project_root:}/../shared/data}",
-                            "read-only reference data beside the repository (../shared/data)")
-    lock_timeout_s: float = knob(86400.0, "how long a process waits for another one computing the same cached stage "
-                                 "(DDP ranks, SLURM tasks sharing cache_dir), then fails naming the lock", check=number(0))
+    runs: str = knob(
+        "${paths.root}/runs", "run folders: <runs>/<run_name>-<fingerprint>; rerunning a command resumes there"
+    )
+    cache_dir: str = knob(
+        "${oc.env:PALIGN_CACHE,${paths.root}/cache}",
+        "artifacts shared between runs: converted models, tokenized data, stage stores",
+    )
+    shared_data: str = knob(
+        "${oc.env:PALIGN_SHARED_DATA,${project_root:}/../shared/data}",
+        "read-only reference data beside the repository (../shared/data)",
+    )
+    lock_timeout_s: float = knob(
+        86400.0,
+        "how long a process waits for another one computing the same cached stage "
+        "(DDP ranks, SLURM tasks sharing cache_dir), then fails naming the lock",
+        check=number(0),
+    )
 
 
 @dataclass
@@ -127,10 +156,13 @@ class Baseline:
 
     name: str = knob(MISSING, "names the run and the method in result tables")
     target: str = knob(MISSING, "the supervision target (palign/data/supervision.py)", check=one_of(*TARGETS))
-    prefix: Any = knob(MISSING, "how prefixes are made: a node whose `_target_` is a prefix policy of "
-                       "palign/truncation/prefixes.py (NoPrefix | AdaptivePrefix: the judge's search over the "
-                       "`truncation` node | FixedRatioPrefix with its `ratio`); its options are checked when it is "
-                       "built, before anything loads")
+    prefix: Any = knob(
+        MISSING,
+        "how prefixes are made: a node whose `_target_` is a prefix policy of "
+        "palign/truncation/prefixes.py (NoPrefix | AdaptivePrefix: the judge's search over the "
+        "`truncation` node | FixedRatioPrefix with its `ratio`); its options are checked when it is "
+        "built, before anything loads",
+    )
     alignment: bool = knob(False, "whether the student continues the prefixes (stage 2)")
 
 
@@ -156,7 +188,9 @@ class S1KSource(TeacherSource):
     _target_: str = f"{TEACHERS}.S1KTeacher"
     path: str = knob("simplescaling/s1K-1.1", "a Hub id, or a local file in the same schema", content=True)
     split: str = knob("train", "the dataset split")
-    short_answer_chars: int = knob(64, "a reference solution up to this long is also the short answer", check=at_least(1))
+    short_answer_chars: int = knob(
+        64, "a reference solution up to this long is also the short answer", check=at_least(1)
+    )
 
 
 @dataclass
@@ -187,21 +221,38 @@ class Remote:
 
     base_url: str | None = knob(None, "e.g. http://127.0.0.1:8000/v1", identity=False)
     model: str | None = knob(None, "the model name the server knows")
-    api_key_env: str | None = knob("OPENAI_API_KEY", "the NAME of the key's environment variable (null: no authentication); "
-                                   "the key itself is read at call time and never logged", identity=False)
+    api_key_env: str | None = knob(
+        "OPENAI_API_KEY",
+        "the NAME of the key's environment variable (null: no authentication); "
+        "the key itself is read at call time and never logged",
+        identity=False,
+    )
     max_concurrency: int = knob(8, "requests in flight", identity=False, check=at_least(1))
-    max_retries: int = knob(5, "on 429, 5xx, timeouts and connection errors; other 4xx fail at once", identity=False,
-                            check=at_least(0))
-    backoff_s: float = knob(1.0, "first retry delay, doubled each time (jittered, <= 60 s)", identity=False, check=number(0))
+    max_retries: int = knob(
+        5, "on 429, 5xx, timeouts and connection errors; other 4xx fail at once", identity=False, check=at_least(0)
+    )
+    backoff_s: float = knob(
+        1.0, "first retry delay, doubled each time (jittered, <= 60 s)", identity=False, check=number(0)
+    )
     timeout_s: float = knob(600, "seconds per request", identity=False, check=number(0, low_open=True))
-    extra_body: dict[str, Any] = knob(factory=dict, help="extra request fields, e.g. {repetition_penalty: 1.05} for vLLM")
+    extra_body: dict[str, Any] = knob(
+        factory=dict, help="extra request fields, e.g. {repetition_penalty: 1.05} for vLLM"
+    )
     include_reasoning: bool = knob(False, "prepend the server's separate reasoning field to the reply")
-    server: str = knob("openai", "the kind of server: openai (the OpenAI API and hosted look-alikes: standard fields "
-                       "only) | vllm (vLLM's OpenAI server: token-id prompts rendered by palign's chat template, every "
-                       "sampling field, the judge's logits mode) | transformers (transformers serve)", identity=False,
-                       check=one_of("openai", "vllm", "transformers"))
-    supports_n: bool | None = knob(None, "whether one request asks for several samples with `n` (null: as the kind of "
-                                   "server does, and one sample per request once a server returns fewer)", identity=False)
+    server: str = knob(
+        "openai",
+        "the kind of server: openai (the OpenAI API and hosted look-alikes: standard fields "
+        "only) | vllm (vLLM's OpenAI server: token-id prompts rendered by palign's chat template, every "
+        "sampling field, the judge's logits mode) | transformers (transformers serve)",
+        identity=False,
+        check=one_of("openai", "vllm", "transformers"),
+    )
+    supports_n: bool | None = knob(
+        None,
+        "whether one request asks for several samples with `n` (null: as the kind of "
+        "server does, and one sample per request once a server returns fewer)",
+        identity=False,
+    )
 
 
 @dataclass
@@ -218,14 +269,19 @@ class GeneratedSource(TeacherSource):
     _target_: str = f"{TEACHERS}.GeneratedTeacher"
     only_correct: bool = knob(True, "keep only generated traces whose answer math-verify grades correct")
     model: ModelSpec = knob("${student}", "the generating model (ignored when `remote` is set)")
-    backend: Any = knob(MISSING, "how `model` runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
-                        "with backend@teacher.source.backend=NAME and set field by field (teacher.source.backend.base_url=...)", identity=False)
+    backend: Any = knob(
+        MISSING,
+        "how `model` runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
+        "with backend@teacher.source.backend=NAME and set field by field (teacher.source.backend.base_url=...)",
+        identity=False,
+    )
     problems: Problems = knob(factory=Problems, help="the problems to generate for")
     sampling: Sampling = knob(factory=lambda: Sampling(max_new_tokens=1024), help="the teacher's sampling")
     cache_dir: str = knob("${paths.cache_dir}", "where generations are stored", identity=False)
     prompts: Prompts = knob("${prompts}", "the instruction prompts")
-    problem_limit: int | None = knob(32, "problems to generate for (generation is the expensive part)",
-                                     check=at_least(1, optional="all"))
+    problem_limit: int | None = knob(
+        32, "problems to generate for (generation is the expensive part)", check=at_least(1, optional="all")
+    )
     chunk_size: int = knob(32, "problems per resumable chunk", identity=False, check=at_least(1))
     grading_workers: int = knob(1, "grading processes", identity=False, check=at_least(0))
     remote: Remote | None = knob(None, "generate through a server instead of `model`")
@@ -245,24 +301,41 @@ class Judge:
     """The sufficiency judge (palign/truncation/judge.py)."""
 
     model: ModelSpec = knob("${student}", "the judging model (self-judging: the student)")
-    mode: str = knob("logits", "logits: [ENOUGH] vs [NOT_ENOUGH] log-odds | generate: the authors' generate and parse",
-                     check=one_of(*JUDGE_MODES))
-    backend: Any = knob(MISSING, "how the judge runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
-                        "with backend@truncation.judge.backend=NAME and set field by field (truncation.judge.backend.base_url=...)", identity=False)
+    mode: str = knob(
+        "logits",
+        "logits: [ENOUGH] vs [NOT_ENOUGH] log-odds | generate: the authors' generate and parse",
+        check=one_of(*JUDGE_MODES),
+    )
+    backend: Any = knob(
+        MISSING,
+        "how the judge runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
+        "with backend@truncation.judge.backend=NAME and set field by field (truncation.judge.backend.base_url=...)",
+        identity=False,
+    )
     max_new_tokens: int = knob(256, "generate mode: reply tokens", check=at_least(1))
-    max_context_tokens: int | None = knob(None, "tokens a probe's prompt and reply may take together (null: the judge "
-                                          "model's context, config.json's max_position_embeddings); a longer probe is not "
-                                          "sent to the judge and counts as not sufficient (counted as probes_over_context), "
-                                          "so every trace is searched and no request exceeds the context",
-                                          check=at_least(2, optional="the model's context"))
+    max_context_tokens: int | None = knob(
+        None,
+        "tokens a probe's prompt and reply may take together (null: the judge "
+        "model's context, config.json's max_position_embeddings); a longer probe is not "
+        "sent to the judge and counts as not sufficient (counted as probes_over_context), "
+        "so every trace is searched and no request exceeds the context",
+        check=at_least(2, optional="the model's context"),
+    )
     batch_size: int = knob(8, "sequences per forward (batched engine, generate mode)", check=at_least(1))
-    engine: str = knob("one_pass", "logits mode: one_pass scores every prefix from one forward over the trace; batched "
-                       "scores each requested prefix as its own sequence (same scores)", identity=False,
-                       check=one_of(*JUDGE_ENGINES))
+    engine: str = knob(
+        "one_pass",
+        "logits mode: one_pass scores every prefix from one forward over the trace; batched "
+        "scores each requested prefix as its own sequence (same scores)",
+        identity=False,
+        check=one_of(*JUDGE_ENGINES),
+    )
     max_tail_tokens: int = knob(4096, "one_pass: verdict-tail tokens per forward", identity=False, check=at_least(1))
-    threshold: Any = knob(MISSING, "when a logits score counts as sufficient: a node whose `_target_` is a threshold "
-                          "of palign/truncation/judge.py with its options (conf/truncation/judge/threshold/: "
-                          "absolute, relative_to_full, quantile)")
+    threshold: Any = knob(
+        MISSING,
+        "when a logits score counts as sufficient: a node whose `_target_` is a threshold "
+        "of palign/truncation/judge.py with its options (conf/truncation/judge/threshold/: "
+        "absolute, relative_to_full, quantile)",
+    )
 
 
 @dataclass
@@ -272,8 +345,14 @@ class JudgePrompt:
     name: str = knob(MISSING, "names the prompt in tables")
     enough: str = knob("[ENOUGH]", "the verdict for a sufficient prefix")
     not_enough: str = knob("[NOT_ENOUGH]", "the verdict for an insufficient one")
-    template: str = knob(MISSING, "the prompt, with {question} and {reasoning_part}", check=(
-        "a template holding {question} and {reasoning_part}", lambda v: "{question}" in v and "{reasoning_part}" in v))
+    template: str = knob(
+        MISSING,
+        "the prompt, with {question} and {reasoning_part}",
+        check=(
+            "a template holding {question} and {reasoning_part}",
+            lambda v: "{question}" in v and "{reasoning_part}" in v,
+        ),
+    )
 
 
 @dataclass
@@ -281,15 +360,22 @@ class Truncation:
     """Stage 1 (conf/truncation/, mirroring palign/truncation/); builds itself with the run's tokenizer."""
 
     _target_: str = "palign.truncation.stage.PrefixTruncation.from_config"
-    granularity: Any = knob(MISSING, "the units a trace is split into: a node whose `_target_` is a Splitter of "
-                            "palign/truncation/units.py with its options (conf/truncation/granularity/)")
-    search: Any = knob(MISSING, "how the shortest sufficient prefix is searched: a node whose `_target_` is a "
-                       "PrefixSearch of palign/truncation/search.py, `_partial_: true` (one search per trace) and its "
-                       "options (conf/truncation/search/)")
+    granularity: Any = knob(
+        MISSING,
+        "the units a trace is split into: a node whose `_target_` is a Splitter of "
+        "palign/truncation/units.py with its options (conf/truncation/granularity/)",
+    )
+    search: Any = knob(
+        MISSING,
+        "how the shortest sufficient prefix is searched: a node whose `_target_` is a "
+        "PrefixSearch of palign/truncation/search.py, `_partial_: true` (one search per trace) and its "
+        "options (conf/truncation/search/)",
+    )
     judge: Judge = knob(MISSING, "conf/truncation/judge/")
     judge_prompt: JudgePrompt = knob(MISSING, "conf/truncation/judge_prompt/")
-    chunk_size: int = knob(32, "traces per resumable chunk (all traces in a chunk advance together)",
-                           identity=False, check=at_least(1))
+    chunk_size: int = knob(
+        32, "traces per resumable chunk (all traces in a chunk advance together)", identity=False, check=at_least(1)
+    )
 
 
 # -- stage 2: prefix alignment --------------------------------------------------------------------
@@ -299,10 +385,17 @@ class Alignment:
 
     _target_: str = "palign.alignment.continuation.PrefixContinuation.from_config"
     model: ModelSpec = knob("${student}", "the continuing model (the student)")
-    filter: str = knob("correct", "correct: keep continuations graded correct (Eq. 9) | none: keep all",
-                       check=one_of("correct", "none"))
-    backend: Any = knob(MISSING, "how the continuation runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
-                        "with backend@alignment.backend=NAME and set field by field (alignment.backend.base_url=...)", identity=False)
+    filter: str = knob(
+        "correct",
+        "correct: keep continuations graded correct (Eq. 9) | none: keep all",
+        check=one_of("correct", "none"),
+    )
+    backend: Any = knob(
+        MISSING,
+        "how the continuation runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
+        "with backend@alignment.backend=NAME and set field by field (alignment.backend.base_url=...)",
+        identity=False,
+    )
     sampling: Sampling = knob(factory=lambda: Sampling(batch_size=32), help="the authors' continuation sampling")
     chunk_size: int = knob(32, "examples per resumable chunk", identity=False, check=at_least(1))
     grading: Grading = knob(factory=Grading, help="grading of the continuations")
@@ -314,17 +407,22 @@ class Data:
     """Supervised examples and batches (palign/data/); builds the stage's LightningDataModule."""
 
     _target_: str = "palign.data.datamodule.PrefixAlignmentDataModule"
-    max_length: int = knob(32768, "tokens per example; longer ones are dropped and counted, never truncated",
-                           check=at_least(1))
+    max_length: int = knob(
+        32768, "tokens per example; longer ones are dropped and counted, never truncated", check=at_least(1)
+    )
     micro_batch_size: int = knob(1, "examples (or packed bins) per forward", check=at_least(1))
     val_size: int = knob(0, "problems held out for validation loss", check=at_least(0))
-    train_limit: int | None = knob(None, "cap on training problems (after the validation split)",
-                                   check=at_least(1, optional="all"))
+    train_limit: int | None = knob(
+        None, "cap on training problems (after the validation split)", check=at_least(1, optional="all")
+    )
     num_workers: int = knob(0, "DataLoader workers", identity=False, check=at_least(0))
     group_by_length: bool = knob(True, "micro-batches of similar length (less padding), in a shuffled order")
     packing: bool = knob(False, "padding-free packing: several examples per row, positions restart per example")
-    pack_length: int | None = knob(None, "tokens per packed bin (a micro-batch flattens micro_batch_size bins into one row)",
-                                  check=at_least(1, optional="max_length"))
+    pack_length: int | None = knob(
+        None,
+        "tokens per packed bin (a micro-batch flattens micro_batch_size bins into one row)",
+        check=at_least(1, optional="max_length"),
+    )
 
 
 @dataclass
@@ -345,24 +443,43 @@ class Training:
     _target_: str = "palign.training.module.StudentSFTModule.from_config"
     learning_rate: float = knob(5e-5, "peak learning rate", check=number(0, low_open=True))
     weight_decay: float = knob(0.0, "AdamW weight decay", check=number(0))
-    betas: list[float] = knob(factory=lambda: [0.9, 0.999], help="AdamW betas", check=(
-        "two numbers in [0, 1)", lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v)))
+    betas: list[float] = knob(
+        factory=lambda: [0.9, 0.999],
+        help="AdamW betas",
+        check=("two numbers in [0, 1)", lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v)),
+    )
     warmup_ratio: float = knob(0.1, "share of optimizer steps warming up, then cosine decay", check=number(0, 1))
     epochs: int = knob(3, "passes over the training set", check=at_least(1))
-    max_steps: int = knob(-1, "-1: no limit; else stop after this many optimizer steps", check=(
-        "-1 (no limit) or an integer >= 1", lambda v: is_int(v) and (v == -1 or v >= 1)))
-    effective_batch_size: int = knob(32, "examples per optimizer step (gradient accumulation makes it up)",
-                                     check=at_least(1))
+    max_steps: int = knob(
+        -1,
+        "-1: no limit; else stop after this many optimizer steps",
+        check=("-1 (no limit) or an integer >= 1", lambda v: is_int(v) and (v == -1 or v >= 1)),
+    )
+    effective_batch_size: int = knob(
+        32, "examples per optimizer step (gradient accumulation makes it up)", check=at_least(1)
+    )
     lora: Lora | None = knob(None, "null: full fine-tuning; training=paper for the paper's LoRA")
-    gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass (less memory)", identity=False)
-    checkpoint_every_n_steps: int = knob(50, "optimizer steps between checkpoints (plus one per epoch end)",
-                                         identity=False, check=at_least(1))
-    loss_kernel: str = knob("auto", "the cross-entropy over supervised tokens: chunked (logits of one chunk at a "
-                            "time, memory flat in the vocabulary), liger (Liger's fused linear cross-entropy, GPU), "
-                            "auto (liger where installed and on a GPU, else chunked)", identity=False,
-                            check=one_of("auto", "chunked", "liger"))
-    loss_chunk_tokens: int = knob(1024, "supervised tokens per chunk of the chunked cross-entropy (1024 x Qwen's "
-                                  "152k vocabulary: 0.6 GB of fp32 logits)", identity=False, check=at_least(1))
+    gradient_checkpointing: bool = knob(
+        False, "recompute activations in the backward pass (less memory)", identity=False
+    )
+    checkpoint_every_n_steps: int = knob(
+        50, "optimizer steps between checkpoints (plus one per epoch end)", identity=False, check=at_least(1)
+    )
+    loss_kernel: str = knob(
+        "auto",
+        "the cross-entropy over supervised tokens: chunked (logits of one chunk at a "
+        "time, memory flat in the vocabulary), liger (Liger's fused linear cross-entropy, GPU), "
+        "auto (liger where installed and on a GPU, else chunked)",
+        identity=False,
+        check=one_of("auto", "chunked", "liger"),
+    )
+    loss_chunk_tokens: int = knob(
+        1024,
+        "supervised tokens per chunk of the chunked cross-entropy (1024 x Qwen's "
+        "152k vocabulary: 0.6 GB of fp32 logits)",
+        identity=False,
+        check=at_least(1),
+    )
 
 
 @dataclass
@@ -375,8 +492,10 @@ class Trainer:
     devices: Any = knob(1, "devices per node: a count, -1 for all, or a list", identity=False)
     num_nodes: int = knob(1, "nodes", identity=False, check=at_least(1))
     strategy: Any = knob("auto", "auto | ddp | fsdp | a Lightning strategy", identity=False)
-    precision: str = knob("${native_bf16_precision:${.accelerator}}",
-                          "bf16-mixed where the hardware has native bf16, else 32-true (it changes results)")
+    precision: str = knob(
+        "${native_bf16_precision:${.accelerator}}",
+        "bf16-mixed where the hardware has native bf16, else 32-true (it changes results)",
+    )
     gradient_clip_val: float | None = knob(1.0, "gradient norm clip (null: none)")
     deterministic: Any = knob(False, "torch deterministic algorithms (true | false | warn)")
     limit_train_batches: Any = knob(None, "train on this many batches (or this share) per epoch (null: all)")
@@ -402,8 +521,11 @@ class Benchmark:
     limit: int | None = knob(None, "the first N problems (null: all)", check=at_least(1, optional="all"))
     package: str | None = knob(None, "an installed data package instead of a file (champ)")
     numeric_answers_only: bool = knob(False, "keep problems whose answer is a number")
-    exclude_training: bool = knob(False, "leave out every problem of the teacher's data set, which holds the run's "
-                                  "training problems whatever the seed (held-out evaluation)")
+    exclude_training: bool = knob(
+        False,
+        "leave out every problem of the teacher's data set, which holds the run's "
+        "training problems whatever the seed (held-out evaluation)",
+    )
 
 
 @dataclass
@@ -412,18 +534,32 @@ class Evaluation:
 
     _target_: str = "palign.evaluation.harness.evaluate_student"
     benchmarks: dict[str, Benchmark | None] = knob(factory=dict, help="name -> benchmark (null: left out)")
-    limit: int | None = knob(None, "at most this many problems of each benchmark (null: each benchmark's own limit)",
-                             check=at_least(1, optional="no cap"))
+    limit: int | None = knob(
+        None,
+        "at most this many problems of each benchmark (null: each benchmark's own limit)",
+        check=at_least(1, optional="no cap"),
+    )
     model_path: str | None = knob(None, "evaluate this folder instead of the run's trained student")
-    backend: Any = knob(MISSING, "how evaluation's generation runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
-                        "with backend@evaluation.backend=NAME and set field by field (evaluation.backend.base_url=...)", identity=False)
-    sampling: Sampling = knob(factory=lambda: Sampling(num_samples=3, batch_size=16), help="n=3, T=0.6, top-p 0.9, rep 1.05")
-    pass_k: int = knob("${.sampling.num_samples}", "k of Pass@k (at most sampling.num_samples; by default all of them, "
-                       "so a smaller sampling.num_samples takes Pass@k with it)", check=at_least(1))
+    backend: Any = knob(
+        MISSING,
+        "how evaluation's generation runs: an option of conf/backend/ (hf | vllm | ray | openai | auto), chosen "
+        "with backend@evaluation.backend=NAME and set field by field (evaluation.backend.base_url=...)",
+        identity=False,
+    )
+    sampling: Sampling = knob(
+        factory=lambda: Sampling(num_samples=3, batch_size=16), help="n=3, T=0.6, top-p 0.9, rep 1.05"
+    )
+    pass_k: int = knob(
+        "${.sampling.num_samples}",
+        "k of Pass@k (at most sampling.num_samples; by default all of them, "
+        "so a smaller sampling.num_samples takes Pass@k with it)",
+        check=at_least(1),
+    )
     grading: Grading = knob(factory=lambda: Grading(workers=2), help="grading of the samples")
     chunk_size: int = knob(64, "problems per resumable chunk of predictions", identity=False, check=at_least(1))
-    intervals: Intervals = knob("${report.intervals}", "the intervals logged with the results (the run's "
-                                "`report.intervals`)", identity=False)
+    intervals: Intervals = knob(
+        "${report.intervals}", "the intervals logged with the results (the run's `report.intervals`)", identity=False
+    )
 
 
 @dataclass
@@ -433,18 +569,27 @@ class ChainJudge:
 
     _target_: str = "palign.analysis.chain_judge.judge_training_chains"
     name: str = knob(MISSING, "names the judge")
-    backend: Any = knob(MISSING, "how the judge runs: an option of conf/backend/ (hf runs `model`; openai: a server and "
-                        "the model name it knows, in the option's fields), chosen with backend@chain_judge.backend=NAME")
-    model: ModelSpec = knob("${student}", "the judging model (by default the student); on a server, the tokenizer and "
-                            "template switches it is sent with")
+    backend: Any = knob(
+        MISSING,
+        "how the judge runs: an option of conf/backend/ (hf runs `model`; openai: a server and "
+        "the model name it knows, in the option's fields), chosen with backend@chain_judge.backend=NAME",
+    )
+    model: ModelSpec = knob(
+        "${student}",
+        "the judging model (by default the student); on a server, the tokenizer and template switches it is sent with",
+    )
     chain_a: str = knob("prefix_continuation", "the target whose rates are reported", check=one_of(*TARGETS))
     chain_b: str = knob("long_cot", "the target it is compared with", check=one_of(*TARGETS))
     limit: int | None = knob(64, "training problems to judge", check=at_least(1, optional="all"))
     chunk_size: int = knob(64, "judgments per resumable chunk", identity=False, check=at_least(1))
-    sampling: Sampling = knob(factory=lambda: Sampling(max_new_tokens=1024, do_sample=False, repetition_penalty=1.0,
-                                                       batch_size=4), help="greedy: the same chains get the same verdict")
-    verdicts: dict[str, str] = knob(factory=lambda: {"first": "[[A]]", "second": "[[B]]", "tie": "[[TIE]]"},
-                                    help="the reply's last verdict counts; none = unparseable")
+    sampling: Sampling = knob(
+        factory=lambda: Sampling(max_new_tokens=1024, do_sample=False, repetition_penalty=1.0, batch_size=4),
+        help="greedy: the same chains get the same verdict",
+    )
+    verdicts: dict[str, str] = knob(
+        factory=lambda: {"first": "[[A]]", "second": "[[B]]", "tie": "[[TIE]]"},
+        help="the reply's last verdict counts; none = unparseable",
+    )
     prompt: str = knob(MISSING, "the judge's prompt, with {question}, {chain_1}, {chain_2}")
 
 
@@ -455,8 +600,11 @@ class Logger:
     kind: str = knob(MISSING, "wandb | csv | none", check=one_of("wandb", "csv", "none"))
     project: str = knob("palign", "W&B project")
     entity: str | None = knob(None, "W&B entity (null: your default)")
-    mode: str = knob("auto", "W&B mode: auto (offline without an API key) | online | offline | disabled",
-                     check=one_of("auto", "online", "offline", "disabled"))
+    mode: str = knob(
+        "auto",
+        "W&B mode: auto (offline without an API key) | online | offline | disabled",
+        check=one_of("auto", "online", "offline", "disabled"),
+    )
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -465,10 +613,15 @@ class Intervals:
     """The intervals on every Pass@k cell and the paired tests between runs (palign/evaluation/metrics.py,
     palign/reporting/comparisons.py: which methods and why): the report's, and the evaluation's W&B summary."""
 
-    confidence_level: float = knob(0.95, "coverage of every interval", check=number(0, 1, low_open=True, high_open=True))
-    resamples: int = knob(9999, "bootstrap resamples per interval, and permutations per paired test", check=at_least(100))
-    seed: int = knob(0, "seed of the resampling: the same runs always get the same intervals and p-values",
-                     check=at_least(0))
+    confidence_level: float = knob(
+        0.95, "coverage of every interval", check=number(0, 1, low_open=True, high_open=True)
+    )
+    resamples: int = knob(
+        9999, "bootstrap resamples per interval, and permutations per paired test", check=at_least(100)
+    )
+    seed: int = knob(
+        0, "seed of the resampling: the same runs always get the same intervals and p-values", check=at_least(0)
+    )
 
 
 @dataclass
@@ -477,20 +630,37 @@ class Report:
     intervals, paired differences from a reference row, seeds pooled, and published rows beside the runs
     (palign/reporting/). Never part of a run's identity."""
 
-    reference: str = knob("sft_long_cot", "Table 1's reference: each row is compared with its student's run of this "
-                          "baseline (paired differences over the problems both evaluated)")
-    ablation_reference: dict[str, str] = knob(factory=dict, help="ablation knob -> the value its arms are compared with, "
-                                              "e.g. {search: binary} (a knob left out: its value in this config, i.e. the "
-                                              "recipe's own, else the table's first arm)")
-    published_file: str | None = knob(None, "published results to show beside the runs (null: palign's own, "
-                                      "palign/reporting/published.yaml)")
-    published: list[str] = knob(factory=list, help="rows of published_file shown beside the runs of their student, each "
-                                "cell marked reproduced (inside the run's interval), below or above it; the paper recipes "
-                                "name the paper's own row")
-    pass1: str = knob("pass@1", "the Pass@1 columns: pass@1 (mean over samples) or pass@1_first (the first sample only); "
-                      "the paper does not say which it reports (PAPER.md §7.4)", check=one_of("pass@1", "pass@1_first"))
-    pass_k: int | None = knob(None, "k of the Pass@k columns (null: the runs' number of samples when they agree, else 3)",
-                              check=at_least(1, optional="the runs' number of samples"))
+    reference: str = knob(
+        "sft_long_cot",
+        "Table 1's reference: each row is compared with its student's run of this "
+        "baseline (paired differences over the problems both evaluated)",
+    )
+    ablation_reference: dict[str, str] = knob(
+        factory=dict,
+        help="ablation knob -> the value its arms are compared with, "
+        "e.g. {search: binary} (a knob left out: its value in this config, i.e. the "
+        "recipe's own, else the table's first arm)",
+    )
+    published_file: str | None = knob(
+        None, "published results to show beside the runs (null: palign's own, palign/reporting/published.yaml)"
+    )
+    published: list[str] = knob(
+        factory=list,
+        help="rows of published_file shown beside the runs of their student, each "
+        "cell marked reproduced (inside the run's interval), below or above it; the paper recipes "
+        "name the paper's own row",
+    )
+    pass1: str = knob(
+        "pass@1",
+        "the Pass@1 columns: pass@1 (mean over samples) or pass@1_first (the first sample only); "
+        "the paper does not say which it reports (PAPER.md §7.4)",
+        check=one_of("pass@1", "pass@1_first"),
+    )
+    pass_k: int | None = knob(
+        None,
+        "k of the Pass@k columns (null: the runs' number of samples when they agree, else 3)",
+        check=at_least(1, optional="the runs' number of samples"),
+    )
     intervals: Intervals = knob(factory=Intervals, help="how intervals and paired tests are computed")
 
 
@@ -509,27 +679,42 @@ class Config:
     data: Data = knob(factory=Data, help="stage 3's data, conf/data/")
     training: Training = knob(factory=Training, help="stage 3's optimizer, conf/training/")
     trainer: Trainer = knob(factory=Trainer, help="conf/trainer/")
-    evaluation: Evaluation = knob(factory=Evaluation, help="stage 4, conf/evaluation/ (names its own result folders)",
-                                  identity=False)
-    chain_judge: ChainJudge = knob(MISSING, "stage=judge_chains, conf/chain_judge/ (names its own artifact)",
-                                   identity=False)
+    evaluation: Evaluation = knob(
+        factory=Evaluation, help="stage 4, conf/evaluation/ (names its own result folders)", identity=False
+    )
+    chain_judge: ChainJudge = knob(
+        MISSING, "stage=judge_chains, conf/chain_judge/ (names its own artifact)", identity=False
+    )
     logger: Logger = knob(MISSING, "conf/logger/", identity=False)
-    report: Report = knob(factory=Report, help="stage=report: tables, intervals, comparisons (palign/reporting/)",
-                          identity=False)
+    report: Report = knob(
+        factory=Report, help="stage=report: tables, intervals, comparisons (palign/reporting/)", identity=False
+    )
     vllm: VLLM = knob(factory=VLLM, help="vLLM engines", identity=False)
     ray: Ray = knob(factory=Ray, help="Ray Data workers, for every stage whose backend is ray", identity=False)
-    stage: str = knob("all", "all (the baseline's pipeline: truncate -> align -> train -> eval), truncate, align, train, "
-                      "eval, grade (with predictions=PATH), report (tables and figures of all runs under paths.runs), "
-                      "judge_chains", identity=False, check=one_of(*STAGES))
+    stage: str = knob(
+        "all",
+        "all (the baseline's pipeline: truncate -> align -> train -> eval), truncate, align, train, "
+        "eval, grade (with predictions=PATH), report (tables and figures of all runs under paths.runs), "
+        "judge_chains",
+        identity=False,
+        check=one_of(*STAGES),
+    )
     seed: int = knob(0, "the run's seed", check=INTEGER)
-    predictions: str | None = knob(None, "stage=grade: a JSONL prediction file with `answer` and a list of `output`s",
-                                   identity=False)
-    run_name: str = knob("${student.name}-${baseline.name}-${teacher.name}",
-                         "readable part of the run id; the fingerprint of the run's identity follows it", identity=False)
+    predictions: str | None = knob(
+        None, "stage=grade: a JSONL prediction file with `answer` and a list of `output`s", identity=False
+    )
+    run_name: str = knob(
+        "${student.name}-${baseline.name}-${teacher.name}",
+        "readable part of the run id; the fingerprint of the run's identity follows it",
+        identity=False,
+    )
     group: str = knob("${run_name}", "the sweep a run belongs to (W&B group)", identity=False)
     tags: list[str] = knob(factory=list, help="W&B tags", identity=False)
-    callbacks: dict[str, Any] = knob(factory=dict, help="extra Lightning callbacks: {name: {_target_: ..., ...}}, e.g. "
-                                     "+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging")
+    callbacks: dict[str, Any] = knob(
+        factory=dict,
+        help="extra Lightning callbacks: {name: {_target_: ..., ...}}, e.g. "
+        "+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging",
+    )
 
 
 def register() -> None:
@@ -538,7 +723,12 @@ def register() -> None:
 
     store = ConfigStore.instance()
     store.store(name="palign_schema", node=Config)
-    for name, node in (("champ", ChampSource), ("s1k", S1KSource), ("jsonl", JsonlSource), ("generate", GeneratedSource)):
+    for name, node in (
+        ("champ", ChampSource),
+        ("s1k", S1KSource),
+        ("jsonl", JsonlSource),
+        ("generate", GeneratedSource),
+    ):
         store.store(group="schema/teacher_source", name=name, node=node)
     store.store(group="schema/backend", name="openai", node=OpenAIServer)
 
@@ -606,18 +796,27 @@ def check_values(cfg: DictConfig) -> None:
             if check is None or OmegaConf.is_missing(node, name):
                 continue
             allowed, test = check
-            plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+            plain = (
+                OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+            )
             try:
                 ok = bool(test(plain))
             except TypeError:
                 ok = False
             if not ok:
                 problems.append(f"{key}={plain!r}: must be {allowed}")
-        if isinstance(node, DictConfig) and OmegaConf.get_type(node) is Sampling and node.get("do_sample") is False \
-                and is_int(node.get("num_samples")) and node.num_samples > 1:
+        if (
+            isinstance(node, DictConfig)
+            and OmegaConf.get_type(node) is Sampling
+            and node.get("do_sample") is False
+            and is_int(node.get("num_samples"))
+            and node.num_samples > 1
+        ):
             # vLLM refuses it (vllm/sampling_params.py: _verify_greedy_sampling): greedy samples are all alike
-            problems.append(f"{prefix}num_samples={node.num_samples}: must be 1 when {prefix}do_sample=false "
-                            "(greedy decoding gives one answer)")
+            problems.append(
+                f"{prefix}num_samples={node.num_samples}: must be 1 when {prefix}do_sample=false "
+                "(greedy decoding gives one answer)"
+            )
         if isinstance(node, DictConfig) and not schema_fields(node):
             for name in node:  # a plain dict of typed nodes, e.g. evaluation.benchmarks
                 child = node[name]
@@ -627,7 +826,9 @@ def check_values(cfg: DictConfig) -> None:
     walk(cfg, "")
     samples, pass_k = cfg.evaluation.sampling.num_samples, cfg.evaluation.pass_k
     if is_int(samples) and is_int(pass_k) and pass_k > samples:
-        problems.append(f"evaluation.pass_k={pass_k}: must be at most evaluation.sampling.num_samples={samples} "
-                        "(pass@k needs k samples per problem)")
+        problems.append(
+            f"evaluation.pass_k={pass_k}: must be at most evaluation.sampling.num_samples={samples} "
+            "(pass@k needs k samples per problem)"
+        )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

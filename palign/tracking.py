@@ -71,7 +71,9 @@ class Tracker:
 
             resolved = resolve_wandb_mode(mode)
             if resolved == "offline":
-                log.info("W&B: no API key found, logging offline under %s (sync later with `wandb sync`)", run_dir / "wandb")
+                log.info(
+                    "W&B: no API key found, logging offline under %s (sync later with `wandb sync`)", run_dir / "wandb"
+                )
             self.logger = WandbLogger(
                 project=project,
                 entity=entity,

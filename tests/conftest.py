@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 hypothesis_settings.register_profile("palign", deadline=None)
 hypothesis_settings.load_profile("palign")
 
+
 def _order_line(config) -> str | None:
     seed = getattr(config.option, "randomly_seed", None)  # set by pytest-randomly when it is active
     return f"tests in random order: rerun this order with --randomly-seed={seed}" if isinstance(seed, int) else None
@@ -70,7 +71,9 @@ SHARED_DATA = shared_data_dir()
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"reference data not found at {SHARED_DATA} (../shared/data beside the repository, or PALIGN_SHARED_DATA)")
+        pytest.skip(
+            f"reference data not found at {SHARED_DATA} (../shared/data beside the repository, or PALIGN_SHARED_DATA)"
+        )
     return SHARED_DATA
 
 
@@ -112,8 +115,9 @@ def stage_cache(tmp_path: Path) -> Path:
             except OSError:  # another file system: copy instead
                 shutil.copy2(src, dst)
 
-        shutil.copytree(model_cache() / "models", cache / "models", copy_function=link,
-                        ignore=shutil.ignore_patterns("*.lock"))
+        shutil.copytree(
+            model_cache() / "models", cache / "models", copy_function=link, ignore=shutil.ignore_patterns("*.lock")
+        )
     return cache
 
 
@@ -169,13 +173,25 @@ def cli_env(tmp_path: Path, extra: dict | None = None) -> dict[str, str]:
     home = tmp_path / "home"
     (home / "tmp").mkdir(parents=True, exist_ok=True)
     env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
-    env.update({
-        "HOME": str(home), "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / ".cache"),
-        "HF_HOME": str(home / ".cache" / "huggingface"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"),
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-        "PALIGN_OUTPUTS": str(tmp_path), "PALIGN_CACHE": str(stage_cache(tmp_path)), "PALIGN_SHARED_DATA": str(SHARED_DATA),
-    })
+    env.update(
+        {
+            "HOME": str(home),
+            "TMPDIR": str(home / "tmp"),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "HF_HOME": str(home / ".cache" / "huggingface"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+            "WANDB_DIR": str(tmp_path),
+            "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"),
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "PALIGN_OUTPUTS": str(tmp_path),
+            "PALIGN_CACHE": str(stage_cache(tmp_path)),
+            "PALIGN_SHARED_DATA": str(SHARED_DATA),
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -188,10 +204,13 @@ def cli_command(args: list[str]) -> list[str]:
 
 def run_cli(args: list[str], tmp_path: Path, timeout: int = 900, env: dict | None = None, check: bool = True):
     """Run `python run.py <args>` in a subprocess, writing under tmp_path."""
-    proc = subprocess.run(cli_command(args), cwd=PROJECT_ROOT, env=cli_env(tmp_path, env), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        cli_command(args), cwd=PROJECT_ROOT, env=cli_env(tmp_path, env), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -16,8 +16,13 @@ from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 from palign.schema import ConfigError, check_values
 
-WRONG_TYPE = ["data.max_length=abc", "training.learning_rate=fast", "training.epochs=[1]",
-              "truncation.judge.batch_size=many", "evaluation.sampling.top_k=off"]
+WRONG_TYPE = [
+    "data.max_length=abc",
+    "training.learning_rate=fast",
+    "training.epochs=[1]",
+    "truncation.judge.batch_size=many",
+    "evaluation.sampling.top_k=off",
+]
 
 
 @pytest.mark.parametrize("override", WRONG_TYPE)
@@ -28,8 +33,16 @@ def test_a_wrong_type_fails_while_composing_naming_the_key(override, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("override", ["data.max_lenght=512", "truncation.judge.treshold.value=5", "traning.epochs=1",
-                                      "teacher.source.modle=GPT-4", "trainer.precison=32-true"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.max_lenght=512",
+        "truncation.judge.treshold.value=5",
+        "traning.epochs=1",
+        "teacher.source.modle=GPT-4",
+        "trainer.precison=32-true",
+    ],
+)
 def test_an_unknown_key_on_the_command_line_fails_while_composing(override, tmp_path):
     with pytest.raises(ConfigCompositionException, match=override.split("=")[0].replace(".", r"\.")):
         compose_config([override], tmp_path)
@@ -69,16 +82,36 @@ def test_a_key_added_with_plus_to_a_typed_node_is_refused(tmp_path):
     cfg = compose_config(["+data.shuffle_buffer=5"], tmp_path)
     with pytest.raises(ConfigError, match="shuffle_buffer"):
         check_values(cfg)
-    check_values(compose_config(["+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging"], tmp_path))
+    check_values(
+        compose_config(["+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging"], tmp_path)
+    )
 
 
-@pytest.mark.parametrize("overrides", [[], ["experiment=paper/table1_qwen2_5_7b"], ["experiment=paper/table1_qwen3_8b"],
-                                       ["experiment=tiny"], ["debug=fast"], ["experiment=paper/table1_qwen2_5_7b", "debug=fast"],
-                                       ["teacher=generate"], ["teacher=generate_remote"], ["teacher=jsonl"], ["teacher=s1k"],
-                                       ["baseline=fixed_ratio"], ["chain_judge=openai"], ["evaluation=none"],
-                                       ["training=paper"], ["trainer=ddp"], ["trainer=fsdp"],
-                                       ["truncation/judge=qwen2_5_7b_instruct"], ["truncation/judge=smollm2_135m"],
-                                       ["truncation/granularity=token_chunk"]], ids=str)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["experiment=paper/table1_qwen2_5_7b"],
+        ["experiment=paper/table1_qwen3_8b"],
+        ["experiment=tiny"],
+        ["debug=fast"],
+        ["experiment=paper/table1_qwen2_5_7b", "debug=fast"],
+        ["teacher=generate"],
+        ["teacher=generate_remote"],
+        ["teacher=jsonl"],
+        ["teacher=s1k"],
+        ["baseline=fixed_ratio"],
+        ["chain_judge=openai"],
+        ["evaluation=none"],
+        ["training=paper"],
+        ["trainer=ddp"],
+        ["trainer=fsdp"],
+        ["truncation/judge=qwen2_5_7b_instruct"],
+        ["truncation/judge=smollm2_135m"],
+        ["truncation/granularity=token_chunk"],
+    ],
+    ids=str,
+)
 def test_the_shipped_configs_pass_the_checks(overrides, tmp_path):
     cfg = compose_config(overrides, tmp_path)
     check_values(cfg)
@@ -94,22 +127,30 @@ def write_experiment(tmp_path, name: str, body: str):
 
 
 def test_a_typo_inside_an_experiment_file_fails_while_composing(tmp_path):
-    searchpath = write_experiment(tmp_path, "typo", """
+    searchpath = write_experiment(
+        tmp_path,
+        "typo",
+        """
         truncation:
           judge:
             treshold:
               value: 5
-        """)
+        """,
+    )
     with pytest.raises(ConfigCompositionException, match=r"truncation\.judge\.treshold"):
         compose_config([searchpath, "experiment=typo"], tmp_path)
 
 
 @pytest.mark.slow
 def test_the_command_line_refuses_a_typo_in_a_yaml_file_and_a_wrong_type_before_loading_anything(tmp_path):
-    searchpath = write_experiment(tmp_path, "typo", """
+    searchpath = write_experiment(
+        tmp_path,
+        "typo",
+        """
         traning:
           epochs: 1
-        """)
+        """,
+    )
     typo = run_cli(["student=tiny_random", "logger=none", searchpath, "experiment=typo"], tmp_path, check=False)
     assert typo.returncode != 0 and "traning" in typo.stderr, typo.stderr[-2000:]
     wrong = run_cli(["student=tiny_random", "logger=none", "data.max_length=abc"], tmp_path, check=False)
@@ -126,11 +167,16 @@ def test_a_setting_the_baseline_ignores_is_refused_at_stage_all_as_at_stage_trun
     everything = run_cli(common, tmp_path, check=False)
     assert truncate.returncode != 0 and everything.returncode != 0
     assert "baseline 'sft_long_cot' does not truncate; pick e.g. baseline=prefix_only" in truncate.stderr
-    assert "truncation/search=exhaustive: this setting would be ignored: baseline 'sft_long_cot' does not truncate; " \
-           "pick e.g. baseline=prefix_only" in everything.stderr
+    assert (
+        "truncation/search=exhaustive: this setting would be ignored: baseline 'sft_long_cot' does not truncate; "
+        "pick e.g. baseline=prefix_only" in everything.stderr
+    )
     assert not (tmp_path / "runs").exists()
-    fixed = run_cli(["student=tiny_random", "logger=none", "baseline=fixed_ratio", "truncation.judge.threshold.value=1.0"],
-                    tmp_path, check=False)
+    fixed = run_cli(
+        ["student=tiny_random", "logger=none", "baseline=fixed_ratio", "truncation.judge.threshold.value=1.0"],
+        tmp_path,
+        check=False,
+    )
     assert fixed.returncode != 0
     assert "truncation.judge.threshold.value=1.0: this setting would be ignored: baseline 'fixed_ratio'" in fixed.stderr
 
@@ -145,20 +191,27 @@ def test_a_smaller_sample_count_takes_pass_at_k_with_it_unless_k_is_set(tmp_path
 
 
 def test_a_benchmark_is_added_to_a_recipe_as_an_option_then_field_by_field(tmp_path):
-    cfg = compose_config(["+benchmark@evaluation.benchmarks.aime24=aime24", "evaluation.benchmarks.aime24.limit=2"], tmp_path)
+    cfg = compose_config(
+        ["+benchmark@evaluation.benchmarks.aime24=aime24", "evaluation.benchmarks.aime24.limit=2"], tmp_path
+    )
     check_values(cfg)
-    assert sorted(cfg.evaluation.benchmarks) == ["aime24", "champ_heldout"] and cfg.evaluation.benchmarks.aime24.limit == 2
+    assert (
+        sorted(cfg.evaluation.benchmarks) == ["aime24", "champ_heldout"] and cfg.evaluation.benchmarks.aime24.limit == 2
+    )
 
 
-@pytest.mark.parametrize("argument,now", [
-    ("baseline.ratio=0.25", "baseline.prefix.ratio=0.25 (baseline=fixed_ratio)"),
-    ("truncation.search.chunk_size=4", "truncation.chunk_size=4"),
-    ("truncation.judge.threshold.kind=quantile", "truncation/judge/threshold=quantile"),
-    ("truncation.granularity.options.chunk_tokens=32", "truncation.granularity.chunk_tokens=32"),
-    ("chain_judge.remote.model=glm-4.5", "chain_judge.backend.model=glm-4.5"),
-    ("alignment.ray.num_workers=4", "ray.num_workers=4"),
-    ("teacher.source.vllm.max_model_len=4096", "vllm.max_model_len=4096"),
-])
+@pytest.mark.parametrize(
+    "argument,now",
+    [
+        ("baseline.ratio=0.25", "baseline.prefix.ratio=0.25 (baseline=fixed_ratio)"),
+        ("truncation.search.chunk_size=4", "truncation.chunk_size=4"),
+        ("truncation.judge.threshold.kind=quantile", "truncation/judge/threshold=quantile"),
+        ("truncation.granularity.options.chunk_tokens=32", "truncation.granularity.chunk_tokens=32"),
+        ("chain_judge.remote.model=glm-4.5", "chain_judge.backend.model=glm-4.5"),
+        ("alignment.ray.num_workers=4", "ray.num_workers=4"),
+        ("teacher.source.vllm.max_model_len=4096", "vllm.max_model_len=4096"),
+    ],
+)
 def test_a_setting_that_moved_is_refused_with_its_new_way(argument, now):
     entry = run_py()
     with pytest.raises(SystemExit, match=re.escape(f"{argument}: this setting moved; give it as {now}")):
@@ -182,14 +235,30 @@ def test_a_stage_s_back_end_is_chosen_by_name_as_an_option_of_the_backend_group(
     from palign.llm.ray_backend import RayBackend
     from palign.llm.vllm_backend import VLLMBackend
 
-    given = ["alignment.backend=vllm", "evaluation.backend=hf,ray", "backend@truncation.judge.backend=ray",
-             "teacher.source.backend=vllm", "chain_judge.backend=openai", "alignment.backend.base_url=x", "logger=none"]
+    given = [
+        "alignment.backend=vllm",
+        "evaluation.backend=hf,ray",
+        "backend@truncation.judge.backend=ray",
+        "teacher.source.backend=vllm",
+        "chain_judge.backend=openai",
+        "alignment.backend.base_url=x",
+        "logger=none",
+    ]
     assert run_py().backend_choices(given) == [
-        "backend@alignment.backend=vllm", "backend@evaluation.backend=hf,ray", "backend@truncation.judge.backend=ray",
-        "backend@teacher.source.backend=vllm", "backend@chain_judge.backend=openai", "alignment.backend.base_url=x",
-        "logger=none"]
-    cfg = compose_config(run_py().backend_choices(["alignment.backend=vllm", "truncation.judge.backend=ray",
-                                                   "vllm.max_model_len=2048", "ray.num_workers=3"]), tmp_path)
+        "backend@alignment.backend=vllm",
+        "backend@evaluation.backend=hf,ray",
+        "backend@truncation.judge.backend=ray",
+        "backend@teacher.source.backend=vllm",
+        "backend@chain_judge.backend=openai",
+        "alignment.backend.base_url=x",
+        "logger=none",
+    ]
+    cfg = compose_config(
+        run_py().backend_choices(
+            ["alignment.backend=vllm", "truncation.judge.backend=ray", "vllm.max_model_len=2048", "ray.num_workers=3"]
+        ),
+        tmp_path,
+    )
     vllm, ray = instantiate(cfg.alignment.backend), instantiate(cfg.truncation.judge.backend)
     assert isinstance(vllm, VLLMBackend) and vllm.engine["max_model_len"] == 2048  # the run's one `vllm:` block
     assert isinstance(ray, RayBackend) and ray.workers["num_workers"] == 3 and ray.data_parallel
@@ -201,15 +270,21 @@ def test_a_stage_s_back_end_is_chosen_by_name_as_an_option_of_the_backend_group(
 def test_a_benchmark_given_as_one_value_is_refused_with_the_way_to_give_it(tmp_path):
     # OmegaConf cannot merge a {...} value into a typed benchmark node: it failed inside itself, nothing else printed
     for prefix in ("", "+"):
-        proc = run_cli(["stage=eval", "logger=none", f"{prefix}evaluation.benchmarks.aime24={{name: aime24, local_path: x}}"],
-                       tmp_path, check=False)
+        proc = run_cli(
+            ["stage=eval", "logger=none", f"{prefix}evaluation.benchmarks.aime24={{name: aime24, local_path: x}}"],
+            tmp_path,
+            check=False,
+        )
         assert proc.returncode == 1
-        assert ("a benchmark is given as a benchmark option and then field by field, not as one {...} value: "
-                "+benchmark@evaluation.benchmarks.aime24=<an option of conf/benchmark/, e.g. aime24> "
-                "evaluation.benchmarks.aime24.local_path=PATH") in proc.stderr, proc.stderr[-2000:]
+        assert (
+            "a benchmark is given as a benchmark option and then field by field, not as one {...} value: "
+            "+benchmark@evaluation.benchmarks.aime24=<an option of conf/benchmark/, e.g. aime24> "
+            "evaluation.benchmarks.aime24.local_path=PATH"
+        ) in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
     # a config refused by its values prints its message, not a traceback
-    proc = run_cli(["stage=eval", "logger=none", "evaluation.sampling.num_samples=2", "evaluation.pass_k=3"], tmp_path,
-                   check=False)
+    proc = run_cli(
+        ["stage=eval", "logger=none", "evaluation.sampling.num_samples=2", "evaluation.pass_k=3"], tmp_path, check=False
+    )
     assert proc.returncode == 1 and "evaluation.pass_k=3: must be at most" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()

@@ -12,15 +12,24 @@ from palign.llm.models import ModelSpec
 CONF = PROJECT_ROOT / "conf"
 # every config group, nested ones by their path (truncation/judge), each with its options
 # (Hydra's own groups, hydra/launcher included, are tested in tests/integration/test_launchers.py)
-GROUPS = sorted({str(p.parent.relative_to(CONF)).split("/paper")[0] for p in CONF.rglob("*.yaml")
-                 if p.parent.relative_to(CONF).parts[:1] != ("hydra",)} - {".", "local"})
+GROUPS = sorted(
+    {
+        str(p.parent.relative_to(CONF)).split("/paper")[0]
+        for p in CONF.rglob("*.yaml")
+        if p.parent.relative_to(CONF).parts[:1] != ("hydra",)
+    }
+    - {".", "local"}
+)
 
 
 def options(group: str) -> list[str]:
     """The group's options (experiment/paper/... included), not those of a group inside it (truncation/judge/threshold)."""
     root = CONF / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")
-                  if str(p.parent.relative_to(CONF)).split("/paper")[0] == group)
+    return sorted(
+        str(p.relative_to(root).with_suffix(""))
+        for p in root.rglob("*.yaml")
+        if str(p.parent.relative_to(CONF)).split("/paper")[0] == group
+    )
 
 
 ALL = [(g, o) for g in GROUPS for o in options(g)]
@@ -41,8 +50,20 @@ IN_DEFAULTS = _groups_in_defaults()
 
 
 def test_every_group_has_options():
-    assert {"student", "teacher", "baseline", "trainer", "logger", "experiment", "debug", "truncation/granularity",
-            "truncation/search", "truncation/judge", "truncation/judge/threshold", "truncation/judge_prompt"} <= set(GROUPS)
+    assert {
+        "student",
+        "teacher",
+        "baseline",
+        "trainer",
+        "logger",
+        "experiment",
+        "debug",
+        "truncation/granularity",
+        "truncation/search",
+        "truncation/judge",
+        "truncation/judge/threshold",
+        "truncation/judge_prompt",
+    } <= set(GROUPS)
     assert options("truncation/judge/threshold") == ["absolute", "quantile", "relative_to_full"]
     assert "threshold/absolute" not in options("truncation/judge") and "paper/table1_qwen3_8b" in options("experiment")
     assert len(ALL) >= 20
@@ -98,9 +119,16 @@ def test_the_default_run_is_what_cfg_job_shows_with_no_experiment(tmp_path):
     from tests.conftest import NO_LOCAL, cli_env
 
     paths = [f"paths.root={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    shown = yaml.safe_load(subprocess.run([sys.executable, str(PROJECT_ROOT / "run.py"), "--cfg", "job", NO_LOCAL, *paths],
-                                          cwd=PROJECT_ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
-                                          check=True).stdout)
+    shown = yaml.safe_load(
+        subprocess.run(
+            [sys.executable, str(PROJECT_ROOT / "run.py"), "--cfg", "job", NO_LOCAL, *paths],
+            cwd=PROJECT_ROOT,
+            env=cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     composed = OmegaConf.to_container(compose_config([], tmp_path))
     composed["paths"]["cache_dir"] = str(tmp_path / "cache")
     assert shown == composed
@@ -113,8 +141,16 @@ def test_debug_only_shrinks_a_run(tmp_path):
     base = OmegaConf.to_container(compose_config([], tmp_path), resolve=True)
     fast = OmegaConf.to_container(compose_config(["debug=fast"], tmp_path), resolve=True)
     changed = sorted(_diff(base, fast))
-    allowed = ("teacher.source.limit", "data.train_limit", "trainer.limit_", "logger.", "alignment.sampling.max_new_tokens",
-               "truncation.judge.max_new_tokens", "evaluation.limit", "evaluation.sampling.max_new_tokens")
+    allowed = (
+        "teacher.source.limit",
+        "data.train_limit",
+        "trainer.limit_",
+        "logger.",
+        "alignment.sampling.max_new_tokens",
+        "truncation.judge.max_new_tokens",
+        "evaluation.limit",
+        "evaluation.sampling.max_new_tokens",
+    )
     assert changed and all(key.startswith(allowed) for key in changed), changed
     for name in ("student", "baseline", "prompts", "training"):
         assert fast[name] == base[name], name
@@ -155,8 +191,12 @@ def test_the_qwen3_recipe_inherits_the_qwen2_5_recipe(tmp_path):
     qwen2 = OmegaConf.to_container(compose_config(["experiment=paper/table1_qwen2_5_7b"], tmp_path), resolve=True)
     qwen3 = OmegaConf.to_container(compose_config(["experiment=paper/table1_qwen3_8b"], tmp_path), resolve=True)
     changed = sorted(_diff(qwen2, qwen3))
-    assert changed and all(key.startswith(("student.", "truncation.judge.model.", "alignment.model.", "run_name", "group",
-                                           "chain_judge.model.")) for key in changed), changed
+    assert changed and all(
+        key.startswith(
+            ("student.", "truncation.judge.model.", "alignment.model.", "run_name", "group", "chain_judge.model.")
+        )
+        for key in changed
+    ), changed
 
 
 def test_qwen3_disables_thinking_through_the_template(tmp_path):
@@ -189,15 +229,35 @@ def test_run_identity_ignores_how_a_stage_computes_but_not_what(tmp_path):
     from palign.runs import run_identity
 
     base = run_identity(compose_config([], tmp_path))
-    how = ["backend@truncation.judge.backend=vllm", "truncation.judge.engine=batched", "truncation.judge.max_tail_tokens=64",
-           "backend@alignment.backend=vllm", "truncation.chunk_size=3", "data.num_workers=2", "trainer.devices=2",
-           "logger=csv", "evaluation.sampling.num_samples=5", "training.checkpoint_every_n_steps=7"]
+    how = [
+        "backend@truncation.judge.backend=vllm",
+        "truncation.judge.engine=batched",
+        "truncation.judge.max_tail_tokens=64",
+        "backend@alignment.backend=vllm",
+        "truncation.chunk_size=3",
+        "data.num_workers=2",
+        "trainer.devices=2",
+        "logger=csv",
+        "evaluation.sampling.num_samples=5",
+        "training.checkpoint_every_n_steps=7",
+    ]
     assert run_identity(compose_config(how, tmp_path)) == base
-    crash = ["+callbacks.crash._target_=tests.helpers.crash.KillAt", "+callbacks.crash.hook=on_train_batch_end", "+callbacks.crash.step=1"]
+    crash = [
+        "+callbacks.crash._target_=tests.helpers.crash.KillAt",
+        "+callbacks.crash.hook=on_train_batch_end",
+        "+callbacks.crash.step=1",
+    ]
     assert run_identity(compose_config(crash, tmp_path)) == base  # KillAt.changes_results = False
-    for what in ("truncation.judge.mode=generate", "truncation.judge.threshold.value=0.5", "trainer.precision=32-true",
-                 "trainer.gradient_clip_val=0.5", "seed=1", "data.max_length=512", "training=paper",
-                 "+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging"):
+    for what in (
+        "truncation.judge.mode=generate",
+        "truncation.judge.threshold.value=0.5",
+        "trainer.precision=32-true",
+        "trainer.gradient_clip_val=0.5",
+        "seed=1",
+        "data.max_length=512",
+        "training=paper",
+        "+callbacks.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging",
+    ):
         assert run_identity(compose_config([what], tmp_path)) != base, what
 
 
@@ -210,8 +270,17 @@ def test_paths_never_enter_the_run_identity_but_a_teacher_file_s_content_does(tm
         (folder / "traces.jsonl").write_text('{"question": "1+1?", "answer": "2", "long_cot": "2"}\n', encoding="utf-8")
     jsonl = ["teacher=jsonl", "teacher.source.id_field=null"]
     here = run_identity(compose_config([*jsonl, f"teacher.source.path={first / 'traces.jsonl'}"], first))
-    there = run_identity(compose_config([*jsonl, f"teacher.source.path={second / 'traces.jsonl'}", "paths.shared_data=/x",
-                                         f"paths.runs={second}/r"], second))
+    there = run_identity(
+        compose_config(
+            [
+                *jsonl,
+                f"teacher.source.path={second / 'traces.jsonl'}",
+                "paths.shared_data=/x",
+                f"paths.runs={second}/r",
+            ],
+            second,
+        )
+    )
     assert here == there and str(tmp_path) not in str(here)
     (second / "traces.jsonl").write_text('{"question": "2+2?", "answer": "4", "long_cot": "4"}\n', encoding="utf-8")
     changed = run_identity(compose_config([*jsonl, f"teacher.source.path={second / 'traces.jsonl'}"], second))
@@ -239,8 +308,14 @@ def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_pa
     from palign.truncation.prefixes import AdaptivePrefix
     from palign.truncation.units import TokenChunks
 
-    ctx = context(["truncation/granularity=token_chunk", "truncation.granularity.chunk_tokens=7",
-                   "truncation.judge.max_context_tokens=99", "alignment.sampling.temperature=0.3"])
+    ctx = context(
+        [
+            "truncation/granularity=token_chunk",
+            "truncation.granularity.chunk_tokens=7",
+            "truncation.judge.max_context_tokens=99",
+            "alignment.sampling.temperature=0.3",
+        ]
+    )
     truncation = make_truncation(ctx, smollm2_tokenizer)
     assert isinstance(truncation, PrefixTruncation) and truncation._judge is None
     # the schema's typed nodes, their `_target_` parts built: no dict rebuilt into a look-alike
@@ -248,7 +323,9 @@ def test_stages_build_themselves_from_their_nodes_without_loading_a_model(tmp_pa
     assert type(truncation.judge_node) is Judge and type(truncation.judge_prompt) is JudgePrompt
     assert truncation.judge_node.max_context_tokens == 99 and type(truncation.judge_node.model) is ModelSpec
     assert truncation.judge_node.model.name == "tiny_random" and truncation.search(5).strategy == "binary"
-    assert truncation.judge_node.threshold == RelativeToFullThreshold(value=0.3)  # conf/truncation/judge/self_calibrated
+    assert truncation.judge_node.threshold == RelativeToFullThreshold(
+        value=0.3
+    )  # conf/truncation/judge/self_calibrated
     alignment = make_alignment(ctx, smollm2_tokenizer)
     assert isinstance(alignment, PrefixContinuation) and alignment.backend._model is None
     assert alignment.settings.sampling["temperature"] == 0.3
@@ -268,8 +345,24 @@ CONFIGURES = {
     "Benchmark": ("palign.evaluation.benchmarks.load_benchmark",),
     "Logger": ("palign.tracking.Tracker",),
 }
-READ_AS_VALUES = {"Config", "Paths", "Prompts", "PrefixMarkers", "Baseline", "Teacher", "TeacherSource", "Problems",
-                  "JudgePrompt", "Lora", "Intervals", "Report", "Ray", "VLLM", "ModelSpec", "Sampling"}
+READ_AS_VALUES = {
+    "Config",
+    "Paths",
+    "Prompts",
+    "PrefixMarkers",
+    "Baseline",
+    "Teacher",
+    "TeacherSource",
+    "Problems",
+    "JudgePrompt",
+    "Lora",
+    "Intervals",
+    "Report",
+    "Ray",
+    "VLLM",
+    "ModelSpec",
+    "Sampling",
+}
 
 
 def _own_inits(made) -> list:
@@ -306,7 +399,9 @@ def test_no_stage_signature_repeats_a_schema_default():
 
     import palign.schema as schema
 
-    nodes = {name: node for name, node in vars(schema).items() if isinstance(node, type) and dataclasses.is_dataclass(node)}
+    nodes = {
+        name: node for name, node in vars(schema).items() if isinstance(node, type) and dataclasses.is_dataclass(node)
+    }
     targets = 0
     for name, node in nodes.items():
         fields = {f.name: f for f in dataclasses.fields(node)}
@@ -314,7 +409,7 @@ def test_no_stage_signature_repeats_a_schema_default():
         if target and not target.startswith("palign."):
             continue  # pytorch_lightning.Trainer
         assert target or name in CONFIGURES or name in READ_AS_VALUES, f"palign/schema.py: {name} is not covered here"
-        for made_name in ([target] if target else CONFIGURES.get(name, ())):
+        for made_name in [target] if target else CONFIGURES.get(name, ()):
             targets += bool(target)
             made = get_class(made_name) if made_name.rsplit(".", 1)[-1][0].isupper() else get_method(made_name)
             for function in _own_inits(made):
@@ -322,29 +417,38 @@ def test_no_stage_signature_repeats_a_schema_default():
                     field = fields.get(parameter.name)
                     if field is None or parameter.default is inspect.Parameter.empty:
                         continue
-                    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+                    default = (
+                        field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+                    )
                     if target:
                         assert parameter.default is None and isinstance(default, str) and "${" in default, (
-                            f"{function.__qualname__}({parameter.name}={parameter.default!r}) repeats {name}.{parameter.name}'s default")
+                            f"{function.__qualname__}({parameter.name}={parameter.default!r}) repeats {name}.{parameter.name}'s default"
+                        )
                     else:
                         assert parameter.default == default, (
                             f"{function.__qualname__}({parameter.name}={parameter.default!r}) disagrees with the schema's "
-                            f"{name}.{parameter.name}={default!r}")
+                            f"{name}.{parameter.name}={default!r}"
+                        )
     assert targets >= 9  # teacher sources, truncation, alignment, data, training, evaluation, chain judge
 
     parts = 0
     for path in sorted(CONF.rglob("*.yaml")):
-        for where, target, options in _yaml_targets(yaml.safe_load(path.read_text(encoding="utf-8")), str(path.relative_to(CONF))):
+        for where, target, options in _yaml_targets(
+            yaml.safe_load(path.read_text(encoding="utf-8")), str(path.relative_to(CONF))
+        ):
             parts += 1
             made = get_class(target) if target.rsplit(".", 1)[-1][0].isupper() else get_method(target)
             for function in _own_inits(made):
                 for parameter in inspect.signature(function).parameters.values():
                     assert parameter.default is inspect.Parameter.empty, (
                         f"{where}: {function.__qualname__}({parameter.name}={parameter.default!r}) has a default of its "
-                        f"own; its option's YAML file is the home of the value")
-                    assert parameter.name in options or parameter.name in ("self", "m") \
-                        or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD), (
-                        f"{where}: {target} needs {parameter.name}, which the YAML node does not give")
+                        f"own; its option's YAML file is the home of the value"
+                    )
+                    assert (
+                        parameter.name in options
+                        or parameter.name in ("self", "m")
+                        or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+                    ), f"{where}: {target} needs {parameter.name}, which the YAML node does not give"
     assert parts >= 16  # 6 baselines' policies, 4 granularities, 3 searches, 3 thresholds
 
 
@@ -354,7 +458,9 @@ def test_a_data_folder_enters_the_identity_by_what_its_files_hold_and_is_left_un
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "train" / "part-0.jsonl").write_text("a\n", encoding="utf-8")
     before = content_identity(str(tmp_path / "data"))
-    assert before == content_identity(str(tmp_path / "data")) and list((tmp_path / "data").iterdir()) == [tmp_path / "data" / "train"]
+    assert before == content_identity(str(tmp_path / "data")) and list((tmp_path / "data").iterdir()) == [
+        tmp_path / "data" / "train"
+    ]
     (tmp_path / "data" / "train" / "part-0.jsonl").write_text("b\n", encoding="utf-8")
     assert content_identity(str(tmp_path / "data")) != before
     assert content_identity("simplescaling/s1K-1.1") == "simplescaling/s1K-1.1"  # a Hub id stays itself

@@ -65,19 +65,28 @@ def test_fast_end_to_end_trains_exports_and_grades(tmp_path):
 
 # 15 problems, 2 for validation: 13 training examples in micro-batches of 2, accumulated to 4, so
 # each epoch is 7 micro-batches and 4 optimizer steps, the last one a single example. fp32 on CPU.
-RESUME = [*FAST, "baseline=sft_long_cot", "teacher.source.limit=15", "data.val_size=2", "data.micro_batch_size=2",
-          "data.max_length=2048", "training.effective_batch_size=4", "training.epochs=2", "trainer.precision=32-true",
-          "stage=train"]
+RESUME = [
+    *FAST,
+    "baseline=sft_long_cot",
+    "teacher.source.limit=15",
+    "data.val_size=2",
+    "data.micro_batch_size=2",
+    "data.max_length=2048",
+    "training.effective_batch_size=4",
+    "training.epochs=2",
+    "trainer.precision=32-true",
+    "stage=train",
+]
 # Where each process of the interrupted run dies (SIGKILL from inside, at a point chosen exactly;
 # WRITE: killed by the kernel halfway through writing a checkpoint, tests/helpers/kill_mid_write.py):
 WRITE = "checkpoint write"
 KILLS = [
-    ("on_train_batch_end", 1, 0),     # step 2, after its first micro-batch: mid gradient accumulation
-    (WRITE, 2, None),                 # halfway through writing the checkpoint of step 2 (last.ckpt is step 1's)
+    ("on_train_batch_end", 1, 0),  # step 2, after its first micro-batch: mid gradient accumulation
+    (WRITE, 2, None),  # halfway through writing the checkpoint of step 2 (last.ckpt is step 1's)
     ("on_save_checkpoint", 3, None),  # while the checkpoint of step 3 is being built (last.ckpt is step 2's)
     ("on_train_epoch_end", 4, None),  # end of epoch 1, before its checkpoint (resumes from step 3)
-    ("on_train_batch_start", 4, 0),   # first batch of epoch 2 (resumes from epoch 1's end)
-    ("on_train_batch_start", 6, 0),   # epoch 2, just after step 6 was checkpointed (resumes mid-epoch 2)
+    ("on_train_batch_start", 4, 0),  # first batch of epoch 2 (resumes from epoch 1's end)
+    ("on_train_batch_start", 6, 0),  # epoch 2, just after step 6 was checkpointed (resumes mid-epoch 2)
 ]
 
 
@@ -109,10 +118,16 @@ def test_a_run_killed_anywhere_and_resumed_trains_exactly_what_an_uninterrupted_
             proc = subprocess.run(command, cwd=PROJECT_ROOT, env=cli_env(crashed, env), capture_output=True, text=True)
             assert proc.returncode == -signal.SIGXFSZ, f"the checkpoint write was not cut:\n{proc.stderr[-3000:]}"
         else:
-            kill = ["+callbacks.crash._target_=tests.helpers.crash.KillAt", f"+callbacks.crash.hook={hook}", f"+callbacks.crash.step={step}"]
+            kill = [
+                "+callbacks.crash._target_=tests.helpers.crash.KillAt",
+                f"+callbacks.crash.hook={hook}",
+                f"+callbacks.crash.step={step}",
+            ]
             kill += [f"+callbacks.crash.micro={micro}"] if micro is not None else []
             proc = run_cli([*RESUME, *kill], crashed, env=env, check=False)
-            assert proc.returncode == -signal.SIGKILL, f"{hook} at step {step} did not crash the run:\n{proc.stderr[-3000:]}"
+            assert proc.returncode == -signal.SIGKILL, (
+                f"{hook} at step {step} did not crash the run:\n{proc.stderr[-3000:]}"
+            )
         run_dir = _run_dir(crashed)
         summary = run_dir / "summary.json"
         assert not summary.exists() or "train" not in json.loads(summary.read_text())
@@ -133,9 +148,12 @@ def test_a_run_killed_anywhere_and_resumed_trains_exactly_what_an_uninterrupted_
     assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
     # the summary's figures too, the last epoch's (resumed mid-epoch) included; only the speed differs
     timed = ("train/tokens_per_s",)
-    assert {k: v for k, v in resumed["train"]["metrics"].items() if k not in timed} == \
-        {k: v for k, v in straight["train"]["metrics"].items() if k not in timed}
-    assert {"train/loss_epoch", "train/perplexity", "train/token_accuracy", "val/loss_epoch"} <= set(resumed["train"]["metrics"])
+    assert {k: v for k, v in resumed["train"]["metrics"].items() if k not in timed} == {
+        k: v for k, v in straight["train"]["metrics"].items() if k not in timed
+    }
+    assert {"train/loss_epoch", "train/perplexity", "train/token_accuracy", "val/loss_epoch"} <= set(
+        resumed["train"]["metrics"]
+    )
 
 
 @pytest.mark.slow
@@ -150,7 +168,9 @@ def test_two_uninterrupted_runs_give_bit_identical_students(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
-    proc = run_cli(["-m", "experiment=tiny", "logger=wandb", "baseline=sft_long_cot,sft_short_cot", "group=pytest-sweep"], tmp_path)
+    proc = run_cli(
+        ["-m", "experiment=tiny", "logger=wandb", "baseline=sft_long_cot,sft_short_cot", "group=pytest-sweep"], tmp_path
+    )
     dirs = run_dirs(tmp_path)
     assert [d.name.split("-champ-")[0] for d in dirs] == ["tiny_random-sft_long_cot", "tiny_random-sft_short_cot"]
     for run_dir in dirs:
@@ -158,8 +178,16 @@ def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
         assert offline.name.endswith(run_dir.name)  # the W&B id is the run id: reruns resume, never duplicate
         assert list(offline.glob("run-*.wandb"))
         history = _wandb_history_keys(next(offline.glob("run-*.wandb")))
-        assert {"train/loss", "train/tokens_per_s", "trainer/global_step", "train/perplexity",
-                "val/loss_epoch", "eval/champ_heldout/pass@1", "eval/avg_pass@2", "eval/champ_heldout/predictions/nrows"} <= history
+        assert {
+            "train/loss",
+            "train/tokens_per_s",
+            "trainer/global_step",
+            "train/perplexity",
+            "val/loss_epoch",
+            "eval/champ_heldout/pass@1",
+            "eval/avg_pass@2",
+            "eval/champ_heldout/predictions/nrows",
+        } <= history
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["train"]["complete"] and "champ_heldout" in summary["eval"]["benchmarks"]
     assert proc.returncode == 0

@@ -55,7 +55,9 @@ def main() -> None:
     spec = ModelSpec.from_config(OmegaConf.load(CONFIG_DIR / "student" / "smollm2_135m.yaml"))
     tokenizer, model = load_tokenizer(spec, args.cache_dir), load_model(spec, args.cache_dir)
     prompts = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "prompts" / "paper.yaml"))
-    paper = OmegaConf.to_container(OmegaConf.structured(Evaluation).sampling)  # the schema's: the paper's evaluation sampling
+    paper = OmegaConf.to_container(
+        OmegaConf.structured(Evaluation).sampling
+    )  # the schema's: the paper's evaluation sampling
     if args.kind == "evaluation":
         texts = [instruction_prompt(prompts, problem) for _, problem, _ in champ_problems()[: args.prompts]]
     else:
@@ -63,13 +65,19 @@ def main() -> None:
         texts = []
         for record in ChampTeacher.with_defaults().load().records[: args.prompts]:
             units = split_sentences(record.long_cot)
-            texts.append(continuation_prompt(prompts, record.question, units.prefix(max(1, round(draw.random() * units.m)))))
+            texts.append(
+                continuation_prompt(prompts, record.question, units.prefix(max(1, round(draw.random() * units.m))))
+            )
     lengths = [len(encode_user_turn(tokenizer, text, spec.chat_template_kwargs)) for text in texts]
-    print(f"{len(texts)} CHAMP {args.kind} prompts of {min(lengths)}-{max(lengths)} tokens, up to {args.max_new_tokens} new tokens, "
-          f"torch threads {torch.get_num_threads()}, load 1m {os.getloadavg()[0]:.2f}")
+    print(
+        f"{len(texts)} CHAMP {args.kind} prompts of {min(lengths)}-{max(lengths)} tokens, up to {args.max_new_tokens} new tokens, "
+        f"torch threads {torch.get_num_threads()}, load 1m {os.getloadavg()[0]:.2f}"
+    )
 
     def sampling(batch_size: int) -> SamplingConfig:
-        return SamplingConfig(**{**paper, "num_samples": 1, "max_new_tokens": args.max_new_tokens, "batch_size": batch_size})
+        return SamplingConfig(
+            **{**paper, "num_samples": 1, "max_new_tokens": args.max_new_tokens, "batch_size": batch_size}
+        )
 
     def unsorted(batch_size: int):
         out = []
@@ -80,7 +88,10 @@ def main() -> None:
     rows = (
         ("batch 1", lambda: generate(model, tokenizer, texts, sampling(1))),
         (f"batch {args.batch_size}, unsorted", lambda: unsorted(args.batch_size)),
-        (f"batch {args.batch_size}, sorted (palign)", lambda: generate(model, tokenizer, texts, sampling(args.batch_size))),
+        (
+            f"batch {args.batch_size}, sorted (palign)",
+            lambda: generate(model, tokenizer, texts, sampling(args.batch_size)),
+        ),
     )
     generate(model, tokenizer, texts[:1], sampling(1))  # warm-up
     print("| configuration | wall s | generated tokens | tokens/s | x batch 1 | finished | peak RSS MiB |")
@@ -94,8 +105,10 @@ def main() -> None:
         rate = tokens / wall
         baseline = baseline or rate
         finished = sum(g.finished for samples in outputs for g in samples)
-        print(f"| {label} | {wall:.1f} | {tokens} | {rate:.1f} | {rate / baseline:.2f} | {finished}/{len(outputs)} "
-              f"| {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |")
+        print(
+            f"| {label} | {wall:.1f} | {tokens} | {rate:.1f} | {rate / baseline:.2f} | {finished}/{len(outputs)} "
+            f"| {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |"
+        )
 
 
 if __name__ == "__main__":

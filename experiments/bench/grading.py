@@ -74,8 +74,10 @@ def main() -> None:
     pairs = load_pairs()
     chars = sum(len(output) for output, _ in pairs)
     print(f"{len(pairs)} samples, {chars / 1e6:.1f} M characters, repeats={args.repeats}")
-    print(f"{'configuration':<24}{'cold s':>8}{'cold/s':>9}{'warm s':>8}{'warm/s':>9}{'x serial':>10}"
-          f"{'RSS self':>10}{'RSS child':>11}  pass@3 (aime24, aime25)")
+    print(
+        f"{'configuration':<24}{'cold s':>8}{'cold/s':>9}{'warm s':>8}{'warm/s':>9}{'x serial':>10}"
+        f"{'RSS self':>10}{'RSS child':>11}  pass@3 (aime24, aime25)"
+    )
     baseline = None
     configurations = (("in-process serial", 0), ("GradingPool 1 worker", 1), ("GradingPool 2 workers", 2))
     for label, workers in configurations:

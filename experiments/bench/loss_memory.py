@@ -50,7 +50,9 @@ def live_bytes_mode():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            inputs = {
+                t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+            }
             self._alive = {ptr: entry for ptr, entry in self._alive.items() if not entry[0].expired()}
             for tensor in tree_leaves(out):
                 if isinstance(tensor, torch.Tensor):
@@ -70,8 +72,9 @@ def loss_fn(kernel: str, chunk_tokens: int):
 
     if kernel == "full":
         return lambda hidden, head, targets: F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    return lambda hidden, head, targets: supervised_cross_entropy(hidden, head, targets, kernel=kernel,
-                                                                  chunk_tokens=chunk_tokens)[0]
+    return lambda hidden, head, targets: supervised_cross_entropy(
+        hidden, head, targets, kernel=kernel, chunk_tokens=chunk_tokens
+    )[0]
 
 
 def measure(kernel: str, vocab: int, args) -> dict:
@@ -79,7 +82,9 @@ def measure(kernel: str, vocab: int, args) -> dict:
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    head = torch.nn.Linear(args.hidden, vocab, bias=False, device=device, dtype=dtype).requires_grad_(not args.frozen_head)
+    head = torch.nn.Linear(args.hidden, vocab, bias=False, device=device, dtype=dtype).requires_grad_(
+        not args.frozen_head
+    )
     hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
     targets = torch.randint(vocab, (args.tokens,), device=device)
     loss = loss_fn(kernel, args.chunk_tokens)
@@ -121,8 +126,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--frozen-head", action="store_true", help="no gradient for the head weight (LoRA's case)")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes after the warm-up (best reported)")
-    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
-                        help="liger is skipped, with a note, where it cannot run; full always runs (the baseline)")
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=KERNELS,
+        default=list(KERNELS),
+        help="liger is skipped, with a note, where it cannot run; full always runs (the baseline)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -139,17 +149,23 @@ def main() -> None:
             rows.append(measure(kernel, vocab, args))
             print(f"done: {kernel} at vocab {vocab} ({rows[-1]['seconds']:.2f} s)", file=sys.stderr)
     where = f"CPU ({torch.get_num_threads()} threads)" if args.device == "cpu" else torch.cuda.get_device_name()
-    print(f"SFT cross-entropy, forward + backward, on {where}: {args.tokens} supervised tokens, hidden {args.hidden}, "
-          f"{args.dtype}, {'frozen' if args.frozen_head else 'trained'} head, chunks of {args.chunk_tokens}; load 1m {os.getloadavg()[0]:.2f}")
+    print(
+        f"SFT cross-entropy, forward + backward, on {where}: {args.tokens} supervised tokens, hidden {args.hidden}, "
+        f"{args.dtype}, {'frozen' if args.frozen_head else 'trained'} head, chunks of {args.chunk_tokens}; load 1m {os.getloadavg()[0]:.2f}"
+    )
     print("| vocab | kernel | peak MiB | x full | fwd+bwd s | x full | loss / full |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         full = next(f for f in rows if f["vocab"] == r["vocab"] and f["kernel"] == "full")
-        print(f"| {r['vocab']} | {r['kernel']} | {r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.3f} "
-              f"| {r['seconds']:.2f} | {r['seconds'] / full['seconds']:.2f} | {r['loss'] / full['loss']:.7f} |")
-    print("(peak: bytes the loss allocates beyond its inputs, the gradients of the hidden states and of a trained "
-          "head's weight (vocab x hidden, in every kernel) included; x full: against the full-logits loss at the "
-          "same vocabulary)")
+        print(
+            f"| {r['vocab']} | {r['kernel']} | {r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.3f} "
+            f"| {r['seconds']:.2f} | {r['seconds'] / full['seconds']:.2f} | {r['loss'] / full['loss']:.7f} |"
+        )
+    print(
+        "(peak: bytes the loss allocates beyond its inputs, the gradients of the hidden states and of a trained "
+        "head's weight (vocab x hidden, in every kernel) included; x full: against the full-logits loss at the "
+        "same vocabulary)"
+    )
 
 
 if __name__ == "__main__":

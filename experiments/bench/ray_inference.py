@@ -65,10 +65,13 @@ def main() -> None:
     tokenizer = load_tokenizer(spec, args.cache_dir)
     prompts = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "prompts" / "paper.yaml"))
     texts = [instruction_prompt(prompts, problem) for _, problem, _ in champ_problems()[: args.prompts]]
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=False, repetition_penalty=1.0,
-                              batch_size=args.batch_size)
-    print(f"{len(texts)} CHAMP evaluation prompts, {args.model}, greedy up to {args.max_new_tokens} new tokens, "
-          f"batch {args.batch_size}, {args.threads} threads in total, load 1m {os.getloadavg()[0]:.2f}")
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=False, repetition_penalty=1.0, batch_size=args.batch_size
+    )
+    print(
+        f"{len(texts)} CHAMP evaluation prompts, {args.model}, greedy up to {args.max_new_tokens} new tokens, "
+        f"batch {args.batch_size}, {args.threads} threads in total, load 1m {os.getloadavg()[0]:.2f}"
+    )
 
     def tokens(outputs) -> int:
         return sum(min(g.num_tokens + g.finished, args.max_new_tokens) for samples in outputs for g in samples)
@@ -88,8 +91,17 @@ def main() -> None:
         try:
             for workers in (int(n) for n in args.workers.split(",")):
                 backend = RayChatBackend(
-                    {**vars(spec)}, args.cache_dir, tokenizer, num_workers=workers, num_cpus_per_worker=args.threads / workers,
-                    num_gpus_per_worker=0, engine="hf", address=None, batch_size=args.batch_size, stage="bench")
+                    {**vars(spec)},
+                    args.cache_dir,
+                    tokenizer,
+                    num_workers=workers,
+                    num_cpus_per_worker=args.threads / workers,
+                    num_gpus_per_worker=0,
+                    engine="hf",
+                    address=None,
+                    batch_size=args.batch_size,
+                    stage="bench",
+                )
                 started = time.perf_counter()
                 backend.complete(texts[:1], SamplingConfig(max_new_tokens=1, do_sample=False, batch_size=1))
                 startup = time.perf_counter() - started
@@ -97,22 +109,34 @@ def main() -> None:
                 outputs = backend.complete(texts, sampling)
                 wall = time.perf_counter() - started
                 same = [[g.text for g in s] for s in outputs] == [[g.text for g in s] for s in expected]
-                rows.append((f"ray, {workers} worker{'s' * (workers > 1)}{'' if same else ' (TEXT DIFFERS)'}", startup,
-                             wall, tokens(outputs)))
+                rows.append(
+                    (
+                        f"ray, {workers} worker{'s' * (workers > 1)}{'' if same else ' (TEXT DIFFERS)'}",
+                        startup,
+                        wall,
+                        tokens(outputs),
+                    )
+                )
             judged = judge_rows(args, spec, tokenizer) if args.judge_traces else []
         finally:
             ray.shutdown()
 
-    print("| configuration | startup s | wall s (startup included for ray) | generate s | tokens | tokens/s | x in-process |")
+    print(
+        "| configuration | startup s | wall s (startup included for ray) | generate s | tokens | tokens/s | x in-process |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     baseline = rows[0][3] / rows[0][2]
     for label, startup, wall, count in rows:
         generate_s = wall if label == "in-process" else max(wall - startup, 0.0)
-        print(f"| {label} | {startup:.1f} | {wall:.1f} | {generate_s:.1f} | {count} | {count / wall:.1f} | "
-              f"{count / wall / baseline:.2f} |")
+        print(
+            f"| {label} | {startup:.1f} | {wall:.1f} | {generate_s:.1f} | {count} | {count / wall:.1f} | "
+            f"{count / wall / baseline:.2f} |"
+        )
 
     if judged:
-        print(f"\njudge: {args.judge_traces} CHAMP traces, chunks of {args.judge_chunk}, binary search, one-pass logits")
+        print(
+            f"\njudge: {args.judge_traces} CHAMP traces, chunks of {args.judge_chunk}, binary search, one-pass logits"
+        )
         print("| configuration | wall s (judge load included) | traces/s | judge calls | x in-process |")
         print("|---|---:|---:|---:|---:|")
         for label, wall, calls in judged:
@@ -135,28 +159,60 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
     from palign.truncation.units import Sentences
 
     records = ChampTeacher.with_defaults(limit=args.judge_traces).load().records
-    prompt = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml")))
+    prompt = JudgePrompt(
+        **OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml"))
+    )
 
     def node(backend) -> Judge:  # the logits judge at the schema's defaults, absolute threshold 0, 8 per forward
-        return Judge(**{**defaults(Judge), "model": spec, "max_new_tokens": 8, "batch_size": 8, "backend": backend,
-                        "threshold": AbsoluteThreshold(value=0.0)})
+        return Judge(
+            **{
+                **defaults(Judge),
+                "model": spec,
+                "max_new_tokens": 8,
+                "batch_size": 8,
+                "backend": backend,
+                "threshold": AbsoluteThreshold(value=0.0),
+            }
+        )
 
     def stage_of(judge: Judge, store: str, **judging) -> PrefixTruncation:
-        return PrefixTruncation(AdaptivePrefix(), Sentences(), store, tokenizer, chunk_size=args.judge_chunk,
-                                search=BinaryPrefixSearch, judge=judge, judge_prompt=prompt, progress=False, **judging)
+        return PrefixTruncation(
+            AdaptivePrefix(),
+            Sentences(),
+            store,
+            tokenizer,
+            chunk_size=args.judge_chunk,
+            search=BinaryPrefixSearch,
+            judge=judge,
+            judge_prompt=prompt,
+            progress=False,
+            **judging,
+        )
+
     torch.set_num_threads(args.threads)
     rows, expected = [], None
     for workers in (0, *(int(n) for n in args.workers.split(","))):
         with tempfile.TemporaryDirectory(prefix="judge-") as store:
             if workers == 0:
                 judge = node(HFBackend())
-                stage = stage_of(judge, store, judge_factory=lambda: build_judge(judge, prompt, args.cache_dir, judge.backend))
+                stage = stage_of(
+                    judge, store, judge_factory=lambda: build_judge(judge, prompt, args.cache_dir, judge.backend)
+                )
             else:
-                ray_cfg = {"num_workers": workers, "num_cpus_per_worker": args.threads / workers, "num_gpus_per_worker": 0,
-                           "engine": "hf", "address": None, "batch_size": 1}
+                ray_cfg = {
+                    "num_workers": workers,
+                    "num_cpus_per_worker": args.threads / workers,
+                    "num_gpus_per_worker": 0,
+                    "engine": "hf",
+                    "address": None,
+                    "batch_size": 1,
+                }
                 judge = node(RayBackend(workers=ray_cfg, vllm={}))
-                stage = stage_of(judge, store, judge_pool=RayJudgePool(judge, prompt, args.cache_dir, judge.backend,
-                                                                       BinaryPrefixSearch))
+                stage = stage_of(
+                    judge,
+                    store,
+                    judge_pool=RayJudgePool(judge, prompt, args.cache_dir, judge.backend, BinaryPrefixSearch),
+                )
             started = time.perf_counter()
             prefixes = [row["prefix"] for row in stage.run(records)]
             wall = time.perf_counter() - started

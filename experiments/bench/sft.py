@@ -54,8 +54,14 @@ def load_data(cache_dir: Path, examples: int, max_length: int):
     prompts = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "prompts" / "paper.yaml"))
     tokenizer = load_tokenizer(spec, cache_dir)
     records = ChampTeacher.with_defaults().load().records[:examples]
-    split = build_tokenized_split([SupervisedExample(r.id, r.question, r.long_cot) for r in records], tokenizer,
-                                  prompts, max_length, cache_dir, "bench")
+    split = build_tokenized_split(
+        [SupervisedExample(r.id, r.question, r.long_cot) for r in records],
+        tokenizer,
+        prompts,
+        max_length,
+        cache_dir,
+        "bench",
+    )
     data = datasets.load_from_disk(str(split.path)).with_format(None, columns=["input_ids", "labels"])
     return spec, tokenizer, data
 
@@ -65,8 +71,17 @@ def make_batches(name: str, data, pad: int, args) -> list[dict]:
     from palign.data.datamodule import train_loader
 
     name = name.removesuffix("_bf16")
-    return list(train_loader(data, pad, args.micro_batch, seed=0, packing=name == "lightning_packed",
-                             pack_length=args.max_length, group_by_length=name == "lightning_grouped"))
+    return list(
+        train_loader(
+            data,
+            pad,
+            args.micro_batch,
+            seed=0,
+            packing=name == "lightning_packed",
+            pack_length=args.max_length,
+            group_by_length=name == "lightning_grouped",
+        )
+    )
 
 
 def real_tokens(batch) -> int:
@@ -104,14 +119,31 @@ def run_one(name: str, args) -> dict:
                 step_seconds.append(time.perf_counter() - self.began)
 
         training_args = TrainingArguments(
-            output_dir=str(Path(args.cache_dir) / "bench_trainer"), per_device_train_batch_size=1, max_steps=len(batches),
-            learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=max(1, len(batches) // 10), weight_decay=0.0,
-            max_grad_norm=1.0, bf16=bf16, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
-            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+            output_dir=str(Path(args.cache_dir) / "bench_trainer"),
+            per_device_train_batch_size=1,
+            max_steps=len(batches),
+            learning_rate=5e-5,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, len(batches) // 10),
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            bf16=bf16,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
         )
         unbatch = lambda items: {k: v for k, v in items[0].items() if k != "real_tokens"}  # noqa: E731
-        Trainer(model=model, args=training_args, train_dataset=FixedBatches(), data_collator=unbatch,
-                callbacks=[StepTimer()]).train()
+        Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=FixedBatches(),
+            data_collator=unbatch,
+            callbacks=[StepTimer()],
+        ).train()
     else:
         import pytorch_lightning as pl
 
@@ -124,11 +156,23 @@ def run_one(name: str, args) -> dict:
             def on_train_batch_end(self, *_):
                 step_seconds.append(time.perf_counter() - self.began)
 
-        module = StudentSFTModule.with_defaults(lambda: model)  # the schema's training defaults (the paper's lr, warmup, loss)
+        module = StudentSFTModule.with_defaults(
+            lambda: model
+        )  # the schema's training defaults (the paper's lr, warmup, loss)
         precision = "bf16-mixed" if bf16 else "32-true"
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             gradient_clip_val=1.0, precision=precision, callbacks=[StepTimer()])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=len(batches),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            gradient_clip_val=1.0,
+            precision=precision,
+            callbacks=[StepTimer()],
+        )
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     total_seconds = time.perf_counter() - started
     if len(step_seconds) != len(batches):
@@ -169,32 +213,52 @@ def main() -> None:
     configs = [name for name in CONFIGS if name in wanted]
     results = {}
     for name in configs:
-        cmd = [sys.executable, __file__, "--only", name, "--examples", str(args.examples),
-               "--micro-batch", str(args.micro_batch), "--max-length", str(args.max_length), "--cache-dir", args.cache_dir]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--only",
+            name,
+            "--examples",
+            str(args.examples),
+            "--micro-batch",
+            str(args.micro_batch),
+            "--max-length",
+            str(args.max_length),
+            "--cache-dir",
+            args.cache_dir,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-        results[name] = json.loads(line[len("RESULT "):])
+        results[name] = json.loads(line[len("RESULT ") :])
         print(f"done: {name} ({results[name]['total_seconds']:.0f} s)", file=sys.stderr)
     fp32_trainer = results["hf_trainer"]["tokens_per_s"]
-    print(f"SFT throughput, SmolLM2-135M on CPU ({torch_threads()} threads), one pass over {results['hf_trainer']['examples']} "
-          f"CHAMP solutions ({results['hf_trainer']['real_tokens']} real tokens), micro-batch {args.micro_batch}, "
-          f"max length {args.max_length}; load 1m {os.getloadavg()[0]:.2f}")
-    print("| configuration | steps | steady s | tokens/s | padding | 1/(1-padding) | x Trainer | x lightning "
-          "| x fp32 Trainer | peak RSS MiB |")
+    print(
+        f"SFT throughput, SmolLM2-135M on CPU ({torch_threads()} threads), one pass over {results['hf_trainer']['examples']} "
+        f"CHAMP solutions ({results['hf_trainer']['real_tokens']} real tokens), micro-batch {args.micro_batch}, "
+        f"max length {args.max_length}; load 1m {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        "| configuration | steps | steady s | tokens/s | padding | 1/(1-padding) | x Trainer | x lightning "
+        "| x fp32 Trainer | peak RSS MiB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         suffix = "_bf16" if name.endswith("_bf16") else ""
         trainer = results[f"hf_trainer{suffix}"]["tokens_per_s"]
         plain = results.get(f"lightning{suffix}", results[f"hf_trainer{suffix}"])["tokens_per_s"]
-        print(f"| {name} | {r['steps']} | {r['steady_seconds']:.1f} | {r['tokens_per_s']:.0f} "
-              f"| {100 * r['padding_fraction']:.0f}% | {1 / (1 - r['padding_fraction']):.2f} "
-              f"| {r['tokens_per_s'] / trainer:.2f} | {r['tokens_per_s'] / plain:.2f} | {r['tokens_per_s'] / fp32_trainer:.2f} "
-              f"| {r['peak_rss_mib']:.0f} |")
-    print("(tokens/s: real tokens of steps 2..n over their wall time. x Trainer, x lightning: against the Trainer and "
-          "the unpacked, ungrouped LightningModule at the same precision; the latter's 1/(1-padding) bounds what "
-          "removing padding alone can gain)")
+        print(
+            f"| {name} | {r['steps']} | {r['steady_seconds']:.1f} | {r['tokens_per_s']:.0f} "
+            f"| {100 * r['padding_fraction']:.0f}% | {1 / (1 - r['padding_fraction']):.2f} "
+            f"| {r['tokens_per_s'] / trainer:.2f} | {r['tokens_per_s'] / plain:.2f} | {r['tokens_per_s'] / fp32_trainer:.2f} "
+            f"| {r['peak_rss_mib']:.0f} |"
+        )
+    print(
+        "(tokens/s: real tokens of steps 2..n over their wall time. x Trainer, x lightning: against the Trainer and "
+        "the unpacked, ungrouped LightningModule at the same precision; the latter's 1/(1-padding) bounds what "
+        "removing padding alone can gain)"
+    )
 
 
 def torch_threads() -> int:

@@ -65,6 +65,8 @@ GRANULARITIES = sorted(path.stem for path in (CONFIG_DIR / "truncation" / "granu
 def option(group: str, name: str, **options: Any) -> Any:
     """conf/truncation/<group>/<name>.yaml built as the stage builds it, `options` replacing its file's."""
     return instantiate(OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "truncation" / group / f"{name}.yaml"), options))
+
+
 # The issue's goals.
 GOAL_SPEEDUP = 12.0  # (c) examples/s over (a)
 GOAL_FLOOR = 1.3  # (c) time over (d)
@@ -102,7 +104,9 @@ def peak_rss_mib() -> float:
 
 def load_examples(path: str, count: int, splitter: Splitter, tokenizer) -> list[Example]:
     """The `count` shortest traces of `path` that have units, read the way the `jsonl` teacher does."""
-    source = OmegaConf.merge(OmegaConf.structured(JsonlSource), OmegaConf.load(CONFIG_DIR / "teacher" / "jsonl.yaml").source)
+    source = OmegaConf.merge(
+        OmegaConf.structured(JsonlSource), OmegaConf.load(CONFIG_DIR / "teacher" / "jsonl.yaml").source
+    )
     source.path = path
     records = sorted(instantiate(source).load().records, key=lambda r: len(r.long_cot))
     examples = []
@@ -157,12 +161,24 @@ def main() -> None:
     parser.add_argument("--path", default=str(TEACHER_FILE), help="Sky-T1-style JSONL of teacher traces")
     parser.add_argument("--traces", type=int, default=2, help="number of traces, shortest first")
     parser.add_argument("--granularity", default="paper_sentence", choices=sorted(GRANULARITIES))
-    parser.add_argument("--max-new-tokens", type=int, default=JUDGE_DEFAULTS["max_new_tokens"],
-                        help="generate-mode reply budget for (a)")
-    parser.add_argument("--batch-size", type=int, default=JUDGE_DEFAULTS["batch_size"],
-                        help="sequences per forward of the batched engine, (b)")
-    parser.add_argument("--threshold-kind", default="relative_to_full", choices=("absolute", "relative_to_full"),
-                        help="logits-mode verdict rule of (b), (c), (e) (conf/truncation/judge/threshold/)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=JUDGE_DEFAULTS["max_new_tokens"],
+        help="generate-mode reply budget for (a)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=JUDGE_DEFAULTS["batch_size"],
+        help="sequences per forward of the batched engine, (b)",
+    )
+    parser.add_argument(
+        "--threshold-kind",
+        default="relative_to_full",
+        choices=("absolute", "relative_to_full"),
+        help="logits-mode verdict rule of (b), (c), (e) (conf/truncation/judge/threshold/)",
+    )
     parser.add_argument("--threshold-value", type=float, default=CALIBRATED_VALUE)
     parser.add_argument("--skip-generate", action="store_true", help="skip (a), the slow generate-mode loop")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the converted judge model is cached")
@@ -176,15 +192,29 @@ def main() -> None:
     start = time.perf_counter()
     spec = ModelSpec.from_config(OmegaConf.load(CONFIG_DIR / "student" / "smollm2_135m.yaml"))
     model, tokenizer = load_model(spec, args.cache_dir), load_tokenizer(spec, args.cache_dir)
-    prompt = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml")))
+    prompt = JudgePrompt(
+        **OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "truncation" / "judge_prompt" / "paper.yaml"))
+    )
     load_s = time.perf_counter() - start
     examples = load_examples(args.path, args.traces, splitter, tokenizer)
     records = [example.record for example in examples]
 
-    def make_judge(mode: str, engine: str = "one_pass", batch_size: int = args.batch_size,
-                   max_new_tokens: int = args.max_new_tokens) -> SufficiencyJudge:
-        return SufficiencyJudge.hf(model, tokenizer, prompt, mode=mode, chat_template_kwargs=spec.chat_template_kwargs,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine)
+    def make_judge(
+        mode: str,
+        engine: str = "one_pass",
+        batch_size: int = args.batch_size,
+        max_new_tokens: int = args.max_new_tokens,
+    ) -> SufficiencyJudge:
+        return SufficiencyJudge.hf(
+            model,
+            tokenizer,
+            prompt,
+            mode=mode,
+            chat_template_kwargs=spec.chat_template_kwargs,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            engine=engine,
+        )
 
     generate_judge = make_judge("generate", batch_size=1)
     batched_judge = make_judge("logits", engine="batched")
@@ -198,12 +228,16 @@ def main() -> None:
         head, pieces, tail = floor_judge.prefix_tokens(example.record.question, example.units)
         full_prompts.append(head + [t for piece in pieces for t in piece] + tail)
     tokenize_s = time.perf_counter() - tokenize_s
-    print(f"{len(examples)} traces from {args.path}: ids {[e.id for e in examples]}, "
-          f"m = {[e.units.m for e in examples]} {args.granularity} units, "
-          f"full-trace judge prompts {[len(p) for p in full_prompts]} tokens")
-    print(f"judge {spec.name} ({spec.dtype}), loaded in {load_s:.1f} s; torch threads {torch.get_num_threads()}; "
-          f"logits rule {args.threshold_kind} {args.threshold_value:g}; load average at start "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(
+        f"{len(examples)} traces from {args.path}: ids {[e.id for e in examples]}, "
+        f"m = {[e.units.m for e in examples]} {args.granularity} units, "
+        f"full-trace judge prompts {[len(p) for p in full_prompts]} tokens"
+    )
+    print(
+        f"judge {spec.name} ({spec.dtype}), loaded in {load_s:.1f} s; torch threads {torch.get_num_threads()}; "
+        f"logits rule {args.threshold_kind} {args.threshold_value:g}; load average at start "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    )
 
     # Warm up every code path so no measurement pays for first-call allocation.
     batched_judge.score([examples[0].pair(1)])
@@ -212,12 +246,29 @@ def main() -> None:
 
     def stage_row(label: str, search: str, judge: SufficiencyJudge) -> tuple[Measurement, list[dict[str, Any]]]:
         """`PrefixTruncation` as the pipeline builds it, in a fresh cache folder (no cache hits)."""
-        node = Judge(**{**JUDGE_DEFAULTS, "model": spec, "mode": "logits", "threshold": threshold,
-                        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens})
+        node = Judge(
+            **{
+                **JUDGE_DEFAULTS,
+                "model": spec,
+                "mode": "logits",
+                "threshold": threshold,
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens,
+            }
+        )
         with tempfile.TemporaryDirectory(prefix="bench-truncation-") as folder:
-            stage = PrefixTruncation(AdaptivePrefix(), splitter, folder, tokenizer,
-                                     chunk_size=defaults(Truncation)["chunk_size"], search=option("search", search),
-                                     judge=node, judge_prompt=prompt, judge_factory=lambda: judge, progress=False)
+            stage = PrefixTruncation(
+                AdaptivePrefix(),
+                splitter,
+                folder,
+                tokenizer,
+                chunk_size=defaults(Truncation)["chunk_size"],
+                search=option("search", search),
+                judge=node,
+                judge_prompt=prompt,
+                judge_factory=lambda: judge,
+                progress=False,
+            )
             row, rows = timed(label, lambda: stage.run(records), len(records))
         if [r["id"] for r in rows] != [e.id for e in examples]:
             raise RuntimeError(f"{label}: the stage returned rows for {[r['id'] for r in rows]}")
@@ -228,17 +279,21 @@ def main() -> None:
     measurements: dict[str, Measurement] = {}
     generated: list[SearchResult] | None = None
     if not args.skip_generate:
-        row, generated = timed("(a) authors: binary, generate, batch 1",
-                               lambda: authors_loop(generate_judge, examples), len(examples))
+        row, generated = timed(
+            "(a) authors: binary, generate, batch 1", lambda: authors_loop(generate_judge, examples), len(examples)
+        )
         row.prefixes_scored = row.verdicts = sum(len(result.probes) for result in generated)
         measurements["a"] = row
-    measurements["b"], binary = stage_row(f"(b) binary, logits, batched engine, batch {args.batch_size}", "binary",
-                                          batched_judge)
+    measurements["b"], binary = stage_row(
+        f"(b) binary, logits, batched engine, batch {args.batch_size}", "binary", batched_judge
+    )
     measurements["c"], exhaustive = stage_row("(c) exhaustive, logits, one-pass engine", "exhaustive", one_pass_judge)
     measurements["e"], binary_one_pass = stage_row("(e) binary, logits, one-pass engine", "binary", one_pass_judge)
-    measurements["d"], full_scores = timed("(d) floor: full trace, 1 forward, batch 1",
-                                           lambda: [floor_judge.score_encoded([ids])[0] for ids in full_prompts],
-                                           len(examples))
+    measurements["d"], full_scores = timed(
+        "(d) floor: full trace, 1 forward, batch 1",
+        lambda: [floor_judge.score_encoded([ids])[0] for ids in full_prompts],
+        len(examples),
+    )
     measurements["d"].prefixes_scored = len(examples)
 
     # Where (c)'s time goes beyond the floor: the one-pass engine alone (no stage), all prefixes and
@@ -247,50 +302,70 @@ def main() -> None:
     items = [(e.record.question, e.units, range(1, e.units.m + 1)) for e in examples]
     engine_all, _ = timed("one-pass engine, every prefix", lambda: one_pass_judge.prefix_scores(items), len(examples))
     longest = [(q, units, [units.m]) for q, units, _ in items]
-    engine_longest, _ = timed("one-pass engine, longest prefix", lambda: one_pass_judge.prefix_scores(longest),
-                              len(examples))
+    engine_longest, _ = timed(
+        "one-pass engine, longest prefix", lambda: one_pass_judge.prefix_scores(longest), len(examples)
+    )
 
     baseline = measurements.get("a", measurements["b"])
     floor = measurements["d"]
-    print(f"\n| measurement | wall s | CPU s | examples/s | prefixes scored/example | verdicts consulted/example "
-          f"| x {baseline.label[:3]} examples/s | x floor time | load 1m | peak RSS MiB |")
+    print(
+        f"\n| measurement | wall s | CPU s | examples/s | prefixes scored/example | verdicts consulted/example "
+        f"| x {baseline.label[:3]} examples/s | x floor time | load 1m | peak RSS MiB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
     def per_example(count: int | None, m: Measurement) -> str:
         return "-" if not count else f"{count / m.examples:.1f}"
 
     for m in measurements.values():
         rate = m.examples / m.wall_s
-        print(f"| {m.label} | {m.wall_s:.2f} | {m.cpu_s:.2f} | {rate:.3f} | {per_example(m.prefixes_scored, m)} "
-              f"| {per_example(m.verdicts, m)} | {rate / (baseline.examples / baseline.wall_s):.1f} "
-              f"| {m.wall_s / floor.wall_s:.2f} | {m.load_1m:.2f} | {m.peak_rss_mib:.0f} |")
+        print(
+            f"| {m.label} | {m.wall_s:.2f} | {m.cpu_s:.2f} | {rate:.3f} | {per_example(m.prefixes_scored, m)} "
+            f"| {per_example(m.verdicts, m)} | {rate / (baseline.examples / baseline.wall_s):.1f} "
+            f"| {m.wall_s / floor.wall_s:.2f} | {m.load_1m:.2f} | {m.peak_rss_mib:.0f} |"
+        )
 
     c, e = measurements["c"], measurements["e"]
     every_prefix = all(len(r["probes"]) == r["m"] and r["prefixes_scored"] >= r["m"] for r in exhaustive)
     print("\ngoals:")
     if "a" in measurements:
         speedup = (c.examples / c.wall_s) / (baseline.examples / baseline.wall_s)
-        print(f"- (c)/(a) examples/s = {speedup:.1f} (goal >= {GOAL_SPEEDUP:g}), every prefix judged: {every_prefix} "
-              f"-> {'met' if speedup >= GOAL_SPEEDUP and every_prefix else 'MISSED'}")
+        print(
+            f"- (c)/(a) examples/s = {speedup:.1f} (goal >= {GOAL_SPEEDUP:g}), every prefix judged: {every_prefix} "
+            f"-> {'met' if speedup >= GOAL_SPEEDUP and every_prefix else 'MISSED'}"
+        )
     else:
         print(f"- (c)/(a): (a) skipped; every prefix judged by (c): {every_prefix}")
-    print(f"- (c)/(d) time = {c.wall_s / floor.wall_s:.2f} (goal <= {GOAL_FLOOR:g}) "
-          f"-> {'met' if c.wall_s <= GOAL_FLOOR * floor.wall_s else 'MISSED'}")
-    print(f"- (e)/(c) time = {e.wall_s / c.wall_s:.2f} (goal <= 1, binary on one-pass no slower) "
-          f"-> {'met' if e.wall_s <= c.wall_s else 'MISSED'}")
+    print(
+        f"- (c)/(d) time = {c.wall_s / floor.wall_s:.2f} (goal <= {GOAL_FLOOR:g}) "
+        f"-> {'met' if c.wall_s <= GOAL_FLOOR * floor.wall_s else 'MISSED'}"
+    )
+    print(
+        f"- (e)/(c) time = {e.wall_s / c.wall_s:.2f} (goal <= 1, binary on one-pass no slower) "
+        f"-> {'met' if e.wall_s <= c.wall_s else 'MISSED'}"
+    )
 
     tails = sum(example.units.m for example in examples)
     extra_tails_s = engine_all.wall_s - engine_longest.wall_s
     tail_tokens = len(floor_judge.prefix_tokens(examples[0].record.question, examples[0].units)[2])
-    print(f"\nwhere (c)'s {c.wall_s:.2f} s go (floor (d) {floor.wall_s:.2f} s, "
-          f"{sum(len(p) for p in full_prompts)} prompt tokens in all):")
-    print(f"- one-pass engine alone, longest prefix only (a prefill and a 1-tail forward per trace): "
-          f"{engine_longest.wall_s:.2f} s")
-    print(f"- one-pass engine alone, every prefix: {engine_all.wall_s:.2f} s; the {tails - len(examples)} further "
-          f"tails ({tail_tokens} tokens each, all of a trace's in one masked forward over its cache) cost "
-          f"{extra_tails_s:.2f} s, ~{1000 * extra_tails_s / max(1, tails - len(examples)):.1f} ms each")
-    print(f"- the stage around the engine (segmenting, unit-wise tokenizing, thresholds, search, store): "
-          f"{c.wall_s - engine_all.wall_s:.2f} s; the unit-wise tokenization of the floor's prompts alone took "
-          f"{tokenize_s:.2f} s (not in (d))")
+    print(
+        f"\nwhere (c)'s {c.wall_s:.2f} s go (floor (d) {floor.wall_s:.2f} s, "
+        f"{sum(len(p) for p in full_prompts)} prompt tokens in all):"
+    )
+    print(
+        f"- one-pass engine alone, longest prefix only (a prefill and a 1-tail forward per trace): "
+        f"{engine_longest.wall_s:.2f} s"
+    )
+    print(
+        f"- one-pass engine alone, every prefix: {engine_all.wall_s:.2f} s; the {tails - len(examples)} further "
+        f"tails ({tail_tokens} tokens each, all of a trace's in one masked forward over its cache) cost "
+        f"{extra_tails_s:.2f} s, ~{1000 * extra_tails_s / max(1, tails - len(examples)):.1f} ms each"
+    )
+    print(
+        f"- the stage around the engine (segmenting, unit-wise tokenizing, thresholds, search, store): "
+        f"{c.wall_s - engine_all.wall_s:.2f} s; the unit-wise tokenization of the floor's prompts alone took "
+        f"{tokenize_s:.2f} s (not in (d))"
+    )
 
     # Both engines must give the same scores; compare them on every prefix (b) scored (its probes and,
     # with relative_to_full, the full trace), against (c)'s one-pass scores of every prefix.
@@ -299,11 +374,15 @@ def main() -> None:
     batched_scores.update({(r["id"], r["m"]): r["full_score"] for r in binary if r["full_score"] is not None})
     differences = [abs(score - one_pass_scores[key]) for key, score in batched_scores.items()]
     floor_differences = [abs(score - one_pass_scores[e.id, e.units.m]) for e, score in zip(examples, full_scores)]
-    print(f"\nmax |score difference|, one-pass vs batched engine, over the {len(differences)} prefixes both scored: "
-          f"{max(differences):.2e}; floor (d) vs one-pass on the full traces: {max(floor_differences):.2e}")
+    print(
+        f"\nmax |score difference|, one-pass vs batched engine, over the {len(differences)} prefixes both scored: "
+        f"{max(differences):.2e}; floor (d) vs one-pass on the full traces: {max(floor_differences):.2e}"
+    )
 
-    print("\n| trace | m | full score | k (a) generate | k (b) binary batched | k (c) exhaustive | monotone (c) "
-          "| k (e) binary one-pass | probes (a) | probes (b) |")
+    print(
+        "\n| trace | m | full score | k (a) generate | k (b) binary batched | k (c) exhaustive | monotone (c) "
+        "| k (e) binary one-pass | probes (a) | probes (b) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|---:|---|---|")
 
     def chosen(k: int, fallback: bool) -> str:
@@ -311,12 +390,16 @@ def main() -> None:
 
     for i, example in enumerate(examples):
         k_a = "-" if generated is None else chosen(generated[i].chosen_k, generated[i].fallback)
-        probes_a = "-" if generated is None else " ".join(f"{p.k}{'E' if p.sufficient else 'N'}" for p in generated[i].probes)
+        probes_a = (
+            "-" if generated is None else " ".join(f"{p.k}{'E' if p.sufficient else 'N'}" for p in generated[i].probes)
+        )
         probes_b = " ".join(f"{p['k']}{'E' if p['sufficient'] else 'N'}" for p in binary[i]["probes"])
-        print(f"| {example.id} | {example.units.m} | {full_scores[i]:.2f} | {k_a} "
-              f"| {chosen(binary[i]['chosen_k'], binary[i]['fallback'])} "
-              f"| {chosen(exhaustive[i]['chosen_k'], exhaustive[i]['fallback'])} | {exhaustive[i]['monotone']} "
-              f"| {chosen(binary_one_pass[i]['chosen_k'], binary_one_pass[i]['fallback'])} | {probes_a} | {probes_b} |")
+        print(
+            f"| {example.id} | {example.units.m} | {full_scores[i]:.2f} | {k_a} "
+            f"| {chosen(binary[i]['chosen_k'], binary[i]['fallback'])} "
+            f"| {chosen(exhaustive[i]['chosen_k'], exhaustive[i]['fallback'])} | {exhaustive[i]['monotone']} "
+            f"| {chosen(binary_one_pass[i]['chosen_k'], binary_one_pass[i]['fallback'])} | {probes_a} | {probes_b} |"
+        )
 
     if generated is None:
         return
@@ -325,8 +408,10 @@ def main() -> None:
     scores = {(i, p["k"]): p["score"] for i, r in enumerate(exhaustive) for p in r["probes"]}
     shared = sorted(generate_verdicts.keys() & binary_verdicts.keys())
     print("\nverdict agreement, generate (a) vs logits:")
-    print(f"- probes judged by both (a) and (b), rule {args.threshold_kind} {args.threshold_value:g}: "
-          + agreement([(generate_verdicts[key], binary_verdicts[key]) for key in shared]))
+    print(
+        f"- probes judged by both (a) and (b), rule {args.threshold_kind} {args.threshold_value:g}: "
+        + agreement([(generate_verdicts[key], binary_verdicts[key]) for key in shared])
+    )
     absolute = option("judge/threshold", "absolute")  # conf/truncation/judge/threshold/absolute.yaml's value
     for label, value_of in (
         (f"absolute {absolute.value:g}", lambda i: absolute.value),
@@ -336,9 +421,10 @@ def main() -> None:
         print(f"- every (a) probe vs the exhaustive scores of (c), rule {label}: {agreement(pairs)}")
     replies = [p.reply or "" for r in generated for p in r.probes]
     distinct = sorted(set(replies), key=replies.index)
-    print(f"- (a) replies: {sum(is_sufficient_reply(generate_judge.prompt, r) for r in replies)}/{len(replies)} "
-          f"parsed ENOUGH, {len(distinct)} distinct; first ones: "
-          + " | ".join(repr(r[:80]) for r in distinct[:3]))
+    print(
+        f"- (a) replies: {sum(is_sufficient_reply(generate_judge.prompt, r) for r in replies)}/{len(replies)} "
+        f"parsed ENOUGH, {len(distinct)} distinct; first ones: " + " | ".join(repr(r[:80]) for r in distinct[:3])
+    )
 
 
 if __name__ == "__main__":

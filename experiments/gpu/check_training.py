@@ -32,10 +32,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-             "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1_000_000.0}
-SHRUNK = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 1024}
+QWEN25_7B = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1_000_000.0,
+}
+SHRUNK = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 4096,
+    "max_position_embeddings": 1024,
+}
 # dense bf16 peaks (TFLOP/s) by device name
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 PAPER_LORA = {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
@@ -43,9 +58,13 @@ PAPER_LORA = {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": "all-line
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shrink", action="store_true", help="a 2-layer model on the CPU, in fp32 (what the tests run)")
+    parser.add_argument(
+        "--shrink", action="store_true", help="a 2-layer model on the CPU, in fp32 (what the tests run)"
+    )
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per example (one example per micro-batch)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by its name)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by its name)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the first one is warm-up, not timed)")
     parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--loss-kernel", default="auto", choices=("auto", "chunked", "liger"))
@@ -121,23 +140,40 @@ def main(argv=None) -> dict:
         with torch.device("cuda" if cuda else "cpu"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    module = StudentSFTModule.with_defaults(load, warmup_ratio=0.0, lora=PAPER_LORA, gradient_checkpointing=True,
-                                            loss_kernel=args.loss_kernel, loss_chunk_tokens=args.loss_chunk_tokens)
+    module = StudentSFTModule.with_defaults(
+        load,
+        warmup_ratio=0.0,
+        lora=PAPER_LORA,
+        gradient_checkpointing=True,
+        loss_kernel=args.loss_kernel,
+        loss_chunk_tokens=args.loss_chunk_tokens,
+    )
     rows = RandomRows(args.steps * args.accumulate, args.tokens, shape["vocab_size"])
     loader = DataLoader(rows, batch_size=1, shuffle=False)
     timer = StepTimer().callback
-    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-                         max_steps=args.steps, accumulate_grad_batches=args.accumulate, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer], gradient_clip_val=1.0)
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        gradient_clip_val=1.0,
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, train_dataloaders=loader)
     timed = timer.times[1:] or timer.times
     tokens_per_step = args.tokens * args.accumulate
     seconds = sum(timed) / len(timed)
-    flops_per_token = 6 * sum(p.numel() for n, p in module.model.named_parameters() if "lora_" not in n) \
+    flops_per_token = (
+        6 * sum(p.numel() for n, p in module.model.named_parameters() if "lora_" not in n)
         + 6 * shape["num_hidden_layers"] * shape["hidden_size"] * args.tokens
+    )
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     report = {
@@ -147,7 +183,9 @@ def main(argv=None) -> dict:
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "tokens_per_example": args.tokens,
         "steps": trainer.global_step,
-        "loss_kernel": resolve_loss_kernel(args.loss_kernel, torch.device("cuda" if cuda else "cpu")),  # as the module did
+        "loss_kernel": resolve_loss_kernel(
+            args.loss_kernel, torch.device("cuda" if cuda else "cpu")
+        ),  # as the module did
         "loss_curve": module.loss_curve,
         "seconds_per_step": seconds,
         "tokens_per_s": tokens_per_step / seconds,
@@ -161,7 +199,8 @@ def main(argv=None) -> dict:
         module.export_pretrained(Path(folder) / "student", AutoTokenizer.from_pretrained(tokenizer_dir))
         reloaded = AutoModelForCausalLM.from_pretrained(Path(folder) / "student")
         report["export_reloads"] = sum(p.numel() for p in reloaded.parameters()) == sum(
-            p.numel() for n, p in module.model.named_parameters() if "lora_" not in n)
+            p.numel() for n, p in module.model.named_parameters() if "lora_" not in n
+        )
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

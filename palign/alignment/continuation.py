@@ -59,7 +59,12 @@ class AlignmentSettings:
 
     def identity(self) -> dict[str, Any]:
         sampling = {k: v for k, v in self.sampling.items() if k != "batch_size"}
-        return {"model": self.model_identity, "prompts": self.prompts, "sampling": sampling, "code_version": CODE_VERSION}
+        return {
+            "model": self.model_identity,
+            "prompts": self.prompts,
+            "sampling": sampling,
+            "code_version": CODE_VERSION,
+        }
 
 
 class PrefixContinuation:
@@ -87,19 +92,35 @@ class PrefixContinuation:
         self.generated = 0
 
     @classmethod
-    def from_config(cls, model: Mapping[str, Any], filter: str, backend: Backend, sampling: Mapping[str, Any],
-                    chunk_size: int, grading: Mapping[str, Any], *, prompts: Mapping[str, Any], cache_dir: str | Path,
-                    tokenizer) -> PrefixContinuation:
+    def from_config(
+        cls,
+        model: Mapping[str, Any],
+        filter: str,
+        backend: Backend,
+        sampling: Mapping[str, Any],
+        chunk_size: int,
+        grading: Mapping[str, Any],
+        *,
+        prompts: Mapping[str, Any],
+        cache_dir: str | Path,
+        tokenizer,
+    ) -> PrefixContinuation:
         """The stage from the `alignment` config node (palign/schema.py: Alignment), on its `backend`
         option (conf/backend/). The model loads only when a record misses the store."""
         spec = ModelSpec.from_config(model)
         settings = AlignmentSettings(
-            model_identity=spec.identity(), prompts=dict(prompts), sampling=dict(sampling), filter=filter,
-            chunk_size=chunk_size, grading_workers=grading["workers"], grading_timeout_s=grading["timeout_s"],
+            model_identity=spec.identity(),
+            prompts=dict(prompts),
+            sampling=dict(sampling),
+            filter=filter,
+            chunk_size=chunk_size,
+            grading_workers=grading["workers"],
+            grading_timeout_s=grading["timeout_s"],
             chat_template_kwargs=dict(spec.chat_template_kwargs),
         )
-        engine = build_chat(backend, "alignment.backend", spec, cache_dir, tokenizer=tokenizer,
-                            stage="alignment (prefix continuation)")
+        engine = build_chat(
+            backend, "alignment.backend", spec, cache_dir, tokenizer=tokenizer, stage="alignment (prefix continuation)"
+        )
         return cls(settings, cache_dir, None, tokenizer, backend=engine)
 
     SUMMARY_KEY = "alignment"  # where a run's summary.json keeps `report`'s statistics
@@ -110,8 +131,11 @@ class PrefixContinuation:
         stats = dict(self.stats, artifact=str(self.folder))
         tracker.log_summary({f"alignment/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
         rows = list(self.rows_seen.values())[:8]
-        tracker.log_table("alignment/examples", ["id", "answer", "extracted", "correct", "continuation"],
-                          [[r["id"], r["answer"], r["extracted"], r["correct"], r["continuation"][:600]] for r in rows])
+        tracker.log_table(
+            "alignment/examples",
+            ["id", "answer", "extracted", "correct", "continuation"],
+            [[r["id"], r["answer"], r["extracted"], r["correct"], r["continuation"][:600]] for r in rows],
+        )
         return stats
 
     def _user_text(self, record: TeacherRecord, prefix: str | None) -> str:
@@ -131,26 +155,41 @@ class PrefixContinuation:
             prefix = prefixes[record.id] if prefixes is not None else None
             by_key[f"{record.id}:{fingerprint(record.question, prefix, length=12)}"] = (record, prefix)
         items = [(key, self._user_text(record, prefix)) for key, (record, prefix) in by_key.items()]
-        with open_stage_store(self.folder, self.settings.identity(), key="key") as store, GradingPool(
-            num_workers=self.settings.grading_workers, timeout_s=self.settings.grading_timeout_s
-        ) as pool:
+        with (
+            open_stage_store(self.folder, self.settings.identity(), key="key") as store,
+            GradingPool(num_workers=self.settings.grading_workers, timeout_s=self.settings.grading_timeout_s) as pool,
+        ):
 
             def grade_and_store(chunk) -> None:
                 grades = pool.grade([(gens[0].text, by_key[key][0].answer) for key, gens in chunk], desc="grading")
                 for (key, generations), grade in zip(chunk, grades):
                     record, prefix = by_key[key]
                     sample = generations[0]
-                    store.add({
-                        "key": key, "id": record.id, "question": record.question, "answer": record.answer,
-                        "prefix": prefix, "continuation": sample.text, "tokens": sample.num_tokens,
-                        "finished": sample.finished, "correct": bool(record.answer is not None and grade.correct),
-                        "extracted": grade.extracted, "grading_timed_out": grade.timed_out,
-                    })
+                    store.add(
+                        {
+                            "key": key,
+                            "id": record.id,
+                            "question": record.question,
+                            "answer": record.answer,
+                            "prefix": prefix,
+                            "continuation": sample.text,
+                            "tokens": sample.num_tokens,
+                            "finished": sample.finished,
+                            "correct": bool(record.answer is not None and grade.correct),
+                            "extracted": grade.extracted,
+                            "grading_timed_out": grade.timed_out,
+                        }
+                    )
 
             progress = "prefix continuation" if self.progress else None
             self.generated += complete_missing(
-                self.backend, items, store.__contains__, self.settings.sampling, grade_and_store,
-                chunk_size=self.settings.chunk_size, progress=progress,
+                self.backend,
+                items,
+                store.__contains__,
+                self.settings.sampling,
+                grade_and_store,
+                chunk_size=self.settings.chunk_size,
+                progress=progress,
             )
             rows = [row for row in (store.get(key) for key in by_key) if row is not None]
             # a stored continuation depends on the question and prefix only, its grade also on the gold
@@ -158,12 +197,21 @@ class PrefixContinuation:
             # here rather than generated again, and the stored record is left as it was
             stale = [i for i, row in enumerate(rows) if row["answer"] != by_key[row["key"]][0].answer]
             if stale:
-                log.info("alignment: %d stored continuations have another gold answer now; grading them again", len(stale))
+                log.info(
+                    "alignment: %d stored continuations have another gold answer now; grading them again", len(stale)
+                )
                 answers = [by_key[rows[i]["key"]][0].answer for i in stale]
-                grades = pool.grade([(rows[i]["continuation"], answer) for i, answer in zip(stale, answers)], desc="grading")
+                grades = pool.grade(
+                    [(rows[i]["continuation"], answer) for i, answer in zip(stale, answers)], desc="grading"
+                )
                 for i, answer, grade in zip(stale, answers, grades):
-                    rows[i] = dict(rows[i], answer=answer, correct=bool(answer is not None and grade.correct),
-                                   extracted=grade.extracted, grading_timed_out=grade.timed_out)
+                    rows[i] = dict(
+                        rows[i],
+                        answer=answer,
+                        correct=bool(answer is not None and grade.correct),
+                        extracted=grade.extracted,
+                        grading_timed_out=grade.timed_out,
+                    )
         self.rows_seen.update((row["key"], row) for row in rows)
         return rows
 

@@ -81,13 +81,19 @@ class ChainJudgePrompt:
                 raise ValueError(f"chain judge '{name}': `prompt` must contain {placeholder}")
         missing = {FIRST, SECOND, TIE} - set(verdicts)
         if missing:
-            raise ValueError(f"chain judge '{name}': `verdicts` needs the keys {sorted(missing)} (the tokens the judge replies with)")
+            raise ValueError(
+                f"chain judge '{name}': `verdicts` needs the keys {sorted(missing)} (the tokens the judge replies with)"
+            )
         tokens = [verdicts[FIRST], verdicts[SECOND], verdicts[TIE]]
-        if len({t.lower() for t in tokens}) < 3 or any(a.lower() in b.lower() for a in tokens for b in tokens if a != b):
+        if len({t.lower() for t in tokens}) < 3 or any(
+            a.lower() in b.lower() for a in tokens for b in tokens if a != b
+        ):
             raise ValueError(f"chain judge '{name}': verdict tokens {tokens} must be distinct and none inside another")
         absent = [t for t in tokens if t not in prompt]
         if absent:
-            raise ValueError(f"chain judge '{name}': the prompt never tells the judge about the verdict tokens {absent}")
+            raise ValueError(
+                f"chain judge '{name}': the prompt never tells the judge about the verdict tokens {absent}"
+            )
         return cls(name=name, prompt=prompt, first=verdicts[FIRST], second=verdicts[SECOND], tie=verdicts[TIE])
 
     def render(self, question: str, chain_1: str, chain_2: str) -> str:
@@ -98,7 +104,10 @@ class ChainJudgePrompt:
     def parse(self, reply: str) -> str | None:
         """FIRST, SECOND or TIE from the last verdict token in the reply (case-insensitive), else None."""
         lowered = reply.lower()
-        found = {verdict: lowered.rfind(token.lower()) for verdict, token in ((FIRST, self.first), (SECOND, self.second), (TIE, self.tie))}
+        found = {
+            verdict: lowered.rfind(token.lower())
+            for verdict, token in ((FIRST, self.first), (SECOND, self.second), (TIE, self.tie))
+        }
         verdict, position = max(found.items(), key=lambda item: item[1])
         return verdict if position >= 0 else None
 
@@ -134,7 +143,9 @@ def judge_pair(pair_id: str, reply_a_first: str, reply_b_first: str, prompt: Cha
     a_first = outcome_for_a(prompt.parse(reply_a_first), a_shown_first=True)
     b_first = outcome_for_a(prompt.parse(reply_b_first), a_shown_first=False)
     consistent = None if a_first is None or b_first is None else a_first == b_first
-    return PairJudgment(pair_id, a_first, b_first, combine_orders(a_first, b_first), consistent, reply_a_first, reply_b_first)
+    return PairJudgment(
+        pair_id, a_first, b_first, combine_orders(a_first, b_first), consistent, reply_a_first, reply_b_first
+    )
 
 
 def summarize(judgments: Sequence[PairJudgment]) -> dict[str, Any]:
@@ -156,7 +167,9 @@ def summarize(judgments: Sequence[PairJudgment]) -> dict[str, Any]:
         "tie_rate": rate(TIE),
         "a_loss_rate": rate(LOSS),
         "unparseable": sum((j.a_first is None) + (j.b_first is None) for j in judgments),
-        "position_consistency": sum(bool(j.consistent) for j in parsed_both) / len(parsed_both) if parsed_both else None,
+        "position_consistency": sum(bool(j.consistent) for j in parsed_both) / len(parsed_both)
+        if parsed_both
+        else None,
         "first_position_preference": picked_first / len(decisive) if decisive else None,
     }
 
@@ -190,7 +203,9 @@ def compare_chains(
     prompt = ChainJudgePrompt.from_config(prompt)
     sampling = SamplingConfig.from_config(sampling)
     if sampling.num_samples != 1:
-        raise ValueError(f"chain judge: sampling.num_samples must be 1 (one verdict per order), got {sampling.num_samples}")
+        raise ValueError(
+            f"chain judge: sampling.num_samples must be 1 (one verdict per order), got {sampling.num_samples}"
+        )
     seen: set[str] = set()
     for pair in pairs:
         if pair.id in seen:
@@ -208,8 +223,12 @@ def compare_chains(
     replies: dict[str, str] = {}
     store, folder = None, None
     if cache_dir is not None:
-        settings = {"judge": backend.identity(), "prompt": asdict(prompt),
-                    "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"}, "code_version": CODE_VERSION}
+        settings = {
+            "judge": backend.identity(),
+            "prompt": asdict(prompt),
+            "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
+            "code_version": CODE_VERSION,
+        }
         folder = stage_folder(Path(cache_dir) / "chain_judge", settings)
         store = open_stage_store(folder, settings, key="key")
         replies.update((row["key"], row["reply"]) for row in store.records())
@@ -227,7 +246,9 @@ def compare_chains(
         if store is not None:
             store.close()
     log.info("chain judge: %d judgments (%d new) for %d pairs", len(items), judged, len(pairs))
-    judgments = [judge_pair(p.id, replies[keys[p.id, "a_first"]], replies[keys[p.id, "b_first"]], prompt) for p in pairs]
+    judgments = [
+        judge_pair(p.id, replies[keys[p.id, "a_first"]], replies[keys[p.id, "b_first"]], prompt) for p in pairs
+    ]
     return ChainComparison(judgments, summarize(judgments), artifact=str(folder) if folder else None)
 
 
@@ -237,13 +258,23 @@ def build_backend(backend: Backend, model: Any, cache_dir: str | Path) -> ChatBa
     from palign.llm.models import ModelSpec, load_tokenizer
 
     spec = ModelSpec.from_config(model)
-    return build_chat(backend, "chain_judge.backend", spec, cache_dir, tokenizer=load_tokenizer(spec, cache_dir),
-                      stage="chain judge")
+    return build_chat(
+        backend, "chain_judge.backend", spec, cache_dir, tokenizer=load_tokenizer(spec, cache_dir), stage="chain judge"
+    )
 
 
-def judge_training_chains(*, records: Sequence[Any], baseline: str, truncation: Callable[[], Any],
-                          alignment: Callable[[], Any], markers: Mapping[str, str], cache_dir: str | Path,
-                          run_dir: str | Path, tracker: Any, **node: Any) -> tuple[str, str, dict[str, Any]]:
+def judge_training_chains(
+    *,
+    records: Sequence[Any],
+    baseline: str,
+    truncation: Callable[[], Any],
+    alignment: Callable[[], Any],
+    markers: Mapping[str, str],
+    cache_dir: str | Path,
+    run_dir: str | Path,
+    tracker: Any,
+    **node: Any,
+) -> tuple[str, str, dict[str, Any]]:
     """stage=judge_chains, the `_target_` of the `chain_judge` node (conf/chain_judge/, palign/schema.py:
     ChainJudge, whose fields are `node`): the judge compares targets `chain_a` and `chain_b` of the
     first `limit` training records in both orders. `truncation` and `alignment` build stages 1 and 2,
@@ -255,35 +286,65 @@ def judge_training_chains(*, records: Sequence[Any], baseline: str, truncation: 
 
     compared = (node["chain_a"], node["chain_b"])
     if set(compared) >= {"prefix_continuation", "student_only"}:
-        raise ValueError("chain_judge: prefix_continuation and student_only need different continuations; compare each with long_cot")
+        raise ValueError(
+            "chain_judge: prefix_continuation and student_only need different continuations; compare each with long_cot"
+        )
     records = list(records)[: node["limit"]] if node["limit"] is not None else list(records)
     prefixes = continuations = None
     if any(t in PREFIX_TARGETS for t in compared):
         stage = truncation()
         if stage is None:
-            raise ValueError(f"chain_judge compares {compared}, but baseline '{baseline}' builds no prefixes; use baseline=palign")
+            raise ValueError(
+                f"chain_judge compares {compared}, but baseline '{baseline}' builds no prefixes; use baseline=palign"
+            )
         prefixes = stage(records)
     if any(t in CONTINUATION_TARGETS for t in compared):
         stage = alignment()
         if stage is None:
-            raise ValueError(f"chain_judge compares {compared}, but baseline '{baseline}' has no alignment stage; use baseline=palign")
+            raise ValueError(
+                f"chain_judge compares {compared}, but baseline '{baseline}' has no alignment stage; use baseline=palign"
+            )
         continuations = stage(records, prefixes)
-    texts = {t: {e.id: e.target for e in build_targets(records, t, prefixes, continuations, dict(markers))[0]} for t in compared}
+    texts = {
+        t: {e.id: e.target for e in build_targets(records, t, prefixes, continuations, dict(markers))[0]}
+        for t in compared
+    }
     a, b = compared
-    pairs = [ChainPair(r.id, r.question, texts[a][r.id], texts[b][r.id]) for r in records if r.id in texts[a] and r.id in texts[b]]
+    pairs = [
+        ChainPair(r.id, r.question, texts[a][r.id], texts[b][r.id])
+        for r in records
+        if r.id in texts[a] and r.id in texts[b]
+    ]
     engine = build_backend(node["backend"], node["model"], cache_dir)
-    result = compare_chains(engine, pairs, ChainJudgePrompt.from_config(node), node["sampling"],
-                            cache_dir=cache_dir, chunk_size=node["chunk_size"], progress="chain judge")
+    result = compare_chains(
+        engine,
+        pairs,
+        ChainJudgePrompt.from_config(node),
+        node["sampling"],
+        cache_dir=cache_dir,
+        chunk_size=node["chunk_size"],
+        progress="chain judge",
+    )
     comparison = f"{a}_vs_{b}"
-    judge_label = str(engine.identity().get("model") or node["model"]["name"])  # a server's model name, else the config's
+    judge_label = str(
+        engine.identity().get("model") or node["model"]["name"]
+    )  # a server's model name, else the config's
     records_path = Path(run_dir) / "chain_judge" / f"{comparison}-{Path(result.artifact).name}.jsonl"
     write_jsonl_atomic(records_path, result.records)
-    stats = dict(result.summary, problems=len(records), skipped=len(records) - len(pairs), records=str(records_path),
-                 artifact=result.artifact)
+    stats = dict(
+        result.summary,
+        problems=len(records),
+        skipped=len(records) - len(pairs),
+        records=str(records_path),
+        artifact=result.artifact,
+    )
     tracker.log_summary({f"chain_judge/{comparison}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
     tracker.log_table(
-        f"chain_judge/{comparison}/examples", ["id", "a_first", "b_first", "outcome", "reply_a_first", "reply_b_first"],
-        [[r["id"], r["a_first"], r["b_first"], r["outcome"], r["reply_a_first"][-400:], r["reply_b_first"][-400:]]
-         for r in result.records[:8]],
+        f"chain_judge/{comparison}/examples",
+        ["id", "a_first", "b_first", "outcome", "reply_a_first", "reply_b_first"],
+        [
+            [r["id"], r["a_first"], r["b_first"], r["outcome"], r["reply_a_first"][-400:], r["reply_b_first"][-400:]]
+            for r in result.records[:8]
+        ],
     )
     return comparison, judge_label, stats

@@ -45,9 +45,7 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataFormatError(
-            f"{path}:{err.lineno}: malformed JSON ({json_error_text(err)})"
-        ) from err
+        raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({json_error_text(err)})") from err
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -73,9 +71,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
                     "each line must be one complete JSON object"
                 ) from err
             if not isinstance(obj, dict):
-                raise DataFormatError(
-                    f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"
-                )
+                raise DataFormatError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
             yield lineno, obj
 
 
@@ -111,9 +107,17 @@ def json_kind(value: Any) -> str:
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     if value is None:
         return "null"
-    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
-            else "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict)
-            else f"a {type(value).__name__}")
+    kind = (
+        "a boolean"
+        if isinstance(value, bool)
+        else "a number"
+        if isinstance(value, (int, float))
+        else "a list"
+        if isinstance(value, (list, tuple))
+        else "an object"
+        if isinstance(value, dict)
+        else f"a {type(value).__name__}"
+    )
     return f"{kind} ({shown})"
 
 
@@ -128,7 +132,9 @@ def record_id(value: Any, field: str, where: str, fix: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     shown = "an empty string" if isinstance(value, str) else json_kind(value)
-    raise DataFormatError(f"{where}: field '{field}' must be a non-empty string or an integer (the record id), got {shown}; {fix}")
+    raise DataFormatError(
+        f"{where}: field '{field}' must be a non-empty string or an integer (the record id), got {shown}; {fix}"
+    )
 
 
 def require_field(record: Mapping[str, Any], field: str, where: str) -> Any:

@@ -57,7 +57,8 @@ def exclusive(path: str | os.PathLike) -> Iterator[None]:
             raise TimeoutError(
                 f"{lock_path}: another process has held this lock for more than {LOCK_TIMEOUT_S:.0f} s "
                 "(paths.lock_timeout_s); it is still computing this cached stage: wait for it, run the stage "
-                "as its own job first (stage=align), or raise paths.lock_timeout_s") from None
+                "as its own job first (stage=align), or raise paths.lock_timeout_s"
+            ) from None
     try:
         yield
     finally:
@@ -71,7 +72,9 @@ def stage_folder(root: str | os.PathLike, identity: Any, label: str = "") -> Pat
     return Path(root) / (f"{label}-{key}" if label else key)
 
 
-def open_stage_store(folder: str | os.PathLike, identity: Any, key: str = "id", name: str = "records.jsonl") -> RecordStore:
+def open_stage_store(
+    folder: str | os.PathLike, identity: Any, key: str = "id", name: str = "records.jsonl"
+) -> RecordStore:
     """The resumable record store of one cached stage (truncation, alignment, teacher generation,
     evaluation, chain judge): `<folder>/settings.json` says once what computed it, `<folder>/<name>`
     holds the finished records, so an interrupted stage reopens it and completes only what is missing."""

@@ -33,12 +33,15 @@ PrefixStage = Callable[[Sequence[TeacherRecord]], Mapping[str, str]]
 ContinuationStage = Callable[[Sequence[TeacherRecord], Mapping[str, str] | None], Mapping[str, str]]
 
 
-def split_records(records: Sequence[TeacherRecord], val_size: int, seed: int,
-                  skipped: Mapping[str, int] | None = None) -> tuple[list[TeacherRecord], list[TeacherRecord]]:
+def split_records(
+    records: Sequence[TeacherRecord], val_size: int, seed: int, skipped: Mapping[str, int] | None = None
+) -> tuple[list[TeacherRecord], list[TeacherRecord]]:
     """Deterministic (train, val) split by a seeded shuffle of record ids."""
     if not records:
-        raise ValueError(f"no usable teacher records (skipped: {dict(skipped or {})}); check the teacher source "
-                         "(teacher.source.*), e.g. teacher.source.only_correct=false when few traces are graded correct")
+        raise ValueError(
+            f"no usable teacher records (skipped: {dict(skipped or {})}); check the teacher source "
+            "(teacher.source.*), e.g. teacher.source.only_correct=false when few traces are graded correct"
+        )
     order = sorted(records, key=lambda r: r.id)
     random.Random(seed).shuffle(order)
     if val_size >= len(order):
@@ -128,7 +131,13 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
                     "(alignment.sampling.max_new_tokens), more problems, or keep every continuation (alignment.filter=none)"
                 )
             tokenized = build_tokenized_split(
-                examples, self.tokenizer, self.prompts, self.max_length, self.cache_dir, split, self.chat_template_kwargs
+                examples,
+                self.tokenizer,
+                self.prompts,
+                self.max_length,
+                self.cache_dir,
+                split,
+                self.chat_template_kwargs,
             )
             if split == "train" and tokenized.kept == 0:
                 raise RuntimeError(
@@ -136,8 +145,12 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
                     f"{self.max_length} tokens; raise data.max_length"
                 )
             if tokenized.kept == 0:  # validation only: every example too long
-                log.warning("%s: all %d examples are longer than data.max_length=%d tokens; no validation loss",
-                            split, tokenized.dropped_too_long, self.max_length)
+                log.warning(
+                    "%s: all %d examples are longer than data.max_length=%d tokens; no validation loss",
+                    split,
+                    tokenized.dropped_too_long,
+                    self.max_length,
+                )
             else:
                 self.splits[split] = tokenized
             self.stats[f"{split}/examples"] = tokenized.kept
@@ -159,10 +172,19 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         """Shuffled micro-batches: length-grouped rows of examples, or, with `packing`, bins of
         examples flattened into one row per micro-batch."""
         trainer = self.trainer
-        loader = train_loader(self._datasets["train"], self.tokenizer.pad_token_id, self.micro_batch_size, self.seed,
-                              packing=self.packing, pack_length=self.pack_length, group_by_length=self.group_by_length,
-                              num_workers=self.num_workers, batches_done=self._train_batches_done,
-                              num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
+        loader = train_loader(
+            self._datasets["train"],
+            self.tokenizer.pad_token_id,
+            self.micro_batch_size,
+            self.seed,
+            packing=self.packing,
+            pack_length=self.pack_length,
+            group_by_length=self.group_by_length,
+            num_workers=self.num_workers,
+            batches_done=self._train_batches_done,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
         if self.packing:
             self.stats["train/packed_bins"] = len(loader.dataset)
         self.stats["train/padded_per_epoch"] = loader.sampler.padded_items
@@ -183,16 +205,34 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
         if "val" not in self._datasets:
             return []
         trainer = self.trainer
-        batches = ShardedEvalBatches(len(self._datasets["val"]), self.micro_batch_size,
-                                     num_replicas=trainer.world_size if trainer else 1,
-                                     rank=trainer.global_rank if trainer else 0)
-        return DataLoader(self._datasets["val"], batch_sampler=batches, collate_fn=SFTCollator(self.tokenizer.pad_token_id),
-                          num_workers=self.num_workers)
+        batches = ShardedEvalBatches(
+            len(self._datasets["val"]),
+            self.micro_batch_size,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        return DataLoader(
+            self._datasets["val"],
+            batch_sampler=batches,
+            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
 
 
-def train_loader(dataset, pad_token_id: int, micro_batch_size: int, seed: int, *, packing: bool = False,
-                 pack_length: int | None = None, group_by_length: bool = True, num_workers: int = 0,
-                 batches_done: Callable[[], int] | None = None, num_replicas: int = 1, rank: int = 0) -> ResumableDataLoader:
+def train_loader(
+    dataset,
+    pad_token_id: int,
+    micro_batch_size: int,
+    seed: int,
+    *,
+    packing: bool = False,
+    pack_length: int | None = None,
+    group_by_length: bool = True,
+    num_workers: int = 0,
+    batches_done: Callable[[], int] | None = None,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> ResumableDataLoader:
     """The resumable training loader over tokenized examples: shuffled micro-batches of examples
     grouped by length (`group_by_length`), or, with `packing`, of `micro_batch_size` bins of up to
     `pack_length` tokens each, flattened into one padding-free row (palign/data/sft.py:
@@ -203,13 +243,24 @@ def train_loader(dataset, pad_token_id: int, micro_batch_size: int, seed: int, *
         if not pack_length:
             raise ValueError("packing needs pack_length (tokens per packed bin)")
         rows = PackedRows(dataset, pack_examples(lengths, pack_length, seed=seed))
-        return ResumableDataLoader(rows, batch_size=micro_batch_size, sampler=ResumableShuffleSampler(len(rows), seed=seed, **shard),
-                                   collate_fn=PackedSFTCollator(), num_workers=num_workers,
-                                   batches_done=batches_done)
+        return ResumableDataLoader(
+            rows,
+            batch_size=micro_batch_size,
+            sampler=ResumableShuffleSampler(len(rows), seed=seed, **shard),
+            collate_fn=PackedSFTCollator(),
+            num_workers=num_workers,
+            batches_done=batches_done,
+        )
     group = micro_batch_size * 16 if group_by_length else 0
     sampler = ResumableShuffleSampler(len(dataset), seed=seed, lengths=lengths, group_size=group, **shard)
-    return ResumableDataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=SFTCollator(pad_token_id),
-                               num_workers=num_workers, batches_done=batches_done)
+    return ResumableDataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        sampler=sampler,
+        collate_fn=SFTCollator(pad_token_id),
+        num_workers=num_workers,
+        batches_done=batches_done,
+    )
 
 
 class PackedRows(torch.utils.data.Dataset):

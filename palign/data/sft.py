@@ -106,7 +106,9 @@ def build_tokenized_split(
         return _tokenize_split(examples, tokenizer, prompts, max_length, folder, split, chat_template_kwargs)
 
 
-def _tokenize_split(examples, tokenizer, prompts, max_length, folder: Path, split: str, chat_template_kwargs) -> TokenizedSplit:
+def _tokenize_split(
+    examples, tokenizer, prompts, max_length, folder: Path, split: str, chat_template_kwargs
+) -> TokenizedSplit:
     import datasets
 
     meta_path = folder / "meta.json"
@@ -129,12 +131,19 @@ def _tokenize_split(examples, tokenizer, prompts, max_length, folder: Path, spli
         rows["length"].append(len(tokens["input_ids"]))
         response_tokens += sum(1 for label in tokens["labels"] if label != IGNORE_INDEX)
     if dropped:
-        log.warning("%s: dropped %d of %d examples longer than max_length=%d tokens", split, dropped, len(examples), max_length)
+        log.warning(
+            "%s: dropped %d of %d examples longer than max_length=%d tokens", split, dropped, len(examples), max_length
+        )
     with atomic_path(folder) as tmp:
         datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / "data"))
         write_json_atomic(
             tmp / "meta.json",
-            {"kept": len(rows["id"]), "dropped_too_long": dropped, "response_tokens": response_tokens, "max_length": max_length},
+            {
+                "kept": len(rows["id"]),
+                "dropped_too_long": dropped,
+                "response_tokens": response_tokens,
+                "max_length": max_length,
+            },
         )
     return TokenizedSplit(folder / "data", len(rows["id"]), dropped, response_tokens)
 
@@ -204,6 +213,9 @@ class PackedSFTCollator:
                 labels.extend([IGNORE_INDEX, *example["labels"][1:]])
                 positions.extend(range(len(example["input_ids"])))
         input_ids = torch.tensor([ids], dtype=torch.long)
-        return {"input_ids": input_ids, "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long),
-                "real_tokens": torch.ones_like(input_ids)}
+        return {
+            "input_ids": input_ids,
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "real_tokens": torch.ones_like(input_ids),
+        }

@@ -50,16 +50,19 @@ def _problem_from_record(
     except TypeError as err:
         raise DataFormatError(f"{where}: field '{answer_field}': {err}") from err
     if not answer:
-        raise DataFormatError(
-            f"{where}: field '{answer_field}' is empty; every problem needs a gold answer"
-        )
+        raise DataFormatError(f"{where}: field '{answer_field}' is empty; every problem needs a gold answer")
     if not isinstance(problem, str) or not problem.strip():
-        raise DataFormatError(
-            f"{where}: field '{problem_field}' must be a non-empty string, got {problem!r:.80}"
+        raise DataFormatError(f"{where}: field '{problem_field}' must be a non-empty string, got {problem!r:.80}")
+    problem_id = (
+        record_id(
+            require_field(record, id_field, where),
+            id_field,
+            where,
+            "set `id_field` to a field that holds ids, or to null to number problems by row",
         )
-    problem_id = (record_id(require_field(record, id_field, where), id_field, where,
-                            "set `id_field` to a field that holds ids, or to null to number problems by row")
-                  if id_field else str(index))
+        if id_field
+        else str(index)
+    )
     return BenchmarkProblem(id=problem_id, problem=problem, answer=answer)
 
 
@@ -107,8 +110,11 @@ def load_benchmark(
         raise ValueError(f"benchmark '{name}': unknown package '{package}' (known: champ)")
     elif local_path is not None:
         if not Path(local_path).is_file():
-            hub = (f"or set it to null to load '{hub_id}' from the Hugging Face Hub"
-                   if hub_id is not None else "(there is no hub_id to load it from instead)")
+            hub = (
+                f"or set it to null to load '{hub_id}' from the Hugging Face Hub"
+                if hub_id is not None
+                else "(there is no hub_id to load it from instead)"
+            )
             missing = "is not a file" if Path(local_path).exists() else "does not exist"
             raise FileNotFoundError(
                 f"benchmark '{name}': local_path {local_path} {missing}; fix `local_path` "

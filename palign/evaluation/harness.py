@@ -43,7 +43,13 @@ from palign.artifacts.stores import open_stage_store, stage_folder
 from palign.artifacts.writes import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.metrics import Interval, cell_intervals, mover_sum, problem_scores
-from palign.evaluation.predictions import PAPER_BENCHMARKS, display_name, grade_prediction_file, render_table, results_table
+from palign.evaluation.predictions import (
+    PAPER_BENCHMARKS,
+    display_name,
+    grade_prediction_file,
+    render_table,
+    results_table,
+)
 from palign.grading import GradingPool
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig
@@ -89,9 +95,12 @@ def evaluate(
     model, the sampling settings and the prompt, so changing any of them starts a new folder.
     """
     sampling_cfg = SamplingConfig.from_config(sampling)
-    identity = {"model": dict(model_identity), "sampling": {k: v for k, v in vars(sampling_cfg).items() if k != "batch_size"},
-                "prompts": {"instruction": prompts["instruction"], "separator": prompts["question_separator"]},
-                "code_version": CODE_VERSION}
+    identity = {
+        "model": dict(model_identity),
+        "sampling": {k: v for k, v in vars(sampling_cfg).items() if k != "batch_size"},
+        "prompts": {"instruction": prompts["instruction"], "separator": prompts["question_separator"]},
+        "code_version": CODE_VERSION,
+    }
     folder = stage_folder(out_dir, identity)
     results: dict[str, BenchmarkResult] = {}
     # e.g. VLLMChatBackend, which brings its own tokenizer and template; by default the Hugging Face
@@ -108,16 +117,27 @@ def evaluate(
                 def save(chunk) -> None:
                     for problem_id, generations in chunk:
                         problem = by_id[problem_id]
-                        store.add({
-                            "id": problem.id, "problem": problem.problem, "answer": problem.answer,
-                            "output": [g.text for g in generations],
-                            "tokens": [g.num_tokens for g in generations],
-                            "finished": [g.finished for g in generations],
-                        })
+                        store.add(
+                            {
+                                "id": problem.id,
+                                "problem": problem.problem,
+                                "answer": problem.answer,
+                                "output": [g.text for g in generations],
+                                "tokens": [g.num_tokens for g in generations],
+                                "finished": [g.finished for g in generations],
+                            }
+                        )
 
                 items = [(p.id, instruction_prompt(prompts, p.problem)) for p in problems]
-                complete_missing(backend, items, store.__contains__, sampling_cfg, save, chunk_size=chunk_size,
-                                 progress=f"eval {name}")
+                complete_missing(
+                    backend,
+                    items,
+                    store.__contains__,
+                    sampling_cfg,
+                    save,
+                    chunk_size=chunk_size,
+                    progress=f"eval {name}",
+                )
                 # the store may hold problems from an earlier, larger limit: grade this run's only
                 ordered = [store.get(p.id) for p in problems]
             current = folder / f"{name}.current.jsonl"
@@ -127,7 +147,9 @@ def evaluate(
                 row["output"] = prediction["output"]
                 row["tokens"] = prediction["tokens"]
             summary["max_new_tokens"] = sampling_cfg.max_new_tokens
-            summary["truncated_rate"] = 100.0 * sum(not f for p in ordered for f in p["finished"]) / sum(len(p["finished"]) for p in ordered)
+            summary["truncated_rate"] = (
+                100.0 * sum(not f for p in ordered for f in p["finished"]) / sum(len(p["finished"]) for p in ordered)
+            )
             graded = folder / f"{name}.graded.jsonl"
             write_jsonl_atomic(graded, rows)
             current.unlink()
@@ -153,26 +175,35 @@ def add_intervals(results: Mapping[str, BenchmarkResult], k: int, settings: Inte
             result.summary[f"{metric}_ci_low"], result.summary[f"{metric}_ci_high"] = interval.low, interval.high
     averages = {f"avg_{metric}": average(results, metric) for metric in ("pass@1", f"pass@{k}")}
     for metric in ("pass@1", f"pass@{k}"):
-        interval = mover_sum([r.summary[metric] for r in results.values()], [per_benchmark[n][metric] for n in results],
-                             1.0 / len(results))
+        interval = mover_sum(
+            [r.summary[metric] for r in results.values()],
+            [per_benchmark[n][metric] for n in results],
+            1.0 / len(results),
+        )
         averages[f"avg_{metric}_ci_low"], averages[f"avg_{metric}_ci_high"] = interval.low, interval.high
     return averages
 
 
-def intervals_table(results: Mapping[str, BenchmarkResult], k: int, averages: Mapping[str, float],
-                    settings: Intervals) -> str:
+def intervals_table(
+    results: Mapping[str, BenchmarkResult], k: int, averages: Mapping[str, float], settings: Intervals
+) -> str:
     """The results' cells with their intervals (Markdown), and how they were computed."""
+
     def cell(summary: Mapping[str, float], metric: str, prefix: str = "") -> str:
         value, low, high = (summary[f"{prefix}{metric}{suffix}"] for suffix in ("", "_ci_low", "_ci_high"))
         return f"{value:.2f} [{low:.1f}, {high:.1f}]"
 
-    rows = [[display_name(name), cell(r.summary, "pass@1"), cell(r.summary, f"pass@{k}")] for name, r in results.items()]
+    rows = [
+        [display_name(name), cell(r.summary, "pass@1"), cell(r.summary, f"pass@{k}")] for name, r in results.items()
+    ]
     rows.append(["Avg", cell(averages, "pass@1", "avg_"), cell(averages, f"pass@{k}", "avg_")])
     level = f"{100 * settings.confidence_level:g}%"
-    return (render_table(["Benchmark", "Pass@1", f"Pass@{k}"], rows, numeric_from=1)[0]
-            + f"\nValue [{level} interval]: BCa bootstrap over problems (scipy.stats.bootstrap, {settings.resamples} "
-            f"resamples, seed {settings.seed}); Wilson score interval over problems where every problem scored the same; "
-            "Avg: MOVER over the benchmarks (palign/evaluation/metrics.py).\n")
+    return (
+        render_table(["Benchmark", "Pass@1", f"Pass@{k}"], rows, numeric_from=1)[0]
+        + f"\nValue [{level} interval]: BCa bootstrap over problems (scipy.stats.bootstrap, {settings.resamples} "
+        f"resamples, seed {settings.seed}); Wilson score interval over problems where every problem scored the same; "
+        "Avg: MOVER over the benchmarks (palign/evaluation/metrics.py).\n"
+    )
 
 
 def _with_bounds(csv_text: str, summaries: list[Mapping[str, float]], averages: Mapping[str, float], k: int) -> str:
@@ -184,7 +215,7 @@ def _with_bounds(csv_text: str, summaries: list[Mapping[str, float]], averages: 
     header, row = list(csv.reader(io.StringIO(csv_text)))
     cells = [(summary, "", metric) for summary in summaries for metric in ("pass@1", f"pass@{k}")]
     cells += [(averages, "avg_", metric) for metric in ("pass@1", f"pass@{k}")]
-    for name, value, (summary, prefix, metric) in zip(header[2:len(cells) + 2], row[2:], cells):
+    for name, value, (summary, prefix, metric) in zip(header[2 : len(cells) + 2], row[2:], cells):
         bounds = [summary.get(f"{prefix}{metric}_ci_{end}") for end in ("low", "high")]
         header += [f"{name} ci_low", f"{name} ci_high"]
         row += ["" if b is None or not value else f"{b:.2f}" for b in bounds]
@@ -197,7 +228,9 @@ def results_folder(results: Mapping[str, BenchmarkResult], benchmarks: Mapping[s
         raise ValueError("no benchmark results to write; configure at least one of evaluation.benchmarks")
     predictions = {r.predictions.parent for r in results.values()}
     if len(predictions) != 1:
-        raise ValueError(f"benchmark results from several prediction folders {sorted(map(str, predictions))}; write each evaluation's own")
+        raise ValueError(
+            f"benchmark results from several prediction folders {sorted(map(str, predictions))}; write each evaluation's own"
+        )
     key = fingerprint({"benchmarks": {name: dict(benchmarks[name]) for name in results}, "pass_k": k}, length=8)
     return predictions.pop() / f"{'+'.join(results)}-pass{k}-{key}"
 
@@ -222,15 +255,24 @@ def write_results(
     """
     folder = results_folder(results, benchmarks, k)
     columns = [n for n in PAPER_BENCHMARKS if n in results] + [n for n in results if n not in PAPER_BENCHMARKS]
-    markdown, csv_text = results_table({(student, method): {n: r.summary for n, r in results.items()}}, k=k,
-                                       benchmarks=columns)
+    markdown, csv_text = results_table(
+        {(student, method): {n: r.summary for n, r in results.items()}}, k=k, benchmarks=columns
+    )
     if averages is not None and settings is not None:
         markdown += "\n" + intervals_table(results, k, averages, settings)
         csv_text = _with_bounds(csv_text, [results[n].summary for n in columns], averages, k)
     metrics = {n: r.summary for n, r in results.items()}
     predictions = read_json(folder.parent / "settings.json")
-    write_json_atomic(folder / "evaluation.json", {"predictions": predictions, "benchmarks": {n: dict(benchmarks[n]) for n in results},
-                                                   "pass_k": k, "student": student, "method": method})
+    write_json_atomic(
+        folder / "evaluation.json",
+        {
+            "predictions": predictions,
+            "benchmarks": {n: dict(benchmarks[n]) for n in results},
+            "pass_k": k,
+            "student": student,
+            "method": method,
+        },
+    )
     for name, result in results.items():
         write_jsonl_atomic(folder / f"{name}.graded.jsonl", result.rows)
     for where in (folder, Path(run_dir)):
@@ -288,13 +330,22 @@ def evaluate_student(
     if model_path is None:
         log.warning("no trained student in %s; evaluating the base model %s", trained, spec.name)
     tokenizer = load_tokenizer(spec, cache_dir)
-    engine = build_chat(backend, "evaluation.backend", spec, cache_dir, tokenizer=tokenizer, weights=model_path,
-                        stage="evaluation")
+    engine = build_chat(
+        backend, "evaluation.backend", spec, cache_dir, tokenizer=tokenizer, weights=model_path, stage="evaluation"
+    )
     results = evaluate(
-        partial(load_inference_model, spec, cache_dir, path=model_path), {"base": spec.identity(), "weights": model_path and file_digests(model_path)},
-        tokenizer, chosen, sampling, prompts, Path(run_dir) / "eval",
-        chat_template_kwargs=spec.chat_template_kwargs, grading_workers=grading["workers"],
-        grading_timeout_s=grading["timeout_s"], chunk_size=chunk_size, backend=engine,
+        partial(load_inference_model, spec, cache_dir, path=model_path),
+        {"base": spec.identity(), "weights": model_path and file_digests(model_path)},
+        tokenizer,
+        chosen,
+        sampling,
+        prompts,
+        Path(run_dir) / "eval",
+        chat_template_kwargs=spec.chat_template_kwargs,
+        grading_workers=grading["workers"],
+        grading_timeout_s=grading["timeout_s"],
+        chunk_size=chunk_size,
+        backend=engine,
     )
     settings = Intervals(**intervals)
     averages = add_intervals(results, pass_k, settings)
@@ -306,7 +357,13 @@ def evaluate_student(
     tracker.log_final(flat)
     for name, result in results.items():
         log_result_tables(tracker, name, result, pass_k)
-    return {"benchmarks": summaries, **averages, "model": model_path or "base", "table": markdown, "results": str(folder)}
+    return {
+        "benchmarks": summaries,
+        **averages,
+        "model": model_path or "base",
+        "table": markdown,
+        "results": str(folder),
+    }
 
 
 def log_result_tables(tracker, name: str, result: BenchmarkResult, k: int) -> None:
@@ -316,16 +373,31 @@ def log_result_tables(tracker, name: str, result: BenchmarkResult, k: int) -> No
     `sample correct` ("101": the first and third), its pass@1 and pass@k in percent), on which W&B's
     table comparison joins two runs by problem id."""
     tracker.log_table(
-        f"eval/{name}/predictions", ["benchmark", "problem", "sample", "gold", "extracted", "correct", "output"],
-        [[name, row["id"], s, row["answer"], row["extracted"][s], row["correct"][s], row["output"][s][-1000:]]
-         for row in result.rows for s in range(len(row["correct"]))],
+        f"eval/{name}/predictions",
+        ["benchmark", "problem", "sample", "gold", "extracted", "correct", "output"],
+        [
+            [name, row["id"], s, row["answer"], row["extracted"][s], row["correct"][s], row["output"][s][-1000:]]
+            for row in result.rows
+            for s in range(len(row["correct"]))
+        ],
     )
     correct = [row["correct"] for row in result.rows]
     pass1 = problem_scores(correct, "pass@1")
     passk = problem_scores(correct, f"pass@{k}")
     tracker.log_table(
-        f"eval/{name}/problems", ["benchmark", "problem", "gold", "samples", "correct samples", "sample correct", "pass@1",
-                                  f"pass@{k}"],
-        [[name, row["id"], row["answer"], len(row["correct"]), sum(row["correct"]), "".join("1" if c else "0" for c in row["correct"]),
-          100.0 * float(p1), 100.0 * float(pk)] for row, p1, pk in zip(result.rows, pass1, passk)],
+        f"eval/{name}/problems",
+        ["benchmark", "problem", "gold", "samples", "correct samples", "sample correct", "pass@1", f"pass@{k}"],
+        [
+            [
+                name,
+                row["id"],
+                row["answer"],
+                len(row["correct"]),
+                sum(row["correct"]),
+                "".join("1" if c else "0" for c in row["correct"]),
+                100.0 * float(p1),
+                100.0 * float(pk),
+            ]
+            for row, p1, pk in zip(result.rows, pass1, passk)
+        ],
     )

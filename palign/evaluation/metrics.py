@@ -66,9 +66,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if not 0 <= c <= n:
         raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
     if not 1 <= k <= n:
-        raise ValueError(
-            f"need 1 <= k <= n, got n={n}, k={k}: cannot estimate pass@{k} from {n} samples"
-        )
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}: cannot estimate pass@{k} from {n} samples")
     if n - c < k:
         return 1.0
     miss = 1.0
@@ -80,8 +78,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def _check_correct_matrix(correct: Tensor) -> Tensor:
     if correct.ndim != 2:
         raise ValueError(
-            "expected a [num_problems, n_samples] matrix of correctness, "
-            f"got shape {tuple(correct.shape)}"
+            f"expected a [num_problems, n_samples] matrix of correctness, got shape {tuple(correct.shape)}"
         )
     if correct.shape[1] == 0:
         raise ValueError("every problem needs at least one sample (got n_samples = 0)")
@@ -215,7 +212,8 @@ def mean_interval(scores: np.ndarray | Sequence[float], settings: Intervals) -> 
     if np.all(grid == grid[0]):
         # all wrong or all right (or every problem the same share of its samples, rounded to whole problems)
         ci = stats.binomtest(int(round(float(scores[0]) * scores.size)), scores.size).proportion_ci(
-            confidence_level=settings.confidence_level, method="wilson")
+            confidence_level=settings.confidence_level, method="wilson"
+        )
         return Interval(float(ci.low), float(ci.high), "wilson")
     return bootstrap_interval(scores, settings)
 
@@ -246,9 +244,15 @@ def bootstrap_interval(values: np.ndarray, settings: Intervals) -> Interval:
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # BCa's own warning when it cannot be computed: the fallback follows
-            result = stats.bootstrap((values,), np.mean, n_resamples=settings.resamples, vectorized=True,
-                                     confidence_level=settings.confidence_level, method=method,
-                                     **seeded(stats.bootstrap, settings.seed))
+            result = stats.bootstrap(
+                (values,),
+                np.mean,
+                n_resamples=settings.resamples,
+                vectorized=True,
+                confidence_level=settings.confidence_level,
+                method=method,
+                **seeded(stats.bootstrap, settings.seed),
+            )
         low, high = (float(v) / scale for v in result.confidence_interval)
         if math.isfinite(low) and math.isfinite(high):
             return Interval(low, high, method.lower())
@@ -275,7 +279,8 @@ def mover_sum(estimates: Sequence[float], intervals: Sequence[Interval], scale: 
     return Interval(scale * (total - below), scale * (total + above), "mover")
 
 
-def cell_intervals(correct: np.ndarray | Sequence[Sequence[bool]], metrics: Sequence[str],
-                   settings: Intervals) -> dict[str, Interval]:
+def cell_intervals(
+    correct: np.ndarray | Sequence[Sequence[bool]], metrics: Sequence[str], settings: Intervals
+) -> dict[str, Interval]:
     """Each metric's interval for one benchmark's correctness matrix, in percent (as the cells)."""
     return {metric: mean_interval(problem_scores(correct, metric), settings).scaled(100.0) for metric in metrics}

@@ -29,9 +29,7 @@ MISSING = "–"
 _CENT = Decimal("0.01")
 
 
-def grade_prediction_file(
-    path: str | os.PathLike, pool: GradingPool
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def grade_prediction_file(path: str | os.PathLike, pool: GradingPool) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Grade every sample of a prediction file.
 
     Returns `(rows, summary)`: one row per problem with `id`, `problem` (or None), `answer`
@@ -70,8 +68,11 @@ def grade_prediction_file(
                 f"{num_samples}; "
                 "pass@k needs the same number of samples for every problem"
             )
-        problem_id = record_id(record["id"], "id", where, "fix it, or drop the field to number problems by line") \
-            if "id" in record else str(index)
+        problem_id = (
+            record_id(record["id"], "id", where, "fix it, or drop the field to number problems by line")
+            if "id" in record
+            else str(index)
+        )
         problems.append(
             {
                 "id": problem_id,
@@ -126,8 +127,10 @@ def display_name(benchmark: str) -> str:
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str | None]], numeric_from: int) -> tuple[str, str]:
     """Every palign table as `(markdown, csv)`: columns from `numeric_from` on are right-aligned in
     Markdown; a None cell is MISSING there and empty in the CSV."""
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if i >= numeric_from else "---" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if i >= numeric_from else "---" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(MISSING if c is None else c for c in row) + " |" for row in rows]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -160,9 +163,11 @@ def results_table(
     """
     metrics = (pass1_key, f"pass@{k}")
     labels = ("Pass@1", f"Pass@{k}")
-    header = ["Student", "Method"] + [
-        f"{display_name(b)} {label}" for b in benchmarks for label in labels
-    ] + [f"Avg {label}" for label in labels]
+    header = (
+        ["Student", "Method"]
+        + [f"{display_name(b)} {label}" for b in benchmarks for label in labels]
+        + [f"Avg {label}" for label in labels]
+    )
 
     table: list[list[str | None]] = []
     for (student, method), per_benchmark in results.items():

@@ -62,8 +62,6 @@ class ChatBackendError(RuntimeError):
         self.status = status
 
 
-
-
 class VerdictScorer(Protocol):
     """The sufficiency judge's logits mode over a back end (PAPER.md §2.1): log P(enough) - log
     P(not enough) as the next token after each token-id prompt, with the tokenizer and chat template
@@ -73,8 +71,9 @@ class VerdictScorer(Protocol):
     tokenizer: Any
     chat_template_kwargs: dict[str, Any]
 
-    def verdict_scores(self, prompts_token_ids: Sequence[Sequence[int]], enough_token: int,
-                       not_enough_token: int) -> list[float]: ...
+    def verdict_scores(
+        self, prompts_token_ids: Sequence[Sequence[int]], enough_token: int, not_enough_token: int
+    ) -> list[float]: ...
 
 
 def verdict_score(enough: float, not_enough: float, *, reporter: str, fix: str) -> float:
@@ -158,14 +157,18 @@ def settings(node: Any) -> dict[str, Any]:
     return dict(node)
 
 
-def build_chat(backend: Any, key: str, model: Any, cache_dir: Any, *, tokenizer, weights: str | None = None,
-               stage: str) -> ChatBackend:
+def build_chat(
+    backend: Any, key: str, model: Any, cache_dir: Any, *, tokenizer, weights: str | None = None, stage: str
+) -> ChatBackend:
     """The one builder: the stage's model on the back end chosen at `key` (e.g. `alignment.backend`)."""
     if not isinstance(backend, Backend):
-        raise TypeError(f"{key}: expected a back-end option of conf/backend/ (hf, vllm, ray, openai, auto), "
-                        f"got {backend!r}; choose one with backend@{key}=NAME")
-    return backend.resolve(key).chat(ModelSpec.from_config(model), cache_dir, tokenizer=tokenizer, weights=weights,
-                                     stage=stage)
+        raise TypeError(
+            f"{key}: expected a back-end option of conf/backend/ (hf, vllm, ray, openai, auto), "
+            f"got {backend!r}; choose one with backend@{key}=NAME"
+        )
+    return backend.resolve(key).chat(
+        ModelSpec.from_config(model), cache_dir, tokenizer=tokenizer, weights=weights, stage=stage
+    )
 
 
 # -- the generation loop --------------------------------------------------------------------------

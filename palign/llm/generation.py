@@ -54,20 +54,35 @@ class SamplingConfig:
     Each check is vLLM's rule for the value palign sends it (see the module docstring).
     """
 
-    max_new_tokens: int = knob(32768, "new tokens per sample (the paper's released outputs ran to ~32k)", check=at_least(1))
+    max_new_tokens: int = knob(
+        32768, "new tokens per sample (the paper's released outputs ran to ~32k)", check=at_least(1)
+    )
     do_sample: bool = knob(True, "sample (true) or decode greedily (false: one sample per prompt)")
-    temperature: float = knob(0.6, "sampling temperature (the authors' 0.6); vLLM refuses more than 2 and samples at "
-                              "0.01 below 0.01, so both are refused; greedy decoding is do_sample=false",
-                              check=number(VLLM_MIN_TEMPERATURE, VLLM_MAX_TEMPERATURE))
+    temperature: float = knob(
+        0.6,
+        "sampling temperature (the authors' 0.6); vLLM refuses more than 2 and samples at "
+        "0.01 below 0.01, so both are refused; greedy decoding is do_sample=false",
+        check=number(VLLM_MIN_TEMPERATURE, VLLM_MAX_TEMPERATURE),
+    )
     top_p: float = knob(0.9, "nucleus sampling mass (the authors' 0.9)", check=number(0, 1, low_open=True))
-    top_k: int | None = knob(None, "null: off, as in the authors' vLLM sampling (never the model's own default)",
-                             check=("null, 0 (off) or an integer >= 1", lambda v: v is None or (is_int(v) and v >= 0)))
+    top_k: int | None = knob(
+        None,
+        "null: off, as in the authors' vLLM sampling (never the model's own default)",
+        check=("null, 0 (off) or an integer >= 1", lambda v: v is None or (is_int(v) and v >= 0)),
+    )
     repetition_penalty: float = knob(1.05, "the authors' 1.05", check=number(0, low_open=True))
-    num_samples: int = knob(1, f"samples per prompt (vLLM's n: at most {VLLM_MAX_N})",
-                            check=(f"an integer >= 1 and <= {VLLM_MAX_N}", lambda v: is_int(v) and 1 <= v <= VLLM_MAX_N))
+    num_samples: int = knob(
+        1,
+        f"samples per prompt (vLLM's n: at most {VLLM_MAX_N})",
+        check=(f"an integer >= 1 and <= {VLLM_MAX_N}", lambda v: is_int(v) and 1 <= v <= VLLM_MAX_N),
+    )
     batch_size: int = knob(8, "prompts per generation call", check=at_least(1))
-    seed: int = knob(0, "sampling seed (per problem and sample, so results do not depend on batching); vLLM reads -1 "
-                     "as no seed, so seeds are >= 0", check=at_least(0))
+    seed: int = knob(
+        0,
+        "sampling seed (per problem and sample, so results do not depend on batching); vLLM reads -1 "
+        "as no seed, so seeds are >= 0",
+        check=at_least(0),
+    )
 
     def __post_init__(self) -> None:
         # the schema checks a composed config field by field; a SamplingConfig built in code gets
@@ -78,8 +93,10 @@ class SamplingConfig:
         if not self.do_sample and self.num_samples != 1:
             # vllm/sampling_params.py: SamplingParams._verify_greedy_sampling ("n must be 1 when using
             # greedy sampling"); transformers refuses num_return_sequences > 1 without sampling too
-            raise ValueError(f"sampling.num_samples={self.num_samples} with do_sample=false: greedy decoding gives one "
-                             "reply per prompt (vLLM and transformers refuse more); set do_sample=true or num_samples=1")
+            raise ValueError(
+                f"sampling.num_samples={self.num_samples} with do_sample=false: greedy decoding gives one "
+                "reply per prompt (vLLM and transformers refuse more); set do_sample=true or num_samples=1"
+            )
 
     @classmethod
     def from_config(cls, cfg: Any) -> SamplingConfig:
@@ -90,7 +107,9 @@ class SamplingConfig:
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"sampling config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"sampling config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**data)
 
 
@@ -105,8 +124,9 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return stops
 
 
-def generation_config(sampling: SamplingConfig | Mapping[str, Any], pad_token_id: int | None,
-                      eos_token_id: int | Sequence[int] | None):
+def generation_config(
+    sampling: SamplingConfig | Mapping[str, Any], pad_token_id: int | None, eos_token_id: int | Sequence[int] | None
+):
     """The complete transformers `GenerationConfig` for `sampling`: every knob that changes which
     token is drawn is set, so none is taken from the model's generation_config.json. `eos_token_id`:
     the token, or tokens, that end a reply (`stop_token_ids`)."""
@@ -127,8 +147,15 @@ def generation_config(sampling: SamplingConfig | Mapping[str, Any], pad_token_id
     )
     if sampling.do_sample:
         # warpers (sampling only); 0 is transformers' "off" for top_k (None would mean 50 or the model's)
-        values.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
-                      min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+        values.update(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or 0,
+            min_p=0.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+        )
     return GenerationConfig(**values)
 
 
@@ -174,7 +201,9 @@ def generate(
     config = generation_config(sampling, pad_id, stops)
     # transformers 4.50-4.x fills "default-looking" values (e.g. temperature=1.0) from the model's
     # generation_config unless told not to; 5.x fills only unset ones, which `config` has none of
-    extra = {"use_model_defaults": False} if "use_model_defaults" in inspect.signature(model.generate).parameters else {}
+    extra = (
+        {"use_model_defaults": False} if "use_model_defaults" in inspect.signature(model.generate).parameters else {}
+    )
     bar = tqdm(total=len(encoded), desc=progress, disable=progress is None, unit="prompt")
     try:
         for start in range(0, len(order), sampling.batch_size):

@@ -56,5 +56,9 @@ class HFBackend(Backend):
     loaded in this process on its `device`, when the stage first has work."""
 
     def chat(self, model: ModelSpec, cache_dir: Any, *, tokenizer, weights: str | None, stage: str) -> LocalChatBackend:
-        return LocalChatBackend(partial(load_inference_model, model, cache_dir, path=weights), tokenizer,
-                                model.chat_template_kwargs, identity=model.identity())
+        return LocalChatBackend(
+            partial(load_inference_model, model, cache_dir, path=weights),
+            tokenizer,
+            model.chat_template_kwargs,
+            identity=model.identity(),
+        )

@@ -59,9 +59,16 @@ class ModelSpec:
     dtype: str = "float32"
     attn_implementation: str | None = "sdpa"
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    device: str = field(default="auto", metadata={"identity": False, "help": (
-        "where the model runs for inference (judge, continuation, evaluation, teacher generation, chain judge): "
-        "auto (CUDA when there is one, else the CPU) | cpu | cuda | cuda:N; training places it through the trainer")})
+    device: str = field(
+        default="auto",
+        metadata={
+            "identity": False,
+            "help": (
+                "where the model runs for inference (judge, continuation, evaluation, teacher generation, chain judge): "
+                "auto (CUDA when there is one, else the CPU) | cpu | cuda | cuda:N; training places it through the trainer"
+            ),
+        },
+    )
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelSpec:
@@ -73,7 +80,9 @@ class ModelSpec:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"model config '{data.get('name')}': unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"model config '{data.get('name')}': unknown keys {sorted(unknown)}; known: {sorted(known)}"
+            )
         spec = cls(**data)
         if spec.source not in SOURCES:
             raise ValueError(f"model config '{spec.name}': source must be one of {SOURCES}, got '{spec.source}'")
@@ -167,8 +176,10 @@ def model_source_problem(spec_cfg: Any, tokenizer_only: bool = False) -> str | N
         wanted = ("tokenizer.json", "tokenizer_config.json") if tokenizer_only else ("config.json",)
         if not any((folder / name).is_file() for name in wanted):
             found = f"has no {' or '.join(wanted)}" if folder.is_dir() else "does not exist"
-            return (f"model '{spec.name}': the folder {spec.pretrained} {found}; point `pretrained` at a saved "
-                    f"{'tokenizer' if tokenizer_only else 'model'} folder")
+            return (
+                f"model '{spec.name}': the folder {spec.pretrained} {found}; point `pretrained` at a saved "
+                f"{'tokenizer' if tokenizer_only else 'model'} folder"
+            )
     if spec.source == "gguf_package":
         try:
             folder = _package_dir(spec.package)
@@ -286,6 +297,8 @@ def context_length(model_or_path: Any) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     length = getattr(text, "max_position_embeddings", None)
     if not length:
-        raise ValueError(f"{getattr(config, '_name_or_path', config)!s}: the model config names no "
-                         "max_position_embeddings; set truncation.judge.max_context_tokens")
+        raise ValueError(
+            f"{getattr(config, '_name_or_path', config)!s}: the model config names no "
+            "max_position_embeddings; set truncation.judge.max_context_tokens"
+        )
     return int(length)

@@ -502,8 +502,10 @@ class OpenAIChatBackend:
         requests = [(list(ids), token) for ids in prompts_token_ids for token in (enough_token, not_enough_token)]
         logprobs = self._map(lambda request: self._forced_logprob(*request, api_key), requests, None)
         fix = "start vLLM with --logprobs-mode raw_logprobs (its default)"
-        return [verdict_score(logprobs[i], logprobs[i + 1], reporter="the server", fix=fix)
-                for i in range(0, len(logprobs), 2)]
+        return [
+            verdict_score(logprobs[i], logprobs[i + 1], reporter="the server", fix=fix)
+            for i in range(0, len(logprobs), 2)
+        ]
 
     def _forced_logprob(self, prompt: list[int], token: int, api_key: str | None) -> float:
         """The raw logprob of `token` after `prompt`: greedy, `max_tokens: 1`, only `token` allowed
@@ -701,11 +703,18 @@ class OpenAIBackend(Backend):
         named = self.remote.get("model") or weights or model.pretrained or model.name
         kind, switches = SERVERS[self.remote["server"]], dict(model.chat_template_kwargs)
         if switches and not kind.token_prompts and not kind.takes_chat_template_kwargs:
-            log.warning("%s: %s renders prompts with its own chat template and takes no chat_template_kwargs; "
-                        "%s of model '%s' are not sent", stage, kind.title, switches, model.name)
+            log.warning(
+                "%s: %s renders prompts with its own chat template and takes no chat_template_kwargs; "
+                "%s of model '%s' are not sent",
+                stage,
+                kind.title,
+                switches,
+                model.name,
+            )
             switches = {}
-        return OpenAIChatBackend.from_config({**self.remote, "model": named}, tokenizer=tokenizer,
-                                             chat_template_kwargs=switches)
+        return OpenAIChatBackend.from_config(
+            {**self.remote, "model": named}, tokenizer=tokenizer, chat_template_kwargs=switches
+        )
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.remote.get('base_url')!r}, server={self.remote.get('server')!r})"

@@ -75,6 +75,7 @@ def engine_option(engine: str, vllm: Mapping[str, Any] | None) -> Backend:
         raise ValueError(f"ray.engine must be one of {ENGINES}, got '{engine}'")
     return VLLMBackend(vllm or {}) if engine == ENGINES[1] else HFBackend()
 
+
 # The runtime_env variables of every actor: Ray empties the accelerator variables
 # (CUDA_VISIBLE_DEVICES, ...) of an actor it assigned none (see the module docstring).
 ACTOR_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
@@ -103,8 +104,9 @@ class ActorWorker:
                 torch.set_num_threads(num_threads)
             self.build(**kwargs)
         except Exception as err:  # noqa: BLE001 (reported to the driver with where it happened)
-            raise RayWorkerError(f"{self.where}: could not build {self.describe(**kwargs)}: "
-                                 f"{type(err).__name__}: {err}") from err
+            raise RayWorkerError(
+                f"{self.where}: could not build {self.describe(**kwargs)}: {type(err).__name__}: {err}"
+            ) from err
 
     def build(self, **kwargs: Any) -> None:
         raise NotImplementedError
@@ -136,13 +138,21 @@ class _GenerationWorker(ActorWorker):
 
     task = "generation"
 
-    def build(self, spec: dict[str, Any], cache_dir: str, weights: str | None, engine: str, vllm: dict[str, Any] | None,
-              sampling: dict[str, Any]) -> None:
+    def build(
+        self,
+        spec: dict[str, Any],
+        cache_dir: str,
+        weights: str | None,
+        engine: str,
+        vllm: dict[str, Any] | None,
+        sampling: dict[str, Any],
+    ) -> None:
         self.sampling = SamplingConfig.from_config(sampling)
         model = ModelSpec.from_config(spec)
         # an hf model itself loads with the actor's first batch (a failure there names the worker too)
-        self.backend = engine_option(engine, vllm).chat(model, cache_dir, tokenizer=load_tokenizer(model, cache_dir),
-                                                        weights=weights, stage=self.task)
+        self.backend = engine_option(engine, vllm).chat(
+            model, cache_dir, tokenizer=load_tokenizer(model, cache_dir), weights=weights, stage=self.task
+        )
 
     def describe(self, spec: dict[str, Any], engine: str, **_: Any) -> str:
         return f"the '{engine}' engine for model '{spec.get('name')}'"
@@ -175,17 +185,27 @@ def check_gpu_request(engine: str, num_gpus_per_worker: float, vllm: Mapping[str
                 f"ray.engine=vllm: each Ray worker holds one vLLM engine on whole GPUs of its own, so "
                 f"ray.num_gpus_per_worker must be a whole number of at least vllm.tensor_parallel_size={parallel}; "
                 f"got ray.num_gpus_per_worker={gpus}. Set ray.num_gpus_per_worker={parallel} (on a machine "
-                "without GPUs: ray.engine=hf)")
+                "without GPUs: ray.engine=hf)"
+            )
         if gpus > parallel:
-            log.warning("ray.num_gpus_per_worker=%s but each worker's vLLM engine uses vllm.tensor_parallel_size=%d "
-                        "GPUs: the others stay idle", gpus, parallel)
+            log.warning(
+                "ray.num_gpus_per_worker=%s but each worker's vLLM engine uses vllm.tensor_parallel_size=%d "
+                "GPUs: the others stay idle",
+                gpus,
+                parallel,
+            )
     elif gpus > 1:
-        log.warning("ray.num_gpus_per_worker=%s with ray.engine=%s: each worker's model sits on one GPU (device auto: "
-                    "the first of its own), the others stay idle", gpus, engine)
+        log.warning(
+            "ray.num_gpus_per_worker=%s with ray.engine=%s: each worker's model sits on one GPU (device auto: "
+            "the first of its own), the others stay idle",
+            gpus,
+            engine,
+        )
 
 
-def check_nodes_hold_a_worker(nodes: Sequence[Mapping[str, float]], num_cpus_per_worker: float,
-                              num_gpus_per_worker: float, where: str, stage: str) -> None:
+def check_nodes_hold_a_worker(
+    nodes: Sequence[Mapping[str, float]], num_cpus_per_worker: float, num_gpus_per_worker: float, where: str, stage: str
+) -> None:
     """Refuse a cluster none of whose nodes (`nodes`: each alive node's resources, as `ray.nodes()`
     reports them) has the CPUs and GPUs one worker asks for: an actor lives on one node, so Ray
     would leave it pending forever (a cluster whose GPUs are all on other nodes included)."""
@@ -196,17 +216,24 @@ def check_nodes_hold_a_worker(nodes: Sequence[Mapping[str, float]], num_cpus_per
             raise ChatBackendError(
                 f"{stage}: each Ray worker asks for {need} {name} but no node of the cluster at {where} has them "
                 f"(the largest has {largest}, {total} in all over {len(nodes)} node{'s' * (len(nodes) != 1)}); "
-                f"lower ray.num_{name.lower()}s_per_worker or join a cluster that has them (ray.address)")
-    fits = [node for node in nodes if node.get("CPU", 0) >= num_cpus_per_worker and node.get("GPU", 0) >= num_gpus_per_worker]
+                f"lower ray.num_{name.lower()}s_per_worker or join a cluster that has them (ray.address)"
+            )
+    fits = [
+        node
+        for node in nodes
+        if node.get("CPU", 0) >= num_cpus_per_worker and node.get("GPU", 0) >= num_gpus_per_worker
+    ]
     if not fits:
         raise ChatBackendError(
             f"{stage}: each Ray worker asks for {num_cpus_per_worker} CPU and {num_gpus_per_worker} GPU on one node, "
             f"but no node of the cluster at {where} has both; lower ray.num_cpus_per_worker or "
-            "ray.num_gpus_per_worker, or join a cluster that has them (ray.address)")
+            "ray.num_gpus_per_worker, or join a cluster that has them (ray.address)"
+        )
 
 
-def connect(address: str | None, num_workers: int, num_cpus_per_worker: float, num_gpus_per_worker: float,
-            stage: str) -> bool:
+def connect(
+    address: str | None, num_workers: int, num_cpus_per_worker: float, num_gpus_per_worker: float, stage: str
+) -> bool:
     """Join (or, with `address` null, start) the cluster and check one of its nodes can hold a worker
     (`check_nodes_hold_a_worker`); True when this call started it. A cluster short of CPUs for all
     workers at once is only a warning."""
@@ -221,14 +248,29 @@ def connect(address: str | None, num_workers: int, num_cpus_per_worker: float, n
     check_nodes_hold_a_worker(nodes, num_cpus_per_worker, num_gpus_per_worker, address or "local", stage)
     resources = ray.cluster_resources()
     if resources.get("CPU", 0) < num_workers * num_cpus_per_worker:
-        log.warning("%s: %d Ray workers x %s CPUs exceed the cluster's %s CPUs; workers wait for each other",
-                    stage, num_workers, num_cpus_per_worker, resources.get("CPU", 0))
+        log.warning(
+            "%s: %d Ray workers x %s CPUs exceed the cluster's %s CPUs; workers wait for each other",
+            stage,
+            num_workers,
+            num_cpus_per_worker,
+            resources.get("CPU", 0),
+        )
     return started
 
 
-def stream_through_actors(payloads: Sequence[str], worker: type, worker_kwargs: Mapping[str, Any], *, num_workers: int,
-                          num_cpus_per_worker: float, num_gpus_per_worker: float, payloads_per_call: int, stage: str,
-                          describe: str, progress: bool = False) -> Iterator[tuple[int, Any]]:
+def stream_through_actors(
+    payloads: Sequence[str],
+    worker: type,
+    worker_kwargs: Mapping[str, Any],
+    *,
+    num_workers: int,
+    num_cpus_per_worker: float,
+    num_gpus_per_worker: float,
+    payloads_per_call: int,
+    stage: str,
+    describe: str,
+    progress: bool = False,
+) -> Iterator[tuple[int, Any]]:
     """`(position, result)` for each of `payloads` (JSON texts), in the order they finish.
 
     One pool of `min(num_workers, len(payloads))` actors of `worker` (an `ActorWorker`, built once with
@@ -277,15 +319,30 @@ class RayChatBackend:
     whose workers cannot hold their engine (`check_gpu_request`) is refused here, before Ray starts.
     """
 
-    def __init__(self, spec: Mapping[str, Any], cache_dir: str | os.PathLike, tokenizer, *, num_workers: int,
-                 num_cpus_per_worker: float, num_gpus_per_worker: float, engine: str, address: str | None,
-                 batch_size: int, weights: str | None = None, vllm: Mapping[str, Any] | None = None, stage: str = "ray"):
+    def __init__(
+        self,
+        spec: Mapping[str, Any],
+        cache_dir: str | os.PathLike,
+        tokenizer,
+        *,
+        num_workers: int,
+        num_cpus_per_worker: float,
+        num_gpus_per_worker: float,
+        engine: str,
+        address: str | None,
+        batch_size: int,
+        weights: str | None = None,
+        vllm: Mapping[str, Any] | None = None,
+        stage: str = "ray",
+    ):
         if engine not in ENGINES:
             raise ValueError(f"ray.engine must be one of {ENGINES}, got '{engine}'")
         if num_workers < 1 or batch_size < 1 or num_cpus_per_worker <= 0 or num_gpus_per_worker < 0:
-            raise ValueError(f"ray: num_workers and batch_size must be >= 1, num_cpus_per_worker > 0 and "
-                             f"num_gpus_per_worker >= 0; got {num_workers}, {batch_size}, {num_cpus_per_worker}, "
-                             f"{num_gpus_per_worker}")
+            raise ValueError(
+                f"ray: num_workers and batch_size must be >= 1, num_cpus_per_worker > 0 and "
+                f"num_gpus_per_worker >= 0; got {num_workers}, {batch_size}, {num_cpus_per_worker}, "
+                f"{num_gpus_per_worker}"
+            )
         check_gpu_request(engine, num_gpus_per_worker, vllm)
         self.spec = dict(spec)
         self.cache_dir = str(cache_dir)
@@ -307,12 +364,15 @@ class RayChatBackend:
         return {"backend": "ray", "engine": self.engine, "model": self.spec.get("name"), "weights": self.weights}
 
     def __repr__(self) -> str:
-        return (f"RayChatBackend({self.spec.get('name')!r}, engine={self.engine!r}, num_workers={self.num_workers}, "
-                f"address={self.address!r})")
+        return (
+            f"RayChatBackend({self.spec.get('name')!r}, engine={self.engine!r}, num_workers={self.num_workers}, "
+            f"address={self.address!r})"
+        )
 
     def _connect(self) -> None:
-        self.started_ray |= connect(self.address, self.num_workers, self.num_cpus_per_worker, self.num_gpus_per_worker,
-                                    self.stage)
+        self.started_ray |= connect(
+            self.address, self.num_workers, self.num_cpus_per_worker, self.num_gpus_per_worker, self.stage
+        )
 
     def groups(self, user_texts: Sequence[str], sampling: SamplingConfig) -> list[tuple[list[int], int]]:
         """(prompt indices, seed) of each payload (see the module docstring).
@@ -321,23 +381,28 @@ class RayChatBackend:
         `sampling.seed` and its position. vllm: whole chunks of `ray.batch_size` prompts in their
         order, every request seeded with `sampling.seed` as in process."""
         if self.engine == "vllm":
-            return [(list(range(start, min(start + self.batch_size, len(user_texts)))), sampling.seed)
-                    for start in range(0, len(user_texts), self.batch_size)]
+            return [
+                (list(range(start, min(start + self.batch_size, len(user_texts)))), sampling.seed)
+                for start in range(0, len(user_texts), self.batch_size)
+            ]
         import torch
 
         lengths = [len(encode_user_turn(self.tokenizer, text, self.chat_template_kwargs)) for text in user_texts]
         order = sorted(range(len(user_texts)), key=lambda i: -lengths[i])
         seeds = torch.Generator().manual_seed(sampling.seed)
-        return [(order[start : start + sampling.batch_size], int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
-                for start in range(0, len(order), sampling.batch_size)]
+        return [
+            (order[start : start + sampling.batch_size], int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
+            for start in range(0, len(order), sampling.batch_size)
+        ]
 
     def payloads_per_call(self, sampling: SamplingConfig) -> int:
         """Payloads (`groups`) per actor call: `ray.batch_size` prompts' worth of generation batches
         (hf), one whole chunk (vllm)."""
         return 1 if self.engine == "vllm" else max(1, self.batch_size // sampling.batch_size)
 
-    def stream(self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any],
-               progress: str | None = None) -> Iterator[tuple[int, list[Generation]]]:
+    def stream(
+        self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any], progress: str | None = None
+    ) -> Iterator[tuple[int, list[Generation]]]:
         """`(index into user_texts, generations)` as each generation batch finishes, from one pool of
         actors for all of `user_texts` (each loads its model once)."""
         sampling = SamplingConfig.from_config(sampling)
@@ -353,28 +418,43 @@ class RayChatBackend:
         self._connect()
         groups = self.groups(user_texts, sampling)
         payloads = [json.dumps({"texts": [user_texts[i] for i in indices], "seed": seed}) for indices, seed in groups]
-        worker_kwargs = dict(spec=self.spec, cache_dir=self.cache_dir, weights=self.weights, engine=self.engine,
-                             vllm=self.vllm, sampling=asdict(sampling),
-                             num_threads=worker_threads(self.num_cpus_per_worker, self.num_gpus_per_worker))
+        worker_kwargs = dict(
+            spec=self.spec,
+            cache_dir=self.cache_dir,
+            weights=self.weights,
+            engine=self.engine,
+            vllm=self.vllm,
+            sampling=asdict(sampling),
+            num_threads=worker_threads(self.num_cpus_per_worker, self.num_gpus_per_worker),
+        )
         self.calls += 1
         for position, outputs in stream_through_actors(
-            payloads, _GenerationWorker, worker_kwargs, num_workers=self.num_workers,
-            num_cpus_per_worker=self.num_cpus_per_worker, num_gpus_per_worker=self.num_gpus_per_worker,
-            payloads_per_call=self.payloads_per_call(sampling), stage=self.stage,
-            describe=f"{self.engine} engine, model '{self.spec.get('name')}'", progress=progress is not None,
+            payloads,
+            _GenerationWorker,
+            worker_kwargs,
+            num_workers=self.num_workers,
+            num_cpus_per_worker=self.num_cpus_per_worker,
+            num_gpus_per_worker=self.num_gpus_per_worker,
+            payloads_per_call=self.payloads_per_call(sampling),
+            stage=self.stage,
+            describe=f"{self.engine} engine, model '{self.spec.get('name')}'",
+            progress=progress is not None,
         ):
             indices, _ = groups[position]
             for i, generations in zip(indices, outputs, strict=True):
                 yield i, [Generation(**g) for g in generations]
 
-    def complete(self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any],
-                 progress: str | None = None) -> list[list[Generation]]:
+    def complete(
+        self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any], progress: str | None = None
+    ) -> list[list[Generation]]:
         results: list[list[Generation] | None] = [None] * len(user_texts)
         for i, generations in self.stream(user_texts, sampling, progress):
             results[i] = generations
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
-            raise ChatBackendError(f"{self.stage}: Ray returned no reply for {len(missing)} of {len(user_texts)} prompts")
+            raise ChatBackendError(
+                f"{self.stage}: Ray returned no reply for {len(missing)} of {len(user_texts)} prompts"
+            )
         return results  # type: ignore[return-value]
 
 
@@ -399,7 +479,9 @@ def ray_settings(ray_cfg: Any) -> dict[str, Any]:
     settings = OmegaConf.to_container(ray_cfg, resolve=True) if isinstance(ray_cfg, DictConfig) else dict(ray_cfg or {})
     known = {"num_workers", "num_cpus_per_worker", "num_gpus_per_worker", "engine", "address", "batch_size"}
     if set(settings) != known:
-        raise ValueError(f"ray config: expected the keys {sorted(known)}, got {sorted(settings)} (palign/schema.py: Ray)")
+        raise ValueError(
+            f"ray config: expected the keys {sorted(known)}, got {sorted(settings)} (palign/schema.py: Ray)"
+        )
     if settings["engine"] not in ENGINES:
         raise ValueError(f"ray.engine must be one of {ENGINES}, got '{settings['engine']}'")
     return settings
@@ -434,8 +516,9 @@ class RayBackend(Backend):
         return []
 
     def chat(self, model: ModelSpec, cache_dir: Any, *, tokenizer, weights: str | None, stage: str) -> RayChatBackend:
-        return RayChatBackend(asdict(model), cache_dir, tokenizer, weights=weights, vllm=self.vllm, stage=stage,
-                              **self.workers)
+        return RayChatBackend(
+            asdict(model), cache_dir, tokenizer, weights=weights, vllm=self.vllm, stage=stage, **self.workers
+        )
 
     def __repr__(self) -> str:
         return f"RayBackend(engine={self.workers['engine']!r}, num_workers={self.workers['num_workers']})"

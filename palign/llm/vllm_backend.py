@@ -103,8 +103,10 @@ def release_vllm_engines() -> int:
         try:
             shutdown = llm.llm_engine.engine_core.shutdown
         except AttributeError as err:
-            raise RuntimeError(f"cannot shut down the vLLM engine {llm!r}: it has no llm_engine.engine_core.shutdown() "
-                               f"({err}); palign follows vLLM 0.33's LLM (pip install 'palign[vllm]')") from err
+            raise RuntimeError(
+                f"cannot shut down the vLLM engine {llm!r}: it has no llm_engine.engine_core.shutdown() "
+                f"({err}); palign follows vLLM 0.33's LLM (pip install 'palign[vllm]')"
+            ) from err
         shutdown()
         del llm
     if count:
@@ -131,16 +133,18 @@ def _step_logprob(step: Mapping[int, Any], token: int, name: str) -> float:
     return float(getattr(entry, "logprob", entry))
 
 
-def verdict_score(enough_step: Mapping[int, Any], not_enough_step: Mapping[int, Any], enough_token: int,
-                  not_enough_token: int) -> float:
+def verdict_score(
+    enough_step: Mapping[int, Any], not_enough_step: Mapping[int, Any], enough_token: int, not_enough_token: int
+) -> float:
     """log P(enough) - log P(not enough) from the first-step logprobs of the two forced requests.
 
     Each step maps token id -> logprob (a float, or vLLM's `Logprob` with a `.logprob`).
     """
     enough = _step_logprob(enough_step, enough_token, "enough")
     not_enough = _step_logprob(not_enough_step, not_enough_token, "not-enough")
-    return backends.verdict_score(enough, not_enough, reporter="vLLM",
-                                  fix="use the V1 engine with logprobs_mode=raw_logprobs")
+    return backends.verdict_score(
+        enough, not_enough, reporter="vLLM", fix="use the V1 engine with logprobs_mode=raw_logprobs"
+    )
 
 
 def _engine_key(args: Mapping[str, Any]) -> str:
@@ -212,8 +216,13 @@ class VLLMChatBackend:
         return int(length)
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "vllm", "model": self.model_path, "tokenizer": self.tokenizer.name_or_path,
-                "dtype": self.engine_args["dtype"], "chat_template_kwargs": self.chat_template_kwargs}
+        return {
+            "backend": "vllm",
+            "model": self.model_path,
+            "tokenizer": self.tokenizer.name_or_path,
+            "dtype": self.engine_args["dtype"],
+            "chat_template_kwargs": self.chat_template_kwargs,
+        }
 
     def __repr__(self) -> str:
         return f"VLLMChatBackend({self.model_path!r})"
@@ -228,9 +237,12 @@ class VLLMChatBackend:
                 raise RuntimeError(f"cannot start vLLM for {self.model_path}: {reason}")
             if _ENGINES:
                 running = ", ".join(json.loads(other)["model"] for other in _ENGINES)
-                log.info("vLLM: shutting down the engine of %s to start one for %s (an engine reserves its "
-                         "gpu_memory_utilization of the GPU at startup; palign runs one at a time)", running,
-                         self.model_path)
+                log.info(
+                    "vLLM: shutting down the engine of %s to start one for %s (an engine reserves its "
+                    "gpu_memory_utilization of the GPU at startup; palign runs one at a time)",
+                    running,
+                    self.model_path,
+                )
                 release_vllm_engines()
             log.info("starting vLLM for %s (%s)", self.model_path, reason)
             _ENGINES[key] = vllm.LLM(**self.engine_args)
@@ -271,8 +283,9 @@ class VLLMChatBackend:
         finished = completion.finish_reason == "stop"
         if finished and tokens and not isinstance(getattr(completion, "stop_reason", None), str):
             tokens.pop()  # the end-of-turn (or stop) token vLLM keeps; `generate` does not count it
-        return Generation(text=self.tokenizer.decode(tokens, skip_special_tokens=True), num_tokens=len(tokens),
-                          finished=finished)
+        return Generation(
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True), num_tokens=len(tokens), finished=finished
+        )
 
     def complete(
         self, user_texts: Sequence[str], sampling: SamplingConfig | Mapping[str, Any], progress: str | None = None
@@ -286,18 +299,29 @@ class VLLMChatBackend:
         budgets, clamped = reply_budgets([len(p) for p in ids], kwargs["max_tokens"], self.context_length())
         if clamped:
             self.clamped += clamped
-            log.warning("vLLM: %d of %d prompts leave less than max_new_tokens=%d tokens of the model's context of %d; "
-                        "their replies are capped to fit (%d capped so far)", clamped, len(ids), kwargs["max_tokens"],
-                        self.context_length(), self.clamped)
+            log.warning(
+                "vLLM: %d of %d prompts leave less than max_new_tokens=%d tokens of the model's context of %d; "
+                "their replies are capped to fit (%d capped so far)",
+                clamped,
+                len(ids),
+                kwargs["max_tokens"],
+                self.context_length(),
+                self.clamped,
+            )
         prompts = [vllm.TokensPrompt(prompt_token_ids=p) for p in ids]
         # one request batch for the whole chunk; one SamplingParams per request only where a budget differs
-        params = (vllm.SamplingParams(**kwargs) if not clamped else
-                  [vllm.SamplingParams(**dict(kwargs, max_tokens=budget)) for budget in budgets])
+        params = (
+            vllm.SamplingParams(**kwargs)
+            if not clamped
+            else [vllm.SamplingParams(**dict(kwargs, max_tokens=budget)) for budget in budgets]
+        )
         outputs = self._engine().generate(prompts, params, use_tqdm=progress is not None)
         return [[self._generation(completion) for completion in output.outputs] for output in outputs]
 
     # -- the judge's logits mode ---------------------------------------------------------------------
-    def verdict_scores(self, prompts_token_ids: Sequence[Sequence[int]], enough_token: int, not_enough_token: int) -> list[float]:
+    def verdict_scores(
+        self, prompts_token_ids: Sequence[Sequence[int]], enough_token: int, not_enough_token: int
+    ) -> list[float]:
         """log P(enough_token) - log P(not_enough_token) as the next token after each prompt.
 
         Two forced one-token requests per prompt (see the module docstring), sent side by side so
@@ -313,7 +337,9 @@ class VLLMChatBackend:
                 params.append(vllm.SamplingParams(**forced_token_request(token)))
         outputs = self._engine().generate(prompts, params, use_tqdm=False)
         return [
-            verdict_score(outputs[i].outputs[0].logprobs[0], outputs[i + 1].outputs[0].logprobs[0], enough_token, not_enough_token)
+            verdict_score(
+                outputs[i].outputs[0].logprobs[0], outputs[i + 1].outputs[0].logprobs[0], enough_token, not_enough_token
+            )
             for i in range(0, len(outputs), 2)
         ]
 
@@ -326,9 +352,11 @@ def reply_budgets(prompt_lengths: Sequence[int], max_new_tokens: int, context: i
     for i, length in enumerate(prompt_lengths):
         room = context - length
         if room < 1:
-            raise ValueError(f"prompt {i} has {length} tokens, which leaves no room for a reply in the model's context "
-                             f"of {context} tokens; raise vllm.max_model_len (up to the model's length) or shorten the "
-                             "inputs (e.g. data.max_length, truncation.judge.max_context_tokens)")
+            raise ValueError(
+                f"prompt {i} has {length} tokens, which leaves no room for a reply in the model's context "
+                f"of {context} tokens; raise vllm.max_model_len (up to the model's length) or shorten the "
+                "inputs (e.g. data.max_length, truncation.judge.max_context_tokens)"
+            )
         budgets.append(min(max_new_tokens, room))
     return budgets, sum(b < max_new_tokens for b in budgets)
 
@@ -343,15 +371,25 @@ def vllm_backend(spec_cfg: Any, cache_dir: Any, engine_cfg: Any, weights: str | 
 
     from palign.llm.models import ModelSpec, load_tokenizer, resolve_model_path
 
-    settings = OmegaConf.to_container(engine_cfg, resolve=True) if isinstance(engine_cfg, DictConfig) else dict(engine_cfg or {})
+    settings = (
+        OmegaConf.to_container(engine_cfg, resolve=True)
+        if isinstance(engine_cfg, DictConfig)
+        else dict(engine_cfg or {})
+    )
     known = set(inspect.signature(VLLMChatBackend).parameters) - {"model_path", "tokenizer", "chat_template_kwargs"}
     unknown = set(settings) - known
     if unknown:
-        raise ValueError(f"vllm config: unknown keys {sorted(unknown)}; known: {sorted(known)} (other vllm.LLM "
-                         "arguments go under vllm.engine_kwargs)")
+        raise ValueError(
+            f"vllm config: unknown keys {sorted(unknown)}; known: {sorted(known)} (other vllm.LLM "
+            "arguments go under vllm.engine_kwargs)"
+        )
     spec = ModelSpec.from_config(spec_cfg)
-    return VLLMChatBackend(weights or resolve_model_path(spec, cache_dir), load_tokenizer(spec, cache_dir),
-                           spec.chat_template_kwargs, **settings)
+    return VLLMChatBackend(
+        weights or resolve_model_path(spec, cache_dir),
+        load_tokenizer(spec, cache_dir),
+        spec.chat_template_kwargs,
+        **settings,
+    )
 
 
 class VLLMBackend(Backend):
@@ -374,8 +412,10 @@ class VLLMBackend(Backend):
 
         parallel, visible = self.engine.get("tensor_parallel_size", 1), torch.cuda.device_count()
         if parallel > visible:
-            return [f"vllm.tensor_parallel_size={parallel}: this machine shows {visible} GPUs; lower it or run on a "
-                    "node with that many"]
+            return [
+                f"vllm.tensor_parallel_size={parallel}: this machine shows {visible} GPUs; lower it or run on a "
+                "node with that many"
+            ]
         return []
 
     def chat(self, model: Any, cache_dir: Any, *, tokenizer, weights: str | None, stage: str) -> VLLMChatBackend:

@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from palign.evaluation.metrics import Interval, bootstrap_interval, mean_interval, mover_sum, on_a_grid, problem_scores, seeded
+from palign.evaluation.metrics import (
+    Interval,
+    bootstrap_interval,
+    mean_interval,
+    mover_sum,
+    on_a_grid,
+    problem_scores,
+    seeded,
+)
 from palign.schema import Intervals
 
 
@@ -82,15 +90,19 @@ class Outcomes:
         return Outcomes(self.benchmark, tuple(ids), tuple(m[order] for m in self.correct), self.runs)
 
 
-def outcomes_from_rows(benchmark: str, run: str, rows: Iterable[tuple[str, Sequence[bool]]], where: str | os.PathLike) -> Outcomes:
+def outcomes_from_rows(
+    benchmark: str, run: str, rows: Iterable[tuple[str, Sequence[bool]]], where: str | os.PathLike
+) -> Outcomes:
     """One run's outcomes from `(problem id, per-sample correctness)` rows read at `where` (a graded
     file or a W&B table), which must give every problem the same number of samples, each id once."""
     ids: list[str] = []
     matrix: list[list[bool]] = []
     for problem, correct in rows:
         if matrix and len(correct) != len(matrix[0]):
-            raise IncomparableRuns(f"{where}: problem {problem} has {len(correct)} graded samples, problem {ids[0]} "
-                                   f"{len(matrix[0])}; pass@k needs the same number for every problem")
+            raise IncomparableRuns(
+                f"{where}: problem {problem} has {len(correct)} graded samples, problem {ids[0]} "
+                f"{len(matrix[0])}; pass@k needs the same number for every problem"
+            )
         ids.append(str(problem))
         matrix.append([bool(c) for c in correct])
     if not ids or not matrix[0]:
@@ -105,14 +117,21 @@ def check_comparable(a: Outcomes, b: Outcomes, doing: str) -> None:
     """Refuse (IncomparableRuns) two rows that evaluated other problems or drew other sample counts."""
     if set(a.ids) != set(b.ids):
         only_a, only_b = sorted(set(a.ids) - set(b.ids)), sorted(set(b.ids) - set(a.ids))
-        detail = "; ".join(f"{len(only)} only in {who} ({', '.join(only[:5])}{', ...' if len(only) > 5 else ''})"
-                           for only, who in ((only_a, a.label), (only_b, b.label)) if only)
-        raise IncomparableRuns(f"cannot {doing} {a.label} and {b.label} on {a.benchmark}: they evaluated different problems "
-                               f"({len(a.ids)} and {len(b.ids)} problems; {detail}); evaluate both on the same problems")
+        detail = "; ".join(
+            f"{len(only)} only in {who} ({', '.join(only[:5])}{', ...' if len(only) > 5 else ''})"
+            for only, who in ((only_a, a.label), (only_b, b.label))
+            if only
+        )
+        raise IncomparableRuns(
+            f"cannot {doing} {a.label} and {b.label} on {a.benchmark}: they evaluated different problems "
+            f"({len(a.ids)} and {len(b.ids)} problems; {detail}); evaluate both on the same problems"
+        )
     if a.num_samples != b.num_samples:
-        raise IncomparableRuns(f"cannot {doing} {a.label} and {b.label} on {a.benchmark}: they drew different numbers of "
-                               f"samples per problem ({a.num_samples} and {b.num_samples}); evaluate both with the same "
-                               "evaluation.sampling.num_samples")
+        raise IncomparableRuns(
+            f"cannot {doing} {a.label} and {b.label} on {a.benchmark}: they drew different numbers of "
+            f"samples per problem ({a.num_samples} and {b.num_samples}); evaluate both with the same "
+            "evaluation.sampling.num_samples"
+        )
 
 
 def pool(outcomes: Sequence[Outcomes]) -> Outcomes:
@@ -122,8 +141,12 @@ def pool(outcomes: Sequence[Outcomes]) -> Outcomes:
     for other in outcomes[1:]:
         check_comparable(first, other, "pool the seeds of")
     aligned = [first] + [other.aligned(first.ids) for other in outcomes[1:]]
-    return Outcomes(first.benchmark, first.ids, tuple(m for o in aligned for m in o.correct),
-                    tuple(run for o in aligned for run in o.runs))
+    return Outcomes(
+        first.benchmark,
+        first.ids,
+        tuple(m for o in aligned for m in o.correct),
+        tuple(run for o in aligned for run in o.runs),
+    )
 
 
 @dataclass(frozen=True)
@@ -150,8 +173,14 @@ def _sign_flip_p(d: np.ndarray, weights: np.ndarray, settings: Intervals) -> flo
     def statistic(x, axis):
         return np.moveaxis(x, axis, -1) @ weights
 
-    result = stats.permutation_test((d,), statistic, permutation_type="samples", vectorized=True,
-                                    n_resamples=settings.resamples, **seeded(stats.permutation_test, settings.seed))
+    result = stats.permutation_test(
+        (d,),
+        statistic,
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=settings.resamples,
+        **seeded(stats.permutation_test, settings.seed),
+    )
     return float(min(1.0, result.pvalue))
 
 
@@ -166,7 +195,9 @@ def paired_difference(row: Outcomes, reference: Outcomes, metric: str, settings:
     reference = reference.aligned(row.ids)
     a, b = row.scores(metric), reference.scores(metric)
     d = a - b
-    if np.all(on_a_grid(d)[0] == on_a_grid(d)[0][0]):  # no spread to bootstrap: Newcombe's square-and-add of the two rows' intervals
+    if np.all(
+        on_a_grid(d)[0] == on_a_grid(d)[0][0]
+    ):  # no spread to bootstrap: Newcombe's square-and-add of the two rows' intervals
         ia, ib = mean_interval(a, settings), mean_interval(b, settings)
         interval = mover_sum([float(a.mean()), -float(b.mean())], [ia, Interval(-ib.high, -ib.low, ib.method)])
     else:
@@ -176,14 +207,17 @@ def paired_difference(row: Outcomes, reference: Outcomes, metric: str, settings:
     return Difference(100.0 * float(d.mean()), interval, p_value, d.size, _marked(interval, p_value, settings))
 
 
-def average_difference(rows: Sequence[Outcomes], references: Sequence[Outcomes], metric: str,
-                       settings: Intervals) -> Difference:
+def average_difference(
+    rows: Sequence[Outcomes], references: Sequence[Outcomes], metric: str, settings: Intervals
+) -> Difference:
     """The Avg column's difference: benchmark by benchmark (the same benchmarks, in order), combined
     by MOVER and tested with the stratified sign-flip test (module docstring)."""
     if [o.benchmark for o in rows] != [o.benchmark for o in references] or not rows:
-        raise IncomparableRuns(f"cannot compare the Avg of {rows[0].label if rows else '?'} and "
-                               f"{references[0].label if references else '?'}: they evaluated different benchmarks "
-                               f"({', '.join(o.benchmark for o in rows)} and {', '.join(o.benchmark for o in references)})")
+        raise IncomparableRuns(
+            f"cannot compare the Avg of {rows[0].label if rows else '?'} and "
+            f"{references[0].label if references else '?'}: they evaluated different benchmarks "
+            f"({', '.join(o.benchmark for o in rows)} and {', '.join(o.benchmark for o in references)})"
+        )
     differences = [paired_difference(row, ref, metric, settings) for row, ref in zip(rows, references)]
     count = len(differences)
     interval = mover_sum([d.delta for d in differences], [d.interval for d in differences], 1.0 / count)

@@ -40,9 +40,11 @@ def truncation_label(run: RunRecord) -> str:
     if "search" not in run.prefix_reads:  # e.g. a fixed ratio: the baseline and its policy's options
         options = " ".join(str(value) for _, value in sorted(options_of(run, "baseline.prefix").items()))
         return f"{run.baseline}{' ' + options if options else ''} · {granularity}"
-    return (f"{run.part_name('truncation.search')} · {granularity} · judge "
-            f"{run.get('truncation.judge.model.name')}/{run.get('truncation.judge.mode')}/"
-            f"{run.get('truncation.judge_prompt.name')}")
+    return (
+        f"{run.part_name('truncation.search')} · {granularity} · judge "
+        f"{run.get('truncation.judge.model.name')}/{run.get('truncation.judge.mode')}/"
+        f"{run.get('truncation.judge_prompt.name')}"
+    )
 
 
 def read_truncation_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -65,8 +67,11 @@ def truncation_rows_by_config(runs: Sequence[RunRecord]) -> dict[str, list[dict[
             continue
         records = run.truncation_records()
         if records is None:
-            log.info("%s: truncation records not found (artifact %s); left out of the prefix figures",
-                     run.name, (run.summary.get("truncation") or {}).get("artifact"))
+            log.info(
+                "%s: truncation records not found (artifact %s); left out of the prefix figures",
+                run.name,
+                (run.summary.get("truncation") or {}).get("artifact"),
+            )
             continue
         by_records.setdefault(records, run)
     labels = [truncation_label(run) for run in by_records.values()]
@@ -78,8 +83,9 @@ def truncation_rows_by_config(runs: Sequence[RunRecord]) -> dict[str, list[dict[
     return result
 
 
-def plot_prefix_ratios(source: Sequence[RunRecord] | Mapping[str, Sequence[Mapping[str, Any]]],
-                       path: str | os.PathLike) -> Path | None:
+def plot_prefix_ratios(
+    source: Sequence[RunRecord] | Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike
+) -> Path | None:
     """Histogram of prefix ratios (chosen k / m) per truncation config, one panel each.
 
     `source` is either runs (their truncation artifacts are read) or `{config label: rows}`.
@@ -111,13 +117,18 @@ def _scored_probes(row: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def densest_config(rows_by_config: Mapping[str, Sequence[Mapping[str, Any]]]) -> str | None:
     """The truncation config whose examples have the most scored probes on average (exhaustive >
     linear > binary search), i.e. the one that draws the most informative sufficiency curves."""
-    density = {label: statistics.fmean(len(_scored_probes(row)) for row in rows) for label, rows in rows_by_config.items() if rows}
+    density = {
+        label: statistics.fmean(len(_scored_probes(row)) for row in rows)
+        for label, rows in rows_by_config.items()
+        if rows
+    }
     best = max(density, key=density.get, default=None)
     return best if best is not None and density[best] > 0 else None
 
 
-def plot_sufficiency_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, max_examples: int = 4,
-                            title: str | None = None) -> Path | None:
+def plot_sufficiency_curves(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, max_examples: int = 4, title: str | None = None
+) -> Path | None:
     """Judge score against prefix length (k / m) for the examples with the most scored probes.
 
     Filled markers are prefixes judged sufficient, hollow ones not; the star is the chosen k and
@@ -153,8 +164,9 @@ def plot_sufficiency_curves(rows: Sequence[Mapping[str, Any]], path: str | os.Pa
     return _save(figure, path)
 
 
-def plot_accuracy_vs_length(runs: Sequence[RunRecord], path: str | os.PathLike, k: int = 3,
-                            pass1_key: str = "pass@1") -> Path | None:
+def plot_accuracy_vs_length(
+    runs: Sequence[RunRecord], path: str | os.PathLike, k: int = 3, pass1_key: str = "pass@1"
+) -> Path | None:
     """Avg Pass@1 (as Table 1 prints it) against mean supervision length (response tokens per
     training example), one point per run labelled by its Method, one marker per student."""
     labels = method_labels(runs)
@@ -174,7 +186,9 @@ def plot_accuracy_vs_length(runs: Sequence[RunRecord], path: str | os.PathLike, 
     students = sorted({student for student, *_ in points})
     for index, student in enumerate(students):
         mine = [p for p in points if p[0] == student]
-        ax.scatter([p[2] for p in mine], [p[3] for p in mine], marker=markers[index % len(markers)], s=40, label=student)
+        ax.scatter(
+            [p[2] for p in mine], [p[3] for p in mine], marker=markers[index % len(markers)], s=40, label=student
+        )
         for _, label, x, y in mine:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("mean supervision length (response tokens per training example)")
@@ -204,7 +218,9 @@ def plot_forest(table: Table, path: str | os.PathLike, title: str) -> Path | Non
             color = "tab:red" if row.difference.marked else "tab:blue"
             interval = row.difference.interval
             ax.plot([interval.low, interval.high], [y, y], color=color, linewidth=1.5)
-            ax.scatter([row.difference.delta], [y], marker="D" if row.column == "Avg" else "o", s=30, color=color, zorder=3)
+            ax.scatter(
+                [row.difference.delta], [y], marker="D" if row.column == "Avg" else "o", s=30, color=color, zorder=3
+            )
         ax.axvline(0.0, color="gray", linestyle="--", linewidth=1)
         ax.set_title(f"Δ {metric}", fontsize=9)
         ax.set_xlabel("difference (points)")

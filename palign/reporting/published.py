@@ -68,16 +68,20 @@ def load_published(path: str | os.PathLike | None = None) -> dict[str, Published
             if metric in ("source", "student", "method"):
                 continue
             if not metric.startswith("pass@") or not isinstance(per_benchmark, dict):
-                raise DataFormatError(f"{where}: field '{metric}': expected pass@1 or pass@<k>, each a mapping of "
-                                      "benchmark -> percent")
+                raise DataFormatError(
+                    f"{where}: field '{metric}': expected pass@1 or pass@<k>, each a mapping of benchmark -> percent"
+                )
             for benchmark, value in per_benchmark.items():
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-                    raise DataFormatError(f"{where}: field '{metric}.{benchmark}': expected a percentage in [0, 100], "
-                                          f"got {value!r}")
+                    raise DataFormatError(
+                        f"{where}: field '{metric}.{benchmark}': expected a percentage in [0, 100], got {value!r}"
+                    )
             values[metric] = {str(b): float(v) for b, v in per_benchmark.items()}
         if not values:
             raise DataFormatError(f"{where}: no values (pass@1, pass@<k>)")
-        rows[str(name)] = PublishedRow(str(name), " ".join(row["source"].split()), row["student"], row["method"], values)
+        rows[str(name)] = PublishedRow(
+            str(name), " ".join(row["source"].split()), row["student"], row["method"], values
+        )
     return rows
 
 
@@ -88,8 +92,9 @@ def select_published(names: list[str], path: str | os.PathLike | None = None) ->
     rows = load_published(path)
     unknown = [name for name in names if name not in rows]
     if unknown:
-        raise ValueError(f"report.published names {unknown}, which {path or PUBLISHED_FILE} does not hold; "
-                         f"its rows: {sorted(rows)}")
+        raise ValueError(
+            f"report.published names {unknown}, which {path or PUBLISHED_FILE} does not hold; its rows: {sorted(rows)}"
+        )
     return [rows[name] for name in names]
 
 

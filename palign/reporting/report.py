@@ -78,7 +78,9 @@ def make_report(
         where = f"W&B {wandb_project}/{wandb_group}"
     else:
         graded_only = graded_dir is not None and Path(graded_dir).is_dir() and not Path(runs_dir).is_dir()
-        runs, unfinished = ([], []) if graded_only else collect_local_runs(runs_dir)  # a missing runs folder is an error
+        runs, unfinished = (
+            ([], []) if graded_only else collect_local_runs(runs_dir)
+        )  # a missing runs folder is an error
         where = str(runs_dir)
         if graded_dir is not None:
             graded = collect_graded_runs(graded_dir)
@@ -86,8 +88,11 @@ def make_report(
             if graded:
                 where += f" and the predictions graded in {graded_dir}"
     if not runs:
-        raise ValueError(f"no evaluated run in {where}" + (f" (not evaluated yet: {', '.join(unfinished)})" if unfinished else "")
-                         + "; finish one with `python run.py` (or `stage=eval`) first")
+        raise ValueError(
+            f"no evaluated run in {where}"
+            + (f" (not evaluated yet: {', '.join(unfinished)})" if unfinished else "")
+            + "; finish one with `python run.py` (or `stage=eval`) first"
+        )
     rows, notes = pool_seeds(runs)
     out_dir = Path(out_dir)
     pass_k = report.pass_k
@@ -103,12 +108,16 @@ def make_report(
     curve_config = densest_config(rows_by_config)
     plots = {
         "prefix_ratios": plot_prefix_ratios(rows_by_config, out_dir / "prefix_ratios.png"),
-        "sufficiency_curves": plot_sufficiency_curves(rows_by_config.get(curve_config, []), out_dir / "sufficiency_curves.png",
-                                                      title=curve_config),
+        "sufficiency_curves": plot_sufficiency_curves(
+            rows_by_config.get(curve_config, []), out_dir / "sufficiency_curves.png", title=curve_config
+        ),
         "accuracy_vs_length": plot_accuracy_vs_length(rows, out_dir / "accuracy_vs_length.png", pass_k, report.pass1),
     }
-    forests = {name: plot_forest(table, out_dir / f"forest_{name}.png", name) for name, table in tables.items()
-               if name != "reproduction"}
+    forests = {
+        name: plot_forest(table, out_dir / f"forest_{name}.png", name)
+        for name, table in tables.items()
+        if name != "reproduction"
+    }
     plots.update({f"forest_{name}": path for name, path in forests.items()})
 
     page = out_dir / "report.md"
@@ -127,11 +136,14 @@ def make_report(
     }
 
 
-def _report_page(where: str, rows, unfinished: list[str], notes: list[str], tables: dict[str, Table],
-                 plots: dict[str, Path | None]) -> str:
+def _report_page(
+    where: str, rows, unfinished: list[str], notes: list[str], tables: dict[str, Table], plots: dict[str, Path | None]
+) -> str:
     runs = sum(len(row.runs) for row in rows)
-    parts = [f"# Report\n\n{runs} evaluated run(s) from {where}, in {len(rows)} row(s) (runs that differ in their seed "
-             "alone are one row)."]
+    parts = [
+        f"# Report\n\n{runs} evaluated run(s) from {where}, in {len(rows)} row(s) (runs that differ in their seed "
+        "alone are one row)."
+    ]
     if unfinished:
         parts.append(f"Not evaluated yet, left out: {', '.join(unfinished)}.")
     parts += [f"Seeds: {note}." for note in notes]
@@ -140,7 +152,9 @@ def _report_page(where: str, rows, unfinished: list[str], notes: list[str], tabl
         forest = plots.get(f"forest_{name}")
         if forest is not None:
             parts.append(f"![forest_{name}]({forest.name})")
-    parts += [f"![{name}]({path.name})" for name, path in plots.items() if path is not None and not name.startswith("forest_")]
+    parts += [
+        f"![{name}]({path.name})" for name, path in plots.items() if path is not None and not name.startswith("forest_")
+    ]
     return "\n\n".join(parts) + "\n"
 
 

@@ -65,7 +65,14 @@ from palign.schema import Report
 log = logging.getLogger(__name__)
 
 
-BASELINE_ORDER: tuple[str, ...] = ("sft_short_cot", "sft_long_cot", "fixed_ratio", "prefix_only", "student_only", "palign")
+BASELINE_ORDER: tuple[str, ...] = (
+    "sft_short_cot",
+    "sft_long_cot",
+    "fixed_ratio",
+    "prefix_only",
+    "student_only",
+    "palign",
+)
 """Row order within a student: the baselines first, P-ALIGN last, as in the paper's Table 1."""
 
 ALIGNMENT_BASELINES: tuple[str, ...] = ("prefix_only", "student_only", "palign")
@@ -132,10 +139,14 @@ class RunRecord:
         if self._outcomes is None:
             if self.members:
                 per_run = [run.outcomes() for run in self.members]
-                self._outcomes = {b: pool([o[b] for o in per_run]) for b in self.benchmarks if all(b in o for o in per_run)}
+                self._outcomes = {
+                    b: pool([o[b] for o in per_run]) for b in self.benchmarks if all(b in o for o in per_run)
+                }
             else:
-                self._outcomes = {b: outcomes_from_rows(b, self.name, rows, where)
-                                  for b, (where, rows) in self._problem_rows().items()}
+                self._outcomes = {
+                    b: outcomes_from_rows(b, self.name, rows, where)
+                    for b, (where, rows) in self._problem_rows().items()
+                }
         return self._outcomes
 
     def _problem_rows(self) -> dict[str, tuple[str, list[tuple[str, list[bool]]]]]:
@@ -164,8 +175,12 @@ class RunRecord:
                 candidates += sorted(Path(self.source).glob(f"eval/*/{Path(results).name}/{name}"))
             found = next((path for path in candidates if path.is_file()), None)
             if found is None:
-                log.info("%s: no graded predictions for %s (looked for %s); its cells get no interval", self.name,
-                         benchmark, candidates[0])
+                log.info(
+                    "%s: no graded predictions for %s (looked for %s); its cells get no interval",
+                    self.name,
+                    benchmark,
+                    candidates[0],
+                )
                 continue
             files[benchmark] = found
         return files
@@ -260,7 +275,12 @@ def collect_local_runs(runs_dir: str | os.PathLike) -> tuple[list[RunRecord], li
             continue
         finished.append(RunRecord(folder.name, _read_config(config_path), summary, str(folder)))
     if unfinished:
-        log.warning("%d run(s) in %s are not evaluated yet and are left out: %s", len(unfinished), runs_dir, ", ".join(unfinished))
+        log.warning(
+            "%d run(s) in %s are not evaluated yet and are left out: %s",
+            len(unfinished),
+            runs_dir,
+            ", ".join(unfinished),
+        )
     return finished, unfinished
 
 
@@ -293,17 +313,26 @@ def collect_graded_runs(graded_dir: str | os.PathLike) -> list[RunRecord]:
             graded = Path(file_summary.get("graded") or local)
             record = RunRecord(folder.name, config, {}, str(folder), kind="graded")
             key = _canonical(_identity(record))
-            groups.setdefault(key, []).append((record, predictions, benchmark_of_file(predictions, config),
-                                               file_summary, graded if graded.is_file() else local))
+            groups.setdefault(key, []).append(
+                (
+                    record,
+                    predictions,
+                    benchmark_of_file(predictions, config),
+                    file_summary,
+                    graded if graded.is_file() else local,
+                )
+            )
     records = []
     for pieces in groups.values():
         benchmarks, problem_rows, seen = {}, {}, {}
         for record, predictions, benchmark, file_summary, graded in pieces:
             if benchmark in seen:
-                raise DataFormatError(f"{seen[benchmark]} and {predictions}: two graded prediction files count for "
-                                      f"benchmark '{benchmark}' under the same config ({record.source}); grade one of "
-                                      "them under another config (e.g. another student= or baseline=) or delete its "
-                                      "grade folder")
+                raise DataFormatError(
+                    f"{seen[benchmark]} and {predictions}: two graded prediction files count for "
+                    f"benchmark '{benchmark}' under the same config ({record.source}); grade one of "
+                    "them under another config (e.g. another student= or baseline=) or delete its "
+                    "grade folder"
+                )
             seen[benchmark] = predictions
             benchmarks[benchmark] = {k: v for k, v in file_summary.items() if k != "graded"}
             rows = []
@@ -313,8 +342,16 @@ def collect_graded_runs(graded_dir: str | os.PathLike) -> list[RunRecord]:
             problem_rows[benchmark] = (str(graded), rows)
         first = pieces[0][0]
         name = "+".join(dict.fromkeys(record.name for record, *_ in pieces))
-        records.append(RunRecord(name, first.config, {"eval": {"benchmarks": benchmarks}}, first.source, kind="graded",
-                                 problem_rows=problem_rows))
+        records.append(
+            RunRecord(
+                name,
+                first.config,
+                {"eval": {"benchmarks": benchmarks}},
+                first.source,
+                kind="graded",
+                problem_rows=problem_rows,
+            )
+        )
     return sorted(records, key=lambda r: r.name)
 
 
@@ -322,7 +359,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise DataFormatError(f"{path}: malformed YAML ({err}); it is the run's resolved config, rewrite it by rerunning the run") from err
+        raise DataFormatError(
+            f"{path}: malformed YAML ({err}); it is the run's resolved config, rewrite it by rerunning the run"
+        ) from err
     if not isinstance(config, dict):
         raise DataFormatError(f"{path}: expected a mapping (the run's resolved config), got {type(config).__name__}")
     return config
@@ -374,7 +413,13 @@ def collect_wandb_runs(project: str, group: str, entity: str | None = None) -> t
         config = {key: value for key, value in dict(run.config).items() if "." not in key and not key.startswith("_")}
         finished.append(RunRecord(run.id, config, summary, run.url, problem_rows=problem_rows))
     if unfinished:
-        log.warning("%d W&B run(s) of %s/%s are not evaluated yet and are left out: %s", len(unfinished), path, group, ", ".join(unfinished))
+        log.warning(
+            "%d W&B run(s) of %s/%s are not evaluated yet and are left out: %s",
+            len(unfinished),
+            path,
+            group,
+            ", ".join(unfinished),
+        )
     return sorted(finished, key=lambda r: r.name), sorted(unfinished)
 
 
@@ -384,12 +429,20 @@ def problem_rows_from_wandb(run, tmp: Path) -> dict[str, tuple[str, list[tuple[s
     found = {}
     for key, value in run.summary_metrics.items():
         parts = key.split("/")
-        if len(parts) != 3 or parts[0] != "eval" or parts[2] != "problems" or not isinstance(value, Mapping) \
-                or "path" not in value:
+        if (
+            len(parts) != 3
+            or parts[0] != "eval"
+            or parts[2] != "problems"
+            or not isinstance(value, Mapping)
+            or "path" not in value
+        ):
             continue
         local = run.file(value["path"]).download(root=str(tmp), replace=True)
         where = f"{run.url} {value['path']}"
-        found[parts[1]] = (where, problem_rows_from_table(json.loads(Path(local.name).read_text(encoding="utf-8")), where))
+        found[parts[1]] = (
+            where,
+            problem_rows_from_table(json.loads(Path(local.name).read_text(encoding="utf-8")), where),
+        )
     return found
 
 
@@ -399,8 +452,10 @@ def problem_rows_from_table(table: Mapping[str, Any], where: str) -> list[tuple[
     columns = list(table.get("columns") or [])
     missing = [c for c in ("problem", "sample correct") if c not in columns]
     if missing:
-        raise DataFormatError(f"{where}: the per-problem table has no column(s) {missing} (columns: {columns}); it was "
-                              "logged by an older palign: evaluate the run again to log it")
+        raise DataFormatError(
+            f"{where}: the per-problem table has no column(s) {missing} (columns: {columns}); it was "
+            "logged by an older palign: evaluate the run again to log it"
+        )
     problem, correct = columns.index("problem"), columns.index("sample correct")
     return [(str(row[problem]), [c == "1" for c in str(row[correct])]) for row in table.get("data") or []]
 
@@ -439,7 +494,9 @@ def _compute_identity(run: RunRecord, used_only: bool) -> dict[str, Any]:
     try:
         typed = OmegaConf.merge(OmegaConf.structured(Config), run.config)
     except OmegaConfBaseException as err:
-        raise DataFormatError(f"{run.source}: config does not match palign's schema (written by an older palign?): {err}") from err
+        raise DataFormatError(
+            f"{run.source}: config does not match palign's schema (written by an older palign?): {err}"
+        ) from err
     identity = run_identity(typed, every_stage=not used_only)
     identity.pop("seed", None)  # runs that differ in their seed alone are one setting (pool_seeds)
     evaluation = run.config.get("evaluation") or {}
@@ -486,16 +543,42 @@ def _reads(part: str) -> Callable[[RunRecord], bool]:
 KNOBS: tuple[Knob, ...] = (
     Knob("granularity", "Granularity", ("truncation.granularity",), _reads("granularity"), _granularity),
     Knob("search", "Search", ("truncation.search",), _reads("search"), lambda r: r.part_name("truncation.search")),
-    Knob("judge_mode", "Judge mode", ("truncation.judge.mode",), _reads("judge"),
-         lambda r: str(r.get("truncation.judge.mode"))),
-    Knob("judge_prompt", "Judge prompt", ("truncation.judge_prompt",), _reads("judge_prompt"),
-         lambda r: str(r.get("truncation.judge_prompt.name"))),
-    Knob("judge_model", "Judge model", ("truncation.judge.model",), _reads("judge"),
-         lambda r: str(r.get("truncation.judge.model.name"))),
-    Knob("ratio", "Ratio", ("baseline.prefix.ratio",), lambda r: r.get("baseline.prefix.ratio") is not None,
-         lambda r: _show(r.get("baseline.prefix.ratio"))),
-    Knob("baseline", "Baseline", ("baseline",), lambda r: r.baseline in ALIGNMENT_BASELINES, lambda r: r.baseline,
-         compare_unused_keys=True),
+    Knob(
+        "judge_mode",
+        "Judge mode",
+        ("truncation.judge.mode",),
+        _reads("judge"),
+        lambda r: str(r.get("truncation.judge.mode")),
+    ),
+    Knob(
+        "judge_prompt",
+        "Judge prompt",
+        ("truncation.judge_prompt",),
+        _reads("judge_prompt"),
+        lambda r: str(r.get("truncation.judge_prompt.name")),
+    ),
+    Knob(
+        "judge_model",
+        "Judge model",
+        ("truncation.judge.model",),
+        _reads("judge"),
+        lambda r: str(r.get("truncation.judge.model.name")),
+    ),
+    Knob(
+        "ratio",
+        "Ratio",
+        ("baseline.prefix.ratio",),
+        lambda r: r.get("baseline.prefix.ratio") is not None,
+        lambda r: _show(r.get("baseline.prefix.ratio")),
+    ),
+    Knob(
+        "baseline",
+        "Baseline",
+        ("baseline",),
+        lambda r: r.baseline in ALIGNMENT_BASELINES,
+        lambda r: r.baseline,
+        compare_unused_keys=True,
+    ),
 )
 """The ablation axes, in table order."""
 
@@ -595,14 +678,18 @@ def _pooled(group: Sequence[RunRecord]) -> RunRecord:
     first = group[0]
     names = ", ".join(run.name for run in group)
     if len({_canonical(sorted(run.benchmarks)) for run in group}) > 1:
-        raise IncomparableRuns(f"cannot pool the seeds of {names}: they evaluated different benchmarks "
-                               + "; ".join(f"{run.name}: {', '.join(sorted(run.benchmarks))}" for run in group))
+        raise IncomparableRuns(
+            f"cannot pool the seeds of {names}: they evaluated different benchmarks "
+            + "; ".join(f"{run.name}: {', '.join(sorted(run.benchmarks))}" for run in group)
+        )
     for benchmark in first.benchmarks:
         for key, what in (("num_problems", "problems"), ("num_samples", "samples per problem")):
             values = [run.benchmarks[benchmark].get(key) for run in group]
             if len(set(values)) > 1:
-                raise IncomparableRuns(f"cannot pool the seeds of {names} on {benchmark}: they evaluated different numbers "
-                                       f"of {what} ({', '.join(map(str, values))})")
+                raise IncomparableRuns(
+                    f"cannot pool the seeds of {names} on {benchmark}: they evaluated different numbers "
+                    f"of {what} ({', '.join(map(str, values))})"
+                )
     benchmarks = {}
     for benchmark, cells in first.benchmarks.items():
         pooled = dict(cells)
@@ -620,8 +707,9 @@ def _pooled(group: Sequence[RunRecord]) -> RunRecord:
                 values = [run.summary[section].get(key) for run in group]
                 if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                     summary[section][key] = statistics.fmean(values)
-    pooled = RunRecord("+".join(run.name for run in group), first.config, summary, first.source, kind=first.kind,
-                       members=tuple(group))
+    pooled = RunRecord(
+        "+".join(run.name for run in group), first.config, summary, first.source, kind=first.kind, members=tuple(group)
+    )
     pooled.outcomes()  # refuses seeds whose graded problems differ, now rather than in a table
     return pooled
 
@@ -639,8 +727,9 @@ def benchmark_columns(runs: Iterable[RunRecord]) -> tuple[str, ...]:
 
 def average_cells(run: RunRecord, k: int = 3, pass1_key: str = "pass@1") -> tuple[str | None, str | None]:
     """The run's (Avg Pass@1, Avg Pass@k) exactly as Table 1 prints them (None when absent)."""
-    _, csv_text = results_table({(run.student, run.baseline): run.benchmarks}, k=k,
-                                benchmarks=benchmark_columns([run]), pass1_key=pass1_key)
+    _, csv_text = results_table(
+        {(run.student, run.baseline): run.benchmarks}, k=k, benchmarks=benchmark_columns([run]), pass1_key=pass1_key
+    )
     row = list(csv.reader(io.StringIO(csv_text)))[1]
     return row[-2] or None, row[-1] or None
 
@@ -699,8 +788,9 @@ class RowCells:
             return diff
         if isinstance(diff, str):
             return "refused"
-        return (f"{diff.delta:+.2f} [{_one(diff.interval.low)}, {_one(diff.interval.high)}] p={diff.p_value:.2g}"
-                + (" *" if diff.marked else ""))
+        return f"{diff.delta:+.2f} [{_one(diff.interval.low)}, {_one(diff.interval.high)}] p={diff.p_value:.2g}" + (
+            " *" if diff.marked else ""
+        )
 
     def csv_cells(self, key: tuple[str, str]) -> list[str | None]:
         """value, ci_low, ci_high, seed_sd."""
@@ -729,7 +819,9 @@ def row_cells(run: RunRecord, columns: Sequence[str], k: int, report: Report) ->
     """The row's printed values (as `results_table` prints them: the paper's rounding and Avg), the
     interval of each from its per-problem outcomes, and the spread over its seeds."""
     metrics = metric_keys(report, k)
-    _, csv_text = results_table({(run.student, run.baseline): run.benchmarks}, k=k, benchmarks=columns, pass1_key=report.pass1)
+    _, csv_text = results_table(
+        {(run.student, run.baseline): run.benchmarks}, k=k, benchmarks=columns, pass1_key=report.pass1
+    )
     printed = list(csv.reader(io.StringIO(csv_text)))[1][2:]
     keys = [(b, m) for b in columns for m in metrics] + [("avg", m) for m in metrics]
     values = {key: cell or None for key, cell in zip(keys, printed)}
@@ -741,7 +833,9 @@ def row_cells(run: RunRecord, columns: Sequence[str], k: int, report: Report) ->
             key = (benchmark, metric)
             present = values[key] is not None and benchmark in outcomes
             intervals[key] = outcomes[benchmark].interval(metric, report.intervals) if present else None
-            seed_sd[key] = run.benchmarks.get(benchmark, {}).get(f"{metric}_seed_sd") if values[key] is not None else None
+            seed_sd[key] = (
+                run.benchmarks.get(benchmark, {}).get(f"{metric}_seed_sd") if values[key] is not None else None
+            )
     for metric in metrics:
         shown = [b for b in columns if values[(b, metric)] is not None]
         if shown and all(intervals[(b, metric)] is not None for b in shown):
@@ -757,8 +851,9 @@ def row_cells(run: RunRecord, columns: Sequence[str], k: int, report: Report) ->
     return RowCells(values, intervals, seed_sd)
 
 
-def compare_rows(row: RunRecord, reference: RunRecord, columns: Sequence[str], k: int,
-                 report: Report) -> tuple[dict[tuple[str, str], Difference | str | None], list[str]]:
+def compare_rows(
+    row: RunRecord, reference: RunRecord, columns: Sequence[str], k: int, report: Report
+) -> tuple[dict[tuple[str, str], Difference | str | None], list[str]]:
     """`row` minus `reference` per (benchmark or `avg`, metric) on the problems both evaluated, and the
     refusals' messages (runs that evaluated different problems or sample counts, or benchmarks)."""
     metrics = metric_keys(report, k)
@@ -766,12 +861,16 @@ def compare_rows(row: RunRecord, reference: RunRecord, columns: Sequence[str], k
     differences: dict[tuple[str, str], Difference | str | None] = {}
     refusals: list[str] = []
     for metric in metrics:
-        shared = [b for b in columns if metric in row.benchmarks.get(b, {}) and metric in reference.benchmarks.get(b, {})]
+        shared = [
+            b for b in columns if metric in row.benchmarks.get(b, {}) and metric in reference.benchmarks.get(b, {})
+        ]
         for benchmark in shared:
             if benchmark not in mine or benchmark not in theirs:
                 continue  # no per-problem outcomes: nothing to pair
             try:
-                differences[(benchmark, metric)] = paired_difference(mine[benchmark], theirs[benchmark], metric, report.intervals)
+                differences[(benchmark, metric)] = paired_difference(
+                    mine[benchmark], theirs[benchmark], metric, report.intervals
+                )
             except IncomparableRuns as err:
                 differences[(benchmark, metric)] = str(err)
                 refusals.append(str(err))
@@ -781,13 +880,16 @@ def compare_rows(row: RunRecord, reference: RunRecord, columns: Sequence[str], k
         if refused:
             differences[("avg", metric)] = refused[0]  # a benchmark's comparison was refused: so is the Avg's
         elif own != other:
-            message = (f"cannot compare the Avg {metric_label(metric)} of {row.name} and {reference.name}: they evaluated "
-                       f"different benchmarks ({', '.join(own) or 'none'} and {', '.join(other) or 'none'})")
+            message = (
+                f"cannot compare the Avg {metric_label(metric)} of {row.name} and {reference.name}: they evaluated "
+                f"different benchmarks ({', '.join(own) or 'none'} and {', '.join(other) or 'none'})"
+            )
             differences[("avg", metric)] = message
             refusals.append(message)
         elif own and all(isinstance(differences.get((b, metric)), Difference) for b in own):
-            differences[("avg", metric)] = average_difference([mine[b] for b in own], [theirs[b] for b in own], metric,
-                                                              report.intervals)
+            differences[("avg", metric)] = average_difference(
+                [mine[b] for b in own], [theirs[b] for b in own], metric, report.intervals
+            )
     return differences, list(dict.fromkeys(refusals))
 
 
@@ -813,41 +915,61 @@ class Table(NamedTuple):
 def intervals_note(report: Report, pooled: bool) -> str:
     """The methods, resamples and seed behind a table's intervals and differences."""
     level = f"{100 * report.intervals.confidence_level:g}%"
-    note = (f"Cells: value [{level} interval]. Intervals: BCa bootstrap over problems (scipy.stats.bootstrap, "
-            f"{report.intervals.resamples} resamples, seed {report.intervals.seed}); Wilson score interval over problems "
-            "where every problem scored the same (all wrong or all right); Avg: MOVER over the benchmarks' intervals. "
-            "A cell without an interval has no graded predictions to resample.")
+    note = (
+        f"Cells: value [{level} interval]. Intervals: BCa bootstrap over problems (scipy.stats.bootstrap, "
+        f"{report.intervals.resamples} resamples, seed {report.intervals.seed}); Wilson score interval over problems "
+        "where every problem scored the same (all wrong or all right); Avg: MOVER over the benchmarks' intervals. "
+        "A cell without an interval has no graded predictions to resample."
+    )
     if pooled:
-        note += " sd: standard deviation of the cell over the seeds of a row pooled over seeds (its runs are listed below)."
+        note += (
+            " sd: standard deviation of the cell over the seeds of a row pooled over seeds (its runs are listed below)."
+        )
     return note
 
 
 def differences_note(report: Report, reference: str) -> str:
     level = f"{100 * report.intervals.confidence_level:g}%"
     alpha = f"{1 - report.intervals.confidence_level:.2g}"
-    return (f"Δ: the row minus {reference}, in points, over the problems both evaluated: the mean per-problem "
-            f"difference [{level} BCa bootstrap interval over problems] and the two-sided p-value of the paired sign-flip "
-            f"permutation test (scipy.stats.permutation_test, {report.intervals.resamples} resamples, seed "
-            f"{report.intervals.seed}; exact for up to {report.intervals.resamples.bit_length() - 1} problems); Avg: MOVER "
-            f"over the benchmarks, p from the permutation test stratified by benchmark. * marks an interval that excludes "
-            f"0 with p < {alpha}. ref: the reference row; refused: runs that evaluated different problems, sample counts "
-            "or benchmarks (below).")
+    return (
+        f"Δ: the row minus {reference}, in points, over the problems both evaluated: the mean per-problem "
+        f"difference [{level} BCa bootstrap interval over problems] and the two-sided p-value of the paired sign-flip "
+        f"permutation test (scipy.stats.permutation_test, {report.intervals.resamples} resamples, seed "
+        f"{report.intervals.seed}; exact for up to {report.intervals.resamples.bit_length() - 1} problems); Avg: MOVER "
+        f"over the benchmarks, p from the permutation test stratified by benchmark. * marks an interval that excludes "
+        f"0 with p < {alpha}. ref: the reference row; refused: runs that evaluated different problems, sample counts "
+        "or benchmarks (below)."
+    )
 
 
-def _rests_on(label: str, reference_label: str, differences: Mapping[tuple[str, str], Any], columns: Sequence[str],
-              metric: str) -> str | None:
-    parts = [f"{display_name(b)} {differences[(b, metric)].problems}" for b in columns
-             if isinstance(differences.get((b, metric)), Difference)]
+def _rests_on(
+    label: str, reference_label: str, differences: Mapping[tuple[str, str], Any], columns: Sequence[str], metric: str
+) -> str | None:
+    parts = [
+        f"{display_name(b)} {differences[(b, metric)].problems}"
+        for b in columns
+        if isinstance(differences.get((b, metric)), Difference)
+    ]
     return f"{label} vs {reference_label}: {', '.join(parts)} problems" if parts else None
 
 
-def _diff_table(rows: Sequence[tuple[list[str], RowCells]], lead: list[str], columns: Sequence[str],
-                metrics: Sequence[str]) -> str:
+def _diff_table(
+    rows: Sequence[tuple[list[str], RowCells]], lead: list[str], columns: Sequence[str], metrics: Sequence[str]
+) -> str:
     """The per-benchmark differences: the lead columns, then Δ per benchmark and metric, then Avg."""
-    header = [*lead, *(f"{display_name(b)} Δ{metric_label(m)}" for b in columns for m in metrics),
-              *(f"Avg Δ{metric_label(m)}" for m in metrics)]
-    body = [[*cells_lead, *(cells.difference_cell((b, m)) for b in columns for m in metrics),
-             *(cells.difference_cell(("avg", m)) for m in metrics)] for cells_lead, cells in rows]
+    header = [
+        *lead,
+        *(f"{display_name(b)} Δ{metric_label(m)}" for b in columns for m in metrics),
+        *(f"Avg Δ{metric_label(m)}" for m in metrics),
+    ]
+    body = [
+        [
+            *cells_lead,
+            *(cells.difference_cell((b, m)) for b in columns for m in metrics),
+            *(cells.difference_cell(("avg", m)) for m in metrics),
+        ]
+        for cells_lead, cells in rows
+    ]
     return render_table(header, body, numeric_from=len(lead))[0]
 
 
@@ -863,14 +985,16 @@ def _row_order(run: RunRecord, label: str) -> tuple:
 def _table1_reference(student_rows: Sequence[RunRecord], labels: Mapping[str, str], reference: str) -> RunRecord | None:
     """The student's reference row: its run of the reference baseline (the one labelled by the baseline
     alone when there are several, else the first in table order)."""
-    candidates = [r for r in student_rows if r.baseline == reference and r.kind == "run"] \
-        or [r for r in student_rows if r.baseline == reference]
+    candidates = [r for r in student_rows if r.baseline == reference and r.kind == "run"] or [
+        r for r in student_rows if r.baseline == reference
+    ]
     plain = [r for r in candidates if labels[r.name] == reference]
     return (plain or candidates or [None])[0]
 
 
-def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
-           published: Sequence[PublishedRow] = ()) -> Table:
+def table1(
+    runs: Sequence[RunRecord], report: Report | None = None, k: int = 3, published: Sequence[PublishedRow] = ()
+) -> Table:
     """Table 1: one row per (student, method) with Pass@1 and Pass@k per benchmark and Avg, each with
     its interval, the Avg differences from the student's reference row (`report.reference`), the
     published rows of the report's students; then the notes, the per-benchmark differences and what
@@ -893,8 +1017,12 @@ def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
         references[student] = reference
         for run in mine:
             if run is reference:
-                cells[run.name].differences = {(c, m): "ref" for c in (*columns, "avg") for m in metrics
-                                               if cells[run.name].values.get((c, m)) is not None}
+                cells[run.name].differences = {
+                    (c, m): "ref"
+                    for c in (*columns, "avg")
+                    for m in metrics
+                    if cells[run.name].values.get((c, m)) is not None
+                }
                 continue
             cells[run.name].differences, refused = compare_rows(run, reference, columns, k, report)
             refusals += refused
@@ -904,8 +1032,13 @@ def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
     keys = [(b, m) for b in columns for m in metrics] + [("avg", m) for m in metrics]
     shown_published = [p for p in published if p.student in {r.student for r in ordered}]
 
-    header = ["Student", "Method", *(f"{display_name(b)} {metric_label(m)}" for b, m in keys[:-2]),
-              *(f"Avg {metric_label(m)}" for m in metrics), *([f"Δ Avg {metric_label(m)}" for m in metrics] if compared else [])]
+    header = [
+        "Student",
+        "Method",
+        *(f"{display_name(b)} {metric_label(m)}" for b, m in keys[:-2]),
+        *(f"Avg {metric_label(m)}" for m in metrics),
+        *([f"Δ Avg {metric_label(m)}" for m in metrics] if compared else []),
+    ]
     body: list[list[str | None]] = []
     csv_header = ["Student", "Method"]
     for b, m in keys:
@@ -921,26 +1054,50 @@ def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
     last_of_student = {run.student: run.name for run in ordered}  # published rows follow their student's runs
     for run in ordered:
         row = cells[run.name]
-        body.append([run.student, labels[run.name], *(row.cell(key) for key in keys),
-                     *([row.difference_cell(("avg", m)) for m in metrics] if compared else [])])
-        basis = [run.benchmarks.get(b, {}).get(f) for b in columns for f in ("num_problems", "num_samples", "max_new_tokens")]
-        csv_body.append([run.student, labels[run.name], *(c for key in keys for c in row.csv_cells(key)),
-                         *([c for key in keys for c in row.csv_difference(key)] if compared else []),
-                         *(None if v is None else str(v) for v in basis), run.runs_cell])
+        body.append(
+            [
+                run.student,
+                labels[run.name],
+                *(row.cell(key) for key in keys),
+                *([row.difference_cell(("avg", m)) for m in metrics] if compared else []),
+            ]
+        )
+        basis = [
+            run.benchmarks.get(b, {}).get(f) for b in columns for f in ("num_problems", "num_samples", "max_new_tokens")
+        ]
+        csv_body.append(
+            [
+                run.student,
+                labels[run.name],
+                *(c for key in keys for c in row.csv_cells(key)),
+                *([c for key in keys for c in row.csv_difference(key)] if compared else []),
+                *(None if v is None else str(v) for v in basis),
+                run.runs_cell,
+            ]
+        )
         for pub in shown_published:
             if pub.student == run.student and last_of_student[run.student] == run.name:
                 body.append(_published_row(pub, keys, compared))
                 csv_body.append(_published_csv(pub, keys, compared, len(columns)))
     markdown = render_table(header, body, numeric_from=2)[0]
-    meaning = "the first sample only (`pass@1_first`)" if report.pass1 == "pass@1_first" else "mean correctness over the samples (`pass@1`)"
-    notes = [f"Pass@1: {meaning}; Pass@{k}: at least one of {k} samples correct. Avg: unweighted mean of the row's "
-             f"printed cells, as in the paper. {MISSING}: not evaluated (or fewer than {k} samples for Pass@{k}).",
-             intervals_note(report, any(r.members for r in ordered))]
+    meaning = (
+        "the first sample only (`pass@1_first`)"
+        if report.pass1 == "pass@1_first"
+        else "mean correctness over the samples (`pass@1`)"
+    )
+    notes = [
+        f"Pass@1: {meaning}; Pass@{k}: at least one of {k} samples correct. Avg: unweighted mean of the row's "
+        f"printed cells, as in the paper. {MISSING}: not evaluated (or fewer than {k} samples for Pass@{k}).",
+        intervals_note(report, any(r.members for r in ordered)),
+    ]
     if compared:
         notes.append(differences_note(report, f"its student's {report.reference} row"))
     if shown_published:
-        notes.append("Published rows (no interval: the numbers as printed): "
-                     + "; ".join(f"{p.name}: {p.source}" for p in shown_published) + ". See the reproduction table.")
+        notes.append(
+            "Published rows (no interval: the numbers as printed): "
+            + "; ".join(f"{p.name}: {p.source}" for p in shown_published)
+            + ". See the reproduction table."
+        )
     missing = [p.name for p in published if p not in shown_published]
     if missing:
         notes.append(f"Published rows without a run of their student here, not shown: {', '.join(missing)}.")
@@ -949,8 +1106,12 @@ def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
     if compared:
         markdown += f"\nPaired differences from {report.reference}, per benchmark:\n\n"
         compared_rows = [r for r in ordered if r.student in references and r is not references[r.student]]
-        markdown += _diff_table([([r.student, labels[r.name]], cells[r.name]) for r in compared_rows],
-                                ["Student", "Method"], columns, metrics)
+        markdown += _diff_table(
+            [([r.student, labels[r.name]], cells[r.name]) for r in compared_rows],
+            ["Student", "Method"],
+            columns,
+            metrics,
+        )
         if rests_on:
             markdown += "\nProblems each comparison rests on: " + "; ".join(rests_on) + ".\n"
         if refusals:
@@ -960,7 +1121,9 @@ def table1(runs: Sequence[RunRecord], report: Report | None = None, k: int = 3,
             forest += _forest_rows(label, cells[run.name], columns, metrics)
     markdown += "\nSamples behind each cell (problems × samples per problem, max new tokens), and the runs:\n\n"
     basis_header = ["Student", "Method", *(display_name(b) for b in columns), "Run"]
-    basis_rows = [[r.student, labels[r.name], *(samples_cell(r.benchmarks.get(b)) for b in columns), r.runs_cell] for r in ordered]
+    basis_rows = [
+        [r.student, labels[r.name], *(samples_cell(r.benchmarks.get(b)) for b in columns), r.runs_cell] for r in ordered
+    ]
     markdown += render_table(basis_header, basis_rows, numeric_from=len(basis_header))[0]
     return Table(markdown, render_table(csv_header, csv_body, numeric_from=2)[1], tuple(forest), report.reference)
 
@@ -971,7 +1134,9 @@ def _published_row(pub: PublishedRow, keys: Sequence[tuple[str, str]], compared:
     return [pub.student, f"{pub.method} [published: {pub.name}]", *values, *([None, None] if compared else [])]
 
 
-def _published_csv(pub: PublishedRow, keys: Sequence[tuple[str, str]], compared: bool, columns: int) -> list[str | None]:
+def _published_csv(
+    pub: PublishedRow, keys: Sequence[tuple[str, str]], compared: bool, columns: int
+) -> list[str | None]:
     metrics = list(dict.fromkeys(m for _, m in keys))
     cells: list[str | None] = [pub.student, f"{pub.method} [published: {pub.name}]"]
     for b, m in keys:
@@ -989,16 +1154,21 @@ def _published_value(pub: PublishedRow, benchmark: str, metric: str, metrics: Se
     return None if value is None else _two(value)
 
 
-def reproduction_table(runs: Sequence[RunRecord], published: Sequence[PublishedRow], report: Report | None = None,
-                       k: int = 3) -> Table | None:
+def reproduction_table(
+    runs: Sequence[RunRecord], published: Sequence[PublishedRow], report: Report | None = None, k: int = 3
+) -> Table | None:
     """Each published row beside the runs of its student and method: per cell the published value,
     the run's value and interval, and whether the published value lies inside it (reproduced), below
     or above it (palign/reporting/published.py). None when no run matches a published row."""
     report = report or Report()
     metrics = metric_keys(report, k)
     labels = method_labels(runs)
-    pairs = [(pub, run) for pub in published for run in sorted(runs, key=lambda r: _row_order(r, labels[r.name]))
-             if run.student == pub.student and run.baseline == pub.method]
+    pairs = [
+        (pub, run)
+        for pub in published
+        for run in sorted(runs, key=lambda r: _row_order(r, labels[r.name]))
+        if run.student == pub.student and run.baseline == pub.method
+    ]
     if not pairs:
         return None
     columns = benchmark_columns([run for _, run in pairs])
@@ -1018,24 +1188,39 @@ def reproduction_table(runs: Sequence[RunRecord], published: Sequence[PublishedR
                     flat.append(None)
                     continue
                 said = verdict(value, interval.low, interval.high)
-                md.append(f"{said}: {_two(value)} vs {cells.values[(column, metric)]} [{_one(interval.low)}, {_one(interval.high)}]")
+                md.append(
+                    f"{said}: {_two(value)} vs {cells.values[(column, metric)]} [{_one(interval.low)}, {_one(interval.high)}]"
+                )
                 flat.append(said)
-            label = f"{metric_label(metric)} ({published_key} published)" if published_key != metric else metric_label(metric)
+            label = (
+                f"{metric_label(metric)} ({published_key} published)"
+                if published_key != metric
+                else metric_label(metric)
+            )
             body.append([pub.name, run.student, labels[run.name], run.runs_cell, label, *md])
             csv_body.append([pub.name, run.student, labels[run.name], run.runs_cell, label, *flat])
     level = f"{100 * report.intervals.confidence_level:g}%"
     markdown = render_table(header, body, numeric_from=5)[0]
-    markdown += (f"\nEach cell: the published value, then the run's value [{level} interval]: reproduced when the published "
-                 "value lies inside the interval (to its printed two decimals), below when it lies under it (the run did "
-                 "better), above when over it (the run did worse). Avg is compared only when the run evaluated the "
-                 "published row's benchmarks. " + intervals_note(report, any(run.members for _, run in pairs)) + "\n\n"
-                 + "\n".join(f"- {pub.name}: {pub.source}" for pub in {p.name: p for p, _ in pairs}.values()) + "\n")
+    markdown += (
+        f"\nEach cell: the published value, then the run's value [{level} interval]: reproduced when the published "
+        "value lies inside the interval (to its printed two decimals), below when it lies under it (the run did "
+        "better), above when over it (the run did worse). Avg is compared only when the run evaluated the "
+        "published row's benchmarks. "
+        + intervals_note(report, any(run.members for _, run in pairs))
+        + "\n\n"
+        + "\n".join(f"- {pub.name}: {pub.source}" for pub in {p.name: p for p, _ in pairs}.values())
+        + "\n"
+    )
     return Table(markdown, render_table(header, csv_body, numeric_from=5)[1])
 
 
 def _forest_rows(label: str, cells: RowCells, columns: Sequence[str], metrics: Sequence[str]) -> list[ForestRow]:
-    return [ForestRow(label, display_name(c) if c != "avg" else "Avg", metric_label(m), diff)
-            for c in (*columns, "avg") for m in metrics if isinstance(diff := cells.differences.get((c, m)), Difference)]
+    return [
+        ForestRow(label, display_name(c) if c != "avg" else "Avg", metric_label(m), diff)
+        for c in (*columns, "avg")
+        for m in metrics
+        if isinstance(diff := cells.differences.get((c, m)), Difference)
+    ]
 
 
 def ablation_groups(runs: Sequence[RunRecord], knob: Knob) -> list[list[RunRecord]]:
@@ -1061,8 +1246,9 @@ def _knob_order(knob: Knob, run: RunRecord) -> tuple:
         return (1, value, run.name)
 
 
-def ablation_reference(group: Sequence[RunRecord], knob: Knob, report: Report,
-                       recipe: RunRecord | None) -> tuple[RunRecord, str]:
+def ablation_reference(
+    group: Sequence[RunRecord], knob: Knob, report: Report, recipe: RunRecord | None
+) -> tuple[RunRecord, str]:
     """The arm a group's other arms are compared with, and why: `report.ablation_reference[knob]`, else
     the recipe's own value of the knob (the report's config), else the group's first arm."""
     wanted, why = report.ablation_reference.get(knob.name), f"report.ablation_reference.{knob.name}"
@@ -1072,11 +1258,13 @@ def ablation_reference(group: Sequence[RunRecord], knob: Knob, report: Report,
         if wanted is not None and knob.value(run) == str(wanted):
             return run, f"{knob.value(run)} ({why})"
     return group[0], f"{knob.value(group[0])} (the first arm: no arm has " + (
-        f"{knob.header.lower()} {wanted}, {why})" if wanted is not None else "a recipe value)")
+        f"{knob.header.lower()} {wanted}, {why})" if wanted is not None else "a recipe value)"
+    )
 
 
-def ablation_table(runs: Sequence[RunRecord], knob: Knob, report: Report | None = None, k: int = 3,
-                   recipe: RunRecord | None = None) -> Table | None:
+def ablation_table(
+    runs: Sequence[RunRecord], knob: Knob, report: Report | None = None, k: int = 3, recipe: RunRecord | None = None
+) -> Table | None:
     """One knob's ablation, or None when no two runs differ in it alone.
 
     Columns: the group (runs that agree on everything else), student, baseline, the knob's value,
@@ -1091,10 +1279,19 @@ def ablation_table(runs: Sequence[RunRecord], knob: Knob, report: Report | None 
         return None
     show_baseline = knob.name != "baseline"
     columns = benchmark_columns([run for group in groups for run in group])
-    header = ["Group", "Student", *(["Baseline"] if show_baseline else []), knob.header,
-              "Mean prefix ratio", "Retention %", *(f"Avg {metric_label(m)}" for m in metrics),
-              *(f"Δ Avg {metric_label(m)}" for m in metrics), "Cells (problems×samples)", "Run"]
-    csv_header = [*header[:header.index("Avg Pass@1")]]
+    header = [
+        "Group",
+        "Student",
+        *(["Baseline"] if show_baseline else []),
+        knob.header,
+        "Mean prefix ratio",
+        "Retention %",
+        *(f"Avg {metric_label(m)}" for m in metrics),
+        *(f"Δ Avg {metric_label(m)}" for m in metrics),
+        "Cells (problems×samples)",
+        "Run",
+    ]
+    csv_header = [*header[: header.index("Avg Pass@1")]]
     for m in metrics:
         name = f"Avg {metric_label(m)}"
         csv_header += [name, f"{name} ci_low", f"{name} ci_high", f"{name} seed_sd"]
@@ -1115,22 +1312,53 @@ def ablation_table(runs: Sequence[RunRecord], knob: Knob, report: Report | None 
                 cells.differences, refused = compare_rows(run, reference, own, k, report)
                 refusals += refused
                 diff_rows.append(([str(index), run.student, knob.value(run)], cells))
-                line = _rests_on(f"group {index} {knob.value(run)}", knob.value(reference), cells.differences, own, metrics[0])
+                line = _rests_on(
+                    f"group {index} {knob.value(run)}", knob.value(reference), cells.differences, own, metrics[0]
+                )
                 rests_on += [line] if line else []
-                forest += _forest_rows(f"{knob.value(run)} (group {index})" if len(groups) > 1 else knob.value(run),
-                                       cells, own, metrics)
-            basis = "; ".join(f"{display_name(b)} {samples_cell(run.benchmarks[b])}" for b in own if b in run.benchmarks)
-            lead = [str(index), run.student, *([run.baseline] if show_baseline else []), knob.value(run),
-                    _ratio(run.prefix_ratio_mean), _percent(run.retention)]
-            rows.append([*lead, *(cells.cell(("avg", m)) for m in metrics), *(cells.difference_cell(("avg", m)) for m in metrics),
-                         basis, run.runs_cell])
-            csv_rows.append([*lead, *(c for m in metrics for c in cells.csv_cells(("avg", m))),
-                             *(c for m in metrics for c in cells.csv_difference(("avg", m))), basis, run.runs_cell])
+                forest += _forest_rows(
+                    f"{knob.value(run)} (group {index})" if len(groups) > 1 else knob.value(run), cells, own, metrics
+                )
+            basis = "; ".join(
+                f"{display_name(b)} {samples_cell(run.benchmarks[b])}" for b in own if b in run.benchmarks
+            )
+            lead = [
+                str(index),
+                run.student,
+                *([run.baseline] if show_baseline else []),
+                knob.value(run),
+                _ratio(run.prefix_ratio_mean),
+                _percent(run.retention),
+            ]
+            rows.append(
+                [
+                    *lead,
+                    *(cells.cell(("avg", m)) for m in metrics),
+                    *(cells.difference_cell(("avg", m)) for m in metrics),
+                    basis,
+                    run.runs_cell,
+                ]
+            )
+            csv_rows.append(
+                [
+                    *lead,
+                    *(c for m in metrics for c in cells.csv_cells(("avg", m))),
+                    *(c for m in metrics for c in cells.csv_difference(("avg", m))),
+                    basis,
+                    run.runs_cell,
+                ]
+            )
     markdown = render_table(header, rows, numeric_from=header.index("Mean prefix ratio"))[0]
-    markdown += "\n" + "\n\n".join([
-        intervals_note(report, any(run.members for group in groups for run in group)),
-        differences_note(report, "its group's reference arm") + " Reference arms: " + "; ".join(notes) + ".",
-    ]) + "\n"
+    markdown += (
+        "\n"
+        + "\n\n".join(
+            [
+                intervals_note(report, any(run.members for group in groups for run in group)),
+                differences_note(report, "its group's reference arm") + " Reference arms: " + "; ".join(notes) + ".",
+            ]
+        )
+        + "\n"
+    )
     if diff_rows:
         markdown += "\nPaired differences from each group's reference arm, per benchmark:\n\n"
         markdown += _diff_table(diff_rows, ["Group", "Student", knob.header], columns, metrics)
@@ -1142,8 +1370,13 @@ def ablation_table(runs: Sequence[RunRecord], knob: Knob, report: Report | None 
     return Table(markdown, csv_text, tuple(forest), f"each group's reference {knob.header.lower()}")
 
 
-def build_tables(runs: Sequence[RunRecord], report: Report | None = None, pass_k: int = 3,
-                 published: Sequence[PublishedRow] = (), recipe: RunRecord | None = None) -> dict[str, Table]:
+def build_tables(
+    runs: Sequence[RunRecord],
+    report: Report | None = None,
+    pass_k: int = 3,
+    published: Sequence[PublishedRow] = (),
+    recipe: RunRecord | None = None,
+) -> dict[str, Table]:
     """`{"table1": Table, "reproduction": Table (with published rows that match a run),
     "ablation_<knob>": Table, ...}`; an ablation table appears only when some runs differ in that knob
     alone. `runs` are table rows (`pool_seeds` pools seeds first); `recipe` is the report's own config

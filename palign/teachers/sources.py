@@ -99,9 +99,15 @@ def _gradable_answer(answer: str | None, where: str, field: str, ungradable: lis
 def _warn_ungradable(source: str, ungradable: list[str]) -> None:
     if ungradable:
         shown = "; ".join(ungradable[:5]) + (f"; and {len(ungradable) - 5} more" if len(ungradable) > 5 else "")
-        log.warning("%s: %d gold answer%s cannot be graded against, so %s read as no gold answer (only_correct drops "
-                    "those records; fix the answers, or null them, to keep them): %s", source, len(ungradable),
-                    "s" * (len(ungradable) != 1), "they are" if len(ungradable) != 1 else "it is", shown)
+        log.warning(
+            "%s: %d gold answer%s cannot be graded against, so %s read as no gold answer (only_correct drops "
+            "those records; fix the answers, or null them, to keep them): %s",
+            source,
+            len(ungradable),
+            "s" * (len(ungradable) != 1),
+            "they are" if len(ungradable) != 1 else "it is",
+            shown,
+        )
 
 
 def _file_records(path: str | Path, setting: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -146,8 +152,11 @@ class Teacher:
         from palign import schema
 
         target = f"{cls.__module__}.{cls.__qualname__}"
-        (node,) = [n for n in vars(schema).values()
-                   if isinstance(n, type) and is_dataclass(n) and getattr(n, "_target_", None) == target]
+        (node,) = [
+            n
+            for n in vars(schema).values()
+            if isinstance(n, type) and is_dataclass(n) and getattr(n, "_target_", None) == target
+        ]
         return cls(**schema.defaults(node, **overrides))
 
     def _iter_records(self, skipped: Counter) -> Iterator[tuple[str, TeacherRecord]]:
@@ -176,8 +185,11 @@ class Teacher:
             record.answer = _gradable_answer(given, where, self.answer_source, ungradable)
             if self.only_correct:
                 if record.answer is None:
-                    skipped["no gold answer (only_correct)" if given is None else
-                            "gold answer cannot be graded against (only_correct)"] += 1
+                    skipped[
+                        "no gold answer (only_correct)"
+                        if given is None
+                        else "gold answer cannot be graded against (only_correct)"
+                    ] += 1
                     continue
                 if not self._trace_is_correct(record):
                     skipped["teacher answer wrong (only_correct)"] += 1
@@ -228,19 +240,22 @@ class ChampTeacher(Teacher):
                 skipped["teacher reply missing or cut at length"] += 1
                 continue
             steps = [step.text for step in problem.solution.steps] if problem.solution else []
-            yield where, TeacherRecord(
-                id=problem.identifier,
-                question=problem.text,
-                answer=_answer_text(problem.answer),
-                long_cot=replies[0].text.strip(),
-                short_cot="\n".join(steps) if steps else None,
-                source={
-                    "dataset": f"champ-{self.version}",
-                    "teacher": self.model,
-                    "setting": self.setting,
-                    "category": problem.category,
-                    "final_answer_text": replies[-1].text if len(replies) > 1 else None,
-                },
+            yield (
+                where,
+                TeacherRecord(
+                    id=problem.identifier,
+                    question=problem.text,
+                    answer=_answer_text(problem.answer),
+                    long_cot=replies[0].text.strip(),
+                    short_cot="\n".join(steps) if steps else None,
+                    source={
+                        "dataset": f"champ-{self.version}",
+                        "teacher": self.model,
+                        "setting": self.setting,
+                        "category": problem.category,
+                        "final_answer_text": replies[-1].text if len(replies) > 1 else None,
+                    },
+                ),
             )
 
 
@@ -287,8 +302,10 @@ class JsonlTeacher(Teacher):
 
     @property
     def id_hint(self) -> str:
-        return (f"field '{self.id_field}': set teacher.source.id_field to a field that is unique, "
-                "or to null to number records by row")
+        return (
+            f"field '{self.id_field}': set teacher.source.id_field to a field that is unique, "
+            "or to null to number records by row"
+        )
 
     @property
     def answer_source(self) -> str:
@@ -297,18 +314,44 @@ class JsonlTeacher(Teacher):
     def _iter_records(self, skipped: Counter):
         for index, (where, row) in enumerate(_file_records(self.path, "teacher.source.path")):
             get = lambda name: require_field(row, name, where)  # noqa: E731
-            trace = _text_field(get(self.long_cot_field), self.long_cot_field, where, "the teacher's long CoT",
-                                "teacher.source.long_cot_field")
-            short = (_optional_text_field(get(self.short_cot_field), self.short_cot_field, where, "the short CoT",
-                                          "teacher.source.short_cot_field") if self.short_cot_field else None)
-            yield where, TeacherRecord(
-                id=record_id(get(self.id_field), self.id_field, where, TEACHER_ID_FIX) if self.id_field else str(index),
-                question=_text_field(get(self.question_field), self.question_field, where, "the problem text",
-                                     "teacher.source.question_field"),
-                answer=_answer_field(get(self.answer_field), self.answer_field, where) if self.answer_field else None,
-                long_cot=self._clean(trace),
-                short_cot=short.strip() if short and short.strip() else None,
-                source={"dataset": str(self.path), "where": where},
+            trace = _text_field(
+                get(self.long_cot_field),
+                self.long_cot_field,
+                where,
+                "the teacher's long CoT",
+                "teacher.source.long_cot_field",
+            )
+            short = (
+                _optional_text_field(
+                    get(self.short_cot_field),
+                    self.short_cot_field,
+                    where,
+                    "the short CoT",
+                    "teacher.source.short_cot_field",
+                )
+                if self.short_cot_field
+                else None
+            )
+            yield (
+                where,
+                TeacherRecord(
+                    id=record_id(get(self.id_field), self.id_field, where, TEACHER_ID_FIX)
+                    if self.id_field
+                    else str(index),
+                    question=_text_field(
+                        get(self.question_field),
+                        self.question_field,
+                        where,
+                        "the problem text",
+                        "teacher.source.question_field",
+                    ),
+                    answer=_answer_field(get(self.answer_field), self.answer_field, where)
+                    if self.answer_field
+                    else None,
+                    long_cot=self._clean(trace),
+                    short_cot=short.strip() if short and short.strip() else None,
+                    source={"dataset": str(self.path), "where": where},
+                ),
             )
 
 
@@ -357,19 +400,26 @@ class S1KTeacher(Teacher):
             answer = extract_boxed_answer(solution)
             if answer is None and 0 < len(solution.strip()) <= self.short_answer_chars:
                 answer = solution.strip()
-            attempt = _optional_text_field(row.get("deepseek_attempt"), "deepseek_attempt", where, "the teacher's final answer")
+            attempt = _optional_text_field(
+                row.get("deepseek_attempt"), "deepseek_attempt", where, "the teacher's final answer"
+            )
             trajectory = require_field(row, "deepseek_thinking_trajectory", where)
-            yield where, TeacherRecord(
-                id=record_id(row["id"], "id", where, TEACHER_ID_FIX) if "id" in row else str(index),
-                question=_text_field(require_field(row, "question", where), "question", where, "the problem text"),
-                answer=answer,
-                long_cot=_text_field(trajectory, "deepseek_thinking_trajectory", where, "the teacher's long CoT").strip(),
-                short_cot=solution.strip() or None,
-                source={
-                    "dataset": self.path,
-                    "index": index,
-                    "final_answer_text": attempt or None,
-                },
+            yield (
+                where,
+                TeacherRecord(
+                    id=record_id(row["id"], "id", where, TEACHER_ID_FIX) if "id" in row else str(index),
+                    question=_text_field(require_field(row, "question", where), "question", where, "the problem text"),
+                    answer=answer,
+                    long_cot=_text_field(
+                        trajectory, "deepseek_thinking_trajectory", where, "the teacher's long CoT"
+                    ).strip(),
+                    short_cot=solution.strip() or None,
+                    source={
+                        "dataset": self.path,
+                        "index": index,
+                        "final_answer_text": attempt or None,
+                    },
+                ),
             )
 
 
@@ -423,8 +473,10 @@ class GeneratedTeacher(Teacher):
         if kind == "champ":
             version = self.problems_cfg.get("version", "v0")
             answer_field = "answer"
-            rows = [(f"champ-dataset {version}: problem {pid}", pid, question, answer)
-                    for pid, question, answer in champ_problems(version)]
+            rows = [
+                (f"champ-dataset {version}: problem {pid}", pid, question, answer)
+                for pid, question, answer in champ_problems(version)
+            ]
         elif kind == "file":
             path = self.problems_cfg.get("path")
             if not path:
@@ -434,26 +486,39 @@ class GeneratedTeacher(Teacher):
             answer_field = self.problems_cfg.get("answer_field", "answer")
             rows, first_seen = [], {}
             for index, (where, row) in enumerate(_file_records(path, "teacher.source.problems.path")):
-                problem_id = record_id(require_field(row, id_field, where), id_field, where, TEACHER_ID_FIX) if id_field else str(index)
+                problem_id = (
+                    record_id(require_field(row, id_field, where), id_field, where, TEACHER_ID_FIX)
+                    if id_field
+                    else str(index)
+                )
                 if problem_id in first_seen:  # generations are stored by problem id
                     raise DataFormatError(
                         f"{where}: id '{problem_id}' repeats {first_seen[problem_id]}; ids must be unique: set "
                         f"teacher.source.problems.id_field (now '{id_field}') to a unique field, or to null to number problems by row"
                     )
                 first_seen[problem_id] = where
-                rows.append((
-                    where,
-                    problem_id,
-                    _text_field(require_field(row, question_field, where), question_field, where, "the problem text",
-                                "teacher.source.problems.question_field"),
-                    _answer_field(require_field(row, answer_field, where), answer_field, where),
-                ))
+                rows.append(
+                    (
+                        where,
+                        problem_id,
+                        _text_field(
+                            require_field(row, question_field, where),
+                            question_field,
+                            where,
+                            "the problem text",
+                            "teacher.source.problems.question_field",
+                        ),
+                        _answer_field(require_field(row, answer_field, where), answer_field, where),
+                    )
+                )
         else:
             raise ValueError(f"teacher.source.problems.kind must be champ or file, got '{kind}'")
         rows = rows[: self.problem_limit] if self.problem_limit is not None else rows
         ungradable: list[str] = []
-        problems = [(pid, question, _gradable_answer(answer, where, answer_field, ungradable))
-                    for where, pid, question, answer in rows]
+        problems = [
+            (pid, question, _gradable_answer(answer, where, answer_field, ungradable))
+            for where, pid, question, answer in rows
+        ]
         _warn_ungradable(f"{self.name} ({kind} problems)", ungradable)
         return problems
 
@@ -474,8 +539,13 @@ class GeneratedTeacher(Teacher):
             spec = ModelSpec.from_config(self.model_cfg)
             backend = self._model_backend(spec)
             model_identity, teacher_name = spec.identity(), spec.name
-        identity = {"model": model_identity, "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
-                    "instruction": self.prompts["instruction"], "problems": self.problems_cfg, "code_version": CODE_VERSION}
+        identity = {
+            "model": model_identity,
+            "sampling": {k: v for k, v in vars(sampling).items() if k != "batch_size"},
+            "instruction": self.prompts["instruction"],
+            "problems": self.problems_cfg,
+            "code_version": CODE_VERSION,
+        }
         folder = stage_folder(self.cache_dir / "teacher_generation", identity)
         by_id = {pid: (question, answer) for pid, question, answer in problems}
         with open_stage_store(folder, identity) as store, GradingPool(num_workers=self.grading_workers) as pool:
@@ -484,18 +554,42 @@ class GeneratedTeacher(Teacher):
                 grades = pool.grade([(gens[0].text, by_id[pid][1]) for pid, gens in chunk], desc="grading")
                 for (pid, generations), grade in zip(chunk, grades):
                     question, answer = by_id[pid]
-                    store.add({"id": pid, "question": question, "answer": answer, "trace": generations[0].text,
-                               "finished": generations[0].finished, "correct": bool(answer is not None and grade.correct)})
+                    store.add(
+                        {
+                            "id": pid,
+                            "question": question,
+                            "answer": answer,
+                            "trace": generations[0].text,
+                            "finished": generations[0].finished,
+                            "correct": bool(answer is not None and grade.correct),
+                        }
+                    )
 
             complete_missing(
-                backend, [(pid, instruction_prompt(self.prompts, question)) for pid, question, _ in problems],
-                store.__contains__, sampling, grade_and_store, chunk_size=self.chunk_size, progress="teacher generation",
+                backend,
+                [(pid, instruction_prompt(self.prompts, question)) for pid, question, _ in problems],
+                store.__contains__,
+                sampling,
+                grade_and_store,
+                chunk_size=self.chunk_size,
+                progress="teacher generation",
             )
             rows = [store.get(pid) for pid, _, _ in problems]
         for row in rows:  # problem ids were checked unique above; the store is where the trace lives
-            yield f"{store.path}: problem {row['id']}", TeacherRecord(
-                id=row["id"], question=row["question"], answer=row["answer"], long_cot=row["trace"],
-                source={"dataset": "generated", "teacher": teacher_name, "correct": row["correct"], "finished": row["finished"]},
+            yield (
+                f"{store.path}: problem {row['id']}",
+                TeacherRecord(
+                    id=row["id"],
+                    question=row["question"],
+                    answer=row["answer"],
+                    long_cot=row["trace"],
+                    source={
+                        "dataset": "generated",
+                        "teacher": teacher_name,
+                        "correct": row["correct"],
+                        "finished": row["finished"],
+                    },
+                ),
             )
 
     def _model_backend(self, spec):
@@ -503,8 +597,14 @@ class GeneratedTeacher(Teacher):
         from palign.llm.backends import build_chat
         from palign.llm.models import load_tokenizer
 
-        return build_chat(self.backend, "teacher.source.backend", spec, self.cache_dir,
-                          tokenizer=load_tokenizer(spec, self.cache_dir), stage="teacher generation")
+        return build_chat(
+            self.backend,
+            "teacher.source.backend",
+            spec,
+            self.cache_dir,
+            tokenizer=load_tokenizer(spec, self.cache_dir),
+            stage="teacher generation",
+        )
 
     def _trace_is_correct(self, record: TeacherRecord) -> bool:
         return bool(record.source.get("correct"))  # graded once, when generated

@@ -88,8 +88,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in path:  # remote filesystems: fall back to Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         tmp = temporary_path(path)
-        with naming_a_full_disk(path, kept=f"the previous {os.path.basename(path)} is kept, and the run "
-                                           "resumes from it"):
+        with naming_a_full_disk(
+            path, kept=f"the previous {os.path.basename(path)} is kept, and the run resumes from it"
+        ):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             try:
                 with _locked_new_file(tmp) as f:
@@ -153,9 +154,12 @@ def remove_abandoned_temporary_files(folder: str | os.PathLike) -> list[tuple[Pa
         if size is not None:
             removed.append((tmp, size))
     if removed:
-        log.info("removed %d temporary checkpoint %s no longer running: %s", len(removed),
-                 "file whose writer is" if len(removed) == 1 else "files whose writers are",
-                 ", ".join(f"{tmp.name} ({size / 2**20:.1f} MiB)" for tmp, size in removed))
+        log.info(
+            "removed %d temporary checkpoint %s no longer running: %s",
+            len(removed),
+            "file whose writer is" if len(removed) == 1 else "files whose writers are",
+            ", ".join(f"{tmp.name} ({size / 2**20:.1f} MiB)" for tmp, size in removed),
+        )
     return removed
 
 

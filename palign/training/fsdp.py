@@ -122,8 +122,9 @@ def make_fsdp_strategy(precision: str, gradient_checkpointing: bool) -> "Student
     `trainer.precision`, activation checkpointing from `training.gradient_checkpointing` (the
     decoder layer class is the model's, read at setup; which parameters are sharded and which
     replicated follows their `requires_grad`, so LoRA needs no setting of its own here)."""
-    return StudentFSDPStrategy(activation_checkpointing=bool(gradient_checkpointing),
-                               mixed_precision=mixed_precision(precision))
+    return StudentFSDPStrategy(
+        activation_checkpointing=bool(gradient_checkpointing), mixed_precision=mixed_precision(precision)
+    )
 
 
 def mixed_precision(precision: str):
@@ -140,8 +141,9 @@ def mixed_precision(precision: str):
         return None
     # cast_forward_inputs: every decoder layer's unit computes on inputs in the compute dtype,
     # whatever dtype the module before it returned
-    return MixedPrecision(param_dtype=compute[precision], reduce_dtype=torch.float32, buffer_dtype=None,
-                          cast_forward_inputs=True)
+    return MixedPrecision(
+        param_dtype=compute[precision], reduce_dtype=torch.float32, buffer_dtype=None, cast_forward_inputs=True
+    )
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> tuple[type[torch.nn.Module], ...]:
@@ -153,7 +155,8 @@ def decoder_layer_classes(model: torch.nn.Module) -> tuple[type[torch.nn.Module]
     if not classes:
         raise ValueError(
             f"trainer.strategy=fsdp wraps the student by decoder layer, but {type(model).__name__} names none "
-            f"(transformers' `_no_split_modules`: {sorted(names) or 'unset'}); use trainer=ddp for this model")
+            f"(transformers' `_no_split_modules`: {sorted(names) or 'unset'}); use trainer=ddp for this model"
+        )
     return classes
 
 
@@ -239,8 +242,13 @@ class StudentFSDPStrategy(FSDPStrategy):
     checkpoints, the full weights gathered to rank 0 when training ends."""
 
     def __init__(self, *, activation_checkpointing: bool, mixed_precision=None, **kwargs: Any):
-        super().__init__(mixed_precision=mixed_precision, state_dict_type="sharded", sharding_strategy="FULL_SHARD",
-                         use_orig_params=True, **kwargs)
+        super().__init__(
+            mixed_precision=mixed_precision,
+            state_dict_type="sharded",
+            sharding_strategy="FULL_SHARD",
+            use_orig_params=True,
+            **kwargs,
+        )
         self.activation_checkpointing = activation_checkpointing
         self.loaded_dtypes: dict[str, torch.dtype] = {}  # each parameter's dtype before the wrap, for the export
         self.replicated: list[torch.nn.Parameter] = []  # outside FSDP's units (LoRA's adapters)
@@ -266,7 +274,8 @@ class StudentFSDPStrategy(FSDPStrategy):
                 "trainer=fsdp with a single process (trainer.devices x trainer.num_nodes = 1): FSDP shards nothing "
                 "there (it runs NO_SHARD), and torch's FSDP1 then leaves the frozen base's units unresharded after a "
                 "backward (torch/distributed/fsdp/_runtime_utils.py: _catch_all_reshard, pytorch#83956), which breaks "
-                "the next step; use trainer=gpu (or trainer=cpu) for one device")
+                "the next step; use trainer=gpu (or trainer=cpu) for one device"
+            )
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from lightning_fabric.strategies.fsdp import (
@@ -285,10 +294,12 @@ class StudentFSDPStrategy(FSDPStrategy):
             for module in model.modules():  # transformers' own checkpointing would recompute each layer again
                 if getattr(module, "is_gradient_checkpointing", False):
                     module.gradient_checkpointing_disable()
-        rank_zero_info(f"FSDP: a unit per {', '.join(c.__name__ for c in layers)}; "
-                       f"{sum(p.numel() for p in self.replicated):,} trainable parameters replicated outside the units; "
-                       f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
-                       f"mixed precision {self.mixed_precision}")
+        rank_zero_info(
+            f"FSDP: a unit per {', '.join(c.__name__ for c in layers)}; "
+            f"{sum(p.numel() for p in self.replicated):,} trainable parameters replicated outside the units; "
+            f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
+            f"mixed precision {self.mixed_precision}"
+        )
         # FSDP moves and broadcasts only the parameters of its units
         for param in self.replicated:
             param.data = param.data.to(self.root_device)
@@ -301,9 +312,14 @@ class StudentFSDPStrategy(FSDPStrategy):
         # Lightning's wrap, but with the device itself as `device_id`: its index (None on a CPU)
         # makes torch look for an accelerator and refuse the CPU
         wrapped = FullyShardedDataParallel(
-            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy, device_id=self.root_device,
-            ignored_states=self.replicated or None, **self.kwargs)
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=self.root_device,
+            ignored_states=self.replicated or None,
+            **self.kwargs,
+        )
         _move_torchmetrics_to_device(wrapped, self.root_device)
         _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)  # inside the units
         plugin = self.precision_plugin
@@ -363,8 +379,9 @@ def swap_link(link: Path, folder: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_replicated_optimizer_state(root: torch.nn.Module, optimizers, replicated: list[torch.nn.Parameter],
-                                    folder: Path) -> None:
+def load_replicated_optimizer_state(
+    root: torch.nn.Module, optimizers, replicated: list[torch.nn.Parameter], folder: Path
+) -> None:
     """Read the optimizer state of the parameters outside FSDP's units whole, on every rank.
 
     Lightning reads a sharded checkpoint's optimizer state with
@@ -382,13 +399,19 @@ def load_replicated_optimizer_state(root: torch.nn.Module, optimizers, replicate
     fqns = {id(p): clean_tensor_name(name) for name, p in root.named_parameters()}  # FSDP's optimizer state keys
     for index, optimizer in enumerate(optimizers):
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
-        chunked = {(param, key): value for param in replicated for key, value in optimizer.state.get(param, {}).items()
-                   if isinstance(value, ShardedTensor)}
+        chunked = {
+            (param, key): value
+            for param in replicated
+            for key, value in optimizer.state.get(param, {}).items()
+            if isinstance(value, ShardedTensor)
+        }
         if not chunked:
             continue
         whole: dict[str, dict[str, torch.Tensor]] = {}
         for (param, key), value in chunked.items():
-            whole.setdefault(fqns[id(param)], {})[key] = torch.empty(value.size(), dtype=value.dtype, device=param.device)
+            whole.setdefault(fqns[id(param)], {})[key] = torch.empty(
+                value.size(), dtype=value.dtype, device=param.device
+            )
         dcp.load({f"optimizer_{index}": {"state": whole}}, checkpoint_id=folder)
         for param, key in chunked:
             optimizer.state[param][key] = whole[fqns[id(param)]][key]
@@ -415,8 +438,9 @@ def gather_full_state_dict(root: torch.nn.Module) -> dict[str, torch.Tensor]:
 WRAPPER_ATTRIBUTES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
-def unwrap_with_state(module: torch.nn.Module, state: dict[str, torch.Tensor],
-                      dtypes: dict[str, torch.dtype] | None = None) -> None:
+def unwrap_with_state(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None
+) -> None:
     """Replace every FSDP and checkpoint wrapper inside `module` by the module it wraps, and give
     each parameter its full tensor from `state` (the same Parameter objects: tied weights stay tied),
     cast to its dtype in `dtypes` (the dtypes it was loaded in) where given."""

@@ -73,18 +73,23 @@ def resolve_loss_kernel(name: str, device: torch.device | None) -> str:
     on_cuda = device is not None and device.type == "cuda"
     if name == "liger":
         if not installed:
-            raise ValueError("training.loss_kernel=liger needs the liger_kernel package, which is not importable "
-                             "here: `pip install liger-kernel` (CUDA only), or set training.loss_kernel=chunked "
-                             "(or auto: Liger where installed and on a GPU)")
+            raise ValueError(
+                "training.loss_kernel=liger needs the liger_kernel package, which is not importable "
+                "here: `pip install liger-kernel` (CUDA only), or set training.loss_kernel=chunked "
+                "(or auto: Liger where installed and on a GPU)"
+            )
         if device is not None and not on_cuda:
-            raise ValueError(f"training.loss_kernel=liger runs on CUDA only, and the student is on {device}: "
-                             "set training.loss_kernel=chunked (or auto: Liger where installed and on a GPU)")
+            raise ValueError(
+                f"training.loss_kernel=liger runs on CUDA only, and the student is on {device}: "
+                "set training.loss_kernel=chunked (or auto: Liger where installed and on a GPU)"
+            )
         return name
     return "liger" if installed and on_cuda else "chunked"
 
 
-def supervised_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, *,
-                             kernel: str, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_cross_entropy(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, *, kernel: str, chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the NLL of `targets` [N] under `head(hidden)` (hidden states [N, H] of the supervised
     positions), and the count of positions whose argmax is the target; `kernel` as resolved by
     `resolve_loss_kernel`. Only one chunk's logits exist at a time, in the forward and the backward."""
@@ -98,8 +103,9 @@ def supervised_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, target
         if needs_graph:
             # non-reentrant checkpointing stops recomputing once the loss's saved tensors are back,
             # so the argmax below is not redone in the backward
-            chunk_nll, chunk_correct = checkpoint(_chunk_cross_entropy, rows, head, chunk_targets,
-                                                  use_reentrant=False, preserve_rng_state=False)
+            chunk_nll, chunk_correct = checkpoint(
+                _chunk_cross_entropy, rows, head, chunk_targets, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             chunk_nll, chunk_correct = _chunk_cross_entropy(rows, head, chunk_targets)
         nll.append(chunk_nll)
@@ -122,6 +128,8 @@ def _liger_cross_entropy(hidden, head, targets, chunk_tokens):
         return out.loss, out.token_accuracy * len(targets)  # the kernel's accuracy is the mean over the rows
     nll = fused(hidden, head.weight, targets, bias=head.bias, reduction="sum")
     with torch.no_grad():  # an older Liger: one more head matmul per chunk for the accuracy, no graph
-        correct = sum((head(rows).argmax(-1) == chunk_targets).sum()
-                      for rows, chunk_targets in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)))
+        correct = sum(
+            (head(rows).argmax(-1) == chunk_targets).sum()
+            for rows, chunk_targets in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))
+        )
     return nll, correct

@@ -54,8 +54,11 @@ def random_states() -> dict[str, Any]:
 
     # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
-              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -164,11 +167,15 @@ class StudentSFTModule(pl.LightningModule):
         hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1, :]
         kernel = resolve_loss_kernel(self.hparams.loss_kernel, hidden.device)
         if kernel != self._loss_kernel:
-            log.info("cross-entropy kernel: %s%s", kernel,
-                     f" ({self.hparams.loss_chunk_tokens} tokens per chunk)" if kernel == "chunked" else "")
+            log.info(
+                "cross-entropy kernel: %s%s",
+                kernel,
+                f" ({self.hparams.loss_chunk_tokens} tokens per chunk)" if kernel == "chunked" else "",
+            )
             self._loss_kernel = kernel
-        nll, correct = supervised_cross_entropy(hidden[mask], head, targets[mask], kernel=kernel,
-                                                chunk_tokens=self.hparams.loss_chunk_tokens)
+        nll, correct = supervised_cross_entropy(
+            hidden[mask], head, targets[mask], kernel=kernel, chunk_tokens=self.hparams.loss_chunk_tokens
+        )
         return nll / max(n_tokens, 1), correct / max(n_tokens, 1), n_tokens
 
     def _output_head(self):
@@ -183,9 +190,14 @@ class StudentSFTModule(pl.LightningModule):
             decoder = head = None
         if self._selective_head is None:
             config = getattr(self.model, "config", None)
-            extra = [name for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
-                     if getattr(config, name, None) not in (None, 1, 1.0)]
-            self._selective_head = not extra and decoder is not None and decoder is not self.model and isinstance(head, torch.nn.Linear)
+            extra = [
+                name
+                for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+                if getattr(config, name, None) not in (None, 1, 1.0)
+            ]
+            self._selective_head = (
+                not extra and decoder is not None and decoder is not self.model and isinstance(head, torch.nn.Linear)
+            )
             if not self._selective_head:
                 log.info("computing full logits for the loss (%s)", ", ".join(extra) or "no separate decoder and head")
                 return None
@@ -205,7 +217,9 @@ class StudentSFTModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         # one optimizer step of the whole job: the mean micro-batch loss and the tokens over every rank
-        pending = torch.tensor([sum(self._pending_losses), len(self._pending_losses), self._pending_tokens], dtype=torch.float64)
+        pending = torch.tensor(
+            [sum(self._pending_losses), len(self._pending_losses), self._pending_tokens], dtype=torch.float64
+        )
         if self.trainer.world_size > 1:
             pending = self.trainer.strategy.reduce(pending.to(self.device), reduce_op="sum").cpu()
         losses, count, tokens = pending.tolist()
@@ -225,16 +239,23 @@ class StudentSFTModule(pl.LightningModule):
         # checkpoint on every rank (rank 0 writes it), so the ranks' streams are gathered here, and
         # so are the ranks' own sums of this epoch's metrics (torchmetrics reduces them at its end).
         states = random_states()
-        metrics = {name: {key: value.detach().cpu() for key, value in getattr(self, name).metric_state.items()}
-                   for name in self.EPOCH_METRICS}
+        metrics = {
+            name: {key: value.detach().cpu() for key, value in getattr(self, name).metric_state.items()}
+            for name in self.EPOCH_METRICS
+        }
         by_rank = [(states, metrics)]
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
             by_rank = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(by_rank, (states, metrics))
         mid_epoch = not self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        checkpoint["palign"] = {"loss_curve": self.loss_curve, "tokens_seen": self._tokens_seen, "rng": states,
-                                "rng_by_rank": [rng for rng, _ in by_rank], "mid_epoch": mid_epoch,
-                                "epoch_metrics_by_rank": [sums for _, sums in by_rank]}
+        checkpoint["palign"] = {
+            "loss_curve": self.loss_curve,
+            "tokens_seen": self._tokens_seen,
+            "rng": states,
+            "rng_by_rank": [rng for rng, _ in by_rank],
+            "mid_epoch": mid_epoch,
+            "epoch_metrics_by_rank": [sums for _, sums in by_rank],
+        }
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("palign", {})
@@ -247,8 +268,11 @@ class StudentSFTModule(pl.LightningModule):
         if len(by_rank) > 1 and len(by_rank) == world_size:
             states = by_rank[rank]
         elif len(by_rank) > 1:  # a checkpoint of another world size: rank 0's stream (not an exact resume)
-            log.warning("resuming a %d-process checkpoint with another number of processes: the random streams "
-                        "(dropout) continue from rank 0's, so the run is not the uninterrupted one", len(by_rank))
+            log.warning(
+                "resuming a %d-process checkpoint with another number of processes: the random streams "
+                "(dropout) continue from rank 0's, so the run is not the uninterrupted one",
+                len(by_rank),
+            )
         if states:
             restore_random_states(states)
             # Mid-epoch, the uninterrupted run had drawn its DataLoader iterator's seed before this
@@ -258,8 +282,9 @@ class StudentSFTModule(pl.LightningModule):
         if state.get("mid_epoch"):  # (an epoch-end checkpoint's sums are the finished epoch's)
             self._restore_epoch_metrics(state.get("epoch_metrics_by_rank") or [], rank, world_size)
 
-    def _restore_epoch_metrics(self, by_rank: Sequence[Mapping[str, Mapping[str, torch.Tensor]]], rank: int,
-                               world_size: int) -> None:
+    def _restore_epoch_metrics(
+        self, by_rank: Sequence[Mapping[str, Mapping[str, torch.Tensor]]], rank: int, world_size: int
+    ) -> None:
         """This epoch's metric sums as the checkpoint left them: each rank its own; with another number of
         processes, rank 0 all of them (they are sums, reduced over the ranks at the epoch's end)."""
         if not by_rank:
@@ -267,8 +292,10 @@ class StudentSFTModule(pl.LightningModule):
         if len(by_rank) == world_size:
             sums = by_rank[rank]
         elif rank == 0:
-            sums = {name: {key: sum(ranks[name][key] for ranks in by_rank) for key in by_rank[0][name]}
-                    for name in by_rank[0]}
+            sums = {
+                name: {key: sum(ranks[name][key] for ranks in by_rank) for key in by_rank[0][name]}
+                for name in by_rank[0]
+            }
         else:
             sums = {}
         for name, values in sums.items():
@@ -287,7 +314,9 @@ class StudentSFTModule(pl.LightningModule):
         elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
         self._step_started = None
         if elapsed > 0:
-            self.log("train/tokens_per_s", float(self._real_tokens(batch).sum()) / elapsed, on_step=True, on_epoch=False)
+            self.log(
+                "train/tokens_per_s", float(self._real_tokens(batch).sum()) / elapsed, on_step=True, on_epoch=False
+            )
 
     @staticmethod
     def _real_tokens(batch) -> torch.Tensor:
@@ -318,7 +347,10 @@ class StudentSFTModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas)
+            params,
+            lr=self.hparams.learning_rate,
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.betas),
         )
         # The schedule's length is read lazily, at the first optimizer step, never here: reading
         # `trainer.estimated_stepping_batches` in configure_optimizers builds the train loader

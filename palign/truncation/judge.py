@@ -145,8 +145,9 @@ class QuantileThreshold(Threshold):
             raise ValueError(f"truncation.judge.threshold.value: a quantile is in [0, 1], got {self.value!r}")
         examples = self.calibration_examples
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-            raise ValueError("truncation.judge.threshold.calibration_examples must be an integer >= 1, "
-                             f"got {examples!r}")
+            raise ValueError(
+                f"truncation.judge.threshold.calibration_examples must be an integer >= 1, got {examples!r}"
+            )
 
     def calibrate(self, scores: Sequence[float]) -> float:
         """The `value` quantile of `scores` (sorted): the score at that position."""
@@ -177,8 +178,15 @@ class HFScorer:
 
     one_pass = True  # offers one_pass_scores
 
-    def __init__(self, model, tokenizer, *, batch_size: int, max_tail_tokens: int,
-                 chat_template_kwargs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int,
+        max_tail_tokens: int,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # sequences per forward
@@ -186,8 +194,15 @@ class HFScorer:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
 
     @torch.inference_mode()
-    def one_pass_scores(self, head: list[int], pieces: list[list[int]], tail: list[int], ks: Sequence[int],
-                        enough_token: int, not_enough_token: int) -> dict[int, float]:
+    def one_pass_scores(
+        self,
+        head: list[int],
+        pieces: list[list[int]],
+        tail: list[int],
+        ks: Sequence[int],
+        enough_token: int,
+        not_enough_token: int,
+    ) -> dict[int, float]:
         """All requested prefixes of one trace from one forward pass over the longest of them.
 
         The keys/values of "head + first k units" are a prefix of those of "head + first K units",
@@ -216,7 +231,9 @@ class HFScorer:
         scores: dict[int, float] = {}
         try:
             cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            self.model(
+                input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **{cache_arg: cache}
+            )
             if getattr(self.model.config, "_attn_implementation", "sdpa") in MASKABLE_ATTENTION:
                 ordered = sorted(set(ks))
                 per_forward = max(1, self.max_tail_tokens // len(tail))
@@ -233,13 +250,25 @@ class HFScorer:
                     if excess > 0:
                         cache.crop(-excess)  # a negative length removes that many tokens (all versions)
                     positions = torch.arange(boundaries[k], boundaries[k] + len(tail), device=device)[None]
-                    row = self.model(input_ids=tail_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                                     **{cache_arg: cache}).logits[0, -1].float()
+                    row = (
+                        self.model(
+                            input_ids=tail_ids,
+                            position_ids=positions,
+                            use_cache=True,
+                            logits_to_keep=1,
+                            **{cache_arg: cache},
+                        )
+                        .logits[0, -1]
+                        .float()
+                    )
                     scores[k] = float(row[enough_token] - row[not_enough_token])
         finally:
             self.model.train(was_training)
         return scores
-    def _score_tails(self, cache, cache_arg: str, length: int, cuts: Sequence[int], tail: list[int], device) -> torch.Tensor:
+
+    def _score_tails(
+        self, cache, cache_arg: str, length: int, cuts: Sequence[int], tail: list[int], device
+    ) -> torch.Tensor:
         """Next-token logits at the end of `tail` placed after each cut of the cached sequence."""
         n = len(tail)
         queries = len(cuts) * n
@@ -279,12 +308,16 @@ class HFScorer:
                 ids, mask = left_pad([encoded[i] for i in batch], pad)
                 # left padding: positions must count real tokens only, or padded rows score differently
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    logits_to_keep=1,
-                ).logits[:, -1, :].float()
+                logits = (
+                    self.model(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        position_ids=positions.to(device),
+                        logits_to_keep=1,
+                    )
+                    .logits[:, -1, :]
+                    .float()
+                )
                 diff = logits[:, enough_token] - logits[:, not_enough_token]
                 for row, i in enumerate(batch):
                     scores[i] = float(diff[row])
@@ -293,7 +326,9 @@ class HFScorer:
         return scores
 
     def complete(self, user_texts: Sequence[str], sampling: SamplingConfig) -> list[list[Generation]]:
-        return generate(self.model, self.tokenizer, list(user_texts), sampling, chat_template_kwargs=self.chat_template_kwargs)
+        return generate(
+            self.model, self.tokenizer, list(user_texts), sampling, chat_template_kwargs=self.chat_template_kwargs
+        )
 
 
 class SufficiencyJudge:
@@ -302,8 +337,19 @@ class SufficiencyJudge:
     node's (palign/schema.py: Judge documents each and holds its default); `hf` builds one over a
     Hugging Face model."""
 
-    def __init__(self, scorer, tokenizer, prompt: JudgePrompt, *, mode: str, max_new_tokens: int, batch_size: int,
-                 engine: str, context_tokens: int, chat_template_kwargs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        scorer,
+        tokenizer,
+        prompt: JudgePrompt,
+        *,
+        mode: str,
+        max_new_tokens: int,
+        batch_size: int,
+        engine: str,
+        context_tokens: int,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ):
         if engine not in JUDGE_ENGINES:
             raise ValueError(f"truncation.judge.engine must be one of {JUDGE_ENGINES}, got '{engine}'")
         if mode not in JUDGE_MODES:
@@ -321,9 +367,11 @@ class SufficiencyJudge:
         self.context_tokens = context_tokens
         self.reply_tokens = 1 if mode == "logits" else max_new_tokens
         if context_tokens <= self.reply_tokens:
-            raise ValueError(f"truncation.judge: a context of {context_tokens} tokens leaves no room for a prompt before "
-                             f"the {self.reply_tokens}-token reply; raise truncation.judge.max_context_tokens or lower "
-                             "truncation.judge.max_new_tokens")
+            raise ValueError(
+                f"truncation.judge: a context of {context_tokens} tokens leaves no room for a prompt before "
+                f"the {self.reply_tokens}-token reply; raise truncation.judge.max_context_tokens or lower "
+                "truncation.judge.max_new_tokens"
+            )
         enough = tokenizer(prompt.enough, add_special_tokens=False)["input_ids"]
         not_enough = tokenizer(prompt.not_enough, add_special_tokens=False)["input_ids"]
         shared = common_prefix(enough, not_enough)
@@ -348,8 +396,13 @@ class SufficiencyJudge:
         settings = {name: node[name] for name in ("mode", "max_new_tokens", "batch_size", "engine", "max_tail_tokens")}
         settings["chat_template_kwargs"] = chat_template_kwargs
         settings["context_tokens"] = node["max_context_tokens"] or context_length(model)
-        scorer = HFScorer(model, tokenizer, batch_size=settings["batch_size"], max_tail_tokens=settings.pop("max_tail_tokens"),
-                          chat_template_kwargs=settings["chat_template_kwargs"])
+        scorer = HFScorer(
+            model,
+            tokenizer,
+            batch_size=settings["batch_size"],
+            max_tail_tokens=settings.pop("max_tail_tokens"),
+            chat_template_kwargs=settings["chat_template_kwargs"],
+        )
         return cls(scorer, tokenizer, prompt, **settings)
 
     @classmethod
@@ -372,9 +425,14 @@ class SufficiencyJudge:
                     break
                 fitting += 1
             return fitting
+
         # generate mode: the rendered user turn `complete` sends, measured at O(log m) prefixes
         def length(k: int) -> int:
-            return len(encode_user_turn(self.tokenizer, render_prompt(self.prompt, question, seg.prefix(k)), self.chat_template_kwargs))
+            return len(
+                encode_user_turn(
+                    self.tokenizer, render_prompt(self.prompt, question, seg.prefix(k)), self.chat_template_kwargs
+                )
+            )
 
         low, high = 0, seg.m
         while low < high:
@@ -401,15 +459,18 @@ class SufficiencyJudge:
             current = seg.prefix(k)
             if not current.startswith(previous):
                 raise ValueError(f"granularity '{seg.granularity}': prefix {k} does not extend prefix {k - 1}")
-            pieces.append(encode(current[len(previous):]))
+            pieces.append(encode(current[len(previous) :]))
             previous = current
         return encode(head_text), pieces, encode(tail_text) + self.verdict_prefix
 
     def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
         """Scores of the prefixes `ks` of each (question, segmentation), by the configured engine; a
         prefix whose probe does not fit the context is left out (no score, no request)."""
-        items = [(q, seg, [k for k in ks if k <= limit]) for q, seg, ks in items
-                 for limit in (self.longest_fitting_prefix(q, seg),)]
+        items = [
+            (q, seg, [k for k in ks if k <= limit])
+            for q, seg, ks in items
+            for limit in (self.longest_fitting_prefix(q, seg),)
+        ]
         if self.engine == "one_pass":
             return [self._one_pass(*self.prefix_tokens(q, seg), ks) for q, seg, ks in items]
         return self._each_prefix_scores(items)
@@ -431,7 +492,9 @@ class SufficiencyJudge:
         user = render_prompt(self.prompt, question, reasoning_part)
         return encode_user_turn(self.tokenizer, user, self.chat_template_kwargs) + self.verdict_prefix
 
-    def _one_pass(self, head: list[int], pieces: list[list[int]], tail: list[int], ks: Sequence[int]) -> dict[int, float]:
+    def _one_pass(
+        self, head: list[int], pieces: list[list[int]], tail: list[int], ks: Sequence[int]
+    ) -> dict[int, float]:
         self.calls += len(ks)
         return self.scorer.one_pass_scores(head, pieces, tail, ks, self.enough_token, self.not_enough_token)
 
@@ -445,15 +508,18 @@ class SufficiencyJudge:
 
     def generate_replies(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         self.calls += len(pairs)
-        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0,
-                                  batch_size=self.batch_size)
+        sampling = SamplingConfig(
+            max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0, batch_size=self.batch_size
+        )
         outputs = self.scorer.complete([render_prompt(self.prompt, q, r) for q, r in pairs], sampling)
         return [samples[0].text for samples in outputs]
 
     def judge(self, pairs: Sequence[tuple[str, str]], thresholds: Sequence[float] | None = None) -> list[Verdict]:
         """Verdicts for (question, prefix) pairs; `thresholds` (one per pair) for `logits` mode."""
         if self.mode == "generate":
-            return [Verdict(is_sufficient_reply(self.prompt, reply), None, reply) for reply in self.generate_replies(pairs)]
+            return [
+                Verdict(is_sufficient_reply(self.prompt, reply), None, reply) for reply in self.generate_replies(pairs)
+            ]
         scores = self.score(pairs)
         thresholds = thresholds if thresholds is not None else [0.0] * len(scores)
         return [Verdict(score >= t - SCORE_TOLERANCE, score, None) for score, t in zip(scores, thresholds)]

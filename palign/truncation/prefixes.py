@@ -48,12 +48,21 @@ def search_identity(search: SearchFactory) -> dict[str, Any]:
     return {"search": strategy, **({"search_options": options} if options else {})}
 
 
-def store_identity(granularity: Splitter, prefix: PrefixPolicy, search: SearchFactory | None, judge: Judge | None,
-                   judge_prompt: JudgePrompt | None) -> dict[str, Any]:
+def store_identity(
+    granularity: Splitter,
+    prefix: PrefixPolicy,
+    search: SearchFactory | None,
+    judge: Judge | None,
+    judge_prompt: JudgePrompt | None,
+) -> dict[str, Any]:
     """Everything that decides stage 1's stored records (its store's fingerprint, palign/artifacts/stores.py:
     stage_folder), from the typed nodes: the code version, the units, and the policy's own part."""
-    return {"code_version": CODE_VERSION, "granularity": granularity.name, "granularity_options": granularity.options(),
-            **prefix.identity(search, judge, judge_prompt)}
+    return {
+        "code_version": CODE_VERSION,
+        "granularity": granularity.name,
+        "granularity_options": granularity.options(),
+        **prefix.identity(search, judge, judge_prompt),
+    }
 
 
 # -- prefix policies: the `baseline.prefix` node -------------------------------------------------------
@@ -68,14 +77,23 @@ class PrefixPolicy(ABC):
         """Whether its prefixes need the judge (the stage then builds one, or a Ray pool of them)."""
         return "judge" in self.reads
 
-    def identity(self, search: SearchFactory | None, judge: Judge | None,
-                 judge_prompt: JudgePrompt | None) -> dict[str, Any]:
+    def identity(
+        self, search: SearchFactory | None, judge: Judge | None, judge_prompt: JudgePrompt | None
+    ) -> dict[str, Any]:
         """What decides the prefixes besides the units (`store_identity`)."""
         raise TypeError(f"{type(self).__name__} makes no prefixes")
 
-    def choose(self, segs: Sequence[Segmentation], questions: Sequence[str], *, search: SearchFactory | None,
-               threshold: Threshold | None, judge: Callable[[], SufficiencyJudge], quantile_threshold: float | None,
-               on_finished: Callable[[int], Any] | None) -> list[dict[str, Any]]:
+    def choose(
+        self,
+        segs: Sequence[Segmentation],
+        questions: Sequence[str],
+        *,
+        search: SearchFactory | None,
+        threshold: Threshold | None,
+        judge: Callable[[], SufficiencyJudge],
+        quantile_threshold: float | None,
+        on_finished: Callable[[int], Any] | None,
+    ) -> list[dict[str, Any]]:
         """Each trace's outcome, as `search_prefixes` gives it (the judge is built only when called)."""
         raise TypeError(f"{type(self).__name__} makes no prefixes")
 
@@ -92,23 +110,38 @@ class AdaptivePrefix(PrefixPolicy):
 
     reads: ClassVar[tuple[str, ...]] = ("granularity", "search", "judge", "judge_prompt", "chunk_size")
 
-    def identity(self, search: SearchFactory | None, judge: Judge | None,
-                 judge_prompt: JudgePrompt | None) -> dict[str, Any]:
+    def identity(
+        self, search: SearchFactory | None, judge: Judge | None, judge_prompt: JudgePrompt | None
+    ) -> dict[str, Any]:
         from palign.llm.models import ModelSpec
 
-        ident: dict[str, Any] = {**search_identity(search), "judge": ModelSpec.from_config(judge.model).identity(),
-                                 "prompt": asdict(judge_prompt), "mode": judge.mode, "context": judge.max_context_tokens}
+        ident: dict[str, Any] = {
+            **search_identity(search),
+            "judge": ModelSpec.from_config(judge.model).identity(),
+            "prompt": asdict(judge_prompt),
+            "mode": judge.mode,
+            "context": judge.max_context_tokens,
+        }
         if judge.mode == "logits":
             ident["threshold"] = judge.threshold.identity()
         else:
             ident["max_new_tokens"] = judge.max_new_tokens
         return ident
 
-    def choose(self, segs: Sequence[Segmentation], questions: Sequence[str], *, search: SearchFactory | None,
-               threshold: Threshold | None, judge: Callable[[], SufficiencyJudge], quantile_threshold: float | None,
-               on_finished: Callable[[int], Any] | None) -> list[dict[str, Any]]:
-        return search_prefixes(search, threshold, judge(), questions, segs, quantile_threshold=quantile_threshold,
-                               on_finished=on_finished)
+    def choose(
+        self,
+        segs: Sequence[Segmentation],
+        questions: Sequence[str],
+        *,
+        search: SearchFactory | None,
+        threshold: Threshold | None,
+        judge: Callable[[], SufficiencyJudge],
+        quantile_threshold: float | None,
+        on_finished: Callable[[int], Any] | None,
+    ) -> list[dict[str, Any]]:
+        return search_prefixes(
+            search, threshold, judge(), questions, segs, quantile_threshold=quantile_threshold, on_finished=on_finished
+        )
 
 
 @dataclass(frozen=True)
@@ -124,30 +157,64 @@ class FixedRatioPrefix(PrefixPolicy):
             raise ValueError(f"baseline.prefix.ratio: the share of units kept is a number in (0, 1], got {ratio!r}")
         object.__setattr__(self, "ratio", float(ratio))  # 1 and 1.0 are one ratio (and one fingerprint)
 
-    def identity(self, search: SearchFactory | None, judge: Judge | None,
-                 judge_prompt: JudgePrompt | None) -> dict[str, Any]:
+    def identity(
+        self, search: SearchFactory | None, judge: Judge | None, judge_prompt: JudgePrompt | None
+    ) -> dict[str, Any]:
         # "search: fixed_ratio" names these stores as it did when the ratio was a pseudo-search (same folders)
         return {"search": "fixed_ratio", "ratio": self.ratio}
 
-    def choose(self, segs: Sequence[Segmentation], questions: Sequence[str], *, search: SearchFactory | None,
-               threshold: Threshold | None, judge: Callable[[], SufficiencyJudge], quantile_threshold: float | None,
-               on_finished: Callable[[int], Any] | None) -> list[dict[str, Any]]:
+    def choose(
+        self,
+        segs: Sequence[Segmentation],
+        questions: Sequence[str],
+        *,
+        search: SearchFactory | None,
+        threshold: Threshold | None,
+        judge: Callable[[], SufficiencyJudge],
+        quantile_threshold: float | None,
+        on_finished: Callable[[int], Any] | None,
+    ) -> list[dict[str, Any]]:
         outcomes = [_outcome(fixed_ratio_k(seg.m, self.ratio)) for seg in segs]
         if on_finished is not None:
             on_finished(len(segs))
         return outcomes
 
 
-def _outcome(chosen_k: int, probes: Sequence[Any] = (), *, fallback: bool = False, monotone: bool | None = None,
-             full_score: float | None = None, full_score_k: int | None = None, threshold: float | None = None,
-             fitting_k: int | None = None, prefixes_scored: int | None = None) -> dict[str, Any]:
+def _outcome(
+    chosen_k: int,
+    probes: Sequence[Any] = (),
+    *,
+    fallback: bool = False,
+    monotone: bool | None = None,
+    full_score: float | None = None,
+    full_score_k: int | None = None,
+    threshold: float | None = None,
+    fitting_k: int | None = None,
+    prefixes_scored: int | None = None,
+) -> dict[str, Any]:
     """One trace's outcome (plain JSON, the stored row's search fields)."""
-    return {"chosen_k": chosen_k, "fallback": fallback, "monotone": monotone, "full_score": full_score,
-            "full_score_k": full_score_k, "threshold": threshold, "fitting_k": fitting_k,
-            "probes": [{"k": p.k, "sufficient": p.sufficient, "score": p.score, "reply": p.reply,
-                        "over_context": fitting_k is not None and p.k > fitting_k} for p in probes],
-            "prefixes_scored": prefixes_scored if prefixes_scored is not None
-            else sum(fitting_k is None or p.k <= fitting_k for p in probes)}
+    return {
+        "chosen_k": chosen_k,
+        "fallback": fallback,
+        "monotone": monotone,
+        "full_score": full_score,
+        "full_score_k": full_score_k,
+        "threshold": threshold,
+        "fitting_k": fitting_k,
+        "probes": [
+            {
+                "k": p.k,
+                "sufficient": p.sufficient,
+                "score": p.score,
+                "reply": p.reply,
+                "over_context": fitting_k is not None and p.k > fitting_k,
+            }
+            for p in probes
+        ],
+        "prefixes_scored": prefixes_scored
+        if prefixes_scored is not None
+        else sum(fitting_k is None or p.k <= fitting_k for p in probes),
+    }
 
 
 def build_judge(judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, backend: Backend) -> SufficiencyJudge:
@@ -166,35 +233,69 @@ def build_judge(judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, 
     spec = ModelSpec.from_config(judge.model)
     # one context for every back end (the model's, or the knob), so all back ends judge the same probes
     context = judge.max_context_tokens or context_length(resolve_model_path(spec, cache_dir))
-    shared = {"mode": judge.mode, "max_new_tokens": judge.max_new_tokens, "batch_size": judge.batch_size,
-              "context_tokens": context}
+    shared = {
+        "mode": judge.mode,
+        "max_new_tokens": judge.max_new_tokens,
+        "batch_size": judge.batch_size,
+        "context_tokens": context,
+    }
     tokenizer = load_tokenizer(spec, cache_dir)
-    engine = build_chat(backend, "truncation.judge.backend", spec, cache_dir, tokenizer=tokenizer,
-                        stage="truncation (sufficiency judge)")
+    engine = build_chat(
+        backend,
+        "truncation.judge.backend",
+        spec,
+        cache_dir,
+        tokenizer=tokenizer,
+        stage="truncation (sufficiency judge)",
+    )
     if isinstance(engine, LocalChatBackend):
-        scorer = HFScorer(engine.model(), tokenizer, batch_size=judge.batch_size, max_tail_tokens=judge.max_tail_tokens,
-                          chat_template_kwargs=spec.chat_template_kwargs)
-        return SufficiencyJudge(scorer, tokenizer, judge_prompt, engine=judge.engine,
-                                chat_template_kwargs=spec.chat_template_kwargs, **shared)
+        scorer = HFScorer(
+            engine.model(),
+            tokenizer,
+            batch_size=judge.batch_size,
+            max_tail_tokens=judge.max_tail_tokens,
+            chat_template_kwargs=spec.chat_template_kwargs,
+        )
+        return SufficiencyJudge(
+            scorer,
+            tokenizer,
+            judge_prompt,
+            engine=judge.engine,
+            chat_template_kwargs=spec.chat_template_kwargs,
+            **shared,
+        )
     engine_length = engine.context_length() if hasattr(engine, "context_length") else None
     if engine_length is not None and engine_length < context:
-        raise ValueError(f"the judge's engine admits {engine_length} tokens (vllm.max_model_len, else the model's), "
-                         f"below the judge's context of {context} tokens (truncation.judge.max_context_tokens, else the "
-                         f"model's): it would refuse the longest probes; set truncation.judge.max_context_tokens="
-                         f"{engine_length} (or raise vllm.max_model_len)")
+        raise ValueError(
+            f"the judge's engine admits {engine_length} tokens (vllm.max_model_len, else the model's), "
+            f"below the judge's context of {context} tokens (truncation.judge.max_context_tokens, else the "
+            f"model's): it would refuse the longest probes; set truncation.judge.max_context_tokens="
+            f"{engine_length} (or raise vllm.max_model_len)"
+        )
     if judge.mode == "logits" and hasattr(engine, "check_logits_mode"):
         engine.check_logits_mode()
     # a served judge has no one-pass scorer: it scores each probed prefix as its own request (vLLM's
     # prefix cache shares the rest), never a trace's every prefix
     if judge.engine != "batched":
-        log.info("truncation: a judge on %r scores only the prefixes the search probes "
-                 "(truncation.judge.engine=%s applies in process)", backend, judge.engine)
+        log.info(
+            "truncation: a judge on %r scores only the prefixes the search probes "
+            "(truncation.judge.engine=%s applies in process)",
+            backend,
+            judge.engine,
+        )
     return SufficiencyJudge.on_backend(engine, judge_prompt, engine=judge.engine, **shared)
 
 
-def search_prefixes(search: SearchFactory, threshold: Threshold, judge: SufficiencyJudge, questions: Sequence[str],
-                    segs: Sequence[Segmentation], *, quantile_threshold: float | None = None,
-                    on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+def search_prefixes(
+    search: SearchFactory,
+    threshold: Threshold,
+    judge: SufficiencyJudge,
+    questions: Sequence[str],
+    segs: Sequence[Segmentation],
+    *,
+    quantile_threshold: float | None = None,
+    on_finished: Callable[[int], Any] | None = None,
+) -> list[dict[str, Any]]:
     """Each trace's search outcome (chosen_k, probes, fallback, monotone, full_score, full_score_k,
     threshold, fitting_k, prefixes_scored; plain JSON): `search` with `judge`, all the traces advancing
     together in judge batches of the judge's `batch_size`. In logits mode `threshold` decides each
@@ -237,22 +338,34 @@ def search_prefixes(search: SearchFactory, threshold: Threshold, judge: Sufficie
 
     def judge_batch(requests: Sequence[tuple[int, int]]) -> list[Verdict]:
         verdicts: dict[tuple[int, int], Verdict] = {
-            (i, k): Verdict(False, None, None) for i, k in requests if k > fitting[i]}  # over the context
+            (i, k): Verdict(False, None, None) for i, k in requests if k > fitting[i]
+        }  # over the context
         sent = [(i, k) for i, k in requests if k <= fitting[i]]
         if judge.mode == "generate":
             replies = judge.judge([(questions[i], segs[i].prefix(k)) for i, k in sent]) if sent else []
             verdicts.update(zip(sent, replies))
         else:
             memoized_scores(sent)
-            verdicts.update(((i, k), Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None))
-                            for i, k in sent)
+            verdicts.update(
+                ((i, k), Verdict(memo[i][k] >= thresholds[i] - SCORE_TOLERANCE, memo[i][k], None)) for i, k in sent
+            )
         return [verdicts[request] for request in requests]
 
     results = run_searches(states, judge_batch, judge.batch_size, on_finished=on_finished)
-    return [_outcome(r.chosen_k, r.probes, fallback=r.fallback, monotone=r.monotone, full_score=full_scores[i],
-                     full_score_k=full_ks[i], threshold=thresholds[i], fitting_k=fitting[i],
-                     prefixes_scored=len(memo[i]) or None)
-            for i, r in enumerate(results)]
+    return [
+        _outcome(
+            r.chosen_k,
+            r.probes,
+            fallback=r.fallback,
+            monotone=r.monotone,
+            full_score=full_scores[i],
+            full_score_k=full_ks[i],
+            threshold=thresholds[i],
+            fitting_k=fitting[i],
+            prefixes_scored=len(memo[i]) or None,
+        )
+        for i, r in enumerate(results)
+    ]
 
 
 def judged_probes(outcome: Mapping[str, Any]) -> int:

@@ -25,8 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from palign.llm.backends import Backend
-from palign.llm.ray_backend import (ActorWorker, RayBackend, check_gpu_request, connect, stream_through_actors,
-                                     worker_threads)
+from palign.llm.ray_backend import (
+    ActorWorker,
+    RayBackend,
+    check_gpu_request,
+    connect,
+    stream_through_actors,
+    worker_threads,
+)
 from palign.schema import Judge, JudgePrompt
 from palign.truncation.prefixes import SearchFactory, build_judge, search_prefixes
 from palign.truncation.units import Segmentation
@@ -35,13 +41,17 @@ STAGE = "truncation (sufficiency judge)"
 
 
 def _encode(questions: Sequence[str], segs: Sequence[Segmentation]) -> list[dict[str, Any]]:
-    return [{"question": q, "text": s.text, "units": list(s.units), "joiner": s.joiner, "granularity": s.granularity}
-            for q, s in zip(questions, segs, strict=True)]
+    return [
+        {"question": q, "text": s.text, "units": list(s.units), "joiner": s.joiner, "granularity": s.granularity}
+        for q, s in zip(questions, segs, strict=True)
+    ]
 
 
 def _decode(traces: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Segmentation]]:
-    return ([t["question"] for t in traces],
-            [Segmentation(t["text"], tuple(t["units"]), t["joiner"], t["granularity"]) for t in traces])
+    return (
+        [t["question"] for t in traces],
+        [Segmentation(t["text"], tuple(t["units"]), t["joiner"], t["granularity"]) for t in traces],
+    )
 
 
 class _JudgeWorker(ActorWorker):
@@ -50,8 +60,9 @@ class _JudgeWorker(ActorWorker):
 
     task = "judging"
 
-    def build(self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str, engine: Backend,
-              search: SearchFactory) -> None:
+    def build(
+        self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str, engine: Backend, search: SearchFactory
+    ) -> None:
         self.threshold = judge.threshold
         self.search = search
         self.judge = build_judge(judge, judge_prompt, cache_dir, engine)
@@ -64,8 +75,9 @@ class _JudgeWorker(ActorWorker):
         if request["kind"] == "scores":
             found = self.judge.prefix_scores(list(zip(questions, segs, request["ks"], strict=True)))
             return [sorted(values.items()) for values in found]  # JSON has no integer keys
-        return search_prefixes(self.search, self.threshold, self.judge, questions, segs,
-                               quantile_threshold=request["threshold"])
+        return search_prefixes(
+            self.search, self.threshold, self.judge, questions, segs, quantile_threshold=request["threshold"]
+        )
 
 
 class RayJudgePool:
@@ -73,8 +85,9 @@ class RayJudgePool:
     calibration. Nothing starts before work arrives (a cache hit never starts Ray); a `ray:` block
     whose workers cannot hold the judge's engine (`check_gpu_request`) is refused here."""
 
-    def __init__(self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, backend: RayBackend,
-                 search: SearchFactory):
+    def __init__(
+        self, judge: Judge, judge_prompt: JudgePrompt, cache_dir: str | Path, backend: RayBackend, search: SearchFactory
+    ):
         """The pool of the `truncation.judge` node on its Ray option `backend` (workers: the run's `ray:`
         block), searching with `search`."""
         self.ray = backend.workers
@@ -88,8 +101,10 @@ class RayJudgePool:
         self.calls = 0  # actor pools started
 
     def __repr__(self) -> str:
-        return (f"RayJudgePool({self.judge.model.name!r}, engine={self.ray['engine']!r}, "
-                f"num_workers={self.ray['num_workers']}, address={self.ray['address']!r})")
+        return (
+            f"RayJudgePool({self.judge.model.name!r}, engine={self.ray['engine']!r}, "
+            f"num_workers={self.ray['num_workers']}, address={self.ray['address']!r})"
+        )
 
     def _stream(self, payloads: Sequence[dict[str, Any]], num_workers: int) -> Iterator[tuple[int, Any]]:
         spec = self.judge.model
@@ -98,30 +113,48 @@ class RayJudgePool:
 
             resolve_model_path(spec, self.cache_dir)
         ray = self.ray
-        self.started_ray |= connect(ray["address"], num_workers, ray["num_cpus_per_worker"], ray["num_gpus_per_worker"],
-                                    STAGE)
+        self.started_ray |= connect(
+            ray["address"], num_workers, ray["num_cpus_per_worker"], ray["num_gpus_per_worker"], STAGE
+        )
         self.calls += 1
-        worker_kwargs = dict(judge=self.judge, judge_prompt=self.judge_prompt, cache_dir=self.cache_dir,
-                             engine=self.engine, search=self.search_factory,
-                             num_threads=worker_threads(ray["num_cpus_per_worker"], ray["num_gpus_per_worker"]))
+        worker_kwargs = dict(
+            judge=self.judge,
+            judge_prompt=self.judge_prompt,
+            cache_dir=self.cache_dir,
+            engine=self.engine,
+            search=self.search_factory,
+            num_threads=worker_threads(ray["num_cpus_per_worker"], ray["num_gpus_per_worker"]),
+        )
         yield from stream_through_actors(
-            [json.dumps(payload) for payload in payloads], _JudgeWorker, worker_kwargs, num_workers=num_workers,
-            num_cpus_per_worker=ray["num_cpus_per_worker"], num_gpus_per_worker=ray["num_gpus_per_worker"],
-            payloads_per_call=1, stage=STAGE, describe=f"{ray['engine']} judge, model '{spec.name}'",
+            [json.dumps(payload) for payload in payloads],
+            _JudgeWorker,
+            worker_kwargs,
+            num_workers=num_workers,
+            num_cpus_per_worker=ray["num_cpus_per_worker"],
+            num_gpus_per_worker=ray["num_gpus_per_worker"],
+            payloads_per_call=1,
+            stage=STAGE,
+            describe=f"{ray['engine']} judge, model '{spec.name}'",
         )
 
-    def search(self, chunks: Sequence[tuple[Sequence[str], Sequence[Segmentation]]],
-               quantile_threshold: float | None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    def search(
+        self, chunks: Sequence[tuple[Sequence[str], Sequence[Segmentation]]], quantile_threshold: float | None
+    ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         """`(chunk position, search outcomes)` for each (questions, segmentations) chunk as an actor
         finishes it; one pool of `ray.num_workers` actors for all the chunks."""
-        payloads = [{"kind": "search", "traces": _encode(questions, segs), "threshold": quantile_threshold}
-                    for questions, segs in chunks]
+        payloads = [
+            {"kind": "search", "traces": _encode(questions, segs), "threshold": quantile_threshold}
+            for questions, segs in chunks
+        ]
         yield from self._stream(payloads, self.ray["num_workers"])
 
     def prefix_scores(self, items: Sequence[tuple[str, Segmentation, Sequence[int]]]) -> list[dict[int, float]]:
         """The scores of the prefixes `ks` of each (question, segmentation), from one actor (the
         quantile's calibration)."""
-        payload = {"kind": "scores", "traces": _encode([q for q, _, _ in items], [s for _, s, _ in items]),
-                   "ks": [list(ks) for _, _, ks in items]}
+        payload = {
+            "kind": "scores",
+            "traces": _encode([q for q, _, _ in items], [s for _, s, _ in items]),
+            "ks": [list(ks) for _, _, ks in items],
+        }
         ((_, found),) = list(self._stream([payload], 1))
         return [{int(k): score for k, score in pairs} for pairs in found]

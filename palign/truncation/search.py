@@ -138,9 +138,7 @@ class PrefixSearch(ABC):
     def is_pending(self, k: int) -> bool:
         return k in self.pending()
 
-    def observe(
-        self, k: int, sufficient: bool, score: float | None = None, reply: str | None = None
-    ) -> None:
+    def observe(self, k: int, sufficient: bool, score: float | None = None, reply: str | None = None) -> None:
         """Record the judge's verdict for prefix length `k`, which must be pending."""
         if not self.is_pending(k):
             raise ValueError(
@@ -153,10 +151,7 @@ class PrefixSearch(ABC):
 
     def result(self) -> SearchResult:
         if not self.done:
-            raise RuntimeError(
-                f"{self.strategy} search (m={self.m}) is not done: "
-                f"still waiting for {self.pending()}"
-            )
+            raise RuntimeError(f"{self.strategy} search (m={self.m}) is not done: still waiting for {self.pending()}")
         sufficient = [probe.k for probe in self.probes if probe.sufficient]
         chosen_k = min(sufficient) if sufficient else self.m
         return SearchResult(

@@ -50,7 +50,13 @@ from palign.schema import Judge, JudgePrompt
 from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import QuantileThreshold, SufficiencyJudge
 from palign.truncation.prefixes import (  # noqa: F401 (CODE_VERSION: the stage's version, recorded with it)
-    CODE_VERSION, PrefixPolicy, SearchFactory, build_judge, judged_probes, store_identity)
+    CODE_VERSION,
+    PrefixPolicy,
+    SearchFactory,
+    build_judge,
+    judged_probes,
+    store_identity,
+)
 from palign.truncation.ray_judge import RayJudgePool
 from palign.truncation.units import Segmentation, Splitter
 
@@ -94,8 +100,9 @@ class PrefixTruncation:
         self.judge_factory = judge_factory
         self.progress = progress
         self.identity = store_identity(granularity, prefix, search, judge, judge_prompt)
-        self.folder = stage_folder(Path(cache_dir) / "truncation", self.identity,
-                                   f"{self.identity['search']}-{granularity.name}")
+        self.folder = stage_folder(
+            Path(cache_dir) / "truncation", self.identity, f"{self.identity['search']}-{granularity.name}"
+        )
         self._judge: SufficiencyJudge | None = None
         self.judge_calls = 0
         # record keys, so that running the same records again does not count them twice
@@ -103,8 +110,18 @@ class PrefixTruncation:
         self.rows_seen: dict[str, dict[str, Any]] = {}  # every example this object truncated or read
 
     @classmethod
-    def from_config(cls, *, granularity: Splitter, search: SearchFactory, judge: Judge, judge_prompt: JudgePrompt,
-                    chunk_size: int, prefix: PrefixPolicy, cache_dir: str | Path, tokenizer) -> PrefixTruncation | None:
+    def from_config(
+        cls,
+        *,
+        granularity: Splitter,
+        search: SearchFactory,
+        judge: Judge,
+        judge_prompt: JudgePrompt,
+        chunk_size: int,
+        prefix: PrefixPolicy,
+        cache_dir: str | Path,
+        tokenizer,
+    ) -> PrefixTruncation | None:
         """The stage from the `truncation` node (conf/truncation/, palign/schema.py: Truncation), built by
         `instantiate` with the baseline's prefix policy (`baseline.prefix`); None when the policy reads
         no part of the node (no prefixes). A judge is built on `judge.backend` (an option of
@@ -123,8 +140,14 @@ class PrefixTruncation:
             # no judge on the driver: each worker builds its own and searches whole chunks
             pool = RayJudgePool(judge, judge_prompt, cache_dir, backend, search)
             return cls(prefix, granularity, cache_dir, tokenizer, judge_pool=pool, **parts)
-        return cls(prefix, granularity, cache_dir, tokenizer,
-                   judge_factory=partial(build_judge, judge, judge_prompt, cache_dir, backend), **parts)
+        return cls(
+            prefix,
+            granularity,
+            cache_dir,
+            tokenizer,
+            judge_factory=partial(build_judge, judge, judge_prompt, cache_dir, backend),
+            **parts,
+        )
 
     SUMMARY_KEY = "truncation"  # where a run's summary.json keeps `report`'s statistics
 
@@ -138,8 +161,18 @@ class PrefixTruncation:
         tracker.log_table(
             "truncation/examples",
             ["id", "m", "chosen_k", "prefix_ratio", "fallback", "kept", "dropped"],
-            [[r["id"], r["m"], r["chosen_k"], round(r["prefix_ratio"], 3), r["fallback"], r["prefix"][-400:],
-              "".join(r["units"][r["chosen_k"]:])[:400]] for r in rows[:8]],
+            [
+                [
+                    r["id"],
+                    r["m"],
+                    r["chosen_k"],
+                    round(r["prefix_ratio"], 3),
+                    r["fallback"],
+                    r["prefix"][-400:],
+                    "".join(r["units"][r["chosen_k"] :])[:400],
+                ]
+                for r in rows[:8]
+            ],
         )
         return stats
 
@@ -180,7 +213,9 @@ class PrefixTruncation:
         return truncation_stats(list(self.rows_seen.values()), skipped=self.skipped_no_units)
 
     # -- internals --------------------------------------------------------------------------------
-    def _compute(self, todo: Sequence[TeacherRecord], segmentations: Mapping[str, Segmentation], store: RecordStore) -> None:
+    def _compute(
+        self, todo: Sequence[TeacherRecord], segmentations: Mapping[str, Segmentation], store: RecordStore
+    ) -> None:
         """Truncate `todo` chunk by chunk into the store, showing progress over the traces; with a
         Ray judge pool the chunks are searched in its actors and stored as each one comes back."""
         if not todo:
@@ -192,8 +227,10 @@ class PrefixTruncation:
         with tqdm(total=len(todo), desc="truncation", unit="trace", disable=None if self.progress else True) as bar:
             quantile = self._quantile_threshold()  # read once for every chunk
             if self.judge_pool is None:
-                finished = ((chunk, self._truncate(chunk, [segmentations[r.id] for r in chunk], quantile, bar.update))
-                            for chunk in chunks)
+                finished = (
+                    (chunk, self._truncate(chunk, [segmentations[r.id] for r in chunk], quantile, bar.update))
+                    for chunk in chunks
+                )
             else:
                 finished = self._truncate_in_pool(chunks, segmentations, quantile, bar)
             for chunk, rows in finished:
@@ -201,15 +238,28 @@ class PrefixTruncation:
                     store.add(row)
                 done += len(chunk)
                 elapsed = time.perf_counter() - started
-                log.info("truncation: %d/%d traces (%.0f%%) in %.0f s, %.2f s/trace, about %.0f s left", done, len(todo),
-                         100 * done / len(todo), elapsed, elapsed / done, elapsed / done * (len(todo) - done))
+                log.info(
+                    "truncation: %d/%d traces (%.0f%%) in %.0f s, %.2f s/trace, about %.0f s left",
+                    done,
+                    len(todo),
+                    100 * done / len(todo),
+                    elapsed,
+                    elapsed / done,
+                    elapsed / done * (len(todo) - done),
+                )
 
-    def _truncate_in_pool(self, chunks: Sequence[Sequence[TeacherRecord]], segmentations: Mapping[str, Segmentation],
-                          quantile: float | None, bar):
+    def _truncate_in_pool(
+        self,
+        chunks: Sequence[Sequence[TeacherRecord]],
+        segmentations: Mapping[str, Segmentation],
+        quantile: float | None,
+        bar,
+    ):
         """(chunk, rows) for each chunk as the Ray actors finish it (in any order)."""
         work = [(chunk, [segmentations[r.id] for r in chunk]) for chunk in chunks]
-        for position, outcomes in self.judge_pool.search([([r.question for r in chunk], segs) for chunk, segs in work],
-                                                         quantile):
+        for position, outcomes in self.judge_pool.search(
+            [([r.question for r in chunk], segs) for chunk, segs in work], quantile
+        ):
             chunk, segs = work[position]
             bar.update(len(chunk))
             self.judge_calls += sum(judged_probes(outcome) for outcome in outcomes)
@@ -246,55 +296,77 @@ class PrefixTruncation:
         # the judge scores the prefixes that fit its context only (SufficiencyJudge.prefix_scores)
         scores = sorted(score for found in scorer.prefix_scores(items) for score in found.values())
         if not scores:
-            raise ValueError(f"truncation: no prefix of the {n} calibration examples fits the judge's context, so the "
-                             "quantile threshold has nothing to calibrate on; raise truncation.judge.max_context_tokens "
-                             "or use another threshold kind")
+            raise ValueError(
+                f"truncation: no prefix of the {n} calibration examples fits the judge's context, so the "
+                "quantile threshold has nothing to calibrate on; raise truncation.judge.max_context_tokens "
+                "or use another threshold kind"
+            )
         threshold = rule.calibrate(scores)
         write_json_atomic(path, {"threshold": threshold, "quantile": rule.value, "examples": n, "scores": scores})
-        log.info("truncation: calibrated threshold %.3f (quantile %.2f of %d prefix scores)", threshold, rule.value, len(scores))
+        log.info(
+            "truncation: calibrated threshold %.3f (quantile %.2f of %d prefix scores)",
+            threshold,
+            rule.value,
+            len(scores),
+        )
         return threshold
 
-    def _truncate(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation], quantile: float | None,
-                  on_finished: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    def _truncate(
+        self,
+        records: Sequence[TeacherRecord],
+        segs: Sequence[Segmentation],
+        quantile: float | None,
+        on_finished: Callable[[int], Any] | None = None,
+    ) -> list[dict[str, Any]]:
         """The stored rows of `records`, their prefixes chosen by the policy in this process (`quantile`:
         a calibrated threshold's value)."""
         threshold = self.judge_node.threshold if self.prefix.judged else None
-        outcomes = self.prefix.choose(segs, [r.question for r in records], search=self.search, threshold=threshold,
-                                      judge=lambda: self.judge, quantile_threshold=quantile, on_finished=on_finished)
+        outcomes = self.prefix.choose(
+            segs,
+            [r.question for r in records],
+            search=self.search,
+            threshold=threshold,
+            judge=lambda: self.judge,
+            quantile_threshold=quantile,
+            on_finished=on_finished,
+        )
         self.judge_calls += sum(judged_probes(outcome) for outcome in outcomes)
         return self._rows(records, segs, outcomes)
 
-    def _rows(self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation],
-              outcomes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def _rows(
+        self, records: Sequence[TeacherRecord], segs: Sequence[Segmentation], outcomes: Sequence[Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
         """One stored row per record from its search's outcome (`search_prefixes`)."""
         rows = []
         for record, seg, outcome in zip(records, segs, outcomes, strict=True):
             k = outcome["chosen_k"]
             prefix = seg.prefix(k)
-            rows.append({
-                "key": record_key(record),
-                "id": record.id,
-                "question": record.question,
-                "answer": record.answer,
-                "granularity": seg.granularity,
-                "units": list(seg.units),
-                "m": seg.m,
-                "chosen_k": k,
-                "prefix_ratio": k / seg.m,
-                "prefix": prefix,
-                "prefix_tokens": self._count_tokens(prefix),
-                "full_tokens": self._count_tokens(seg.prefix(seg.m)),
-                "fallback": outcome["fallback"],
-                "monotone": outcome["monotone"],
-                "full_score": outcome["full_score"],
-                "full_score_k": outcome["full_score_k"],
-                "threshold": outcome["threshold"],
-                "probes": outcome["probes"],
-                "fitting_k": outcome["fitting_k"],
-                "probes_over_context": len(outcome["probes"]) - judged_probes(outcome),
-                "judge_calls": judged_probes(outcome) + (1 if outcome["full_score"] is not None else 0),
-                "prefixes_scored": outcome["prefixes_scored"],
-            })
+            rows.append(
+                {
+                    "key": record_key(record),
+                    "id": record.id,
+                    "question": record.question,
+                    "answer": record.answer,
+                    "granularity": seg.granularity,
+                    "units": list(seg.units),
+                    "m": seg.m,
+                    "chosen_k": k,
+                    "prefix_ratio": k / seg.m,
+                    "prefix": prefix,
+                    "prefix_tokens": self._count_tokens(prefix),
+                    "full_tokens": self._count_tokens(seg.prefix(seg.m)),
+                    "fallback": outcome["fallback"],
+                    "monotone": outcome["monotone"],
+                    "full_score": outcome["full_score"],
+                    "full_score_k": outcome["full_score_k"],
+                    "threshold": outcome["threshold"],
+                    "probes": outcome["probes"],
+                    "fitting_k": outcome["fitting_k"],
+                    "probes_over_context": len(outcome["probes"]) - judged_probes(outcome),
+                    "judge_calls": judged_probes(outcome) + (1 if outcome["full_score"] is not None else 0),
+                    "prefixes_scored": outcome["prefixes_scored"],
+                }
+            )
         return rows
 
     def _count_tokens(self, text: str) -> int:

@@ -130,9 +130,7 @@ def _contiguous(text: str, boundaries: Sequence[int], granularity: str) -> Segme
 def split_paper_sentences(text: str) -> Segmentation:
     """The authors' splitter, rule for rule (PAPER.md §2.1 item 2): prefixes join with " "."""
     units = tuple(
-        piece.strip() + "." if not piece.endswith(".") else piece.strip()
-        for piece in text.split(". ")
-        if piece.strip()
+        piece.strip() + "." if not piece.endswith(".") else piece.strip() for piece in text.split(". ") if piece.strip()
     )
     return Segmentation(text=text, units=units, joiner=" ", granularity="paper_sentence")
 
@@ -318,10 +316,7 @@ def split_token_chunks(text: str, *, tokenizer: Any, chunk_tokens: int) -> Segme
     if chunk_tokens < 1:
         raise ValueError(f"token_chunk: chunk_tokens must be >= 1, got {chunk_tokens}")
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            "token_chunk needs a fast tokenizer for character offsets; "
-            f"got {type(tokenizer).__name__}"
-        )
+        raise ValueError(f"token_chunk needs a fast tokenizer for character offsets; got {type(tokenizer).__name__}")
     encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     starts = [start for start, _ in encoding["offset_mapping"]]
     return _contiguous(text, starts[chunk_tokens::chunk_tokens], "token_chunk")

@@ -26,8 +26,9 @@ from palign.llm.hf_backend import LocalChatBackend
 from palign.llm.openai_backend import OpenAIChatBackend
 
 SHIPPED = OmegaConf.load(PROJECT_ROOT / "conf" / "chain_judge" / "local.yaml")  # the prompt and verdicts shipped
-PROMPT = ChainJudgePrompt.from_config(OmegaConf.merge(OmegaConf.structured(ChainJudge),
-                                                      {k: v for k, v in SHIPPED.items() if k != "defaults"}))
+PROMPT = ChainJudgePrompt.from_config(
+    OmegaConf.merge(OmegaConf.structured(ChainJudge), {k: v for k, v in SHIPPED.items() if k != "defaults"})
+)
 
 
 @pytest.mark.parametrize(
@@ -67,11 +68,17 @@ def test_prompt_renders_chains_verbatim_and_validates_its_config():
     rendered = PROMPT.render("Find $x$.", "uses \\frac{1}{2} and {chain_2}", "second")
     assert "uses \\frac{1}{2} and {chain_2}" in rendered  # braces and placeholders inside a chain stay as written
     assert rendered.index("uses \\frac") < rendered.index("second")
-    bad = {"name": "bad", "prompt": "{question} {chain_1}", "verdicts": {"first": "[[A]]", "second": "[[B]]", "tie": "[[TIE]]"}}
+    bad = {
+        "name": "bad",
+        "prompt": "{question} {chain_1}",
+        "verdicts": {"first": "[[A]]", "second": "[[B]]", "tie": "[[TIE]]"},
+    }
     with pytest.raises(ValueError, match=r"chain judge 'bad'.*\{chain_2\}"):
         ChainJudgePrompt.from_config(bad)
     with pytest.raises(ValueError, match="verdicts"):
-        ChainJudgePrompt.from_config({"name": "x", "prompt": "{question}{chain_1}{chain_2} [[A]] [[B]]", "verdicts": {"first": "[[A]]"}})
+        ChainJudgePrompt.from_config(
+            {"name": "x", "prompt": "{question}{chain_1}{chain_2} [[A]] [[B]]", "verdicts": {"first": "[[A]]"}}
+        )
 
 
 class CountingBackend:
@@ -89,8 +96,15 @@ class CountingBackend:
 
 
 PAIRS = [
-    ChainPair("p1", "What is 2+3?", "<Begin_of_Prefix>2+3<End_of_Prefix>\nSo the answer is 5.", "Let me think. 2+3... wait, 5. Check: 5."),
-    ChainPair("p2", "Is 7 prime?", "7 has no divisor but 1 and 7, so yes.", "Hmm, 7/2 no, 7/3 no, maybe prime? Yes, prime."),
+    ChainPair(
+        "p1",
+        "What is 2+3?",
+        "<Begin_of_Prefix>2+3<End_of_Prefix>\nSo the answer is 5.",
+        "Let me think. 2+3... wait, 5. Check: 5.",
+    ),
+    ChainPair(
+        "p2", "Is 7 prime?", "7 has no divisor but 1 and 7, so yes.", "Hmm, 7/2 no, 7/3 no, maybe prime? Yes, prime."
+    ),
     ChainPair("p3", "Compute 3*4.", "3*4 = 12.", "3*4 is 12, double-checking: 4+4+4 = 12."),
 ]
 
@@ -109,7 +123,9 @@ def test_local_judge_judges_every_pair_in_both_orders_and_caches(tiny_model, stu
     summary = result.summary
     assert summary["pairs"] == 3 and summary["judgments"] == 6
     assert summary["a_wins"] + summary["ties"] + summary["a_losses"] == 3
-    assert len(result.judgments) == 3 and all(j.reply_a_first is not None and j.reply_b_first is not None for j in result.judgments)
+    assert len(result.judgments) == 3 and all(
+        j.reply_a_first is not None and j.reply_b_first is not None for j in result.judgments
+    )
     assert [r["id"] for r in result.records] == ["p1", "p2", "p3"]
     json.dumps(result.records)  # the per-pair records are plain JSON
 
@@ -133,16 +149,24 @@ def test_build_backend_from_configs_never_sees_the_key(tmp_path, monkeypatch, ca
     monkeypatch.setenv("ZHIPUAI_API_KEY", secret)
     from hydra.utils import instantiate
 
-    cfg = compose_config(["chain_judge=openai", "chain_judge.backend.model=glm-4.5",
-                          "chain_judge.backend.api_key_env=ZHIPUAI_API_KEY", "student=tiny_random"], tmp_path)
+    cfg = compose_config(
+        [
+            "chain_judge=openai",
+            "chain_judge.backend.model=glm-4.5",
+            "chain_judge.backend.api_key_env=ZHIPUAI_API_KEY",
+            "student=tiny_random",
+        ],
+        tmp_path,
+    )
     judge = build_backend(instantiate(cfg.chain_judge.backend), cfg.chain_judge.model, cache_dir)
     assert isinstance(judge, OpenAIChatBackend) and judge.model == "glm-4.5" and judge.api_key_env == "ZHIPUAI_API_KEY"
     assert judge.url == "http://127.0.0.1:8000/v1/chat/completions"
     for text in (OmegaConf.to_yaml(cfg, resolve=True), repr(judge), str(vars(judge)), json.dumps(judge.identity())):
         assert secret not in text
     local = compose_config(["chain_judge=local", "student=tiny_random"], tmp_path)
-    assert isinstance(build_backend(instantiate(local.chain_judge.backend), local.chain_judge.model, cache_dir),
-                      LocalChatBackend)
+    assert isinstance(
+        build_backend(instantiate(local.chain_judge.backend), local.chain_judge.model, cache_dir), LocalChatBackend
+    )
 
 
 @pytest.mark.slow
@@ -152,10 +176,23 @@ def test_judge_chains_stage_compares_the_run_targets_and_reports_them(tmp_path):
     from tests.conftest import compose_config
     from palign.pipeline import run
 
-    summary = run(compose_config(["experiment=tiny", "logger=none", "baseline=palign", "stage=judge_chains",
-                                  "chain_judge.limit=2", "chain_judge.sampling.max_new_tokens=8"], tmp_path))
+    summary = run(
+        compose_config(
+            [
+                "experiment=tiny",
+                "logger=none",
+                "baseline=palign",
+                "stage=judge_chains",
+                "chain_judge.limit=2",
+                "chain_judge.sampling.max_new_tokens=8",
+            ],
+            tmp_path,
+        )
+    )
     (stats,) = summary["chain_judge"]["prefix_continuation_vs_long_cot"].values()
-    assert stats["problems"] == 2 and stats["pairs"] + stats["skipped"] == 2 and stats["judgments"] == 2 * stats["pairs"]
+    assert (
+        stats["problems"] == 2 and stats["pairs"] + stats["skipped"] == 2 and stats["judgments"] == 2 * stats["pairs"]
+    )
     rows = [json.loads(line) for line in open(stats["records"])]
     assert len(rows) == stats["pairs"] and all({"reply_a_first", "reply_b_first", "outcome"} <= set(r) for r in rows)
     assert stats["unparseable"] == sum((r["a_first"] is None) + (r["b_first"] is None) for r in rows)  # a random judge

@@ -16,7 +16,11 @@ def test_digests_follow_content_not_write_time_and_are_hashed_once_per_version(t
         (folder / "model.safetensors").write_bytes(b"weights" * 1000)
         (folder / "config.json").write_text("{}")
     os.utime(second / "model.safetensors", ns=(1, 1))  # same bytes, other mtime
-    assert file_digests(first) == file_digests(second) == {"model.safetensors": hashlib.sha256(b"weights" * 1000).hexdigest()}
+    assert (
+        file_digests(first)
+        == file_digests(second)
+        == {"model.safetensors": hashlib.sha256(b"weights" * 1000).hexdigest()}
+    )
     assert (first / DIGESTS_FILE).exists()
 
     hashed = []
@@ -35,7 +39,9 @@ def test_a_stage_store_is_named_by_its_identity_and_reopens_with_its_records(tmp
 
     identity = {"model": "m", "sampling": {"temperature": 0.6}}
     folder = stage_folder(tmp_path, identity, "binary-sentence")
-    assert folder == stage_folder(tmp_path, dict(reversed(identity.items())), "binary-sentence")  # key order does not count
+    assert folder == stage_folder(
+        tmp_path, dict(reversed(identity.items())), "binary-sentence"
+    )  # key order does not count
     assert folder != stage_folder(tmp_path, {**identity, "model": "n"}, "binary-sentence")
     assert folder.name.startswith("binary-sentence-")
     with open_stage_store(folder, identity, key="key") as store:

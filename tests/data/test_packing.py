@@ -110,8 +110,10 @@ def test_packed_loaders_shard_across_ranks_and_resume_mid_epoch():
     rows = [[100 * i + t for t in range(n)] for i, n in enumerate(lengths)]
     dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     every = {tuple(r) for r in rows}
-    loaders = [train_loader(dataset, 0, micro_batch_size=2, seed=1, packing=True, pack_length=12,
-                            num_replicas=2, rank=rank) for rank in (0, 1)]
+    loaders = [
+        train_loader(dataset, 0, micro_batch_size=2, seed=1, packing=True, pack_length=12, num_replicas=2, rank=rank)
+        for rank in (0, 1)
+    ]
     shards = [list(loader) for loader in loaders]
     assert len(shards[0]) == len(shards[1])  # the same number of forwards on every rank
     assert all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for s in shards for b in s)

@@ -7,7 +7,10 @@ import pytest
 from palign.data.sft import IGNORE_INDEX, SFTCollator, SupervisedExample, build_tokenized_split, tokenize_example
 from palign.llm.chat import render_user_turn
 
-PROMPTS = {"instruction": "Please reason step by step, and put your final answer within \\boxed{}.", "question_separator": "\n"}
+PROMPTS = {
+    "instruction": "Please reason step by step, and put your final answer within \\boxed{}.",
+    "question_separator": "\n",
+}
 
 
 def test_labels_mask_every_prompt_token_and_supervise_eos(smollm2_tokenizer):
@@ -34,11 +37,20 @@ def test_labels_mask_every_prompt_token_and_supervise_eos(smollm2_tokenizer):
 def test_overlength_examples_are_dropped_and_counted(smollm2_tokenizer, tmp_path):
     short = SupervisedExample("a", "1+1?", "It is \\boxed{2}.")
     long = SupervisedExample("b", "Count.", " ".join(str(i) for i in range(400)))
-    lengths = {e.id: len(tokenize_example(smollm2_tokenizer, PROMPTS, e.question, e.target)["input_ids"]) for e in (short, long)}
+    lengths = {
+        e.id: len(tokenize_example(smollm2_tokenizer, PROMPTS, e.question, e.target)["input_ids"])
+        for e in (short, long)
+    }
     max_length = lengths["a"] + 5
     assert lengths["b"] > max_length
-    split = build_tokenized_split([short, long, short.__class__("c", "2+2?", "\\boxed{4}")],
-                                  smollm2_tokenizer, PROMPTS, max_length, tmp_path, "train")
+    split = build_tokenized_split(
+        [short, long, short.__class__("c", "2+2?", "\\boxed{4}")],
+        smollm2_tokenizer,
+        PROMPTS,
+        max_length,
+        tmp_path,
+        "train",
+    )
     assert split.kept == 2 and split.dropped_too_long == 1
     import datasets
 
@@ -63,10 +75,12 @@ def test_tokenized_cache_is_reused_and_keyed_by_content(smollm2_tokenizer, tmp_p
 
 
 def test_collator_right_pads_with_ignored_labels():
-    batch = SFTCollator(pad_token_id=0)([
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-        {"input_ids": [8], "labels": [8]},
-    ])
+    batch = SFTCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+            {"input_ids": [8], "labels": [8]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -23,6 +23,7 @@ from palign.grading import (
 )
 
 from tests.conftest import SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
+
 REFERENCE = SHARED_DATA / "reference"
 
 
@@ -120,9 +121,7 @@ def test_math_verify_grade_reports_what_it_extracted() -> None:
 # --- GradingPool -------------------------------------------------------------------------------
 
 
-def grade_with_watchdog(
-    pool: GradingPool, pairs: list[tuple[str, object]], limit_s: float
-) -> list[GradeResult]:
+def grade_with_watchdog(pool: GradingPool, pairs: list[tuple[str, object]], limit_s: float) -> list[GradeResult]:
     """`pool.grade(pairs)`, failing the test (instead of hanging it) if it takes over `limit_s`."""
     outcome: list[list[GradeResult]] = []
     thread = threading.Thread(target=lambda: outcome.append(pool.grade(pairs)), daemon=True)

@@ -123,9 +123,7 @@ def test_results_table_layout_averages_and_missing_cells() -> None:
         "| Qwen2.5-7B-Instruct | P-ALIGN | 16.67 | 26.67 | 16.67 | 26.67 | 49.40 | 63.86 | 75.80 | 85.20"
         " | 39.64 | 50.60 |"
     )
-    assert lines[3] == (
-        "| Qwen3-8B | SFT (Long-CoT) | – | – | – | – | – | – | 80.00 | 90.00 | 80.00 | 90.00 |"
-    )
+    assert lines[3] == ("| Qwen3-8B | SFT (Long-CoT) | – | – | – | – | – | – | 80.00 | 90.00 | 80.00 | 90.00 |")
 
     rows = list(csv.reader(io.StringIO(csv_text)))
     assert rows[0][:2] == ["Student", "Method"] and len(rows[0]) == 12
@@ -201,8 +199,9 @@ def test_the_cell_interval_is_scipy_s_bca_bootstrap_with_the_configured_seed() -
     settings = Intervals(confidence_level=0.9, resamples=2000, seed=3)
 
     def scipy_bca(values):
-        return stats.bootstrap((values,), np.mean, n_resamples=2000, confidence_level=0.9, method="BCa",
-                               rng=np.random.default_rng(3)).confidence_interval
+        return stats.bootstrap(
+            (values,), np.mean, n_resamples=2000, confidence_level=0.9, method="BCa", rng=np.random.default_rng(3)
+        ).confidence_interval
 
     # scores without a small common denominator: scipy's interval, bit for bit
     scores = np.random.default_rng(7).random(30)

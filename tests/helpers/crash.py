@@ -26,7 +26,11 @@ class KillAt(pl.Callback):
     def _maybe_kill(self, trainer: pl.Trainer, hook: str, batch_idx: int | None = None) -> None:
         if hook != self.hook or trainer.global_step != self.step:
             return
-        if self.micro is not None and batch_idx is not None and batch_idx % trainer.accumulate_grad_batches != self.micro:
+        if (
+            self.micro is not None
+            and batch_idx is not None
+            and batch_idx % trainer.accumulate_grad_batches != self.micro
+        ):
             return
         if self.whole_job:  # every process of the job at once, as `kill -9` of a DDP job or scancel does
             os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -61,12 +61,15 @@ class RecordFSDPUnits(pl.Callback):
         layers = [m for m in pl_module.modules() if isinstance(m, decoder_layer_classes(pl_module))]
         names = {id(p): n for n, p in pl_module.named_parameters()}
         outside = units[0]._ignored_params
-        record = {"units": len(units), "decoder_layers": len(layers),
-                  "flat_dtypes": sorted({str(u._flat_param.dtype) for u in units if u._flat_param is not None}),
-                  "flat_requires_grad": any(u._flat_param.requires_grad for u in units if u._flat_param is not None),
-                  "outside_units": sorted(names[id(p)] for p in outside),
-                  "outside_dtypes": sorted({str(p.dtype) for p in outside}),
-                  "trainable": sorted(n for n, p in pl_module.named_parameters() if p.requires_grad)}
+        record = {
+            "units": len(units),
+            "decoder_layers": len(layers),
+            "flat_dtypes": sorted({str(u._flat_param.dtype) for u in units if u._flat_param is not None}),
+            "flat_requires_grad": any(u._flat_param.requires_grad for u in units if u._flat_param is not None),
+            "outside_units": sorted(names[id(p)] for p in outside),
+            "outside_dtypes": sorted({str(p.dtype) for p in outside}),
+            "trainable": sorted(n for n, p in pl_module.named_parameters() if p.requires_grad),
+        }
         (self.folder / f"fsdp_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -80,7 +83,11 @@ class RecordStepGradients(pl.Callback):
         self.done = False
 
     def _gradients(self, pl_module) -> dict[str, torch.Tensor]:
-        return {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is not None}
+        return {
+            n: p.grad.detach().clone()
+            for n, p in pl_module.named_parameters()
+            if p.requires_grad and p.grad is not None
+        }
 
     def on_after_backward(self, trainer, pl_module):
         if not self.done:  # the last one before the step holds the step's accumulated local gradient
@@ -92,5 +99,7 @@ class RecordStepGradients(pl.Callback):
             return
         self.done = True
         self.folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"local": self.local, "stepped": self._gradients(pl_module), "backward_passes": self.backward_passes},
-                   self.folder / f"grads_rank{trainer.global_rank}.pt")
+        torch.save(
+            {"local": self.local, "stepped": self._gradients(pl_module), "backward_passes": self.backward_passes},
+            self.folder / f"grads_rank{trainer.global_rank}.pt",
+        )

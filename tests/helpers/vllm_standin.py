@@ -121,23 +121,62 @@ def _set() -> set:
 
 # Every field of the real msgspec Struct, in its order, with its default (a callable: a factory).
 SAMPLING_FIELDS: dict[str, Any] = {
-    "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "temperature": 1.0,
-    "watermarking": None, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None, "stop": None,
-    "stop_token_ids": None, "ignore_eos": False, "max_tokens": 16, "min_tokens": 0, "logprobs": None,
-    "prompt_logprobs": None, "prompt_logprob_token_ids": None, "prompt_logprob_start": None,
-    "logprob_token_ids": None, "flat_logprobs": False, "detokenize": True, "skip_special_tokens": True,
-    "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
-    "output_kind": RequestOutputKind.CUMULATIVE, "stream_interval": None, "skip_clone": False,
-    "output_text_buffer_length": 0, "_eos_token_id": None, "_all_stop_token_ids": _set,
-    "_watermarking_skipped": False, "structured_outputs": None, "logit_bias": None, "allowed_token_ids": None,
-    "extra_args": None, "bad_words": None, "_bad_words_token_ids": None, "skip_reading_prefix_cache": None,
-    "thinking_token_budget": None, "repetition_detection": None, "routed_experts_prompt_start": 0,
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "temperature": 1.0,
+    "watermarking": None,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "seed": None,
+    "stop": None,
+    "stop_token_ids": None,
+    "ignore_eos": False,
+    "max_tokens": 16,
+    "min_tokens": 0,
+    "logprobs": None,
+    "prompt_logprobs": None,
+    "prompt_logprob_token_ids": None,
+    "prompt_logprob_start": None,
+    "logprob_token_ids": None,
+    "flat_logprobs": False,
+    "detokenize": True,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "include_stop_str_in_output": False,
+    "output_kind": RequestOutputKind.CUMULATIVE,
+    "stream_interval": None,
+    "skip_clone": False,
+    "output_text_buffer_length": 0,
+    "_eos_token_id": None,
+    "_all_stop_token_ids": _set,
+    "_watermarking_skipped": False,
+    "structured_outputs": None,
+    "logit_bias": None,
+    "allowed_token_ids": None,
+    "extra_args": None,
+    "bad_words": None,
+    "_bad_words_token_ids": None,
+    "skip_reading_prefix_cache": None,
+    "thinking_token_budget": None,
+    "repetition_detection": None,
+    "routed_experts_prompt_start": 0,
     "trace_decode_token_ids": None,
 }
 # the fields this engine implements; a request that sets another one raises NotImplementedError
-_NOT_SIMULATED = ("prompt_logprobs", "prompt_logprob_token_ids", "logprob_token_ids", "structured_outputs",
-                  "extra_args", "thinking_token_budget", "repetition_detection", "trace_decode_token_ids",
-                  "watermarking")
+_NOT_SIMULATED = (
+    "prompt_logprobs",
+    "prompt_logprob_token_ids",
+    "logprob_token_ids",
+    "structured_outputs",
+    "extra_args",
+    "thinking_token_budget",
+    "repetition_detection",
+    "trace_decode_token_ids",
+    "watermarking",
+)
 
 
 class SamplingParams:
@@ -184,7 +223,9 @@ class SamplingParams:
             self._verify_greedy_sampling()
         self._all_stop_token_ids.update(self.stop_token_ids)
         if self.skip_reading_prefix_cache is None:
-            self.skip_reading_prefix_cache = self.prompt_logprobs is not None or self.prompt_logprob_token_ids is not None
+            self.skip_reading_prefix_cache = (
+                self.prompt_logprobs is not None or self.prompt_logprob_token_ids is not None
+            )
 
     def _verify_args(self) -> None:  # SamplingParams._verify_args, in its order and with its messages
         _verify_num_sequences(self.n, "n")
@@ -197,16 +238,27 @@ class SamplingParams:
         if self.repetition_penalty <= 0.0:
             raise VLLMValidationError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
         if not math.isfinite(self.temperature):
-            raise VLLMValidationError(f"temperature must be a finite number, got {self.temperature}.",
-                                      parameter="temperature", value=self.temperature)
+            raise VLLMValidationError(
+                f"temperature must be a finite number, got {self.temperature}.",
+                parameter="temperature",
+                value=self.temperature,
+            )
         if self.temperature < 0.0:
-            raise VLLMValidationError(f"temperature must be non-negative, got {self.temperature}.",
-                                      parameter="temperature", value=self.temperature)
+            raise VLLMValidationError(
+                f"temperature must be non-negative, got {self.temperature}.",
+                parameter="temperature",
+                value=self.temperature,
+            )
         if self.temperature > 2.0:
-            raise VLLMValidationError(f"temperature must be in [0, 2], got {self.temperature}.",
-                                      parameter="temperature", value=self.temperature)
+            raise VLLMValidationError(
+                f"temperature must be in [0, 2], got {self.temperature}.",
+                parameter="temperature",
+                value=self.temperature,
+            )
         if not 0.0 < self.top_p <= 1.0:
-            raise VLLMValidationError(f"top_p must be in (0, 1], got {self.top_p}.", parameter="top_p", value=self.top_p)
+            raise VLLMValidationError(
+                f"top_p must be in (0, 1], got {self.top_p}.", parameter="top_p", value=self.top_p
+            )
         if self.top_k < -1:
             raise VLLMValidationError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
         if not isinstance(self.top_k, int):
@@ -214,29 +266,39 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise VLLMValidationError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise VLLMValidationError(f"max_tokens must be at least 1, got {self.max_tokens}.", parameter="max_tokens",
-                                      value=self.max_tokens)
+            raise VLLMValidationError(
+                f"max_tokens must be at least 1, got {self.max_tokens}.", parameter="max_tokens", value=self.max_tokens
+            )
         if self.min_tokens < 0:
             raise VLLMValidationError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise VLLMValidationError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
-                                      f"got {self.min_tokens}.")
+            raise VLLMValidationError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
+            )
         if self.stream_interval is not None and self.stream_interval < 1:
-            raise VLLMValidationError(f"stream_interval must be at least 1, got {self.stream_interval}.",
-                                      parameter="stream_interval", value=self.stream_interval)
+            raise VLLMValidationError(
+                f"stream_interval must be at least 1, got {self.stream_interval}.",
+                parameter="stream_interval",
+                value=self.stream_interval,
+            )
         if self.logprobs is not None and self.logprobs != -1 and self.logprobs < 0:
-            raise VLLMValidationError(f"logprobs must be non-negative or -1, got {self.logprobs}.", parameter="logprobs",
-                                      value=self.logprobs)
+            raise VLLMValidationError(
+                f"logprobs must be non-negative or -1, got {self.logprobs}.", parameter="logprobs", value=self.logprobs
+            )
         if self.prompt_logprobs is not None and self.prompt_logprobs != -1 and self.prompt_logprobs < 0:
-            raise VLLMValidationError(f"prompt_logprobs must be non-negative or -1, got {self.prompt_logprobs}.",
-                                      parameter="prompt_logprobs", value=self.prompt_logprobs)
+            raise VLLMValidationError(
+                f"prompt_logprobs must be non-negative or -1, got {self.prompt_logprobs}.",
+                parameter="prompt_logprobs",
+                value=self.prompt_logprobs,
+            )
         if not all(isinstance(token, int) for token in self.stop_token_ids):
             raise VLLMValidationError(f"stop_token_ids must contain only integers, got {self.stop_token_ids}.")
         if any(not stop for stop in self.stop):
             raise VLLMValidationError("stop cannot contain an empty string.")
         if self.stop and not self.detokenize:
-            raise VLLMValidationError("stop strings are only supported when detokenize is True. "
-                                      "Set detokenize=True to use stop.")
+            raise VLLMValidationError(
+                "stop strings are only supported when detokenize is True. Set detokenize=True to use stop."
+            )
         if any(not word for word in self.bad_words):
             raise VLLMValidationError(f"bad_words cannot contain an empty string. Got bad_words={self.bad_words}")
 
@@ -251,21 +313,32 @@ class SamplingParams:
         if num := self.logprobs:  # _validate_logprobs
             num = vocab if num == -1 else num
             if num > model_config.max_logprobs:
-                raise VLLMValidationError(f"Requested sample logprobs of {num}, which is greater than max allowed: "
-                                          f"{model_config.max_logprobs}", parameter="logprobs", value=num)
+                raise VLLMValidationError(
+                    f"Requested sample logprobs of {num}, which is greater than max allowed: "
+                    f"{model_config.max_logprobs}",
+                    parameter="logprobs",
+                    value=num,
+                )
         for name, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", self.stop_token_ids)):
             bad = [t for t in ids if t < 0 or t >= vocab]  # _validate_logit_bias, _validate_stop_token_ids
             if bad:
-                raise VLLMValidationError(f"token_id(s) {bad} in {name} contain out-of-vocab token ids. Vocabulary size: "
-                                          f"{vocab}", parameter=name, value=bad)
+                raise VLLMValidationError(
+                    f"token_id(s) {bad} in {name} contain out-of-vocab token ids. Vocabulary size: {vocab}",
+                    parameter=name,
+                    value=bad,
+                )
         if self.allowed_token_ids is not None:  # _validate_allowed_token_ids
             if len(self.allowed_token_ids) == 0:
-                raise VLLMValidationError("allowed_token_ids is not None and empty!", parameter="allowed_token_ids",
-                                          value=self.allowed_token_ids)
+                raise VLLMValidationError(
+                    "allowed_token_ids is not None and empty!",
+                    parameter="allowed_token_ids",
+                    value=self.allowed_token_ids,
+                )
             bad = [t for t in self.allowed_token_ids if t < 0 or t >= vocab]
             if bad:
-                raise VLLMValidationError("allowed_token_ids contains out-of-vocab token id!",
-                                          parameter="allowed_token_ids", value=bad)
+                raise VLLMValidationError(
+                    "allowed_token_ids contains out-of-vocab token id!", parameter="allowed_token_ids", value=bad
+                )
 
     def update_from_generation_config(self, generation_config: dict[str, Any], eos_token_id: int | None = None) -> None:
         """SamplingParams.update_from_generation_config: the tokenizer's eos stops the request, and
@@ -303,8 +376,11 @@ def _validate_thinking_token_budget(value: Any) -> int | None:  # vllm/sampling_
     if value is None or value == -1 and not isinstance(value, (bool, float)):
         return None
     if isinstance(value, (bool, float)) or not isinstance(value, int) or value < 0:
-        raise VLLMValidationError("`thinking_token_budget` must be a non-negative integer or -1 for unlimited.",
-                                  parameter="thinking_token_budget", value=value)
+        raise VLLMValidationError(
+            "`thinking_token_budget` must be a non-negative integer or -1 for unlimited.",
+            parameter="thinking_token_budget",
+            value=value,
+        )
     return value
 
 
@@ -314,15 +390,18 @@ def _verify_num_sequences(value: Any, parameter_name: str) -> None:  # vllm/samp
     if value < 1:
         raise VLLMValidationError(f"{parameter_name} must be at least 1, got {value}.")
     if value > MAX_N_SEQUENCES:
-        raise VLLMValidationError(f"{parameter_name} must be at most {MAX_N_SEQUENCES}, got {value}. To increase this "
-                                  "limit, set the VLLM_MAX_N_SEQUENCES environment variable.")
+        raise VLLMValidationError(
+            f"{parameter_name} must be at most {MAX_N_SEQUENCES}, got {value}. To increase this "
+            "limit, set the VLLM_MAX_N_SEQUENCES environment variable."
+        )
 
 
 # -- the engine's arguments: vllm/entrypoints/llm.py: LLM.__init__, vllm/engine/arg_utils.py: EngineArgs --
 # LLM.__init__'s own named parameters that are not EngineArgs fields
 LLM_ONLY_ARGS = frozenset({"chat_template"})
 # EngineArgs' fields (a dataclass: any other keyword is a TypeError)
-ENGINE_ARGS = frozenset("""
+ENGINE_ARGS = frozenset(
+    """
 model enable_return_routed_experts return_sampling_mask model_weights served_model_name tokenizer
 hf_config_path runner convert skip_tokenizer_init enable_prompt_embeds tokenizer_mode trust_remote_code
 allowed_local_media_path allowed_media_domains download_dir safetensors_load_strategy
@@ -374,13 +453,29 @@ use_tqdm_on_load pt_load_map_location logits_processors async_scheduling stream_
 kv_sharing_fast_prefill swa_bounded_replay optimization_level performance_mode fault_tolerance_config
 enable_fault_tolerance kv_offloading_size kv_offloading_backend tokens_only shutdown_timeout watchdog_config
 weight_transfer_config fail_on_environ_validation gdn_prefill_backend kda_prefill_backend kda_decode_backend
-""".split())
+""".split()
+)
 # the engine arguments this stand-in acts on, or that change nothing it simulates; another one raises
 # NotImplementedError rather than being ignored
-_SIMULATED_ARGS = frozenset({"gpu_memory_utilization", "max_model_len", "logprobs_mode", "max_logprobs", "tokenizer",
-                             "tensor_parallel_size", "generation_config", "dtype", "seed", "enable_prefix_caching",
-                             "enforce_eager", "disable_log_stats", "trust_remote_code", "max_num_seqs",
-                             "max_num_batched_tokens"})
+_SIMULATED_ARGS = frozenset(
+    {
+        "gpu_memory_utilization",
+        "max_model_len",
+        "logprobs_mode",
+        "max_logprobs",
+        "tokenizer",
+        "tensor_parallel_size",
+        "generation_config",
+        "dtype",
+        "seed",
+        "enable_prefix_caching",
+        "enforce_eager",
+        "disable_log_stats",
+        "trust_remote_code",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+    }
+)
 
 
 def _pydantic_range_error(model: str, name: str, value: Any, gt: float, le: float) -> ValueError:
@@ -390,8 +485,10 @@ def _pydantic_range_error(model: str, name: str, value: Any, gt: float, le: floa
     elif not value > gt:
         line = f"Input should be greater than {gt} [type=greater_than, input_value={value!r}, input_type={type(value).__name__}]"
     else:
-        line = (f"Input should be less than or equal to {le} [type=less_than_equal, input_value={value!r}, "
-                f"input_type={type(value).__name__}]")
+        line = (
+            f"Input should be less than or equal to {le} [type=less_than_equal, input_value={value!r}, "
+            f"input_type={type(value).__name__}]"
+        )
     return ValueError(f"1 validation error for {model}\n{name}\n  {line}")
 
 
@@ -507,8 +604,10 @@ class Scripted:
         reply = self.replies[sample % len(self.replies)]
         position = len(output)
         if position >= len(reply):
-            raise AssertionError(f"the scripted reply {reply} ran out: the engine asked for its token {position + 1} "
-                                 "(script a reply that stops, or one as long as max_tokens)")
+            raise AssertionError(
+                f"the scripted reply {reply} ran out: the engine asked for its token {position + 1} "
+                "(script a reply that stops, or one as long as max_tokens)"
+            )
         logits = torch.full((self.vocab_size,), -1e4)
         logits[reply[position]] = 0.0
         return logits
@@ -555,12 +654,19 @@ class LLM:
         derived = int(text_config.max_position_embeddings)
         max_model_len = kwargs.get("max_model_len") or derived
         if max_model_len > derived:  # vllm/config/model.py: _get_and_verify_max_len
-            raise ValueError(f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
-                             f"(max_position_embeddings={derived} or model_max_length=None in model's config.json). "
-                             "To allow overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1.")
-        self.model_config = ModelConfig(model, max_model_len, int(text_config.vocab_size),
-                                        kwargs.get("max_logprobs", MAX_LOGPROBS), logprobs_mode,
-                                        _generation_config_fields(model))
+            raise ValueError(
+                f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
+                f"(max_position_embeddings={derived} or model_max_length=None in model's config.json). "
+                "To allow overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."
+            )
+        self.model_config = ModelConfig(
+            model,
+            max_model_len,
+            int(text_config.vocab_size),
+            kwargs.get("max_logprobs", MAX_LOGPROBS),
+            logprobs_mode,
+            _generation_config_fields(model),
+        )
         self.tokenizer = self._tokenizer(kwargs.get("tokenizer") or model)
 
         # the engine core process starts; its GPU worker asks for its memory. There a ValueError ends
@@ -569,8 +675,9 @@ class LLM:
         try:
             reserved = self.device.request_memory(utilization)
         except ValueError as err:
-            raise RuntimeError("Engine core initialization failed. See root cause above. "
-                               "Failed core proc(s): {'EngineCore': 1}") from err
+            raise RuntimeError(
+                "Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}"
+            ) from err
         self.llm_engine = LLMEngine(EngineCoreClient(self.device, reserved), self.model_config)
         self.model = self.model_factory(self)
         self.request_counter = itertools.count()
@@ -587,10 +694,17 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
-    def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-                 use_tqdm: Any = True, lora_request: Any = None, priority: Any = None,
-                 tokenization_kwargs: dict[str, Any] | None = None,
-                 mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: Any = True,
+        lora_request: Any = None,
+        priority: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
         """LLM.generate -> vllm/entrypoints/common/offline.py: OfflineInferenceMixin._run_completion:
         every request is rendered and validated, and added, before the engine runs any; a request
         that fails validation fails the whole call (the ones added before it are aborted)."""
@@ -602,8 +716,9 @@ class LLM:
         prompts = [prompts] if isinstance(prompts, (str, bytes, dict)) else list(prompts)  # prompt_to_seq
         if isinstance(sampling_params, (list, tuple)):  # _params_to_seq
             if len(sampling_params) != len(prompts):
-                raise VLLMValidationError(f"The lengths of prompts ({len(prompts)}) and params ({len(sampling_params)}) "
-                                          "must be the same.")
+                raise VLLMValidationError(
+                    f"The lengths of prompts ({len(prompts)}) and params ({len(sampling_params)}) must be the same."
+                )
             params = list(sampling_params)
         else:
             params = [sampling_params] * len(prompts)
@@ -621,10 +736,13 @@ class LLM:
         # for LLM.generate: vllm/renderers/base.py: default_cmpl_tok_params)
         if len(ids) > max_model_len:
             qualifier = "at least " if len(ids) == max_model_len + 1 else ""
-            raise VLLMValidationError(f"This model's maximum context length is {max_model_len} tokens. However, your "
-                                      f"prompt contains {qualifier}{len(ids)} input tokens, which exceeds this limit even "
-                                      "without any output tokens. Please reduce the length of the input prompt.",
-                                      parameter="input_tokens", value=len(ids))
+            raise VLLMValidationError(
+                f"This model's maximum context length is {max_model_len} tokens. However, your "
+                f"prompt contains {qualifier}{len(ids)} input tokens, which exceeds this limit even "
+                "without any output tokens. Please reduce the length of the input prompt.",
+                parameter="input_tokens",
+                value=len(ids),
+            )
         # OfflineInferenceMixin._add_request: the caller's params object is set to FINAL_ONLY
         params.output_kind = RequestOutputKind.FINAL_ONLY
         # vllm/v1/engine/input_processor.py: InputProcessor.process_inputs
@@ -632,10 +750,12 @@ class LLM:
         if len(ids) == 0:  # _validate_prompt_len
             raise VLLMValidationError("The decoder prompt cannot be empty")
         if len(ids) == max_model_len:
-            raise VLLMValidationError(f"The decoder prompt (length {len(ids)}) plus the number of requested output tokens "
-                                      f"(at least 1) is longer than the maximum model length of {max_model_len}. Make sure "
-                                      "that `max_model_len` is no smaller than the number of text tokens (prompt + "
-                                      "requested output tokens).")
+            raise VLLMValidationError(
+                f"The decoder prompt (length {len(ids)}) plus the number of requested output tokens "
+                f"(at least 1) is longer than the maximum model length of {max_model_len}. Make sure "
+                "that `max_model_len` is no smaller than the number of text tokens (prompt + "
+                "requested output tokens)."
+            )
         # vllm/renderers/base.py: BaseRenderer.validate_token_ids
         max_token_id = max(len(self.tokenizer) - 1, self.model_config.vocab_size - 1)
         if min(ids) < 0:
@@ -650,8 +770,9 @@ class LLM:
             if getattr(request, name) is not None:
                 raise NotImplementedError(f"the stand-in vLLM does not simulate SamplingParams.{name}")
         if request.stop or request.bad_words or request.detokenize:
-            raise NotImplementedError("the stand-in vLLM returns token ids only (detokenize=False), without stop strings "
-                                      "or bad words")
+            raise NotImplementedError(
+                "the stand-in vLLM returns token ids only (detokenize=False), without stop strings or bad words"
+            )
         return ids, request
 
     # -- decoding -------------------------------------------------------------------------------------------
@@ -687,8 +808,14 @@ class LLM:
         cumulative = sum(step[t].logprob for step, t in zip(steps, out)) if logprobs is not None else None
         return CompletionOutput(index, "", list(out), cumulative, logprobs, reason, stop_reason)
 
-    def _sample_token(self, logits: torch.Tensor, prompt: list[int], out: list[int], params: SamplingParams,
-                      generator: torch.Generator | None) -> tuple[int, dict[int, Logprob] | None]:
+    def _sample_token(
+        self,
+        logits: torch.Tensor,
+        prompt: list[int],
+        out: list[int],
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> tuple[int, dict[int, Logprob] | None]:
         """vllm/v1/sample/sampler.py: Sampler.forward, steps 1-8 (its docstring lists them)."""
         raw = torch.log_softmax(logits, -1) if params.logprobs is not None else None  # 1. raw logprobs
         if params.allowed_token_ids is not None:  # 3. allowed token ids
@@ -702,7 +829,9 @@ class LLM:
         if params.repetition_penalty != 1.0:  # 6. penalties
             seen = torch.tensor(sorted(set(prompt) | set(out)), dtype=torch.long)
             chosen = logits[seen]
-            logits[seen] = torch.where(chosen > 0, chosen / params.repetition_penalty, chosen * params.repetition_penalty)
+            logits[seen] = torch.where(
+                chosen > 0, chosen / params.repetition_penalty, chosen * params.repetition_penalty
+            )
         if out and (params.frequency_penalty or params.presence_penalty):
             counts = torch.bincount(torch.tensor(out), minlength=logits.numel()).float()
             logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
@@ -741,8 +870,9 @@ def _generation_config_fields(model: str) -> dict[str, Any]:
     return config.to_diff_dict()
 
 
-def module(model: ModelFactory = HFModel, *, device: Device | None = None,
-           default_logprobs_mode: str = "raw_logprobs") -> types.ModuleType:
+def module(
+    model: ModelFactory = HFModel, *, device: Device | None = None, default_logprobs_mode: str = "raw_logprobs"
+) -> types.ModuleType:
     """A fresh `vllm` module whose engines serve `model` on `device` (by default an 80 GiB GPU that
     nothing else uses). `default_logprobs_mode`: what an engine started without `logprobs_mode`
     returns (vLLM 0.33: raw_logprobs; "processed_logprobs" plays an engine that processes them).
@@ -750,9 +880,18 @@ def module(model: ModelFactory = HFModel, *, device: Device | None = None,
     Besides the real names, the module has `device` and `started` (the LLMs started, in order)."""
     device = device or Device()
     started: list[LLM] = []
-    engine = type("LLM", (LLM,), {"device": device, "model_factory": staticmethod(model), "started": started,
-                                  "default_logprobs_mode": default_logprobs_mode, "_tokenizers": {},
-                                  "__module__": "vllm.entrypoints.llm"})
+    engine = type(
+        "LLM",
+        (LLM,),
+        {
+            "device": device,
+            "model_factory": staticmethod(model),
+            "started": started,
+            "default_logprobs_mode": default_logprobs_mode,
+            "_tokenizers": {},
+            "__module__": "vllm.entrypoints.llm",
+        },
+    )
     vllm = types.ModuleType("vllm")
     vllm.__version__ = VERSION
     vllm.LLM = engine

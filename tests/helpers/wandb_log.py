@@ -85,6 +85,10 @@ def read_offline_run(folder: Path) -> OfflineRun:
         elif kind == "metric":
             metric = record.metric
             run.metrics[metric.name or metric.glob_name] = {
-                "summary": [name for name in ("min", "max", "mean", "last", "first", "best", "copy", "none")
-                            if getattr(metric.summary, name, False)]}
+                "summary": [
+                    name
+                    for name in ("min", "max", "mean", "last", "first", "best", "copy", "none")
+                    if getattr(metric.summary, name, False)
+                ]
+            }
     return run

@@ -19,7 +19,12 @@ def test_every_issue_benchmark_exists():
 
 @pytest.mark.parametrize("name", BENCHES)
 def test_benchmark_script_imports_and_parses_arguments(name):
-    proc = subprocess.run([sys.executable, "-m", f"experiments.bench.{name}", "--help"], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"experiments.bench.{name}", "--help"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage:" in proc.stdout

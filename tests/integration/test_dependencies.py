@@ -49,8 +49,10 @@ def test_the_set_holds_every_requirement_of_the_project_and_its_extras():
             assert name not in pinned  # installed per machine (the Makefile's torch, vLLM's on a GPU)
             continue
         assert name in pinned, f"{requirement} is not in constraints.txt: run make lock"
-        assert requirement.specifier.contains(pinned[name], prereleases=True), \
+        assert requirement.specifier.contains(pinned[name], prereleases=True), (
             f"constraints.txt pins {name}=={pinned[name]}, outside pyproject.toml's {requirement}: run make lock"
+        )
     # the suite runs the transformers vLLM is pinned against (vLLM 0.33: transformers>=5.16.1,<5.21)
     assert pinned["vllm"].startswith("0.33.") and Requirement("transformers>=5.16.1,<5.21").specifier.contains(
-        pinned["transformers"])
+        pinned["transformers"]
+    )

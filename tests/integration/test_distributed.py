@@ -34,13 +34,28 @@ TESTS_ON_PATH = {"PYTHONPATH": str(PROJECT_ROOT)}
 
 
 # -- sharding -----------------------------------------------------------------------------------
-@given(n=st.integers(1, 60), batch=st.integers(1, 5), replicas=st.integers(1, 4), epoch=st.integers(0, 3),
-       grouped=st.booleans(), seed=st.integers(0, 5))
+@given(
+    n=st.integers(1, 60),
+    batch=st.integers(1, 5),
+    replicas=st.integers(1, 4),
+    epoch=st.integers(0, 3),
+    grouped=st.booleans(),
+    seed=st.integers(0, 5),
+)
 def test_rank_shards_are_disjoint_cover_the_epoch_and_keep_batches_aligned(n, batch, replicas, epoch, grouped, seed):
     lengths = [(i * 37) % 101 + 1 for i in range(n)]
-    samplers = [ResumableShuffleSampler(n, seed=seed, lengths=lengths if grouped else None, batch_size=batch,
-                                        group_size=batch * 4 if grouped else 0, num_replicas=replicas, rank=r)
-                for r in range(replicas)]
+    samplers = [
+        ResumableShuffleSampler(
+            n,
+            seed=seed,
+            lengths=lengths if grouped else None,
+            batch_size=batch,
+            group_size=batch * 4 if grouped else 0,
+            num_replicas=replicas,
+            rank=r,
+        )
+        for r in range(replicas)
+    ]
     for sampler in samplers:
         sampler.set_epoch(epoch)
     shards = [list(s) for s in samplers]
@@ -72,8 +87,15 @@ def test_a_resumed_rank_skips_exactly_what_it_trained():
 def test_effective_batch_counts_every_process_of_every_node():
     import pytorch_lightning as pl
 
-    trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        num_nodes=2,
+        strategy="ddp",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     assert trainer.world_size == 4
     assert accumulation_steps(32, 1, trainer.world_size) == 8
     assert accumulation_steps(32, 2, 16) == 1  # the paper recipe on 2 nodes x 8 GPUs
@@ -98,8 +120,15 @@ def _run_dir(root: Path) -> Path:
 @pytest.mark.slow
 def test_ddp_job_shards_the_epoch_and_does_rank_zero_duties_once(tmp_path):
     probe = tmp_path / "probe"
-    args = [*DDP, "logger=wandb", "training.effective_batch_size=4", "data.micro_batch_size=1", "stage=all",
-            PROBE, f"+callbacks.probe.folder={probe}"]
+    args = [
+        *DDP,
+        "logger=wandb",
+        "training.effective_batch_size=4",
+        "data.micro_batch_size=1",
+        "stage=all",
+        PROBE,
+        f"+callbacks.probe.folder={probe}",
+    ]
     proc = run_cli(args, tmp_path, env=TESTS_ON_PATH)
     run_dir = _run_dir(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -137,21 +166,46 @@ def test_a_ddp_job_killed_anywhere_and_rerun_trains_exactly_what_an_uninterrupte
     # over 2 micro-batches (effective batch 4): 7 micro-batches per rank per epoch, 4 optimizer steps.
     # The paper's LoRA: its dropout draws random numbers on each rank, and a resume must restore
     # each rank's own stream.
-    args = [*DDP, "logger=none", "teacher.source.limit=15", "data.val_size=2", "data.micro_batch_size=1",
-            "data.max_length=2048", "training.effective_batch_size=4", "training.epochs=2", "stage=train",
-            "training=paper", "training.gradient_checkpointing=false", "training.checkpoint_every_n_steps=1"]
+    args = [
+        *DDP,
+        "logger=none",
+        "teacher.source.limit=15",
+        "data.val_size=2",
+        "data.micro_batch_size=1",
+        "data.max_length=2048",
+        "training.effective_batch_size=4",
+        "training.epochs=2",
+        "stage=train",
+        "training=paper",
+        "training.gradient_checkpointing=false",
+        "training.checkpoint_every_n_steps=1",
+    ]
     run_cli(args, tmp_path / "straight")
     straight = _run_dir(tmp_path / "straight")
     expected = json.loads((straight / "summary.json").read_text())["train"]
     assert expected["global_step"] == 8
 
     crashed = tmp_path / "crashed"
-    for hook, step, micro in (("on_train_batch_end", 1, 0),   # mid accumulation, epoch 1
-                              ("on_train_batch_start", 6, 1)):  # mid accumulation, epoch 2
-        kill = ["+callbacks.crash._target_=tests.helpers.crash.KillAt", f"+callbacks.crash.hook={hook}", f"+callbacks.crash.step={step}",
-                f"+callbacks.crash.micro={micro}", "+callbacks.crash.whole_job=true"]
-        proc = subprocess.run(cli_command([*args, *kill]), cwd=PROJECT_ROOT, env=cli_env(crashed, TESTS_ON_PATH),
-                              capture_output=True, text=True, timeout=900, start_new_session=True)
+    for hook, step, micro in (
+        ("on_train_batch_end", 1, 0),  # mid accumulation, epoch 1
+        ("on_train_batch_start", 6, 1),
+    ):  # mid accumulation, epoch 2
+        kill = [
+            "+callbacks.crash._target_=tests.helpers.crash.KillAt",
+            f"+callbacks.crash.hook={hook}",
+            f"+callbacks.crash.step={step}",
+            f"+callbacks.crash.micro={micro}",
+            "+callbacks.crash.whole_job=true",
+        ]
+        proc = subprocess.run(
+            cli_command([*args, *kill]),
+            cwd=PROJECT_ROOT,
+            env=cli_env(crashed, TESTS_ON_PATH),
+            capture_output=True,
+            text=True,
+            timeout=900,
+            start_new_session=True,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
         assert not (_run_dir(crashed) / "student").exists()
     run_cli(args, crashed)
@@ -185,9 +239,18 @@ def test_ddp_validation_is_sharded_and_its_reduced_loss_is_the_single_process_lo
     from tests.conftest import stage_cache
 
     probe = tmp_path / "probe"
-    args = [*DDP, "logger=none", "stage=train", "teacher.source.limit=15", "data.val_size=5", "data.max_length=2048",
-            "data.micro_batch_size=2", "training.effective_batch_size=4", "+callbacks.val._target_=tests.helpers.rank_probes.RecordValidation",
-            f"+callbacks.val.folder={probe}"]
+    args = [
+        *DDP,
+        "logger=none",
+        "stage=train",
+        "teacher.source.limit=15",
+        "data.val_size=5",
+        "data.max_length=2048",
+        "data.micro_batch_size=2",
+        "training.effective_batch_size=4",
+        "+callbacks.val._target_=tests.helpers.rank_probes.RecordValidation",
+        f"+callbacks.val.folder={probe}",
+    ]
     run_cli(args, tmp_path, env=TESTS_ON_PATH)
     run_dir = _run_dir(tmp_path)
     dataset = json.loads((probe / "val_dataset.json").read_text())
@@ -222,15 +285,21 @@ def test_processes_sharing_a_cache_compute_each_record_once(tmp_path):
     computes each stage, the other waits on the stage's lock and reads its records."""
     args = ["experiment=tiny", "logger=none", "baseline=palign", "stage=align"]
     env = cli_env(tmp_path)
-    jobs = [subprocess.Popen(cli_command(args), cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    jobs = [
+        subprocess.Popen(
+            cli_command(args), cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     logs = [job.communicate(timeout=900)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert sum("examples to compute" in log for log in logs) == 1  # truncation computed by one job only
     for store in (tmp_path / "cache").rglob("records.jsonl"):
         keys = [json.loads(line)["key"] for line in store.read_text().splitlines()]
         assert keys and len(keys) == len(set(keys)), store  # no record written twice
-    summaries = [json.loads((run / "summary.json").read_text()) for run in (tmp_path / "runs").iterdir() if run.is_dir()]
+    summaries = [
+        json.loads((run / "summary.json").read_text()) for run in (tmp_path / "runs").iterdir() if run.is_dir()
+    ]
     assert len(summaries) == 1  # both jobs are the same run
 
 

@@ -20,83 +20,173 @@ from tests.conftest import PROJECT_ROOT, compose_config
 DOCS = [PROJECT_ROOT / "README.md", PROJECT_ROOT / "experiments" / "README.md"]
 
 PAPER_QWEN25 = {  # PAPER.md §3-§5: what "the paper's setting" means
-    "student.name": "qwen2_5_7b_instruct", "teacher.name": "s1k", "baseline.name": "palign",
-    "choice:truncation/granularity": "paper_sentence", "choice:truncation/search": "binary",
-    "choice:truncation/judge": "self_generate", "choice:truncation/judge_prompt": "paper", "alignment.filter": "correct",
-    "choice:training": "paper", "training.lora.r": 16, "choice:trainer": "gpu", "choice:experiment": "paper/table1_qwen2_5_7b",
-    "data.max_length": 32768, "data.train_limit": None, "training.learning_rate": 5e-5, "training.epochs": 3,
-    "training.effective_batch_size": 32, "evaluation.sampling.num_samples": 3,
+    "student.name": "qwen2_5_7b_instruct",
+    "teacher.name": "s1k",
+    "baseline.name": "palign",
+    "choice:truncation/granularity": "paper_sentence",
+    "choice:truncation/search": "binary",
+    "choice:truncation/judge": "self_generate",
+    "choice:truncation/judge_prompt": "paper",
+    "alignment.filter": "correct",
+    "choice:training": "paper",
+    "training.lora.r": 16,
+    "choice:trainer": "gpu",
+    "choice:experiment": "paper/table1_qwen2_5_7b",
+    "data.max_length": 32768,
+    "data.train_limit": None,
+    "training.learning_rate": 5e-5,
+    "training.epochs": 3,
+    "training.effective_batch_size": 32,
+    "evaluation.sampling.num_samples": 3,
     "benchmarks": ["aime24", "aime25", "amc12", "math500"],
 }
 PAPER_QWEN3 = {**PAPER_QWEN25, "student.name": "qwen3_8b", "choice:experiment": "paper/table1_qwen3_8b"}
-DEMO = {"student.name": "smollm2_135m", "teacher.name": "champ", "baseline.name": "palign", "choice:trainer": "cpu",
-        "benchmarks": ["champ_heldout"], "choice:experiment": None, "choice:debug": None}
+DEMO = {
+    "student.name": "smollm2_135m",
+    "teacher.name": "champ",
+    "baseline.name": "palign",
+    "choice:trainer": "cpu",
+    "benchmarks": ["champ_heldout"],
+    "choice:experiment": None,
+    "choice:debug": None,
+}
 TINY = {"student.name": "tiny_random", "choice:experiment": "tiny", "truncation.judge.model.name": "tiny_random"}
 
 # command (as written, without `python run.py`, `-m` and comments) -> the settings it names
 DOCUMENTED: dict[str, dict] = {
     "": DEMO,
     "baseline=sft_long_cot": {**DEMO, "baseline.name": "sft_long_cot", "baseline.target": "long_cot"},
-    "baseline=fixed_ratio baseline.prefix.ratio=0.25": {**DEMO, "baseline.name": "fixed_ratio", "baseline.prefix.ratio": 0.25},
-    "stage=truncate truncation/search=exhaustive": {**DEMO, "stage": "truncate", "choice:truncation/search": "exhaustive"},
+    "baseline=fixed_ratio baseline.prefix.ratio=0.25": {
+        **DEMO,
+        "baseline.name": "fixed_ratio",
+        "baseline.prefix.ratio": 0.25,
+    },
+    "stage=truncate truncation/search=exhaustive": {
+        **DEMO,
+        "stage": "truncate",
+        "choice:truncation/search": "exhaustive",
+    },
     "stage=align": {**DEMO, "stage": "align"},
     "stage=eval evaluation=paper": {**DEMO, "stage": "eval", "benchmarks": ["aime24", "aime25", "amc12", "math500"]},
-    "stage=grade predictions=../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl":
-        {"stage": "grade", "predictions": "../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl"},
+    "stage=grade predictions=../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl": {
+        "stage": "grade",
+        "predictions": "../shared/data/reference/palign_qwen25_7b_aime24_outputs.jsonl",
+    },
     "experiment=tiny": TINY,
-    "experiment=paper/table1_qwen2_5_7b debug=fast":
-        {**PAPER_QWEN25, "choice:debug": "fast", "data.train_limit": 4, "trainer.limit_train_batches": 2},
-    "teacher=jsonl teacher.source.path=my_traces.jsonl teacher.source.long_cot_field=trace":
-        {"teacher.name": "jsonl", "teacher.source.path": "my_traces.jsonl", "teacher.source.long_cot_field": "trace"},
+    "experiment=paper/table1_qwen2_5_7b debug=fast": {
+        **PAPER_QWEN25,
+        "choice:debug": "fast",
+        "data.train_limit": 4,
+        "trainer.limit_train_batches": 2,
+    },
+    "teacher=jsonl teacher.source.path=my_traces.jsonl teacher.source.long_cot_field=trace": {
+        "teacher.name": "jsonl",
+        "teacher.source.path": "my_traces.jsonl",
+        "teacher.source.long_cot_field": "trace",
+    },
     "baseline=sft_long_cot,sft_short_cot group=my-sweep": {"group": "my-sweep", "teacher.name": "champ"},
     "experiment=paper/table1_qwen2_5_7b": PAPER_QWEN25,
-    "ablation=search": {**DEMO, "group": "ablation-search-smollm2_135m",
-                        "sweep:truncation/search": ["binary", "linear", "exhaustive"]},
+    "ablation=search": {
+        **DEMO,
+        "group": "ablation-search-smollm2_135m",
+        "sweep:truncation/search": ["binary", "linear", "exhaustive"],
+    },
     "stage=eval": {**DEMO, "stage": "eval"},
     "baseline=palign backend@truncation.judge.backend=vllm truncation.judge.engine=batched backend@alignment.backend=vllm "
-    "alignment.chunk_size=512 backend@evaluation.backend=vllm evaluation.chunk_size=512":
-        {**DEMO, "choice:backend@truncation.judge.backend": "vllm", "truncation.judge.engine": "batched", "choice:backend@alignment.backend": "vllm",
-         "choice:backend@evaluation.backend": "vllm"},
-    "baseline=palign,fixed_ratio,sft_long_cot,sft_short_cot,prefix_only,student_only group=demo-table":
-        {**DEMO, "group": "demo-table"},
+    "alignment.chunk_size=512 backend@evaluation.backend=vllm evaluation.chunk_size=512": {
+        **DEMO,
+        "choice:backend@truncation.judge.backend": "vllm",
+        "truncation.judge.engine": "batched",
+        "choice:backend@alignment.backend": "vllm",
+        "choice:backend@evaluation.backend": "vllm",
+    },
+    "baseline=palign,fixed_ratio,sft_long_cot,sft_short_cot,prefix_only,student_only group=demo-table": {
+        **DEMO,
+        "group": "demo-table",
+    },
     "stage=report": {"stage": "report"},
     "stage=align backend@alignment.backend=openai alignment.backend.base_url=http://gpu-node:8000/v1 "
-    "alignment.backend.server=vllm alignment.backend.api_key_env=null":
-        {**DEMO, "stage": "align", "choice:backend@alignment.backend": "openai",
-         "alignment.backend.base_url": "http://gpu-node:8000/v1", "alignment.backend.server": "vllm",
-         "alignment.backend.api_key_env": None, "choice:backend@truncation.judge.backend": "hf"},
-    "ablation=granularity": {**DEMO, "sweep:truncation/granularity": ["paper_sentence", "sentence", "step", "token_chunk"]},
+    "alignment.backend.server=vllm alignment.backend.api_key_env=null": {
+        **DEMO,
+        "stage": "align",
+        "choice:backend@alignment.backend": "openai",
+        "alignment.backend.base_url": "http://gpu-node:8000/v1",
+        "alignment.backend.server": "vllm",
+        "alignment.backend.api_key_env": None,
+        "choice:backend@truncation.judge.backend": "hf",
+    },
+    "ablation=granularity": {
+        **DEMO,
+        "sweep:truncation/granularity": ["paper_sentence", "sentence", "step", "token_chunk"],
+    },
     "experiment=tiny baseline=palign,sft_long_cot": TINY,
     "experiment=paper/table1_qwen2_5_7b baseline=palign,sft_long_cot,sft_short_cot,fixed_ratio": PAPER_QWEN25,
     "experiment=paper/table1_qwen3_8b baseline=palign,sft_long_cot,sft_short_cot,fixed_ratio": PAPER_QWEN3,
-    "experiment=paper/table1_qwen2_5_7b ablation=search":
-        {**PAPER_QWEN25, "group": "ablation-search-qwen2_5_7b_instruct",
-         "sweep:truncation/search": ["binary", "linear", "exhaustive"]},
+    "experiment=paper/table1_qwen2_5_7b ablation=search": {
+        **PAPER_QWEN25,
+        "group": "ablation-search-qwen2_5_7b_instruct",
+        "sweep:truncation/search": ["binary", "linear", "exhaustive"],
+    },
     "stage=judge_chains baseline=palign": {**DEMO, "stage": "judge_chains", "choice:chain_judge": "local"},
     "hydra/launcher=slurm experiment=paper/table1_qwen2_5_7b stage=align":  # sbatch sizes from the recipe's trainer=gpu
-        {**PAPER_QWEN25, "stage": "align", "choice:hydra/launcher": "slurm", "hydra.launcher.nodes": 1,
-         "hydra.launcher.gpus_per_node": 1, "hydra.launcher.tasks_per_node": 1},
-    "hydra/launcher=slurm experiment=paper/table1_qwen2_5_7b trainer=ddp trainer.num_nodes=2 trainer.devices=8":
-        {**PAPER_QWEN25, "choice:trainer": "ddp", "choice:hydra/launcher": "slurm", "trainer.num_nodes": 2,
-         "trainer.devices": 8, "hydra.launcher.nodes": 2, "hydra.launcher.gpus_per_node": 8,
-         "hydra.launcher.tasks_per_node": 8},
-    "experiment=tiny stage=align backend@truncation.judge.backend=ray backend@alignment.backend=ray ray.num_workers=2":
-        {**TINY, "stage": "align", "choice:backend@truncation.judge.backend": "ray", "choice:backend@alignment.backend": "ray", "ray.num_workers": 2,
-         "ray.num_workers": 2, "ray.num_workers": 2, "ray.address": None},
+    {
+        **PAPER_QWEN25,
+        "stage": "align",
+        "choice:hydra/launcher": "slurm",
+        "hydra.launcher.nodes": 1,
+        "hydra.launcher.gpus_per_node": 1,
+        "hydra.launcher.tasks_per_node": 1,
+    },
+    "hydra/launcher=slurm experiment=paper/table1_qwen2_5_7b trainer=ddp trainer.num_nodes=2 trainer.devices=8": {
+        **PAPER_QWEN25,
+        "choice:trainer": "ddp",
+        "choice:hydra/launcher": "slurm",
+        "trainer.num_nodes": 2,
+        "trainer.devices": 8,
+        "hydra.launcher.nodes": 2,
+        "hydra.launcher.gpus_per_node": 8,
+        "hydra.launcher.tasks_per_node": 8,
+    },
+    "experiment=tiny stage=align backend@truncation.judge.backend=ray backend@alignment.backend=ray ray.num_workers=2": {
+        **TINY,
+        "stage": "align",
+        "choice:backend@truncation.judge.backend": "ray",
+        "choice:backend@alignment.backend": "ray",
+        "ray.num_workers": 2,
+        "ray.num_workers": 2,
+        "ray.num_workers": 2,
+        "ray.address": None,
+    },
     "experiment=paper/table1_qwen2_5_7b stage=align backend@truncation.judge.backend=ray backend@alignment.backend=ray ray.address=auto "
     "ray.engine=vllm ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256 "
-    "alignment.chunk_size=1024":
-        {**PAPER_QWEN25, "stage": "align", "choice:backend@truncation.judge.backend": "ray", "choice:backend@alignment.backend": "ray",
-         "ray.address": "auto", "ray.engine": "vllm", "ray.num_workers": 16,
-         "ray.num_gpus_per_worker": 1, "ray.batch_size": 256},
+    "alignment.chunk_size=1024": {
+        **PAPER_QWEN25,
+        "stage": "align",
+        "choice:backend@truncation.judge.backend": "ray",
+        "choice:backend@alignment.backend": "ray",
+        "ray.address": "auto",
+        "ray.engine": "vllm",
+        "ray.num_workers": 16,
+        "ray.num_gpus_per_worker": 1,
+        "ray.batch_size": 256,
+    },
     "experiment=paper/table1_qwen2_5_7b stage=eval backend@evaluation.backend=ray ray.address=auto ray.engine=vllm "
-    "ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256":
-        {**PAPER_QWEN25, "stage": "eval", "choice:backend@evaluation.backend": "ray", "ray.address": "auto",
-         "ray.engine": "vllm", "ray.num_workers": 16, "ray.num_gpus_per_worker": 1},
+    "ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256": {
+        **PAPER_QWEN25,
+        "stage": "eval",
+        "choice:backend@evaluation.backend": "ray",
+        "ray.address": "auto",
+        "ray.engine": "vllm",
+        "ray.num_workers": 16,
+        "ray.num_gpus_per_worker": 1,
+    },
     "stage=judge_chains baseline=palign chain_judge=openai chain_judge.backend.base_url=https://open.bigmodel.cn/api/paas/v4 "
-    "chain_judge.backend.model=glm-4.5 chain_judge.backend.api_key_env=ZHIPUAI_API_KEY":
-        {"stage": "judge_chains", "choice:chain_judge": "openai", "chain_judge.backend.model": "glm-4.5",
-         "chain_judge.backend.api_key_env": "ZHIPUAI_API_KEY"},
+    "chain_judge.backend.model=glm-4.5 chain_judge.backend.api_key_env=ZHIPUAI_API_KEY": {
+        "stage": "judge_chains",
+        "choice:chain_judge": "openai",
+        "chain_judge.backend.model": "glm-4.5",
+        "chain_judge.backend.api_key_env": "ZHIPUAI_API_KEY",
+    },
 }
 
 
@@ -138,7 +228,9 @@ def check(cfg, expected: dict) -> None:
             assert sorted(k for k, v in cfg.evaluation.benchmarks.items() if v is not None) == value, key
         else:
             got = OmegaConf.select(cfg, key)
-            assert got == value or (isinstance(value, float) and got == pytest.approx(value)), f"{key}: {got!r} != {value!r}"
+            assert got == value or (isinstance(value, float) and got == pytest.approx(value)), (
+                f"{key}: {got!r} != {value!r}"
+            )
 
 
 @pytest.mark.parametrize("command", sorted(DOCUMENTED))

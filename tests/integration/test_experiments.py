@@ -10,16 +10,33 @@ from omegaconf import OmegaConf
 from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 
-EXPERIMENTS = sorted(str(p.relative_to(PROJECT_ROOT / "conf" / "experiment").with_suffix(""))
-                     for p in (PROJECT_ROOT / "conf" / "experiment").rglob("*.yaml"))
+EXPERIMENTS = sorted(
+    str(p.relative_to(PROJECT_ROOT / "conf" / "experiment").with_suffix(""))
+    for p in (PROJECT_ROOT / "conf" / "experiment").rglob("*.yaml")
+)
 ABLATIONS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "ablation").glob("*.yaml"))
 # fast-dev: the tiny model on CHAMP and the CPU, whatever the recipe asks for (hub models, s1K, GPUs)
-FAST_DEV = ["experiment=tiny", "teacher=champ", "teacher.source.limit=6", "trainer=cpu", "logger=none", "data.val_size=0"]
+FAST_DEV = [
+    "experiment=tiny",
+    "teacher=champ",
+    "teacher.source.limit=6",
+    "trainer=cpu",
+    "logger=none",
+    "data.val_size=0",
+]
 
 
 def test_recipes_exist():
     assert {"tiny", "paper/table1_qwen2_5_7b", "paper/table1_qwen3_8b"} <= set(EXPERIMENTS)
-    assert {"granularity", "judge_prompt", "judge_model", "search", "decision_mode", "fixed_ratio", "supervision"} <= set(ABLATIONS)
+    assert {
+        "granularity",
+        "judge_prompt",
+        "judge_model",
+        "search",
+        "decision_mode",
+        "fixed_ratio",
+        "supervision",
+    } <= set(ABLATIONS)
 
 
 @pytest.mark.slow
@@ -52,8 +69,12 @@ def test_every_job_of_an_ablation_sweep_composes_on_every_recipe_and_keeps_the_r
         chosen = cfg.hydra.runtime.choices.get(key) or OmegaConf.select(cfg, key)
         assert str(chosen) == value, job
         # the recipe's own settings stay: the ablation changes one knob
-        assert (cfg.student.name, cfg.teacher.name, cfg.data.max_length, cfg.training.learning_rate) == \
-               (base.student.name, base.teacher.name, base.data.max_length, base.training.learning_rate)
+        assert (cfg.student.name, cfg.teacher.name, cfg.data.max_length, cfg.training.learning_rate) == (
+            base.student.name,
+            base.teacher.name,
+            base.data.max_length,
+            base.training.learning_rate,
+        )
         assert cfg.group == f"ablation-{ablation}-{base.student.name}"
 
 
@@ -76,13 +97,28 @@ def test_sweep_over_all_baselines_builds_a_complete_table_and_reruns_do_no_new_w
     # what each stage stored: checkpoints, students, predictions, and the cached truncation,
     # alignment and tokenized records (the test's own cache, so the first sweep computed them all)
     stored = [p for run_dir in runs for p in run_dir.rglob("*") if p.suffix in (".ckpt", ".safetensors")]
-    stored += [p for run_dir in runs for p in (run_dir / "eval").glob("*/*.jsonl") if not p.name.endswith(".graded.jsonl")]
-    stored += [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "models" not in p.relative_to(tmp_path / "cache").parts]
+    stored += [
+        p for run_dir in runs for p in (run_dir / "eval").glob("*/*.jsonl") if not p.name.endswith(".graded.jsonl")
+    ]
+    stored += [
+        p
+        for p in (tmp_path / "cache").rglob("*")
+        if p.is_file() and "models" not in p.relative_to(tmp_path / "cache").parts
+    ]
     assert {p.relative_to(tmp_path / "cache").parts[0] for p in stored if tmp_path / "cache" in p.parents} >= {
-        "truncation", "alignment", "tokenized"}
+        "truncation",
+        "alignment",
+        "tokenized",
+    }
     stamps = {p: p.stat().st_mtime_ns for p in stored}
-    stages = {run_dir: {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if k in ("truncation", "alignment")}
-              for run_dir in runs}
+    stages = {
+        run_dir: {
+            k: v
+            for k, v in json.loads((run_dir / "summary.json").read_text()).items()
+            if k in ("truncation", "alignment")
+        }
+        for run_dir in runs
+    }
     report = run_cli(["stage=report", "logger=none"], tmp_path)
     table = (tmp_path / "report" / "table1.md").read_text()
     main_table = table.split("\n\n")[0]  # Table 1 itself; the samples-per-cell table follows
@@ -104,7 +140,9 @@ def test_sweep_over_all_baselines_builds_a_complete_table_and_reruns_do_no_new_w
 
 @pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep_and_is_reported(tmp_path):
-    proc = run_cli(["-m", *FAST_DEV, "baseline=sft_long_cot,sft_short_cot", "data.max_length=16,768"], tmp_path, check=False)
+    proc = run_cli(
+        ["-m", *FAST_DEV, "baseline=sft_long_cot,sft_short_cot", "data.max_length=16,768"], tmp_path, check=False
+    )
     assert proc.returncode == 1
     assert "sweep finished: 2 of 4 jobs succeeded" in proc.stdout
     assert proc.stdout.count("[failed]") == 2 and "longer than data.max_length=16 tokens" in proc.stdout

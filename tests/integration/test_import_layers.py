@@ -17,14 +17,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
-pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason=f"import-linter is not installed ({LINT_IMPORTS} "
-                                                                   "missing): pip install -e '.[test]'")
+pytestmark = pytest.mark.skipif(
+    not LINT_IMPORTS.exists(),
+    reason=f"import-linter is not installed ({LINT_IMPORTS} missing): pip install -e '.[test]'",
+)
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
     """`lint-imports` on the palign package found in `cwd`, with the contracts of `cwd`/pyproject.toml."""
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo"], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo"], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def package_copy(tmp_path: Path) -> Path:
@@ -46,18 +49,33 @@ def test_the_imports_in_palign_follow_the_layers():
     assert "0 broken" in result.stdout
 
 
-@pytest.mark.parametrize(("module", "added", "broken"), [
-    # the circle that palign.runs removed: the report reading the run's identity from the pipeline
-    ("reporting/tables.py", "from palign.pipeline import run", "palign.reporting.tables -> palign.pipeline"),
-    # a service importing a stage: the vLLM back end holding the judge, as before palign.truncation.vllm_judge
-    ("llm/vllm_backend.py", "from palign.truncation.judge import SufficiencyJudge", "palign.llm.vllm_backend -> palign.truncation.judge"),
-    # independent siblings: SFT data reaching into stage 2
-    ("data/sft.py", "from palign.alignment.continuation import AlignmentSettings", "palign.data.sft -> palign.alignment.continuation"),
-    # Hydra outside the run and its config
-    ("teachers/sources.py", "from hydra.utils import instantiate", "palign.teachers.sources -> hydra"),
-    # inside the artifacts: a strict reader reaching up into the stage stores built on it
-    ("artifacts/readers.py", "from palign.artifacts.stores import RecordStore", "palign.artifacts.readers -> palign.artifacts.stores"),
-])
+@pytest.mark.parametrize(
+    ("module", "added", "broken"),
+    [
+        # the circle that palign.runs removed: the report reading the run's identity from the pipeline
+        ("reporting/tables.py", "from palign.pipeline import run", "palign.reporting.tables -> palign.pipeline"),
+        # a service importing a stage: the vLLM back end holding the judge, as before palign.truncation.vllm_judge
+        (
+            "llm/vllm_backend.py",
+            "from palign.truncation.judge import SufficiencyJudge",
+            "palign.llm.vllm_backend -> palign.truncation.judge",
+        ),
+        # independent siblings: SFT data reaching into stage 2
+        (
+            "data/sft.py",
+            "from palign.alignment.continuation import AlignmentSettings",
+            "palign.data.sft -> palign.alignment.continuation",
+        ),
+        # Hydra outside the run and its config
+        ("teachers/sources.py", "from hydra.utils import instantiate", "palign.teachers.sources -> hydra"),
+        # inside the artifacts: a strict reader reaching up into the stage stores built on it
+        (
+            "artifacts/readers.py",
+            "from palign.artifacts.stores import RecordStore",
+            "palign.artifacts.readers -> palign.artifacts.stores",
+        ),
+    ],
+)
 def test_the_contracts_catch_one_lazy_import_that_breaks_them(tmp_path, module, added, broken):
     with open(package_copy(tmp_path) / module, "a", encoding="utf-8") as file:
         file.write(f"\n\ndef _added_for_the_test():\n    {added}  # noqa: F401\n")

@@ -20,8 +20,14 @@ from tests.conftest import compose_config, run_cli
 
 # a developer's conf/local/slurm.yaml (partition, account) stays out of a test, like conf/local/default.yaml
 NO_LOCAL_SLURM = "~local@hydra.launcher"
-PAPER_ON_TWO_NODES = ["-m", "hydra/launcher=slurm", "experiment=paper/table1_qwen2_5_7b", "trainer=ddp",
-                      "trainer.num_nodes=2", "trainer.devices=8"]
+PAPER_ON_TWO_NODES = [
+    "-m",
+    "hydra/launcher=slurm",
+    "experiment=paper/table1_qwen2_5_7b",
+    "trainer=ddp",
+    "trainer.num_nodes=2",
+    "trainer.devices=8",
+]
 
 
 def write_jsonl(path, rows):
@@ -34,8 +40,17 @@ def test_a_submitit_local_multirun_runs_each_job_as_a_submitit_job_with_its_own_
     # stage=grade: the cheapest stage that goes through the pipeline; each file has a known pass@1
     half = write_jsonl(tmp_path / "half.jsonl", [{"id": "h1", "answer": "2", "output": ["\\boxed{2}", "\\boxed{3}"]}])
     full = write_jsonl(tmp_path / "full.jsonl", [{"id": "f1", "answer": "3", "output": ["\\boxed{3}", "\\boxed{3}"]}])
-    proc = run_cli(["-m", "hydra/launcher=submitit_local", "stage=grade", f"predictions={half},{full}", "logger=none",
-                    "evaluation.grading.workers=1"], tmp_path)
+    proc = run_cli(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "stage=grade",
+            f"predictions={half},{full}",
+            "logger=none",
+            "evaluation.grading.workers=1",
+        ],
+        tmp_path,
+    )
     assert "sweep finished: 2 of 2 jobs succeeded" in proc.stdout, proc.stdout[-2000:]
 
     (sweep,) = tmp_path.glob("multirun/*/*")
@@ -58,14 +73,16 @@ def test_a_submitit_local_multirun_runs_each_job_as_a_submitit_job_with_its_own_
 
 # -- SLURM: the sbatch script --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fake_slurm(tmp_path):
     """PATH for run_cli with a fake srun and sbatch first; the script sbatch was given lands in `submitted`."""
     bin_dir = tmp_path / "fake_slurm"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/submitted.sh"\n'
-                                    'echo "sbatch: error: stopped by the test" >&2\nexit 1\n')
+    (bin_dir / "sbatch").write_text(
+        '#!/bin/sh\ncp "$1" "$(dirname "$0")/submitted.sh"\necho "sbatch: error: stopped by the test" >&2\nexit 1\n'
+    )
     for tool in ("srun", "sbatch"):
         (bin_dir / tool).chmod(0o755)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, bin_dir / "submitted.sh"
@@ -102,8 +119,16 @@ def test_partition_and_account_come_from_conf_local_and_the_command_line_wins(tm
     local = tmp_path / "extra_conf" / "local"
     local.mkdir(parents=True)
     (local / "pytest_cluster.yaml").write_text("partition: gpu-a100\naccount: from-local\n")
-    script = submit([*PAPER_ON_TWO_NODES, f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]",
-                     "local@hydra.launcher=pytest_cluster", "hydra.launcher.account=from-cli"], tmp_path, fake_slurm)
+    script = submit(
+        [
+            *PAPER_ON_TWO_NODES,
+            f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]",
+            "local@hydra.launcher=pytest_cluster",
+            "hydra.launcher.account=from-cli",
+        ],
+        tmp_path,
+        fake_slurm,
+    )
     flags = sbatch_flags(script)
     assert (flags["partition"], flags["account"], flags["nodes"]) == ("gpu-a100", "from-cli", "2")
 
@@ -115,15 +140,24 @@ def test_a_typo_in_the_slurm_launcher_settings_fails_while_composing_naming_the_
     local.mkdir(parents=True)
     (local / "typo.yaml").write_text("partitoin: gpu\n")
     with pytest.raises(ConfigCompositionException, match=r"(?s)In 'local/typo'.*full_key: hydra\.launcher\.partitoin"):
-        compose_config(["hydra/launcher=slurm", f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]",
-                        "local@hydra.launcher=typo"], tmp_path, hydra=True)
+        compose_config(
+            [
+                "hydra/launcher=slurm",
+                f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]",
+                "local@hydra.launcher=typo",
+            ],
+            tmp_path,
+            hydra=True,
+        )
 
 
 @pytest.mark.slow
 def test_a_key_forced_in_with_plus_is_refused_by_submitit_before_anything_is_submitted(tmp_path, fake_slurm):
     # `+` makes Hydra add any key, even into the plugin's structured config; submitit then names it
     env, submitted = fake_slurm
-    proc = run_cli([*PAPER_ON_TWO_NODES, NO_LOCAL_SLURM, "+hydra.launcher.partitoin=gpu"], tmp_path, env=env, check=False)
+    proc = run_cli(
+        [*PAPER_ON_TWO_NODES, NO_LOCAL_SLURM, "+hydra.launcher.partitoin=gpu"], tmp_path, env=env, check=False
+    )
     assert proc.returncode != 0
     assert "Unknown argument 'partitoin' for executor 'slurm'" in proc.stderr, proc.stderr[-3000:]
     assert not submitted.exists()

@@ -26,12 +26,32 @@ pytest.importorskip("ray", reason="pip install 'palign[ray]'")
 
 pytestmark = pytest.mark.slow  # each run starts Ray and loads the model in 2 actors (~30-60 s on 2 cores)
 
-RUN = ["experiment=tiny", "stage=align", "baseline=palign", "alignment.sampling.do_sample=false", "alignment.chunk_size=2",
-       "truncation.chunk_size=2", "logger=none"]
-OVER_RAY = ["backend@truncation.judge.backend=ray", "backend@alignment.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
+RUN = [
+    "experiment=tiny",
+    "stage=align",
+    "baseline=palign",
+    "alignment.sampling.do_sample=false",
+    "alignment.chunk_size=2",
+    "truncation.chunk_size=2",
+    "logger=none",
+]
+OVER_RAY = [
+    "backend@truncation.judge.backend=ray",
+    "backend@alignment.backend=ray",
+    "ray.num_workers=2",
+    "ray.batch_size=2",
+]
 # the base tiny model on 8 held-out CHAMP problems, greedy, 2 problems per stored chunk
-EVAL = ["experiment=tiny", "stage=eval", "evaluation.benchmarks.champ_heldout.limit=8", "evaluation.sampling.do_sample=false",
-        "evaluation.sampling.num_samples=1", "evaluation.pass_k=1", "evaluation.chunk_size=2", "logger=none"]
+EVAL = [
+    "experiment=tiny",
+    "stage=eval",
+    "evaluation.benchmarks.champ_heldout.limit=8",
+    "evaluation.sampling.do_sample=false",
+    "evaluation.sampling.num_samples=1",
+    "evaluation.pass_k=1",
+    "evaluation.chunk_size=2",
+    "logger=none",
+]
 EVAL_OVER_RAY = ["backend@evaluation.backend=ray", "ray.num_workers=2", "ray.batch_size=2"]
 COMMANDS = {"truncation": (RUN, OVER_RAY), "alignment": (RUN, OVER_RAY), "eval": (EVAL, EVAL_OVER_RAY)}
 
@@ -76,8 +96,14 @@ def summary(out) -> dict:
 def decided(rows: list[dict], stage: str) -> dict:
     """What each record holds that the back end must not change (judge scores to float tolerance)."""
     if stage == "truncation":
-        return {r["key"]: (r["chosen_k"], r["prefix"], [(p["k"], p["sufficient"], round(p["score"], 4)) for p in r["probes"]])
-                for r in rows}
+        return {
+            r["key"]: (
+                r["chosen_k"],
+                r["prefix"],
+                [(p["k"], p["sufficient"], round(p["score"], 4)) for p in r["probes"]],
+            )
+            for r in rows
+        }
     if stage == "eval":
         return {r["id"]: (r["output"], r["tokens"], r["finished"]) for r in rows}
     return {r["key"]: (r["continuation"], r["tokens"], r["finished"]) for r in rows}
@@ -87,9 +113,24 @@ def decided(rows: list[dict], stage: str) -> dict:
 def test_a_driver_killed_mid_stage_resumes_without_redoing_or_duplicating(stage, tmp_path, ray_env, reference):
     run, over_ray = COMMANDS[stage]
     expected = reference(stage)
-    command = [sys.executable, str(PROJECT_ROOT / "tests" / "helpers" / "kill_driver.py"), stage, "3", NO_LOCAL, *run, *over_ray]
-    killed = subprocess.Popen(command, cwd=PROJECT_ROOT, env=cli_env(tmp_path, ray_env), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        str(PROJECT_ROOT / "tests" / "helpers" / "kill_driver.py"),
+        stage,
+        "3",
+        NO_LOCAL,
+        *run,
+        *over_ray,
+    ]
+    killed = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        env=cli_env(tmp_path, ray_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = killed.communicate(timeout=900)
     finally:

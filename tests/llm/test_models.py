@@ -48,8 +48,12 @@ def test_two_processes_building_the_same_model_agree(student_specs, cache_dir, t
     (tmp_path / "models").mkdir()
     src = resolve_model_path(student_specs["smollm2_135m"], cache_dir)
     shutil.copytree(src, tmp_path / "models" / src.rsplit("/", 1)[-1])
-    procs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(spec), str(tmp_path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, json.dumps(spec), str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1]
@@ -58,7 +62,9 @@ def test_two_processes_building_the_same_model_agree(student_specs, cache_dir, t
     assert not list((tmp_path / "models").glob(".*.tmp"))  # no half-written folder left behind
 
 
-def test_tiny_random_is_deterministic_and_uses_the_smollm2_template(tiny_model, smollm2_tokenizer, student_specs, cache_dir):
+def test_tiny_random_is_deterministic_and_uses_the_smollm2_template(
+    tiny_model, smollm2_tokenizer, student_specs, cache_dir
+):
     tokenizer = load_tokenizer(student_specs["tiny_random"], cache_dir)
     assert tokenizer.chat_template == smollm2_tokenizer.chat_template
     assert tiny_model.config.num_hidden_layers == 2
@@ -69,7 +75,10 @@ def test_tiny_random_is_deterministic_and_uses_the_smollm2_template(tiny_model, 
 
 
 def test_hub_source_passes_the_id_through_and_local_checks_the_folder(tmp_path):
-    assert resolve_model_path({"name": "q", "source": "hub", "pretrained": "Qwen/Qwen2.5-7B-Instruct"}, tmp_path) == "Qwen/Qwen2.5-7B-Instruct"
+    assert (
+        resolve_model_path({"name": "q", "source": "hub", "pretrained": "Qwen/Qwen2.5-7B-Instruct"}, tmp_path)
+        == "Qwen/Qwen2.5-7B-Instruct"
+    )
     with pytest.raises(FileNotFoundError, match="no model folder"):
         resolve_model_path({"name": "x", "source": "local", "pretrained": str(tmp_path / "missing")}, tmp_path)
     with pytest.raises(ValueError, match="unknown keys"):

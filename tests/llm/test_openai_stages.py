@@ -48,13 +48,20 @@ from palign.truncation.stage import PrefixTruncation, build_judge
 from palign.truncation.units import Sentences
 
 PROMPTS = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "prompts" / "paper.yaml"))
-JUDGE_PROMPT = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt"
-                                                                    / "paper.yaml")))
+JUDGE_PROMPT = JudgePrompt(
+    **OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml"))
+)
 # greedy, 2 prompts per in-process batch (the server gets one request per prompt)
 GREEDY = asdict(SamplingConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.0, num_samples=1, batch_size=2))
-RECORDS = [TeacherRecord(id=f"p{i}", question=f"What is {i} + {i * i}?" + " Think." * i, answer=str(i + i * i),
-                         long_cot=" ".join(f"Step {j}: we compute {j} + {i} = {i + j}." for j in range(1, 4 + i)))
-           for i in range(3)]
+RECORDS = [
+    TeacherRecord(
+        id=f"p{i}",
+        question=f"What is {i} + {i * i}?" + " Think." * i,
+        answer=str(i + i * i),
+        long_cot=" ".join(f"Step {j}: we compute {j} + {i} = {i + j}." for j in range(1, 4 + i)),
+    )
+    for i in range(3)
+]
 PREFIXES = {r.id: f"We add {i} and {i * i}." for i, r in enumerate(RECORDS)}
 NOWHERE = "http://127.0.0.1:9/v1"  # the discard port: no server
 
@@ -91,8 +98,17 @@ def user_turns(proxy_server) -> list[str]:
 # -- stage 2: the continuation ----------------------------------------------------------------------
 def test_continuations_through_transformers_serve_equal_the_in_process_ones(proxy, varied, tiny_tokenizer, tmp_path):
     def continuation(cache, backend) -> PrefixContinuation:
-        return PrefixContinuation.from_config(varied, "none", backend, GREEDY, 2, asdict(Grading(workers=0)),
-                                              prompts=PROMPTS, cache_dir=stage_cache(cache), tokenizer=tiny_tokenizer)
+        return PrefixContinuation.from_config(
+            varied,
+            "none",
+            backend,
+            GREEDY,
+            2,
+            asdict(Grading(workers=0)),
+            prompts=PROMPTS,
+            cache_dir=stage_cache(cache),
+            tokenizer=tiny_tokenizer,
+        )
 
     local = continuation(tmp_path / "hf", HFBackend())
     stage = continuation(tmp_path / "openai", served_option(proxy.base_url))
@@ -105,8 +121,9 @@ def test_continuations_through_transformers_serve_equal_the_in_process_ones(prox
     assert distinct([r["continuation"] for r in rows]) and all(r["tokens"] == 8 for r in rows)
     assert stage(RECORDS, PREFIXES) == {r["id"]: r["continuation"] for r in rows}  # filter none: every one kept
     # one request per continuation, its user turn as the stage renders it
-    assert sorted(user_turns(proxy)) == sorted(continuation_prompt(PROMPTS, r.question, PREFIXES[r.id])
-                                               for r in RECORDS)
+    assert sorted(user_turns(proxy)) == sorted(
+        continuation_prompt(PROMPTS, r.question, PREFIXES[r.id]) for r in RECORDS
+    )
 
 
 # -- stage 4: evaluation ----------------------------------------------------------------------------
@@ -114,8 +131,9 @@ def test_evaluation_through_transformers_serve_predicts_what_the_in_process_stud
     proxy, varied, cache_dir, tmp_path
 ):
     bench = tmp_path / "toy.jsonl"
-    problems = [{"problem": f"Compute {i} * {i + 2}." + " Show work." * i, "answer": str(i * (i + 2))}
-                for i in range(3)]
+    problems = [
+        {"problem": f"Compute {i} * {i + 2}." + " Show work." * i, "answer": str(i * (i + 2))} for i in range(3)
+    ]
     bench.write_text("".join(json.dumps(problem) + "\n" for problem in problems))
     benchmarks = {"toy": {"name": "toy", "local_path": str(bench), "limit": None, "exclude_training": False}}
 
@@ -123,9 +141,22 @@ def test_evaluation_through_transformers_serve_predicts_what_the_in_process_stud
         run_dir = tmp_path / name
         tracker = Tracker("none", run_dir, name, name, "test", "eval", project="palign", entity=None, mode="offline")
         summary = evaluate_student(
-            benchmarks, None, None, backend, GREEDY, 1, asdict(Grading(workers=0)), 2, student=varied, method="palign",
-            prompts=PROMPTS, cache_dir=cache_dir, run_dir=run_dir, trained=run_dir / "student",
-            training_ids=lambda: pytest.fail("no benchmark holds out training problems"), tracker=tracker,
+            benchmarks,
+            None,
+            None,
+            backend,
+            GREEDY,
+            1,
+            asdict(Grading(workers=0)),
+            2,
+            student=varied,
+            method="palign",
+            prompts=PROMPTS,
+            cache_dir=cache_dir,
+            run_dir=run_dir,
+            trained=run_dir / "student",
+            training_ids=lambda: pytest.fail("no benchmark holds out training problems"),
+            tracker=tracker,
             intervals=asdict(Intervals(resamples=100)),
         )
         (predictions,) = (run_dir / "eval").glob("*/toy.jsonl")
@@ -143,8 +174,17 @@ def test_evaluation_through_transformers_serve_predicts_what_the_in_process_stud
 # -- stage 1: the sufficiency judge ---------------------------------------------------------------------
 def judge_node(spec: dict, backend, mode: str = "generate") -> Judge:
     """The `truncation.judge` node of `spec` (8 reply tokens, batch 2; the schema's defaults otherwise)."""
-    return Judge(**{**defaults(Judge), "model": ModelSpec.from_config(spec), "mode": mode, "max_new_tokens": 8,
-                    "batch_size": 2, "backend": backend, "threshold": AbsoluteThreshold(value=0.0)})
+    return Judge(
+        **{
+            **defaults(Judge),
+            "model": ModelSpec.from_config(spec),
+            "mode": mode,
+            "max_new_tokens": 8,
+            "batch_size": 2,
+            "backend": backend,
+            "threshold": AbsoluteThreshold(value=0.0),
+        }
+    )
 
 
 def test_the_generate_mode_judge_through_transformers_serve_equals_the_in_process_judge(
@@ -161,10 +201,16 @@ def test_the_generate_mode_judge_through_transformers_serve_equals_the_in_proces
 
     # stage 1 as the pipeline builds it: the same probes, verdicts and prefixes on either back end
     def truncation(cache, backend) -> PrefixTruncation:
-        return PrefixTruncation.from_config(granularity=Sentences(), search=BinaryPrefixSearch,
-                                            judge=judge_node(varied, backend), judge_prompt=JUDGE_PROMPT, chunk_size=2,
-                                            prefix=AdaptivePrefix(), cache_dir=stage_cache(cache),
-                                            tokenizer=tiny_tokenizer)
+        return PrefixTruncation.from_config(
+            granularity=Sentences(),
+            search=BinaryPrefixSearch,
+            judge=judge_node(varied, backend),
+            judge_prompt=JUDGE_PROMPT,
+            chunk_size=2,
+            prefix=AdaptivePrefix(),
+            cache_dir=stage_cache(cache),
+            tokenizer=tiny_tokenizer,
+        )
 
     proxy.reset()
     rows = truncation(tmp_path / "openai", option).run(RECORDS)
@@ -175,15 +221,22 @@ def test_the_generate_mode_judge_through_transformers_serve_equals_the_in_proces
 def test_the_logits_mode_judge_is_refused_on_transformers_serve_before_any_request(varied, cache_dir, tmp_path):
     # nothing listens at NOWHERE: a request would fail with a connection error, not this refusal
     option = served_option(NOWHERE)
-    refusal = (r"truncation.judge.mode=logits .*transformers serve \(server: transformers\)"
-               r".*use truncation.judge.mode=generate")
+    refusal = (
+        r"truncation.judge.mode=logits .*transformers serve \(server: transformers\)"
+        r".*use truncation.judge.mode=generate"
+    )
     with pytest.raises(ValueError, match=refusal):
         build_judge(judge_node(varied, option, mode="logits"), JUDGE_PROMPT, cache_dir, option)
 
     # the preflight refuses the composed run before anything loads
-    judged = ["experiment=tiny", "truncation/judge=self", "backend@truncation.judge.backend=openai",
-              "truncation.judge.backend.server=transformers", f"truncation.judge.backend.base_url={NOWHERE}",
-              "truncation.judge.backend.api_key_env=null"]
+    judged = [
+        "experiment=tiny",
+        "truncation/judge=self",
+        "backend@truncation.judge.backend=openai",
+        "truncation.judge.backend.server=transformers",
+        f"truncation.judge.backend.base_url={NOWHERE}",
+        "truncation.judge.backend.api_key_env=null",
+    ]
     cfg = compose_config(judged, tmp_path)
     assert cfg.truncation.judge.mode == "logits"
     (problem,) = inference_problems(cfg, hardware=False)
@@ -203,18 +256,30 @@ def test_the_composed_alignment_stage_runs_on_the_server_it_names(proxy, tiny_pa
     from palign.pipeline import RunContext, make_alignment
 
     def stage(overrides: list[str], name: str) -> PrefixContinuation:
-        cfg = compose_config(["experiment=tiny", "baseline=palign", "alignment.sampling.do_sample=false", *overrides],
-                             tmp_path / name)
+        cfg = compose_config(
+            ["experiment=tiny", "baseline=palign", "alignment.sampling.do_sample=false", *overrides], tmp_path / name
+        )
         ctx = RunContext(cfg=cfg, run_id="test", run_dir=tmp_path / name / "run", cache_dir=Path(cfg.paths.cache_dir))
         return make_alignment(ctx, tiny_tokenizer)
 
-    served_stage = stage(["backend@alignment.backend=openai", f"alignment.backend.base_url={proxy.base_url}",
-                          "alignment.backend.server=transformers", "alignment.backend.api_key_env=null",
-                          f"alignment.backend.model='{tiny_path}'"], "openai")
+    served_stage = stage(
+        [
+            "backend@alignment.backend=openai",
+            f"alignment.backend.base_url={proxy.base_url}",
+            "alignment.backend.server=transformers",
+            "alignment.backend.api_key_env=null",
+            f"alignment.backend.model='{tiny_path}'",
+        ],
+        "openai",
+    )
     backend = served_stage.backend
     assert isinstance(backend, OpenAIChatBackend) and proxy.requests == []  # built, nothing sent
     assert (backend.base_url, backend.model, backend.server.name, backend.api_key_env) == (
-        proxy.base_url, tiny_path, "transformers", None)
+        proxy.base_url,
+        tiny_path,
+        "transformers",
+        None,
+    )
     assert backend.max_concurrency == defaults(Remote)["max_concurrency"]  # the schema's default
 
     # the stage's sampling (the schema's repetition penalty among it) travels with each request: the same continuations

@@ -27,8 +27,17 @@ from palign.llm.vllm_backend import VLLMChatBackend
 from palign.schema import ConfigError, Remote, check_values, defaults
 
 # what a model could ship in generation_config.json; each one would change the sampled tokens
-MODEL_DEFAULTS = {"do_sample": True, "temperature": 0.3, "top_k": 20, "top_p": 0.5, "min_p": 0.2, "typical_p": 0.5,
-                  "repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "epsilon_cutoff": 0.01}
+MODEL_DEFAULTS = {
+    "do_sample": True,
+    "temperature": 0.3,
+    "top_k": 20,
+    "top_p": 0.5,
+    "min_p": 0.2,
+    "typical_p": 0.5,
+    "repetition_penalty": 1.5,
+    "no_repeat_ngram_size": 2,
+    "epsilon_cutoff": 0.01,
+}
 PROMPTS = ["What is 2 + 3?", "Name a prime number larger than 10."]
 
 
@@ -60,12 +69,18 @@ def test_no_setting_of_the_models_generation_config_reaches_sampling(opinionated
     # nothing filtered, penalised or rescaled: the model's top_k 20, min_p, typical_p, temperature,
     # repetition penalty and n-gram ban would each change these
     assert torch.equal(scores, logits)
-    logits, scores = processed_scores(opinionated_model, smollm2_tokenizer, SamplingConfig(max_new_tokens=4, temperature=0.5, top_p=1.0, repetition_penalty=1.0))
+    logits, scores = processed_scores(
+        opinionated_model,
+        smollm2_tokenizer,
+        SamplingConfig(max_new_tokens=4, temperature=0.5, top_p=1.0, repetition_penalty=1.0),
+    )
     assert torch.allclose(scores, logits / 0.5)  # the configured temperature is applied, and only it
 
 
 def test_a_configured_top_k_keeps_exactly_k_tokens(opinionated_model, smollm2_tokenizer):
-    _, scores = processed_scores(opinionated_model, smollm2_tokenizer, SamplingConfig(max_new_tokens=4, top_p=1.0, top_k=5))
+    _, scores = processed_scores(
+        opinionated_model, smollm2_tokenizer, SamplingConfig(max_new_tokens=4, top_p=1.0, top_k=5)
+    )
     assert (torch.isfinite(scores).sum(-1) == 5).all()
     # off (null or 0): the configured top-p alone decides; the tiny model's near-uniform
     # distribution keeps far more than the model's 20 or transformers' default 50 tokens
@@ -100,14 +115,17 @@ def test_top_k_is_validated_and_reaches_vllm_only_when_set():
 
 
 def test_openai_requests_carry_top_k_only_where_the_server_is_told_to(caplog):
-    backend = OpenAIChatBackend.from_config(defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None))
+    backend = OpenAIChatBackend.from_config(
+        defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None)
+    )
     payload = backend._payload("Hi", SamplingConfig(top_k=5, repetition_penalty=1.0), n=1, seed=0)
     assert "top_k" not in payload  # not an OpenAI parameter: OpenAI itself rejects it
     with caplog.at_level(logging.WARNING, logger="palign.llm.openai_backend"):
         backend.complete([], SamplingConfig(top_k=5, repetition_penalty=1.0))
     assert any("top_k=5 is not an OpenAI API parameter" in m for m in caplog.messages)
-    vllm_server = OpenAIChatBackend.from_config(defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None,
-                                                         extra_body={"top_k": 5}))
+    vllm_server = OpenAIChatBackend.from_config(
+        defaults(Remote, base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None, extra_body={"top_k": 5})
+    )
     assert vllm_server._payload("Hi", SamplingConfig(top_k=5), n=1, seed=0)["top_k"] == 5
 
 
@@ -143,16 +161,20 @@ def test_generate_stops_at_every_eos_of_the_models_generation_config_as_vllm_doe
     model = copy.deepcopy(tiny_model)
     model.generation_config.eos_token_id = [im_end, endoftext]
     forcing(model, [word, word, endoftext])
-    for sampling in (SamplingConfig(max_new_tokens=6, do_sample=False, batch_size=2),
-                     SamplingConfig(max_new_tokens=6, num_samples=2, seed=1, batch_size=2)):
+    for sampling in (
+        SamplingConfig(max_new_tokens=6, do_sample=False, batch_size=2),
+        SamplingConfig(max_new_tokens=6, num_samples=2, seed=1, batch_size=2),
+    ):
         replies = generate(model, smollm2_tokenizer, PROMPTS + ["A third, longer question: what is 7 * 6?"], sampling)
         # the stop token ends the reply and is not counted, as vLLM's token_ids minus its stop token
         assert replies == [[Generation(text=" word word", num_tokens=2, finished=True)] * sampling.num_samples] * 3
     # a list without the tokenizer's eos: the tokenizer's eos still ends the reply (vLLM stops at both),
     # and a token of neither lets the reply run to max_new_tokens
     greedy = SamplingConfig(max_new_tokens=6, do_sample=False)
-    for schedule, reply in (([word, im_end], Generation(text=" word", num_tokens=1, finished=True)),
-                            ([word], Generation(text=" word" * 6, num_tokens=6, finished=False))):
+    for schedule, reply in (
+        ([word, im_end], Generation(text=" word", num_tokens=1, finished=True)),
+        ([word], Generation(text=" word" * 6, num_tokens=6, finished=False)),
+    ):
         model = copy.deepcopy(tiny_model)
         model.generation_config.eos_token_id = endoftext
         forcing(model, schedule)
@@ -160,16 +182,27 @@ def test_generate_stops_at_every_eos_of_the_models_generation_config_as_vllm_doe
 
 
 # -- vLLM's limits, checked with the config ----------------------------------------------------------
-@pytest.mark.parametrize(("override", "message"), [
-    ("alignment.sampling.temperature=2.5", "alignment.sampling.temperature=2.5: must be a number in [0.01, 2]"),
-    ("evaluation.sampling.temperature=0", "evaluation.sampling.temperature=0.0: must be a number in [0.01, 2]"),
-    ("evaluation.sampling.temperature=0.005", "evaluation.sampling.temperature=0.005: must be a number in [0.01, 2]"),
-    ("evaluation.sampling.num_samples=16385", "evaluation.sampling.num_samples=16385: must be an integer >= 1 and <= 16384"),
-    ("alignment.sampling.seed=-1", "alignment.sampling.seed=-1: must be an integer >= 0"),
-    # two fields together: vLLM refuses greedy decoding with several samples
-    ("evaluation.sampling.do_sample=false", "evaluation.sampling.num_samples=3: must be 1 when "
-                                            "evaluation.sampling.do_sample=false"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("alignment.sampling.temperature=2.5", "alignment.sampling.temperature=2.5: must be a number in [0.01, 2]"),
+        ("evaluation.sampling.temperature=0", "evaluation.sampling.temperature=0.0: must be a number in [0.01, 2]"),
+        (
+            "evaluation.sampling.temperature=0.005",
+            "evaluation.sampling.temperature=0.005: must be a number in [0.01, 2]",
+        ),
+        (
+            "evaluation.sampling.num_samples=16385",
+            "evaluation.sampling.num_samples=16385: must be an integer >= 1 and <= 16384",
+        ),
+        ("alignment.sampling.seed=-1", "alignment.sampling.seed=-1: must be an integer >= 0"),
+        # two fields together: vLLM refuses greedy decoding with several samples
+        (
+            "evaluation.sampling.do_sample=false",
+            "evaluation.sampling.num_samples=3: must be 1 when evaluation.sampling.do_sample=false",
+        ),
+    ],
+)
 def test_the_schema_refuses_the_sampling_values_vllm_refuses_or_changes(override, message, tmp_path):
     cfg = compose_config([override], tmp_path)
     with pytest.raises(ConfigError) as caught:
@@ -180,9 +213,12 @@ def test_the_schema_refuses_the_sampling_values_vllm_refuses_or_changes(override
 def test_what_the_schema_accepts_vllm_takes_as_it_is():
     """At the edges of each check, vLLM 0.33 (the stand-in's SamplingParams: its __post_init__ and
     _verify_args) takes the request unchanged; just outside them it refuses or changes it."""
-    for sampling in (SamplingConfig(temperature=0.01, num_samples=16384), SamplingConfig(temperature=2, seed=0),
-                     SamplingConfig(top_p=1.0, top_k=1, repetition_penalty=0.01),
-                     SamplingConfig(do_sample=False, num_samples=1, max_new_tokens=1)):
+    for sampling in (
+        SamplingConfig(temperature=0.01, num_samples=16384),
+        SamplingConfig(temperature=2, seed=0),
+        SamplingConfig(top_p=1.0, top_k=1, repetition_penalty=0.01),
+        SamplingConfig(do_sample=False, num_samples=1, max_new_tokens=1),
+    ):
         kwargs = VLLMChatBackend.sampling_kwargs(sampling)
         params = vllm_standin.SamplingParams(**kwargs)
         assert {key: getattr(params, key) for key in kwargs} == kwargs
@@ -194,5 +230,7 @@ def test_what_the_schema_accepts_vllm_takes_as_it_is():
     # greedy decoding with several samples: vLLM refuses it (and transformers too), so the config does
     with pytest.raises(vllm_standin.VLLMValidationError, match="n must be 1 when using greedy sampling, got 3"):
         vllm_standin.SamplingParams(n=3, temperature=0.0)
-    with pytest.raises(ValueError, match=r"sampling.num_samples=3 with do_sample=false: greedy decoding gives one reply"):
+    with pytest.raises(
+        ValueError, match=r"sampling.num_samples=3 with do_sample=false: greedy decoding gives one reply"
+    ):
         SamplingConfig(do_sample=False, num_samples=3)

@@ -45,7 +45,9 @@ TRACE = "We have $x^2 = 9$. So $x = 3$ or $x = -3$.\n\nSince x > 0, x = 3. Check
 
 
 def paper_prompt() -> JudgePrompt:
-    return JudgePrompt(**OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml")))
+    return JudgePrompt(
+        **OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / "paper.yaml"))
+    )
 
 
 def vllm_judge(backend: vb.VLLMChatBackend, **settings) -> SufficiencyJudge:
@@ -102,8 +104,11 @@ def test_vllm_available_says_why_not():
 def test_missing_vllm_is_a_clear_import_error_at_first_use(monkeypatch, smollm2_tokenizer):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now fails, installed or not
     backend = vb.VLLMChatBackend("some/model", smollm2_tokenizer)  # constructing needs no vLLM
-    for call in (vb.require_vllm, lambda: backend.complete(["hi"], SamplingConfig()),
-                 lambda: backend.verdict_scores([[1, 2, 3]], 4, 5)):
+    for call in (
+        vb.require_vllm,
+        lambda: backend.complete(["hi"], SamplingConfig()),
+        lambda: backend.verdict_scores([[1, 2, 3]], 4, 5),
+    ):
         with pytest.raises(ImportError, match=r"pip install 'palign\[vllm\]' on a CUDA machine"):
             call()
     assert backend.complete([], SamplingConfig()) == []  # nothing to do needs no engine
@@ -129,21 +134,36 @@ def test_verdict_score_refuses_processed_logprobs():
         vb.verdict_score({7: 0.0}, {9: 0.0}, 7, 9)
     assert vb.verdict_score({7: -1e-9}, {9: -25.0}, 7, 9) == pytest.approx(25.0)  # a confident raw judge is fine
     with pytest.raises(ValueError, match="raw logprobs"):
-        vb.VLLMChatBackend("m", types.SimpleNamespace(name_or_path="m"), engine_kwargs={"logprobs_mode": "processed_logprobs"})
+        vb.VLLMChatBackend(
+            "m", types.SimpleNamespace(name_or_path="m"), engine_kwargs={"logprobs_mode": "processed_logprobs"}
+        )
 
 
 def test_sampling_arguments_follow_the_sampling_config():
     assert vb.VLLMChatBackend.sampling_kwargs(SamplingConfig(max_new_tokens=64, num_samples=3, seed=5)) == {
-        "n": 3, "max_tokens": 64, "repetition_penalty": 1.05, "seed": 5, "detokenize": False,
-        "temperature": 0.6, "top_p": 0.9,
+        "n": 3,
+        "max_tokens": 64,
+        "repetition_penalty": 1.05,
+        "seed": 5,
+        "detokenize": False,
+        "temperature": 0.6,
+        "top_p": 0.9,
     }
     greedy = vb.VLLMChatBackend.sampling_kwargs({"do_sample": False, "repetition_penalty": 1.0})
     assert greedy["temperature"] == 0.0 and "top_p" not in greedy
-    assert vb.forced_token_request(42) == {"max_tokens": 1, "temperature": 0.0, "logprobs": 0,
-                                           "allowed_token_ids": [42], "detokenize": False}
+    assert vb.forced_token_request(42) == {
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": 0,
+        "allowed_token_ids": [42],
+        "detokenize": False,
+    }
     # each is a request vLLM 0.33 accepts as it is (the stand-in's SamplingParams runs its checks)
-    for kwargs in (vb.VLLMChatBackend.sampling_kwargs(SamplingConfig(num_samples=3, top_k=20)), greedy,
-                   vb.forced_token_request(42)):
+    for kwargs in (
+        vb.VLLMChatBackend.sampling_kwargs(SamplingConfig(num_samples=3, top_k=20)),
+        greedy,
+        vb.forced_token_request(42),
+    ):
         assert sent(vllm_standin.SamplingParams(**kwargs), kwargs) == kwargs
 
 
@@ -163,7 +183,9 @@ def test_prompt_tokens_are_exactly_what_the_hf_path_feeds_the_model(smollm2_toke
 
 
 def test_vllm_backend_factory_reads_the_model_config_and_engine_settings(student_specs, cache_dir, tiny_path):
-    backend = vb.vllm_backend(student_specs["tiny_random"], cache_dir, OmegaConf.create({"gpu_memory_utilization": 0.5, "dtype": "float32"}))
+    backend = vb.vllm_backend(
+        student_specs["tiny_random"], cache_dir, OmegaConf.create({"gpu_memory_utilization": 0.5, "dtype": "float32"})
+    )
     assert backend.model_path == tiny_path
     assert backend.engine_args["gpu_memory_utilization"] == 0.5 and backend.engine_args["enable_prefix_caching"] is True
     trained = vb.vllm_backend(student_specs["tiny_random"], cache_dir, {}, weights="/runs/x/student")
@@ -182,13 +204,15 @@ def test_complete_keeps_the_chat_backend_contract(standin_vllm, smollm2_tokenize
     vllm = standin_vllm(Scripted.factory([answer + [eos], [word] * (sampling.max_new_tokens + 1)]))
     backend = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer, dtype="float32")
     stored = []
-    done = complete_missing(backend, [("a", "First?"), ("b", "Second?"), ("c", "Third?")], lambda key: key == "b",
-                            sampling, stored.extend)
+    done = complete_missing(
+        backend, [("a", "First?"), ("b", "Second?"), ("c", "Third?")], lambda key: key == "b", sampling, stored.extend
+    )
     assert done == 2 and [key for key, _ in stored] == ["a", "c"]
     for _, generations in stored:
         assert generations[0] == Generation(text="So x = 3.", num_tokens=len(answer), finished=True)
-        assert generations[1] == Generation(text=" word" * sampling.max_new_tokens, num_tokens=sampling.max_new_tokens,
-                                            finished=False)
+        assert generations[1] == Generation(
+            text=" word" * sampling.max_new_tokens, num_tokens=sampling.max_new_tokens, finished=False
+        )
     (engine,) = vllm.started
     prompts, params = engine.calls[0]
     assert [p["prompt_token_ids"] for p in prompts] == backend.prompt_token_ids(["First?", "Third?"])
@@ -200,11 +224,16 @@ def test_complete_keeps_the_chat_backend_contract(standin_vllm, smollm2_tokenize
 def test_reply_budgets_keep_prompt_and_reply_within_the_context():
     assert vb.reply_budgets([10, 90, 95], max_new_tokens=20, context=100) == ([20, 10, 5], 2)
     assert vb.reply_budgets([10], max_new_tokens=20, context=100) == ([20], 0)
-    with pytest.raises(ValueError, match=r"prompt 1 has 100 tokens, which leaves no room .* context of 100 tokens; raise vllm.max_model_len"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 1 has 100 tokens, which leaves no room .* context of 100 tokens; raise vllm.max_model_len",
+    ):
         vb.reply_budgets([10, 100], max_new_tokens=20, context=100)
 
 
-def test_complete_caps_replies_that_would_overflow_the_context_and_counts_them(standin_vllm, smollm2_tokenizer, tiny_path):
+def test_complete_caps_replies_that_would_overflow_the_context_and_counts_them(
+    standin_vllm, smollm2_tokenizer, tiny_path
+):
     vllm = standin_vllm(Scripted.factory([[11] * 16]))
     backend = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer)
     assert backend.context_length() == 4096  # the tiny model's max_position_embeddings (config.json)
@@ -245,8 +274,9 @@ def test_backends_with_the_same_settings_share_one_engine(standin_vllm, smollm2_
     assert len(vllm.started) == 3  # started again on the next use
 
 
-def test_a_judge_engine_is_shut_down_before_the_students_engine_starts(standin_vllm, smollm2_tokenizer, tiny_path,
-                                                                       smollm2_path, caplog):
+def test_a_judge_engine_is_shut_down_before_the_students_engine_starts(
+    standin_vllm, smollm2_tokenizer, tiny_path, smollm2_path, caplog
+):
     """A judge model other than the student (truncation/judge=smollm2_135m) and the student's
     continuation each want 0.85 of the GPU: vLLM refuses the second while the first is alive."""
     vllm = standin_vllm(Scripted.factory([[11]]), device=vllm_standin.Device(total=80 * GiB))
@@ -265,8 +295,9 @@ def test_a_judge_engine_is_shut_down_before_the_students_engine_starts(standin_v
     assert len(vllm.started) == 3 and student_engine.llm_engine.engine_core.shut_down
 
 
-def test_release_shuts_the_engine_core_down_and_training_releases_before_it_starts(standin_vllm, smollm2_tokenizer,
-                                                                                   tiny_path):
+def test_release_shuts_the_engine_core_down_and_training_releases_before_it_starts(
+    standin_vllm, smollm2_tokenizer, tiny_path
+):
     from palign.training.checkpointing import ReleaseVLLMEngines
 
     vllm = standin_vllm(Scripted.factory([[11]]))
@@ -291,8 +322,13 @@ def test_vllm_judge_scores_equal_the_hf_judge(standin_vllm, smollm2_tokenizer, t
     seg = split_sentences(TRACE)
     ks = list(range(1, seg.m + 1))
     hf = SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, prompt, engine="one_pass")
-    judge = vllm_judge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), mode="logits", max_new_tokens=256, batch_size=8,
-                       engine="one_pass")
+    judge = vllm_judge(
+        vb.VLLMChatBackend(tiny_path, smollm2_tokenizer),
+        mode="logits",
+        max_new_tokens=256,
+        batch_size=8,
+        engine="one_pass",
+    )
     expected, got = hf.prefix_scores([(QUESTION, seg, ks)])[0], judge.prefix_scores([(QUESTION, seg, ks)])[0]
     assert sorted(got) == ks
     for k in ks:
@@ -309,17 +345,30 @@ def test_vllm_judge_scores_equal_the_hf_judge(standin_vllm, smollm2_tokenizer, t
 
 def test_processed_logprobs_engine_is_refused(standin_vllm, smollm2_tokenizer, tiny_path):
     standin_vllm(HFModel, default_logprobs_mode="processed_logprobs")  # e.g. a vLLM whose default processes them
-    judge = vllm_judge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), mode="logits", max_new_tokens=256, batch_size=8,
-                       engine="batched")
+    judge = vllm_judge(
+        vb.VLLMChatBackend(tiny_path, smollm2_tokenizer),
+        mode="logits",
+        max_new_tokens=256,
+        batch_size=8,
+        engine="batched",
+    )
     with pytest.raises(RuntimeError, match="processed logprobs"):
         judge.score([(QUESTION, "We have x = 3.")])
 
 
 def test_generate_mode_judge_parses_vllm_replies(standin_vllm, smollm2_tokenizer, tiny_path):
-    vllm = standin_vllm(Scripted.factory([smollm2_tokenizer("[ENOUGH]", add_special_tokens=False)["input_ids"]
-                                          + [smollm2_tokenizer.eos_token_id]]))
-    judge = vllm_judge(vb.VLLMChatBackend(tiny_path, smollm2_tokenizer), mode="generate", max_new_tokens=32, batch_size=8,
-                       engine="batched")
+    vllm = standin_vllm(
+        Scripted.factory(
+            [smollm2_tokenizer("[ENOUGH]", add_special_tokens=False)["input_ids"] + [smollm2_tokenizer.eos_token_id]]
+        )
+    )
+    judge = vllm_judge(
+        vb.VLLMChatBackend(tiny_path, smollm2_tokenizer),
+        mode="generate",
+        max_new_tokens=32,
+        batch_size=8,
+        engine="batched",
+    )
     verdicts = judge.judge([(QUESTION, "So x = 3.")])
     assert verdicts[0].sufficient and verdicts[0].reply == "[ENOUGH]"
     params = vllm.started[0].calls[0][1][0]
@@ -335,7 +384,9 @@ def model_folder(tmp_path, source, generation_config: dict):
     return str(folder)
 
 
-def test_replies_stop_at_every_eos_of_the_models_generation_config(standin_vllm, smollm2_tokenizer, tiny_path, tmp_path):
+def test_replies_stop_at_every_eos_of_the_models_generation_config(
+    standin_vllm, smollm2_tokenizer, tiny_path, tmp_path
+):
     """Qwen2.5's generation_config lists <|im_end|> and <|endoftext|>; the engine stops at either,
     and at the tokenizer's eos whatever the list says (here SmolLM2's ids: <|im_end|> 2, <|endoftext|> 0)."""
     im_end, endoftext = smollm2_tokenizer.eos_token_id, smollm2_tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -346,15 +397,25 @@ def test_replies_stop_at_every_eos_of_the_models_generation_config(standin_vllm,
     generations = vb.VLLMChatBackend(path, smollm2_tokenizer).complete(["Hi?"], sampling)[0]
     assert [(g.num_tokens, g.finished) for g in generations] == [(2, True), (1, True), (4, False)]
     # what the engine returned: the stop token kept in token_ids, why it stopped
-    outputs = vllm.started[0].generate([vllm.TokensPrompt(prompt_token_ids=[5, 6])],
-                                       vllm.SamplingParams(**vb.VLLMChatBackend.sampling_kwargs(sampling)))[0].outputs
+    outputs = (
+        vllm.started[0]
+        .generate(
+            [vllm.TokensPrompt(prompt_token_ids=[5, 6])],
+            vllm.SamplingParams(**vb.VLLMChatBackend.sampling_kwargs(sampling)),
+        )[0]
+        .outputs
+    )
     assert [(o.token_ids, o.finish_reason, o.stop_reason) for o in outputs] == [
-        ([11, 12, endoftext], "stop", endoftext), ([11, im_end], "stop", None), ([11, 12, 13, 14], "length", None)]
+        ([11, 12, endoftext], "stop", endoftext),
+        ([11, im_end], "stop", None),
+        ([11, 12, 13, 14], "length", None),
+    ]
     # a generation_config without the tokenizer's eos: it still ends the reply
     vb.release_vllm_engines()
     path = model_folder(tmp_path / "other", tiny_path, {"eos_token_id": endoftext})
-    assert [(g.num_tokens, g.finished) for g in vb.VLLMChatBackend(path, smollm2_tokenizer).complete(["Hi?"], sampling)[0]] == [
-        (2, True), (1, True), (4, False)]
+    assert [
+        (g.num_tokens, g.finished) for g in vb.VLLMChatBackend(path, smollm2_tokenizer).complete(["Hi?"], sampling)[0]
+    ] == [(2, True), (1, True), (4, False)]
 
 
 # -- the stand-in is vLLM 0.33 ---------------------------------------------------------------------
@@ -402,24 +463,33 @@ def test_the_standin_sampling_params_take_the_real_fields_only_and_normalise_the
     assert request.all_stop_token_ids == {0, 2, 7}
 
 
-def test_the_standin_engine_takes_real_arguments_only_and_reserves_gpu_memory_as_vllm_does(tiny_path, smollm2_tokenizer):
+def test_the_standin_engine_takes_real_arguments_only_and_reserves_gpu_memory_as_vllm_does(
+    tiny_path, smollm2_tokenizer
+):
     vllm = vllm_standin.module(Scripted.factory([[11]]), device=vllm_standin.Device(total=80 * GiB))
     with pytest.raises(TypeError, match=r"EngineArgs.__init__\(\) got an unexpected keyword argument 'gpu_mem'"):
         vllm.LLM(tiny_path, gpu_mem=0.5)
     for bad, line in ((0.0, "Input should be greater than 0 "), (1.5, "Input should be less than or equal to 1 ")):
         with pytest.raises(ValueError, match=rf"1 validation error for CacheConfig\ngpu_memory_utilization\n  {line}"):
             vllm.LLM(tiny_path, gpu_memory_utilization=bad)
-    with pytest.raises(ValueError, match=r"User-specified max_model_len \(8192\) is greater than the derived max_model_len "
-                                         r"\(max_position_embeddings=4096"):
+    with pytest.raises(
+        ValueError,
+        match=r"User-specified max_model_len \(8192\) is greater than the derived max_model_len "
+        r"\(max_position_embeddings=4096",
+    ):
         vllm.LLM(tiny_path, max_model_len=8192)
     assert not vllm.started and vllm.device.free == vllm.device.total
     first = vllm.LLM(**vb.VLLMChatBackend(tiny_path, smollm2_tokenizer).engine_args)  # palign's arguments: 0.85
-    with pytest.raises(RuntimeError, match=r"Engine core initialization failed. See root cause above. Failed core "
-                                           r"proc\(s\): \{'EngineCore': 1\}") as caught:
+    with pytest.raises(
+        RuntimeError,
+        match=r"Engine core initialization failed. See root cause above. Failed core "
+        r"proc\(s\): \{'EngineCore': 1\}",
+    ) as caught:
         vllm.LLM(tiny_path, gpu_memory_utilization=0.85)
     assert str(caught.value.__cause__) == (
         "Free memory on device cuda:0 (12.0/80.0 GiB) on startup is less than desired GPU memory utilization (0.85, "
-        "68.0 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes.")
+        "68.0 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes."
+    )
     first.llm_engine.engine_core.shutdown()
     first.llm_engine.engine_core.shutdown()  # idempotent
     with pytest.raises(vllm_standin.EngineDeadError):
@@ -438,12 +508,18 @@ def test_the_standin_engine_refuses_a_prompt_that_fills_the_context_and_stops_a_
         return vllm.TokensPrompt(prompt_token_ids=[5] * length)
 
     refused = [  # vllm/v1/engine/input_processor.py: _validate_prompt_len; vllm/renderers/params.py: _token_len_check
-        (32, "The decoder prompt (length 32) plus the number of requested output tokens (at least 1) is longer than "
-             "the maximum model length of 32. Make sure that `max_model_len` is no smaller than the number of text "
-             "tokens (prompt + requested output tokens)."),
-        (33, "This model's maximum context length is 32 tokens. However, your prompt contains at least 33 input "
-             "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the input "
-             "prompt. (parameter=input_tokens, value=33)"),
+        (
+            32,
+            "The decoder prompt (length 32) plus the number of requested output tokens (at least 1) is longer than "
+            "the maximum model length of 32. Make sure that `max_model_len` is no smaller than the number of text "
+            "tokens (prompt + requested output tokens).",
+        ),
+        (
+            33,
+            "This model's maximum context length is 32 tokens. However, your prompt contains at least 33 input "
+            "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the input "
+            "prompt. (parameter=input_tokens, value=33)",
+        ),
         (40, "This model's maximum context length is 32 tokens. However, your prompt contains 40 input tokens"),
         (0, "The decoder prompt cannot be empty"),
     ]
@@ -453,9 +529,11 @@ def test_the_standin_engine_refuses_a_prompt_that_fills_the_context_and_stops_a_
         assert str(caught.value).startswith(message)
     (out,) = llm.generate([prompt(28)], params)  # 28 + 16 tokens is more than 32: accepted, stopped at the context
     assert (out.outputs[0].token_ids, out.outputs[0].finish_reason) == ([11] * 4, "length")
-    checks = [({"allowed_token_ids": [10 ** 6]}, "allowed_token_ids contains out-of-vocab token id!"),
-              ({"allowed_token_ids": []}, "allowed_token_ids is not None and empty!"),
-              ({"logprobs": 21}, "Requested sample logprobs of 21, which is greater than max allowed: 20")]
+    checks = [
+        ({"allowed_token_ids": [10**6]}, "allowed_token_ids contains out-of-vocab token id!"),
+        ({"allowed_token_ids": []}, "allowed_token_ids is not None and empty!"),
+        ({"logprobs": 21}, "Requested sample logprobs of 21, which is greater than max allowed: 20"),
+    ]
     for kwargs, message in checks:  # vllm/sampling_params.py: SamplingParams.verify, per request
         with pytest.raises(vllm_standin.VLLMValidationError, match=re.escape(message)):
             llm.generate([prompt(4)], vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **kwargs))
@@ -466,8 +544,11 @@ def test_the_standin_engine_refuses_a_prompt_that_fills_the_context_and_stops_a_
 # -- the real engine (GPU only) ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_vllm(student_specs, cache_dir):
-    backend = vb.vllm_backend(student_specs["smollm2_135m"], cache_dir,
-                              {"gpu_memory_utilization": 0.3, "dtype": "float32", "max_model_len": 4096})
+    backend = vb.vllm_backend(
+        student_specs["smollm2_135m"],
+        cache_dir,
+        {"gpu_memory_utilization": 0.3, "dtype": "float32", "max_model_len": 4096},
+    )
     yield backend
     vb.release_vllm_engines()
 
@@ -480,9 +561,13 @@ def test_real_vllm_judge_matches_the_hf_judge(smollm2_vllm, smollm2_tokenizer, s
     prompt = paper_prompt()
     seg = split_sentences(TRACE)
     ks = list(range(1, seg.m + 1))
-    hf = SufficiencyJudge.hf(load_model(student_specs["smollm2_135m"], cache_dir), smollm2_tokenizer, prompt, engine="batched")
+    hf = SufficiencyJudge.hf(
+        load_model(student_specs["smollm2_135m"], cache_dir), smollm2_tokenizer, prompt, engine="batched"
+    )
     expected = hf.prefix_scores([(QUESTION, seg, ks)])[0]
-    got = vllm_judge(smollm2_vllm, mode="logits", max_new_tokens=256, batch_size=8, engine="batched").prefix_scores([(QUESTION, seg, ks)])[0]
+    got = vllm_judge(smollm2_vllm, mode="logits", max_new_tokens=256, batch_size=8, engine="batched").prefix_scores(
+        [(QUESTION, seg, ks)]
+    )[0]
     assert max(abs(got[k] - expected[k]) for k in ks) < 2e-2
 
 
@@ -511,10 +596,22 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(standin_vllm,
     from palign.teachers.records import TeacherRecord
 
     vllm = standin_vllm(HFModel)
-    cfg = compose_config(["experiment=tiny", "truncation/judge=self", "backend@truncation.judge.backend=vllm",
-                          "truncation.judge.engine=one_pass"], tmp_path)
-    stage = instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix,
-                        cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer)
+    cfg = compose_config(
+        [
+            "experiment=tiny",
+            "truncation/judge=self",
+            "backend@truncation.judge.backend=vllm",
+            "truncation.judge.engine=one_pass",
+        ],
+        tmp_path,
+    )
+    stage = instantiate(
+        cfg.truncation,
+        _convert_="object",
+        prefix=cfg.baseline.prefix,
+        cache_dir=stage_cache(tmp_path),
+        tokenizer=smollm2_tokenizer,
+    )
     steps = " ".join(f"Step {j}: we add {j} and get {j + 3}." for j in range(1, 17))
     rows = stage.run([TeacherRecord(id="p", question="What is 13 + 3?", answer="16", long_cot=steps)])
     (row,) = rows
@@ -542,12 +639,16 @@ def test_paper_recipes_pick_vllm_where_it_runs_and_say_so_where_it_does_not(tmp_
     assert "alignment.backend=auto: using HFBackend(), not VLLMBackend() (vLLM is not installed)" in caplog.text
     monkeypatch.setattr(vb, "vllm_available", lambda: (True, "a GPU"))
     chosen = auto.resolve("alignment.backend")
-    assert isinstance(chosen, vb.VLLMBackend) and chosen.engine["gpu_memory_utilization"] == cfg.vllm.gpu_memory_utilization
+    assert (
+        isinstance(chosen, vb.VLLMBackend)
+        and chosen.engine["gpu_memory_utilization"] == cfg.vllm.gpu_memory_utilization
+    )
     assert isinstance(HFBackend().resolve("alignment.backend"), HFBackend)  # an explicit choice stands
 
 
-def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_request(standin_vllm, smollm2_tokenizer,
-                                                                                          tmp_path):
+def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_request(
+    standin_vllm, smollm2_tokenizer, tmp_path
+):
     """vLLM fails a whole generate() call when one prompt fills max_model_len (the stand-in does as
     vllm/v1/engine/input_processor.py does): the judge sends only the probes that fit the context it
     shares with the engine, and counts the others as not sufficient."""
@@ -558,22 +659,43 @@ def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_r
 
     vllm = standin_vllm(HFModel)
     steps = " ".join(f"Step {j}: we add {j} and get {j + 3}." for j in range(1, 41))
-    records = [TeacherRecord(id="short", question="What is 1 + 3?", answer="4", long_cot="Step 1: 1 + 3 = 4. Done."),
-               TeacherRecord(id="long", question="What is 40 + 3?", answer="43", long_cot=steps)]
+    records = [
+        TeacherRecord(id="short", question="What is 1 + 3?", answer="4", long_cot="Step 1: 1 + 3 = 4. Done."),
+        TeacherRecord(id="long", question="What is 40 + 3?", answer="43", long_cot=steps),
+    ]
 
     def stage(*overrides):
-        cfg = compose_config(["experiment=tiny", "truncation/judge=self", "backend@truncation.judge.backend=vllm",
-                              "truncation.judge.engine=batched", *overrides], tmp_path)
-        return instantiate(cfg.truncation, _convert_="object", prefix=cfg.baseline.prefix,
-                           cache_dir=stage_cache(tmp_path), tokenizer=smollm2_tokenizer)
+        cfg = compose_config(
+            [
+                "experiment=tiny",
+                "truncation/judge=self",
+                "backend@truncation.judge.backend=vllm",
+                "truncation.judge.engine=batched",
+                *overrides,
+            ],
+            tmp_path,
+        )
+        return instantiate(
+            cfg.truncation,
+            _convert_="object",
+            prefix=cfg.baseline.prefix,
+            cache_dir=stage_cache(tmp_path),
+            tokenizer=smollm2_tokenizer,
+        )
 
     # an engine shorter than the judge's context would refuse the longest probes: refused before it starts
-    with pytest.raises(ValueError, match=r"the judge's engine admits 256 tokens \(vllm.max_model_len, else the model's\), below the judge's context "
-                                         r"of 4096 tokens .* set "
-                                         r"truncation.judge.max_context_tokens=256"):
+    with pytest.raises(
+        ValueError,
+        match=r"the judge's engine admits 256 tokens \(vllm.max_model_len, else the model's\), below the judge's context "
+        r"of 4096 tokens .* set "
+        r"truncation.judge.max_context_tokens=256",
+    ):
         stage("vllm.max_model_len=256").run(records)
     assert not vllm.started
-    rows = {row["id"]: row for row in stage("vllm.max_model_len=256", "truncation.judge.max_context_tokens=256").run(records)}
+    rows = {
+        row["id"]: row
+        for row in stage("vllm.max_model_len=256", "truncation.judge.max_context_tokens=256").run(records)
+    }
     long = rows["long"]
     assert set(rows) == {"short", "long"} and 0 < long["fitting_k"] < long["m"]
     assert long["probes"][0]["over_context"] and long["probes_over_context"] >= 1  # half the trace does not fit

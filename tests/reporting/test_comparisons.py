@@ -123,16 +123,28 @@ def test_runs_that_evaluated_other_problems_or_sample_counts_are_refused():
     assert "run-A and run-B on aime24: they evaluated different problems (30 and 30 problems" in message
     assert "5 only in run-A (p25, p26, p27, p28, p29)" in message and "5 only in run-B (q0, q1, q2, q3, q4)" in message
     three = outcomes("run-C", np.zeros((30, 3)))
-    with pytest.raises(IncomparableRuns, match=r"run-A and run-C on aime24: they drew different numbers of samples per "
-                                               r"problem \(1 and 3\)"):
+    with pytest.raises(
+        IncomparableRuns,
+        match=r"run-A and run-C on aime24: they drew different numbers of samples per "
+        r"problem \(1 and 3\)",
+    ):
         paired_difference(a, three, "pass@1", SETTINGS)
 
 
 # -- runs on disk, with graded predictions --------------------------------------------------------
 
 
-def write_graded_run(runs: Path, name: str, baseline: str, graded: dict[str, list], *, seed: int = 0,
-                     ids: dict[str, list[str]] | None = None, student: str = STUDENT, set_: dict | None = None) -> Path:
+def write_graded_run(
+    runs: Path,
+    name: str,
+    baseline: str,
+    graded: dict[str, list],
+    *,
+    seed: int = 0,
+    ids: dict[str, list[str]] | None = None,
+    student: str = STUDENT,
+    set_: dict | None = None,
+) -> Path:
     """A run folder as the pipeline leaves it, with its evaluation's graded predictions: `graded` is
     {benchmark: [per-problem list of per-sample correctness]}; the summary is computed from them."""
     config = base_config(student)
@@ -163,8 +175,8 @@ def three_samples(right: list[int]) -> list[list[bool]]:
     return [[s < r for s in range(3)] for r in right]
 
 
-RIGHT_LONG = [0] * 20 + [1] * 5 + [3] * 5        # sft_long_cot: 5 problems 1 of 3, 5 problems 3 of 3
-RIGHT_PALIGN = [0] * 10 + [2] * 10 + [3] * 10    # palign: 10 problems 2 of 3, 10 problems 3 of 3
+RIGHT_LONG = [0] * 20 + [1] * 5 + [3] * 5  # sft_long_cot: 5 problems 1 of 3, 5 problems 3 of 3
+RIGHT_PALIGN = [0] * 10 + [2] * 10 + [3] * 10  # palign: 10 problems 2 of 3, 10 problems 3 of 3
 
 
 def test_table1_cells_carry_intervals_and_paired_differences_from_the_reference(tmp_path):
@@ -187,18 +199,29 @@ def test_table1_cells_carry_intervals_and_paired_differences_from_the_reference(
     assert "Wilson score interval over problems" in table.markdown
     assert "paired sign-flip permutation test" in table.markdown
     assert "Problems each comparison rests on: palign vs sft_long_cot: AIME24 30 problems." in table.markdown
-    diffs = md_rows(table.markdown[table.markdown.index("| Student | Method | AIME24 ΔPass@1"):])
+    diffs = md_rows(table.markdown[table.markdown.index("| Student | Method | AIME24 ΔPass@1") :])
     assert diffs[(STUDENT, "palign")][0] == cell[4]  # AIME24 ΔPass@1, and the Avg the same
     # the CSV: every value, bound, spread, difference and p-value in its own column
     header, *body = csv.reader(io.StringIO(table.csv))
     palign = dict(zip(header, next(r for r in body if r[1] == "palign")))
     assert (palign["AIME24 Pass@1"], palign["AIME24 Pass@1 ci_low"], palign["AIME24 Pass@1 ci_high"]) == (
-        "55.56", f"{100 * interval.low:.2f}", f"{100 * interval.high:.2f}")
+        "55.56",
+        f"{100 * interval.low:.2f}",
+        f"{100 * interval.high:.2f}",
+    )
     assert palign["Δ Avg Pass@1"] == "+33.33" and float(palign["Δ Avg Pass@1 p"]) < 0.01
-    assert float(palign["Δ AIME24 Pass@3 ci_low"]) < float(palign["Δ AIME24 Pass@3"]) < float(palign["Δ AIME24 Pass@3 ci_high"])
+    assert (
+        float(palign["Δ AIME24 Pass@3 ci_low"])
+        < float(palign["Δ AIME24 Pass@3"])
+        < float(palign["Δ AIME24 Pass@3 ci_high"])
+    )
     assert palign["AIME24 Pass@1 seed_sd"] == "" and palign["Run"] == "palign"
     assert [(r.label, r.column, r.metric) for r in table.forest] == [
-        ("palign", "AIME24", "Pass@1"), ("palign", "AIME24", "Pass@3"), ("palign", "Avg", "Pass@1"), ("palign", "Avg", "Pass@3")]
+        ("palign", "AIME24", "Pass@1"),
+        ("palign", "AIME24", "Pass@3"),
+        ("palign", "Avg", "Pass@1"),
+        ("palign", "Avg", "Pass@3"),
+    ]
 
 
 def test_a_comparison_between_runs_on_other_problems_is_refused_in_the_table(tmp_path):
@@ -207,15 +230,17 @@ def test_a_comparison_between_runs_on_other_problems_is_refused_in_the_table(tmp
     write_graded_run(runs, "palign-25", "palign", {"aime24": three_samples(RIGHT_PALIGN[:25])})
     table = build_tables(collect_local_runs(runs)[0], Report(), 3)["table1"]
     assert md_rows(table.markdown)[(STUDENT, "palign")][-2:] == ["refused", "refused"]
-    assert ("Not compared: cannot compare palign-25 and long on aime24: they evaluated different problems "
-            "(25 and 30 problems; 5 only in long (p25, p26, p27, p28, p29)); evaluate both on the same problems.") in table.markdown
+    assert (
+        "Not compared: cannot compare palign-25 and long on aime24: they evaluated different problems "
+        "(25 and 30 problems; 5 only in long (p25, p26, p27, p28, p29)); evaluate both on the same problems."
+    ) in table.markdown
     assert table.forest == ()
 
 
 def test_seeds_of_one_setting_are_one_row_with_mean_spread_and_runs(tmp_path):
     runs = tmp_path / "runs"
     write_graded_run(runs, "long", "sft_long_cot", {"aime24": three_samples(RIGHT_LONG)})
-    seed0, seed1 = [0] * 10 + [2] * 10 + [3] * 10, [0] * 15 + [3] * 15   # Pass@1 50/90 and 45/90
+    seed0, seed1 = [0] * 10 + [2] * 10 + [3] * 10, [0] * 15 + [3] * 15  # Pass@1 50/90 and 45/90
     write_graded_run(runs, "palign-s0", "palign", {"aime24": three_samples(seed0)}, seed=0)
     write_graded_run(runs, "palign-s1", "palign", {"aime24": three_samples(seed1)}, seed=1)
     finished, _ = collect_local_runs(runs)
@@ -226,20 +251,26 @@ def test_seeds_of_one_setting_are_one_row_with_mean_spread_and_runs(tmp_path):
     cells = pooled.benchmarks["aime24"]
     assert cells["pass@1"] == pytest.approx(100 * 47.5 / 90)
     assert cells["pass@1_seed_sd"] == pytest.approx(math.sqrt(2) / 2 * 100 * 5 / 90)  # sd of (50/90, 45/90)
-    assert cells["pass@3"] == pytest.approx(100 * 17.5 / 30) and cells["pass@3_seed_sd"] == pytest.approx(100 * 5 / 30 / math.sqrt(2))
+    assert cells["pass@3"] == pytest.approx(100 * 17.5 / 30) and cells["pass@3_seed_sd"] == pytest.approx(
+        100 * 5 / 30 / math.sqrt(2)
+    )
     # the interval: the bootstrap over problems of each problem's score averaged over the seeds
     averaged = (np.array(seed0) + np.array(seed1)) / 6
-    pooled_interval, by_hand = pooled.outcomes()["aime24"].interval("pass@1", SETTINGS), mean_interval(averaged, SETTINGS)
+    pooled_interval, by_hand = (
+        pooled.outcomes()["aime24"].interval("pass@1", SETTINGS),
+        mean_interval(averaged, SETTINGS),
+    )
     assert (pooled_interval.low, pooled_interval.high) == pytest.approx((100 * by_hand.low, 100 * by_hand.high))
 
     table = table1(rows, Report(), 3)
     md = md_rows(table.markdown)
     assert list(md) == [(STUDENT, "sft_long_cot"), (STUDENT, "palign")]  # one row per baseline
     interval = mean_interval(averaged, SETTINGS)
-    assert md[(STUDENT, "palign")][0] == (f"52.78 [{100 * interval.low:.1f}, {100 * interval.high:.1f}] "
-                                          f"sd {100 * 5 / 90 / math.sqrt(2):.1f}")
+    assert md[(STUDENT, "palign")][0] == (
+        f"52.78 [{100 * interval.low:.1f}, {100 * interval.high:.1f}] sd {100 * 5 / 90 / math.sqrt(2):.1f}"
+    )
     assert "sd: standard deviation of the cell over the seeds" in table.markdown
-    samples = md_rows(table.markdown[table.markdown.index("| Student | Method | AIME24 | Run |"):])
+    samples = md_rows(table.markdown[table.markdown.index("| Student | Method | AIME24 | Run |") :])
     assert samples[(STUDENT, "palign")] == ["30×3 (4096 tok)", "palign-s0 (seed 0); palign-s1 (seed 1)"]
     header, *body = csv.reader(io.StringIO(table.csv))
     row = dict(zip(header, body[1]))
@@ -250,13 +281,21 @@ def test_seeds_of_one_setting_are_one_row_with_mean_spread_and_runs(tmp_path):
 def test_seeds_that_evaluated_other_problems_are_not_pooled(tmp_path):
     runs = tmp_path / "runs"
     write_graded_run(runs, "palign-s0", "palign", {"aime24": three_samples(RIGHT_PALIGN)}, seed=0)
-    write_graded_run(runs, "palign-s1", "palign", {"aime24": three_samples(RIGHT_PALIGN)}, seed=1,
-                     ids={"aime24": [f"p{i}" for i in range(29)] + ["other"]})
+    write_graded_run(
+        runs,
+        "palign-s1",
+        "palign",
+        {"aime24": three_samples(RIGHT_PALIGN)},
+        seed=1,
+        ids={"aime24": [f"p{i}" for i in range(29)] + ["other"]},
+    )
     rows, notes = pool_seeds(collect_local_runs(runs)[0])
     assert [r.name for r in rows] == ["palign-s0", "palign-s1"]
-    assert notes == ["not pooled: cannot pool the seeds of palign-s0 and palign-s1 on aime24: they evaluated different "
-                     "problems (30 and 30 problems; 1 only in palign-s0 (p29); 1 only in palign-s1 (other)); evaluate "
-                     "both on the same problems"]
+    assert notes == [
+        "not pooled: cannot pool the seeds of palign-s0 and palign-s1 on aime24: they evaluated different "
+        "problems (30 and 30 problems; 1 only in palign-s0 (p29); 1 only in palign-s1 (other)); evaluate "
+        "both on the same problems"
+    ]
 
 
 def test_an_ablation_compares_each_arm_with_the_recipe_s_own_value(tmp_path):
@@ -268,7 +307,9 @@ def test_an_ablation_compares_each_arm_with_the_recipe_s_own_value(tmp_path):
     knob = next(k for k in KNOBS if k.name == "granularity")
     recipe = RunRecord("recipe", base_config() | {"baseline": BASELINES["palign"]}, {}, "config")  # paper_sentence
     table = ablation_table(finished, knob, Report(), 3, recipe)
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in table.markdown.split("\n\n")[0].splitlines()[2:]]
+    body = [
+        [c.strip() for c in line.strip("|").split("|")] for line in table.markdown.split("\n\n")[0].splitlines()[2:]
+    ]
     delta = {row[3]: row[8:10] for row in body}
     assert delta["paper_sentence"] == ["ref", "ref"] and delta["step"][0].startswith("-33.33 [")
     assert "Reference arms: group 1: paper_sentence (the recipe's own value)." in table.markdown
@@ -286,13 +327,22 @@ def test_make_report_draws_a_forest_plot_per_comparison_on_the_report_page(tmp_p
     runs = tmp_path / "runs"
     write_graded_run(runs, "long", "sft_long_cot", {"aime24": three_samples(RIGHT_LONG)})
     write_graded_run(runs, "palign", "palign", {"aime24": three_samples(RIGHT_PALIGN)})
-    write_graded_run(runs, "palign-step", "palign", {"aime24": three_samples(RIGHT_LONG)},
-                     set_={"truncation.granularity._target_": "palign.truncation.units.Steps"})
+    write_graded_run(
+        runs,
+        "palign-step",
+        "palign",
+        {"aime24": three_samples(RIGHT_LONG)},
+        set_={"truncation.granularity._target_": "palign.truncation.units.Steps"},
+    )
     result = _make_table_module().make_report(runs, tmp_path / "report", Report())
     assert_png(result["plots"]["forest_table1"])
     assert_png(result["plots"]["forest_ablation_granularity"])
     page = Path(result["report"]).read_text()
-    assert page.index("## table1") < page.index("![forest_table1](forest_table1.png)") < page.index("## ablation_granularity")
+    assert (
+        page.index("## table1")
+        < page.index("![forest_table1](forest_table1.png)")
+        < page.index("## ablation_granularity")
+    )
     assert "![forest_ablation_granularity](forest_ablation_granularity.png)" in page
     assert result["intervals"] == {"confidence_level": 0.95, "resamples": 9999, "seed": 0}
 
@@ -304,33 +354,51 @@ def test_the_paper_s_published_row_is_in_palign_s_file_with_its_source():
     rows = load_published()
     paper = rows["paper/qwen2_5_7b_instruct/palign"]
     assert (paper.student, paper.method) == ("qwen2_5_7b_instruct", "palign")
-    assert dict(paper.values["pass@1"]) == {"aime25": 16.67, "aime24": 16.67, "amc12": 49.40, "math500": 75.80, "avg": 39.64}
-    assert dict(paper.values["pass@3"]) == {"aime25": 26.67, "aime24": 26.67, "amc12": 63.86, "math500": 85.20, "avg": 50.60}
+    assert dict(paper.values["pass@1"]) == {
+        "aime25": 16.67,
+        "aime24": 16.67,
+        "amc12": 49.40,
+        "math500": 75.80,
+        "avg": 39.64,
+    }
+    assert dict(paper.values["pass@3"]) == {
+        "aime25": 26.67,
+        "aime24": 26.67,
+        "amc12": 63.86,
+        "math500": 85.20,
+        "avg": 50.60,
+    }
     assert "Table 1" in paper.source and "PAPER.md §7.1" in paper.source and "2601.10064" in paper.source
     for metric, values in paper.values.items():  # its Avg is the mean of its printed cells, as in the paper
         assert round(sum(v for b, v in values.items() if b != "avg") / 4 + 1e-9, 2) == values["avg"], metric
     # the paper recipe names it; the default run does not
-    recipe = yaml.safe_load((PUBLISHED_FILE.parents[2] / "conf" / "experiment" / "paper" / "table1_qwen2_5_7b.yaml").read_text())
+    recipe = yaml.safe_load(
+        (PUBLISHED_FILE.parents[2] / "conf" / "experiment" / "paper" / "table1_qwen2_5_7b.yaml").read_text()
+    )
     assert recipe["report"]["published"] == ["paper/qwen2_5_7b_instruct/palign"]
 
 
 def test_a_published_file_with_a_bad_row_names_the_row_and_field(tmp_path):
     path = tmp_path / "published.yaml"
     path.write_text("mine:\n  source: my paper\n  student: s\n  method: palign\n  pass@1: {aime24: 160}\n")
-    with pytest.raises(DataFormatError, match=r"published.yaml: row 'mine': field 'pass@1.aime24': expected a percentage"):
+    with pytest.raises(
+        DataFormatError, match=r"published.yaml: row 'mine': field 'pass@1.aime24': expected a percentage"
+    ):
         load_published(path)
     path.write_text("mine:\n  student: s\n  method: palign\n  pass@1: {aime24: 16}\n")
     with pytest.raises(DataFormatError, match=r"row 'mine': field 'source' must be a non-empty string"):
         load_published(path)
-    with pytest.raises(ValueError, match=r"report.published names \['nope'\].*its rows: \['paper/qwen2_5_7b_instruct/palign'\]"):
+    with pytest.raises(
+        ValueError, match=r"report.published names \['nope'\].*its rows: \['paper/qwen2_5_7b_instruct/palign'\]"
+    ):
         select_published(["nope"])
 
 
 def test_the_verdict_reads_the_published_value_against_the_run_s_interval():
     # 26.67 is 8/30 printed: inside an interval ending at 8/30 exactly
     assert verdict(26.67, 100 / 30, 100 * 8 / 30) == "reproduced"
-    assert verdict(26.67, 30.0, 40.0) == "below"   # the run did better
-    assert verdict(26.67, 10.0, 20.0) == "above"   # the run did worse
+    assert verdict(26.67, 30.0, 40.0) == "below"  # the run did better
+    assert verdict(26.67, 10.0, 20.0) == "above"  # the run did worse
     # printed to two decimals, 26.67 stands for [26.665, 26.675): it reaches an interval from 26.674, not from 26.68
     assert verdict(26.67, 26.674, 40.0) == "reproduced" and verdict(26.67, 26.68, 40.0) == "below"
     assert verdict(26.67, 10.0, 26.666) == "reproduced" and verdict(26.67, 10.0, 26.66) == "above"
@@ -339,14 +407,23 @@ def test_the_verdict_reads_the_published_value_against_the_run_s_interval():
 def test_the_published_row_stands_beside_its_student_s_run_with_a_verdict_per_cell(tmp_path):
     runs = tmp_path / "runs"
     # AIME24 Pass@3 8/30 = 26.67 (the paper's); AIME25 Pass@3 20/30, far above the paper's 26.67
-    write_graded_run(runs, "palign", "palign", {"aime24": three_samples([0] * 22 + [1] * 3 + [3] * 5),
-                                                "aime25": three_samples([0] * 10 + [3] * 20)})
+    write_graded_run(
+        runs,
+        "palign",
+        "palign",
+        {"aime24": three_samples([0] * 22 + [1] * 3 + [3] * 5), "aime25": three_samples([0] * 10 + [3] * 20)},
+    )
     write_graded_run(runs, "other-student", "palign", {"aime24": three_samples([0] * 30)}, student="qwen3_8b")
     finished, _ = collect_local_runs(runs)
     published = select_published(["paper/qwen2_5_7b_instruct/palign"])
     tables = build_tables(finished, Report(), 3, published)
     rows = md_rows(tables["table1"].markdown)
-    assert rows[(STUDENT, "palign [published: paper/qwen2_5_7b_instruct/palign]")][:4] == ["16.67", "26.67", "16.67", "26.67"]
+    assert rows[(STUDENT, "palign [published: paper/qwen2_5_7b_instruct/palign]")][:4] == [
+        "16.67",
+        "26.67",
+        "16.67",
+        "26.67",
+    ]
     assert ("qwen3_8b", "palign [published: paper/qwen2_5_7b_instruct/palign]") not in rows  # not its student
     reproduction = list(csv.reader(io.StringIO(tables["reproduction"].csv)))
     assert reproduction[0] == ["Published", "Student", "Method", "Run", "Metric", "AIME25", "AIME24", "Avg"]
@@ -395,8 +472,12 @@ def test_the_authors_released_aime_outputs_reproduce_the_paper_s_pass_at_3(share
     rows_file = yaml.safe_load(PUBLISHED_FILE.read_text())
     rows_file["paper/qwen2_5_7b_instruct/palign"]["pass@3"]["aime24"] = 60.0
     wrong.write_text(yaml.safe_dump(rows_file))
-    result = _make_table_module().make_report(tmp_path / "runs", report_dir, Report(
-        published=["paper/qwen2_5_7b_instruct/palign"], published_file=str(wrong)), graded_dir=tmp_path / "grade")
+    result = _make_table_module().make_report(
+        tmp_path / "runs",
+        report_dir,
+        Report(published=["paper/qwen2_5_7b_instruct/palign"], published_file=str(wrong)),
+        graded_dir=tmp_path / "grade",
+    )
     again = list(csv.reader(io.StringIO(Path(result["tables"]["reproduction"]["csv"]).read_text())))
     assert dict(zip(again[0][5:], again[2][5:]))["AIME24"] == "above"
 
@@ -408,11 +489,24 @@ def test_make_table_reads_the_report_settings_from_config_overrides(tmp_path):
     runs = tmp_path / "runs"
     write_graded_run(runs, "long", "sft_long_cot", {"aime24": three_samples(RIGHT_LONG)})
     write_graded_run(runs, "palign", "palign", {"aime24": three_samples(RIGHT_PALIGN)})
-    result = _make_table_module().main(["~local", "report.reference=palign", "report.intervals.resamples=500",
-                                        "report.intervals.seed=5", "--runs-dir", str(runs), "--graded-dir",
-                                        str(tmp_path / "grade"), "--out", str(tmp_path / "out")])
+    result = _make_table_module().main(
+        [
+            "~local",
+            "report.reference=palign",
+            "report.intervals.resamples=500",
+            "report.intervals.seed=5",
+            "--runs-dir",
+            str(runs),
+            "--graded-dir",
+            str(tmp_path / "grade"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     rows = md_rows(result["table1"])
-    assert rows[(STUDENT, "palign")][-2:] == ["ref", "ref"] and rows[(STUDENT, "sft_long_cot")][-2].startswith("-33.33 [")
+    assert rows[(STUDENT, "palign")][-2:] == ["ref", "ref"] and rows[(STUDENT, "sft_long_cot")][-2].startswith(
+        "-33.33 ["
+    )
     assert "(scipy.stats.bootstrap, 500 resamples, seed 5)" in result["table1"]
     with pytest.raises(Exception, match="report.intervals.resamples"):
         _make_table_module().main(["~local", "report.intervals.resamples=10", "--runs-dir", str(runs)])
@@ -433,23 +527,49 @@ def test_an_offline_wandb_run_holds_the_per_problem_table_the_intervals_and_the_
 
     # the ablation's knob and this run's value, under flat keys of the run config
     assert (run.config["ablation.name"], run.config["ablation.knob"], run.config["ablation.value"]) == (
-        "search", "truncation/search", "binary")
+        "search",
+        "truncation/search",
+        "binary",
+    )
     # final values declared with define_metric, so the summary keeps the last value
-    for key in ("eval/champ_heldout/pass@1", "eval/champ_heldout/pass@1_ci_low", "eval/champ_heldout/pass@1_ci_high",
-                "eval/champ_heldout/pass@2_ci_high", "eval/avg_pass@1_ci_low"):
+    for key in (
+        "eval/champ_heldout/pass@1",
+        "eval/champ_heldout/pass@1_ci_low",
+        "eval/champ_heldout/pass@1_ci_high",
+        "eval/champ_heldout/pass@2_ci_high",
+        "eval/avg_pass@1_ci_low",
+    ):
         assert run.metrics[key]["summary"] == ["last"], key
     assert run.summary["eval/champ_heldout/pass@1_ci_low"] == {"last": cells["pass@1_ci_low"]}
     assert run.summary["eval/champ_heldout/pass@1_ci_high"] == {"last": cells["pass@1_ci_high"]}
     assert cells["pass@1_ci_low"] <= cells["pass@1"] <= cells["pass@1_ci_high"] and cells["pass@1_ci_high"] > 0
     assert {"eval/champ_heldout/problems/nrows", "eval/champ_heldout/predictions/nrows"} <= run.history_keys
 
-    graded = [json.loads(line) for line in (Path(summary["results"]) / "champ_heldout.graded.jsonl").read_text().splitlines()]
+    graded = [
+        json.loads(line) for line in (Path(summary["results"]) / "champ_heldout.graded.jsonl").read_text().splitlines()
+    ]
     problems = run.table("eval/champ_heldout/problems")
-    assert problems["columns"] == ["benchmark", "problem", "gold", "samples", "correct samples", "sample correct",
-                                   "pass@1", "pass@2"]
+    assert problems["columns"] == [
+        "benchmark",
+        "problem",
+        "gold",
+        "samples",
+        "correct samples",
+        "sample correct",
+        "pass@1",
+        "pass@2",
+    ]
     assert [row[:6] for row in problems["data"]] == [
-        ["champ_heldout", row["id"], row["answer"], 2, sum(row["correct"]), "".join("1" if c else "0" for c in row["correct"])]
-        for row in graded]
+        [
+            "champ_heldout",
+            row["id"],
+            row["answer"],
+            2,
+            sum(row["correct"]),
+            "".join("1" if c else "0" for c in row["correct"]),
+        ]
+        for row in graded
+    ]
     predictions = run.table("eval/champ_heldout/predictions")
     assert predictions["columns"][:4] == ["benchmark", "problem", "sample", "gold"]
     assert {(row[1], row[3]) for row in predictions["data"]} == {(row["id"], row["answer"]) for row in graded}
@@ -487,6 +607,11 @@ def test_an_offline_wandb_run_holds_the_per_problem_table_the_intervals_and_the_
     monkeypatch.setattr(wandb, "Api", Api)
     (from_wandb,), unfinished = collect_wandb_runs("palign", "pytest-ablation")
     (local,), _ = collect_local_runs(tmp_path / "runs")
-    assert unfinished == ["train-run"] and from_wandb.outcomes()["champ_heldout"].ids == local.outcomes()["champ_heldout"].ids
-    assert np.array_equal(from_wandb.outcomes()["champ_heldout"].correct[0], local.outcomes()["champ_heldout"].correct[0])
+    assert (
+        unfinished == ["train-run"]
+        and from_wandb.outcomes()["champ_heldout"].ids == local.outcomes()["champ_heldout"].ids
+    )
+    assert np.array_equal(
+        from_wandb.outcomes()["champ_heldout"].correct[0], local.outcomes()["champ_heldout"].correct[0]
+    )
     assert md_rows(table1([from_wandb], Report(), 2).markdown) == md_rows(table1([local], Report(), 2).markdown)

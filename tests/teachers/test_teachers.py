@@ -40,7 +40,10 @@ def test_champ_only_correct_keeps_graded_correct_traces():
 def test_jsonl_teacher_reads_skyt1_traces_and_strips_markers(shared_data):
     teacher = JsonlTeacher.with_defaults(
         path=str(shared_data / "teacher" / "skyt1_14b_amc23_longcot.jsonl"),
-        id_field="idx", question_field="question", answer_field="gt", long_cot_field="code.0",
+        id_field="idx",
+        question_field="question",
+        answer_field="gt",
+        long_cot_field="code.0",
         strip_markers=["<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>"],
     )
     records = teacher.load().records
@@ -52,10 +55,18 @@ def test_jsonl_teacher_reads_skyt1_traces_and_strips_markers(shared_data):
 
 def test_s1k_schema_from_a_local_file(tmp_path):
     rows = [
-        {"question": "What is 1+1?", "solution": "Clearly $1+1=\\boxed{2}$.",
-         "deepseek_thinking_trajectory": "Okay, one plus one. That is two.", "deepseek_attempt": "\\boxed{2}"},
-        {"question": "Name the answer.", "solution": "42",
-         "deepseek_thinking_trajectory": "Hmm. It is 42.", "deepseek_attempt": "42"},
+        {
+            "question": "What is 1+1?",
+            "solution": "Clearly $1+1=\\boxed{2}$.",
+            "deepseek_thinking_trajectory": "Okay, one plus one. That is two.",
+            "deepseek_attempt": "\\boxed{2}",
+        },
+        {
+            "question": "Name the answer.",
+            "solution": "42",
+            "deepseek_thinking_trajectory": "Hmm. It is 42.",
+            "deepseek_attempt": "42",
+        },
     ]
     path = tmp_path / "s1k.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

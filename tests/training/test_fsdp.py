@@ -75,8 +75,12 @@ def one_process_group(tmp_path):
 
 
 def _bf16_lora_module(tiny_model, gradient_checkpointing: bool) -> StudentSFTModule:
-    module = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model).to(torch.bfloat16), lora=LORA,
-                                            gradient_checkpointing=gradient_checkpointing, **LOSS)
+    module = StudentSFTModule.with_defaults(
+        lambda: copy.deepcopy(tiny_model).to(torch.bfloat16),
+        lora=LORA,
+        gradient_checkpointing=gradient_checkpointing,
+        **LOSS,
+    )
     dtypes = {p.dtype for n, p in module.named_parameters() if "lora_" in n}
     assert dtypes == {torch.float32}  # peft keeps the adapters in fp32 on a bf16 base
     return module
@@ -95,8 +99,12 @@ def test_a_layer_only_policy_cannot_flatten_fp32_adapters_on_a_bf16_base(tiny_mo
 
     module = _bf16_lora_module(tiny_model, gradient_checkpointing=False)
     with pytest.raises(ValueError, match="uniform dtype"):
-        FullyShardedDataParallel(module, auto_wrap_policy=ModuleWrapPolicy(set(decoder_layer_classes(module))),
-                                 device_id=torch.device("cpu"), use_orig_params=True)
+        FullyShardedDataParallel(
+            module,
+            auto_wrap_policy=ModuleWrapPolicy(set(decoder_layer_classes(module))),
+            device_id=torch.device("cpu"),
+            use_orig_params=True,
+        )
 
 
 def _lora_params(module) -> dict[str, torch.nn.Parameter]:
@@ -117,7 +125,9 @@ def _step(wrapped, module, batch):
     return _ForwardRedirection()(wrapped, module, "_step", batch)[0]
 
 
-def test_the_frozen_bf16_base_is_sharded_by_decoder_layer_and_the_fp32_adapters_replicated(tiny_model, one_process_group, tmp_path):
+def test_the_frozen_bf16_base_is_sharded_by_decoder_layer_and_the_fp32_adapters_replicated(
+    tiny_model, one_process_group, tmp_path
+):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import FullyShardedDataParallel
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -128,13 +138,18 @@ def test_the_frozen_bf16_base_is_sharded_by_decoder_layer_and_the_fp32_adapters_
     units = FullyShardedDataParallel.fsdp_modules(wrapped)
     assert len(units) == 2 + 1  # a unit per decoder layer and the root: no unit per adapter
     layers = [u._fsdp_wrapped_module for u in units[1:]]
-    assert all(isinstance(u, CheckpointWrapper) and isinstance(u._checkpoint_wrapped_module, LlamaDecoderLayer)
-               for u in layers)
+    assert all(
+        isinstance(u, CheckpointWrapper) and isinstance(u._checkpoint_wrapped_module, LlamaDecoderLayer) for u in layers
+    )
     assert not any(getattr(m, "is_gradient_checkpointing", False) for m in module.modules())  # FSDP's, not both
     for unit in units:  # the base alone, in its own dtype, frozen: its flat parameters need no gradient
         assert unit._flat_param.dtype == torch.bfloat16 and not unit._flat_param.requires_grad
     # the adapters are outside every unit (FSDP's ignored parameters), whole and fp32
-    assert {id(p) for p in wrapped._ignored_params} == {id(p) for p in adapters.values()} == {id(p) for p in strategy.replicated}
+    assert (
+        {id(p) for p in wrapped._ignored_params}
+        == {id(p) for p in adapters.values()}
+        == {id(p) for p in strategy.replicated}
+    )
     flat = {id(p) for u in units for p in u._flat_param._params}
     assert not flat & {id(p) for p in adapters.values()}
     assert all(p.dtype == torch.float32 for p in adapters.values())
@@ -182,16 +197,22 @@ def test_the_wrapped_student_computes_no_more_backward_flops_than_without_fsdp(t
     module = _bf16_lora_module(tiny_model, gradient_checkpointing=False)
     for param in module.parameters():  # the fp32-cast layer units
         param.data = param.data.float()
-    fp32_cast = FullyShardedDataParallel(module, auto_wrap_policy=wrap_policy(decoder_layer_classes(module)),
-                                         mixed_precision=mixed_precision("bf16-mixed"), device_id=torch.device("cpu"),
-                                         use_orig_params=True)
+    fp32_cast = FullyShardedDataParallel(
+        module,
+        auto_wrap_policy=wrap_policy(decoder_layer_classes(module)),
+        mixed_precision=mixed_precision("bf16-mixed"),
+        device_id=torch.device("cpu"),
+        use_orig_params=True,
+    )
     assert _backward_flops(fp32_cast, module, batch) > unwrapped
 
 
 def test_without_lora_every_parameter_is_sharded_and_trains(tiny_model, one_process_group, tmp_path):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    module = StudentSFTModule.with_defaults(lambda: copy.deepcopy(tiny_model), lora=None, gradient_checkpointing=False, **LOSS)
+    module = StudentSFTModule.with_defaults(
+        lambda: copy.deepcopy(tiny_model), lora=None, gradient_checkpointing=False, **LOSS
+    )
     strategy, wrapped = _wrap(module, tmp_path)
     units = FullyShardedDataParallel.fsdp_modules(wrapped)
     assert len(units) == 2 + 1 and not strategy.replicated and not wrapped._ignored_params
@@ -226,13 +247,25 @@ def test_the_gathered_full_state_makes_a_plain_model_again(tiny_model, smollm2_t
     from safetensors.torch import load_file
 
     exported = load_file(tmp_path / "student" / "model.safetensors")
-    assert not any("lora" in k for k in exported) and exported["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert (
+        not any("lora" in k for k in exported)
+        and exported["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    )
 
 
 # -- 2 CPU processes, end to end -------------------------------------------------------------------
-RUN = ["experiment=tiny", "baseline=sft_long_cot", "logger=none", "stage=train", "training=paper",
-       "training.gradient_checkpointing=false", "training.effective_batch_size=4", "data.micro_batch_size=1",
-       "training.epochs=2", "trainer.precision=32-true"]  # 2 ranks x 2 accumulated micro-batches per step
+RUN = [
+    "experiment=tiny",
+    "baseline=sft_long_cot",
+    "logger=none",
+    "stage=train",
+    "training=paper",
+    "training.gradient_checkpointing=false",
+    "training.effective_batch_size=4",
+    "data.micro_batch_size=1",
+    "training.epochs=2",
+    "trainer.precision=32-true",
+]  # 2 ranks x 2 accumulated micro-batches per step
 TESTS_ON_PATH = {"PYTHONPATH": str(PROJECT_ROOT)}
 
 
@@ -252,9 +285,18 @@ def test_an_fsdp_job_trains_like_ddp_checkpoints_shards_and_resumes_after_a_kill
     from transformers import AutoModelForCausalLM
 
     probe = tmp_path / "probe"
-    run_cli([*RUN, "trainer=fsdp_sim", "+callbacks.units._target_=tests.helpers.rank_probes.RecordFSDPUnits",
-             f"+callbacks.units.folder={probe}", "+callbacks.grads._target_=tests.helpers.rank_probes.RecordStepGradients",
-             f"+callbacks.grads.folder={probe}"], tmp_path / "fsdp", env=TESTS_ON_PATH)
+    run_cli(
+        [
+            *RUN,
+            "trainer=fsdp_sim",
+            "+callbacks.units._target_=tests.helpers.rank_probes.RecordFSDPUnits",
+            f"+callbacks.units.folder={probe}",
+            "+callbacks.grads._target_=tests.helpers.rank_probes.RecordStepGradients",
+            f"+callbacks.grads.folder={probe}",
+        ],
+        tmp_path / "fsdp",
+        env=TESTS_ON_PATH,
+    )
     fsdp = _run_dir(tmp_path / "fsdp")
     train = json.loads((fsdp / "summary.json").read_text())["train"]
     assert train["world_size"] == 2 and train["global_step"] == 6
@@ -274,7 +316,9 @@ def test_an_fsdp_job_trains_like_ddp_checkpoints_shards_and_resumes_after_a_kill
     assert any(not torch.equal(local0[n], local1[n]) for n in local0)
     for name in local0:
         assert torch.equal(grads[0]["stepped"][name], grads[1]["stepped"][name]), name  # replicas stay equal
-        torch.testing.assert_close(grads[0]["stepped"][name], (local0[name] + local1[name]) / 2, rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(
+            grads[0]["stepped"][name], (local0[name] + local1[name]) / 2, rtol=1e-6, atol=0, msg=name
+        )
 
     last = fsdp / "checkpoints" / "last.ckpt"  # a link to a complete folder of shards, one per rank
     assert last.is_symlink() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
@@ -292,11 +336,21 @@ def test_an_fsdp_job_trains_like_ddp_checkpoints_shards_and_resumes_after_a_kill
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=k)
 
     crashed = tmp_path / "crashed"
-    kill = ["+callbacks.crash._target_=tests.helpers.crash.KillAt", "+callbacks.crash.hook=on_train_batch_start",
-            "+callbacks.crash.step=4", "+callbacks.crash.whole_job=true"]  # mid epoch 2, after shards were saved
-    proc = subprocess.run(cli_command([*RUN, "trainer=fsdp_sim", *kill]), cwd=PROJECT_ROOT,
-                          env=cli_env(crashed, TESTS_ON_PATH), capture_output=True, text=True, timeout=900,
-                          start_new_session=True)
+    kill = [
+        "+callbacks.crash._target_=tests.helpers.crash.KillAt",
+        "+callbacks.crash.hook=on_train_batch_start",
+        "+callbacks.crash.step=4",
+        "+callbacks.crash.whole_job=true",
+    ]  # mid epoch 2, after shards were saved
+    proc = subprocess.run(
+        cli_command([*RUN, "trainer=fsdp_sim", *kill]),
+        cwd=PROJECT_ROOT,
+        env=cli_env(crashed, TESTS_ON_PATH),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        start_new_session=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     run_cli([*RUN, "trainer=fsdp_sim"], crashed)
     resumed = json.loads((_run_dir(crashed) / "summary.json").read_text())["train"]

@@ -36,8 +36,12 @@ def _module(tiny_model, chunk_tokens: int, bias: bool = False, lora: bool = Fals
             model.config.tie_word_embeddings = False
         return model
 
-    module = StudentSFTModule.with_defaults(load, lora={"r": 4, "alpha": 8, "dropout": 0.0} if lora else None,
-                                            loss_kernel=kernel, loss_chunk_tokens=chunk_tokens)
+    module = StudentSFTModule.with_defaults(
+        load,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0} if lora else None,
+        loss_kernel=kernel,
+        loss_chunk_tokens=chunk_tokens,
+    )
     if lora:  # B starts at zero, which would leave A's gradient zero: give the adapters a real effect
         torch.manual_seed(2)
         for name, param in module.named_parameters():
@@ -52,7 +56,9 @@ def _full_logits_step(module: StudentSFTModule, batch) -> tuple[torch.Tensor, to
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     decoder = module.model.get_decoder()
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
     logits = module.model.get_output_embeddings()(hidden[:, :-1, :][mask])
     n = int(mask.sum())
     loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum") / n
@@ -98,7 +104,9 @@ def test_low_precision_hidden_states_get_fp32_logits_and_the_accuracy_counts_arg
     assert expected_correct >= 7
     nll, correct = supervised_cross_entropy(hidden, head, targets, kernel="chunked", chunk_tokens=5)
     assert nll.dtype == torch.float32
-    assert float(nll.detach()) == pytest.approx(float(F.cross_entropy(logits.float(), targets, reduction="sum")), rel=1e-6)
+    assert float(nll.detach()) == pytest.approx(
+        float(F.cross_entropy(logits.float(), targets, reduction="sum")), rel=1e-6
+    )
     assert int(correct) == expected_correct
 
     # no supervised token in the batch: a zero loss that still back-propagates
@@ -173,8 +181,9 @@ def test_liger_off_cuda_or_uninstalled_is_an_error_naming_the_setting(tiny_model
     assert not loaded  # refused before the student loads
 
 
-@pytest.mark.skipif(not LIGER_ON_CUDA, reason="Liger's fused linear cross-entropy needs the liger_kernel package "
-                                              "and a CUDA device")
+@pytest.mark.skipif(
+    not LIGER_ON_CUDA, reason="Liger's fused linear cross-entropy needs the liger_kernel package and a CUDA device"
+)
 @pytest.mark.parametrize("head", ["tied", "bias", "lora"])
 def test_liger_kernel_gives_the_chunked_loss_accuracy_and_gradients(tiny_model, head):
     batch = {k: v.cuda() for k, v in SFTCollator(0)(EXAMPLES).items()}

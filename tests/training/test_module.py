@@ -102,12 +102,17 @@ def test_a_validation_filler_batch_weighs_nothing(tiny_model):
     assert (float(module.val_nll.compute()), float(module.val_accuracy.compute())) == alone
 
 
-EPOCH_METRICS = ("train_nll", "train_accuracy")  # what train/loss_epoch, perplexity and token accuracy are computed from
+EPOCH_METRICS = (
+    "train_nll",
+    "train_accuracy",
+)  # what train/loss_epoch, perplexity and token accuracy are computed from
 
 
 def _epoch_sums(module: StudentSFTModule) -> dict:
-    return {name: {key: value.clone() for key, value in getattr(module, name).metric_state.items()}
-            for name in EPOCH_METRICS}
+    return {
+        name: {key: value.clone() for key, value in getattr(module, name).metric_state.items()}
+        for name in EPOCH_METRICS
+    }
 
 
 def test_a_mid_epoch_resume_carries_the_epochs_metric_sums(tiny_model):
@@ -146,4 +151,6 @@ def test_an_epoch_end_checkpoint_starts_the_next_epoch_afresh_and_another_world_
         one.training_step(batches[2], 2)
         alone.training_step(batches[2], 2)
     for name in EPOCH_METRICS:
-        assert float(getattr(one, name).compute()) == pytest.approx(float(getattr(alone, name).compute()), rel=1e-6), name
+        assert float(getattr(one, name).compute()) == pytest.approx(float(getattr(alone, name).compute()), rel=1e-6), (
+            name
+        )

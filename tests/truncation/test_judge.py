@@ -32,11 +32,15 @@ Partial reasoning:
 
 
 def load_prompt(name: str) -> JudgePrompt:
-    return JudgePrompt(**OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / f"{name}.yaml")))
+    return JudgePrompt(
+        **OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "truncation" / "judge_prompt" / f"{name}.yaml"))
+    )
 
 
 def segment(text: str, granularity: str) -> Segmentation:
-    return {"paper_sentence": split_paper_sentences, "sentence": split_sentences, "step": split_steps}[granularity](text)
+    return {"paper_sentence": split_paper_sentences, "sentence": split_sentences, "step": split_steps}[granularity](
+        text
+    )
 
 
 def test_paper_prompt_is_verbatim_and_renders_latex_safely():
@@ -75,21 +79,29 @@ def test_batched_left_padded_scores_equal_one_by_one(smollm2_tokenizer, tiny_mod
 def _one_pass_vs_batched(model, tokenizer, question, trace, granularity, prompt="paper"):
     seg = segment(trace, granularity)
     ks = list(range(1, seg.m + 1))
-    one_pass = SufficiencyJudge.hf(model, tokenizer, load_prompt(prompt), engine="one_pass").prefix_scores([(question, seg, ks)])[0]
-    batched = SufficiencyJudge.hf(model, tokenizer, load_prompt(prompt), engine="batched", batch_size=4).prefix_scores([(question, seg, ks)])[0]
+    one_pass = SufficiencyJudge.hf(model, tokenizer, load_prompt(prompt), engine="one_pass").prefix_scores(
+        [(question, seg, ks)]
+    )[0]
+    batched = SufficiencyJudge.hf(model, tokenizer, load_prompt(prompt), engine="batched", batch_size=4).prefix_scores(
+        [(question, seg, ks)]
+    )[0]
     return seg, one_pass, batched
 
 
 def test_one_pass_scores_equal_scoring_each_prefix_from_scratch_tiny(tiny_model, smollm2_tokenizer):
     trace = "We have $x^2 = 9$. So $x = 3$ or $x = -3$.\n\nSince x > 0, x = 3. Check: 3.5 is not it. Done!"
     for granularity in ("sentence", "paper_sentence", "step"):
-        seg, one_pass, batched = _one_pass_vs_batched(tiny_model, smollm2_tokenizer, "Solve x^2 = 9, x > 0.", trace, granularity)
+        seg, one_pass, batched = _one_pass_vs_batched(
+            tiny_model, smollm2_tokenizer, "Solve x^2 = 9, x > 0.", trace, granularity
+        )
         assert sorted(one_pass) == sorted(batched) == list(range(1, seg.m + 1))
         for k in one_pass:
             assert one_pass[k] == pytest.approx(batched[k], abs=1e-4)
 
 
-def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(student_specs, cache_dir, smollm2_tokenizer, monkeypatch):
+def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(
+    student_specs, cache_dir, smollm2_tokenizer, monkeypatch
+):
     """The tails' mask must hold whatever the attention kernel and however many tails share a forward;
     kernels without arbitrary masks take the cropping path, which must agree too."""
     import palign.truncation.judge as judge_module
@@ -100,18 +112,31 @@ def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(student_sp
     seg = segment(trace, "sentence")
     ks = [1, 3, 4, seg.m]  # a subset: the forward covers unit max(ks), tails only where asked
     question = "Show 4 | n^2 for even n."
-    reference = SufficiencyJudge.hf(load_model(student_specs["tiny_random"], cache_dir), smollm2_tokenizer,
-                                 load_prompt("paper"), engine="batched").prefix_scores([(question, seg, ks)])[0]
+    reference = SufficiencyJudge.hf(
+        load_model(student_specs["tiny_random"], cache_dir), smollm2_tokenizer, load_prompt("paper"), engine="batched"
+    ).prefix_scores([(question, seg, ks)])[0]
     eager = load_model(student_specs["tiny_random"], cache_dir)
     eager.set_attn_implementation("eager")
-    for model, max_tail_tokens in ((eager, 4096), (eager, 1), (load_model(student_specs["tiny_random"], cache_dir), 20)):
-        judge = SufficiencyJudge.hf(model, smollm2_tokenizer, load_prompt("paper"), engine="one_pass", max_tail_tokens=max_tail_tokens)
+    for model, max_tail_tokens in (
+        (eager, 4096),
+        (eager, 1),
+        (load_model(student_specs["tiny_random"], cache_dir), 20),
+    ):
+        judge = SufficiencyJudge.hf(
+            model, smollm2_tokenizer, load_prompt("paper"), engine="one_pass", max_tail_tokens=max_tail_tokens
+        )
         scores = judge.prefix_scores([(question, seg, ks)])[0]
         assert sorted(scores) == ks
         for k in ks:
-            assert scores[k] == pytest.approx(reference[k], abs=1e-4), (model.config._attn_implementation, max_tail_tokens, k)
+            assert scores[k] == pytest.approx(reference[k], abs=1e-4), (
+                model.config._attn_implementation,
+                max_tail_tokens,
+                k,
+            )
     monkeypatch.setattr(judge_module, "MASKABLE_ATTENTION", ())  # as for flash attention
-    cropped = SufficiencyJudge.hf(eager, smollm2_tokenizer, load_prompt("paper"), engine="one_pass").prefix_scores([(question, seg, ks)])[0]
+    cropped = SufficiencyJudge.hf(eager, smollm2_tokenizer, load_prompt("paper"), engine="one_pass").prefix_scores(
+        [(question, seg, ks)]
+    )[0]
     assert cropped == pytest.approx(reference, abs=1e-4)
 
 
@@ -136,7 +161,10 @@ def test_smollm2_self_judge_both_modes_on_real_skyt1_traces(shared_data, student
     from palign.llm.models import load_model, load_tokenizer
     from palign.truncation.search import BinaryPrefixSearch, run_searches
 
-    rows = [json.loads(line) for line in (shared_data / "teacher" / "skyt1_14b_amc23_longcot.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (shared_data / "teacher" / "skyt1_14b_amc23_longcot.jsonl").read_text().splitlines()
+    ]
     rows = sorted(rows, key=lambda r: len(r["code"][0]))[:3]
     tokenizer = load_tokenizer(student_specs["smollm2_135m"], cache_dir)
     model = load_model(student_specs["smollm2_135m"], cache_dir)
@@ -173,12 +201,24 @@ def test_one_pass_engine_on_the_paper_students_architectures(architecture, smoll
     config_class = getattr(transformers, f"{architecture}Config")
     model_class = getattr(transformers, f"{architecture}ForCausalLM")
     torch.manual_seed(0)
-    config = config_class(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_implementation="sdpa")
+    config = config_class(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attn_implementation="sdpa",
+    )
     model = model_class(config).eval()
     seg = segment("Let n be even. Then n = 2k. So n^2 = 4k^2. Hence 4 divides n^2. Thus the claim holds.", "sentence")
     ks = list(range(1, seg.m + 1))
-    engines = {engine: SufficiencyJudge.hf(model, smollm2_tokenizer, load_prompt("paper"), engine=engine)
-               .prefix_scores([("Show 4 | n^2 for even n.", seg, ks)])[0] for engine in ("one_pass", "batched")}
+    engines = {
+        engine: SufficiencyJudge.hf(model, smollm2_tokenizer, load_prompt("paper"), engine=engine).prefix_scores(
+            [("Show 4 | n^2 for even n.", seg, ks)]
+        )[0]
+        for engine in ("one_pass", "batched")
+    }
     assert engines["one_pass"] == pytest.approx(engines["batched"], abs=1e-4)
     assert len({round(v, 4) for v in engines["one_pass"].values()}) > 1

@@ -24,7 +24,9 @@ from palign.truncation.search import (
 )
 
 # each option of conf/truncation/search/ built as the stage builds it: a factory of one search per trace
-SEARCHES = {path.stem: instantiate(OmegaConf.load(path)) for path in (PROJECT_ROOT / "conf/truncation/search").glob("*.yaml")}
+SEARCHES = {
+    path.stem: instantiate(OmegaConf.load(path)) for path in (PROJECT_ROOT / "conf/truncation/search").glob("*.yaml")
+}
 STRATEGIES = sorted(SEARCHES)
 
 
@@ -65,10 +67,7 @@ class RecordingJudge:
 
     def __call__(self, requests: list[tuple[int, int]]) -> list[Verdict]:
         self.batches.append(list(requests))
-        return [
-            Verdict(sufficient=k >= self.thresholds[index], reply=f"{index}:{k}")
-            for index, k in requests
-        ]
+        return [Verdict(sufficient=k >= self.thresholds[index], reply=f"{index}:{k}") for index, k in requests]
 
 
 # --- the authors' binary search -------------------------------------------------------------------
@@ -159,9 +158,7 @@ def test_an_empty_trace_cannot_be_searched(strategy: str) -> None:
 ))  # fmt: skip
 def test_all_strategies_agree_under_a_monotone_judge(m_and_threshold: tuple[int, int]) -> None:
     m, threshold = m_and_threshold
-    results = {
-        strategy: search_alone(strategy, m, lambda k: k >= threshold) for strategy in STRATEGIES
-    }
+    results = {strategy: search_alone(strategy, m, lambda k: k >= threshold) for strategy in STRATEGIES}
     for result in results.values():
         assert result.chosen_k == min(threshold, m)
         assert result.fallback == (threshold == m + 1)
@@ -195,9 +192,7 @@ def test_driver_advances_all_binary_searches_together() -> None:
     states: list[PrefixSearch] = [create_search("binary", m) for m in sizes]
     results = run_searches(states, judge, batch_size=len(sizes))
 
-    expected = [
-        search_alone("binary", m, lambda k, t=t: k >= t) for m, t in zip(sizes, judge.thresholds)
-    ]
+    expected = [search_alone("binary", m, lambda k, t=t: k >= t) for m, t in zip(sizes, judge.thresholds)]
     assert [r.chosen_k for r in results] == [e.chosen_k for e in expected] == [12, 7, 1, 37, 3]
     assert [r.fallback for r in results] == [False, True, False, False, False]
     assert [[p.k for p in r.probes] for r in results] == [[p.k for p in e.probes] for e in expected]
@@ -224,9 +219,7 @@ def test_driver_respects_the_batch_size(batch_size: int) -> None:
 def test_driver_judges_every_exhaustive_length_in_one_round() -> None:
     sizes = [5, 3, 4]
     judge = RecordingJudge(thresholds=[2, 4, 1])
-    results = run_searches(
-        [create_search("exhaustive", m) for m in sizes], judge, batch_size=5, progress=True
-    )
+    results = run_searches([create_search("exhaustive", m) for m in sizes], judge, batch_size=5, progress=True)
     assert [len(batch) for batch in judge.batches] == [5, 5, 2]
     assert [r.chosen_k for r in results] == [2, 3, 1]
     assert [r.fallback for r in results] == [False, True, False]

@@ -12,8 +12,13 @@ from tests.conftest import PROJECT_ROOT, compose_config
 from palign.llm.models import ModelSpec
 from palign.schema import ConfigError, Judge, JudgePrompt, check_values, defaults
 from palign.teachers.records import TeacherRecord
-from palign.truncation.judge import (AbsoluteThreshold, QuantileThreshold, RelativeToFullThreshold, SufficiencyJudge,
-                                     render_prompt)
+from palign.truncation.judge import (
+    AbsoluteThreshold,
+    QuantileThreshold,
+    RelativeToFullThreshold,
+    SufficiencyJudge,
+    render_prompt,
+)
 from palign.truncation.prefixes import AdaptivePrefix, FixedRatioPrefix
 from palign.truncation.search import BinaryPrefixSearch, ExhaustivePrefixSearch
 from palign.truncation.stage import PrefixTruncation, truncation_stats
@@ -56,15 +61,34 @@ def make_judge(tiny_model, smollm2_tokenizer):
     return factory
 
 
-def truncation(cache, tokenizer, judge_factory=None, *, prefix=AdaptivePrefix(), search=BinaryPrefixSearch,
-               **judge) -> PrefixTruncation:
+def truncation(
+    cache, tokenizer, judge_factory=None, *, prefix=AdaptivePrefix(), search=BinaryPrefixSearch, **judge
+) -> PrefixTruncation:
     """Stage 1 as `make_truncation` builds it from typed nodes: sentences, 2 traces per chunk, `search`,
     the tiny model's judge node (batch 4, 8 reply tokens, threshold absolute 0; the schema's defaults
     otherwise) but `judge`, and the paper's prompt."""
-    node = Judge(**{**defaults(Judge), "model": TINY, "batch_size": 4, "max_new_tokens": 8,
-                    "threshold": AbsoluteThreshold(value=0.0), **judge})
-    return PrefixTruncation(prefix, Sentences(), cache, tokenizer, chunk_size=2, search=search, judge=node,
-                            judge_prompt=PROMPT, judge_factory=judge_factory, progress=False)
+    node = Judge(
+        **{
+            **defaults(Judge),
+            "model": TINY,
+            "batch_size": 4,
+            "max_new_tokens": 8,
+            "threshold": AbsoluteThreshold(value=0.0),
+            **judge,
+        }
+    )
+    return PrefixTruncation(
+        prefix,
+        Sentences(),
+        cache,
+        tokenizer,
+        chunk_size=2,
+        search=search,
+        judge=node,
+        judge_prompt=PROMPT,
+        judge_factory=judge_factory,
+        progress=False,
+    )
 
 
 def test_artifact_records_every_probe_and_reruns_hit_the_cache(tmp_path, smollm2_tokenizer, make_judge):
@@ -109,8 +133,9 @@ def test_interrupted_run_resumes_without_redoing_or_duplicating(tmp_path, smollm
 
 
 def test_fixed_ratio_keeps_ceil_lambda_m_units_without_a_judge(tmp_path, smollm2_tokenizer):
-    stage = PrefixTruncation(FixedRatioPrefix(ratio=0.5), Sentences(), tmp_path, smollm2_tokenizer, chunk_size=2,
-                             progress=False)  # no search, judge or prompt: the policy reads none
+    stage = PrefixTruncation(
+        FixedRatioPrefix(ratio=0.5), Sentences(), tmp_path, smollm2_tokenizer, chunk_size=2, progress=False
+    )  # no search, judge or prompt: the policy reads none
     rows = stage.run(records())
     for row in rows:
         assert row["chosen_k"] == max(1, math.ceil(0.5 * row["m"]))
@@ -119,15 +144,26 @@ def test_fixed_ratio_keeps_ceil_lambda_m_units_without_a_judge(tmp_path, smollm2
 
 
 def test_relative_and_quantile_thresholds(tmp_path, smollm2_tokenizer, make_judge):
-    relative = truncation(tmp_path, smollm2_tokenizer, lambda: make_judge(), search=ExhaustivePrefixSearch,
-                          threshold=RelativeToFullThreshold(value=0.0))
+    relative = truncation(
+        tmp_path,
+        smollm2_tokenizer,
+        lambda: make_judge(),
+        search=ExhaustivePrefixSearch,
+        threshold=RelativeToFullThreshold(value=0.0),
+    )
     for row in relative.run(records()):
         assert row["threshold"] == pytest.approx(row["full_score"])
         # exhaustive judged k = m too, which scores exactly the full trace: never a fallback
         assert not row["fallback"]
-        assert [p["sufficient"] for p in row["probes"]] == [p["score"] >= row["threshold"] - 1e-4 for p in row["probes"]]
-    quantile = truncation(tmp_path, smollm2_tokenizer, lambda: make_judge(),
-                          threshold=QuantileThreshold(value=0.5, calibration_examples=3))
+        assert [p["sufficient"] for p in row["probes"]] == [
+            p["score"] >= row["threshold"] - 1e-4 for p in row["probes"]
+        ]
+    quantile = truncation(
+        tmp_path,
+        smollm2_tokenizer,
+        lambda: make_judge(),
+        threshold=QuantileThreshold(value=0.5, calibration_examples=3),
+    )
     rows = quantile.run(records())
     calibration = json.loads((quantile.folder / "calibration.json").read_text())
     assert calibration["examples"] == 3 and len(calibration["scores"]) == sum(r["m"] for r in rows[:3])
@@ -136,10 +172,26 @@ def test_relative_and_quantile_thresholds(tmp_path, smollm2_tokenizer, make_judg
 
 def test_stats_summarise_ratios_fallbacks_and_tokens():
     rows = [
-        {"prefix_ratio": 0.25, "fallback": False, "judge_calls": 6, "m": 48, "prefix_tokens": 100, "full_tokens": 400,
-         "monotone": True, "probes": [{"score": 1.0}, {"score": -1.0}]},
-        {"prefix_ratio": 1.0, "fallback": True, "judge_calls": 4, "m": 10, "prefix_tokens": 100, "full_tokens": 100,
-         "monotone": False, "probes": [{"score": 0.5}]},
+        {
+            "prefix_ratio": 0.25,
+            "fallback": False,
+            "judge_calls": 6,
+            "m": 48,
+            "prefix_tokens": 100,
+            "full_tokens": 400,
+            "monotone": True,
+            "probes": [{"score": 1.0}, {"score": -1.0}],
+        },
+        {
+            "prefix_ratio": 1.0,
+            "fallback": True,
+            "judge_calls": 4,
+            "m": 10,
+            "prefix_tokens": 100,
+            "full_tokens": 100,
+            "monotone": False,
+            "probes": [{"score": 0.5}],
+        },
     ]
     stats = truncation_stats(rows)
     assert stats["prefix_ratio_mean"] == 0.625 and stats["fallback_rate"] == 0.5
@@ -168,14 +220,17 @@ class LengthRecordingJudge(SufficiencyJudge):
         from palign.llm.chat import encode_user_turn
 
         self.sent = getattr(self, "sent", []) + [
-            len(encode_user_turn(self.tokenizer, render_prompt(self.prompt, q, r), self.chat_template_kwargs)) + self.max_new_tokens
-            for q, r in pairs]
+            len(encode_user_turn(self.tokenizer, render_prompt(self.prompt, q, r), self.chat_template_kwargs))
+            + self.max_new_tokens
+            for q, r in pairs
+        ]
         return super().generate_replies(pairs)
 
 
 @pytest.mark.parametrize("mode,engine", [("logits", "one_pass"), ("logits", "batched"), ("generate", "batched")])
 def test_a_trace_longer_than_the_judges_context_is_searched_and_no_probe_exceeds_it(
-        mode, engine, tmp_path, smollm2_tokenizer, tiny_model):
+    mode, engine, tmp_path, smollm2_tokenizer, tiny_model
+):
     prompt = PROMPT
     long_steps = " ".join(f"Step {j}: we add {j} and find {j + 7}." for j in range(60))
     long = TeacherRecord(id="long", question="What is 7 + 7?", answer="14", long_cot=long_steps)
@@ -184,9 +239,20 @@ def test_a_trace_longer_than_the_judges_context_is_searched_and_no_probe_exceeds
 
     def factory(context):
         def make():
-            judges.append(LengthRecordingJudge.hf(tiny_model, smollm2_tokenizer, prompt, batch_size=4, mode=mode,
-                                                  engine=engine, max_new_tokens=4, max_context_tokens=context))
+            judges.append(
+                LengthRecordingJudge.hf(
+                    tiny_model,
+                    smollm2_tokenizer,
+                    prompt,
+                    batch_size=4,
+                    mode=mode,
+                    engine=engine,
+                    max_new_tokens=4,
+                    max_context_tokens=context,
+                )
+            )
             return judges[-1]
+
         return make
 
     # a context that holds every short trace whole but not the long one
@@ -206,8 +272,10 @@ def test_a_trace_longer_than_the_judges_context_is_searched_and_no_probe_exceeds
     longest = rows["long"]
     assert 0 < longest["fitting_k"] < longest["m"]
     over = [p for p in longest["probes"] if p["over_context"]]
-    assert over and all(p["k"] > longest["fitting_k"] and not p["sufficient"] and p["score"] is None and p["reply"] is None
-                        for p in over)
+    assert over and all(
+        p["k"] > longest["fitting_k"] and not p["sufficient"] and p["score"] is None and p["reply"] is None
+        for p in over
+    )
     assert all(p["k"] <= longest["fitting_k"] for p in longest["probes"] if not p["over_context"])
     assert longest["probes"][0]["k"] == (longest["m"] + 1) // 2  # the authors' first probe: half the trace
     assert longest["probes_over_context"] == len(over)
@@ -237,7 +305,9 @@ def _probe_tokens(judge, record, k):
 
 def test_a_context_too_small_for_any_prompt_is_refused(tiny_model, smollm2_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="leaves no room for a prompt before the 8-token reply"):
-        SufficiencyJudge.hf(tiny_model, smollm2_tokenizer, PROMPT, mode="generate", max_new_tokens=8, max_context_tokens=8)
+        SufficiencyJudge.hf(
+            tiny_model, smollm2_tokenizer, PROMPT, mode="generate", max_new_tokens=8, max_context_tokens=8
+        )
     with pytest.raises(ConfigError, match="truncation.judge.max_context_tokens=0: must be null .* or an integer >= 2"):
         check_values(compose_config(["truncation.judge.max_context_tokens=0"], tmp_path))
 
@@ -250,14 +320,26 @@ STORE_FOLDERS = {
     "binary-paper_sentence-225e52bdc857d89c": ["experiment=paper/table1_qwen2_5_7b"],  # generate mode
     "fixed_ratio-sentence-99b3f5f00805a15f": ["baseline=fixed_ratio", "baseline.prefix.ratio=0.25"],
     "fixed_ratio-sentence-a1ac358a678baabb": ["baseline=fixed_ratio"],
-    "linear-token_chunk-621eeffd1a0bb185": ["truncation/granularity=token_chunk", "truncation/search=linear",
-                                            "truncation/judge=self"],  # absolute 0, chunk_tokens 64
-    "exhaustive-sentence-5c27817cac440f31": ["truncation/search=exhaustive", "truncation/judge=self_generate",
-                                             "truncation.judge.max_context_tokens=2048"],
-    "binary-sentence-c416370623cdbcf7": ["truncation/judge/threshold=quantile", "truncation.judge.threshold.value=0.7",
-                                         "truncation.judge.threshold.calibration_examples=4"],
-    "binary-step-4d096a71d59e62df": ["truncation/judge=smollm2_135m", "truncation/judge_prompt=paper",
-                                     "truncation/granularity=step"],
+    "linear-token_chunk-621eeffd1a0bb185": [
+        "truncation/granularity=token_chunk",
+        "truncation/search=linear",
+        "truncation/judge=self",
+    ],  # absolute 0, chunk_tokens 64
+    "exhaustive-sentence-5c27817cac440f31": [
+        "truncation/search=exhaustive",
+        "truncation/judge=self_generate",
+        "truncation.judge.max_context_tokens=2048",
+    ],
+    "binary-sentence-c416370623cdbcf7": [
+        "truncation/judge/threshold=quantile",
+        "truncation.judge.threshold.value=0.7",
+        "truncation.judge.threshold.calibration_examples=4",
+    ],
+    "binary-step-4d096a71d59e62df": [
+        "truncation/judge=smollm2_135m",
+        "truncation/judge_prompt=paper",
+        "truncation/granularity=step",
+    ],
     "binary-sentence-73b6b91eec79d66b": ["experiment=tiny", "baseline=prefix_only"],
 }
 
@@ -269,5 +351,7 @@ def test_a_config_keeps_the_store_folder_it_had_before_typed_nodes(folder, tmp_p
     from palign.pipeline import RunContext, make_truncation
 
     cfg = compose_config(STORE_FOLDERS[folder], tmp_path)
-    stage = make_truncation(RunContext(cfg=cfg, run_id="x", run_dir=tmp_path, cache_dir=Path(cfg.paths.cache_dir)), None)
+    stage = make_truncation(
+        RunContext(cfg=cfg, run_id="x", run_dir=tmp_path, cache_dir=Path(cfg.paths.cache_dir)), None
+    )
     assert stage.folder.name == folder

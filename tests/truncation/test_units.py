@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from palign.truncation.units import Segmentation, Splitter, TokenChunks, split_token_chunks
 
 from tests.conftest import PROJECT_ROOT, SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
+
 AMC23_TRACES = SHARED_DATA / "teacher" / "skyt1_14b_amc23_longcot.jsonl"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GRANULARITY_DIR = PROJECT_ROOT / "conf" / "truncation" / "granularity"
@@ -250,7 +251,7 @@ def test_step_cuts_on_blank_lines_only() -> None:
 # --- the literal-prefix guarantee -----------------------------------------------------------------
 
 TRACE_LIKE_TEXT = st.text(
-    alphabet=st.sampled_from(list("ab1 .?!\n\t$\\()[]{}*\"e.g")) | st.characters(),
+    alphabet=st.sampled_from(list('ab1 .?!\n\t$\\()[]{}*"e.g')) | st.characters(),
     max_size=200,
 )
 
@@ -292,9 +293,7 @@ def test_token_chunks_start_at_every_nth_token(smollm2_tokenizer) -> None:
     text = "Cities A and B are 45 miles apart. " * 20 + "So the answer is 27."
     chunk_tokens = 16
     segmentation = segment(text, "token_chunk", smollm2_tokenizer, chunk_tokens=chunk_tokens)
-    offsets = smollm2_tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)[
-        "offset_mapping"
-    ]
+    offsets = smollm2_tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
     expected_starts = [start for start, _ in offsets][chunk_tokens::chunk_tokens]
     assert boundaries_of(segmentation) == expected_starts
     assert segmentation.m == -(-len(offsets) // chunk_tokens)
