@@ -24,8 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from palign.artifacts.digests import fingerprint  # noqa: E402
-from palign.reporting.report import make_report  # noqa: E402
+from palign.artifacts.digests import fingerprint
+from palign.reporting.report import make_report
 
 
 def compose(overrides: list[str]):

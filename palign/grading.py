@@ -15,6 +15,7 @@ from math-verify's own extraction, exactly as in the authors' evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import pickle
@@ -205,7 +206,7 @@ def gold_answer_problem(gold: Any) -> str | None:
         return problem
     try:
         parsed = parse_gold(text)
-    except Exception as err:  # math-verify's own timeout, or a parser crash
+    except Exception as err:  # noqa: BLE001 (math-verify's own timeout, or a parser crash)
         return f"math-verify failed to parse it ({type(err).__name__}: {err})"
     if not any(not isinstance(item, str) for item in parsed):
         return f"math-verify cannot read the gold answer '{text}' as a math expression"
@@ -246,7 +247,7 @@ def is_correct(output: str, gold: Any) -> bool:
     """Whether `output` answers `gold` under math-verify; any failure counts as wrong."""
     try:
         return math_verify_grade(output, gold)[0]
-    except Exception:
+    except Exception:  # noqa: BLE001 (any failure counts as wrong)
         return False
 
 
@@ -263,7 +264,7 @@ class GradeResult:
 def _grade_safely(grade_fn: GradeFn, output: str, gold: Any) -> GradeResult:
     try:
         correct, extracted = grade_fn(output, gold)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (graded wrong, the error kept with the grade)
         return GradeResult(correct=False, error=f"{type(err).__name__}: {err}")
     return GradeResult(correct=bool(correct), extracted=None if extracted is None else str(extracted))
 
@@ -304,10 +305,8 @@ class _Worker:
         self.conn.close()
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(None)
-        except (BrokenPipeError, OSError):
-            pass
         self.process.join(timeout=5)
         self.kill()
 

@@ -9,8 +9,9 @@ its fields the same way, and palign/schema.py uses that class as the node: one h
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import field
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import MISSING
 

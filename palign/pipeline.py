@@ -315,8 +315,8 @@ def grade_stage(ctx: RunContext, tracker: Tracker) -> None:
     writes (so a pass@1 can be traced to the samples behind it); the summary records its path.
     """
     from palign.artifacts.writes import write_jsonl_atomic
-    from palign.grading import GradingPool
     from palign.evaluation.predictions import grade_prediction_file
+    from palign.grading import GradingPool
 
     cfg = ctx.cfg
     if not cfg.predictions:

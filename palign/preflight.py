@@ -289,10 +289,11 @@ def trainer_problems(cfg: DictConfig, *, hardware: bool) -> list[str]:
     batch arithmetic. Without, the names are checked against Lightning's registries and the
     arithmetic against the devices the config spells out.
     """
+    from typing import get_args
+
     from lightning_fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
     from pytorch_lightning.accelerators import AcceleratorRegistry
     from pytorch_lightning.strategies import StrategyRegistry
-    from typing import get_args
 
     trainer = cfg.trainer
     problems: list[str] = []
@@ -375,8 +376,9 @@ def accumulation_steps(effective: int, micro: int, world_size: int) -> int:
         reachable = sorted({per_step * k for k in (max(1, effective // per_step), effective // per_step + 1)})
         raise ConfigError(
             f"training.effective_batch_size={effective} is not a multiple of data.micro_batch_size={micro} x "
-            f"{world_size} process{'es' * (world_size != 1)} (trainer.devices x trainer.num_nodes) = {per_step}: an optimizer step could "
-            f"not see exactly {effective} examples; use e.g. {' or '.join(map(str, reachable))}, or change the micro batch"
+            f"{world_size} process{'es' * (world_size != 1)} (trainer.devices x trainer.num_nodes) = {per_step}: "
+            f"an optimizer step could not see exactly {effective} examples; "
+            f"use e.g. {' or '.join(map(str, reachable))}, or change the micro batch"
         )
     return effective // per_step
 

@@ -746,10 +746,7 @@ def defaults(node: type, **overrides: Any) -> dict[str, Any]:
     for spec in fields(node):
         if spec.name == "_target_":
             continue
-        if spec.default_factory is not MISSING_FACTORY:
-            value = spec.default_factory()
-        else:
-            value = spec.default
+        value = spec.default_factory() if spec.default_factory is not MISSING_FACTORY else spec.default
         if value is MISSING or (isinstance(value, str) and "${" in value):
             continue
         out[spec.name] = OmegaConf.to_container(OmegaConf.structured(value)) if is_dataclass(value) else value

@@ -12,9 +12,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
 from palign.schema import ConfigError, check_values
+from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 
 WRONG_TYPE = [
     "data.max_length=abc",

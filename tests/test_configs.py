@@ -6,8 +6,8 @@ import pytest
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, compose_config
 from palign.llm.models import ModelSpec
+from tests.conftest import PROJECT_ROOT, compose_config
 
 CONF = PROJECT_ROOT / "conf"
 # every config group, nested ones by their path (truncation/judge), each with its options
@@ -23,7 +23,8 @@ GROUPS = sorted(
 
 
 def options(group: str) -> list[str]:
-    """The group's options (experiment/paper/... included), not those of a group inside it (truncation/judge/threshold)."""
+    """The group's options (experiment/paper/... included), not those of a group inside it
+    (truncation/judge/threshold)."""
     root = CONF / group
     return sorted(
         str(p.relative_to(root).with_suffix(""))
@@ -422,11 +423,13 @@ def test_no_stage_signature_repeats_a_schema_default():
                     )
                     if target:
                         assert parameter.default is None and isinstance(default, str) and "${" in default, (
-                            f"{function.__qualname__}({parameter.name}={parameter.default!r}) repeats {name}.{parameter.name}'s default"
+                            f"{function.__qualname__}({parameter.name}={parameter.default!r}) "
+                            f"repeats {name}.{parameter.name}'s default"
                         )
                     else:
                         assert parameter.default == default, (
-                            f"{function.__qualname__}({parameter.name}={parameter.default!r}) disagrees with the schema's "
+                            f"{function.__qualname__}({parameter.name}={parameter.default!r}) "
+                            "disagrees with the schema's "
                             f"{name}.{parameter.name}={default!r}"
                         )
     assert targets >= 9  # teacher sources, truncation, alignment, data, training, evaluation, chain judge
@@ -441,7 +444,8 @@ def test_no_stage_signature_repeats_a_schema_default():
             for function in _own_inits(made):
                 for parameter in inspect.signature(function).parameters.values():
                     assert parameter.default is inspect.Parameter.empty, (
-                        f"{where}: {function.__qualname__}({parameter.name}={parameter.default!r}) has a default of its "
+                        f"{where}: {function.__qualname__}({parameter.name}={parameter.default!r}) "
+                        "has a default of its "
                         f"own; its option's YAML file is the home of the value"
                     )
                     assert (

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
-from palign.llm.hf_backend import HFBackend
 from palign.artifacts.errors import DataFormatError
 from palign.evaluation.benchmarks import load_benchmark
 from palign.evaluation.predictions import grade_prediction_file
 from palign.grading import GradingPool, check_gold_answer, gold_answer_problem
+from palign.llm.hf_backend import HFBackend
 from palign.teachers.sources import GeneratedTeacher, JsonlTeacher
+from tests.conftest import SHARED_DATA
 
 PLACEHOLDERS = [
     "see solution",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
 from palign.pipeline import run
+from tests.conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
 
 FAST = ["experiment=tiny", "logger=csv"]
 

@@ -9,10 +9,10 @@ import json
 import pytest
 
 import palign.llm.models as models
-from tests.conftest import compose_config, run_cli
 from palign.pipeline import run
 from palign.preflight import preflight
 from palign.schema import ConfigError
+from tests.conftest import compose_config, run_cli
 
 
 @pytest.fixture
@@ -78,7 +78,8 @@ def test_every_problem_is_reported_at_once_before_a_model_loads_or_the_run_folde
         ),
         (
             ["truncation/judge/threshold=quantile", "truncation.judge.threshold.value=1.5"],
-            "truncation.judge.threshold: ValueError: truncation.judge.threshold.value: a quantile is in [0, 1], got 1.5",
+            "truncation.judge.threshold: ValueError: truncation.judge.threshold.value: "
+            "a quantile is in [0, 1], got 1.5",
         ),
         (
             ["baseline=fixed_ratio", "baseline.prefix.ratio=0"],
@@ -166,7 +167,7 @@ def test_the_stages_a_run_skips_are_not_checked(tmp_path):
         f"teacher.source.path={tmp_path}/gone.jsonl",
         "trainer.precision=bf17",
     ]
-    with pytest.raises(ConfigError, match="teacher.source.path=.*gone.jsonl: does not exist") as refused:
+    with pytest.raises(ConfigError, match=r"teacher\.source\.path=.*gone\.jsonl: does not exist") as refused:
         preflight(compose_config(eval_only, tmp_path))  # the demo's CHAMP benchmark leaves out the training problems
     assert "trainer.precision" not in str(refused.value)
     preflight(compose_config([*eval_only, "evaluation.benchmarks.champ_heldout.exclude_training=false"], tmp_path))

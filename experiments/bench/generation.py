@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct on CPU answers --prompts CHAMP problems, rendered as the s
 (`conf/prompts/paper.yaml`, through the chat template): `--kind continuation` (default) is the
 alignment stage's prompt, the problem plus a prefix of GPT-4's solution cut after a seeded random
 share of its sentences, so prompt lengths vary as they do there; `--kind evaluation` is the paper's
-instruction plus the problem. Sampling is the paper's (`conf/evaluation/paper.yaml`: T 0.6, top-p 0.9, repetition penalty
-1.05) up to --max-new-tokens. It measures in one process, on the same prompts:
+instruction plus the problem. Sampling is the paper's (`conf/evaluation/paper.yaml`: T 0.6, top-p 0.9,
+repetition penalty 1.05) up to --max-new-tokens. It measures in one process, on the same prompts:
 
   batch 1            one prompt at a time (the authors' HF loop shape);
   batch N, unsorted  left-padded batches in the given order;
@@ -33,11 +33,11 @@ from omegaconf import OmegaConf
 
 from palign.alignment.continuation import continuation_prompt
 from palign.config import CONFIG_DIR
-from palign.teachers.sources import ChampTeacher, champ_problems
 from palign.llm.chat import encode_user_turn, instruction_prompt
 from palign.llm.generation import SamplingConfig, generate
 from palign.llm.models import ModelSpec, load_model, load_tokenizer
 from palign.schema import Evaluation
+from palign.teachers.sources import ChampTeacher, champ_problems
 from palign.truncation.units import split_sentences
 
 DEFAULT_CACHE = os.environ.get("PALIGN_CACHE", str(CONFIG_DIR.parent / "outputs" / "cache"))
@@ -70,7 +70,8 @@ def main() -> None:
             )
     lengths = [len(encode_user_turn(tokenizer, text, spec.chat_template_kwargs)) for text in texts]
     print(
-        f"{len(texts)} CHAMP {args.kind} prompts of {min(lengths)}-{max(lengths)} tokens, up to {args.max_new_tokens} new tokens, "
+        f"{len(texts)} CHAMP {args.kind} prompts of {min(lengths)}-{max(lengths)} tokens, "
+        f"up to {args.max_new_tokens} new tokens, "
         f"torch threads {torch.get_num_threads()}, load 1m {os.getloadavg()[0]:.2f}"
     )
 

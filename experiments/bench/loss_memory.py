@@ -151,7 +151,8 @@ def main() -> None:
     where = f"CPU ({torch.get_num_threads()} threads)" if args.device == "cpu" else torch.cuda.get_device_name()
     print(
         f"SFT cross-entropy, forward + backward, on {where}: {args.tokens} supervised tokens, hidden {args.hidden}, "
-        f"{args.dtype}, {'frozen' if args.frozen_head else 'trained'} head, chunks of {args.chunk_tokens}; load 1m {os.getloadavg()[0]:.2f}"
+        f"{args.dtype}, {'frozen' if args.frozen_head else 'trained'} head, chunks of {args.chunk_tokens}; "
+        f"load 1m {os.getloadavg()[0]:.2f}"
     )
     print("| vocab | kernel | peak MiB | x full | fwd+bwd s | x full | loss / full |")
     print("|---:|---|---:|---:|---:|---:|---:|")

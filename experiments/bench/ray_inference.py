@@ -36,8 +36,8 @@ from omegaconf import OmegaConf
 from palign.config import CONFIG_DIR
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig
-from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
 from palign.llm.hf_backend import LocalChatBackend
+from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
 from palign.teachers.sources import champ_problems
 
 DEFAULT_CACHE = os.environ.get("PALIGN_CACHE", str(CONFIG_DIR.parent / "outputs" / "cache"))
@@ -147,12 +147,12 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
     """(label, wall s, judge calls) of the truncation stage in process and over 1 and 2 Ray workers."""
     import torch
 
-    from palign.teachers.sources import ChampTeacher
-    from palign.schema import Judge, JudgePrompt, defaults
-    from palign.truncation.judge import AbsoluteThreshold
-    from palign.truncation.prefixes import AdaptivePrefix
     from palign.llm.hf_backend import HFBackend
     from palign.llm.ray_backend import RayBackend
+    from palign.schema import Judge, JudgePrompt, defaults
+    from palign.teachers.sources import ChampTeacher
+    from palign.truncation.judge import AbsoluteThreshold
+    from palign.truncation.prefixes import AdaptivePrefix
     from palign.truncation.ray_judge import RayJudgePool
     from palign.truncation.search import BinaryPrefixSearch
     from palign.truncation.stage import PrefixTruncation, build_judge

@@ -42,13 +42,12 @@ CONFIGS = (*BASE_CONFIGS, *(f"{name}_bf16" for name in BASE_CONFIGS))
 
 
 def load_data(cache_dir: Path, examples: int, max_length: int):
+    import datasets
     from omegaconf import OmegaConf
 
     from palign.data.sft import SupervisedExample, build_tokenized_split
-    from palign.teachers.sources import ChampTeacher
     from palign.llm.models import load_tokenizer
-
-    import datasets
+    from palign.teachers.sources import ChampTeacher
 
     spec = OmegaConf.load(ROOT / "conf" / "student" / "smollm2_135m.yaml")
     prompts = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "prompts" / "paper.yaml"))
@@ -228,14 +227,15 @@ def main() -> None:
             args.cache_dir,
         ]
         out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
         results[name] = json.loads(line[len("RESULT ") :])
         print(f"done: {name} ({results[name]['total_seconds']:.0f} s)", file=sys.stderr)
     fp32_trainer = results["hf_trainer"]["tokens_per_s"]
     print(
-        f"SFT throughput, SmolLM2-135M on CPU ({torch_threads()} threads), one pass over {results['hf_trainer']['examples']} "
+        f"SFT throughput, SmolLM2-135M on CPU ({torch_threads()} threads), "
+        f"one pass over {results['hf_trainer']['examples']} "
         f"CHAMP solutions ({results['hf_trainer']['real_tokens']} real tokens), micro-batch {args.micro_batch}, "
         f"max length {args.max_length}; load 1m {os.getloadavg()[0]:.2f}"
     )
@@ -251,7 +251,8 @@ def main() -> None:
         print(
             f"| {name} | {r['steps']} | {r['steady_seconds']:.1f} | {r['tokens_per_s']:.0f} "
             f"| {100 * r['padding_fraction']:.0f}% | {1 / (1 - r['padding_fraction']):.2f} "
-            f"| {r['tokens_per_s'] / trainer:.2f} | {r['tokens_per_s'] / plain:.2f} | {r['tokens_per_s'] / fp32_trainer:.2f} "
+            f"| {r['tokens_per_s'] / trainer:.2f} | {r['tokens_per_s'] / plain:.2f} "
+            f"| {r['tokens_per_s'] / fp32_trainer:.2f} "
             f"| {r['peak_rss_mib']:.0f} |"
         )
     print(

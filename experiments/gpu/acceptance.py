@@ -225,7 +225,8 @@ def judge_pipeline(report: dict, shrink: bool) -> tuple[list[str], str]:
     curve = train.get("loss_curve") or []
     bench = evaluation.get("benchmarks", {}).get("acceptance", {})
     figures = [
-        f"{trunc.get('examples', 0)} traces truncated (mean prefix ratio {trunc.get('prefix_ratio_mean', float('nan')):.2f}, "
+        f"{trunc.get('examples', 0)} traces truncated "
+        f"(mean prefix ratio {trunc.get('prefix_ratio_mean', float('nan')):.2f}, "
         f"{trunc.get('judge_calls_per_example', float('nan')):.1f} judge calls each)",
         f"{align.get('examples', 0)} continuations",
         f"{train.get('global_step', 0)} optimizer steps on {report.get('data', {}).get('train/examples', 0)} examples"
@@ -250,7 +251,8 @@ def judge_training(report: dict, shrink: bool) -> tuple[list[str], str]:
     mfu = report.get("mfu")
     peak = report.get("peak_memory_gib")
     figures = [
-        f"{report.get('shape')} shape, {report.get('tokens_per_example')} tokens/example, {report.get('loss_kernel')} loss",
+        f"{report.get('shape')} shape, {report.get('tokens_per_example')} tokens/example, "
+        f"{report.get('loss_kernel')} loss",
         f"peak {peak:.1f} GiB" if peak is not None else "peak n/a (CPU)",
         f"{report.get('tokens_per_s', 0):,.0f} tokens/s",
         f"MFU {100 * mfu:.1f}%" if mfu is not None else f"{report.get('model_tflops_per_s', 0):.3f} model TFLOP/s",

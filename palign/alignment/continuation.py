@@ -23,8 +23,8 @@ from typing import Any
 from palign.artifacts.digests import fingerprint
 from palign.artifacts.stores import open_stage_store, stage_folder
 from palign.grading import GradingPool
-from palign.llm.chat import instruction_prompt
 from palign.llm.backends import Backend, ChatBackend, build_chat, complete_missing
+from palign.llm.chat import instruction_prompt
 from palign.llm.hf_backend import LocalChatBackend
 from palign.llm.models import ModelSpec
 from palign.teachers.records import TeacherRecord

@@ -32,8 +32,8 @@ from typing import Any
 
 from palign.artifacts.digests import fingerprint
 from palign.artifacts.stores import open_stage_store, stage_folder
-from palign.llm.generation import SamplingConfig
 from palign.llm.backends import Backend, ChatBackend, build_chat, complete_missing
+from palign.llm.generation import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,8 @@ def judge_training_chains(
         stage = alignment()
         if stage is None:
             raise ValueError(
-                f"chain_judge compares {compared}, but baseline '{baseline}' has no alignment stage; use baseline=palign"
+                f"chain_judge compares {compared}, but baseline '{baseline}' has no alignment stage; "
+                "use baseline=palign"
             )
         continuations = stage(records, prefixes)
     texts = {

@@ -128,7 +128,8 @@ class PrefixAlignmentDataModule(pl.LightningDataModule):
                 raise RuntimeError(
                     f"no training examples left for target '{self.target}' (skipped: {dict(skipped)}); "
                     "a small student rarely continues correctly: give it more tokens "
-                    "(alignment.sampling.max_new_tokens), more problems, or keep every continuation (alignment.filter=none)"
+                    "(alignment.sampling.max_new_tokens), more problems, "
+                    "or keep every continuation (alignment.filter=none)"
                 )
             tokenized = build_tokenized_split(
                 examples,

@@ -51,9 +51,9 @@ from palign.evaluation.predictions import (
     results_table,
 )
 from palign.grading import GradingPool
+from palign.llm.backends import Backend, ChatBackend, build_chat, complete_missing
 from palign.llm.chat import instruction_prompt
 from palign.llm.generation import SamplingConfig
-from palign.llm.backends import Backend, ChatBackend, build_chat, complete_missing
 from palign.llm.hf_backend import LocalChatBackend
 from palign.schema import Intervals
 
@@ -116,7 +116,7 @@ def evaluate(
 
                 def save(chunk) -> None:
                     for problem_id, generations in chunk:
-                        problem = by_id[problem_id]
+                        problem = by_id[problem_id]  # noqa: B023 (save runs within this benchmark's iteration)
                         store.add(
                             {
                                 "id": problem.id,
@@ -229,7 +229,8 @@ def results_folder(results: Mapping[str, BenchmarkResult], benchmarks: Mapping[s
     predictions = {r.predictions.parent for r in results.values()}
     if len(predictions) != 1:
         raise ValueError(
-            f"benchmark results from several prediction folders {sorted(map(str, predictions))}; write each evaluation's own"
+            f"benchmark results from several prediction folders {sorted(map(str, predictions))}; "
+            "write each evaluation's own"
         )
     key = fingerprint({"benchmarks": {name: dict(benchmarks[name]) for name in results}, "pass_k": k}, length=8)
     return predictions.pop() / f"{'+'.join(results)}-pass{k}-{key}"

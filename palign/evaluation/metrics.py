@@ -208,10 +208,10 @@ def mean_interval(scores: np.ndarray | Sequence[float], settings: Intervals) -> 
     scores = np.asarray(scores, dtype=float)
     if scores.ndim != 1 or scores.size == 0:
         raise ValueError(f"expected a non-empty vector of per-problem scores, got shape {scores.shape}")
-    grid, scale = on_a_grid(scores)
+    grid, _ = on_a_grid(scores)
     if np.all(grid == grid[0]):
         # all wrong or all right (or every problem the same share of its samples, rounded to whole problems)
-        ci = stats.binomtest(int(round(float(scores[0]) * scores.size)), scores.size).proportion_ci(
+        ci = stats.binomtest(round(float(scores[0]) * scores.size), scores.size).proportion_ci(
             confidence_level=settings.confidence_level, method="wilson"
         )
         return Interval(float(ci.low), float(ci.high), "wilson")

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from palign.knobs import at_least, is_int, knob, number
 from palign.llm.chat import encode_user_turn
 
-
 # vLLM 0.33's limits (vllm/sampling_params.py) on what palign sends it
 VLLM_MAX_N = 16384  # _verify_num_sequences: envs.VLLM_MAX_N_SEQUENCES' default
 VLLM_MAX_TEMPERATURE = 2  # _verify_args: "temperature must be in [0, 2]"

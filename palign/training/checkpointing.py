@@ -60,7 +60,7 @@ def _locked_new_file(tmp: str) -> Iterator[IO[bytes]]:
     the writer then holds the lock of a file no longer in the folder, notices, and starts over.
     """
     for _ in range(100):
-        f = open(tmp, "wb")
+        f = open(tmp, "wb")  # noqa: SIM115 (returned locked to the caller, or closed on each failure)
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         except OSError as err:

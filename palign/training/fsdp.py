@@ -117,7 +117,7 @@ log = logging.getLogger(__name__)
 SHARDS_SUFFIX = ".shards-"  # `last.ckpt` -> `last.ckpt.shards-<id>/`, the folder it links to
 
 
-def make_fsdp_strategy(precision: str, gradient_checkpointing: bool) -> "StudentFSDPStrategy":
+def make_fsdp_strategy(precision: str, gradient_checkpointing: bool) -> StudentFSDPStrategy:
     """The strategy of conf/trainer/fsdp*.yaml's `strategy` node: mixed precision from
     `trainer.precision`, activation checkpointing from `training.gradient_checkpointing` (the
     decoder layer class is the model's, read at setup; which parameters are sharded and which

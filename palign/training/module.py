@@ -368,7 +368,7 @@ class StudentSFTModule(pl.LightningModule):
         if self._total_steps is None:  # the loaders are set up (and restored) by now: read it once
             self._total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         total = self._total_steps
-        return cosine_with_warmup(step, int(math.ceil(ratio * total)), total)
+        return cosine_with_warmup(step, math.ceil(ratio * total), total)
 
     # -- export ---------------------------------------------------------------------------------
     def export_pretrained(self, folder, tokenizer) -> None:

@@ -387,9 +387,8 @@ class SufficiencyJudge:
     def hf(cls, model, tokenizer, prompt: JudgePrompt, **overrides: Any) -> SufficiencyJudge:
         """The judge over `model` (`HFScorer`) at the schema's `truncation.judge` defaults but
         `overrides` (mode, engine, batch_size, max_new_tokens, max_tail_tokens, chat_template_kwargs)."""
-        from palign.schema import Judge, defaults
-
         from palign.llm.models import context_length
+        from palign.schema import Judge, defaults
 
         chat_template_kwargs = overrides.pop("chat_template_kwargs", None)
         node = defaults(Judge, **overrides)

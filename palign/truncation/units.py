@@ -25,6 +25,7 @@ with `prefix(m) == text.rstrip()`. An empty or whitespace-only text has no units
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -120,7 +121,7 @@ def _contiguous(text: str, boundaries: Sequence[int], granularity: str) -> Segme
     if not text[cuts[-1] :].strip():
         cuts.pop()  # the trailing run is whitespace-only: it stays with the last real unit
     cuts.append(len(text))
-    units = tuple(text[start:end] for start, end in zip(cuts, cuts[1:]))
+    units = tuple(text[start:end] for start, end in itertools.pairwise(cuts))
     return Segmentation(text=text, units=units, joiner="", granularity=granularity)
 
 
@@ -243,9 +244,8 @@ def _ends_sentence(text: str, before: int) -> bool:
         return False
     line_start = text.rfind("\n", 0, word_start) + 1
     at_line_start = not text[line_start:word_start].strip(" \t#>-*")
-    if at_line_start and (word.isdigit() or (len(word) == 1 and word.isalpha())):
-        return False  # a list marker such as "1." or "a."
-    return True
+    list_marker = at_line_start and (word.isdigit() or (len(word) == 1 and word.isalpha()))  # "1." or "a."
+    return not list_marker
 
 
 def split_sentences(text: str) -> Segmentation:

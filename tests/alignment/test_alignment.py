@@ -7,13 +7,13 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, stage_cache
-from palign.llm.hf_backend import HFBackend
 from palign.alignment.continuation import AlignmentSettings, PrefixContinuation, continuation_prompt
 from palign.data.supervision import build_targets
+from palign.llm.hf_backend import HFBackend
 from palign.llm.models import load_model
 from palign.teachers.records import TeacherRecord
 from palign.teachers.sources import GeneratedTeacher
+from tests.conftest import PROJECT_ROOT, stage_cache
 
 PROMPTS = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "prompts" / "paper.yaml"))
 

@@ -8,8 +8,6 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, compose_config
-from palign.schema import ChainJudge
 from palign.analysis.chain_judge import (
     LOSS,
     TIE,
@@ -21,9 +19,11 @@ from palign.analysis.chain_judge import (
     judge_pair,
     summarize,
 )
-from palign.llm.models import load_tokenizer
 from palign.llm.hf_backend import LocalChatBackend
+from palign.llm.models import load_tokenizer
 from palign.llm.openai_backend import OpenAIChatBackend
+from palign.schema import ChainJudge
+from tests.conftest import PROJECT_ROOT, compose_config
 
 SHIPPED = OmegaConf.load(PROJECT_ROOT / "conf" / "chain_judge" / "local.yaml")  # the prompt and verdicts shipped
 PROMPT = ChainJudgePrompt.from_config(
@@ -173,8 +173,8 @@ def test_build_backend_from_configs_never_sees_the_key(tmp_path, monkeypatch, ca
 def test_judge_chains_stage_compares_the_run_targets_and_reports_them(tmp_path):
     import json
 
-    from tests.conftest import compose_config
     from palign.pipeline import run
+    from tests.conftest import compose_config
 
     summary = run(
         compose_config(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 
 from palign.data.sampling import ResumableShuffleSampler, pack_examples
 from palign.data.sft import PackedSFTCollator, SFTCollator
-
 
 EXAMPLES = [
     {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
@@ -98,7 +98,7 @@ def _examples_in(batch) -> list[tuple[int, ...]]:
     """The examples of a flattened packed row, cut where the positions restart."""
     ids, positions = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
     starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
-    return [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])]
+    return [tuple(ids[a:b]) for a, b in itertools.pairwise(starts)]
 
 
 def test_packed_loaders_shard_across_ranks_and_resume_mid_epoch():

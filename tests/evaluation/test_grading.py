@@ -21,8 +21,7 @@ from palign.grading import (
     is_correct,
     math_verify_grade,
 )
-
-from tests.conftest import SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
+from tests.conftest import SHARED_DATA
 
 REFERENCE = SHARED_DATA / "reference"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_config
 from palign.pipeline import run
+from tests.conftest import compose_config
 
 FAST = ["experiment=tiny", "logger=none", "baseline=sft_short_cot"]
 
@@ -126,7 +126,8 @@ def test_results_carry_each_cell_s_interval_and_the_tracker_gets_per_problem_row
     )
 
     class Tracker:
-        tables = {}
+        def __init__(self):
+            self.tables = {}
 
         def log_table(self, key, columns, rows):
             self.tables[key] = (columns, rows)

@@ -163,7 +163,7 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:  # http.server's naming
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with proxy._lock:
                     proxy.requests.append((self.path, json.loads(raw or b"{}")))
@@ -372,7 +372,7 @@ class VLLMCompletionsServer:
             def log_message(self, *args) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:  # http.server's naming
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if self.path == "/v1/completions":
                     status, payload = server.answer(body)

@@ -31,8 +31,9 @@ import enum
 import itertools
 import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NotRequired, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict
 
 import torch
 
@@ -369,11 +370,12 @@ class SamplingParams:
         return copy.copy(self) if self.skip_clone else copy.deepcopy(self)
 
     def __repr__(self) -> str:
-        return f"SamplingParams({', '.join(f'{k}={getattr(self, k)!r}' for k in SAMPLING_FIELDS if not k.startswith('_'))})"
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in SAMPLING_FIELDS if not k.startswith("_"))
+        return f"SamplingParams({shown})"
 
 
 def _validate_thinking_token_budget(value: Any) -> int | None:  # vllm/sampling_params.py
-    if value is None or value == -1 and not isinstance(value, (bool, float)):
+    if value is None or (value == -1 and not isinstance(value, (bool, float))):
         return None
     if isinstance(value, (bool, float)) or not isinstance(value, int) or value < 0:
         raise VLLMValidationError(
@@ -481,9 +483,15 @@ _SIMULATED_ARGS = frozenset(
 def _pydantic_range_error(model: str, name: str, value: Any, gt: float, le: float) -> ValueError:
     """The pydantic ValidationError (a ValueError) a `Field(gt=..., le=...)` of a vLLM config raises."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        line = f"Input should be a valid number [type=float_type, input_value={value!r}, input_type={type(value).__name__}]"
+        line = (
+            f"Input should be a valid number [type=float_type, input_value={value!r}, "
+            f"input_type={type(value).__name__}]"
+        )
     elif not value > gt:
-        line = f"Input should be greater than {gt} [type=greater_than, input_value={value!r}, input_type={type(value).__name__}]"
+        line = (
+            f"Input should be greater than {gt} [type=greater_than, input_value={value!r}, "
+            f"input_type={type(value).__name__}]"
+        )
     else:
         line = (
             f"Input should be less than or equal to {le} [type=less_than_equal, input_value={value!r}, "

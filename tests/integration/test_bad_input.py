@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
-from palign.llm.hf_backend import HFBackend
 from palign.artifacts.errors import DataFormatError, DiskFullError
 from palign.artifacts.readers import iter_records, read_json
 from palign.artifacts.stores import RecordStore
 from palign.artifacts.writes import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from palign.teachers.sources import GeneratedTeacher, JsonlTeacher, S1KTeacher
 from palign.evaluation.benchmarks import load_benchmark
-from palign.grading import GradingPool
 from palign.evaluation.predictions import grade_prediction_file
+from palign.grading import GradingPool
+from palign.llm.hf_backend import HFBackend
+from palign.teachers.sources import GeneratedTeacher, JsonlTeacher, S1KTeacher
+from tests.conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
 
 GOOD = {"id": "a", "question": "What is 1+1?", "long_cot": "One plus one is two.", "answer": "2"}
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
+from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 
 BASELINES = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "baseline").glob("*.yaml"))
 SMALL = ["experiment=tiny", "logger=none", "teacher.source.limit=8", "data.val_size=0"]
@@ -51,5 +52,5 @@ def test_stage_truncate_then_train_reuses_the_truncation(tmp_path):
     second = run(compose_config(args, tmp_path))
     assert second["truncation"]["judge_calls_this_run"] == 0  # computed once, reused by the training run
     assert second["truncation"]["artifact"] == first["truncation"]["artifact"]
-    stored = json.loads(open(first["truncation"]["artifact"] + "/records.jsonl").readline())
+    stored = json.loads((Path(first["truncation"]["artifact"]) / "records.jsonl").read_text().splitlines()[0])
     assert stored["monotone"] in (True, False) and len(stored["probes"]) == stored["m"]

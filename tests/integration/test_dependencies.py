@@ -5,9 +5,9 @@ on a GPU machine; torch and its CUDA companions are the only packages installed 
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

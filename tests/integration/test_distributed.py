@@ -11,7 +11,6 @@ once, on rank 0; processes sharing a cache compute each record once.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 from collections import Counter
@@ -22,10 +21,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import PROJECT_ROOT, cli_command, cli_env, run_cli
 from palign.data.sampling import ResumableShuffleSampler, ShardedEvalBatches
 from palign.pipeline import accumulation_steps
 from palign.schema import ConfigError
+from tests.conftest import PROJECT_ROOT, cli_command, cli_env, run_cli
 from tests.test_pipeline import _wandb_history_keys
 
 DDP = ["experiment=tiny", "trainer=ddp_sim", "trainer.precision=32-true", "baseline=sft_long_cot"]

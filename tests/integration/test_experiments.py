@@ -7,8 +7,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 from palign.pipeline import run
+from tests.conftest import PROJECT_ROOT, compose_config, run_cli
 
 EXPERIMENTS = sorted(
     str(p.relative_to(PROJECT_ROOT / "conf" / "experiment").with_suffix(""))

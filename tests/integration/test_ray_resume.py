@@ -9,6 +9,7 @@ decoding, so the generations are comparable).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -134,10 +135,8 @@ def test_a_driver_killed_mid_stage_resumes_without_redoing_or_duplicating(stage,
     try:
         output, _ = killed.communicate(timeout=900)
     finally:
-        try:  # whatever of its process group is left (the hook kills it all)
+        with contextlib.suppress(ProcessLookupError):  # whatever of its process group is left (the hook kills it all)
             os.killpg(killed.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert killed.returncode == -signal.SIGKILL, output[-4000:]
     first = stored(tmp_path, stage)
     assert len(first) == 3 < len(expected)  # killed mid-stage

@@ -99,10 +99,10 @@ def test_a_change_to_a_stage_s_logic_is_recorded_with_its_code_version(stage):
 
 
 def test_the_code_version_names_the_cache_folders(monkeypatch, tmp_path, smollm2_tokenizer):
-    from palign.alignment import continuation
-    from palign.data import sft
     from omegaconf import OmegaConf
 
+    from palign.alignment import continuation
+    from palign.data import sft
     from palign.data.sft import SupervisedExample, build_tokenized_split
     from palign.truncation import prefixes
     from palign.truncation import stage as truncation

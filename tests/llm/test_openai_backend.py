@@ -26,22 +26,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import PROJECT_ROOT, compose_config
 from omegaconf import OmegaConf
-from tests.helpers.openai_server import FaultProxy, TransformersServer, VLLMCompletionsServer
 
 from palign.alignment.continuation import continuation_prompt
 from palign.llm import openai_backend
 from palign.llm import vllm_backend as vb
+from palign.llm.backends import ChatBackendError, complete_missing
 from palign.llm.chat import encode_user_turn, instruction_prompt
 from palign.llm.generation import SamplingConfig, generation_config
-from palign.llm.models import load_model, load_tokenizer, resolve_model_path
-from palign.llm.backends import ChatBackendError, complete_missing
 from palign.llm.hf_backend import LocalChatBackend
+from palign.llm.models import load_model, resolve_model_path
 from palign.llm.openai_backend import OpenAIChatBackend, sample_seeds
-from palign.schema import Remote, defaults
-from palign.schema import JudgePrompt
+from palign.schema import JudgePrompt, Remote, defaults
 from palign.truncation.judge import SCORE_TOLERANCE, SufficiencyJudge, render_prompt
+from tests.conftest import PROJECT_ROOT, compose_config
+from tests.helpers.openai_server import VLLMCompletionsServer
 
 KEY_ENV = "PALIGN_TEST_API_KEY"
 SERVER_KEY = "sk-test-SERVERKEY-1234567890"

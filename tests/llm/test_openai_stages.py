@@ -30,7 +30,6 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import PROJECT_ROOT, compose_config, stage_cache
 from palign.alignment.continuation import PrefixContinuation, continuation_prompt
 from palign.evaluation.harness import evaluate_student
 from palign.llm.generation import SamplingConfig
@@ -46,6 +45,7 @@ from palign.truncation.prefixes import AdaptivePrefix
 from palign.truncation.search import BinaryPrefixSearch
 from palign.truncation.stage import PrefixTruncation, build_judge
 from palign.truncation.units import Sentences
+from tests.conftest import PROJECT_ROOT, compose_config, stage_cache
 
 PROMPTS = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "prompts" / "paper.yaml"))
 JUDGE_PROMPT = JudgePrompt(

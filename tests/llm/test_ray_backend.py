@@ -20,28 +20,28 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, compose_config, stage_cache
 from palign.alignment.continuation import AlignmentSettings, PrefixContinuation
 from palign.evaluation.harness import evaluate
+from palign.llm.backends import ChatBackendError
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import SamplingConfig
-from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
-from palign.llm.backends import ChatBackendError
 from palign.llm.hf_backend import HFBackend
-from palign.teachers.records import TeacherRecord
+from palign.llm.models import ModelSpec, load_inference_model, load_tokenizer
 from palign.schema import Judge, JudgePrompt, Ray, defaults
+from palign.teachers.records import TeacherRecord
 from palign.truncation.judge import QuantileThreshold
 from palign.truncation.prefixes import AdaptivePrefix
 from palign.truncation.search import BinaryPrefixSearch
 from palign.truncation.stage import PrefixTruncation, build_judge
 from palign.truncation.units import Sentences
+from tests.conftest import PROJECT_ROOT, compose_config, stage_cache
 
 ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
 from palign.llm.ray_backend import (
     ActorWorker,
     RayBackend,
     RayChatBackend,
-    check_gpu_request,  # noqa: E402
+    check_gpu_request,
     check_nodes_hold_a_worker,
     stream_through_actors,
 )

@@ -19,12 +19,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import vllm_standin
-from tests.conftest import compose_config
 from palign.llm.generation import Generation, SamplingConfig, generate, generation_config
 from palign.llm.openai_backend import OpenAIChatBackend
 from palign.llm.vllm_backend import VLLMChatBackend
 from palign.schema import ConfigError, Remote, check_values, defaults
+from tests.conftest import compose_config
+from tests.helpers import vllm_standin
 
 # what a model could ship in generation_config.json; each one would change the sampled tokens
 MODEL_DEFAULTS = {
@@ -165,7 +165,7 @@ def test_generate_stops_at_every_eos_of_the_models_generation_config_as_vllm_doe
         SamplingConfig(max_new_tokens=6, do_sample=False, batch_size=2),
         SamplingConfig(max_new_tokens=6, num_samples=2, seed=1, batch_size=2),
     ):
-        replies = generate(model, smollm2_tokenizer, PROMPTS + ["A third, longer question: what is 7 * 6?"], sampling)
+        replies = generate(model, smollm2_tokenizer, [*PROMPTS, "A third, longer question: what is 7 * 6?"], sampling)
         # the stop token ends the reply and is not counted, as vLLM's token_ids minus its stop token
         assert replies == [[Generation(text=" word word", num_tokens=2, finished=True)] * sampling.num_samples] * 3
     # a list without the tokenizer's eos: the tokenizer's eos still ends the reply (vLLM stops at both),

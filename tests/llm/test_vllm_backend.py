@@ -26,15 +26,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import vllm_standin
-from tests.conftest import PROJECT_ROOT
 from palign.llm import vllm_backend as vb
+from palign.llm.backends import complete_missing
 from palign.llm.chat import encode_user_turn
 from palign.llm.generation import Generation, SamplingConfig, generate
-from palign.llm.backends import complete_missing
 from palign.schema import JudgePrompt
 from palign.truncation.judge import SufficiencyJudge
 from palign.truncation.units import split_sentences
+from tests.conftest import PROJECT_ROOT
+from tests.helpers import vllm_standin
 from tests.helpers.vllm_standin import GiB, HFModel, Logprob, Scripted
 
 VLLM_OK, VLLM_REASON = vb.vllm_available()
@@ -201,7 +201,7 @@ def test_complete_keeps_the_chat_backend_contract(standin_vllm, smollm2_tokenize
     (word,) = smollm2_tokenizer(" word", add_special_tokens=False)["input_ids"]
     sampling = SamplingConfig(max_new_tokens=len(answer) + 1, num_samples=2, seed=3)
     # the first sample ends its turn, the second runs into max_tokens
-    vllm = standin_vllm(Scripted.factory([answer + [eos], [word] * (sampling.max_new_tokens + 1)]))
+    vllm = standin_vllm(Scripted.factory([[*answer, eos], [word] * (sampling.max_new_tokens + 1)]))
     backend = vb.VLLMChatBackend(tiny_path, smollm2_tokenizer, dtype="float32")
     stored = []
     done = complete_missing(
@@ -592,8 +592,8 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(standin_vllm,
     search's probes only: every prefix would be a request of its own there."""
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_config, stage_cache
     from palign.teachers.records import TeacherRecord
+    from tests.conftest import compose_config, stage_cache
 
     vllm = standin_vllm(HFModel)
     cfg = compose_config(
@@ -622,11 +622,10 @@ def test_the_vllm_judge_scores_only_the_prefixes_the_search_probes(standin_vllm,
 
 
 def test_paper_recipes_pick_vllm_where_it_runs_and_say_so_where_it_does_not(tmp_path, caplog, monkeypatch):
-    from tests.conftest import compose_config
-
     from hydra.utils import instantiate
 
     from palign.llm.hf_backend import HFBackend
+    from tests.conftest import compose_config
 
     for recipe in ("paper/table1_qwen2_5_7b", "paper/table1_qwen3_8b"):
         cfg = compose_config([f"experiment={recipe}"], tmp_path, hydra=True)
@@ -654,8 +653,8 @@ def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_r
     shares with the engine, and counts the others as not sufficient."""
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_config, stage_cache
     from palign.teachers.records import TeacherRecord
+    from tests.conftest import compose_config, stage_cache
 
     vllm = standin_vllm(HFModel)
     steps = " ".join(f"Step {j}: we add {j} and get {j + 3}." for j in range(1, 41))

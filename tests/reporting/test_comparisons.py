@@ -18,10 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tests.conftest import run_cli
-from tests.reporting.test_reporting import BASELINES as REPORTING_BASELINES
-from tests.reporting.test_reporting import STUDENT, _make_table_module, assert_png, base_config, md_rows
-from tests.helpers.wandb_log import read_offline_run
 
 from palign.artifacts.errors import DataFormatError
 from palign.evaluation.metrics import mean_interval, summarize_correctness
@@ -39,6 +35,10 @@ from palign.reporting.tables import (
     table1,
 )
 from palign.schema import Intervals, Report
+from tests.conftest import run_cli
+from tests.helpers.wandb_log import read_offline_run
+from tests.reporting.test_reporting import BASELINES as REPORTING_BASELINES
+from tests.reporting.test_reporting import STUDENT, _make_table_module, assert_png, base_config, md_rows
 
 SETTINGS = Intervals()
 Z = 1.959963984540054

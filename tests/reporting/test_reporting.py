@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from tests.conftest import PROJECT_ROOT, run_cli
 
 from palign.reporting.plots import (
     plot_accuracy_vs_length,
@@ -31,6 +30,7 @@ from palign.reporting.tables import (
     summary_from_wandb,
 )
 from palign.schema import Report
+from tests.conftest import PROJECT_ROOT, run_cli
 
 STUDENT = "qwen2_5_7b_instruct"
 PREFIXES = "palign.truncation.prefixes"

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PROJECT_ROOT, cli_command, cli_env
 from palign.training.checkpointing import AtomicCheckpointIO, remove_abandoned_temporary_files, temporary_path
+from tests.conftest import PROJECT_ROOT, cli_command, cli_env
 
 # A real writer (AtomicCheckpointIO) stopped in the middle of a checkpoint write: the checkpoint holds
 # an object whose pickling, which torch.save does with the temporary file already open, says
@@ -176,7 +176,8 @@ def test_a_checkpoint_on_a_full_disk_names_it_keeps_the_previous_one_and_resumes
         fill(disk, leave=2 * 2**20)
         step_2 = {"step": 2, "weights": torch.ones(2**20)}  # 4 MiB: torch.save fails mid-write
         result = {"error": failure(lambda: io.save_checkpoint(step_2, last)),
-                  "left": sorted(os.listdir(os.path.dirname(last))), "step": torch.load(last, weights_only=True)["step"]}
+                  "left": sorted(os.listdir(os.path.dirname(last))),
+                  "step": torch.load(last, weights_only=True)["step"]}
         os.remove(os.path.join(disk, "filler"))
         io.save_checkpoint(step_2, last)
         result["step_once_freed"] = torch.load(last, weights_only=True)["step"]
@@ -277,7 +278,8 @@ def test_a_tokenized_cache_on_a_full_disk_names_its_folder(tmp_path, smollm2_tok
         from palign.llm.models import load_tokenizer
         disk, spec, cache, prompts = sys.argv[1], OmegaConf.load(sys.argv[2]), sys.argv[3], OmegaConf.load(sys.argv[4])
         tokenizer = load_tokenizer(spec, cache)
-        examples = [SupervisedExample(id=str(i), question=f"What is {i} + {i}?", target=f"{2 * i} " * 200) for i in range(200)]
+        examples = [SupervisedExample(id=str(i), question=f"What is {i} + {i}?", target=f"{2 * i} " * 200)
+                    for i in range(200)]
         error = failure(lambda: build_tokenized_split(examples, tokenizer, OmegaConf.to_container(prompts), 4096,
                                                       os.path.join(disk, "cache"), "train"))
         print(json.dumps({"error": error, "left": sorted(os.listdir(os.path.join(disk, "cache", "tokenized")))}))
@@ -355,7 +357,8 @@ def test_cli_a_run_that_fills_the_disk_while_checkpointing_stops_clearly_and_res
     assert rc == 1
     assert (
         f"DiskFullError: {last}: disk full (no space left on device) while writing it; free space on the disk holding "
-        f"{last.parent} (or point paths.root / paths.cache_dir at a larger disk) and rerun the same command: the previous "
+        f"{last.parent} (or point paths.root / paths.cache_dir at a larger disk) "
+        "and rerun the same command: the previous "
         "last.ckpt is kept, and the run resumes from it"
     ) in err, err[-3000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]  # no partial file left

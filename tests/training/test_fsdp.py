@@ -28,12 +28,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
 from hydra.utils import instantiate
 
 from palign.training.fsdp import StudentFSDPStrategy, decoder_layer_classes, gather_full_state_dict, unwrap_with_state
 from palign.training.module import StudentSFTModule
+from tests.conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
 
 LOSS = {"loss_kernel": "chunked", "loss_chunk_tokens": 16}
 LORA = {"r": 4, "alpha": 4, "dropout": 0.0}

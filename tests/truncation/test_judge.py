@@ -7,10 +7,10 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT
 from palign.schema import JudgePrompt
 from palign.truncation.judge import SufficiencyJudge, is_sufficient_reply, render_prompt
 from palign.truncation.units import Segmentation, split_paper_sentences, split_sentences, split_steps
+from tests.conftest import PROJECT_ROOT
 
 PAPER_PROMPT = """
 You are a reasoning evaluator.
@@ -28,7 +28,7 @@ Question:
 
 Partial reasoning:
 {reasoning_part}
-"""
+"""  # noqa: E501 (the paper's prompt, verbatim)
 
 
 def load_prompt(name: str) -> JudgePrompt:
@@ -105,7 +105,6 @@ def test_one_pass_tails_split_over_forwards_and_eager_attention_agree(
     """The tails' mask must hold whatever the attention kernel and however many tails share a forward;
     kernels without arbitrary masks take the cropping path, which must agree too."""
     import palign.truncation.judge as judge_module
-
     from palign.llm.models import load_model
 
     trace = "Let n be even. Then n = 2k. So n^2 = 4k^2. Hence 4 divides n^2. Thus the claim holds. Done."
@@ -176,7 +175,7 @@ def test_smollm2_self_judge_both_modes_on_real_skyt1_traces(shared_data, student
         states = [BinaryPrefixSearch(s.m) for s in segs]
 
         def judge_batch(requests):
-            return judge.judge([(rows[i]["question"], segs[i].prefix(k)) for i, k in requests])
+            return judge.judge([(rows[i]["question"], segs[i].prefix(k)) for i, k in requests])  # noqa: B023 (run_searches calls it in this iteration)
 
         results = run_searches(states, judge_batch, batch_size=3)
         for result, seg in zip(results, segs):

@@ -7,13 +7,11 @@ from collections.abc import Callable
 from fractions import Fraction
 
 import pytest
+from hydra.utils import instantiate
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT
 from palign.truncation.search import (
     BinaryPrefixSearch,
     PrefixSearch,
@@ -22,6 +20,7 @@ from palign.truncation.search import (
     fixed_ratio_k,
     run_searches,
 )
+from tests.conftest import PROJECT_ROOT
 
 # each option of conf/truncation/search/ built as the stage builds it: a factory of one search per trace
 SEARCHES = {
@@ -201,7 +200,7 @@ def test_driver_advances_all_binary_searches_together() -> None:
     for batch in judge.batches:
         indices = [index for index, _ in batch]
         assert len(indices) == len(set(indices))
-    assert [len(batch) for batch in judge.batches][0] == len(sizes)
+    assert len(judge.batches[0]) == len(sizes)
     assert results[0].probes[0].reply == "0:24"
 
 

@@ -8,7 +8,6 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, compose_config
 from palign.llm.models import ModelSpec
 from palign.schema import ConfigError, Judge, JudgePrompt, check_values, defaults
 from palign.teachers.records import TeacherRecord
@@ -23,6 +22,7 @@ from palign.truncation.prefixes import AdaptivePrefix, FixedRatioPrefix
 from palign.truncation.search import BinaryPrefixSearch, ExhaustivePrefixSearch
 from palign.truncation.stage import PrefixTruncation, truncation_stats
 from palign.truncation.units import Sentences, split_sentences
+from tests.conftest import PROJECT_ROOT, compose_config
 
 PROMPT = JudgePrompt(**OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/truncation/judge_prompt/paper.yaml")))
 TINY = ModelSpec.from_config(OmegaConf.load(PROJECT_ROOT / "conf/student/tiny_random.yaml"))
@@ -61,8 +61,11 @@ def make_judge(tiny_model, smollm2_tokenizer):
     return factory
 
 
+ADAPTIVE = AdaptivePrefix()  # stateless: one serves every call
+
+
 def truncation(
-    cache, tokenizer, judge_factory=None, *, prefix=AdaptivePrefix(), search=BinaryPrefixSearch, **judge
+    cache, tokenizer, judge_factory=None, *, prefix=ADAPTIVE, search=BinaryPrefixSearch, **judge
 ) -> PrefixTruncation:
     """Stage 1 as `make_truncation` builds it from typed nodes: sentences, 2 traces per chunk, `search`,
     the tiny model's judge node (batch 4, 8 reply tokens, threshold absolute 0; the schema's defaults
@@ -209,7 +212,7 @@ class LengthRecordingJudge(SufficiencyJudge):
 
     def _one_pass(self, head, pieces, tail, ks):
         if ks:
-            self.sent = getattr(self, "sent", []) + [len(head) + sum(len(p) for p in pieces[: max(ks)]) + len(tail)]
+            self.sent = [*getattr(self, "sent", []), len(head) + sum(len(p) for p in pieces[: max(ks)]) + len(tail)]
         return super()._one_pass(head, pieces, tail, ks)
 
     def score_encoded(self, encoded):
@@ -308,7 +311,9 @@ def test_a_context_too_small_for_any_prompt_is_refused(tiny_model, smollm2_token
         SufficiencyJudge.hf(
             tiny_model, smollm2_tokenizer, PROMPT, mode="generate", max_new_tokens=8, max_context_tokens=8
         )
-    with pytest.raises(ConfigError, match="truncation.judge.max_context_tokens=0: must be null .* or an integer >= 2"):
+    with pytest.raises(
+        ConfigError, match=r"truncation\.judge\.max_context_tokens=0: must be null .* or an integer >= 2"
+    ):
         check_values(compose_config(["truncation.judge.max_context_tokens=0"], tmp_path))
 
 

@@ -8,16 +8,14 @@ import statistics
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from palign.truncation.units import Segmentation, Splitter, TokenChunks, split_token_chunks
-
-from tests.conftest import PROJECT_ROOT, SHARED_DATA  # noqa: E402  (honours PALIGN_SHARED_DATA)
+from tests.conftest import PROJECT_ROOT, SHARED_DATA
 
 AMC23_TRACES = SHARED_DATA / "teacher" / "skyt1_14b_amc23_longcot.jsonl"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
