@@ -405,7 +405,8 @@ def print_summary(ctx: RunContext) -> str:
         lines.append(
             f"  prefix:  {trunc['examples']} traces, mean prefix ratio {trunc['prefix_ratio_mean']:.2f} "
             f"(median {trunc['prefix_ratio_median']:.2f}), fallback {100 * trunc['fallback_rate']:.0f}%, "
-            f"{trunc['judge_calls_per_example']:.1f} judge calls/example, {100 * trunc['tokens_saved_fraction']:.0f}% tokens saved"
+            f"{trunc['judge_calls_per_example']:.1f} judge calls/example, "
+            f"{100 * trunc['tokens_saved_fraction']:.0f}% tokens saved"
             + (
                 f", {trunc['probes_over_context']} probes of {trunc['examples_over_context']} traces over the judge's "
                 "context (not sufficient)"
@@ -416,20 +417,23 @@ def print_summary(ctx: RunContext) -> str:
     data = ctx.summary.get("data", {})
     if data:
         lines.append(
-            f"  data:    {data.get('train/examples')} train examples, {data.get('train/dropped_too_long')} dropped (too long)"
+            f"  data:    {data.get('train/examples')} train examples, "
+            f"{data.get('train/dropped_too_long')} dropped (too long)"
         )
     align = ctx.summary.get("alignment")
     if align and align.get("examples"):
         lines.append(
-            f"  align:   {align['correct']}/{align['examples']} continuations correct (retention {100 * align['retention']:.0f}%)"
+            f"  align:   {align['correct']}/{align['examples']} continuations correct "
+            f"(retention {100 * align['retention']:.0f}%)"
         )
     for comparison, by_judge in ctx.summary.get("chain_judge", {}).items():
         for judge_label, s in by_judge.items():
             if s.get("pairs"):
                 consistency = s["position_consistency"]
                 lines.append(
-                    f"  judge:   {comparison} by {judge_label}: A wins {100 * s['a_win_rate']:.0f}%, ties {100 * s['tie_rate']:.0f}%, "
-                    f"loses {100 * s['a_loss_rate']:.0f}% of {s['pairs']} pairs; {s['unparseable']}/{s['judgments']} verdicts unparseable"
+                    f"  judge:   {comparison} by {judge_label}: A wins {100 * s['a_win_rate']:.0f}%, "
+                    f"ties {100 * s['tie_rate']:.0f}%, loses {100 * s['a_loss_rate']:.0f}% of {s['pairs']} pairs; "
+                    f"{s['unparseable']}/{s['judgments']} verdicts unparseable"
                     + (f"; position-consistent {100 * consistency:.0f}%" if consistency is not None else "")
                 )
     evaluation = ctx.summary.get("eval")

@@ -214,7 +214,8 @@ def run_cli(args: list[str], tmp_path: Path, timeout: int = 900, env: dict | Non
     return proc
 
 
-# -- a real OpenAI-compatible server, once per session (tests/llm/test_openai_backend.py, tests/llm/test_openai_stages.py) --
+# -- a real OpenAI-compatible server, once per session
+# (tests/llm/test_openai_backend.py, tests/llm/test_openai_stages.py) --
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """`transformers serve` on a free loopback port (tests/helpers/openai_server.py), serving local model folders."""

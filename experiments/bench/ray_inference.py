@@ -10,9 +10,9 @@ chunk of all prompts as `complete_missing` would send it. At the same total numb
                      --threads / N threads each, each loading its own copy of the model.
 
 Ray Data starts its actors once per call (a stage sends all its missing prompts in one call), so
-a Ray row's wall time includes starting N actors and loading N models once; `startup s` is a one-prompt, one-token call (almost only that overhead), and
-`generate s` the rest. Each row prints wall seconds, generated tokens/s and the speed-up over the
-in-process path.
+a Ray row's wall time includes starting N actors and loading N models once; `startup s` is a
+one-prompt, one-token call (almost only that overhead), and `generate s` the rest. Each row prints
+wall seconds, generated tokens/s and the speed-up over the in-process path.
 
 The sufficiency judge (`truncation.judge.backend: ray`, palign/truncation/ray_judge.py) the same
 way: --judge-traces CHAMP solutions, sentence units, binary search with the one-pass logits judge,
@@ -30,6 +30,7 @@ import argparse
 import os
 import tempfile
 import time
+from functools import partial
 
 from omegaconf import OmegaConf
 
@@ -122,7 +123,8 @@ def main() -> None:
             ray.shutdown()
 
     print(
-        "| configuration | startup s | wall s (startup included for ray) | generate s | tokens | tokens/s | x in-process |"
+        "| configuration | startup s | wall s (startup included for ray) | generate s | tokens | tokens/s "
+        "| x in-process |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     baseline = rows[0][3] / rows[0][2]
@@ -196,7 +198,7 @@ def judge_rows(args, spec, tokenizer) -> list[tuple[str, float, int]]:
             if workers == 0:
                 judge = node(HFBackend())
                 stage = stage_of(
-                    judge, store, judge_factory=lambda: build_judge(judge, prompt, args.cache_dir, judge.backend)
+                    judge, store, judge_factory=partial(build_judge, judge, prompt, args.cache_dir, judge.backend)
                 )
             else:
                 ray_cfg = {

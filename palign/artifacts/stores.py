@@ -163,7 +163,7 @@ class RecordStore:
         with naming_a_full_disk(self.path):
             try:
                 if self._file is None:
-                    self._file = open(self.path, "a", encoding="utf-8")
+                    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open across `add`s; closed by `seal`)
                 size = os.fstat(self._file.fileno()).st_size
                 self._file.write(line)
                 self._file.flush()

@@ -30,8 +30,9 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary sibling path; on success move it onto `target` in one `os.replace`.
 
     Works for files and folders (a folder target is replaced whole). On error the temporary path
-    is removed and `target` is untouched. A full disk (ENOSPC, EDQUOT) while writing raises `DiskFullError` naming `target`: the caller
-    writes to a temporary name it never chose, so the raw error would name a file nobody knows.
+    is removed and `target` is untouched. A full disk (ENOSPC, EDQUOT) while writing raises
+    `DiskFullError` naming `target`: the caller writes to a temporary name it never chose, so the raw
+    error would name a file nobody knows.
     """
     target = Path(target)
     with naming_a_full_disk(target):
@@ -40,7 +41,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         # held until the temporary folder is gone: a later writer of `target` removes it only once it can
         # take this lock, that is once this process is gone (the kernel releases it however it dies)
-        writing = open(tmp / f"{WRITER_LOCK}.new", "wb")
+        writing = open(tmp / f"{WRITER_LOCK}.new", "wb")  # noqa: SIM115 (the lock must outlive this block; closed in finally)
         fcntl.flock(writing.fileno(), fcntl.LOCK_EX)
         os.rename(tmp / f"{WRITER_LOCK}.new", tmp / WRITER_LOCK)  # visible to cleaners only once locked
     inner = tmp / (target.name + suffix)

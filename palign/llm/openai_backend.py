@@ -694,7 +694,8 @@ class OpenAIBackend(Backend):
         if not kind.verdict_logprobs:
             raise ValueError(
                 f"truncation.judge.mode=logits needs the log-probabilities of the two verdict tokens after a token-id "
-                f"prompt, which {kind.title} does not return ({kind.why_no_logits}); use truncation.judge.mode=generate "
+                f"prompt, which {kind.title} does not return ({kind.why_no_logits}); "
+                "use truncation.judge.mode=generate "
                 "(the reply is parsed), or serve the judge with vLLM's OpenAI server (server: vllm)"
             )
 

@@ -2,14 +2,15 @@
 
 The judge's work is not text generation but scores and searches, so it goes through palign's own
 engine in Ray Data actors (palign/llm/ray_backend.py: `stream_through_actors`), not `ray.data.llm`.
-Each actor builds one judge from the `truncation.judge` node (`build_judge` on the Ray option's engine
-option: the Hugging Face judge, or vLLM's with `ray.engine: vllm`) and loads its model once for the whole stage. The stage sends
-its missing traces as whole chunks (`truncation.search.chunk_size` traces each, the chunks the
-in-process path cuts); an actor runs the same search over a chunk (`search_prefixes`, the same judge
-batches), so verdicts, scores and chosen prefixes equal the in-process path's. The driver builds
-and stores each chunk's rows as it comes back, in any order: a driver killed mid-stage resumes
-with the chunks it had not stored. The driver loads no judge; a quantile threshold is calibrated by
-one actor before the search (once per store, like in process).
+Each actor builds one judge from the `truncation.judge` node (`build_judge` on the Ray option's
+engine option: the Hugging Face judge, or vLLM's with `ray.engine: vllm`) and loads its model once
+for the whole stage. The stage sends its missing traces as whole chunks
+(`truncation.search.chunk_size` traces each, the chunks the in-process path cuts); an actor runs the
+same search over a chunk (`search_prefixes`, the same judge batches), so verdicts, scores and chosen
+prefixes equal the in-process path's. The driver builds and stores each chunk's rows as it comes
+back, in any order: a driver killed mid-stage resumes with the chunks it had not stored. The driver
+loads no judge; a quantile threshold is calibrated by one actor before the search (once per store,
+like in process).
 
 Each actor sees only the GPUs Ray assigned it (palign/llm/ray_backend.py, module docstring): the
 Hugging Face judge's device `auto` is then the actor's own GPU (none: the CPU), and a vLLM judge

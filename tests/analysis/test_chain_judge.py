@@ -193,7 +193,8 @@ def test_judge_chains_stage_compares_the_run_targets_and_reports_them(tmp_path):
     assert (
         stats["problems"] == 2 and stats["pairs"] + stats["skipped"] == 2 and stats["judgments"] == 2 * stats["pairs"]
     )
-    rows = [json.loads(line) for line in open(stats["records"])]
+    with open(stats["records"]) as records:
+        rows = [json.loads(line) for line in records]
     assert len(rows) == stats["pairs"] and all({"reply_a_first", "reply_b_first", "outcome"} <= set(r) for r in rows)
     assert stats["unparseable"] == sum((r["a_first"] is None) + (r["b_first"] is None) for r in rows)  # a random judge
     assert "truncation" in summary and "alignment" in summary  # stages 1 and 2 ran and reported

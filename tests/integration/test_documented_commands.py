@@ -92,8 +92,9 @@ DOCUMENTED: dict[str, dict] = {
         "sweep:truncation/search": ["binary", "linear", "exhaustive"],
     },
     "stage=eval": {**DEMO, "stage": "eval"},
-    "baseline=palign backend@truncation.judge.backend=vllm truncation.judge.engine=batched backend@alignment.backend=vllm "
-    "alignment.chunk_size=512 backend@evaluation.backend=vllm evaluation.chunk_size=512": {
+    "baseline=palign backend@truncation.judge.backend=vllm truncation.judge.engine=batched "
+    "backend@alignment.backend=vllm alignment.chunk_size=512 backend@evaluation.backend=vllm "
+    "evaluation.chunk_size=512": {
         **DEMO,
         "choice:backend@truncation.judge.backend": "vllm",
         "truncation.judge.engine": "batched",
@@ -147,19 +148,18 @@ DOCUMENTED: dict[str, dict] = {
         "hydra.launcher.gpus_per_node": 8,
         "hydra.launcher.tasks_per_node": 8,
     },
-    "experiment=tiny stage=align backend@truncation.judge.backend=ray backend@alignment.backend=ray ray.num_workers=2": {
+    "experiment=tiny stage=align backend@truncation.judge.backend=ray backend@alignment.backend=ray "
+    "ray.num_workers=2": {
         **TINY,
         "stage": "align",
         "choice:backend@truncation.judge.backend": "ray",
         "choice:backend@alignment.backend": "ray",
         "ray.num_workers": 2,
-        "ray.num_workers": 2,
-        "ray.num_workers": 2,
         "ray.address": None,
     },
-    "experiment=paper/table1_qwen2_5_7b stage=align backend@truncation.judge.backend=ray backend@alignment.backend=ray ray.address=auto "
-    "ray.engine=vllm ray.num_workers=16 ray.num_gpus_per_worker=1 ray.num_cpus_per_worker=4 ray.batch_size=256 "
-    "alignment.chunk_size=1024": {
+    "experiment=paper/table1_qwen2_5_7b stage=align backend@truncation.judge.backend=ray "
+    "backend@alignment.backend=ray ray.address=auto ray.engine=vllm ray.num_workers=16 ray.num_gpus_per_worker=1 "
+    "ray.num_cpus_per_worker=4 ray.batch_size=256 alignment.chunk_size=1024": {
         **PAPER_QWEN25,
         "stage": "align",
         "choice:backend@truncation.judge.backend": "ray",
@@ -180,8 +180,9 @@ DOCUMENTED: dict[str, dict] = {
         "ray.num_workers": 16,
         "ray.num_gpus_per_worker": 1,
     },
-    "stage=judge_chains baseline=palign chain_judge=openai chain_judge.backend.base_url=https://open.bigmodel.cn/api/paas/v4 "
-    "chain_judge.backend.model=glm-4.5 chain_judge.backend.api_key_env=ZHIPUAI_API_KEY": {
+    "stage=judge_chains baseline=palign chain_judge=openai "
+    "chain_judge.backend.base_url=https://open.bigmodel.cn/api/paas/v4 chain_judge.backend.model=glm-4.5 "
+    "chain_judge.backend.api_key_env=ZHIPUAI_API_KEY": {
         "stage": "judge_chains",
         "choice:chain_judge": "openai",
         "chain_judge.backend.model": "glm-4.5",

@@ -365,7 +365,7 @@ def test_processed_logprobs_are_refused(tiny_path, tiny_tokenizer):
     server = VLLMCompletionsServer(tiny_path, "tiny", gpu_memory_utilization=0.05, logprobs_mode="processed_logprobs")
     try:
         backend = remote(server.base_url, "tiny", server="vllm", tokenizer=tiny_tokenizer)
-        with pytest.raises(ChatBackendError, match="processed logprobs .* --logprobs-mode raw_logprobs"):
+        with pytest.raises(ChatBackendError, match=r"processed logprobs .* --logprobs-mode raw_logprobs"):
             backend.verdict_scores([encode_user_turn(tiny_tokenizer, "Hi")], 28, 29)
     finally:
         server.close()
@@ -419,7 +419,7 @@ def test_request_fields_the_back_end_sets_cannot_come_from_extra_body(caplog):
         )["top_k"]
         == 5
     )
-    with pytest.raises(ValueError, match="chat_template_kwargs .* cannot be sent to the OpenAI API"):
+    with pytest.raises(ValueError, match=r"chat_template_kwargs .* cannot be sent to the OpenAI API"):
         remote("http://127.0.0.1:9/v1", "m", chat_template_kwargs={"enable_thinking": False})
 
 

@@ -37,7 +37,7 @@ from palign.truncation.units import Sentences
 from tests.conftest import PROJECT_ROOT, compose_config, stage_cache
 
 ray = pytest.importorskip("ray", reason="pip install 'palign[ray]'")
-from palign.llm.ray_backend import (
+from palign.llm.ray_backend import (  # noqa: E402 (imports ray: only after the importorskip above)
     ActorWorker,
     RayBackend,
     RayChatBackend,
@@ -672,7 +672,7 @@ def test_vllm_workers_with_whole_gpus_are_accepted_and_idle_gpus_named(tiny, cac
         )
         assert backend.num_gpus_per_worker == gpus and not backend.started_ray
     check_gpu_request("vllm", 1, {})  # the engine's own tensor_parallel_size (1) without the key
-    with pytest.raises(ValueError, match="vllm.tensor_parallel_size=1; got ray.num_gpus_per_worker=0"):
+    with pytest.raises(ValueError, match=r"vllm\.tensor_parallel_size=1; got ray\.num_gpus_per_worker=0"):
         check_gpu_request("vllm", 0, None)
     check_gpu_request("hf", 0, None)  # hf workers run anywhere
     check_gpu_request("hf", 0.25, None)
@@ -704,7 +704,10 @@ def test_the_composed_config_refuses_a_vllm_worker_without_a_gpu_before_ray_star
         ],
         tmp_path,
     )
-    keys = r"ray\.num_gpus_per_worker must be a whole number of at least vllm\.tensor_parallel_size=2; got ray\.num_gpus_per_worker=1"
+    keys = (
+        r"ray\.num_gpus_per_worker must be a whole number of at least vllm\.tensor_parallel_size=2; "
+        r"got ray\.num_gpus_per_worker=1"
+    )
     with pytest.raises(ValueError, match=keys):
         check_gpu_request(cfg.ray.engine, cfg.ray.num_gpus_per_worker, cfg.vllm)  # what the run's preflight calls
     with pytest.raises(InstantiationException, match=keys):  # the stage's node builds its back end

@@ -685,8 +685,8 @@ def test_a_trace_longer_than_the_engines_context_is_searched_without_a_refused_r
     # an engine shorter than the judge's context would refuse the longest probes: refused before it starts
     with pytest.raises(
         ValueError,
-        match=r"the judge's engine admits 256 tokens \(vllm.max_model_len, else the model's\), below the judge's context "
-        r"of 4096 tokens .* set "
+        match=r"the judge's engine admits 256 tokens \(vllm.max_model_len, else the model's\), "
+        r"below the judge's context of 4096 tokens .* set "
         r"truncation.judge.max_context_tokens=256",
     ):
         stage("vllm.max_model_len=256").run(records)

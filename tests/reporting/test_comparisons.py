@@ -508,7 +508,7 @@ def test_make_table_reads_the_report_settings_from_config_overrides(tmp_path):
         "-33.33 ["
     )
     assert "(scipy.stats.bootstrap, 500 resamples, seed 5)" in result["table1"]
-    with pytest.raises(Exception, match="report.intervals.resamples"):
+    with pytest.raises(Exception, match=re.escape("report.intervals.resamples")):
         _make_table_module().main(["~local", "report.intervals.resamples=10", "--runs-dir", str(runs)])
 
 

@@ -59,7 +59,7 @@ def test_the_decoder_layer_class_is_the_models_own(tiny_model):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     assert decoder_layer_classes(tiny_model) == (LlamaDecoderLayer,)
-    with pytest.raises(ValueError, match="names none .* use trainer=ddp"):
+    with pytest.raises(ValueError, match=r"names none .* use trainer=ddp"):
         decoder_layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
@@ -224,7 +224,7 @@ def test_a_single_process_is_refused_when_the_trainer_is_built(tmp_path):
     import pytorch_lightning as pl
 
     strategy = instantiate(compose_config(["trainer=fsdp_sim"], tmp_path).trainer.strategy)
-    with pytest.raises(ValueError, match="single process .* use trainer=gpu"):
+    with pytest.raises(ValueError, match=r"single process .* use trainer=gpu"):
         pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
 
 

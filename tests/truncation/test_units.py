@@ -117,9 +117,9 @@ def test_an_option_a_splitter_lacks_or_misses_is_refused_when_it_is_built() -> N
 def test_prefix_out_of_range_names_the_valid_range() -> None:
     segmentation = segment("One. Two. Three.", "sentence")
     assert segmentation.m == 3
-    with pytest.raises(ValueError, match="k must be in 1..3"):
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.3"):
         segmentation.prefix(0)
-    with pytest.raises(ValueError, match="k must be in 1..3"):
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.3"):
         segmentation.prefix(4)
 
 
