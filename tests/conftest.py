@@ -202,6 +202,24 @@ def cli_command(args: list[str]) -> list[str]:
     return [sys.executable, str(PROJECT_ROOT / "run.py"), *flags, NO_LOCAL, *[a for a in args if a not in flags]]
 
 
+def run_cli_killed(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 900):
+    """Run `python run.py <args>` (with a crash callback) in a process group of its own and assert the
+    callback killed it with SIGKILL, as a lost node or the OOM killer would."""
+    import signal
+
+    proc = subprocess.run(
+        cli_command(args),
+        cwd=PROJECT_ROOT,
+        env=cli_env(tmp_path, env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return proc
+
+
 def run_cli(args: list[str], tmp_path: Path, timeout: int = 900, env: dict | None = None, check: bool = True):
     """Run `python run.py <args>` in a subprocess, writing under tmp_path."""
     proc = subprocess.run(

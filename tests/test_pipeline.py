@@ -194,35 +194,11 @@ def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
 
 
 def _wandb_history_keys(path: Path) -> set[str]:
-    """Keys of the history and summary records in a W&B transaction log (`run-<id>.wandb`).
+    """Keys of the history and summary records in a W&B transaction log (`run-<id>.wandb`)."""
+    from tests.helpers.wandb_log import records
 
-    The file is a 7-byte W&B header followed by a LevelDB-style log: 32 KiB blocks of chunks,
-    each with a 7-byte header (crc32c, little-endian length, type: 1 full, 2 first, 3 middle,
-    4 last); every full record is a serialized `wandb_internal_pb2.Record`.
-    """
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
-    block, pos, pending, keys = 32768, 7, b"", set()
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        payload = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 2):
-            pending = payload
-        elif kind in (3, 4):
-            pending += payload
-        if kind not in (1, 4):
-            continue
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(pending)
+    keys: set[str] = set()
+    for record in records(path):
         kind_name = record.WhichOneof("record_type")
         if kind_name == "history":
             keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)

@@ -680,13 +680,10 @@ class OpenAIBackend(Backend):
         self.remote = settings(remote)
 
     def problems(self, key: str, *, hardware: bool) -> list[str]:
-        out = []
+        # the kind of server is checked by the schema (Remote.server) and by OpenAIChatBackend
         if not self.remote.get("base_url"):
-            out.append(f"{key}.base_url: the server's API root is not set (e.g. {key}.base_url=http://HOST:8000/v1)")
-        server = self.remote.get("server")
-        if server not in SERVERS:
-            out.append(f"{key}.server={server!r}: must be one of {sorted(SERVERS)}")
-        return out
+            return [f"{key}.base_url: the server's API root is not set (e.g. {key}.base_url=http://HOST:8000/v1)"]
+        return []
 
     def check_logits_mode(self) -> None:
         """Refuse the judge's logits mode where this kind of server cannot score verdicts (before anything loads)."""

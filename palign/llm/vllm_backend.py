@@ -360,11 +360,14 @@ def reply_budgets(prompt_lengths: Sequence[int], max_new_tokens: int, context: i
     return budgets, sum(b < max_new_tokens for b in budgets)
 
 
-def vllm_backend(spec_cfg: Any, cache_dir: Any, engine_cfg: Any, weights: str | None = None) -> VLLMChatBackend:
+def vllm_backend(
+    spec_cfg: Any, cache_dir: Any, engine_cfg: Any, weights: str | None = None, tokenizer=None
+) -> VLLMChatBackend:
     """The back end for a `conf/student/*.yaml` model and the `vllm:` engine settings of conf/config.yaml.
 
     weights: a folder that replaces the model's weights (a trained student); its tokenizer and
-    chat template stay the model's own. Nothing starts until the back end is first used.
+    chat template stay the model's own (`tokenizer`: that tokenizer, already loaded by the caller).
+    Nothing starts until the back end is first used.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -385,7 +388,7 @@ def vllm_backend(spec_cfg: Any, cache_dir: Any, engine_cfg: Any, weights: str | 
     spec = ModelSpec.from_config(spec_cfg)
     return VLLMChatBackend(
         weights or resolve_model_path(spec, cache_dir),
-        load_tokenizer(spec, cache_dir),
+        tokenizer or load_tokenizer(spec, cache_dir),
         spec.chat_template_kwargs,
         **settings,
     )
@@ -418,7 +421,7 @@ class VLLMBackend(Backend):
         return []
 
     def chat(self, model: Any, cache_dir: Any, *, tokenizer, weights: str | None, stage: str) -> VLLMChatBackend:
-        return vllm_backend(model, cache_dir, self.engine, weights=weights)
+        return vllm_backend(model, cache_dir, self.engine, weights=weights, tokenizer=tokenizer)
 
     def __repr__(self) -> str:
         return "VLLMBackend()"

@@ -118,14 +118,11 @@ class TransformersServer:
             self.process.wait(timeout=STOP_TIMEOUT_S)
 
 
-class FaultProxy:
-    """Forwards POSTs to `upstream` (a server's root, e.g. http://127.0.0.1:8000), unless told otherwise."""
+class LoopbackServer:
+    """An HTTP server of this process on a free loopback port, answering with `_handler_class()` in a
+    daemon thread; `base_url` is its OpenAI API root."""
 
-    def __init__(self, upstream: str, api_key: str | None = None):
-        self.upstream = upstream.rstrip("/")
-        self.api_key = api_key  # when set, a request without `Authorization: Bearer <api_key>` gets a 401
-        self._lock = threading.Lock()
-        self.reset()
+    def _serve(self) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -133,6 +130,24 @@ class FaultProxy:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+
+class FaultProxy(LoopbackServer):
+    """Forwards POSTs to `upstream` (a server's root, e.g. http://127.0.0.1:8000), unless told otherwise."""
+
+    def __init__(self, upstream: str, api_key: str | None = None):
+        self.upstream = upstream.rstrip("/")
+        self.api_key = api_key  # when set, a request without `Authorization: Bearer <api_key>` gets a 401
+        self._lock = threading.Lock()
+        self.reset()
+        self._serve()
 
     def reset(self) -> None:
         self.fail_next: list[int] = []  # statuses to answer the next requests with, in order
@@ -143,10 +158,6 @@ class FaultProxy:
 
     def bodies(self, path: str | None = None) -> list[dict]:
         return [body for p, body in self.requests if path is None or p == path]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     def _handler_class(self):
         proxy = self
@@ -259,7 +270,7 @@ SIMULATED = frozenset(
 )
 
 
-class VLLMCompletionsServer:
+class VLLMCompletionsServer(LoopbackServer):
     """`vllm serve <model_path> --served-model-name <name>` (default `--generation-config auto`),
     `/v1/completions` only."""
 
@@ -275,17 +286,10 @@ class VLLMCompletionsServer:
         self.server_defaults = {k: config[k] for k in SERVER_DEFAULT_FIELDS if config.get(k) is not None}
         self.ignored: list[set[str]] = []  # fields of each request that vLLM would ignore
         self._engine_lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self._serve()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
         self.vllm.LLM.started.clear()
 
     def answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

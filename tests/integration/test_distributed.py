@@ -11,7 +11,6 @@ once, on rank 0; processes sharing a cache compute each record once.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 from palign.data.sampling import ResumableShuffleSampler, ShardedEvalBatches
 from palign.pipeline import accumulation_steps
 from palign.schema import ConfigError
-from tests.conftest import PROJECT_ROOT, cli_command, cli_env, run_cli
+from tests.conftest import PROJECT_ROOT, cli_command, cli_env, run_cli, run_cli_killed
 from tests.test_pipeline import _wandb_history_keys
 
 DDP = ["experiment=tiny", "trainer=ddp_sim", "trainer.precision=32-true", "baseline=sft_long_cot"]
@@ -196,16 +195,7 @@ def test_a_ddp_job_killed_anywhere_and_rerun_trains_exactly_what_an_uninterrupte
             f"+callbacks.crash.micro={micro}",
             "+callbacks.crash.whole_job=true",
         ]
-        proc = subprocess.run(
-            cli_command([*args, *kill]),
-            cwd=PROJECT_ROOT,
-            env=cli_env(crashed, TESTS_ON_PATH),
-            capture_output=True,
-            text=True,
-            timeout=900,
-            start_new_session=True,
-        )
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        run_cli_killed([*args, *kill], crashed, TESTS_ON_PATH)
         assert not (_run_dir(crashed) / "student").exists()
     run_cli(args, crashed)
     resumed = json.loads((_run_dir(crashed) / "summary.json").read_text())["train"]

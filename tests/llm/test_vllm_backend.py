@@ -72,13 +72,6 @@ def standin_vllm(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_path(student_specs, cache_dir):
-    from palign.llm.models import resolve_model_path
-
-    return resolve_model_path(student_specs["tiny_random"], cache_dir)
-
-
-@pytest.fixture(scope="module")
 def smollm2_path(student_specs, cache_dir):
     from palign.llm.models import resolve_model_path
 

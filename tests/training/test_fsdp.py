@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,7 @@ from hydra.utils import instantiate
 
 from palign.training.fsdp import StudentFSDPStrategy, decoder_layer_classes, gather_full_state_dict, unwrap_with_state
 from palign.training.module import StudentSFTModule
-from tests.conftest import PROJECT_ROOT, cli_command, cli_env, compose_config, run_cli
+from tests.conftest import PROJECT_ROOT, compose_config, run_cli, run_cli_killed
 
 LOSS = {"loss_kernel": "chunked", "loss_chunk_tokens": 16}
 LORA = {"r": 4, "alpha": 4, "dropout": 0.0}
@@ -341,16 +339,7 @@ def test_an_fsdp_job_trains_like_ddp_checkpoints_shards_and_resumes_after_a_kill
         "+callbacks.crash.step=4",
         "+callbacks.crash.whole_job=true",
     ]  # mid epoch 2, after shards were saved
-    proc = subprocess.run(
-        cli_command([*RUN, "trainer=fsdp_sim", *kill]),
-        cwd=PROJECT_ROOT,
-        env=cli_env(crashed, TESTS_ON_PATH),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        start_new_session=True,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_cli_killed([*RUN, "trainer=fsdp_sim", *kill], crashed, TESTS_ON_PATH)
     run_cli([*RUN, "trainer=fsdp_sim"], crashed)
     resumed = json.loads((_run_dir(crashed) / "summary.json").read_text())["train"]
     assert resumed["resumed_from"] is not None
